@@ -1,0 +1,327 @@
+//! One connection to a PostgreSQL server: connect, authenticate as whatever
+//! the server asks (SCRAM-SHA-256, md5, cleartext, trust), learn its session
+//! parameters, and carry the state the pool must know about (the server's
+//! current parameters and which proxy statements are prepared on it).
+
+use crate::wire::{self, build, startup};
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest message accepted from a server during startup.
+const MAX_SERVER_STARTUP_MSG: usize = 1 << 20;
+
+#[derive(Debug)]
+pub enum BackendError {
+    Io(std::io::Error),
+    Timeout,
+    /// The server answered with an ErrorResponse (fields as sent).
+    Server(Vec<(u8, String)>),
+    /// The server asked for something pgfleet cannot do (or has no password for).
+    Auth(String),
+    Protocol(String),
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::Io(e) => write!(f, "server I/O error: {e}"),
+            BackendError::Timeout => write!(f, "server did not answer in time"),
+            BackendError::Server(fields) => {
+                let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
+                write!(f, "server error: {}", msg.unwrap_or("(no message)"))
+            }
+            BackendError::Auth(e) => write!(f, "server authentication: {e}"),
+            BackendError::Protocol(e) => write!(f, "server protocol error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+impl From<std::io::Error> for BackendError {
+    fn from(e: std::io::Error) -> Self {
+        BackendError::Io(e)
+    }
+}
+
+impl BackendError {
+    /// SQLSTATE to show a client for this failure.
+    pub fn sqlstate(&self) -> String {
+        match self {
+            BackendError::Server(fields) => fields
+                .iter()
+                .find(|(c, _)| *c == b'C')
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| wire::sqlstate::CONNECTION_FAILURE.into()),
+            _ => wire::sqlstate::CONNECTION_FAILURE.into(),
+        }
+    }
+}
+
+/// Where and as whom to connect.
+#[derive(Clone)]
+pub struct ConnectSpec {
+    pub addr: String,
+    pub user: String,
+    pub database: String,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct ServerConn {
+    pub id: u64,
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub backend_pid: i32,
+    pub backend_secret: i32,
+    /// The server session's current parameter values as far as pgfleet
+    /// knows: everything reported by ParameterStatus plus what pgfleet set.
+    pub params: HashMap<String, String>,
+    /// Non-reported parameters pgfleet set for a client (to RESET for others).
+    pub custom: HashSet<String>,
+    /// Proxy statement id -> last-use tick, for the LRU cache.
+    pub prepared: HashMap<u64, u64>,
+    pub tick: u64,
+    pub created: Instant,
+    pub idle_since: Instant,
+}
+
+impl ServerConn {
+    /// Connects and authenticates within `spec.connect_timeout`.
+    pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, BackendError> {
+        tokio::time::timeout(spec.connect_timeout, Self::connect_inner(spec))
+            .await
+            .map_err(|_| BackendError::Timeout)?
+    }
+
+    async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, BackendError> {
+        let mut stream = TcpStream::connect(&spec.addr).await?;
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        let mut buf = BytesMut::with_capacity(512);
+        startup::startup_message(
+            &mut buf,
+            &[("user", &spec.user), ("database", &spec.database)],
+        );
+        stream.write_all(&buf).await?;
+        buf.clear();
+        let mut conn = ServerConn {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stream,
+            peer,
+            backend_pid: 0,
+            backend_secret: 0,
+            params: HashMap::new(),
+            custom: HashSet::new(),
+            prepared: HashMap::new(),
+            tick: 0,
+            created: Instant::now(),
+            idle_since: Instant::now(),
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = conn.read_message(&mut buf).await?;
+            let mut r = wire::Reader::new(wire::body(&msg));
+            match msg[0] {
+                b'R' => {
+                    let code = r.i32().map_err(|e| BackendError::Protocol(e.to_string()))?;
+                    let mut out = BytesMut::new();
+                    conn.answer_auth(code, r.rest(), spec, &mut scram, &mut out)?;
+                    if !out.is_empty() {
+                        conn.stream.write_all(&out).await?;
+                    }
+                }
+                b'S' => {
+                    let (k, v) = wire::parse_parameter_status(&msg)
+                        .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                    conn.params.insert(k.to_string(), v.to_string());
+                }
+                b'K' => {
+                    conn.backend_pid = r.i32().unwrap_or(0);
+                    conn.backend_secret = r.i32().unwrap_or(0);
+                }
+                b'E' => return Err(BackendError::Server(wire::error_fields(&msg))),
+                b'N' => {}
+                b'Z' => return Ok(conn),
+                t => {
+                    return Err(BackendError::Protocol(format!(
+                        "unexpected message {:?} during startup",
+                        t as char
+                    )))
+                }
+            }
+        }
+    }
+
+    fn answer_auth(
+        &self,
+        code: i32,
+        data: &[u8],
+        spec: &ConnectSpec,
+        scram: &mut Option<ScramSha256>,
+        out: &mut BytesMut,
+    ) -> Result<(), BackendError> {
+        let password = || {
+            spec.password.as_deref().ok_or_else(|| {
+                BackendError::Auth(format!(
+                    "the server wants a password for user {:?}; set users.server_password or a plaintext users.password",
+                    spec.user
+                ))
+            })
+        };
+        let proto = |e: std::io::Error| BackendError::Protocol(e.to_string());
+        match code {
+            0 => {}
+            3 => frontend::password_message(password()?.as_bytes(), out).map_err(proto)?,
+            5 => {
+                let salt: [u8; 4] = data
+                    .get(..4)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| BackendError::Protocol("short md5 salt".into()))?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    spec.user.as_bytes(),
+                    password()?.as_bytes(),
+                    salt,
+                );
+                frontend::password_message(hash.as_bytes(), out).map_err(proto)?;
+            }
+            10 => {
+                let offers_scram = data.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
+                if !offers_scram {
+                    return Err(BackendError::Auth("server offers no supported SASL mechanism".into()));
+                }
+                let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), out).map_err(proto)?;
+                *scram = Some(s);
+            }
+            11 => {
+                let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
+                s.update(data).map_err(|e| BackendError::Auth(e.to_string()))?;
+                frontend::sasl_response(s.message(), out).map_err(proto)?;
+            }
+            12 => {
+                let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL final without start".into()))?;
+                s.finish(data).map_err(|e| BackendError::Auth(format!("server signature: {e}")))?;
+            }
+            other => {
+                return Err(BackendError::Auth(format!("unsupported authentication request {other}")))
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one whole message (used outside the relay's data path).
+    async fn read_message(&mut self, buf: &mut BytesMut) -> Result<bytes::Bytes, BackendError> {
+        loop {
+            match wire::split_message(buf, MAX_SERVER_STARTUP_MSG) {
+                Ok(Some((_, msg))) => return Ok(msg),
+                Ok(None) => {}
+                Err(e) => return Err(BackendError::Protocol(e.to_string())),
+            }
+            if self.stream.read_buf(buf).await? == 0 {
+                return Err(BackendError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Runs a simple query whose results nobody needs (ROLLBACK, DISCARD ALL)
+    /// and waits for ReadyForQuery; fails unless the server ends up idle.
+    pub async fn run_silently(&mut self, sql: &str, limit: Duration) -> Result<(), BackendError> {
+        let fut = async {
+            let mut buf = BytesMut::new();
+            build::query(&mut buf, sql);
+            self.stream.write_all(&buf).await?;
+            buf.clear();
+            let mut error = None;
+            loop {
+                let msg = self.read_message(&mut buf).await?;
+                match msg[0] {
+                    b'E' => error = Some(wire::error_fields(&msg)),
+                    b'S' => {
+                        if let Ok((k, v)) = wire::parse_parameter_status(&msg) {
+                            self.params.insert(k.to_string(), v.to_string());
+                        }
+                    }
+                    b'Z' => {
+                        if let Some(e) = error {
+                            return Err(BackendError::Server(e));
+                        }
+                        if msg.get(5) != Some(&b'I') {
+                            return Err(BackendError::Protocol("server not idle after reset".into()));
+                        }
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(limit, fut).await.map_err(|_| BackendError::Timeout)?
+    }
+
+    /// True when the idle connection has neither been closed by the server
+    /// nor sent anything unsolicited (an idle server has nothing to say).
+    pub fn looks_healthy(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Best-effort polite goodbye; the socket closes when dropped.
+    pub fn terminate(self) {
+        let mut buf = BytesMut::new();
+        build::terminate(&mut buf);
+        let _ = self.stream.try_write(&buf);
+    }
+
+    /// Sends a CancelRequest for this connection's backend.
+    pub async fn cancel(peer: SocketAddr, pid: i32, secret: i32) -> std::io::Result<()> {
+        let mut s = TcpStream::connect(peer).await?;
+        s.write_all(&startup::cancel_request(pid, secret)).await?;
+        // The server closes the socket when done; wait briefly for that.
+        let mut sink = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut sink)).await;
+        Ok(())
+    }
+
+    pub fn mark_prepared(&mut self, id: u64) {
+        self.tick += 1;
+        self.prepared.insert(id, self.tick);
+    }
+
+    /// Touches a statement in the LRU; returns whether it is prepared here.
+    pub fn touch_prepared(&mut self, id: u64) -> bool {
+        self.tick += 1;
+        match self.prepared.get_mut(&id) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The least recently used statement, if the cache is at `limit`.
+    pub fn lru_victim(&self, limit: usize) -> Option<u64> {
+        if limit == 0 || self.prepared.len() < limit {
+            return None;
+        }
+        self.prepared.iter().min_by_key(|(_, t)| **t).map(|(id, _)| *id)
+    }
+}
+
+/// Drops `n` bytes from the front of a buffer, reclaiming it when empty.
+pub fn consume(buf: &mut BytesMut, n: usize) {
+    if n >= buf.len() {
+        buf.clear();
+    } else {
+        buf.advance(n);
+    }
+}

@@ -1,0 +1,378 @@
+//! Configuration: the TOML schema of `shared/config-contract.toml` (strict:
+//! unknown keys are errors), typed durations and sizes, and a validation
+//! pass that reports every problem at once as "file: key: why".
+
+mod units;
+mod validate;
+
+pub use units::{parse_duration, parse_size, Dur, Size};
+pub use validate::ConfigError;
+
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: Listen,
+    pub admin: Admin,
+    pub pool: PoolCfg,
+    pub timeouts: Timeouts,
+    pub limits: Vec<Limit>,
+    pub auth: AuthCfg,
+    pub users: Vec<User>,
+    pub databases: Vec<Database>,
+    pub cluster: Cluster,
+    pub routing: Routing,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub addr: String,
+    pub max_client_conn: usize,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_mode: TlsMode,
+    /// Largest message a client may send; larger ones get 08P01.
+    pub max_message_size: Size,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            addr: "127.0.0.1:6432".into(),
+            max_client_conn: 10_000,
+            tls_cert: None,
+            tls_key: None,
+            tls_mode: TlsMode::Disable,
+            max_message_size: Size(64 << 20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    #[default]
+    Disable,
+    Prefer,
+    Require,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub users: Vec<String>,
+    pub metrics_addr: Option<String>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { users: vec![], metrics_addr: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Transaction,
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolCfg {
+    pub mode: PoolMode,
+    pub size: usize,
+    pub min_size: usize,
+    pub checkout_timeout: Dur,
+    pub server_idle_timeout: Dur,
+    pub server_lifetime: Dur,
+    pub connect_timeout: Dur,
+    /// Prepared statements kept per server connection (LRU; 0 = unlimited).
+    pub prepared_statements_cache: usize,
+}
+
+impl Default for PoolCfg {
+    fn default() -> Self {
+        PoolCfg {
+            mode: PoolMode::Transaction,
+            size: 20,
+            min_size: 0,
+            checkout_timeout: Dur::secs(5),
+            server_idle_timeout: Dur::secs(600),
+            server_lifetime: Dur::secs(3600),
+            connect_timeout: Dur::secs(3),
+            prepared_statements_cache: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub startup: Dur,
+    pub query: Dur,
+    pub idle_in_transaction: Dur,
+    pub client_idle: Dur,
+    /// SIGTERM: how long in-flight transactions may take to finish.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            startup: Dur::secs(10),
+            query: Dur::default(),
+            idle_in_transaction: Dur::default(),
+            client_idle: Dur::default(),
+            shutdown_grace: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub workload: Option<String>,
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub max_in_flight: Option<usize>,
+    pub rate: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_wait: Option<Dur>,
+    #[serde(default)]
+    pub writes_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthCfg {
+    pub method: AuthMethod,
+}
+
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub server_password: Option<String>,
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    #[serde(default)]
+    pub workload: Option<String>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Passwords never reach logs, not even through Debug.
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("pool_size", &self.pool_size)
+            .field("workload", &self.workload)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub name: String,
+    #[serde(default)]
+    pub dbname: Option<String>,
+}
+
+impl Database {
+    pub fn server_name(&self) -> &str {
+        self.dbname.as_deref().unwrap_or(&self.name)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    pub primary: String,
+    pub lag_check_interval: Dur,
+    pub server_tls_mode: ServerTlsMode,
+    pub replicas: Vec<Replica>,
+    pub groups: Vec<Group>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            primary: "127.0.0.1:5432".into(),
+            lag_check_interval: Dur::millis(100),
+            server_tls_mode: ServerTlsMode::Disable,
+            replicas: vec![],
+            groups: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    #[default]
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replica {
+    pub name: String,
+    pub addr: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    #[serde(default)]
+    pub max_lag: Option<Dur>,
+    #[serde(default)]
+    pub max_lag_bytes: Option<Size>,
+    #[serde(default)]
+    pub fallback: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadYourWrites {
+    Off,
+    #[default]
+    Lsn,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransactionReads {
+    #[default]
+    Primary,
+    Replica,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Routing {
+    pub read_write_split: bool,
+    pub default_workload: String,
+    pub read_your_writes: ReadYourWrites,
+    pub transaction_reads: TransactionReads,
+    /// The application's own functions that write (reads calling them go to the primary).
+    pub write_functions: Vec<String>,
+    pub rules: Vec<Rule>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            read_write_split: true,
+            default_workload: "default".into(),
+            read_your_writes: ReadYourWrites::Lsn,
+            transaction_reads: TransactionReads::Primary,
+            write_functions: vec![],
+            rules: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub application_name: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub database: Option<String>,
+    pub workload: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// tracing filter (RUST_LOG syntax); the RUST_LOG variable overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            problems: vec![format!("cannot read: {e}")],
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_string(),
+            problems: vec![e.to_string().trim().replace('\n', " ")],
+        })?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError { file: file.to_string(), problems })
+        }
+    }
+
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn database(&self, name: &str) -> Option<&Database> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+
+    pub fn pool_size_for(&self, user: &str) -> usize {
+        self.user(user).and_then(|u| u.pool_size).unwrap_or(self.pool.size)
+    }
+}
+
+#[cfg(test)]
+mod tests;

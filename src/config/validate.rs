@@ -1,0 +1,181 @@
+//! Semantic checks that serde cannot express. Every problem is collected so a
+//! user fixes a bad config in one round.
+
+use super::{Config, TlsMode};
+use crate::wire::auth::Secret;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+/// A config that cannot be used, with every problem found.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.problems.len())?;
+        for p in &self.problems {
+            writeln!(f, "  {}: {}", self.file, p)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn check_addr(p: &mut Vec<String>, key: &str, addr: &str) {
+    if addr.parse::<SocketAddr>().is_err() && !looks_like_host_port(addr) {
+        p.push(format!("{key}: {addr:?} is not a host:port address"));
+    }
+}
+
+fn looks_like_host_port(addr: &str) -> bool {
+    matches!(addr.rsplit_once(':'), Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+fn dupes<'a>(p: &mut Vec<String>, key: &str, names: impl Iterator<Item = &'a str>) {
+    let mut seen = HashSet::new();
+    for n in names {
+        if n.is_empty() {
+            p.push(format!("{key}: name must not be empty"));
+        } else if !seen.insert(n) {
+            p.push(format!("{key}: {n:?} is defined more than once"));
+        }
+    }
+}
+
+impl Config {
+    /// Returns every problem found, as "key: why".
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        check_addr(&mut p, "listen.addr", &self.listen.addr);
+        if self.listen.max_client_conn == 0 {
+            p.push("listen.max_client_conn: must be at least 1".into());
+        }
+        if self.listen.max_message_size.0 < 1024 {
+            p.push("listen.max_message_size: must be at least 1kB".into());
+        }
+        match (&self.listen.tls_cert, &self.listen.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                p.push("listen.tls_cert/tls_key: set both or neither".into())
+            }
+            _ => {}
+        }
+        if self.listen.tls_mode != TlsMode::Disable {
+            p.push("listen.tls_mode: client TLS is not implemented yet; use \"disable\"".into());
+        }
+        if let Some(m) = &self.admin.metrics_addr {
+            check_addr(&mut p, "admin.metrics_addr", m);
+        }
+        for a in &self.admin.users {
+            if self.user(a).is_none() {
+                p.push(format!("admin.users: {a:?} is not defined in [[users]]"));
+            }
+        }
+        self.validate_pool(&mut p);
+        self.validate_users(&mut p);
+        dupes(&mut p, "databases.name", self.databases.iter().map(|d| d.name.as_str()));
+        if self.databases.is_empty() {
+            p.push("databases: define at least one [[databases]] entry".into());
+        }
+        self.validate_cluster(&mut p);
+        p
+    }
+
+    fn validate_pool(&self, p: &mut Vec<String>) {
+        if self.pool.size == 0 {
+            p.push("pool.size: must be at least 1".into());
+        }
+        if self.pool.min_size > self.pool.size {
+            p.push(format!(
+                "pool.min_size: {} is larger than pool.size {}",
+                self.pool.min_size, self.pool.size
+            ));
+        }
+        if self.pool.checkout_timeout.0.is_zero() {
+            p.push("pool.checkout_timeout: must be greater than 0".into());
+        }
+        if self.pool.connect_timeout.0.is_zero() {
+            p.push("pool.connect_timeout: must be greater than 0".into());
+        }
+        if self.timeouts.startup.0.is_zero() {
+            p.push("timeouts.startup: must be greater than 0".into());
+        }
+    }
+
+    fn validate_users(&self, p: &mut Vec<String>) {
+        dupes(p, "users.name", self.users.iter().map(|u| u.name.as_str()));
+        for u in &self.users {
+            let key = format!("users[{}]", u.name);
+            if let Some(pw) = &u.password {
+                if let Err(e) = Secret::from_config(pw) {
+                    p.push(format!("{key}.password: {e}"));
+                }
+            } else if self.auth.method != super::AuthMethod::Trust {
+                p.push(format!("{key}.password: required unless auth.method = \"trust\""));
+            }
+            if u.pool_size == Some(0) {
+                p.push(format!("{key}.pool_size: must be at least 1"));
+            }
+            if let Some(w) = &u.workload {
+                self.check_workload(p, &format!("{key}.workload"), w);
+            }
+        }
+    }
+
+    fn check_workload(&self, p: &mut Vec<String>, key: &str, w: &str) {
+        if !self.cluster.groups.is_empty() && !self.cluster.groups.iter().any(|g| g.name == w) {
+            p.push(format!("{key}: workload {w:?} does not name a [[cluster.groups]] entry"));
+        }
+    }
+
+    fn validate_cluster(&self, p: &mut Vec<String>) {
+        check_addr(p, "cluster.primary", &self.cluster.primary);
+        if self.cluster.lag_check_interval.0.is_zero() {
+            p.push("cluster.lag_check_interval: must be greater than 0".into());
+        }
+        dupes(p, "cluster.replicas.name", self.cluster.replicas.iter().map(|r| r.name.as_str()));
+        dupes(p, "cluster.groups.name", self.cluster.groups.iter().map(|g| g.name.as_str()));
+        let groups: HashSet<&str> = self.cluster.groups.iter().map(|g| g.name.as_str()).collect();
+        for r in &self.cluster.replicas {
+            check_addr(p, &format!("cluster.replicas[{}].addr", r.name), &r.addr);
+            for g in &r.groups {
+                if !groups.contains(g.as_str()) {
+                    p.push(format!("cluster.replicas[{}].groups: {g:?} is not a [[cluster.groups]] name", r.name));
+                }
+            }
+            if r.weight == 0 {
+                p.push(format!("cluster.replicas[{}].weight: must be at least 1", r.name));
+            }
+        }
+        for g in &self.cluster.groups {
+            for f in &g.fallback {
+                if f != "primary" && f != "error" && !groups.contains(f.as_str()) {
+                    p.push(format!(
+                        "cluster.groups[{}].fallback: {f:?} is not \"primary\", \"error\" or a group name",
+                        g.name
+                    ));
+                }
+            }
+        }
+        if !self.cluster.groups.is_empty() {
+            self.check_workload(p, "routing.default_workload", &self.routing.default_workload);
+        }
+        for (i, r) in self.routing.rules.iter().enumerate() {
+            if r.application_name.is_none() && r.user.is_none() && r.database.is_none() {
+                p.push(format!("routing.rules[{i}]: needs application_name, user or database"));
+            }
+            self.check_workload(p, &format!("routing.rules[{i}].workload"), &r.workload);
+        }
+        for (i, l) in self.limits.iter().enumerate() {
+            if l.workload.is_none() && l.user.is_none() && l.database.is_none() {
+                p.push(format!("limits[{i}]: needs workload, user or database"));
+            }
+            if l.rate.is_some_and(|r| !(r > 0.0)) {
+                p.push(format!("limits[{i}].rate: must be greater than 0"));
+            }
+        }
+    }
+}

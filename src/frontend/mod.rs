@@ -1,0 +1,136 @@
+//! Client side: the accept loop, per-client admission (`max_client_conn`,
+//! startup timeout), startup/authentication, and the hand-off to the relay.
+
+pub mod cancel;
+pub mod startup;
+
+use crate::app::App;
+use crate::relay::{Session, Settings, REPORTED_SETTABLE};
+use crate::wire::{build, sqlstate, startup::parse_options};
+use bytes::BytesMut;
+use startup::{Login, StartupError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+/// Accepts clients until shutdown is signalled.
+pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
+    let mut shutdown = app.shutdown_signal();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let app = app.clone();
+                    let span = tracing::info_span!("client", %peer);
+                    tokio::spawn(handle_client(app, stream, peer).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    tracing::info!("stopped accepting new clients");
+}
+
+async fn fatal(stream: &mut TcpStream, code: &str, message: &str) {
+    let mut out = BytesMut::new();
+    build::error_response(&mut out, "FATAL", code, message);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&out)).await;
+}
+
+async fn handle_client(app: Arc<App>, mut stream: TcpStream, _peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let Some(_guard) = app.admit_client() else {
+        fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
+        return;
+    };
+    let mut buf = BytesMut::new();
+    let limit = app.config().timeouts.startup.0;
+    let login = match tokio::time::timeout(limit, startup::handshake(&app, &mut stream, &mut buf)).await {
+        Err(_) => {
+            fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
+            return;
+        }
+        Ok(Ok(Some(login))) => login,
+        Ok(Ok(None)) | Ok(Err(StartupError::Gone)) => return,
+        Ok(Err(StartupError::Fatal { code, message })) => {
+            tracing::info!(sqlstate = code, error = %message, "client login refused");
+            fatal(&mut stream, code, &message).await;
+            return;
+        }
+    };
+    tracing::info!(user = %login.user, database = %login.database, "client logged in");
+    serve(app, stream, buf, login).await;
+}
+
+async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: Login) {
+    let pool = app.pool(&login.database, &login.user);
+    let server_params = match pool.startup_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            let code = match &e {
+                crate::pool::PoolError::Connect(b) => b.sqlstate(),
+                _ => sqlstate::TOO_MANY_CONNECTIONS.to_string(),
+            };
+            fatal(&mut stream, &code, &e.to_string()).await;
+            return;
+        }
+    };
+    let settings = client_settings(&server_params, &login.params);
+    let key = app.cancels.register();
+    let mut out = BytesMut::new();
+    for (name, value) in server_params.iter() {
+        let value = settings.iter().find(|(n, _)| n == name).map(|(_, v)| v).unwrap_or(value);
+        build::parameter_status(&mut out, name, value);
+    }
+    build::backend_key_data(&mut out, key.pid, key.secret);
+    build::ready_for_query(&mut out, b'I');
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    Session::new(app, pool, stream, leftover, settings, key.slot.clone()).run().await;
+    drop(key);
+}
+
+/// The session settings a client wants on every server connection: each
+/// reported parameter (the client's startup value or the server default),
+/// then any other startup parameters and `options=-c name=value` settings.
+pub fn client_settings(server: &[(String, String)], startup: &[(String, String)]) -> Settings {
+    let mut requested: Vec<(String, String)> = Vec::new();
+    for (k, v) in startup {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => requested.extend(parse_options(v)),
+            _ => requested.push((k.clone(), v.clone())),
+        }
+    }
+    requested.retain(|(k, _)| !k.to_ascii_lowercase().starts_with("pgfleet."));
+    let mut settings: Settings = Vec::new();
+    for name in REPORTED_SETTABLE {
+        let value = requested
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .or_else(|| server.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+        if let Some(v) = value {
+            settings.push((name.to_string(), v));
+        }
+    }
+    for (k, v) in requested {
+        let canonical = k.to_ascii_lowercase();
+        if REPORTED_SETTABLE.iter().any(|r| r.eq_ignore_ascii_case(&canonical)) {
+            continue;
+        }
+        match settings.iter_mut().find(|(n, _)| *n == canonical) {
+            Some(slot) => slot.1 = v,
+            None => settings.push((canonical, v)),
+        }
+    }
+    settings
+}

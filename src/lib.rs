@@ -1,0 +1,14 @@
+//! pgfleet: a PostgreSQL connection pooler and read/write router.
+//!
+//! Layers, dependencies pointing one way:
+//! `frontend -> relay -> pool -> backend -> wire`; `config` and `wire` are
+//! leaves. See DESIGN.md in the repository for the data path.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod backend;
+pub mod config;
+pub mod frontend;
+pub mod pool;
+pub mod relay;
+pub mod wire;

@@ -1,0 +1,130 @@
+//! The `pgfleet` command: run the pooler, check a config, hash a password.
+
+use clap::{Parser, Subcommand};
+use pgfleet::config::{Config, LogFormat};
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "pgfleet", version, about = "PostgreSQL connection pooler and read/write router")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, global = true, default_value = "config/pgfleet.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pooler (the default).
+    Run,
+    /// Validate the configuration and exit (status 1 and every problem if invalid).
+    Check,
+    /// Print a SCRAM-SHA-256 verifier for a password read from stdin (or --password).
+    HashPassword {
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::HashPassword { password } => {
+            let pw = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    if std::io::stdin().lock().read_line(&mut line).is_err() {
+                        eprintln!("could not read a password from stdin");
+                        return ExitCode::FAILURE;
+                    }
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            println!("{}", postgres_protocol::password::scram_sha_256(pw.as_bytes()));
+            ExitCode::SUCCESS
+        }
+        Command::Check => match Config::load(&cli.config) {
+            Ok(_) => {
+                println!("{}: configuration is valid", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run => match Config::load(&cli.config) {
+            Ok(cfg) => run(cfg),
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(cfg: Config) -> ExitCode {
+    init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let grace = cfg.timeouts.shutdown_grace.0;
+        let listener = match tokio::net::TcpListener::bind(&cfg.listen.addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(addr = %cfg.listen.addr, error = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        if !cfg.limits.is_empty() {
+            tracing::warn!("[[limits]] are validated but not enforced yet");
+        }
+        let running = match pgfleet::app::start(cfg, listener) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(addr = %running.addr, "pgfleet listening");
+        wait_for_signal().await;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining clients");
+        tokio::select! {
+            _ = running.shutdown(grace) => {}
+            _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
+        }
+        tracing::info!(clients_left = running.app.client_count(), "stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = Duration::ZERO;
+}

@@ -1,0 +1,262 @@
+//! Server connection pools, one per (database, user, backend). Checkout hands
+//! out an idle connection (LIFO, so warm connections stay warm), opens a new
+//! one while under `size`, or queues the caller FIFO until the checkout
+//! deadline. Check-in hands the connection straight to the oldest waiter.
+
+use crate::backend::{BackendError, ConnectSpec, ServerConn};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Identifies a pool. `backend` names one server of the cluster ("primary",
+/// or a replica's name), so pools are never shared across users or servers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+    pub backend: String,
+}
+
+impl std::fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.database, self.user, self.backend)
+    }
+}
+
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection became available before the deadline.
+    Timeout { pool: String, waited: Duration },
+    Connect(BackendError),
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::Timeout { pool, waited } => write!(
+                f,
+                "no server connection available in pool {pool} after {} ms (pool.checkout_timeout)",
+                waited.as_millis()
+            ),
+            PoolError::Connect(e) => write!(f, "cannot connect to server: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub min_size: usize,
+    pub checkout_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+/// What a waiter is handed: a ready connection, or the right to open one
+/// (a slot freed by a closed connection; already counted in `total`).
+enum Grant {
+    Conn(ServerConn),
+    Slot,
+}
+
+/// Guarded by `Pool::state`; the lock is never held across an await.
+struct State {
+    idle: Vec<ServerConn>,
+    /// Connections open or being opened, idle or checked out.
+    total: usize,
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    spec: ConnectSpec,
+    settings: PoolSettings,
+    state: Mutex<State>,
+    /// Parameters the server reported at the first connect (what clients see).
+    startup_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+}
+
+/// Counters for observability.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStats {
+    pub idle: usize,
+    pub total: usize,
+    pub waiting: usize,
+}
+
+impl Pool {
+    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings) -> Arc<Pool> {
+        Arc::new(Pool {
+            key,
+            spec,
+            settings,
+            state: Mutex::new(State { idle: Vec::new(), total: 0, waiters: VecDeque::new() }),
+            startup_params: Mutex::new(None),
+        })
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let s = self.state.lock().unwrap();
+        PoolStats { idle: s.idle.len(), total: s.total, waiting: s.waiters.len() }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.spec.addr
+    }
+
+    /// Gets a connection, waiting at most `checkout_timeout`.
+    pub async fn checkout(&self) -> Result<ServerConn, PoolError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.settings.checkout_timeout;
+        enum Next {
+            Ready(ServerConn),
+            Open,
+            Wait(oneshot::Receiver<Grant>),
+        }
+        let next = {
+            let mut s = self.state.lock().unwrap();
+            let mut found = None;
+            while let Some(c) = s.idle.pop() {
+                if c.looks_healthy() && c.created.elapsed() < self.settings.lifetime {
+                    found = Some(c);
+                    break;
+                }
+                s.total -= 1;
+            }
+            match found {
+                Some(c) => Next::Ready(c),
+                None if s.total < self.settings.size => {
+                    s.total += 1;
+                    Next::Open
+                }
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    s.waiters.push_back(tx);
+                    Next::Wait(rx)
+                }
+            }
+        };
+        match next {
+            Next::Ready(c) => Ok(c),
+            Next::Open => self.open_in_slot().await,
+            Next::Wait(mut rx) => match tokio::time::timeout_at(deadline, &mut rx).await {
+                Ok(Ok(Grant::Conn(c))) => Ok(c),
+                Ok(Ok(Grant::Slot)) => self.open_in_slot().await,
+                Ok(Err(_)) | Err(_) => {
+                    // A grant may have arrived just as we gave up: never lose it.
+                    rx.close();
+                    match rx.try_recv() {
+                        Ok(Grant::Conn(c)) => Ok(c),
+                        Ok(Grant::Slot) => self.open_in_slot().await,
+                        Err(_) => Err(PoolError::Timeout {
+                            pool: self.key.to_string(),
+                            waited: started.elapsed(),
+                        }),
+                    }
+                }
+            },
+        }
+    }
+
+    /// Opens a connection in a slot already counted in `total`.
+    async fn open_in_slot(&self) -> Result<ServerConn, PoolError> {
+        match ServerConn::connect(&self.spec).await {
+            Ok(c) => {
+                let mut sp = self.startup_params.lock().unwrap();
+                if sp.is_none() {
+                    let mut v: Vec<_> = c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    v.sort();
+                    *sp = Some(Arc::new(v));
+                }
+                Ok(c)
+            }
+            Err(e) => {
+                self.release_slot();
+                Err(PoolError::Connect(e))
+            }
+        }
+    }
+
+    /// Parameters to show clients at login; connects once if none known yet.
+    pub async fn startup_params(&self) -> Result<Arc<Vec<(String, String)>>, PoolError> {
+        if let Some(p) = self.startup_params.lock().unwrap().clone() {
+            return Ok(p);
+        }
+        let c = self.checkout().await?;
+        self.checkin(c);
+        Ok(self.startup_params.lock().unwrap().clone().expect("set by the first connect"))
+    }
+
+    /// Returns a clean connection (idle, no transaction) to the pool.
+    pub fn checkin(&self, mut conn: ServerConn) {
+        if conn.created.elapsed() >= self.settings.lifetime {
+            conn.terminate();
+            self.release_slot();
+            return;
+        }
+        conn.idle_since = Instant::now();
+        let mut s = self.state.lock().unwrap();
+        while let Some(tx) = s.waiters.pop_front() {
+            match tx.send(Grant::Conn(conn)) {
+                Ok(()) => return,
+                Err(Grant::Conn(back)) => conn = back,
+                Err(Grant::Slot) => unreachable!("we sent a connection"),
+            }
+        }
+        s.idle.push(conn);
+    }
+
+    /// Forgets a connection that was closed or is unusable.
+    pub fn discard(&self, conn: ServerConn) {
+        conn.terminate();
+        self.release_slot();
+    }
+
+    fn release_slot(&self) {
+        let mut s = self.state.lock().unwrap();
+        while let Some(tx) = s.waiters.pop_front() {
+            if tx.send(Grant::Slot).is_ok() {
+                return;
+            }
+        }
+        s.total -= 1;
+    }
+
+    /// Periodic upkeep: close idle connections past `idle_timeout` (down to
+    /// `min_size`) or past `lifetime`; returns how many to open to reach `min_size`.
+    pub fn maintain(&self) -> usize {
+        let mut closed = Vec::new();
+        let missing = {
+            let mut s = self.state.lock().unwrap();
+            let mut i = 0;
+            while i < s.idle.len() {
+                let c = &s.idle[i];
+                let too_old = c.created.elapsed() >= self.settings.lifetime;
+                let too_idle = c.idle_since.elapsed() >= self.settings.idle_timeout
+                    && s.total > self.settings.min_size;
+                if too_old || too_idle || !c.looks_healthy() {
+                    closed.push(s.idle.swap_remove(i));
+                    s.total -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+            let missing = self.settings.min_size.saturating_sub(s.total);
+            s.total += missing;
+            missing
+        };
+        for c in closed {
+            c.terminate();
+        }
+        missing
+    }
+
+    /// Opens one pre-warmed connection in a slot reserved by `maintain`.
+    pub async fn prewarm_one(&self) {
+        match self.open_in_slot().await {
+            Ok(c) => self.checkin(c),
+            Err(e) => tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed"),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The expected-response queue of a bound server connection. Every message
+//! pgfleet sends to the server that will produce a response pushes an entry;
+//! server responses pop them in order. This is what makes it safe to release
+//! a connection at ReadyForQuery, to answer some messages without the server
+//! (synthetic entries), and to hide the responses to messages pgfleet injected
+//! itself (swallowed entries).
+
+use std::collections::VecDeque;
+
+/// A client or proxy message that is waiting for its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Parse; carries the proxy statement id for named statements.
+    Parse(Option<u64>),
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    /// Simple Query: complete at ReadyForQuery.
+    Query,
+    /// FunctionCall: complete at ReadyForQuery.
+    FnCall,
+}
+
+impl Kind {
+    /// Extended-protocol messages after which an error skips to the next Sync.
+    pub fn is_extended(self) -> bool {
+        matches!(self, Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close)
+    }
+
+    /// Does a server message with this tag complete this kind?
+    pub fn completed_by(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse(_) => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::Close => tag == b'3',
+            Kind::Describe => tag == b'T' || tag == b'n',
+            Kind::Execute => matches!(tag, b'C' | b's' | b'I'),
+            Kind::Sync | Kind::Query | Kind::FnCall => tag == b'Z',
+        }
+    }
+
+    fn ends_cycle(self) -> bool {
+        matches!(self, Kind::Sync | Kind::Query | Kind::FnCall)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// The client sent it; its responses go to the client.
+    Fwd(Kind),
+    /// pgfleet sent it; its success responses are hidden from the client.
+    Swallow(Kind),
+    /// pgfleet answers it itself: a body-less message with this tag
+    /// (ParseComplete '1' or CloseComplete '3') at this position.
+    Synth(u8),
+}
+
+#[derive(Debug, Default)]
+pub struct Expect {
+    q: VecDeque<Pending>,
+}
+
+impl Expect {
+    pub fn push(&mut self, p: Pending) {
+        self.q.push_back(p);
+    }
+
+    pub fn front(&self) -> Option<Pending> {
+        self.q.front().copied()
+    }
+
+    pub fn pop(&mut self) -> Option<Pending> {
+        self.q.pop_front()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.q.clear()
+    }
+
+    /// Pops the synthetic answers now at the head.
+    pub fn pop_synth(&mut self) -> Option<u8> {
+        match self.q.front() {
+            Some(Pending::Synth(tag)) => {
+                let t = *tag;
+                self.q.pop_front();
+                Some(t)
+            }
+            _ => None,
+        }
+    }
+
+    /// After an ErrorResponse in the extended protocol the server skips
+    /// everything up to the next Sync: drop those entries. Returns the ids of
+    /// Parse messages that therefore did not prepare anything.
+    pub fn skip_to_sync(&mut self) -> Vec<u64> {
+        let mut failed = Vec::new();
+        while let Some(p) = self.q.front() {
+            match p {
+                Pending::Fwd(Kind::Sync) | Pending::Swallow(Kind::Sync) => break,
+                Pending::Fwd(Kind::Parse(Some(id))) | Pending::Swallow(Kind::Parse(Some(id))) => {
+                    failed.push(*id)
+                }
+                _ => {}
+            }
+            self.q.pop_front();
+        }
+        failed
+    }
+
+    /// At ReadyForQuery: pops through the entry that ended this cycle and
+    /// returns it.
+    pub fn complete_cycle(&mut self) -> Option<Pending> {
+        while let Some(p) = self.q.pop_front() {
+            match p {
+                Pending::Fwd(k) | Pending::Swallow(k) if k.ends_cycle() => return Some(p),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// CopyInResponse to an extended-protocol Execute: the server ignores
+    /// Sync messages until the copy ends, so forget the ones already queued.
+    pub fn drop_queued_syncs(&mut self) {
+        self.q.retain(|p| !matches!(p, Pending::Fwd(Kind::Sync)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_skips_to_sync_and_reports_failed_parses() {
+        let mut e = Expect::default();
+        e.push(Pending::Fwd(Kind::Parse(Some(7))));
+        e.push(Pending::Synth(b'1'));
+        e.push(Pending::Fwd(Kind::Bind));
+        e.push(Pending::Fwd(Kind::Execute));
+        e.push(Pending::Fwd(Kind::Sync));
+        e.push(Pending::Fwd(Kind::Query));
+        assert_eq!(e.skip_to_sync(), vec![7]);
+        assert_eq!(e.front(), Some(Pending::Fwd(Kind::Sync)));
+        assert_eq!(e.complete_cycle(), Some(Pending::Fwd(Kind::Sync)));
+        assert_eq!(e.front(), Some(Pending::Fwd(Kind::Query)));
+    }
+
+    #[test]
+    fn completion_tags() {
+        assert!(Kind::Describe.completed_by(b'n'));
+        assert!(!Kind::Describe.completed_by(b't'));
+        assert!(Kind::Execute.completed_by(b's'));
+        assert!(!Kind::Query.completed_by(b'C'));
+        assert!(Kind::Query.completed_by(b'Z'));
+    }
+
+    #[test]
+    fn synth_at_head_only() {
+        let mut e = Expect::default();
+        e.push(Pending::Fwd(Kind::Bind));
+        e.push(Pending::Synth(b'3'));
+        assert_eq!(e.pop_synth(), None);
+        e.pop();
+        assert_eq!(e.pop_synth(), Some(b'3'));
+        assert!(e.is_empty());
+    }
+}

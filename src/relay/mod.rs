@@ -1,0 +1,517 @@
+//! The data path of one client: read client messages, bind a server
+//! connection at the first message of a transaction, forward, stream the
+//! responses back, and release the connection at the ReadyForQuery(Idle)
+//! that ends the transaction (transaction mode) or at disconnect (session
+//! mode).
+//!
+//! Invariants:
+//! - A server connection is released only when every message sent to it has
+//!   been answered (`expect` empty), no extended-protocol batch is open, the
+//!   server reported Idle, and no client bytes wait to be sent.
+//! - Client statements and session settings live here, not on the server
+//!   connection; they are replayed onto whichever connection serves next.
+//! - All I/O uses readiness + try_read/try_write, so both directions progress
+//!   independently and a slow peer cannot deadlock the other direction.
+
+pub mod expect;
+mod scan;
+pub mod stmts;
+
+use crate::app::App;
+use crate::backend::{consume, ServerConn};
+use crate::config::PoolMode;
+use crate::frontend::cancel::{CancelSlot, CancelTarget};
+use crate::pool::{Pool, PoolError};
+use crate::wire::{self, build, sqlstate, WireError};
+use bytes::{Bytes, BytesMut};
+use expect::{Expect, Kind, Pending};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use stmts::Stmt;
+use tokio::net::TcpStream;
+
+/// Stop moving client messages to the server buffer past this many bytes.
+const SOUT_HIGH: usize = 256 * 1024;
+/// Stop reading the server while this many bytes wait for the client.
+const COUT_HIGH: usize = 256 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest message accepted from a server.
+pub(crate) const MAX_SERVER_MSG: usize = 1 << 30;
+
+/// Why a session ended abnormally; `rescue` turns it into what the client sees.
+#[derive(Debug)]
+pub enum SessionError {
+    ClientGone,
+    Protocol(WireError),
+    ServerLost(String),
+    Pool(PoolError),
+    Shutdown,
+}
+
+impl From<WireError> for SessionError {
+    fn from(e: WireError) -> Self {
+        SessionError::Protocol(e)
+    }
+}
+
+/// The parameters a client session wants on any server connection serving it.
+pub type Settings = Vec<(String, String)>;
+
+pub struct Session {
+    app: Arc<App>,
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    client: TcpStream,
+    max_msg: usize,
+    cin: BytesMut,
+    cout: BytesMut,
+    sin: BytesMut,
+    sout: BytesMut,
+    server: Option<ServerConn>,
+    expect: Expect,
+    /// Extended-protocol messages were sent since the last Sync.
+    in_batch: bool,
+    /// Transaction status from the last ReadyForQuery.
+    status: u8,
+    /// Bytes of the current server message still to pass through unparsed.
+    skip: usize,
+    /// In a COPY FROM STDIN started by Execute: Syncs are ignored by the server.
+    copy_in_ext: bool,
+    settings: Settings,
+    stmts: HashMap<Bytes, Arc<Stmt>>,
+    cancel: Arc<CancelSlot>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    terminated: bool,
+}
+
+/// Parameters PostgreSQL reports with ParameterStatus that a client may set;
+/// every client has a value for each, so connections are always brought in line.
+pub const REPORTED_SETTABLE: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+];
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        app: Arc<App>,
+        pool: Arc<Pool>,
+        client: TcpStream,
+        leftover: BytesMut,
+        settings: Settings,
+        cancel: Arc<CancelSlot>,
+    ) -> Session {
+        let cfg = app.config();
+        Session {
+            mode: cfg.pool.mode,
+            max_msg: cfg.listen.max_message_size.0 as usize,
+            shutdown: app.shutdown_signal(),
+            app,
+            pool,
+            client,
+            cin: leftover,
+            cout: BytesMut::new(),
+            sin: BytesMut::new(),
+            sout: BytesMut::new(),
+            server: None,
+            expect: Expect::default(),
+            in_batch: false,
+            status: b'I',
+            skip: 0,
+            copy_in_ext: false,
+            settings,
+            stmts: HashMap::new(),
+            cancel,
+            terminated: false,
+        }
+    }
+
+    /// Runs the session to its end and cleans up the server connection.
+    pub async fn run(mut self) {
+        let result = self.relay().await;
+        if let Err(e) = &result {
+            self.rescue(e).await;
+        }
+        self.finish().await;
+    }
+
+    async fn relay(&mut self) -> Result<(), SessionError> {
+        let mut shutting_down = *self.shutdown.borrow();
+        loop {
+            self.process_client().await?;
+            if self.terminated {
+                return Ok(());
+            }
+            self.flush()?;
+            if shutting_down && self.server.is_none() && self.cin.is_empty() && self.cout.is_empty() {
+                return Err(SessionError::Shutdown);
+            }
+            match self.wait(shutting_down).await? {
+                Event::ClientReadable => self.read_client()?,
+                Event::ServerReadable => {
+                    self.read_server()?;
+                    self.scan_server()?;
+                    self.maybe_release();
+                }
+                Event::Writable => {}
+                Event::Shutdown => shutting_down = true,
+            }
+        }
+    }
+
+    async fn wait(&self, shutting_down: bool) -> Result<Event, SessionError> {
+        let server = self.server.as_ref().map(|s| &s.stream);
+        let client = &self.client;
+        let mut shutdown = self.shutdown.clone();
+        let read_client = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
+        tokio::select! {
+            // All branches are cancel-safe readiness waits.
+            r = client.writable(), if !self.cout.is_empty() => r.map(|_| Event::Writable).map_err(|_| SessionError::ClientGone),
+            r = async { server.unwrap().writable().await }, if server.is_some() && !self.sout.is_empty() => {
+                r.map(|_| Event::Writable).map_err(|e| SessionError::ServerLost(e.to_string()))
+            }
+            r = async { server.unwrap().readable().await }, if server.is_some() && self.cout.len() < COUT_HIGH => {
+                r.map(|_| Event::ServerReadable).map_err(|e| SessionError::ServerLost(e.to_string()))
+            }
+            r = client.readable(), if read_client => r.map(|_| Event::ClientReadable).map_err(|_| SessionError::ClientGone),
+            _ = shutdown.changed(), if !shutting_down => Ok(Event::Shutdown),
+        }
+    }
+
+    fn has_complete_client_message(&self) -> bool {
+        matches!(wire::peek_header(&self.cin, self.max_msg), Ok(Some(h)) if self.cin.len() >= h.total)
+    }
+
+    fn read_client(&mut self) -> Result<(), SessionError> {
+        self.cin.reserve(READ_CHUNK);
+        match self.client.try_read_buf(&mut self.cin) {
+            Ok(0) => Err(SessionError::ClientGone),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(SessionError::ClientGone),
+        }
+    }
+
+    fn read_server(&mut self) -> Result<(), SessionError> {
+        let server = self.server.as_ref().expect("readable only when bound");
+        self.sin.reserve(READ_CHUNK);
+        match server.stream.try_read_buf(&mut self.sin) {
+            Ok(0) => Err(SessionError::ServerLost("server closed the connection".into())),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(SessionError::ServerLost(e.to_string())),
+        }
+    }
+
+    /// Writes as much buffered output as the sockets take without blocking.
+    fn flush(&mut self) -> Result<(), SessionError> {
+        while !self.cout.is_empty() {
+            match self.client.try_write(&self.cout) {
+                Ok(n) => consume(&mut self.cout, n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(SessionError::ClientGone),
+            }
+        }
+        if let Some(server) = &self.server {
+            while !self.sout.is_empty() {
+                match server.stream.try_write(&self.sout) {
+                    Ok(n) => consume(&mut self.sout, n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(SessionError::ServerLost(e.to_string())),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every complete client message into the server buffer, binding a
+    /// server connection first when none is bound.
+    async fn process_client(&mut self) -> Result<(), SessionError> {
+        while self.sout.len() < SOUT_HIGH {
+            let h = match wire::peek_header(&self.cin, self.max_msg)? {
+                Some(h) if self.cin.len() >= h.total => h,
+                _ => return Ok(()),
+            };
+            if h.tag == b'X' {
+                self.terminated = true;
+                return Ok(());
+            }
+            if !matches!(h.tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'F') {
+                return Err(WireError::Malformed("unknown message type").into());
+            }
+            if self.server.is_none() {
+                self.bind_server().await?;
+            }
+            let msg = self.cin.split_to(h.total).freeze();
+            self.forward(h.tag, &msg)?;
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, tag: u8, msg: &[u8]) -> Result<(), SessionError> {
+        match tag {
+            b'Q' => self.send(msg, Some(Kind::Query)),
+            b'F' => self.send(msg, Some(Kind::FnCall)),
+            b'S' if self.copy_in_ext => self.send(msg, None),
+            b'S' => {
+                self.in_batch = false;
+                self.send(msg, Some(Kind::Sync));
+            }
+            b'H' | b'd' => self.send(msg, None),
+            b'c' | b'f' => {
+                self.copy_in_ext = false;
+                self.send(msg, None);
+            }
+            b'E' => {
+                self.in_batch = true;
+                self.send(msg, Some(Kind::Execute));
+            }
+            b'P' => self.on_parse(msg)?,
+            b'B' => self.on_bind(msg)?,
+            b'D' => self.on_describe(msg)?,
+            b'C' => self.on_close(msg)?,
+            _ => unreachable!("filtered in process_client"),
+        }
+        self.emit_synth();
+        Ok(())
+    }
+
+    fn send(&mut self, msg: &[u8], kind: Option<Kind>) {
+        self.sout.extend_from_slice(msg);
+        if let Some(k) = kind {
+            self.expect.push(Pending::Fwd(k));
+        }
+    }
+
+    fn on_parse(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let (name, content) = wire::parse_parse(msg)?;
+        self.in_batch = true;
+        if name.is_empty() {
+            self.send(msg, Some(Kind::Parse(None)));
+            return Ok(());
+        }
+        let stmt = self.app.stmts.intern(content);
+        self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
+        let server = self.server.as_mut().expect("bound");
+        if server.touch_prepared(stmt.id) {
+            self.expect.push(Pending::Synth(b'1'));
+        } else {
+            self.prepare_on_server(&stmt, false);
+        }
+        Ok(())
+    }
+
+    /// Sends Parse for a proxy statement, evicting the LRU one if full.
+    fn prepare_on_server(&mut self, stmt: &Stmt, swallow: bool) {
+        let limit = self.app.config().pool.prepared_statements_cache;
+        let server = self.server.as_mut().expect("bound");
+        if let Some(victim) = server.lru_victim(limit) {
+            server.prepared.remove(&victim);
+            build::target(&mut self.sout, b'C', b'S', &stmts::server_name(victim));
+            self.expect.push(Pending::Swallow(Kind::Close));
+        }
+        server.mark_prepared(stmt.id);
+        build::parse(&mut self.sout, &stmt.server_name, &stmt.content);
+        let kind = Kind::Parse(Some(stmt.id));
+        self.expect.push(if swallow { Pending::Swallow(kind) } else { Pending::Fwd(kind) });
+    }
+
+    /// The proxy statement behind a client statement name, prepared on the
+    /// bound server; `None` for the unnamed statement or unknown names (those
+    /// go to the server unchanged and get the server's own answer).
+    fn ensure_prepared(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
+        if name.is_empty() {
+            return None;
+        }
+        let stmt = self.stmts.get(name)?.clone();
+        if !self.server.as_mut().expect("bound").touch_prepared(stmt.id) {
+            self.prepare_on_server(&stmt, true);
+        }
+        Some(stmt)
+    }
+
+    fn on_bind(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let (portal, name, tail_at) = wire::parse_bind(msg)?;
+        self.in_batch = true;
+        match self.ensure_prepared(name) {
+            Some(stmt) => {
+                build::bind(&mut self.sout, portal, &stmt.server_name, &msg[tail_at..]);
+                self.expect.push(Pending::Fwd(Kind::Bind));
+            }
+            None => self.send(msg, Some(Kind::Bind)),
+        }
+        Ok(())
+    }
+
+    fn on_describe(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let (kind, name) = wire::parse_target(msg)?;
+        self.in_batch = true;
+        let stmt = if kind == b'S' { self.ensure_prepared(name) } else { None };
+        match stmt {
+            Some(stmt) => {
+                build::target(&mut self.sout, b'D', b'S', &stmt.server_name);
+                self.expect.push(Pending::Fwd(Kind::Describe));
+            }
+            None => self.send(msg, Some(Kind::Describe)),
+        }
+        Ok(())
+    }
+
+    fn on_close(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let (kind, name) = wire::parse_target(msg)?;
+        self.in_batch = true;
+        if kind == b'S' && !name.is_empty() {
+            // The proxy statement stays cached on servers for other clients.
+            self.stmts.remove(name);
+            self.expect.push(Pending::Synth(b'3'));
+        } else {
+            self.send(msg, Some(Kind::Close));
+        }
+        Ok(())
+    }
+
+    /// Writes the synthetic answers that are now at the head of the queue.
+    fn emit_synth(&mut self) {
+        while let Some(tag) = self.expect.pop_synth() {
+            self.cout.extend_from_slice(&[tag, 0, 0, 0, 4]);
+        }
+    }
+
+    /// Checks out a server connection and queues what brings it in line
+    /// with this client's session settings.
+    async fn bind_server(&mut self) -> Result<(), SessionError> {
+        let mut conn = self.pool.checkout().await.map_err(SessionError::Pool)?;
+        if let Some(sql) = settings_sql(&self.settings, &mut conn) {
+            build::query(&mut self.sout, &sql);
+            self.expect.push(Pending::Swallow(Kind::Query));
+        }
+        self.cancel.set(Some(CancelTarget {
+            peer: conn.peer,
+            pid: conn.backend_pid,
+            secret: conn.backend_secret,
+        }));
+        self.status = b'I';
+        self.server = Some(conn);
+        Ok(())
+    }
+
+    fn is_clean(&self) -> bool {
+        self.expect.is_empty() && !self.in_batch && self.sout.is_empty() && self.skip == 0
+    }
+
+    /// Transaction mode: return the connection at the end of a transaction.
+    fn maybe_release(&mut self) {
+        if self.mode != PoolMode::Transaction || self.server.is_none() {
+            return;
+        }
+        if self.status == b'I' && self.is_clean() && self.sin.is_empty() {
+            let conn = self.server.take().expect("checked");
+            self.cancel.set(None);
+            self.pool.checkin(conn);
+            // An idle client keeps no buffers.
+            for b in [&mut self.cin, &mut self.sin] {
+                if b.is_empty() {
+                    *b = BytesMut::new();
+                }
+            }
+        }
+    }
+
+    /// Tells the client why its session ends (best effort, bounded in time).
+    async fn rescue(&mut self, e: &SessionError) {
+        let (code, msg): (String, String) = match e {
+            SessionError::ClientGone => return,
+            SessionError::Protocol(w) => (sqlstate::PROTOCOL_VIOLATION.into(), format!("protocol violation: {w}")),
+            SessionError::ServerLost(why) => {
+                (sqlstate::CONNECTION_FAILURE.into(), format!("server connection lost: {why}"))
+            }
+            SessionError::Pool(p @ PoolError::Timeout { .. }) => (sqlstate::TOO_MANY_CONNECTIONS.into(), p.to_string()),
+            SessionError::Pool(p @ PoolError::Connect(b)) => (b.sqlstate(), p.to_string()),
+            SessionError::Shutdown => (sqlstate::ADMIN_SHUTDOWN.into(), "pgfleet is shutting down".into()),
+        };
+        tracing::info!(sqlstate = %code, error = %msg, "closing client session");
+        let mut out = std::mem::take(&mut self.cout);
+        build::error_response(&mut out, "FATAL", &code, &msg);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            use tokio::io::AsyncWriteExt;
+            let _ = self.client.write_all(&out).await;
+        })
+        .await;
+    }
+
+    /// Leaves the server connection clean for the next client, or closes it.
+    async fn finish(&mut self) {
+        self.cancel.set(None);
+        let Some(mut conn) = self.server.take() else { return };
+        let idle_and_done = self.is_clean() && self.sin.is_empty();
+        if !idle_and_done {
+            // Something is in flight: stop it and drop the connection.
+            let _ = ServerConn::cancel(conn.peer, conn.backend_pid, conn.backend_secret).await;
+            self.pool.discard(conn);
+            return;
+        }
+        let limit = Duration::from_secs(5);
+        let mut ok = true;
+        if self.status != b'I' {
+            ok = conn.run_silently("ROLLBACK", limit).await.is_ok();
+        }
+        if ok && self.mode == PoolMode::Session {
+            ok = conn.run_silently("DISCARD ALL", limit).await.is_ok();
+            conn.prepared.clear();
+            conn.custom.clear();
+        }
+        if ok {
+            self.pool.checkin(conn);
+        } else {
+            self.pool.discard(conn);
+        }
+    }
+}
+
+enum Event {
+    ClientReadable,
+    ServerReadable,
+    Writable,
+    Shutdown,
+}
+
+/// SQL that makes `conn`'s session match `settings` (None when it already
+/// does). Updates the connection's recorded parameters accordingly.
+fn settings_sql(settings: &Settings, conn: &mut ServerConn) -> Option<String> {
+    let mut sql = String::new();
+    for (name, value) in settings {
+        if conn.params.get(name) == Some(value) {
+            continue;
+        }
+        sql.push_str(if sql.is_empty() { "SELECT " } else { ", " });
+        sql.push_str(&format!(
+            "pg_catalog.set_config({}, {}, false)",
+            build::quote_literal(name),
+            build::quote_literal(value)
+        ));
+        conn.params.insert(name.clone(), value.clone());
+        if !REPORTED_SETTABLE.contains(&name.as_str()) {
+            conn.custom.insert(name.clone());
+        }
+    }
+    let stale: Vec<String> = conn
+        .custom
+        .iter()
+        .filter(|c| !settings.iter().any(|(n, _)| n == *c))
+        .cloned()
+        .collect();
+    if !sql.is_empty() {
+        sql.push(';');
+    }
+    for name in stale {
+        sql.push_str(&format!("RESET {};", build::quote_ident(&name)));
+        conn.custom.remove(&name);
+        conn.params.remove(&name);
+    }
+    (!sql.is_empty()).then_some(sql)
+}

@@ -1,0 +1,132 @@
+//! Server -> client direction: walk the server's bytes message by message,
+//! forward them (streaming large messages without buffering them whole),
+//! and keep the expected-response queue, transaction status, parameters and
+//! prepared-statement cache in step with what the server did.
+
+use super::expect::{Kind, Pending};
+use super::{Session, SessionError, MAX_SERVER_MSG};
+use crate::backend::consume;
+use crate::wire;
+
+/// What pgfleet needs to know about one server message before forwarding it.
+enum Seen {
+    Ready(u8),
+    Param(String, String),
+    Error(Vec<(u8, String)>),
+    Other,
+}
+
+impl Session {
+    /// Processes as many server bytes as are available.
+    pub(super) fn scan_server(&mut self) -> Result<(), SessionError> {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(self.sin.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                self.cout.extend_from_slice(&self.sin[..n]);
+                consume(&mut self.sin, n);
+                self.skip -= n;
+                continue;
+            }
+            self.emit_synth();
+            let h = match wire::peek_header(&self.sin, MAX_SERVER_MSG)
+                .map_err(|e| SessionError::ServerLost(format!("bad server message: {e}")))?
+            {
+                Some(h) => h,
+                None => return Ok(()),
+            };
+            let swallowing = matches!(self.expect.front(), Some(Pending::Swallow(_)));
+            let whole = swallowing || matches!(h.tag, b'Z' | b'S' | b'E');
+            if whole && self.sin.len() < h.total {
+                return Ok(());
+            }
+            let seen = match h.tag {
+                b'Z' => Seen::Ready(self.sin[5]),
+                b'S' => match wire::parse_parameter_status(&self.sin[..h.total]) {
+                    Ok((k, v)) => Seen::Param(k.to_string(), v.to_string()),
+                    Err(_) => Seen::Other,
+                },
+                b'E' => Seen::Error(wire::error_fields(&self.sin[..h.total])),
+                _ => Seen::Other,
+            };
+            let forward = self.observe(h.tag, seen);
+            if !forward {
+                consume(&mut self.sin, h.total);
+            } else if whole {
+                self.cout.extend_from_slice(&self.sin[..h.total]);
+                consume(&mut self.sin, h.total);
+            } else {
+                self.skip = h.total;
+            }
+        }
+    }
+
+    /// Updates session state for one server message; returns whether the
+    /// client should see it.
+    fn observe(&mut self, tag: u8, seen: Seen) -> bool {
+        let head = self.expect.front();
+        let hidden_query = head == Some(Pending::Swallow(Kind::Query));
+        match seen {
+            Seen::Param(name, value) => {
+                self.on_parameter(name, value);
+                true
+            }
+            Seen::Error(fields) => self.on_error(head, fields),
+            Seen::Ready(status) => {
+                self.status = status;
+                let ended = self.expect.complete_cycle();
+                !matches!(ended, Some(Pending::Swallow(_)))
+            }
+            Seen::Other => {
+                if tag == b'G' && head == Some(Pending::Fwd(Kind::Execute)) {
+                    self.expect.drop_queued_syncs();
+                    self.copy_in_ext = true;
+                    self.in_batch = true;
+                }
+                let forward = match head {
+                    Some(Pending::Swallow(_)) => matches!(tag, b'N' | b'A') && !hidden_query,
+                    _ => true,
+                };
+                if let Some(Pending::Fwd(k) | Pending::Swallow(k)) = head {
+                    if k.completed_by(tag) {
+                        self.expect.pop();
+                    }
+                }
+                forward
+            }
+        }
+    }
+
+    /// ParameterStatus: the server's value changed (a client SET, or pgfleet
+    /// bringing the connection in line). The client's view follows it.
+    fn on_parameter(&mut self, name: String, value: String) {
+        if let Some(server) = self.server.as_mut() {
+            server.params.insert(name.clone(), value.clone());
+        }
+        if let Some(slot) = self.settings.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = value;
+        }
+    }
+
+    fn on_error(&mut self, head: Option<Pending>, fields: Vec<(u8, String)>) -> bool {
+        match head {
+            Some(Pending::Swallow(Kind::Query)) => {
+                let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
+                tracing::warn!(error = msg.unwrap_or(""), "applying session settings on a server connection failed");
+                false
+            }
+            Some(Pending::Fwd(k) | Pending::Swallow(k)) if k.is_extended() => {
+                let failed = self.expect.skip_to_sync();
+                if let Some(server) = self.server.as_mut() {
+                    for id in failed {
+                        server.prepared.remove(&id);
+                    }
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+}

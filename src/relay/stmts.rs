@@ -1,0 +1,69 @@
+//! Named prepared statements in transaction mode. Clients name statements
+//! however they like; pgfleet maps each distinct (query text + parameter
+//! types) to one proxy statement (`_pgf_<id>`) shared by all clients, and
+//! prepares it lazily on whichever server connection serves a client.
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A proxy statement: the content a client parsed and the name it has on servers.
+#[derive(Debug)]
+pub struct Stmt {
+    pub id: u64,
+    pub server_name: Bytes,
+    /// Parse body after the statement name: query text, parameter types.
+    pub content: Bytes,
+}
+
+pub fn server_name(id: u64) -> Bytes {
+    Bytes::from(format!("_pgf_{id}"))
+}
+
+/// Deduplicates statements across all clients of one pgfleet.
+#[derive(Default)]
+pub struct Registry {
+    next: AtomicU64,
+    /// Guards the content -> statement map; held only for a lookup/insert.
+    by_content: Mutex<HashMap<Bytes, Arc<Stmt>>>,
+}
+
+impl Registry {
+    pub fn intern(&self, content: &[u8]) -> Arc<Stmt> {
+        let mut map = self.by_content.lock().unwrap();
+        if let Some(s) = map.get(content) {
+            return s.clone();
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let content = Bytes::copy_from_slice(content);
+        let stmt = Arc::new(Stmt { id, server_name: server_name(id), content: content.clone() });
+        map.insert(content, stmt.clone());
+        stmt
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_content.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_content_shares_one_statement() {
+        let r = Registry::default();
+        let a = r.intern(b"select 1\0\0\0");
+        let b = r.intern(b"select 1\0\0\0");
+        let c = r.intern(b"select 2\0\0\0");
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_eq!(&a.server_name[..], format!("_pgf_{}", a.id).as_bytes());
+        assert_eq!(r.len(), 2);
+    }
+}

@@ -1,0 +1,203 @@
+//! Password verifiers and the server side of SCRAM-SHA-256 (RFC 5802/7677)
+//! and md5 authentication. Comparisons of secrets are constant-time.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use md5::{Digest, Md5};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A user's secret as stored in the configuration.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// Plaintext password; a SCRAM verifier is derived from it once at load.
+    Plain { password: String, scram: ScramVerifier },
+    Scram(ScramVerifier),
+    /// "md5" + hex(md5(password || username)).
+    Md5(String),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Secret::Plain { .. } => "Secret::Plain(<redacted>)",
+            Secret::Scram(_) => "Secret::Scram(<redacted>)",
+            Secret::Md5(_) => "Secret::Md5(<redacted>)",
+        })
+    }
+}
+
+impl Secret {
+    /// Interprets a configured password: a SCRAM verifier, an md5 verifier
+    /// (md5 + 32 hex digits), or plaintext.
+    pub fn from_config(value: &str) -> Result<Secret, String> {
+        if value.starts_with("SCRAM-SHA-256$") {
+            return ScramVerifier::parse(value)
+                .map(Secret::Scram)
+                .ok_or_else(|| "malformed SCRAM-SHA-256 verifier".to_string());
+        }
+        if value.len() == 35
+            && value.starts_with("md5")
+            && value[3..].bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Ok(Secret::Md5(value.to_ascii_lowercase()));
+        }
+        let verifier = postgres_protocol::password::scram_sha_256(value.as_bytes());
+        let scram = ScramVerifier::parse(&verifier).ok_or("could not derive a SCRAM verifier")?;
+        Ok(Secret::Plain { password: value.to_string(), scram })
+    }
+
+    pub fn plaintext(&self) -> Option<&str> {
+        match self {
+            Secret::Plain { password, .. } => Some(password),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramVerifier {
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub stored_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl ScramVerifier {
+    /// Parses "SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>".
+    pub fn parse(s: &str) -> Option<ScramVerifier> {
+        let rest = s.strip_prefix("SCRAM-SHA-256$")?;
+        let (iter_salt, keys) = rest.split_once('$')?;
+        let (iter, salt) = iter_salt.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        let iterations: u32 = iter.parse().ok().filter(|i| *i > 0)?;
+        let salt = B64.decode(salt).ok()?;
+        let stored_key: [u8; 32] = B64.decode(stored).ok()?.try_into().ok()?;
+        let server_key: [u8; 32] = B64.decode(server).ok()?.try_into().ok()?;
+        Some(ScramVerifier { iterations, salt, stored_key, server_key })
+    }
+}
+
+/// Why a client's authentication exchange failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// The client sent something that is not a valid SCRAM message.
+    Protocol(&'static str),
+    /// The proof did not match.
+    WrongPassword,
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// Constant-time equality for secrets.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Server side of one SCRAM-SHA-256 exchange, after the client-first message.
+pub struct ScramServer {
+    verifier: ScramVerifier,
+    client_first_bare: String,
+    server_first: String,
+    nonce: String,
+    gs2_header: String,
+}
+
+impl ScramServer {
+    /// Consumes the client-first message; returns the state and the
+    /// server-first message to send in AuthenticationSASLContinue.
+    pub fn start(verifier: &ScramVerifier, client_first: &[u8]) -> Result<(ScramServer, String), AuthFailure> {
+        let msg = std::str::from_utf8(client_first).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
+        // gs2-header: cbind-flag "," [authzid] ","
+        let (flag, rest) = msg.split_once(',').ok_or(AuthFailure::Protocol("missing gs2 header"))?;
+        if !(flag == "n" || flag == "y") {
+            return Err(AuthFailure::Protocol("channel binding is not supported on this connection"));
+        }
+        let (authzid, bare) = rest.split_once(',').ok_or(AuthFailure::Protocol("missing gs2 header"))?;
+        if !authzid.is_empty() {
+            return Err(AuthFailure::Protocol("authorization identities are not supported"));
+        }
+        let client_nonce = bare
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .filter(|n| !n.is_empty())
+            .ok_or(AuthFailure::Protocol("missing client nonce"))?;
+        let server_nonce: [u8; 18] = rand::random();
+        let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
+        let server_first =
+            format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
+        let state = ScramServer {
+            verifier: verifier.clone(),
+            client_first_bare: bare.to_string(),
+            server_first: server_first.clone(),
+            nonce,
+            gs2_header: format!("{flag},{authzid},"),
+        };
+        Ok((state, server_first))
+    }
+
+    /// Verifies the client-final message; returns the server-final message.
+    pub fn finish(self, client_final: &[u8]) -> Result<String, AuthFailure> {
+        let msg = std::str::from_utf8(client_final).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
+        let (without_proof, proof) =
+            msg.rsplit_once(",p=").ok_or(AuthFailure::Protocol("missing proof"))?;
+        let mut channel = None;
+        let mut nonce = None;
+        for attr in without_proof.split(',') {
+            if let Some(v) = attr.strip_prefix("c=") {
+                channel = Some(v);
+            } else if let Some(v) = attr.strip_prefix("r=") {
+                nonce = Some(v);
+            }
+        }
+        let channel = channel.ok_or(AuthFailure::Protocol("missing channel binding attribute"))?;
+        if B64.decode(channel).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+            return Err(AuthFailure::Protocol("channel binding data does not match"));
+        }
+        if nonce != Some(self.nonce.as_str()) {
+            return Err(AuthFailure::Protocol("nonce mismatch"));
+        }
+        let proof = B64.decode(proof).map_err(|_| AuthFailure::Protocol("proof is not base64"))?;
+        if proof.len() != 32 {
+            return Err(AuthFailure::WrongPassword);
+        }
+        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for i in 0..32 {
+            client_key[i] = proof[i] ^ client_signature[i];
+        }
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        if !ct_eq(&stored, &self.verifier.stored_key) {
+            return Err(AuthFailure::WrongPassword);
+        }
+        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
+        Ok(format!("v={}", B64.encode(server_signature)))
+    }
+}
+
+/// "md5" + hex(md5(password || user)): the stored md5 verifier.
+pub fn md5_verifier(user: &str, password: &str) -> String {
+    let mut h = Md5::new();
+    h.update(password.as_bytes());
+    h.update(user.as_bytes());
+    format!("md5{:x}", h.finalize())
+}
+
+/// Checks a client's md5 PasswordMessage against a stored md5 verifier.
+pub fn md5_check(verifier: &str, salt: [u8; 4], response: &[u8]) -> bool {
+    let mut h = Md5::new();
+    h.update(&verifier.as_bytes()[3..]);
+    h.update(salt);
+    let expected = format!("md5{:x}", h.finalize());
+    ct_eq(expected.as_bytes(), response)
+}
