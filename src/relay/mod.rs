@@ -26,6 +26,7 @@ use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
 use expect::{Expect, Kind, Pending};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use stmts::Stmt;
@@ -244,10 +245,13 @@ impl Session {
             if !matches!(h.tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'F') {
                 return Err(WireError::Malformed("unknown message type").into());
             }
+            let msg = self.cin.split_to(h.total).freeze();
             if self.server.is_none() {
+                if self.answer_locally(h.tag, &msg)? {
+                    continue;
+                }
                 self.bind_server().await?;
             }
-            let msg = self.cin.split_to(h.total).freeze();
             self.forward(h.tag, &msg)?;
         }
         Ok(())
@@ -279,6 +283,39 @@ impl Session {
         }
         self.emit_synth();
         Ok(())
+    }
+
+    /// With no server bound (and so no transaction open), Parse of a
+    /// statement some server already accepted, Close of a statement, Flush
+    /// and the Sync ending such a batch need no server: answer them here.
+    /// This keeps blocking drivers (PQprepare) from waiting for a connection
+    /// that their own other sessions hold.
+    fn answer_locally(&mut self, tag: u8, msg: &[u8]) -> Result<bool, SessionError> {
+        match tag {
+            b'P' => {
+                let (name, content) = wire::parse_parse(msg)?;
+                if name.is_empty() {
+                    return Ok(false);
+                }
+                let stmt = self.app.stmts.intern(content);
+                if !stmt.validated.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                self.stmts.insert(Bytes::copy_from_slice(name), stmt);
+                build::parse_complete(&mut self.cout);
+            }
+            b'C' => match wire::parse_target(msg)? {
+                (b'S', name) if !name.is_empty() => {
+                    self.stmts.remove(name);
+                    build::close_complete(&mut self.cout);
+                }
+                _ => return Ok(false),
+            },
+            b'H' => {}
+            b'S' => build::ready_for_query(&mut self.cout, b'I'),
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     fn send(&mut self, msg: &[u8], kind: Option<Kind>) {

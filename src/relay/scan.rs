@@ -92,10 +92,19 @@ impl Session {
                 if let Some(Pending::Fwd(k) | Pending::Swallow(k)) = head {
                     if k.completed_by(tag) {
                         self.expect.pop();
+                        if let Kind::Parse(Some(id)) = k {
+                            self.mark_validated(id);
+                        }
                     }
                 }
                 forward
             }
+        }
+    }
+
+    fn mark_validated(&self, id: u64) {
+        if let Some(stmt) = self.stmts.values().find(|s| s.id == id) {
+            stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

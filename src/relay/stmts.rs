@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A proxy statement: the content a client parsed and the name it has on servers.
@@ -15,6 +15,9 @@ pub struct Stmt {
     pub server_name: Bytes,
     /// Parse body after the statement name: query text, parameter types.
     pub content: Bytes,
+    /// Some server accepted this Parse once, so a later client's Parse of
+    /// the same content can be answered without asking a server.
+    pub validated: AtomicBool,
 }
 
 pub fn server_name(id: u64) -> Bytes {
@@ -37,7 +40,7 @@ impl Registry {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let content = Bytes::copy_from_slice(content);
-        let stmt = Arc::new(Stmt { id, server_name: server_name(id), content: content.clone() });
+        let stmt = Arc::new(Stmt { id, server_name: server_name(id), content: content.clone(), validated: AtomicBool::new(false) });
         map.insert(content, stmt.clone());
         stmt
     }

@@ -1,0 +1,70 @@
+//! Client authentication: SCRAM, md5, wrong passwords, unknown databases.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_refused_before_any_server_work() {
+    let p = proxy(2).await;
+    let e = connect_with(&conn_str(&p, "app", "nope", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+    let e = connect_with(&conn_str(&p, "nobody", "x", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+    assert!(p.app.pools().is_empty(), "no pool was created for a failed login");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_database_is_refused() {
+    let p = proxy(2).await;
+    let e = connect_with(&conn_str(&p, "app", "app", "nodb")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "3D000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_clients_and_md5_servers() {
+    // Client-facing md5; the server stores md5user's password as md5.
+    let p = start(config("size = 2", "[auth]\nmethod = \"md5\"")).await;
+    let c = connect_with(&conn_str(&p, "md5user", "md5pw", "app")).await.unwrap();
+    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(who, "md5user");
+    let e = connect_with(&conn_str(&p, "md5user", "bad", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+    // SCRAM-stored users still work when md5 is configured (password known).
+    let c = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_scram_verifier_authenticates_clients() {
+    let verifier = postgres_protocol::password::scram_sha_256(b"s3cret");
+    let c = cluster();
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"{verifier}\"\nserver_password = \"app\"\n\
+         [[databases]]\nname = \"app\"\n[cluster]\nprimary = \"127.0.0.1:{}\"\n",
+        c.primary
+    );
+    let p = start(pgfleet::config::Config::parse(&text, "t.toml").unwrap()).await;
+    let client = connect_with(&conn_str(&p, "app", "s3cret", "app")).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_client_conn_is_enforced() {
+    let p = start(config("size = 2", "").with_max_clients(2)).await;
+    let _a = connect(&p).await;
+    let _b = connect(&p).await;
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "53300");
+}
+
+trait WithMax {
+    fn with_max_clients(self, n: usize) -> Self;
+}
+
+impl WithMax for pgfleet::config::Config {
+    fn with_max_clients(mut self, n: usize) -> Self {
+        self.listen.max_client_conn = n;
+        self
+    }
+}

@@ -1,0 +1,361 @@
+//! Test harness: one real PostgreSQL cluster (primary + two streaming
+//! replicas) per test binary, started on free ports in a temp dir as the
+//! `postgres` OS user when running as root, and stopped by a watchdog when
+//! the test process exits. pgfleet runs in-process on port 0.
+
+use bytes::BytesMut;
+use pgfleet::app::Running;
+use pgfleet::config::Config;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub bindir: PathBuf,
+    pub primary: u16,
+    pub replicas: [u16; 2],
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(Cluster::start)
+}
+
+fn is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().expect("run id");
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+/// A command run as the postgres OS user when we are root.
+fn pg_cmd(prog: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(prog);
+        c
+    } else {
+        Command::new(prog)
+    }
+}
+
+fn check(out: Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let out = Command::new("pg_config").arg("--bindir").output().expect("pg_config (install postgresql)");
+        let bindir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let dir = std::env::temp_dir().join(format!("pgfleet-it-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            check(Command::new("chown").args(["postgres:postgres"]).arg(&dir).output().unwrap(), "chown");
+        }
+        let c = Cluster { primary: free_port(), replicas: [free_port(), free_port()], bindir, dir };
+        c.spawn_watchdog();
+        c.init_primary();
+        for (i, port) in c.replicas.iter().enumerate() {
+            c.init_replica(i, *port);
+        }
+        c.wait_replicas_streaming();
+        c
+    }
+
+    fn data(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Stops the servers and removes the temp dir once this process is gone.
+    fn spawn_watchdog(&self) {
+        let pg_ctl = self.bindir.join("pg_ctl");
+        let runas = if is_root() { "runuser -u postgres -- " } else { "" };
+        let mut stops = String::new();
+        for d in ["primary", "replica0", "replica1"] {
+            stops.push_str(&format!(
+                "{runas}{} stop -D {} -m immediate >/dev/null 2>&1; ",
+                pg_ctl.display(),
+                self.data(d).display()
+            ));
+        }
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stops} rm -rf {dir}",
+            pid = std::process::id(),
+            dir = self.dir.display()
+        );
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn watchdog");
+    }
+
+    fn pg_ctl_start(&self, name: &str) {
+        let out = pg_cmd(&self.bindir.join("pg_ctl"))
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(self.data(name))
+            .arg("-l")
+            .arg(self.dir.join(format!("{name}.log")))
+            .output()
+            .unwrap();
+        check(out, &format!("pg_ctl start {name}"));
+    }
+
+    #[allow(dead_code)]
+    pub fn pg_ctl(&self, name: &str, args: &[&str]) -> Output {
+        pg_cmd(&self.bindir.join("pg_ctl")).args(args).arg("-D").arg(self.data(name)).output().unwrap()
+    }
+
+    fn init_primary(&self) {
+        let data = self.data("primary");
+        let out = pg_cmd(&self.bindir.join("initdb"))
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        check(out, "initdb");
+        let conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\nmax_connections = 400\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n\
+             wal_keep_size = '256MB'\n",
+            self.primary,
+            self.dir.display()
+        );
+        append(&data.join("postgresql.conf"), &conf);
+        let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
+                   host replication all 127.0.0.1/32 trust\nhost all md5user 127.0.0.1/32 md5\nhost all all 127.0.0.1/32 scram-sha-256\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        self.pg_ctl_start("primary");
+        for sql in [
+            "CREATE ROLE app LOGIN PASSWORD 'app'",
+            "CREATE DATABASE app OWNER app",
+            "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5pw'",
+            "GRANT CONNECT ON DATABASE app TO md5user",
+        ] {
+            self.psql_admin(sql);
+        }
+    }
+
+    fn init_replica(&self, i: usize, port: u16) {
+        let name = format!("replica{i}");
+        let data = self.data(&name);
+        let out = pg_cmd(&self.bindir.join("pg_basebackup"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream", "-R", "--checkpoint=fast", "-p"])
+            .arg(self.primary.to_string())
+            .arg("-D")
+            .arg(&data)
+            .output()
+            .unwrap();
+        check(out, "pg_basebackup");
+        append(&data.join("postgresql.auto.conf"), &format!("port = {port}\n"));
+        self.pg_ctl_start(&name);
+    }
+
+    fn wait_replicas_streaming(&self) {
+        for _ in 0..200 {
+            let n = self.psql_admin_value("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'");
+            if n == "2" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("replicas did not start streaming");
+    }
+
+    /// Runs SQL on the primary as the superuser (unix socket, trust).
+    pub fn psql_admin(&self, sql: &str) -> String {
+        self.psql_on(self.primary, "postgres", sql)
+    }
+
+    pub fn psql_on(&self, port: u16, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bindir.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-d")
+            .arg(db)
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .unwrap();
+        check(out.clone(), &format!("psql {sql}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn psql_admin_value(&self, sql: &str) -> String {
+        self.psql_admin(sql)
+    }
+
+    /// Server connections the primary has for (user, database).
+    pub fn server_conns(&self, user: &str, db: &str) -> usize {
+        self.psql_admin(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND datname = '{db}' AND backend_type = 'client backend'"
+        ))
+        .parse()
+        .unwrap()
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// A pgfleet config for the test cluster; `extra` is appended TOML
+/// (tables only) and `pool` replaces the [pool] table body.
+pub fn config(pool: &str, extra: &str) -> Config {
+    let c = cluster();
+    let text = format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+max_message_size = "1MB"
+[pool]
+{pool}
+[[users]]
+name = "app"
+password = "app"
+[[users]]
+name = "md5user"
+password = "md5pw"
+[[databases]]
+name = "app"
+[[databases]]
+name = "alias"
+dbname = "app"
+[cluster]
+primary = "127.0.0.1:{primary}"
+{extra}
+"#,
+        primary = c.primary
+    );
+    Config::parse(&text, "test.toml").unwrap()
+}
+
+pub async fn start(cfg: Config) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    pgfleet::app::start(cfg, listener).unwrap()
+}
+
+pub async fn proxy(pool_size: usize) -> Running {
+    start(config(&format!("size = {pool_size}"), "")).await
+}
+
+pub fn conn_str(p: &Running, user: &str, password: &str, db: &str) -> String {
+    format!("host=127.0.0.1 port={} user={user} password={password} dbname={db}", p.addr.port())
+}
+
+pub async fn connect(p: &Running) -> tokio_postgres::Client {
+    connect_with(&conn_str(p, "app", "app", "app")).await.unwrap()
+}
+
+pub async fn connect_with(s: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(s, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// A client that speaks raw protocol bytes after a normal login.
+pub struct RawClient {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+}
+
+impl RawClient {
+    pub async fn login(p: &Running, user: &str, password: &str) -> RawClient {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        use postgres_protocol::message::frontend;
+        let mut stream = TcpStream::connect(p.addr).await.unwrap();
+        let mut out = BytesMut::new();
+        pgfleet::wire::startup::startup_message(&mut out, &[("user", user), ("database", "app")]);
+        stream.write_all(&out).await.unwrap();
+        let mut rc = RawClient { stream, buf: BytesMut::new() };
+        let mut scram = None;
+        loop {
+            let (tag, msg) = rc.next().await.expect("login message");
+            match tag {
+                b'R' => {
+                    let code = i32::from_be_bytes(msg[5..9].try_into().unwrap());
+                    let data = &msg[9..];
+                    out.clear();
+                    match code {
+                        10 => {
+                            let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out).unwrap();
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().unwrap();
+                            s.update(data).unwrap();
+                            frontend::sasl_response(s.message(), &mut out).unwrap();
+                        }
+                        _ => {}
+                    }
+                    if !out.is_empty() {
+                        rc.stream.write_all(&out).await.unwrap();
+                    }
+                }
+                b'E' => panic!("login failed: {:?}", pgfleet::wire::error_fields(&msg)),
+                b'Z' => return rc,
+                _ => {}
+            }
+        }
+    }
+
+    /// Next whole server message; `None` at EOF.
+    pub async fn next(&mut self) -> Option<(u8, bytes::Bytes)> {
+        loop {
+            if let Some(m) = pgfleet::wire::split_message(&mut self.buf, 1 << 30).unwrap() {
+                return Some(m);
+            }
+            let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("server answered in time")
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads until an ErrorResponse and returns its SQLSTATE.
+    pub async fn error_code(&mut self) -> Option<String> {
+        while let Some((tag, msg)) = self.next().await {
+            if tag == b'E' {
+                return pgfleet::wire::error_fields(&msg).into_iter().find(|(c, _)| *c == b'C').map(|(_, v)| v);
+            }
+        }
+        None
+    }
+}
+
+/// Runs a client program (psql, pgbench) with PGPASSWORD set.
+pub fn run_client(prog: &str, args: &[&str], password: &str) -> Output {
+    let bin = cluster().bindir.join(prog);
+    Command::new(bin).args(args).env("PGPASSWORD", password).output().unwrap()
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}"))
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real PostgreSQL primary + streaming replicas, pgfleet
+//! in-process, real clients (tokio-postgres, psql, pgbench, raw protocol).
+
+mod harness;
+
+mod auth;
+mod basic;
+mod pgbench;
+mod pooling;
+mod protocol;
+mod psql;

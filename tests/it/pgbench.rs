@@ -1,0 +1,70 @@
+//! pgbench through pgfleet: zero failed transactions, and the server never
+//! sees more connections than the pool size.
+
+use crate::harness::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn pgbench(p: &pgfleet::app::Running, args: &[&str]) -> String {
+    let port = p.addr.port().to_string();
+    let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "app"];
+    all.extend_from_slice(args);
+    all.push("app");
+    let out = run_client("pgbench", &all, "app");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+fn field(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .and_then(|rest| rest.trim().split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Samples the server-side connection count for `app` while `f` runs.
+async fn max_server_conns_during<F: std::future::Future<Output = String>>(f: F) -> (String, usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let max = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, max) = (stop.clone(), max.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = cluster().server_conns("app", "app");
+                max.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let out = f.await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    (out, max.load(Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_50_clients_pool_5_simple_extended_prepared() {
+    let p = proxy(5).await;
+    pgbench(&p, &["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let p2 = &p;
+        let (out, max) = max_server_conns_during(async move {
+            tokio::task::block_in_place(|| pgbench(p2, &["-M", mode, "-c", "50", "-j", "2", "-T", "10"]))
+        })
+        .await;
+        let processed = field(&out, "number of transactions actually processed:");
+        assert!(processed > 100, "{mode}: only {processed} transactions\n{out}");
+        let failed = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("number of failed transactions:"))
+            .map(|r| r.trim().split_whitespace().next().unwrap().parse::<u64>().unwrap())
+            .unwrap_or(0);
+        assert_eq!(failed, 0, "{mode}: failed transactions\n{out}");
+        assert!(max <= 5, "{mode}: server saw {max} connections for a pool of 5");
+        assert!(max >= 1);
+    }
+}

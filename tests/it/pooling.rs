@@ -1,0 +1,180 @@
+//! Pool behaviour: many clients on few connections, FIFO waiting with a
+//! deadline, clean hand-over after killed clients, session mode, and named
+//! prepared statements across transactions and server connections.
+
+use crate::harness::*;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_share_five_connections() {
+    let p = proxy(5).await;
+    let mut tasks = Vec::new();
+    for i in 0..200i32 {
+        let s = conn_str(&p, "app", "app", "app");
+        tasks.push(tokio::spawn(async move {
+            let c = connect_with(&s).await.unwrap();
+            for j in 0..5i32 {
+                let r = c.query_one("SELECT $1::int * 1000 + $2::int", &[&i, &j]).await.unwrap();
+                assert_eq!(r.get::<_, i32>(0), i * 1000 + j);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = p.app.pools()[0].stats();
+    assert!(stats.total <= 5, "pool grew to {}", stats.total);
+    assert!(cluster().server_conns("app", "app") <= 5 + 5, "other tests' pools aside");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_timeout_names_the_pool() {
+    let p = start(config("size = 1\ncheckout_timeout = \"300ms\"", "")).await;
+    let mut holder = connect(&p).await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute("SELECT 1", &[]).await.unwrap();
+    let waiter = connect(&p).await;
+    let e = waiter.simple_query("SELECT 1").await.unwrap_err();
+    let db = e.as_db_error().expect("a server-style error");
+    assert_eq!(db.code().code(), "53300");
+    assert!(db.message().contains("app/app@primary"), "{}", db.message());
+    tx.commit().await.unwrap();
+    // The pool still works for others afterwards.
+    let c = connect(&p).await;
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_client_leaves_no_lock_or_open_transaction() {
+    let p = proxy(1).await;
+    let admin = connect(&p).await;
+    admin.batch_execute("DROP TABLE IF EXISTS kill_t; CREATE TABLE kill_t (id int primary key, v int); INSERT INTO kill_t VALUES (1, 0)").await.unwrap();
+    drop(admin);
+    for in_flight in [false, true] {
+        // A raw socket, so that "killed" really closes the connection.
+        let mut victim = RawClient::login(&p, "app", "app").await;
+        let sql = if in_flight {
+            "BEGIN; UPDATE kill_t SET v = v + 1 WHERE id = 1; SELECT pg_sleep(20)"
+        } else {
+            "BEGIN; UPDATE kill_t SET v = v + 1 WHERE id = 1"
+        };
+        let mut q = bytes::BytesMut::new();
+        pgfleet::wire::build::query(&mut q, sql);
+        victim.stream.write_all(&q).await.unwrap();
+        if in_flight {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        } else {
+            while victim.next().await.map(|(t, _)| t) != Some(b'Z') {}
+        }
+        drop(victim);
+        // Another client on the same single-connection pool can take the row lock.
+        let next = connect(&p).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            next.batch_execute("SET lock_timeout = '5s'; UPDATE kill_t SET v = 100 WHERE id = 1").await
+        })
+        .await
+        .expect("no lingering lock");
+        r.unwrap();
+        let v: i32 = next.query_one("SELECT v FROM kill_t WHERE id = 1", &[]).await.unwrap().get(0);
+        assert_eq!(v, 100, "the killed transaction was rolled back");
+        let idle_tx = cluster().psql_admin("SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND state LIKE 'idle in transaction%'");
+        assert_eq!(idle_tx, "0");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_resets_with_discard_all() {
+    let p = start(config("size = 1\nmode = \"session\"", "")).await;
+    let a = connect(&p).await;
+    a.batch_execute("SET statement_timeout = '1234ms'; CREATE TEMP TABLE mine (x int)").await.unwrap();
+    // In session mode a second client waits for the first to leave.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = connect(&p).await;
+    let st = b.simple_query("SHOW statement_timeout").await.unwrap();
+    let v = match &st[1] {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().to_string(),
+        tokio_postgres::SimpleQueryMessage::RowDescription(_) => match &st[2] {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().to_string(),
+            _ => panic!(),
+        },
+        _ => panic!("unexpected {st:?}"),
+    };
+    assert_eq!(v, "0");
+    let e = b.simple_query("SELECT * FROM mine").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42P01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_size_prewarms_connections() {
+    let p = start(config("size = 4\nmin_size = 3", "")).await;
+    for _ in 0..50 {
+        if p.app.pools().iter().any(|pl| pl.stats().idle >= 3) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pool was not pre-warmed: {:?}", p.app.pools().iter().map(|p| p.stats()).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_survive_transaction_pooling() {
+    let p = proxy(2).await;
+    let main = connect(&p).await;
+    let by_id = main.prepare("SELECT $1::int + 1").await.unwrap();
+    let text = main.prepare("SELECT upper($1::text)").await.unwrap();
+    let mut others = Vec::new();
+    for i in 0..20i32 {
+        let s = conn_str(&p, "app", "app", "app");
+        others.push(tokio::spawn(async move {
+            let c = connect_with(&s).await.unwrap();
+            // Same statement names (tokio-postgres counts s0, s1, ...) but other SQL.
+            let st = c.prepare("SELECT $1::int * 2").await.unwrap();
+            for j in 0..50i32 {
+                let r = c.query_one(&st, &[&(i + j)]).await.unwrap();
+                assert_eq!(r.get::<_, i32>(0), (i + j) * 2);
+            }
+        }));
+    }
+    for n in 0..1000i32 {
+        let r = main.query_one(&by_id, &[&n]).await.unwrap();
+        assert_eq!(r.get::<_, i32>(0), n + 1);
+        if n % 100 == 0 {
+            let r = main.query_one(&text, &[&"abc"]).await.unwrap();
+            assert_eq!(r.get::<_, &str>(0), "ABC");
+        }
+    }
+    for t in others {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statement_cache_evicts_lru() {
+    let p = start(config("size = 1\nprepared_statements_cache = 3", "")).await;
+    let c = connect(&p).await;
+    let stmts = {
+        let mut v = Vec::new();
+        for k in 0..8i32 {
+            v.push((k, c.prepare(&format!("SELECT $1::int + {k}")).await.unwrap()));
+        }
+        v
+    };
+    for round in 0..3 {
+        for (k, st) in &stmts {
+            let r = c.query_one(st, &[&round]).await.unwrap();
+            assert_eq!(r.get::<_, i32>(0), round + k);
+        }
+    }
+    // The server connection never holds more than the cache limit.
+    let rows = c.simple_query("SELECT count(*) FROM pg_prepared_statements").await.unwrap();
+    let n: i64 = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap();
+    assert!((1..=3).contains(&n), "{n} statements prepared on the server");
+}
