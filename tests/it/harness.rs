@@ -148,6 +148,8 @@ impl Cluster {
             "CREATE DATABASE app OWNER app",
             "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5pw'",
             "GRANT CONNECT ON DATABASE app TO md5user",
+            "CREATE ROLE bench LOGIN PASSWORD 'bench'",
+            "CREATE DATABASE bench OWNER bench",
         ] {
             self.psql_admin(sql);
         }
@@ -237,8 +239,13 @@ password = "app"
 [[users]]
 name = "md5user"
 password = "md5pw"
+[[users]]
+name = "bench"
+password = "bench"
 [[databases]]
 name = "app"
+[[databases]]
+name = "bench"
 [[databases]]
 name = "alias"
 dbname = "app"

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 fn pgbench(p: &pgfleet::app::Running, args: &[&str]) -> String {
     let port = p.addr.port().to_string();
-    let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "app"];
+    let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "bench"];
     all.extend_from_slice(args);
-    all.push("app");
-    let out = run_client("pgbench", &all, "app");
+    all.push("bench");
+    let out = run_client("pgbench", &all, "bench");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
     text
@@ -26,7 +26,7 @@ fn field(text: &str, prefix: &str) -> u64 {
         .unwrap()
 }
 
-/// Samples the server-side connection count for `app` while `f` runs.
+/// Samples the server-side connection count for `bench` while `f` runs.
 async fn max_server_conns_during<F: std::future::Future<Output = String>>(f: F) -> (String, usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let max = Arc::new(AtomicUsize::new(0));
@@ -34,7 +34,7 @@ async fn max_server_conns_during<F: std::future::Future<Output = String>>(f: F) 
         let (stop, max) = (stop.clone(), max.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let n = cluster().server_conns("app", "app");
+                let n = cluster().server_conns("bench", "bench");
                 max.fetch_max(n, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(200));
             }

@@ -78,7 +78,7 @@ async fn killed_client_leaves_no_lock_or_open_transaction() {
         r.unwrap();
         let v: i32 = next.query_one("SELECT v FROM kill_t WHERE id = 1", &[]).await.unwrap().get(0);
         assert_eq!(v, 100, "the killed transaction was rolled back");
-        let idle_tx = cluster().psql_admin("SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND state LIKE 'idle in transaction%'");
+        let idle_tx = cluster().psql_admin("SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE '%kill_t%' AND (state LIKE 'idle in transaction%' OR query LIKE '%pg_sleep(20)%')");
         assert_eq!(idle_tx, "0");
     }
 }
