@@ -11,4 +11,5 @@ pub mod config;
 pub mod frontend;
 pub mod pool;
 pub mod relay;
+pub mod router;
 pub mod wire;

@@ -1,0 +1,374 @@
+//! Statement classification: is a query string certainly a read (safe for a
+//! replica), and what does it do to session state (SET/RESET, features that
+//! tie a client to one server connection, statements that may release such
+//! state)? Anything not certainly a read is a write.
+
+use super::lex::{Lexer, Tok};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Class {
+    Read,
+    #[default]
+    Write,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TxControl {
+    #[default]
+    None,
+    Begin { read_only: bool },
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteHint {
+    Primary,
+    Replica,
+    Auto,
+}
+
+/// Everything pgfleet needs to know about one query string.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Analysis {
+    pub class: Class,
+    /// Transaction control of the first statement.
+    pub tx: TxControl,
+    /// Session-level settings changed by SET / RESET / set_config(..., false)
+    /// (lower-case names); `reset_all` for RESET ALL / DISCARD ALL.
+    pub set_names: Vec<String>,
+    pub reset_all: bool,
+    /// Session-only state that ties the client to its server connection.
+    pub pin: Option<&'static str>,
+    /// May release such state (UNLISTEN, unlock, DROP, CLOSE, DEALLOCATE, DISCARD).
+    pub may_release: bool,
+    /// DEALLOCATE ALL / DISCARD ALL: every prepared statement is gone.
+    pub dealloc_all: bool,
+    pub route_hint: Option<RouteHint>,
+    pub workload_hint: Option<String>,
+    /// `SET pgfleet.<name> = value` / `RESET pgfleet.<name>` (value None).
+    pub proxy_set: Option<(String, Option<String>)>,
+    /// `SHOW pgfleet.<name>`.
+    pub proxy_show: Option<String>,
+    pub statements: usize,
+}
+
+/// Functions that write, take locks or need the primary's session.
+const WRITE_FUNCTIONS: &[&str] = &[
+    "nextval", "setval", "currval", "lastval", "set_config", "pg_notify", "txid_current",
+    "pg_current_xact_id", "txid_current_if_assigned", "pg_current_xact_id_if_assigned",
+    "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn",
+    "pg_switch_wal", "pg_create_restore_point", "pg_reload_conf", "pg_rotate_logfile",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_logical_emit_message", "pg_promote",
+    "pg_create_physical_replication_slot", "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot", "pg_stat_reset", "pg_stat_reset_shared",
+    "pg_stat_reset_single_table_counters", "pg_stat_reset_single_function_counters",
+    "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup",
+    "dblink_exec", "dblink", "pg_import_system_collations", "pg_replication_origin_create",
+];
+
+const PIN_FUNCTIONS: &[&str] =
+    &["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
+
+const RELEASE_FUNCTIONS: &[&str] = &["pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all"];
+
+fn is_word(t: Option<&Tok>, w: &str) -> bool {
+    matches!(t, Some(Tok::Word(x)) if x.eq_ignore_ascii_case(w))
+}
+
+fn word_is_write_function(name: &str, extra: &[String]) -> bool {
+    let lower_starts = |p: &str| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p);
+    WRITE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name))
+        || lower_starts("pg_advisory_")
+        || lower_starts("pg_try_advisory_")
+        || lower_starts("lo_")
+        || extra.iter().any(|f| f.eq_ignore_ascii_case(name))
+}
+
+/// Classifies a query string. `write_functions`: the application's own.
+pub fn classify(sql: &str, write_functions: &[String]) -> Analysis {
+    let mut a = Analysis { class: Class::Read, ..Analysis::default() };
+    let mut lx = Lexer::new(sql);
+    let mut toks: Vec<Tok> = Vec::with_capacity(32);
+    loop {
+        toks.clear();
+        let mut end = true;
+        for t in lx.by_ref() {
+            if t == Tok::Semi {
+                end = false;
+                break;
+            }
+            toks.push(t);
+        }
+        if !toks.is_empty() {
+            a.statements += 1;
+            statement(&toks, write_functions, &mut a);
+        }
+        if end {
+            break;
+        }
+    }
+    for h in &lx.hints {
+        hint(h, &mut a);
+    }
+    if a.statements == 0 {
+        a.class = Class::Write;
+    }
+    a
+}
+
+fn hint(text: &str, a: &mut Analysis) {
+    for part in text.split(|c: char| c.is_whitespace() || c == ',') {
+        match part.split_once('=') {
+            Some(("route", v)) => {
+                a.route_hint = match v {
+                    "primary" => Some(RouteHint::Primary),
+                    "replica" => Some(RouteHint::Replica),
+                    "auto" => Some(RouteHint::Auto),
+                    _ => a.route_hint,
+                }
+            }
+            Some(("workload", v)) if !v.is_empty() => a.workload_hint = Some(v.to_string()),
+            _ => {}
+        }
+    }
+}
+
+fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
+    let first = match t[0] {
+        Tok::Word(w) => w.to_ascii_uppercase(),
+        Tok::Punct(b'(') => "SELECT".to_string(), // (SELECT ...) UNION ...
+        _ => {
+            a.class = Class::Write;
+            return;
+        }
+    };
+    let mut read = false;
+    match first.as_str() {
+        "SELECT" | "VALUES" | "TABLE" | "WITH" => read = !has_write_marker(t),
+        "SHOW" => {
+            read = true;
+            if let Some(name) = proxy_name(t, 1) {
+                a.proxy_show = Some(name);
+            }
+        }
+        "EXPLAIN" => read = !(t.iter().any(|x| is_word(Some(x), "ANALYZE")) && has_write_marker(t)),
+        "BEGIN" | "START" => {
+            if a.statements == 1 {
+                a.tx = TxControl::Begin { read_only: has_read_only(t) };
+            }
+            read = true;
+        }
+        "COMMIT" | "END" | "ROLLBACK" | "ABORT" => {
+            if a.statements == 1 && !is_word(t.get(1), "PREPARED") {
+                a.tx = TxControl::End;
+            }
+            read = !is_word(t.get(1), "PREPARED");
+        }
+        "SET" => read = set_statement(t, a),
+        "RESET" => read = reset_statement(t, a),
+        "DISCARD" => {
+            if is_word(t.get(1), "ALL") {
+                a.reset_all = true;
+                a.dealloc_all = true;
+            }
+            a.may_release = true;
+        }
+        "DEALLOCATE" => {
+            let i = if is_word(t.get(1), "PREPARE") { 2 } else { 1 };
+            a.dealloc_all |= is_word(t.get(i), "ALL");
+            a.may_release = true;
+        }
+        "PREPARE" if !is_word(t.get(1), "TRANSACTION") => {
+            a.pin = a.pin.or(Some("PREPARE (an SQL-level prepared statement)"));
+        }
+        "LISTEN" => a.pin = a.pin.or(Some("LISTEN")),
+        "UNLISTEN" | "CLOSE" | "DROP" => a.may_release = true,
+        "DECLARE" => {
+            if t.windows(2).any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) {
+                a.pin = a.pin.or(Some("DECLARE ... WITH HOLD (a cursor that outlives its transaction)"));
+            }
+        }
+        "CREATE" => {
+            let temp = t.iter().take(4).any(|x| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY"));
+            if temp {
+                a.pin = a.pin.or(Some("CREATE TEMP (a temporary object)"));
+            }
+        }
+        _ => {}
+    }
+    functions(t, extra, a, &mut read);
+    if !read {
+        a.class = Class::Write;
+    }
+}
+
+/// Looks at every function call: writers, session pins, releases, set_config.
+fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
+    for i in 0..t.len().saturating_sub(1) {
+        let Tok::Word(name) = t[i] else { continue };
+        if t[i + 1] != Tok::Punct(b'(') {
+            continue;
+        }
+        if word_is_write_function(name, extra) {
+            *read = false;
+        }
+        if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+            a.pin = a.pin.or(Some("a session-level advisory lock (pg_advisory_lock)"));
+        }
+        if RELEASE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+            a.may_release = true;
+        }
+        if name.eq_ignore_ascii_case("set_config") {
+            set_config_call(&t[i + 2..], a);
+        }
+    }
+}
+
+/// `set_config('name', value, is_local)`: session-level when is_local is false.
+fn set_config_call(args: &[Tok], a: &mut Analysis) {
+    let mut depth = 0;
+    let mut commas = 0;
+    let mut last = None;
+    for (j, x) in args.iter().enumerate() {
+        match x {
+            Tok::Punct(b'(') => depth += 1,
+            Tok::Punct(b')') if depth == 0 => {
+                last = Some(j);
+                break;
+            }
+            Tok::Punct(b')') => depth -= 1,
+            Tok::Punct(b',') if depth == 0 => commas += 1,
+            _ => {}
+        }
+    }
+    let Some(end) = last else { return };
+    let is_local = args[..end].last();
+    let local = matches!(is_local, Some(Tok::Word(w)) if w.eq_ignore_ascii_case("true"))
+        || matches!(is_local, Some(Tok::Str(s)) if matches!(s.to_ascii_lowercase().as_str(), "t" | "true" | "on" | "yes" | "1"));
+    let session = matches!(is_local, Some(Tok::Word(w)) if w.eq_ignore_ascii_case("false"))
+        || matches!(is_local, Some(Tok::Str(s)) if matches!(s.to_ascii_lowercase().as_str(), "f" | "false" | "off" | "no" | "0"));
+    if local || commas != 2 {
+        return;
+    }
+    match (args.first(), session) {
+        (Some(Tok::Str(name)), true) if args.get(1) == Some(&Tok::Punct(b',')) => {
+            a.set_names.push(name.to_ascii_lowercase())
+        }
+        _ => a.pin = a.pin.or(Some("set_config with a computed name or scope")),
+    }
+}
+
+fn has_write_marker(t: &[Tok]) -> bool {
+    t.windows(2).any(|w| {
+        is_word(Some(&w[0]), "FOR")
+            && (is_word(Some(&w[1]), "UPDATE") || is_word(Some(&w[1]), "SHARE") || is_word(Some(&w[1]), "NO") || is_word(Some(&w[1]), "KEY"))
+    }) || t.iter().any(|x| {
+        ["INTO", "INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"].iter().any(|k| is_word(Some(x), k))
+    })
+}
+
+fn has_read_only(t: &[Tok]) -> bool {
+    t.windows(2).any(|w| is_word(Some(&w[0]), "READ") && is_word(Some(&w[1]), "ONLY"))
+}
+
+/// A `pgfleet.<name>` setting name at position `i`.
+fn proxy_name(t: &[Tok], i: usize) -> Option<String> {
+    if is_word(t.get(i), "pgfleet") && t.get(i + 1) == Some(&Tok::Punct(b'.')) {
+        if let Some(Tok::Word(n)) = t.get(i + 2) {
+            return Some(n.to_ascii_lowercase());
+        }
+    }
+    if let Some(Tok::Ident(n)) = t.get(i) {
+        if let Some(rest) = n.to_ascii_lowercase().strip_prefix("pgfleet.") {
+            return Some(rest.to_string());
+        }
+    }
+    None
+}
+
+/// SET ...; returns whether it can run on a replica (SET is harmless there).
+fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
+    let mut i = 1;
+    if is_word(t.get(i), "LOCAL") || is_word(t.get(i), "TRANSACTION") {
+        return true; // transaction-local: nothing to track
+    }
+    if is_word(t.get(i), "SESSION") {
+        i += 1;
+        if is_word(t.get(i), "CHARACTERISTICS") {
+            for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
+                a.set_names.push(n.into());
+            }
+            return true;
+        }
+        if is_word(t.get(i), "AUTHORIZATION") {
+            a.set_names.push("session_authorization".into());
+            return true;
+        }
+    }
+    if let Some(name) = proxy_name(t, i) {
+        // `pgfleet . name` is three tokens, `"pgfleet.name"` one; then = or TO.
+        let v = if matches!(t.get(i), Some(Tok::Ident(_))) { i + 2 } else { i + 4 };
+        let value = match t.get(v) {
+            _ if is_word(t.get(v), "DEFAULT") => None,
+            Some(Tok::Str(s)) | Some(Tok::Word(s)) | Some(Tok::Ident(s)) => Some(s.to_string()),
+            _ => None,
+        };
+        a.proxy_set = Some((name, value));
+        return true;
+    }
+    let name = if is_word(t.get(i), "TIME") && is_word(t.get(i + 1), "ZONE") {
+        "timezone".to_string()
+    } else if is_word(t.get(i), "SCHEMA") {
+        "search_path".to_string()
+    } else if is_word(t.get(i), "NAMES") {
+        "client_encoding".to_string()
+    } else if is_word(t.get(i), "ROLE") {
+        "role".to_string()
+    } else {
+        dotted_name(t, i)
+    };
+    if !name.is_empty() {
+        a.set_names.push(name);
+    }
+    true
+}
+
+fn dotted_name(t: &[Tok], mut i: usize) -> String {
+    let mut name = String::new();
+    loop {
+        match t.get(i) {
+            Some(Tok::Word(w)) => name.push_str(&w.to_ascii_lowercase()),
+            Some(Tok::Ident(w)) => name.push_str(w),
+            _ => break,
+        }
+        if t.get(i + 1) == Some(&Tok::Punct(b'.')) {
+            name.push('.');
+            i += 2;
+        } else {
+            break;
+        }
+    }
+    name
+}
+
+fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
+    if is_word(t.get(1), "ALL") {
+        a.reset_all = true;
+    } else if let Some(name) = proxy_name(t, 1) {
+        a.proxy_set = Some((name, None));
+    } else if is_word(t.get(1), "SESSION") && is_word(t.get(2), "AUTHORIZATION") {
+        a.set_names.push("session_authorization".into());
+    } else if is_word(t.get(1), "TIME") {
+        a.set_names.push("timezone".into());
+    } else {
+        let n = dotted_name(t, 1);
+        if !n.is_empty() {
+            a.set_names.push(n);
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+#[path = "classify_tests.rs"]
+mod tests;

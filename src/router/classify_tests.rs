@@ -1,0 +1,269 @@
+use super::*;
+
+const R: Class = Class::Read;
+const W: Class = Class::Write;
+
+/// (statement, expected class). Reads must be certain; anything else is a write.
+const TABLE: &[(&str, Class)] = &[
+    // plain reads
+    ("SELECT 1", R),
+    ("select 1", R),
+    ("  SELECT * FROM t", R),
+    ("SELECT * FROM t WHERE id = $1", R),
+    ("SELECT a, b FROM t ORDER BY a LIMIT 10", R),
+    ("SELECT count(*) FROM pgbench_accounts", R),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 5;", R),
+    ("SELECT now()", R),
+    ("SELECT pg_is_in_recovery()", R),
+    ("SELECT inet_server_port()", R),
+    ("SELECT pg_sleep(0.1)", R),
+    ("SELECT * FROM t FOR_UPDATE_TABLE", R),
+    ("SELECT 'FOR UPDATE'", R),
+    ("SELECT \"for\" FROM t", R),
+    ("SELECT 'a''b' FROM t", R),
+    ("SELECT E'it\\'s; DELETE FROM t' FROM t", R),
+    ("SELECT $$ ; DELETE FROM t $$", R),
+    ("SELECT $tag$ $$ ; DROP TABLE t; $$ $tag$", R),
+    ("SELECT 'x'; SELECT 'y'", R),
+    ("SELECT 1; SELECT 2;", R),
+    ("SELECT '; DELETE FROM t'", R),
+    ("SELECT /* DELETE FROM t */ 1", R),
+    ("SELECT -- DELETE FROM t\n 1", R),
+    ("/* c */ SELECT 1", R),
+    ("-- lead\nSELECT 1", R),
+    ("SELECT /* nested /* DELETE */ still comment */ 1", R),
+    ("SELECT U&'d\\0061t\\+000061' FROM t", R),
+    ("SELECT x'ff', b'101', n'x'", R),
+    ("SELECT * FROM \"DELETE\"", R),
+    ("SELECT * FROM t1 JOIN t2 USING (id)", R),
+    ("SELECT * FROM t WHERE a IN (SELECT b FROM u)", R),
+    ("SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.id)", R),
+    ("SELECT sum(x) OVER (PARTITION BY y) FROM t", R),
+    ("SELECT * FROM generate_series(1, 10)", R),
+    ("SELECT array_agg(x) FROM t GROUP BY y HAVING count(*) > 1", R),
+    ("SELECT jsonb_build_object('k', 1)", R),
+    ("SELECT 1 UNION SELECT 2", R),
+    ("(SELECT 1) UNION ALL (SELECT 2)", R),
+    ("SELECT * FROM t TABLESAMPLE SYSTEM (10)", R),
+    ("SELECT * FROM ONLY t", R),
+    ("SELECT DISTINCT ON (a) a, b FROM t", R),
+    ("SELECT current_setting('search_path')", R),
+    ("SELECT version()", R),
+    ("SELECT pg_last_wal_replay_lsn()", R),
+    ("SELECT 1::int8", R),
+    ("SELECT t.*::text FROM t", R),
+    ("SELECT 'a' || 'b'", R),
+    ("SELECT 3.14e10, .5", R),
+    ("SELECT * FROM t WHERE name LIKE '%update%'", R),
+    ("SELECT update_count FROM stats", R),
+    ("SELECT * FROM t WHERE note = 'insert into x values (1)'", R),
+    ("WITH x AS (SELECT 1) SELECT * FROM x", R),
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r WHERE n < 5) SELECT * FROM r", R),
+    ("WITH a AS (SELECT 1), b AS (SELECT 2) SELECT * FROM a, b", R),
+    ("VALUES (1), (2)", R),
+    ("TABLE t", R),
+    ("SHOW search_path", R),
+    ("SHOW ALL", R),
+    ("show TimeZone", R),
+    ("EXPLAIN SELECT 1", R),
+    ("EXPLAIN UPDATE t SET a = 1", R),
+    ("EXPLAIN (COSTS OFF) DELETE FROM t", R),
+    ("EXPLAIN ANALYZE SELECT 1", R),
+    ("EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM t", R),
+    ("BEGIN", R),
+    ("BEGIN READ ONLY", R),
+    ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ", R),
+    ("COMMIT", R),
+    ("ROLLBACK", R),
+    ("END", R),
+    ("SET search_path = a", R),
+    ("SET LOCAL statement_timeout = 5", R),
+    ("SET TRANSACTION READ ONLY", R),
+    ("RESET ALL", R),
+    ("select/**/1", R),
+    ("SELECT\t1\n", R),
+    ("SELECT 'unterminated", R),
+    ("SELECT col FROM t WHERE \"weird\"\"name\" = 1", R),
+    ("SELECT $1::text, $2::int", R),
+    ("SELECT '$$' AS a, 'x' AS b", R),
+    ("SELECT to_char(now(), 'YYYY')", R),
+    ("SELECT * FROM pg_stat_activity", R),
+    ("SELECT 1 -- ; DELETE FROM t", R),
+    ("SELECT * FROM t LIMIT 1 OFFSET 5", R),
+    ("SELECT a FROM t WINDOW w AS (ORDER BY a)", R),
+    ("SELECT CASE WHEN a THEN 1 ELSE 2 END FROM t", R),
+    ("SELECT ROW(1,2)", R),
+    ("SELECT ARRAY[1,2]", R),
+    ("SELECT coalesce(a, 'delete') FROM t", R),
+    ("SELECT e'\\\\' || 'x'", R),
+    ("SELECT '\\' FROM t", R),
+    ("SELECT $a$x$a$, $b$y$b$", R),
+    ("SELECT 1 AS \"select\"", R),
+    ("SELECT * FROM public.t", R),
+    ("SELECT * FROM lateral_t, LATERAL (SELECT 1) s", R),
+    ("SELECT pg_advisory_xact_lock_shared_fake_name FROM t", R),
+    // writes
+    ("INSERT INTO t VALUES (1)", W),
+    ("insert into t select * from u", W),
+    ("UPDATE t SET a = 1", W),
+    ("DELETE FROM t", W),
+    ("MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE", W),
+    ("TRUNCATE t", W),
+    ("CREATE TABLE t (id int)", W),
+    ("CREATE TEMP TABLE t (id int)", W),
+    ("ALTER TABLE t ADD COLUMN b int", W),
+    ("DROP TABLE t", W),
+    ("CREATE INDEX ON t (a)", W),
+    ("VACUUM t", W),
+    ("ANALYZE t", W),
+    ("GRANT SELECT ON t TO u", W),
+    ("COPY t FROM STDIN", W),
+    ("COPY t TO STDOUT", W),
+    ("LOCK TABLE t", W),
+    ("CALL proc()", W),
+    ("DO $$ BEGIN END $$", W),
+    ("NOTIFY chan", W),
+    ("LISTEN chan", W),
+    ("PREPARE p AS SELECT 1", W),
+    ("EXECUTE p", W),
+    ("DEALLOCATE p", W),
+    ("DISCARD ALL", W),
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", W),
+    ("FETCH 10 FROM c", W),
+    ("REFRESH MATERIALIZED VIEW v", W),
+    ("CLUSTER t", W),
+    ("REINDEX TABLE t", W),
+    ("COMMENT ON TABLE t IS 'x'", W),
+    ("SELECT * FROM t FOR UPDATE", W),
+    ("SELECT * FROM t FOR NO KEY UPDATE", W),
+    ("SELECT * FROM t FOR SHARE", W),
+    ("SELECT * FROM t FOR KEY SHARE", W),
+    ("select * from t for update skip locked", W),
+    ("SELECT * FROM t FOR UPDATE OF t NOWAIT", W),
+    ("SELECT * INTO new_t FROM t", W),
+    ("SELECT nextval('s')", W),
+    ("SELECT NEXTVAL('s')", W),
+    ("SELECT setval('s', 10)", W),
+    ("SELECT currval('s')", W),
+    ("SELECT lastval()", W),
+    ("SELECT pg_advisory_lock(1)", W),
+    ("SELECT pg_try_advisory_lock(1)", W),
+    ("SELECT pg_advisory_xact_lock(1)", W),
+    ("SELECT pg_advisory_unlock(1)", W),
+    ("SELECT set_config('a.b', 'c', false)", W),
+    ("SELECT pg_notify('c', 'p')", W),
+    ("SELECT txid_current()", W),
+    ("SELECT pg_current_xact_id()", W),
+    ("SELECT lo_create(0)", W),
+    ("SELECT lo_unlink(1)", W),
+    ("SELECT pg_current_wal_lsn()", W),
+    ("SELECT pg_terminate_backend(1)", W),
+    ("SELECT pg_reload_conf()", W),
+    ("SELECT * FROM t WHERE id = nextval('s')", W),
+    ("SELECT public.nextval('s')", W),
+    ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", W),
+    ("WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT count(*) FROM u", W),
+    ("WITH i AS (INSERT INTO t VALUES (1) RETURNING id) SELECT id FROM i", W),
+    ("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x", W),
+    ("EXPLAIN ANALYZE DELETE FROM t", W),
+    ("EXPLAIN (ANALYZE) UPDATE t SET a = 1", W),
+    ("SELECT 1; DELETE FROM t", W),
+    ("SELECT '; '; DELETE FROM t", W),
+    ("SELECT $$;$$; UPDATE t SET a = 1", W),
+    ("DELETE FROM t; SELECT 1", W),
+    ("SELECT 1 /* ; */; INSERT INTO t VALUES (1)", W),
+    ("BEGIN; INSERT INTO t VALUES (1); COMMIT", W),
+    ("COMMIT PREPARED 'x'", W),
+    ("PREPARE TRANSACTION 'x'", W),
+    ("", W),
+    (";", W),
+    ("   ", W),
+    ("-- only a comment", W),
+    ("42", W),
+    ("'str'", W),
+    ("SELECT my_writer(1)", W),
+    ("SELECT MY_WRITER(1)", W),
+    ("SELECT dblink_exec('x', 'y')", W),
+    ("IMPORT FOREIGN SCHEMA s FROM SERVER x INTO y", W),
+    ("SECURITY LABEL ON TABLE t IS 'x'", W),
+    ("CHECKPOINT", W),
+    ("REASSIGN OWNED BY a TO b", W),
+    ("SELECT * FROM t FOR\nUPDATE", W),
+    ("SELECT * FROM t /* c */ FOR /* c */ UPDATE", W),
+];
+
+#[test]
+fn classification_table() {
+    let extra = vec!["my_writer".to_string()];
+    assert!(TABLE.len() >= 150, "{} statements", TABLE.len());
+    let mut wrong = Vec::new();
+    for (sql, want) in TABLE {
+        let got = classify(sql, &extra).class;
+        if got != *want {
+            wrong.push(format!("{sql:?}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "misclassified:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn session_effects() {
+    let a = classify("SET search_path TO a, b", &[]);
+    assert_eq!(a.set_names, vec!["search_path"]);
+    let a = classify("SET SESSION statement_timeout = '5s'", &[]);
+    assert_eq!(a.set_names, vec!["statement_timeout"]);
+    assert!(classify("SET LOCAL statement_timeout = '5s'", &[]).set_names.is_empty());
+    assert_eq!(classify("SET TIME ZONE 'UTC'", &[]).set_names, vec!["timezone"]);
+    assert_eq!(classify("set myapp.user_id = 5", &[]).set_names, vec!["myapp.user_id"]);
+    assert_eq!(classify("RESET work_mem", &[]).set_names, vec!["work_mem"]);
+    assert!(classify("RESET ALL", &[]).reset_all);
+    assert_eq!(classify("SELECT set_config('search_path', 'x', false)", &[]).set_names, vec!["search_path"]);
+    assert!(classify("SELECT set_config('search_path', 'x', true)", &[]).set_names.is_empty());
+    assert!(classify("SELECT set_config($1, 'x', false)", &[]).pin.is_some());
+    let d = classify("DISCARD ALL", &[]);
+    assert!(d.reset_all && d.dealloc_all && d.may_release);
+    assert!(classify("DEALLOCATE ALL", &[]).dealloc_all);
+    assert!(classify("DEALLOCATE PREPARE ALL", &[]).dealloc_all);
+    assert!(!classify("DEALLOCATE p", &[]).dealloc_all);
+}
+
+#[test]
+fn pins_and_releases() {
+    for sql in [
+        "LISTEN chan",
+        "SELECT pg_advisory_lock(42)",
+        "select pg_try_advisory_lock(1, 2)",
+        "CREATE TEMP TABLE x (a int)",
+        "CREATE TEMPORARY TABLE x AS SELECT 1",
+        "CREATE GLOBAL TEMPORARY TABLE x (a int)",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        "PREPARE p AS SELECT 1",
+    ] {
+        assert!(classify(sql, &[]).pin.is_some(), "{sql} should pin");
+    }
+    for sql in ["SELECT pg_advisory_xact_lock(1)", "CREATE TABLE x (a int)", "DECLARE c CURSOR FOR SELECT 1", "SELECT 'LISTEN x'"] {
+        assert!(classify(sql, &[]).pin.is_none(), "{sql} should not pin");
+    }
+    for sql in ["UNLISTEN *", "SELECT pg_advisory_unlock(42)", "SELECT pg_advisory_unlock_all()", "DROP TABLE x", "CLOSE c", "DEALLOCATE p", "DISCARD TEMP"] {
+        assert!(classify(sql, &[]).may_release, "{sql} may release");
+    }
+}
+
+#[test]
+fn transactions_and_hints() {
+    assert_eq!(classify("BEGIN READ ONLY", &[]).tx, TxControl::Begin { read_only: true });
+    assert_eq!(classify("START TRANSACTION READ ONLY", &[]).tx, TxControl::Begin { read_only: true });
+    assert_eq!(classify("BEGIN ISOLATION LEVEL SERIALIZABLE", &[]).tx, TxControl::Begin { read_only: false });
+    assert_eq!(classify("COMMIT", &[]).tx, TxControl::End);
+    let a = classify("/* pgfleet: route=primary workload=analytics */ SELECT 1", &[]);
+    assert_eq!(a.route_hint, Some(RouteHint::Primary));
+    assert_eq!(a.workload_hint.as_deref(), Some("analytics"));
+    assert_eq!(classify("SELECT 1 /* pgfleet: route=replica */", &[]).route_hint, Some(RouteHint::Replica));
+    assert_eq!(classify("SELECT '/* pgfleet: route=replica */'", &[]).route_hint, None);
+    let s = classify("SET pgfleet.workload = 'chat'", &[]);
+    assert_eq!(s.proxy_set, Some(("workload".into(), Some("chat".into()))));
+    assert!(s.set_names.is_empty());
+    assert_eq!(classify("SET pgfleet.route TO primary", &[]).proxy_set, Some(("route".into(), Some("primary".into()))));
+    assert_eq!(classify("RESET pgfleet.workload", &[]).proxy_set, Some(("workload".into(), None)));
+    assert_eq!(classify("SHOW pgfleet.workload", &[]).proxy_show.as_deref(), Some("workload"));
+}

@@ -1,0 +1,190 @@
+//! A hand-written SQL lexer: just enough of PostgreSQL's lexical rules to
+//! never be fooled by comments, quoted identifiers, string literals (incl.
+//! E'' and U&''), dollar quoting and multi-statement strings. No allocation.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tok<'a> {
+    /// Unquoted identifier or keyword (compare case-insensitively).
+    Word(&'a str),
+    /// "Quoted identifier" (contents, quotes doubled inside).
+    Ident(&'a str),
+    /// Any string literal (raw text between the quotes).
+    Str(&'a str),
+    Num,
+    /// `$1`-style parameter.
+    Param,
+    /// Single punctuation or operator character.
+    Punct(u8),
+    /// `;` at top level ends a statement.
+    Semi,
+}
+
+pub struct Lexer<'a> {
+    src: &'a str,
+    b: &'a [u8],
+    pos: usize,
+    /// pgfleet hint comments seen: `/* pgfleet: ... */` bodies.
+    pub hints: Vec<&'a str>,
+}
+
+impl<'a> Lexer<'a> {
+    pub fn new(src: &'a str) -> Lexer<'a> {
+        Lexer { src, b: src.as_bytes(), pos: 0, hints: Vec::new() }
+    }
+
+    fn skip_space_and_comments(&mut self) {
+        loop {
+            while self.pos < self.b.len() && self.b[self.pos].is_ascii_whitespace() {
+                self.pos += 1;
+            }
+            let rest = &self.b[self.pos..];
+            if rest.starts_with(b"--") {
+                while self.pos < self.b.len() && self.b[self.pos] != b'\n' {
+                    self.pos += 1;
+                }
+            } else if rest.starts_with(b"/*") {
+                let start = self.pos + 2;
+                let mut depth = 1;
+                self.pos += 2;
+                while self.pos < self.b.len() && depth > 0 {
+                    if self.b[self.pos..].starts_with(b"/*") {
+                        depth += 1;
+                        self.pos += 2;
+                    } else if self.b[self.pos..].starts_with(b"*/") {
+                        depth -= 1;
+                        self.pos += 2;
+                    } else {
+                        self.pos += 1;
+                    }
+                }
+                let end = if depth == 0 { self.pos - 2 } else { self.pos };
+                let body = self.src[start..end].trim();
+                if let Some(h) = body.strip_prefix("pgfleet:") {
+                    self.hints.push(h.trim());
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Reads a quoted run starting at `self.pos` (the opening quote);
+    /// `backslash` enables E'' escapes. Returns the inner text.
+    fn quoted(&mut self, q: u8, backslash: bool) -> &'a str {
+        let start = self.pos + 1;
+        self.pos += 1;
+        while self.pos < self.b.len() {
+            let c = self.b[self.pos];
+            if backslash && c == b'\\' {
+                self.pos += 2;
+                continue;
+            }
+            if c == q {
+                if self.b.get(self.pos + 1) == Some(&q) {
+                    self.pos += 2;
+                    continue;
+                }
+                let s = &self.src[start..self.pos];
+                self.pos += 1;
+                return s;
+            }
+            self.pos += 1;
+        }
+        &self.src[start.min(self.b.len())..]
+    }
+
+    /// `$tag$ ... $tag$` starting at `self.pos`, if it is one.
+    fn dollar_quoted(&mut self) -> Option<&'a str> {
+        let rest = &self.b[self.pos + 1..];
+        let tag_len = rest.iter().position(|c| !(c.is_ascii_alphanumeric() || *c == b'_' || *c >= 0x80))?;
+        if rest.get(tag_len) != Some(&b'$') || rest.first().is_some_and(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let delim = &self.src[self.pos..self.pos + tag_len + 2];
+        let body_start = self.pos + tag_len + 2;
+        match self.src[body_start..].find(delim) {
+            Some(i) => {
+                self.pos = body_start + i + delim.len();
+                Some(&self.src[body_start..body_start + i])
+            }
+            None => {
+                self.pos = self.b.len();
+                Some(&self.src[body_start..])
+            }
+        }
+    }
+}
+
+fn is_ident_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+}
+
+fn is_ident_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+impl<'a> Iterator for Lexer<'a> {
+    type Item = Tok<'a>;
+
+    fn next(&mut self) -> Option<Tok<'a>> {
+        self.skip_space_and_comments();
+        let c = *self.b.get(self.pos)?;
+        let next = self.b.get(self.pos + 1).copied();
+        Some(match c {
+            b'\'' => Tok::Str(self.quoted(b'\'', false)),
+            b'"' => Tok::Ident(self.quoted(b'"', false)),
+            b'e' | b'E' if next == Some(b'\'') => {
+                self.pos += 1;
+                Tok::Str(self.quoted(b'\'', true))
+            }
+            b'u' | b'U' if next == Some(b'&') && matches!(self.b.get(self.pos + 2), Some(b'\'') | Some(b'"')) => {
+                self.pos += 2;
+                let q = self.b[self.pos];
+                if q == b'\'' {
+                    Tok::Str(self.quoted(q, false))
+                } else {
+                    Tok::Ident(self.quoted(q, false))
+                }
+            }
+            b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if next == Some(b'\'') => {
+                self.pos += 1;
+                Tok::Str(self.quoted(b'\'', false))
+            }
+            b'$' => {
+                if next.is_some_and(|d| d.is_ascii_digit()) {
+                    self.pos += 1;
+                    while self.b.get(self.pos).is_some_and(|d| d.is_ascii_digit()) {
+                        self.pos += 1;
+                    }
+                    Tok::Param
+                } else if let Some(body) = self.dollar_quoted() {
+                    Tok::Str(body)
+                } else {
+                    self.pos += 1;
+                    Tok::Punct(b'$')
+                }
+            }
+            b';' => {
+                self.pos += 1;
+                Tok::Semi
+            }
+            c if is_ident_start(c) => {
+                let start = self.pos;
+                while self.b.get(self.pos).is_some_and(|d| is_ident_char(*d)) {
+                    self.pos += 1;
+                }
+                Tok::Word(&self.src[start..self.pos])
+            }
+            c if c.is_ascii_digit() || (c == b'.' && next.is_some_and(|d| d.is_ascii_digit())) => {
+                while self.b.get(self.pos).is_some_and(|d| d.is_ascii_alphanumeric() || *d == b'.' || *d == b'_') {
+                    self.pos += 1;
+                }
+                Tok::Num
+            }
+            c => {
+                self.pos += 1;
+                Tok::Punct(c)
+            }
+        })
+    }
+}

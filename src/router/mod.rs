@@ -1,0 +1,7 @@
+//! Routing decisions, pure and synchronous. For now: statement
+//! classification (read/write and session effects).
+
+pub mod classify;
+pub mod lex;
+
+pub use classify::{classify, Analysis, Class, RouteHint, TxControl};
