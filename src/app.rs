@@ -26,6 +26,8 @@ pub struct App {
     pub cancels: Arc<CancelRegistry>,
     pub stmts: Registry,
     clients: AtomicUsize,
+    /// Clients pinned to a server connection by session-only state.
+    pub pinned_clients: AtomicUsize,
     shutdown: watch::Sender<bool>,
     pub dummy_verifier: ScramVerifier,
 }
@@ -57,6 +59,7 @@ impl App {
             cancels: Arc::new(CancelRegistry::default()),
             stmts: Registry::default(),
             clients: AtomicUsize::new(0),
+            pinned_clients: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
             dummy_verifier: ScramVerifier::parse(&dummy).expect("valid verifier"),
         })

@@ -94,6 +94,17 @@ pub struct PoolCfg {
     pub connect_timeout: Dur,
     /// Prepared statements kept per server connection (LRU; 0 = unlimited).
     pub prepared_statements_cache: usize,
+    /// Transaction mode: what LISTEN, session advisory locks, temp tables,
+    /// WITH HOLD cursors and SQL PREPARE do: pin the client or fail (0A000).
+    pub session_state: SessionStateMode,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStateMode {
+    #[default]
+    Pin,
+    Reject,
 }
 
 impl Default for PoolCfg {
@@ -107,6 +118,7 @@ impl Default for PoolCfg {
             server_lifetime: Dur::secs(3600),
             connect_timeout: Dur::secs(3),
             prepared_statements_cache: 500,
+            session_state: SessionStateMode::Pin,
         }
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod expect;
 mod scan;
+mod state;
 pub mod stmts;
 
 use crate::app::App;
@@ -84,6 +85,15 @@ pub struct Session {
     cancel: Arc<CancelSlot>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     terminated: bool,
+    /// Why the client must keep its server connection (transaction mode).
+    pinned: Option<&'static str>,
+    /// Settings SQL may have changed in this transaction (to read back).
+    dirty: Vec<String>,
+    /// A statement may have released pinned state (check before unpinning).
+    may_release: bool,
+    /// DEALLOCATE/DISCARD ALL ran: re-read which proxy statements exist.
+    resync_prepared: bool,
+    probe: Option<state::Probe>,
 }
 
 /// Parameters PostgreSQL reports with ParameterStatus that a client may set;
@@ -129,6 +139,11 @@ impl Session {
             stmts: HashMap::new(),
             cancel,
             terminated: false,
+            pinned: None,
+            dirty: Vec::new(),
+            may_release: false,
+            resync_prepared: false,
+            probe: None,
         }
     }
 
@@ -259,7 +274,7 @@ impl Session {
 
     fn forward(&mut self, tag: u8, msg: &[u8]) -> Result<(), SessionError> {
         match tag {
-            b'Q' => self.send(msg, Some(Kind::Query)),
+            b'Q' => self.on_query(msg)?,
             b'F' => self.send(msg, Some(Kind::FnCall)),
             b'S' if self.copy_in_ext => self.send(msg, None),
             b'S' => {
@@ -297,9 +312,12 @@ impl Session {
                 if name.is_empty() {
                     return Ok(false);
                 }
-                let stmt = self.app.stmts.intern(content);
-                if !stmt.validated.load(Ordering::Relaxed) {
+                let stmt = self.intern(content);
+                if !stmt.validated.load(Ordering::Relaxed) || stmt.analysis.pin.is_some() {
                     return Ok(false);
+                }
+                if self.tracks_state() {
+                    self.note_effects(&stmt.analysis);
                 }
                 self.stmts.insert(Bytes::copy_from_slice(name), stmt);
                 build::parse_complete(&mut self.cout);
@@ -325,14 +343,58 @@ impl Session {
         }
     }
 
+    /// Classification and session effects only matter in transaction mode.
+    fn tracks_state(&self) -> bool {
+        self.mode == PoolMode::Transaction
+    }
+
+    fn analyze(&self, sql: &str) -> crate::router::Analysis {
+        crate::router::classify(sql, &self.app.config().routing.write_functions)
+    }
+
+    fn on_query(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        if self.tracks_state() {
+            let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
+            let a = self.analyze(sql);
+            if let Some(replacement) = self.note_effects(&a) {
+                build::query(&mut self.sout, &replacement);
+                self.expect.push(Pending::Fwd(Kind::Query));
+                return Ok(());
+            }
+        }
+        self.send(msg, Some(Kind::Query));
+        Ok(())
+    }
+
+    /// Parse content to use (rewritten when rejected), after noting effects.
+    fn parse_content(&mut self, content: &[u8]) -> Option<Bytes> {
+        if !self.tracks_state() {
+            return None;
+        }
+        let a = self.analyze(state::parse_sql(content));
+        self.note_effects(&a).map(|sql| state::replace_sql(content, &sql))
+    }
+
+    fn intern(&self, content: &[u8]) -> Arc<Stmt> {
+        let extra = self.app.config().routing.write_functions.clone();
+        self.app.stmts.intern(content, |c| crate::router::classify(state::parse_sql(c), &extra))
+    }
+
     fn on_parse(&mut self, msg: &[u8]) -> Result<(), SessionError> {
         let (name, content) = wire::parse_parse(msg)?;
         self.in_batch = true;
+        let rewritten = self.parse_content(content);
         if name.is_empty() {
-            self.send(msg, Some(Kind::Parse(None)));
+            match rewritten {
+                Some(c) => {
+                    build::parse(&mut self.sout, b"", &c);
+                    self.expect.push(Pending::Fwd(Kind::Parse(None)));
+                }
+                None => self.send(msg, Some(Kind::Parse(None))),
+            }
             return Ok(());
         }
-        let stmt = self.app.stmts.intern(content);
+        let stmt = self.intern(rewritten.as_deref().unwrap_or(content));
         self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
         let server = self.server.as_mut().expect("bound");
         if server.touch_prepared(stmt.id) {
@@ -366,6 +428,9 @@ impl Session {
             return None;
         }
         let stmt = self.stmts.get(name)?.clone();
+        if self.tracks_state() && stmt.analysis.has_session_effects() {
+            self.note_effects(&stmt.analysis);
+        }
         if !self.server.as_mut().expect("bound").touch_prepared(stmt.id) {
             self.prepare_on_server(&stmt, true);
         }
@@ -447,6 +512,14 @@ impl Session {
             return;
         }
         if self.status == b'I' && self.is_clean() && self.sin.is_empty() {
+            if let Some(sql) = self.probe_sql() {
+                build::query(&mut self.sout, &sql);
+                self.expect.push(Pending::Swallow(Kind::Query));
+                return;
+            }
+            if self.pinned.is_some() {
+                return;
+            }
             let conn = self.server.take().expect("checked");
             self.cancel.set(None);
             self.pool.checkin(conn);
@@ -484,6 +557,8 @@ impl Session {
     /// Leaves the server connection clean for the next client, or closes it.
     async fn finish(&mut self) {
         self.cancel.set(None);
+        let was_pinned = self.pinned.is_some();
+        self.unpin();
         let Some(mut conn) = self.server.take() else { return };
         let idle_and_done = self.is_clean() && self.sin.is_empty();
         if !idle_and_done {
@@ -497,7 +572,7 @@ impl Session {
         if self.status != b'I' {
             ok = conn.run_silently("ROLLBACK", limit).await.is_ok();
         }
-        if ok && self.mode == PoolMode::Session {
+        if ok && (self.mode == PoolMode::Session || was_pinned) {
             ok = conn.run_silently("DISCARD ALL", limit).await.is_ok();
             conn.prepared.clear();
             conn.custom.clear();

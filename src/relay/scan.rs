@@ -77,6 +77,9 @@ impl Session {
             Seen::Ready(status) => {
                 self.status = status;
                 let ended = self.expect.complete_cycle();
+                if matches!(ended, Some(Pending::Swallow(Kind::Query))) {
+                    self.probe = None;
+                }
                 !matches!(ended, Some(Pending::Swallow(_)))
             }
             Seen::Other => {
@@ -84,6 +87,11 @@ impl Session {
                     self.expect.drop_queued_syncs();
                     self.copy_in_ext = true;
                     self.in_batch = true;
+                }
+                if tag == b'D' && hidden_query && self.probing() {
+                    let len = i32::from_be_bytes([self.sin[1], self.sin[2], self.sin[3], self.sin[4]]) as usize;
+                    let row = self.sin[..1 + len].to_vec();
+                    self.on_probe_row(&row);
                 }
                 let forward = match head {
                     Some(Pending::Swallow(_)) => matches!(tag, b'N' | b'A') && !hidden_query,

@@ -3,6 +3,7 @@
 //! types) to one proxy statement (`_pgf_<id>`) shared by all clients, and
 //! prepares it lazily on whichever server connection serves a client.
 
+use crate::router::Analysis;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +19,8 @@ pub struct Stmt {
     /// Some server accepted this Parse once, so a later client's Parse of
     /// the same content can be answered without asking a server.
     pub validated: AtomicBool,
+    /// Classification of the query text, computed once.
+    pub analysis: Analysis,
 }
 
 pub fn server_name(id: u64) -> Bytes {
@@ -33,14 +36,18 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn intern(&self, content: &[u8]) -> Arc<Stmt> {
+    /// The shared statement for `content`; `analyze` classifies new ones.
+    pub fn intern(&self, content: &[u8], analyze: impl FnOnce(&[u8]) -> Analysis) -> Arc<Stmt> {
         let mut map = self.by_content.lock().unwrap();
         if let Some(s) = map.get(content) {
             return s.clone();
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let content = Bytes::copy_from_slice(content);
-        let stmt = Arc::new(Stmt { id, server_name: server_name(id), content: content.clone(), validated: AtomicBool::new(false) });
+        let stmt = Arc::new(Stmt { id, server_name: server_name(id), content: content.clone(),
+            validated: AtomicBool::new(false),
+            analysis: analyze(&content),
+        });
         map.insert(content, stmt.clone());
         stmt
     }
@@ -61,9 +68,9 @@ mod tests {
     #[test]
     fn identical_content_shares_one_statement() {
         let r = Registry::default();
-        let a = r.intern(b"select 1\0\0\0");
-        let b = r.intern(b"select 1\0\0\0");
-        let c = r.intern(b"select 2\0\0\0");
+        let a = r.intern(b"select 1\0\0\0", |_| Analysis::default());
+        let b = r.intern(b"select 1\0\0\0", |_| Analysis::default());
+        let c = r.intern(b"select 2\0\0\0", |_| Analysis::default());
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
         assert_eq!(&a.server_name[..], format!("_pgf_{}", a.id).as_bytes());

@@ -52,6 +52,13 @@ pub struct Analysis {
     pub statements: usize,
 }
 
+impl Analysis {
+    /// Whether running this statement changes what a session carries.
+    pub fn has_session_effects(&self) -> bool {
+        self.pin.is_some() || !self.set_names.is_empty() || self.reset_all || self.may_release || self.dealloc_all
+    }
+}
+
 /// Functions that write, take locks or need the primary's session.
 const WRITE_FUNCTIONS: &[&str] = &[
     "nextval", "setval", "currval", "lastval", "set_config", "pg_notify", "txid_current",

@@ -9,3 +9,4 @@ mod pgbench;
 mod pooling;
 mod protocol;
 mod psql;
+mod session_state;

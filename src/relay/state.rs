@@ -1,0 +1,209 @@
+//! Session state a client builds with SQL in transaction mode: tracked
+//! `SET`s, session-only features that pin the client to its server
+//! connection (or are rejected, as configured), and DEALLOCATE/DISCARD ALL.
+//!
+//! How SETs are tracked: the classifier names the settings a statement may
+//! change; when the transaction that ran it ends, one swallowed query reads
+//! their values back (`current_setting(name, true)`) before the connection
+//! is released. That is exact whatever happened in between (SET LOCAL,
+//! ROLLBACK, errors, RESET ALL), and costs a round trip only for
+//! transactions that changed settings. Reported parameters (TimeZone, ...)
+//! need no probe: their ParameterStatus messages already update the client.
+
+use super::{Session, REPORTED_SETTABLE};
+use crate::config::SessionStateMode;
+use crate::router::Analysis;
+use crate::wire::{build, Reader};
+use bytes::Bytes;
+
+/// What the end-of-transaction probe asks for, in column order.
+#[derive(Debug, Default)]
+pub(super) struct Probe {
+    names: Vec<String>,
+    resync_prepared: bool,
+    check_state: bool,
+}
+
+/// Session state still held by the server connection, as one count.
+const HELD_STATE_SQL: &str = "((SELECT count(*) FROM pg_catalog.pg_listening_channels()) \
+     + (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
+     + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
+     + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+     + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()))::text";
+
+const OUR_STATEMENTS_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ','), '') \
+     FROM pg_catalog.pg_prepared_statements WHERE name LIKE '\\_pgf\\_%')";
+
+fn is_reported(name: &str) -> bool {
+    REPORTED_SETTABLE.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// A statement that raises 0A000 on the server, replacing one pgfleet rejects:
+/// the server then fails the transaction exactly as the client expects.
+pub fn rejection_sql(reason: &str) -> String {
+    let msg = format!("{reason} is not supported in transaction pooling mode");
+    let hint = "pgfleet would have to pin this client to one server connection; set pool.session_state = \"pin\" or use pool.mode = \"session\"";
+    format!(
+        "DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}, HINT = {}; END$pgfleet$",
+        build::quote_literal(&msg),
+        build::quote_literal(hint)
+    )
+}
+
+impl Session {
+    /// Records what a statement does to session state. Returns the SQL to
+    /// send instead when the statement is rejected.
+    pub(super) fn note_effects(&mut self, a: &Analysis) -> Option<String> {
+        if let Some(reason) = a.pin {
+            if self.app.config().pool.session_state == SessionStateMode::Reject {
+                return Some(rejection_sql(reason));
+            }
+            if self.pinned.is_none() {
+                tracing::info!(reason, "client pinned to its server connection");
+                self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.pinned = Some(reason);
+            // Verify at transaction end that state is really held (a
+            // pg_try_advisory_lock that got nothing must not pin).
+            self.may_release = true;
+        }
+        for n in &a.set_names {
+            if !is_reported(n) && !self.dirty.contains(n) {
+                self.dirty.push(n.clone());
+            }
+        }
+        if a.reset_all {
+            for (n, _) in &self.settings {
+                if !is_reported(n) && !self.dirty.contains(n) {
+                    self.dirty.push(n.clone());
+                }
+            }
+        }
+        self.may_release |= a.may_release;
+        if a.dealloc_all {
+            // Every prepared statement of the session is gone, the client's
+            // protocol-level ones included; the probe re-reads what is left.
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.clear();
+            }
+            self.stmts.clear();
+            self.resync_prepared = true;
+        }
+        None
+    }
+
+    pub(super) fn unpin(&mut self) {
+        if self.pinned.take().is_some() {
+            self.app.pinned_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("client unpinned");
+        }
+    }
+
+    /// The swallowed query to run before releasing, if one is needed.
+    pub(super) fn probe_sql(&mut self) -> Option<String> {
+        let check_state = self.pinned.is_some() && self.may_release;
+        if self.dirty.is_empty() && !self.resync_prepared && !check_state {
+            return None;
+        }
+        let mut cols: Vec<String> = self
+            .dirty
+            .iter()
+            .map(|n| format!("pg_catalog.current_setting({}, true)", build::quote_literal(n)))
+            .collect();
+        if self.resync_prepared {
+            cols.push(OUR_STATEMENTS_SQL.into());
+        }
+        if check_state {
+            cols.push(HELD_STATE_SQL.into());
+        }
+        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared: self.resync_prepared, check_state });
+        self.resync_prepared = false;
+        self.may_release = false;
+        Some(format!("SELECT {}", cols.join(", ")))
+    }
+
+    /// The probe's DataRow: adopt the values it reports.
+    pub(super) fn on_probe_row(&mut self, msg: &[u8]) {
+        let Some(probe) = self.probe.take() else { return };
+        let Some(values) = data_row(msg) else { return };
+        let mut it = values.into_iter();
+        for name in probe.names {
+            let value = it.next().flatten();
+            self.adopt_setting(name, value);
+        }
+        if probe.resync_prepared {
+            let list = it.next().flatten().unwrap_or_default();
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.clear();
+                for id in list.split(',').filter_map(|n| n.strip_prefix("_pgf_")?.parse::<u64>().ok()) {
+                    server.mark_prepared(id);
+                }
+            }
+        }
+        if probe.check_state && it.next().flatten().as_deref() == Some("0") {
+            self.unpin();
+        }
+    }
+
+    /// The server now has `value` for `name`: it is the client's setting,
+    /// and the connection must be reset for other clients.
+    fn adopt_setting(&mut self, name: String, value: Option<String>) {
+        if let Some(server) = self.server.as_mut() {
+            match &value {
+                Some(v) => {
+                    server.params.insert(name.clone(), v.clone());
+                    server.custom.insert(name.clone());
+                }
+                None => {
+                    server.params.remove(&name);
+                    server.custom.remove(&name);
+                }
+            }
+        }
+        let slot = self.settings.iter().position(|(n, _)| *n == name);
+        match (slot, value) {
+            (Some(i), Some(v)) => self.settings[i].1 = v,
+            (None, Some(v)) => self.settings.push((name, v)),
+            (Some(i), None) => {
+                self.settings.remove(i);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Whether the probe is what the server is answering now.
+    pub(super) fn probing(&self) -> bool {
+        self.probe.is_some()
+    }
+}
+
+/// Text values of a DataRow.
+fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut r = Reader::new(&msg[5..]);
+    let n = r.i16().ok()?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = r.i32().ok()?;
+        if len < 0 {
+            out.push(None);
+        } else {
+            out.push(Some(String::from_utf8_lossy(r.bytes(len as usize).ok()?).into_owned()));
+        }
+    }
+    Some(out)
+}
+
+/// Query text of a Parse content (query string, then parameter types).
+pub(super) fn parse_sql(content: &[u8]) -> &str {
+    let end = content.iter().position(|b| *b == 0).unwrap_or(content.len());
+    std::str::from_utf8(&content[..end]).unwrap_or("")
+}
+
+/// Parse content with the query text replaced, parameter types kept.
+pub(super) fn replace_sql(content: &[u8], sql: &str) -> Bytes {
+    let end = content.iter().position(|b| *b == 0).unwrap_or(content.len());
+    let mut v = Vec::with_capacity(sql.len() + content.len() - end);
+    v.extend_from_slice(sql.as_bytes());
+    v.extend_from_slice(&content[end..]);
+    Bytes::from(v)
+}

@@ -1,0 +1,241 @@
+//! Session state in transaction mode: SET tracking and isolation, and
+//! session-only features (LISTEN, advisory locks, temp tables, SQL PREPARE,
+//! WITH HOLD cursors) pinning the client or being rejected.
+
+use crate::harness::*;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio_postgres::SimpleQueryMessage;
+
+async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_values_are_isolated_between_clients() {
+    let p = proxy(2).await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let s = conn_str(&p, "app", "app", "app");
+        tasks.push(tokio::spawn(async move {
+            let c = connect_with(&s).await.unwrap();
+            let tz = ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Paris"][i % 4];
+            c.batch_execute(&format!(
+                "SET search_path = s{i}, public; SET statement_timeout = '{}ms'; SET TimeZone = '{tz}'; SET myapp.client = 'c{i}'",
+                1001 + i
+            ))
+            .await
+            .unwrap();
+            for _ in 0..40 {
+                assert_eq!(one(&c, "SHOW search_path").await, format!("s{i}, public"));
+                assert_eq!(one(&c, "SHOW statement_timeout").await, format!("{}ms", 1001 + i));
+                assert_eq!(one(&c, "SHOW TimeZone").await, tz);
+                assert_eq!(one(&c, "SELECT current_setting('myapp.client')").await, format!("c{i}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // A fresh client sees none of it.
+    let c = connect(&p).await;
+    for _ in 0..4 {
+        assert_eq!(one(&c, "SHOW search_path").await, "\"$user\", public");
+        assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
+        assert_eq!(one(&c, "SELECT coalesce(current_setting('myapp.client', true), '')").await, "");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_local_rollback_reset_and_set_config() {
+    let p = proxy(1).await;
+    let c = connect(&p).await;
+    let other = connect(&p).await;
+    c.batch_execute("BEGIN; SET LOCAL statement_timeout = '5s'; COMMIT").await.unwrap();
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
+    c.batch_execute("BEGIN; SET statement_timeout = '6s'; ROLLBACK").await.unwrap();
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
+    c.batch_execute("BEGIN; SET statement_timeout = '7s'; COMMIT").await.unwrap();
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "7s");
+    assert_eq!(one(&other, "SHOW statement_timeout").await, "0");
+    c.batch_execute("RESET statement_timeout").await.unwrap();
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
+    one(&c, "SELECT set_config('work_mem', '8MB', false)").await;
+    assert_eq!(one(&other, "SHOW work_mem").await, "4MB");
+    assert_eq!(one(&c, "SHOW work_mem").await, "8MB");
+    c.batch_execute("SET lock_timeout = '3s'").await.unwrap();
+    c.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(one(&c, "SHOW work_mem").await, "4MB");
+    assert_eq!(one(&c, "SHOW lock_timeout").await, "0");
+    // Extended protocol SET works the same.
+    c.execute("SET search_path TO ext_schema", &[]).await.unwrap();
+    assert_eq!(one(&c, "SHOW search_path").await, "ext_schema");
+    assert_eq!(one(&other, "SHOW search_path").await, "\"$user\", public");
+}
+
+async fn wait_unpinned(p: &pgfleet::app::Running) {
+    for _ in 0..100 {
+        if p.app.pinned_clients.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("client still pinned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_pins_until_unlisten() {
+    let p = proxy(2).await;
+    let mut listener = RawClient::login(&p, "app", "app").await;
+    let mut q = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut q, "LISTEN fleet_chan");
+    listener.stream.write_all(&q).await.unwrap();
+    while listener.next().await.unwrap().0 != b'Z' {}
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1);
+    let notifier = connect(&p).await;
+    for i in 0..3 {
+        notifier.batch_execute(&format!("NOTIFY fleet_chan, 'hello {i}'")).await.unwrap();
+        let (tag, msg) = listener.next().await.unwrap();
+        assert_eq!(tag, b'A', "NotificationResponse");
+        assert!(String::from_utf8_lossy(&msg).contains(&format!("hello {i}")));
+    }
+    q.clear();
+    pgfleet::wire::build::query(&mut q, "UNLISTEN *");
+    listener.stream.write_all(&q).await.unwrap();
+    while listener.next().await.unwrap().0 != b'Z' {}
+    wait_unpinned(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_locks_pin_and_are_released() {
+    let p = proxy(2).await;
+    let a = connect(&p).await;
+    let b = connect(&p).await;
+    assert_eq!(one(&a, "SELECT pg_advisory_lock(4242)::text").await, "");
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1);
+    for _ in 0..5 {
+        assert_eq!(one(&a, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()").await, "1");
+        assert_eq!(one(&b, "SELECT pg_try_advisory_lock(4242)").await, "f");
+    }
+    assert_eq!(one(&a, "SELECT pg_advisory_unlock(4242)").await, "t");
+    wait_unpinned(&p).await;
+    assert_eq!(one(&b, "SELECT pg_try_advisory_lock(4242)").await, "t");
+    assert_eq!(one(&b, "SELECT pg_advisory_unlock(4242)").await, "t");
+    // A pinned client that disconnects leaves no lock behind.
+    one(&a, "SELECT pg_advisory_lock(77)::text").await;
+    drop(a);
+    wait_unpinned(&p).await;
+    assert_eq!(one(&b, "SELECT pg_try_advisory_lock(77)").await, "t");
+    one(&b, "SELECT pg_advisory_unlock_all()::text").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_tables_and_sql_prepare_pin_the_client() {
+    let p = proxy(2).await;
+    let a = connect(&p).await;
+    let others: Vec<_> = futures_join(&p, 4).await;
+    a.batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1), (2)").await.unwrap();
+    a.batch_execute("PREPARE triple(int) AS SELECT $1 * 3").await.unwrap();
+    for i in 0..10 {
+        for o in &others {
+            one(o, "SELECT 1").await;
+        }
+        assert_eq!(one(&a, "SELECT count(*) FROM scratch").await, "2");
+        assert_eq!(one(&a, &format!("EXECUTE triple({i})")).await, (i * 3).to_string());
+    }
+    // Not leaked to other clients.
+    let e = others[0].simple_query("EXECUTE triple(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000");
+    let e = others[0].simple_query("SELECT * FROM scratch").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42P01");
+    a.batch_execute("DEALLOCATE triple").await.unwrap();
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1, "temp table still pins");
+    a.batch_execute("DROP TABLE scratch").await.unwrap();
+    wait_unpinned(&p).await;
+    // WITH HOLD cursors pin too, CLOSE releases.
+    a.batch_execute("DECLARE cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g").await.unwrap();
+    for o in &others {
+        one(o, "SELECT 1").await;
+    }
+    assert_eq!(one(&a, "FETCH 1 FROM cur").await, "1");
+    assert_eq!(one(&a, "FETCH 1 FROM cur").await, "2");
+    a.batch_execute("CLOSE cur").await.unwrap();
+    wait_unpinned(&p).await;
+}
+
+async fn futures_join(p: &pgfleet::app::Running, n: usize) -> Vec<tokio_postgres::Client> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(connect(p).await);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_clients_do_not_deadlock_the_pool() {
+    let p = start(config("size = 2\ncheckout_timeout = \"500ms\"", "")).await;
+    let a = connect(&p).await;
+    let b = connect(&p).await;
+    a.batch_execute("LISTEN x").await.unwrap();
+    b.batch_execute("LISTEN y").await.unwrap();
+    let c = connect(&p).await;
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "53300", "a clear error, not a hang");
+    a.batch_execute("UNLISTEN *").await.unwrap();
+    wait_for(|| p.app.pinned_clients.load(Ordering::Relaxed) == 1).await;
+    let d = connect(&p).await;
+    assert_eq!(one(&d, "SELECT 5").await, "5");
+}
+
+async fn wait_for(f: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_all_keeps_shared_statements_working() {
+    let p = proxy(1).await;
+    let a = connect(&p).await;
+    let b = connect(&p).await;
+    let sb = b.prepare("SELECT $1::int + 100").await.unwrap();
+    assert_eq!(b.query_one(&sb, &[&1i32]).await.unwrap().get::<_, i32>(0), 101);
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    a.batch_execute("DEALLOCATE ALL").await.unwrap();
+    // b's statement is re-prepared on the (single) server connection.
+    for i in 0..5 {
+        assert_eq!(b.query_one(&sb, &[&i]).await.unwrap().get::<_, i32>(0), 100 + i);
+    }
+    let sa = a.prepare("SELECT $1::int + 100").await.unwrap();
+    assert_eq!(a.query_one(&sa, &[&2i32]).await.unwrap().get::<_, i32>(0), 102);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_mode_fails_session_features_with_0a000() {
+    let p = start(config("size = 2\nsession_state = \"reject\"", "")).await;
+    let c = connect(&p).await;
+    for sql in ["LISTEN x", "SELECT pg_advisory_lock(1)", "CREATE TEMP TABLE t (x int)", "PREPARE p AS SELECT 1"] {
+        let e = c.simple_query(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "0A000", "{sql}");
+        assert!(db.message().contains("transaction pooling"), "{}", db.message());
+    }
+    // Inside a transaction the failure aborts it like any error.
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(sqlstate(&c.simple_query("LISTEN x").await.unwrap_err()), "0A000");
+    assert_eq!(sqlstate(&c.simple_query("SELECT 1").await.unwrap_err()), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 0);
+    assert_eq!(one(&c, "SELECT 2").await, "2");
+}
