@@ -52,9 +52,18 @@ pub enum Pending {
     Fwd(Kind),
     /// pgfleet sent it; its success responses are hidden from the client.
     Swallow(Kind),
-    /// pgfleet answers it itself: a body-less message with this tag
-    /// (ParseComplete '1' or CloseComplete '3') at this position.
-    Synth(u8),
+    /// pgfleet answers it itself, at this position in the response stream.
+    Synth(Synth),
+}
+
+/// Answers pgfleet gives without asking a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synth {
+    ParseComplete,
+    CloseComplete,
+    /// SQL `DEALLOCATE` of a protocol-level statement: CommandComplete and
+    /// ReadyForQuery (with the transaction status at that point).
+    Deallocated,
 }
 
 #[derive(Debug, Default)]
@@ -84,10 +93,10 @@ impl Expect {
     }
 
     /// Pops the synthetic answers now at the head.
-    pub fn pop_synth(&mut self) -> Option<u8> {
+    pub fn pop_synth(&mut self) -> Option<Synth> {
         match self.q.front() {
-            Some(Pending::Synth(tag)) => {
-                let t = *tag;
+            Some(Pending::Synth(s)) => {
+                let t = *s;
                 self.q.pop_front();
                 Some(t)
             }
@@ -140,7 +149,7 @@ mod tests {
     fn error_skips_to_sync_and_reports_failed_parses() {
         let mut e = Expect::default();
         e.push(Pending::Fwd(Kind::Parse(Some(7))));
-        e.push(Pending::Synth(b'1'));
+        e.push(Pending::Synth(Synth::ParseComplete));
         e.push(Pending::Fwd(Kind::Bind));
         e.push(Pending::Fwd(Kind::Execute));
         e.push(Pending::Fwd(Kind::Sync));
@@ -164,10 +173,10 @@ mod tests {
     fn synth_at_head_only() {
         let mut e = Expect::default();
         e.push(Pending::Fwd(Kind::Bind));
-        e.push(Pending::Synth(b'3'));
+        e.push(Pending::Synth(Synth::CloseComplete));
         assert_eq!(e.pop_synth(), None);
         e.pop();
-        assert_eq!(e.pop_synth(), Some(b'3'));
+        assert_eq!(e.pop_synth(), Some(Synth::CloseComplete));
         assert!(e.is_empty());
     }
 }

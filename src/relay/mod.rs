@@ -25,7 +25,7 @@ use crate::frontend::cancel::{CancelSlot, CancelTarget};
 use crate::pool::{Pool, PoolError};
 use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
-use expect::{Expect, Kind, Pending};
+use expect::{Expect, Kind, Pending, Synth};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -331,6 +331,15 @@ impl Session {
             },
             b'H' => {}
             b'S' => build::ready_for_query(&mut self.cout, b'I'),
+            b'Q' if self.tracks_state() && starts_with_word(wire::body(msg), b"deallocate") => {
+                let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
+                let a = self.analyze(sql);
+                if !self.deallocates_protocol_statement(&a) {
+                    return Ok(false);
+                }
+                self.expect.push(Pending::Synth(Synth::Deallocated));
+                self.emit_synth();
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -356,6 +365,10 @@ impl Session {
         if self.tracks_state() {
             let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
             let a = self.analyze(sql);
+            if self.deallocates_protocol_statement(&a) {
+                self.expect.push(Pending::Synth(Synth::Deallocated));
+                return Ok(());
+            }
             if let Some(replacement) = self.note_effects(&a) {
                 build::query(&mut self.sout, &replacement);
                 self.expect.push(Pending::Fwd(Kind::Query));
@@ -364,6 +377,15 @@ impl Session {
         }
         self.send(msg, Some(Kind::Query));
         Ok(())
+    }
+
+    /// `DEALLOCATE name` naming one of the client's protocol-level statements
+    /// (drivers such as psycopg do this): those live only in pgfleet.
+    fn deallocates_protocol_statement(&mut self, a: &crate::router::Analysis) -> bool {
+        match &a.deallocate {
+            Some(name) if a.statements == 1 => self.stmts.remove(name.as_bytes()).is_some(),
+            _ => false,
+        }
     }
 
     /// Parse content to use (rewritten when rejected), after noting effects.
@@ -398,7 +420,7 @@ impl Session {
         self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
         let server = self.server.as_mut().expect("bound");
         if server.touch_prepared(stmt.id) {
-            self.expect.push(Pending::Synth(b'1'));
+            self.expect.push(Pending::Synth(Synth::ParseComplete));
         } else {
             self.prepare_on_server(&stmt, false);
         }
@@ -470,7 +492,7 @@ impl Session {
         if kind == b'S' && !name.is_empty() {
             // The proxy statement stays cached on servers for other clients.
             self.stmts.remove(name);
-            self.expect.push(Pending::Synth(b'3'));
+            self.expect.push(Pending::Synth(Synth::CloseComplete));
         } else {
             self.send(msg, Some(Kind::Close));
         }
@@ -479,8 +501,15 @@ impl Session {
 
     /// Writes the synthetic answers that are now at the head of the queue.
     fn emit_synth(&mut self) {
-        while let Some(tag) = self.expect.pop_synth() {
-            self.cout.extend_from_slice(&[tag, 0, 0, 0, 4]);
+        while let Some(s) = self.expect.pop_synth() {
+            match s {
+                Synth::ParseComplete => build::parse_complete(&mut self.cout),
+                Synth::CloseComplete => build::close_complete(&mut self.cout),
+                Synth::Deallocated => {
+                    build::command_complete(&mut self.cout, "DEALLOCATE");
+                    build::ready_for_query(&mut self.cout, self.status);
+                }
+            }
         }
     }
 
@@ -590,6 +619,12 @@ enum Event {
     ServerReadable,
     Writable,
     Shutdown,
+}
+
+/// Cheap check: does the SQL start (after blanks) with this lower-case word?
+fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(sql.len());
+    sql.len() >= start + word.len() && sql[start..start + word.len()].eq_ignore_ascii_case(word)
 }
 
 /// SQL that makes `conn`'s session match `settings` (None when it already

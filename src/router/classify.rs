@@ -43,6 +43,8 @@ pub struct Analysis {
     pub may_release: bool,
     /// DEALLOCATE ALL / DISCARD ALL: every prepared statement is gone.
     pub dealloc_all: bool,
+    /// `DEALLOCATE [PREPARE] name`: the name.
+    pub deallocate: Option<String>,
     pub route_hint: Option<RouteHint>,
     pub workload_hint: Option<String>,
     /// `SET pgfleet.<name> = value` / `RESET pgfleet.<name>` (value None).
@@ -183,6 +185,13 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         "DEALLOCATE" => {
             let i = if is_word(t.get(1), "PREPARE") { 2 } else { 1 };
             a.dealloc_all |= is_word(t.get(i), "ALL");
+            if !is_word(t.get(i), "ALL") {
+                a.deallocate = match t.get(i) {
+                    Some(Tok::Word(w)) => Some(w.to_ascii_lowercase()),
+                    Some(Tok::Ident(w)) => Some(w.to_string()),
+                    _ => None,
+                };
+            }
             a.may_release = true;
         }
         "PREPARE" if !is_word(t.get(1), "TRANSACTION") => {

@@ -5,6 +5,7 @@ mod harness;
 
 mod auth;
 mod basic;
+mod drivers;
 mod pgbench;
 mod pooling;
 mod protocol;

@@ -34,7 +34,9 @@ async fn max_server_conns_during<F: std::future::Future<Output = String>>(f: F) 
         let (stop, max) = (stop.clone(), max.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let n = cluster().server_conns("bench", "bench");
+                // Only this proxy's connections: pgfleet applies pgbench's
+                // application_name to the server connections serving it.
+                let n = cluster().server_conns_where("usename = 'bench' AND application_name = 'pgbench'");
                 max.fetch_max(n, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -66,5 +68,6 @@ async fn pgbench_50_clients_pool_5_simple_extended_prepared() {
         assert_eq!(failed, 0, "{mode}: failed transactions\n{out}");
         assert!(max <= 5, "{mode}: server saw {max} connections for a pool of 5");
         assert!(max >= 1);
+        assert!(p.app.pools().iter().all(|pl| pl.stats().total <= 5));
     }
 }
