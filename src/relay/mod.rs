@@ -553,7 +553,7 @@ impl Session {
             self.cancel.set(None);
             self.pool.checkin(conn);
             // An idle client keeps no buffers.
-            for b in [&mut self.cin, &mut self.sin] {
+            for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout] {
                 if b.is_empty() {
                     *b = BytesMut::new();
                 }

@@ -6,6 +6,7 @@ mod harness;
 mod auth;
 mod basic;
 mod drivers;
+mod lifecycle;
 mod pgbench;
 mod pooling;
 mod protocol;

@@ -1,0 +1,53 @@
+//! Shutdown and connection lifetime: draining lets in-flight transactions
+//! commit, idle server connections expire.
+
+use crate::harness::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_transactions() {
+    let p = proxy(2).await;
+    let mut busy = connect(&p).await;
+    let idle = connect(&p).await;
+    busy.batch_execute("DROP TABLE IF EXISTS drain_t; CREATE TABLE drain_t (x int)").await.unwrap();
+    let tx = busy.transaction().await.unwrap();
+    tx.execute("INSERT INTO drain_t VALUES (1)", &[]).await.unwrap();
+    let app = p.app.clone();
+    let stopper = tokio::spawn(async move {
+        let r = pgfleet::app::Running { addr: p.addr, app };
+        r.shutdown(Duration::from_secs(10)).await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The idle client is told why it is disconnected.
+    let e = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"), "{e}");
+    // No new clients.
+    assert!(connect_with(&conn_str_port(p.addr.port())).await.is_err());
+    // The transaction in flight finishes and commits.
+    tx.execute("INSERT INTO drain_t VALUES (2)", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    stopper.await.unwrap();
+    let n = cluster().psql_on(cluster().primary, "app", "SELECT count(*) FROM drain_t");
+    assert_eq!(n, "2");
+}
+
+fn conn_str_port(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=2")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_expire() {
+    let p = start(config("size = 3\nserver_idle_timeout = \"1s\"", "")).await;
+    let c = connect(&p).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(p.app.pools()[0].stats().total, 1);
+    for _ in 0..60 {
+        if p.app.pools()[0].stats().total == 0 {
+            // The client still works: a new connection is opened.
+            c.simple_query("SELECT 1").await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("idle connection was not closed");
+}
