@@ -7,6 +7,8 @@ use crate::config::Config;
 use crate::frontend::{self, cancel::CancelRegistry};
 use crate::pool::{Pool, PoolKey, PoolSettings};
 use crate::relay::stmts::Registry;
+use crate::router::route::Target;
+use crate::topology::{run_monitor, MonitorSpec, Topology};
 use crate::wire::auth::{ScramVerifier, Secret};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +32,7 @@ pub struct App {
     pub pinned_clients: AtomicUsize,
     shutdown: watch::Sender<bool>,
     pub dummy_verifier: ScramVerifier,
+    pub topology: Arc<Topology>,
 }
 
 /// Counts a connected client while alive.
@@ -53,7 +56,6 @@ impl App {
             .collect();
         let dummy = postgres_protocol::password::scram_sha_256(&rand::random::<[u8; 16]>());
         Arc::new(App {
-            config: Arc::new(config),
             secrets,
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -62,6 +64,8 @@ impl App {
             pinned_clients: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
             dummy_verifier: ScramVerifier::parse(&dummy).expect("valid verifier"),
+            topology: Arc::new(Topology::from_config(&config)),
+            config: Arc::new(config),
         })
     }
 
@@ -89,11 +93,40 @@ impl App {
         (prev < max).then_some(guard)
     }
 
-    /// The primary's pool for (database, user), created on first use.
-    pub fn pool(&self, database: &str, user: &str) -> Arc<Pool> {
-        let key = PoolKey { database: database.into(), user: user.into(), backend: PRIMARY.into() };
+    /// The pool for (database, user, backend), created on first use.
+    pub fn pool(&self, database: &str, user: &str, target: Target) -> Arc<Pool> {
+        let (backend, addr) = match target {
+            Target::Primary => (PRIMARY, &self.config.cluster.primary),
+            Target::Replica(i) => (self.topology.replicas[i].name.as_str(), &self.topology.replicas[i].addr),
+        };
+        let key = PoolKey { database: database.into(), user: user.into(), backend: backend.into() };
         let mut pools = self.pools.lock().unwrap();
-        pools.entry(key.clone()).or_insert_with(|| self.make_pool(key, &self.config.cluster.primary)).clone()
+        if let Some(p) = pools.get(&key) {
+            return p.clone();
+        }
+        let pool = self.make_pool(key.clone(), addr);
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    /// Who the lag monitor connects as.
+    fn monitor_spec(&self) -> Option<MonitorSpec> {
+        let cfg = &self.config;
+        let user = match &cfg.cluster.health_user {
+            Some(u) => cfg.user(u)?,
+            None => cfg.users.iter().find(|u| u.server_password.is_some() || self.secrets.get(&u.name).is_some_and(|s| s.plaintext().is_some()))?,
+        };
+        let password = user.server_password.clone().or_else(|| self.secrets.get(&user.name)?.plaintext().map(str::to_string));
+        let db = match &cfg.cluster.health_database {
+            Some(d) => cfg.database(d)?,
+            None => cfg.databases.first()?,
+        };
+        Some(MonitorSpec {
+            user: user.name.clone(),
+            password,
+            database: db.server_name().to_string(),
+            interval: cfg.cluster.lag_check_interval.0,
+        })
     }
 
     fn make_pool(&self, key: PoolKey, addr: &str) -> Arc<Pool> {
@@ -169,12 +202,20 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
         for db in &app.config.databases {
             for user in &app.config.users {
                 if !app.config.admin.users.contains(&user.name) {
-                    app.pool(&db.name, &user.name);
+                    app.pool(&db.name, &user.name, Target::Primary);
                 }
             }
         }
     }
     tokio::spawn(app.clone().maintain());
+    if !app.topology.replicas.is_empty() {
+        match app.monitor_spec() {
+            Some(spec) => {
+                tokio::spawn(run_monitor(app.topology.clone(), spec, app.shutdown_signal()));
+            }
+            None => tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused"),
+        }
+    }
     tokio::spawn(frontend::accept_loop(app.clone(), listener));
     Ok(Running { addr, app })
 }

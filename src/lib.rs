@@ -12,4 +12,5 @@ pub mod frontend;
 pub mod pool;
 pub mod relay;
 pub mod router;
+pub mod topology;
 pub mod wire;

@@ -223,6 +223,11 @@ pub struct Cluster {
     pub server_tls_mode: ServerTlsMode,
     pub replicas: Vec<Replica>,
     pub groups: Vec<Group>,
+    /// Who the lag monitor connects as (default: the first [[users]] entry
+    /// with a known server password) and to which database (default: the
+    /// first [[databases]] entry).
+    pub health_user: Option<String>,
+    pub health_database: Option<String>,
 }
 
 impl Default for Cluster {
@@ -233,6 +238,8 @@ impl Default for Cluster {
             server_tls_mode: ServerTlsMode::Disable,
             replicas: vec![],
             groups: vec![],
+            health_user: None,
+            health_database: None,
         }
     }
 }

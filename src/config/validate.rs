@@ -169,6 +169,19 @@ impl Config {
             }
             self.check_workload(p, &format!("routing.rules[{i}].workload"), &r.workload);
         }
+        if self.routing.transaction_reads != super::TransactionReads::Primary {
+            p.push("routing.transaction_reads: only \"primary\" is supported (BEGIN READ ONLY goes to replicas)".into());
+        }
+        if let Some(u) = &self.cluster.health_user {
+            if self.user(u).is_none() {
+                p.push(format!("cluster.health_user: {u:?} is not defined in [[users]]"));
+            }
+        }
+        if let Some(d) = &self.cluster.health_database {
+            if self.database(d).is_none() {
+                p.push(format!("cluster.health_database: {d:?} is not defined in [[databases]]"));
+            }
+        }
         for (i, l) in self.limits.iter().enumerate() {
             if l.workload.is_none() && l.user.is_none() && l.database.is_none() {
                 p.push(format!("limits[{i}]: needs workload, user or database"));

@@ -5,7 +5,8 @@ pub mod cancel;
 pub mod startup;
 
 use crate::app::App;
-use crate::relay::{Session, Settings, REPORTED_SETTABLE};
+use crate::relay::{ClientId, Session, Settings, REPORTED_SETTABLE};
+use crate::router::route::Target;
 use crate::wire::{build, sqlstate, startup::parse_options};
 use bytes::BytesMut;
 use startup::{Login, StartupError};
@@ -69,7 +70,14 @@ async fn handle_client(app: Arc<App>, mut stream: TcpStream, _peer: SocketAddr) 
 }
 
 async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: Login) {
-    let pool = app.pool(&login.database, &login.user);
+    let workload = match resolve_workload(&app, &login) {
+        Ok(w) => w,
+        Err(message) => {
+            fatal(&mut stream, sqlstate::UNDEFINED_OBJECT, &message).await;
+            return;
+        }
+    };
+    let pool = app.pool(&login.database, &login.user, Target::Primary);
     let server_params = match pool.startup_params().await {
         Ok(p) => p,
         Err(e) => {
@@ -93,8 +101,82 @@ async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: 
     if stream.write_all(&out).await.is_err() {
         return;
     }
-    Session::new(app, pool, stream, leftover, settings, key.slot.clone()).run().await;
+    let id = ClientId { user: login.user, database: login.database, workload };
+    Session::new(app, id, stream, leftover, settings, key.slot.clone()).run().await;
     drop(key);
+}
+
+/// The client's workload group, strongest source first: the startup option
+/// `pgfleet.workload`, `[[routing.rules]]` (first match), the user's
+/// `workload`, `routing.default_workload`. `None` when no groups exist.
+fn resolve_workload(app: &App, login: &Login) -> Result<Option<usize>, String> {
+    let topo = &app.topology;
+    if topo.groups.is_empty() {
+        return Ok(None);
+    }
+    let cfg = app.config();
+    let mut from_startup = None;
+    for (k, v) in &login.params {
+        if k == "options" {
+            for (name, value) in parse_options(v) {
+                if name.eq_ignore_ascii_case("pgfleet.workload") {
+                    from_startup = Some(value);
+                }
+            }
+        } else if k.eq_ignore_ascii_case("pgfleet.workload") {
+            from_startup = Some(v.clone());
+        }
+    }
+    let app_name = login.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.as_str()).unwrap_or("");
+    let by_rule = cfg.routing.rules.iter().find(|r| {
+        r.application_name.as_deref().is_none_or(|g| glob_match(g, app_name))
+            && r.user.as_deref().is_none_or(|u| u == login.user)
+            && r.database.as_deref().is_none_or(|d| d == login.database)
+    });
+    let name = from_startup
+        .or_else(|| by_rule.map(|r| r.workload.clone()))
+        .or_else(|| cfg.user(&login.user).and_then(|u| u.workload.clone()))
+        .unwrap_or_else(|| cfg.routing.default_workload.clone());
+    topo.group(&name)
+        .map(Some)
+        .ok_or_else(|| format!("workload \"{name}\" does not exist (no [[cluster.groups]] entry of that name)"))
+}
+
+/// `*` and `?` globs, as in `application_name = "metabase*"`.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn globs() {
+        use super::glob_match;
+        assert!(glob_match("metabase*", "metabase-prod"));
+        assert!(glob_match("metabase*", "metabase"));
+        assert!(!glob_match("metabase*", "my-metabase"));
+        assert!(glob_match("*base?", "metabase1"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a?c", "ac"));
+    }
 }
 
 /// The session settings a client wants on every server connection: each

@@ -61,19 +61,28 @@ pub enum Pending {
 pub enum Synth {
     ParseComplete,
     CloseComplete,
-    /// SQL `DEALLOCATE` of a protocol-level statement: CommandComplete and
-    /// ReadyForQuery (with the transaction status at that point).
-    Deallocated,
+    /// Prepared bytes (the next entry of `Expect::payloads`).
+    Payload,
+    /// ReadyForQuery with the transaction status at that point.
+    Ready,
 }
 
 #[derive(Debug, Default)]
 pub struct Expect {
     q: VecDeque<Pending>,
+    /// Bytes of the `Synth::Payload` entries, in queue order.
+    payloads: VecDeque<bytes::Bytes>,
 }
 
 impl Expect {
     pub fn push(&mut self, p: Pending) {
         self.q.push_back(p);
+    }
+
+    /// Queues prepared response bytes at this position.
+    pub fn push_payload(&mut self, bytes: bytes::Bytes) {
+        self.q.push_back(Pending::Synth(Synth::Payload));
+        self.payloads.push_back(bytes);
     }
 
     pub fn front(&self) -> Option<Pending> {
@@ -88,17 +97,14 @@ impl Expect {
         self.q.is_empty()
     }
 
-    pub fn clear(&mut self) {
-        self.q.clear()
-    }
-
-    /// Pops the synthetic answers now at the head.
-    pub fn pop_synth(&mut self) -> Option<Synth> {
+    /// Pops the synthetic answer now at the head (with its payload).
+    pub fn pop_synth(&mut self) -> Option<(Synth, Option<bytes::Bytes>)> {
         match self.q.front() {
             Some(Pending::Synth(s)) => {
                 let t = *s;
                 self.q.pop_front();
-                Some(t)
+                let payload = if t == Synth::Payload { self.payloads.pop_front() } else { None };
+                Some((t, payload))
             }
             _ => None,
         }
@@ -114,6 +120,9 @@ impl Expect {
                 Pending::Fwd(Kind::Sync) | Pending::Swallow(Kind::Sync) => break,
                 Pending::Fwd(Kind::Parse(Some(id))) | Pending::Swallow(Kind::Parse(Some(id))) => {
                     failed.push(*id)
+                }
+                Pending::Synth(Synth::Payload) => {
+                    self.payloads.pop_front();
                 }
                 _ => {}
             }
@@ -176,7 +185,7 @@ mod tests {
         e.push(Pending::Synth(Synth::CloseComplete));
         assert_eq!(e.pop_synth(), None);
         e.pop();
-        assert_eq!(e.pop_synth(), Some(Synth::CloseComplete));
+        assert_eq!(e.pop_synth(), Some((Synth::CloseComplete, None)));
         assert!(e.is_empty());
     }
 }

@@ -14,15 +14,19 @@
 //!   independently and a slow peer cannot deadlock the other direction.
 
 pub mod expect;
+mod routing;
 mod scan;
 mod state;
 pub mod stmts;
+mod virt;
 
 use crate::app::App;
 use crate::backend::{consume, ServerConn};
 use crate::config::PoolMode;
 use crate::frontend::cancel::{CancelSlot, CancelTarget};
 use crate::pool::{Pool, PoolError};
+use crate::router::route::Target;
+use crate::router::{Analysis, Class, RouteHint};
 use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
 use expect::{Expect, Kind, Pending, Synth};
@@ -62,7 +66,8 @@ pub type Settings = Vec<(String, String)>;
 
 pub struct Session {
     app: Arc<App>,
-    pool: Arc<Pool>,
+    user: String,
+    database: String,
     mode: PoolMode,
     client: TcpStream,
     max_msg: usize,
@@ -94,6 +99,29 @@ pub struct Session {
     /// DEALLOCATE/DISCARD ALL ran: re-read which proxy statements exist.
     resync_prepared: bool,
     probe: Option<state::Probe>,
+    /// Where the bound connection goes (its pool is derived from it).
+    bound_target: Option<Target>,
+    /// Workload group for reads; `login_workload` is what RESET restores.
+    workload: Option<usize>,
+    login_workload: Option<usize>,
+    /// `SET pgfleet.route`.
+    route_override: Option<RouteHint>,
+    /// Read-your-writes floor: primary LSN at the client's last write.
+    floor: Option<u64>,
+    /// The current primary transaction wrote (learn the LSN before release).
+    wrote: bool,
+    /// Virtual (pgfleet.*) statements and portals of the extended protocol.
+    virtuals: HashMap<Bytes, virt::Virtual>,
+    virtual_portals: HashMap<Bytes, virt::Virtual>,
+    /// A request failed before reaching a server: skip the batch to Sync.
+    discard_to_sync: bool,
+}
+
+/// Who the client is, as established at login.
+pub struct ClientId {
+    pub user: String,
+    pub database: String,
+    pub workload: Option<usize>,
 }
 
 /// Parameters PostgreSQL reports with ParameterStatus that a client may set;
@@ -111,7 +139,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         app: Arc<App>,
-        pool: Arc<Pool>,
+        id: ClientId,
         client: TcpStream,
         leftover: BytesMut,
         settings: Settings,
@@ -123,7 +151,8 @@ impl Session {
             max_msg: cfg.listen.max_message_size.0 as usize,
             shutdown: app.shutdown_signal(),
             app,
-            pool,
+            user: id.user,
+            database: id.database,
             client,
             cin: leftover,
             cout: BytesMut::new(),
@@ -144,6 +173,15 @@ impl Session {
             may_release: false,
             resync_prepared: false,
             probe: None,
+            bound_target: None,
+            workload: id.workload,
+            login_workload: id.workload,
+            route_override: None,
+            floor: None,
+            wrote: false,
+            virtuals: HashMap::new(),
+            virtual_portals: HashMap::new(),
+            discard_to_sync: false,
         }
     }
 
@@ -260,12 +298,40 @@ impl Session {
             if !matches!(h.tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'F') {
                 return Err(WireError::Malformed("unknown message type").into());
             }
+            if self.server.is_some() && self.routes() && self.must_hold(&self.cin[..h.total]) {
+                return Ok(());
+            }
             let msg = self.cin.split_to(h.total).freeze();
+            if self.discard_to_sync {
+                if h.tag == b'S' {
+                    self.discard_to_sync = false;
+                    if self.server.is_some() {
+                        self.forward(h.tag, &msg)?;
+                    } else {
+                        build::ready_for_query(&mut self.cout, b'I');
+                    }
+                }
+                continue;
+            }
+            if self.try_virtual(h.tag, &msg)? {
+                continue;
+            }
             if self.server.is_none() {
                 if self.answer_locally(h.tag, &msg)? {
                     continue;
                 }
-                self.bind_server().await?;
+                let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
+                let target = match self.choose_target(&a) {
+                    Ok((t, reason)) => {
+                        tracing::debug!(target = ?t, reason = reason.as_str(), "routed");
+                        t
+                    }
+                    Err((code, message)) => {
+                        self.refuse_unit(h.tag, code, &message);
+                        continue;
+                    }
+                };
+                self.bind_server(&a, target).await?;
             }
             self.forward(h.tag, &msg)?;
         }
@@ -337,7 +403,7 @@ impl Session {
                 if !self.deallocates_protocol_statement(&a) {
                     return Ok(false);
                 }
-                self.expect.push(Pending::Synth(Synth::Deallocated));
+                self.answer_deallocate();
                 self.emit_synth();
             }
             _ => return Ok(false),
@@ -365,8 +431,9 @@ impl Session {
         if self.tracks_state() {
             let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
             let a = self.analyze(sql);
+            self.note_write(&a);
             if self.deallocates_protocol_statement(&a) {
-                self.expect.push(Pending::Synth(Synth::Deallocated));
+                self.answer_deallocate();
                 return Ok(());
             }
             if let Some(replacement) = self.note_effects(&a) {
@@ -388,13 +455,28 @@ impl Session {
         }
     }
 
+    fn answer_deallocate(&mut self) {
+        let mut b = BytesMut::new();
+        build::command_complete(&mut b, "DEALLOCATE");
+        self.expect.push_payload(b.freeze());
+        self.expect.push(Pending::Synth(Synth::Ready));
+    }
+
     /// Parse content to use (rewritten when rejected), after noting effects.
     fn parse_content(&mut self, content: &[u8]) -> Option<Bytes> {
         if !self.tracks_state() {
             return None;
         }
         let a = self.analyze(state::parse_sql(content));
+        self.note_write(&a);
         self.note_effects(&a).map(|sql| state::replace_sql(content, &sql))
+    }
+
+    /// A write reached the primary: learn its LSN when the transaction ends.
+    fn note_write(&mut self, a: &Analysis) {
+        if a.class == Class::Write && self.bound_target == Some(Target::Primary) && self.routes() {
+            self.wrote = true;
+        }
     }
 
     fn intern(&self, content: &[u8]) -> Arc<Stmt> {
@@ -450,8 +532,11 @@ impl Session {
             return None;
         }
         let stmt = self.stmts.get(name)?.clone();
-        if self.tracks_state() && stmt.analysis.has_session_effects() {
-            self.note_effects(&stmt.analysis);
+        if self.tracks_state() {
+            self.note_write(&stmt.analysis);
+            if stmt.analysis.has_session_effects() {
+                self.note_effects(&stmt.analysis);
+            }
         }
         if !self.server.as_mut().expect("bound").touch_prepared(stmt.id) {
             self.prepare_on_server(&stmt, true);
@@ -501,22 +586,24 @@ impl Session {
 
     /// Writes the synthetic answers that are now at the head of the queue.
     fn emit_synth(&mut self) {
-        while let Some(s) = self.expect.pop_synth() {
+        while let Some((s, payload)) = self.expect.pop_synth() {
             match s {
                 Synth::ParseComplete => build::parse_complete(&mut self.cout),
                 Synth::CloseComplete => build::close_complete(&mut self.cout),
-                Synth::Deallocated => {
-                    build::command_complete(&mut self.cout, "DEALLOCATE");
-                    build::ready_for_query(&mut self.cout, self.status);
-                }
+                Synth::Payload => self.cout.extend_from_slice(&payload.unwrap_or_default()),
+                Synth::Ready => build::ready_for_query(&mut self.cout, self.status),
             }
         }
     }
 
     /// Checks out a server connection and queues what brings it in line
     /// with this client's session settings.
-    async fn bind_server(&mut self) -> Result<(), SessionError> {
-        let mut conn = self.pool.checkout().await.map_err(SessionError::Pool)?;
+    async fn bind_server(&mut self, a: &Analysis, target: Target) -> Result<(), SessionError> {
+        let (mut conn, target) = self.checkout_routed(a, target).await?;
+        if let Target::Replica(i) = target {
+            self.app.topology.replicas[i].inflight.fetch_add(1, Ordering::Relaxed);
+        }
+        self.bound_target = Some(target);
         if let Some(sql) = settings_sql(&self.settings, &mut conn) {
             build::query(&mut self.sout, &sql);
             self.expect.push(Pending::Swallow(Kind::Query));
@@ -549,9 +636,8 @@ impl Session {
             if self.pinned.is_some() {
                 return;
             }
-            let conn = self.server.take().expect("checked");
-            self.cancel.set(None);
-            self.pool.checkin(conn);
+            let (conn, pool) = self.unbind().expect("checked");
+            pool.checkin(conn);
             // An idle client keeps no buffers.
             for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout] {
                 if b.is_empty() {
@@ -559,6 +645,17 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Takes the bound connection and the pool it belongs to.
+    fn unbind(&mut self) -> Option<(ServerConn, Arc<Pool>)> {
+        let conn = self.server.take()?;
+        let target = self.bound_target.take().unwrap_or(Target::Primary);
+        if let Target::Replica(i) = target {
+            self.app.topology.replicas[i].inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.cancel.set(None);
+        Some((conn, self.pool_for(target)))
     }
 
     /// Tells the client why its session ends (best effort, bounded in time).
@@ -588,12 +685,12 @@ impl Session {
         self.cancel.set(None);
         let was_pinned = self.pinned.is_some();
         self.unpin();
-        let Some(mut conn) = self.server.take() else { return };
+        let Some((mut conn, pool)) = self.unbind() else { return };
         let idle_and_done = self.is_clean() && self.sin.is_empty();
         if !idle_and_done {
             // Something is in flight: stop it and drop the connection.
             let _ = ServerConn::cancel(conn.peer, conn.backend_pid, conn.backend_secret).await;
-            self.pool.discard(conn);
+            pool.discard(conn);
             return;
         }
         let limit = Duration::from_secs(5);
@@ -607,9 +704,9 @@ impl Session {
             conn.custom.clear();
         }
         if ok {
-            self.pool.checkin(conn);
+            pool.checkin(conn);
         } else {
-            self.pool.discard(conn);
+            pool.discard(conn);
         }
     }
 }

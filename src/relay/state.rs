@@ -22,6 +22,8 @@ pub(super) struct Probe {
     names: Vec<String>,
     resync_prepared: bool,
     check_state: bool,
+    /// Read-your-writes: the primary's WAL position after the write.
+    lsn: bool,
 }
 
 /// Session state still held by the server connection, as one count.
@@ -102,7 +104,9 @@ impl Session {
     /// The swallowed query to run before releasing, if one is needed.
     pub(super) fn probe_sql(&mut self) -> Option<String> {
         let check_state = self.pinned.is_some() && self.may_release;
-        if self.dirty.is_empty() && !self.resync_prepared && !check_state {
+        let lsn = std::mem::take(&mut self.wrote)
+            && self.app.config().routing.read_your_writes == crate::config::ReadYourWrites::Lsn;
+        if self.dirty.is_empty() && !self.resync_prepared && !check_state && !lsn {
             return None;
         }
         let mut cols: Vec<String> = self
@@ -116,7 +120,10 @@ impl Session {
         if check_state {
             cols.push(HELD_STATE_SQL.into());
         }
-        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared: self.resync_prepared, check_state });
+        if lsn {
+            cols.push("pg_catalog.pg_current_wal_lsn()::text".into());
+        }
+        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared: self.resync_prepared, check_state, lsn });
         self.resync_prepared = false;
         self.may_release = false;
         Some(format!("SELECT {}", cols.join(", ")))
@@ -142,6 +149,11 @@ impl Session {
         }
         if probe.check_state && it.next().flatten().as_deref() == Some("0") {
             self.unpin();
+        }
+        if probe.lsn {
+            if let Some(lsn) = it.next().flatten().as_deref().and_then(crate::topology::parse_lsn) {
+                self.floor = Some(self.floor.unwrap_or(0).max(lsn));
+            }
         }
     }
 

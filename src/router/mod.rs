@@ -3,5 +3,6 @@
 
 pub mod classify;
 pub mod lex;
+pub mod route;
 
 pub use classify::{classify, Analysis, Class, RouteHint, TxControl};

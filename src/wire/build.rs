@@ -247,3 +247,20 @@ pub fn quote_ident(s: &str) -> String {
     out.push('"');
     out
 }
+
+pub fn bind_complete(buf: &mut BytesMut) {
+    let at = begin(buf, b'2');
+    finish(buf, at);
+}
+
+pub fn no_data(buf: &mut BytesMut) {
+    let at = begin(buf, b'n');
+    finish(buf, at);
+}
+
+/// ParameterDescription with no parameters.
+pub fn no_parameters(buf: &mut BytesMut) {
+    let at = begin(buf, b't');
+    buf.put_i16(0);
+    finish(buf, at);
+}

@@ -1,0 +1,154 @@
+//! Routing glue between the session and the pure router: what the next
+//! transaction unit looks like, where it goes, and when a client bound to a
+//! replica must wait for its connection to be released before a write.
+
+use super::state::parse_sql;
+use super::{Session, SessionError};
+use crate::config::{PoolMode, ReadYourWrites};
+use crate::pool::Pool;
+use crate::router::route::{route, NoReplica, Reason, SessionRoute, Target};
+use crate::router::{Analysis, Class};
+use crate::wire::{self, build, sqlstate};
+use std::sync::Arc;
+
+impl Session {
+    /// Whether this session splits reads from writes at all.
+    pub(super) fn routes(&self) -> bool {
+        self.mode == PoolMode::Transaction && !self.app.topology.groups.is_empty()
+    }
+
+    /// The transaction unit starting with `first` and continuing in the
+    /// buffered input up to its Sync: a simple Query alone, or the
+    /// extended-protocol batch (a write anywhere makes the batch a write).
+    pub(super) fn unit_analysis(&self, first: &[u8], rest: &[u8]) -> Analysis {
+        let mut merged: Option<Analysis> = None;
+        let mut pos = 0;
+        let mut msg = first;
+        loop {
+            let mut stop = false;
+            let a = match msg.first() {
+                Some(b'Q') => {
+                    stop = true;
+                    merged.is_none().then(|| {
+                        wire::Reader::new(wire::body(msg)).cstr_utf8().map(|s| self.analyze(s)).unwrap_or_default()
+                    })
+                }
+                Some(b'P') => wire::parse_parse(msg).ok().map(|(_, c)| self.analyze(parse_sql(c))),
+                Some(b'B') => wire::parse_bind(msg).ok().and_then(|(_, s, _)| self.stmts.get(s)).map(|s| s.analysis.clone()),
+                Some(b'D') => match wire::parse_target(msg) {
+                    Ok((b'S', n)) => self.stmts.get(n).map(|s| s.analysis.clone()),
+                    _ => None,
+                },
+                Some(b'S') | None => {
+                    stop = true;
+                    None
+                }
+                _ => None,
+            };
+            if let Some(a) = a {
+                merged = Some(match merged {
+                    None => a,
+                    Some(mut m) => {
+                        if a.class == Class::Write {
+                            m.class = Class::Write;
+                        }
+                        m
+                    }
+                });
+            }
+            if stop {
+                break;
+            }
+            match wire::peek_header(&rest[pos..], usize::MAX) {
+                Ok(Some(h)) if rest.len() >= pos + h.total => {
+                    msg = &rest[pos..pos + h.total];
+                    pos += h.total;
+                }
+                _ => break,
+            }
+        }
+        merged.unwrap_or_default()
+    }
+
+    /// Where a transaction unit with this analysis goes.
+    pub(super) fn choose_target(&self, a: &Analysis) -> Result<(Target, Reason), (&'static str, String)> {
+        if !self.routes() {
+            return Ok((Target::Primary, Reason::SplitDisabled));
+        }
+        let group = match &a.workload_hint {
+            Some(w) => self.group_named(w)?,
+            None => match self.workload {
+                Some(g) => g,
+                None => return Ok((Target::Primary, Reason::SplitDisabled)),
+            },
+        };
+        let cfg = self.app.config();
+        let topo = &self.app.topology;
+        let s = SessionRoute {
+            split: cfg.routing.read_write_split,
+            route: self.route_override,
+            group,
+            groups: &topo.groups,
+            floor: self.floor.filter(|_| cfg.routing.read_your_writes == ReadYourWrites::Lsn),
+            default_read_only: self
+                .settings
+                .iter()
+                .any(|(n, v)| n == "default_transaction_read_only" && matches!(v.as_str(), "on" | "true" | "1" | "yes")),
+        };
+        route(a, &s, &topo.snapshot(), &mut |c| topo.pick(c)).map_err(|NoReplica { group, why }| {
+            (
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("no usable replica for workload \"{group}\" and its fallback is \"error\" ({why})"),
+            )
+        })
+    }
+
+    /// Bound to a replica at a transaction boundary, with a unit waiting
+    /// that must not run there (a write): wait for the release first.
+    pub(super) fn must_hold(&self, next: &[u8]) -> bool {
+        if !matches!(self.bound_target, Some(Target::Replica(_))) || self.status != b'I' || self.in_batch {
+            return false;
+        }
+        let a = self.unit_analysis(next, &self.cin[next.len()..]);
+        !matches!(self.choose_target(&a), Ok((Target::Replica(_), _)))
+    }
+
+    pub(super) fn pool_for(&self, target: Target) -> Arc<Pool> {
+        self.app.pool(&self.database, &self.user, target)
+    }
+
+    /// A routing failure for a unit not yet sent anywhere: the client gets
+    /// the error, then ReadyForQuery (simple Query) or, for an
+    /// extended-protocol batch, the rest of the batch is skipped to Sync.
+    pub(super) fn refuse_unit(&mut self, tag: u8, code: &str, message: &str) {
+        build::error_response(&mut self.cout, "ERROR", code, message);
+        if tag == b'Q' {
+            build::ready_for_query(&mut self.cout, b'I');
+        } else {
+            self.discard_to_sync = true;
+        }
+    }
+
+    /// Checks out a connection for `target`; a replica that cannot be
+    /// reached is marked down and the unit re-routed once.
+    pub(super) async fn checkout_routed(&mut self, a: &Analysis, mut target: Target) -> Result<(crate::backend::ServerConn, Target), SessionError> {
+        for attempt in 0..2 {
+            match self.pool_for(target).checkout().await {
+                Ok(conn) => return Ok((conn, target)),
+                Err(crate::pool::PoolError::Connect(e)) if attempt == 0 => {
+                    let Target::Replica(i) = target else {
+                        return Err(SessionError::Pool(crate::pool::PoolError::Connect(e)));
+                    };
+                    tracing::warn!(replica = %self.app.topology.replicas[i].name, error = %e, "replica unreachable; re-routing");
+                    self.app.topology.mark_down(i, &e.to_string());
+                    target = match self.choose_target(a) {
+                        Ok((t, _)) => t,
+                        Err(_) => return Err(SessionError::Pool(crate::pool::PoolError::Connect(e))),
+                    };
+                }
+                Err(e) => return Err(SessionError::Pool(e)),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+}

@@ -1,0 +1,210 @@
+//! Virtual statements: `SET pgfleet.<name>`, `RESET pgfleet.<name>` and
+//! `SHOW pgfleet.<name>` are answered by pgfleet in both protocols and never
+//! reach PostgreSQL. Names: `workload`, `route` (primary | replica | auto),
+//! `lsn` (show: the client's read-your-writes floor) and `min_lsn` (set: raise
+//! that floor, to carry it across connections).
+
+use super::expect::{Pending, Synth};
+use super::{starts_with_word, state, Session};
+use crate::router::{Analysis, RouteHint};
+use crate::topology::{format_lsn, parse_lsn};
+use crate::wire::{self, build, sqlstate};
+use bytes::{Bytes, BytesMut};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Virtual {
+    Set(String, Option<String>),
+    Show(String),
+}
+
+fn virtual_of(a: &Analysis) -> Option<Virtual> {
+    if a.statements != 1 {
+        return None;
+    }
+    if let Some((n, v)) = &a.proxy_set {
+        return Some(Virtual::Set(n.clone(), v.clone()));
+    }
+    a.proxy_show.clone().map(Virtual::Show)
+}
+
+/// Could this SQL be a virtual statement? (cheap, before classifying)
+fn maybe_virtual(sql: &[u8]) -> bool {
+    (starts_with_word(sql, b"set") || starts_with_word(sql, b"reset") || starts_with_word(sql, b"show"))
+        && sql.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgfleet."))
+}
+
+impl Session {
+    fn classify_virtual(&self, sql: &str) -> Option<Virtual> {
+        if !maybe_virtual(sql.as_bytes()) {
+            return None;
+        }
+        virtual_of(&self.analyze(sql))
+    }
+
+    /// Answers the message if it is (or refers to) a virtual statement.
+    pub(super) fn try_virtual(&mut self, tag: u8, msg: &[u8]) -> Result<bool, super::SessionError> {
+        let handled = match tag {
+            b'Q' => {
+                let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
+                let Some(v) = self.classify_virtual(sql) else { return Ok(false) };
+                let out = self.run_virtual(&v, true);
+                self.expect.push_payload(out.0);
+                self.expect.push(Pending::Synth(Synth::Ready));
+                true
+            }
+            b'P' => {
+                let (name, content) = wire::parse_parse(msg)?;
+                match self.classify_virtual(state::parse_sql(content)) {
+                    Some(v) => {
+                        self.virtuals.insert(Bytes::copy_from_slice(name), v);
+                        self.expect.push(Pending::Synth(Synth::ParseComplete));
+                        true
+                    }
+                    None => {
+                        self.virtuals.remove(name);
+                        false
+                    }
+                }
+            }
+            b'B' => {
+                let (portal, stmt, _) = wire::parse_bind(msg)?;
+                match self.virtuals.get(stmt).cloned() {
+                    Some(v) => {
+                        self.virtual_portals.insert(Bytes::copy_from_slice(portal), v);
+                        let mut b = BytesMut::new();
+                        build::bind_complete(&mut b);
+                        self.expect.push_payload(b.freeze());
+                        true
+                    }
+                    None => false,
+                }
+            }
+            b'D' => {
+                let (kind, name) = wire::parse_target(msg)?;
+                let v = if kind == b'S' { self.virtuals.get(name) } else { self.virtual_portals.get(name) };
+                match v.cloned() {
+                    Some(v) => {
+                        let mut b = BytesMut::new();
+                        if kind == b'S' {
+                            build::no_parameters(&mut b);
+                        }
+                        describe(&mut b, &v);
+                        self.expect.push_payload(b.freeze());
+                        true
+                    }
+                    None => false,
+                }
+            }
+            b'E' => {
+                let portal = wire::Reader::new(wire::body(msg)).cstr()?;
+                match self.virtual_portals.get(portal).cloned() {
+                    Some(v) => {
+                        let (out, ok) = self.run_virtual(&v, false);
+                        if !ok {
+                            self.discard_to_sync = true;
+                        }
+                        self.expect.push_payload(out);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            b'C' => {
+                let (kind, name) = wire::parse_target(msg)?;
+                let removed = if kind == b'S' { self.virtuals.remove(name) } else { self.virtual_portals.remove(name) };
+                if removed.is_some() {
+                    self.expect.push(Pending::Synth(Synth::CloseComplete));
+                }
+                removed.is_some()
+            }
+            _ => false,
+        };
+        if handled {
+            self.emit_synth();
+        }
+        Ok(handled)
+    }
+
+    /// Executes a virtual statement: (response bytes, success).
+    fn run_virtual(&mut self, v: &Virtual, with_description: bool) -> (Bytes, bool) {
+        let mut b = BytesMut::new();
+        let result = match v {
+            Virtual::Set(name, value) => self.set_virtual(name, value.as_deref()).map(|()| {
+                build::command_complete(&mut b, if value.is_some() { "SET" } else { "RESET" });
+            }),
+            Virtual::Show(name) => self.show_virtual(name).map(|value| {
+                if with_description {
+                    describe(&mut b, v);
+                }
+                build::data_row(&mut b, &[Some(&value)]);
+                build::command_complete(&mut b, "SHOW");
+            }),
+        };
+        match result {
+            Ok(()) => (b.freeze(), true),
+            Err((code, msg)) => {
+                let mut e = BytesMut::new();
+                build::error_response(&mut e, "ERROR", code, &msg);
+                (e.freeze(), false)
+            }
+        }
+    }
+
+    fn set_virtual(&mut self, name: &str, value: Option<&str>) -> Result<(), (&'static str, String)> {
+        match (name, value) {
+            ("workload", None) => self.workload = self.login_workload,
+            ("workload", Some(w)) => self.workload = Some(self.group_named(w)?),
+            ("route", None) => self.route_override = None,
+            ("route", Some(r)) => {
+                self.route_override = match r.to_ascii_lowercase().as_str() {
+                    "primary" => Some(RouteHint::Primary),
+                    "replica" => Some(RouteHint::Replica),
+                    "auto" => None,
+                    _ => {
+                        return Err((
+                            sqlstate::INVALID_PARAMETER_VALUE,
+                            format!("invalid value for pgfleet.route: \"{r}\" (use primary, replica or auto)"),
+                        ))
+                    }
+                }
+            }
+            ("min_lsn", Some(l)) => {
+                let lsn = parse_lsn(l).ok_or_else(|| {
+                    (sqlstate::INVALID_PARAMETER_VALUE, format!("invalid value for pgfleet.min_lsn: \"{l}\" (use an LSN like 0/16B3748)"))
+                })?;
+                self.floor = Some(self.floor.unwrap_or(0).max(lsn));
+            }
+            ("min_lsn", None) => self.floor = None,
+            (other, _) => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
+        }
+        Ok(())
+    }
+
+    fn show_virtual(&self, name: &str) -> Result<String, (&'static str, String)> {
+        Ok(match name {
+            "workload" => self.workload.map(|g| self.app.topology.groups[g].name.clone()).unwrap_or_default(),
+            "route" => match self.route_override {
+                Some(RouteHint::Primary) => "primary",
+                Some(RouteHint::Replica) => "replica",
+                _ => "auto",
+            }
+            .to_string(),
+            "lsn" | "min_lsn" => format_lsn(self.floor.unwrap_or(0)),
+            other => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
+        })
+    }
+
+    /// The group a workload name selects, or the error a client sees.
+    pub(super) fn group_named(&self, w: &str) -> Result<usize, (&'static str, String)> {
+        self.app.topology.group(w).ok_or_else(|| {
+            (sqlstate::UNDEFINED_OBJECT, format!("workload \"{w}\" does not exist (no [[cluster.groups]] entry of that name)"))
+        })
+    }
+}
+
+fn describe(b: &mut BytesMut, v: &Virtual) {
+    match v {
+        Virtual::Show(name) => build::row_description(b, &[&format!("pgfleet.{name}")]),
+        Virtual::Set(..) => build::no_data(b),
+    }
+}

@@ -1,0 +1,234 @@
+//! The cluster as pgfleet sees it: the primary, the replicas and their
+//! groups, and a monitor task that polls every `lag_check_interval` and
+//! publishes one immutable snapshot.
+//!
+//! Lag is measured two ways. Bytes: primary WAL position minus the
+//! replica's replay position. Time: how long ago the primary first had WAL
+//! the replica has not replayed yet (from the monitor's own history of
+//! primary positions), so an idle primary means no lag, and clocks on
+//! different hosts never matter. A replica over a group's budget leaves that
+//! group and returns only under 3/4 of the budget (hysteresis).
+
+use crate::config::Config;
+use crate::router::route::{Fallback, GroupInfo, ReplicaState, Snapshot};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+pub struct ReplicaInfo {
+    pub name: String,
+    pub addr: String,
+    pub weight: u32,
+    /// Group indexes.
+    pub groups: Vec<usize>,
+    /// Transactions in flight on this replica (load balancing).
+    pub inflight: AtomicUsize,
+}
+
+pub struct Topology {
+    pub primary: String,
+    pub replicas: Vec<ReplicaInfo>,
+    pub groups: Vec<GroupInfo>,
+    /// The current snapshot; replaced whole, never mutated in place.
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+impl Topology {
+    pub fn from_config(cfg: &Config) -> Topology {
+        let gidx = |n: &str| cfg.cluster.groups.iter().position(|g| g.name == n);
+        let groups = cfg
+            .cluster
+            .groups
+            .iter()
+            .map(|g| GroupInfo {
+                name: g.name.clone(),
+                max_lag: g.max_lag.map(|d| d.0),
+                max_lag_bytes: g.max_lag_bytes.map(|s| s.0),
+                fallback: g
+                    .fallback
+                    .iter()
+                    .filter_map(|f| match f.as_str() {
+                        "primary" => Some(Fallback::Primary),
+                        "error" => Some(Fallback::Error),
+                        other => gidx(other).map(Fallback::Group),
+                    })
+                    .collect(),
+                members: cfg
+                    .cluster
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.groups.contains(&g.name))
+                    .map(|(i, _)| i)
+                    .collect(),
+            })
+            .collect();
+        let replicas: Vec<ReplicaInfo> = cfg
+            .cluster
+            .replicas
+            .iter()
+            .map(|r| ReplicaInfo {
+                name: r.name.clone(),
+                addr: r.addr.clone(),
+                weight: r.weight,
+                groups: r.groups.iter().filter_map(|g| gidx(g)).collect(),
+                inflight: AtomicUsize::new(0),
+            })
+            .collect();
+        let initial = Snapshot {
+            primary_lsn: 0,
+            primary_reachable: false,
+            replicas: replicas
+                .iter()
+                .map(|r| ReplicaState {
+                    name: r.name.clone(),
+                    groups: r.groups.iter().map(|g| (*g, false)).collect(),
+                    excluded_because: Some("not checked yet".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        Topology { primary: cfg.cluster.primary.clone(), replicas, groups, snapshot: RwLock::new(Arc::new(initial)) }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap().clone()
+    }
+
+    fn publish(&self, s: Snapshot) {
+        *self.snapshot.write().unwrap() = Arc::new(s);
+    }
+
+    pub fn group(&self, name: &str) -> Option<usize> {
+        self.groups.iter().position(|g| g.name == name)
+    }
+
+    /// A connection to this replica failed: stop sending it reads now; the
+    /// monitor re-admits it once it answers again.
+    pub fn mark_down(&self, replica: usize, why: &str) {
+        let mut s = (*self.snapshot()).clone();
+        if let Some(r) = s.replicas.get_mut(replica) {
+            r.reachable = false;
+            r.groups.iter_mut().for_each(|g| g.1 = false);
+            r.excluded_because = Some(format!("connection failed: {why}"));
+        }
+        self.publish(s);
+    }
+
+    /// Weighted power-of-two-choices by in-flight transactions.
+    pub fn pick(&self, candidates: &[usize]) -> usize {
+        if candidates.len() == 1 {
+            return candidates[0];
+        }
+        let a = candidates[rand::random::<usize>() % candidates.len()];
+        let mut b = candidates[rand::random::<usize>() % candidates.len()];
+        if a == b {
+            b = candidates[(candidates.iter().position(|c| *c == a).unwrap() + 1) % candidates.len()];
+        }
+        let load = |i: usize| {
+            let r = &self.replicas[i];
+            (r.inflight.load(Ordering::Relaxed) as u64 + 1) * 1000 / r.weight.max(1) as u64
+        };
+        if load(a) <= load(b) {
+            a
+        } else {
+            b
+        }
+    }
+}
+
+/// Parses "16/B374D848" into a 64-bit WAL position.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Credentials and timing for the monitor's own connections.
+#[derive(Clone)]
+pub struct MonitorSpec {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub interval: Duration,
+}
+
+mod monitor;
+pub use monitor::run_monitor;
+
+/// The lag state machine of one monitor, kept between checks.
+#[derive(Default)]
+struct LagState {
+    /// (primary LSN, when first seen), increasing.
+    history: VecDeque<(u64, Instant)>,
+    /// Per replica, per group slot: excluded for lag.
+    excluded: Vec<Vec<bool>>,
+}
+
+impl LagState {
+    fn record_primary(&mut self, lsn: u64, now: Instant) {
+        if self.history.back().is_none_or(|(l, _)| lsn > *l) {
+            self.history.push_back((lsn, now));
+        }
+        while self.history.len() > 100_000 {
+            self.history.pop_front();
+        }
+    }
+
+    /// How long ago the primary first had WAL past `replay`.
+    fn lag_time(&self, replay: u64, now: Instant) -> Duration {
+        self.history.iter().find(|(l, _)| *l > replay).map(|(_, t)| now.duration_since(*t)).unwrap_or_default()
+    }
+
+    fn forget_before(&mut self, min_replay: u64) {
+        // Keep the last entry at or below the slowest replica so lag stays measurable.
+        while self.history.len() > 1 && self.history[1].0 <= min_replay {
+            self.history.pop_front();
+        }
+    }
+}
+
+/// Within budget, with hysteresis: leaving at the budget, returning under 3/4.
+fn within_budget(g: &GroupInfo, lag: Duration, bytes: u64, was_excluded: bool) -> bool {
+    let (num, den) = if was_excluded { (3, 4) } else { (1, 1) };
+    let time_ok = g.max_lag.is_none_or(|m| lag.as_nanos() * den <= m.as_nanos() * num);
+    let bytes_ok = g.max_lag_bytes.is_none_or(|m| bytes as u128 * den <= m as u128 * num);
+    time_ok && bytes_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_roundtrip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374D848));
+        assert_eq!(format_lsn(parse_lsn("0/3000060").unwrap()), "0/3000060");
+        assert_eq!(parse_lsn("nonsense"), None);
+    }
+
+    #[test]
+    fn idle_primary_means_no_lag() {
+        let mut s = LagState::default();
+        let t0 = Instant::now();
+        s.record_primary(100, t0);
+        s.record_primary(100, t0 + Duration::from_secs(10));
+        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(10)), Duration::ZERO);
+        s.record_primary(200, t0 + Duration::from_secs(11));
+        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(13)), Duration::from_secs(2));
+        assert_eq!(s.lag_time(200, t0 + Duration::from_secs(13)), Duration::ZERO);
+    }
+
+    #[test]
+    fn hysteresis() {
+        let g = GroupInfo { name: "g".into(), max_lag: Some(Duration::from_millis(400)), max_lag_bytes: None, fallback: vec![], members: vec![] };
+        assert!(within_budget(&g, Duration::from_millis(350), 0, false));
+        assert!(!within_budget(&g, Duration::from_millis(350), 0, true));
+        assert!(within_budget(&g, Duration::from_millis(300), 0, true));
+        assert!(!within_budget(&g, Duration::from_millis(401), 0, false));
+    }
+}
