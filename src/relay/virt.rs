@@ -76,7 +76,11 @@ impl Session {
                         self.expect.push_payload(b.freeze());
                         true
                     }
-                    None => false,
+                    None => {
+                        // A real Bind replaces a virtual portal of that name.
+                        self.virtual_portals.remove(portal);
+                        false
+                    }
                 }
             }
             b'D' => {

@@ -368,3 +368,75 @@ pub fn run_client(prog: &str, args: &[&str], password: &str) -> Output {
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}"))
 }
+
+/// Tests that pause or stop replicas take this for writing; tests that
+/// assert which replica served them take it for reading.
+pub static REPLICAS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Cluster section for routing tests: r1 in default+chat, r2 in analytics.
+pub fn routing_extra(default_max_lag: &str, ryw: &str) -> String {
+    let c = cluster();
+    format!(
+        r#"lag_check_interval = "100ms"
+[[cluster.replicas]]
+name = "r1"
+addr = "127.0.0.1:{r1}"
+groups = ["default", "chat"]
+[[cluster.replicas]]
+name = "r2"
+addr = "127.0.0.1:{r2}"
+groups = ["analytics"]
+[[cluster.groups]]
+name = "default"
+max_lag = "{default_max_lag}"
+max_lag_bytes = "64MB"
+fallback = ["primary"]
+[[cluster.groups]]
+name = "chat"
+max_lag = "5s"
+fallback = ["default", "primary"]
+[[cluster.groups]]
+name = "analytics"
+max_lag = "30s"
+fallback = ["error"]
+[routing]
+default_workload = "default"
+read_your_writes = "{ryw}"
+[[routing.rules]]
+application_name = "metabase*"
+workload = "analytics"
+"#,
+        r1 = c.replicas[0],
+        r2 = c.replicas[1]
+    )
+}
+
+/// A proxy in front of the primary and both replicas; waits until the
+/// monitor has seen every replica usable.
+pub async fn routing_proxy(pool: &str, default_max_lag: &str, ryw: &str) -> Running {
+    let p = start(config(pool, &routing_extra(default_max_lag, ryw))).await;
+    wait_replicas_usable(&p).await;
+    p
+}
+
+pub async fn wait_replicas_usable(p: &Running) {
+    for _ in 0..200 {
+        let s = p.app.topology.snapshot();
+        if s.replicas.iter().all(|r| r.groups.iter().all(|(_, ok)| *ok)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("replicas never became usable: {:?}", p.app.topology.snapshot());
+}
+
+/// The port of the server that answered `sql` (which must return it as text).
+pub async fn port_of(c: &tokio_postgres::Client, sql: &str) -> u16 {
+    let rows = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}

@@ -9,6 +9,7 @@ mod drivers;
 mod lifecycle;
 mod pgbench;
 mod pooling;
+mod routing;
 mod protocol;
 mod psql;
 mod session_state;

@@ -1,0 +1,146 @@
+//! Read/write routing on a real primary + 2 streaming replicas: writes on
+//! the primary, reads on the workload's replicas, isolation between
+//! workloads, lag exclusion and re-admission, read-your-writes.
+
+use crate::harness::*;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_primary_reads_on_replicas_both_protocols() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    let writer = connect(&p).await;
+    writer.batch_execute("CREATE TABLE IF NOT EXISTS rt_w (id serial primary key, port int); CREATE SEQUENCE IF NOT EXISTS rt_seq").await.unwrap();
+    let reader = connect(&p).await;
+    let r1 = c.replicas[0];
+    // The replica has to have replayed the DDL before reads can use the table.
+    while cluster().psql_on(r1, "app", "SELECT count(*) FROM pg_class WHERE relname = 'rt_w'") != "1" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..100 {
+        // Autocommit reads, simple and extended, go to the default group's replica.
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1, "simple read {i}");
+        let port: i32 = reader.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+        assert_eq!(port as u16, r1, "extended read {i}");
+        assert_eq!(port_of(&reader, "/* a comment */ WITH x AS (SELECT inet_server_port() p) SELECT p::text FROM x").await, r1);
+        // Writes and anything that locks or has side effects: primary.
+        assert_eq!(port_of(&writer, "INSERT INTO rt_w (port) VALUES (inet_server_port()) RETURNING port::text").await, c.primary);
+        let port: i32 = writer.query_one("INSERT INTO rt_w (port) VALUES (inet_server_port()) RETURNING port", &[]).await.unwrap().get(0);
+        assert_eq!(port as u16, c.primary);
+        assert_eq!(port_of(&writer, "SELECT inet_server_port()::text FROM (SELECT nextval('rt_seq')) s").await, c.primary);
+        assert_eq!(port_of(&writer, "SELECT inet_server_port()::text FROM rt_w WHERE id = 1 FOR UPDATE").await, c.primary);
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text; SELECT count(*) FROM rt_w").await, r1);
+    }
+    // A transaction is routed as a whole.
+    let rows = writer.simple_query("BEGIN; SELECT inet_server_port()::text; COMMIT").await.unwrap();
+    let port: u16 = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+        _ => None,
+    }).unwrap();
+    assert_eq!(port, c.primary);
+    reader.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1);
+    let e = reader.simple_query("INSERT INTO rt_w (port) VALUES (0)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25006", "a write inside READ ONLY fails like on PostgreSQL");
+    reader.batch_execute("ROLLBACK").await.unwrap();
+    // Hints and SET pgfleet.route.
+    assert_eq!(port_of(&reader, "/* pgfleet: route=primary */ SELECT inet_server_port()::text").await, c.primary);
+    reader.batch_execute("SET pgfleet.route = 'primary'").await.unwrap();
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, c.primary);
+    reader.batch_execute("RESET pgfleet.route").await.unwrap();
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_write_after_read_waits_for_the_primary() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    connect(&p).await.batch_execute("CREATE TABLE IF NOT EXISTS rt_pipe (port int)").await.unwrap();
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SELECT inet_server_port()::text");
+    pgfleet::wire::build::query(&mut out, "INSERT INTO rt_pipe VALUES (inet_server_port()) RETURNING port::text");
+    pgfleet::wire::build::query(&mut out, "SELECT inet_server_port()::text");
+    raw.stream.write_all(&out).await.unwrap();
+    let mut ports = Vec::new();
+    let mut readies = 0;
+    while readies < 3 {
+        let (tag, m) = raw.next().await.unwrap();
+        match tag {
+            b'D' => ports.push(String::from_utf8_lossy(&m[11..]).parse::<u16>().unwrap()),
+            b'E' => panic!("{:?}", pgfleet::wire::error_fields(&m)),
+            b'Z' => readies += 1,
+            _ => {}
+        }
+    }
+    // A read pipelined behind a write stays on the primary connection that
+    // is still bound (which also gives it the write's effects).
+    assert_eq!(ports, vec![c.replicas[0], c.primary, c.primary]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_only_reach_their_group() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let (r1, r2) = (c.replicas[0], c.replicas[1]);
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    let base = conn_str(&p, "app", "app", "app");
+    let by_rule = connect_with(&format!("{base} application_name=metabase-prod")).await.unwrap();
+    let by_option = connect_with(&format!("{base} options='-c pgfleet.workload=chat'")).await.unwrap();
+    let by_set = connect(&p).await;
+    by_set.batch_execute("SET pgfleet.workload = 'analytics'").await.unwrap();
+    let by_set_ext = connect(&p).await;
+    by_set_ext.execute("SET pgfleet.workload = 'analytics'", &[]).await.unwrap();
+    let plain = connect(&p).await;
+    for _ in 0..50 {
+        assert_eq!(port_of(&by_rule, "SELECT inet_server_port()::text").await, r2);
+        assert_eq!(port_of(&by_option, "SELECT inet_server_port()::text").await, r1);
+        assert_eq!(port_of(&by_set, "SELECT inet_server_port()::text").await, r2);
+        let port: i32 = by_set_ext.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+        assert_eq!(port as u16, r2);
+        assert_eq!(port_of(&plain, "SELECT inet_server_port()::text").await, r1);
+        assert_eq!(port_of(&plain, "/* pgfleet: workload=analytics */ SELECT inet_server_port()::text").await, r2);
+    }
+    // SHOW answers from pgfleet, in both protocols.
+    let rows = by_set.simple_query("SHOW pgfleet.workload").await.unwrap();
+    assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("analytics")));
+    let w: String = by_option.query_one("SHOW pgfleet.workload", &[]).await.unwrap().get(0);
+    assert_eq!(w, "chat");
+    // Unknown workloads are errors.
+    let e = plain.simple_query("SET pgfleet.workload = 'nope'").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42704");
+    let e = plain.simple_query("/* pgfleet: workload=nope */ SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42704");
+    let e = connect_with(&format!("{base} options='-c pgfleet.workload=nope'")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42704");
+    // The session is still fine, and nothing reached PostgreSQL: it has no such setting.
+    assert_eq!(port_of(&plain, "SELECT inet_server_port()::text").await, r1);
+    let v = plain.simple_query("SELECT coalesce(current_setting('pgfleet.workload', true), 'unset')").await.unwrap();
+    assert!(matches!(&v[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("unset")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_error_gives_a_clear_error_and_writes_still_work() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    // A group whose only replica does not exist.
+    let extra = format!(
+        "lag_check_interval = \"100ms\"\n[[cluster.replicas]]\nname = \"ghost\"\naddr = \"127.0.0.1:{}\"\ngroups = [\"ghosts\"]\n\
+         [[cluster.groups]]\nname = \"ghosts\"\nfallback = [\"error\"]\n[routing]\ndefault_workload = \"ghosts\"\n",
+        free_port()
+    );
+    let p = start(config("size = 2", &extra)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let cl = connect(&p).await;
+    let e = cl.simple_query("SELECT 1").await.unwrap_err();
+    let db = e.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "57P03");
+    assert!(db.message().contains("ghosts") && db.message().contains("ghost:"), "{}", db.message());
+    // Extended protocol too, and the session survives.
+    let e = cl.query("SELECT $1::int", &[&1i32]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "57P03");
+    assert_eq!(port_of(&cl, "CREATE TEMP TABLE IF NOT EXISTS t_x (a int); SELECT inet_server_port()::text").await, c.primary);
+}
