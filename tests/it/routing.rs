@@ -144,3 +144,128 @@ async fn fallback_error_gives_a_clear_error_and_writes_still_work() {
     assert_eq!(sqlstate(&e), "57P03");
     assert_eq!(port_of(&cl, "CREATE TEMP TABLE IF NOT EXISTS t_x (a int); SELECT inet_server_port()::text").await, c.primary);
 }
+
+/// Writes to the primary every 20 ms until dropped (so replicas can lag).
+struct Churn(tokio::task::JoinHandle<()>);
+
+impl Churn {
+    async fn start() -> Churn {
+        let c = cluster();
+        let s = format!("host=127.0.0.1 port={} user=app password=app dbname=app", c.primary);
+        let direct = connect_with(&s).await.unwrap();
+        direct.batch_execute("CREATE TABLE IF NOT EXISTS churn (x int)").await.unwrap();
+        Churn(tokio::spawn(async move {
+            loop {
+                let _ = direct.batch_execute("INSERT INTO churn VALUES (1)").await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn wait_port(c: &tokio_postgres::Client, want: u16, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        if port_of(c, "SELECT inet_server_port()::text").await == want {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "reads did not move to port {want} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_replica_is_excluded_and_readmitted() {
+    let _exclusive = REPLICAS.write().await;
+    let c = cluster();
+    let r1 = c.replicas[0];
+    let p = routing_proxy("size = 3", "300ms", "off").await;
+    let reader = connect(&p).await;
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1);
+    let _churn = Churn::start().await;
+    c.psql_on(r1, "postgres", "SELECT pg_wal_replay_pause()");
+    // Over a 300 ms budget, with 100 ms checks: out well within 2.5 s.
+    let took = wait_port(&reader, c.primary, Duration::from_millis(2500)).await;
+    let snap = p.app.topology.snapshot();
+    let why = snap.replicas[0].excluded_because.clone().unwrap_or_default();
+    assert!(why.contains("over the budget of group default"), "{why} (after {took:?})");
+    // Reads keep succeeding meanwhile, all on the fallback.
+    for _ in 0..20 {
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, c.primary);
+    }
+    c.psql_on(r1, "postgres", "SELECT pg_wal_replay_resume()");
+    wait_port(&reader, r1, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_replica_reads_keep_succeeding() {
+    let _exclusive = REPLICAS.write().await;
+    let c = cluster();
+    let r1 = c.replicas[0];
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    let readers = [connect(&p).await, connect(&p).await];
+    for r in &readers {
+        assert_eq!(port_of(r, "SELECT inet_server_port()::text").await, r1);
+    }
+    let out = c.pg_ctl("replica0", &["stop", "-m", "immediate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for i in 0..50 {
+        for r in &readers {
+            let port = port_of(r, "SELECT inet_server_port()::text").await;
+            assert_eq!(port, c.primary, "read {i} after the replica stopped");
+        }
+    }
+    let snap = p.app.topology.snapshot();
+    assert!(!snap.replicas[0].reachable);
+    let out = c.pg_ctl("replica0", &["start", "-w", "-l", &c.dir.join("replica0.log").display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_replicas_usable(&p).await;
+    wait_port(&readers[0], r1, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_with_a_lagging_replica() {
+    let _exclusive = REPLICAS.write().await;
+    let c = cluster();
+    let r1 = c.replicas[0];
+    let auto_conf = c.dir.join("replica0/postgresql.auto.conf");
+    let original = std::fs::read_to_string(&auto_conf).unwrap();
+    std::fs::write(&auto_conf, format!("{original}recovery_min_apply_delay = '500ms'\n")).unwrap();
+    assert!(c.pg_ctl("replica0", &["reload"]).status.success());
+    let p = routing_proxy("size = 4", "5s", "lsn").await;
+    let writer = connect(&p).await;
+    writer.batch_execute("CREATE TABLE IF NOT EXISTS ryw (id serial primary key, v int)").await.unwrap();
+    let bystander = connect(&p).await;
+    let insert = writer.prepare("INSERT INTO ryw (v) VALUES ($1) RETURNING id").await.unwrap();
+    let select = writer.prepare("SELECT v FROM ryw WHERE id = $1").await.unwrap();
+    for i in 0..1000i32 {
+        let id: i32 = writer.query_one(&insert, &[&i]).await.unwrap().get(0);
+        let rows = writer.query(&select, &[&id]).await.unwrap();
+        assert_eq!(rows.len(), 1, "iteration {i}: own write not visible");
+        assert_eq!(rows[0].get::<_, i32>(0), i);
+        if i % 100 == 0 {
+            // Reads that do not follow a write still go to the replica.
+            assert_eq!(port_of(&bystander, "SELECT inet_server_port()::text").await, r1);
+        }
+    }
+    // The floor is visible and can be carried to another connection.
+    let lsn: String = writer.query_one("SHOW pgfleet.lsn", &[]).await.unwrap().get(0);
+    assert_ne!(lsn, "0/0");
+    let other = connect(&p).await;
+    other.batch_execute(&format!("SET pgfleet.min_lsn = '{lsn}'")).await.unwrap();
+    writer.batch_execute("INSERT INTO ryw (v) VALUES (-1)").await.unwrap();
+    let lsn2: String = writer.query_one("SHOW pgfleet.lsn", &[]).await.unwrap().get(0);
+    other.batch_execute(&format!("SET pgfleet.min_lsn = '{lsn2}'")).await.unwrap();
+    let n: i64 = other.query_one("SELECT count(*) FROM ryw WHERE v = -1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1, "a floor carried across connections");
+    // Once the replica has replayed past the floor, the writer reads from it again.
+    wait_port(&writer, r1, Duration::from_secs(5)).await;
+    std::fs::write(&auto_conf, original).unwrap();
+    assert!(c.pg_ctl("replica0", &["reload"]).status.success());
+}
