@@ -306,7 +306,7 @@ impl Session {
                 if h.tag == b'S' {
                     self.discard_to_sync = false;
                     if self.server.is_some() {
-                        self.forward(h.tag, &msg)?;
+                        self.forward(h.tag, &msg, None)?;
                     } else {
                         build::ready_for_query(&mut self.cout, b'I');
                     }
@@ -321,6 +321,7 @@ impl Session {
                     continue;
                 }
                 let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
+                let first_only = matches!(h.tag, b'Q' | b'P');
                 let target = match self.choose_target(&a) {
                     Ok((t, reason)) => {
                         tracing::debug!(target = ?t, reason = reason.as_str(), "routed");
@@ -332,15 +333,21 @@ impl Session {
                     }
                 };
                 self.bind_server(&a, target).await?;
+                if first_only && self.routes() {
+                    // Classified once: the lookahead's analysis of this message.
+                    self.forward(h.tag, &msg, Some(a))?;
+                    continue;
+                }
             }
-            self.forward(h.tag, &msg)?;
+            self.forward(h.tag, &msg, None)?;
         }
         Ok(())
     }
 
-    fn forward(&mut self, tag: u8, msg: &[u8]) -> Result<(), SessionError> {
+    /// `known`: this message's analysis when already computed.
+    fn forward(&mut self, tag: u8, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
         match tag {
-            b'Q' => self.on_query(msg)?,
+            b'Q' => self.on_query(msg, known)?,
             b'F' => self.send(msg, Some(Kind::FnCall)),
             b'S' if self.copy_in_ext => self.send(msg, None),
             b'S' => {
@@ -356,7 +363,7 @@ impl Session {
                 self.in_batch = true;
                 self.send(msg, Some(Kind::Execute));
             }
-            b'P' => self.on_parse(msg)?,
+            b'P' => self.on_parse(msg, known)?,
             b'B' => self.on_bind(msg)?,
             b'D' => self.on_describe(msg)?,
             b'C' => self.on_close(msg)?,
@@ -427,10 +434,12 @@ impl Session {
         crate::router::classify(sql, &self.app.config().routing.write_functions)
     }
 
-    fn on_query(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+    fn on_query(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
         if self.tracks_state() {
-            let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
-            let a = self.analyze(sql);
+            let a = match known {
+                Some(a) => a,
+                None => self.analyze(wire::Reader::new(wire::body(msg)).cstr_utf8()?),
+            };
             self.note_write(&a);
             if self.deallocates_protocol_statement(&a) {
                 self.answer_deallocate();
@@ -463,11 +472,11 @@ impl Session {
     }
 
     /// Parse content to use (rewritten when rejected), after noting effects.
-    fn parse_content(&mut self, content: &[u8]) -> Option<Bytes> {
+    fn parse_content(&mut self, content: &[u8], known: Option<Analysis>) -> Option<Bytes> {
         if !self.tracks_state() {
             return None;
         }
-        let a = self.analyze(state::parse_sql(content));
+        let a = known.unwrap_or_else(|| self.analyze(state::parse_sql(content)));
         self.note_write(&a);
         self.note_effects(&a).map(|sql| state::replace_sql(content, &sql))
     }
@@ -484,10 +493,10 @@ impl Session {
         self.app.stmts.intern(content, |c| crate::router::classify(state::parse_sql(c), &extra))
     }
 
-    fn on_parse(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+    fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
         let (name, content) = wire::parse_parse(msg)?;
         self.in_batch = true;
-        let rewritten = self.parse_content(content);
+        let rewritten = self.parse_content(content, known);
         if name.is_empty() {
             match rewritten {
                 Some(c) => {

@@ -142,17 +142,29 @@ fn hint(text: &str, a: &mut Analysis) {
     }
 }
 
+/// Upper-cases a keyword into a stack buffer (longer words never match one).
+fn keyword<'a>(w: &str, buf: &'a mut [u8; 12]) -> &'a str {
+    if w.len() > buf.len() {
+        return "";
+    }
+    for (d, s) in buf.iter_mut().zip(w.bytes()) {
+        *d = s.to_ascii_uppercase();
+    }
+    std::str::from_utf8(&buf[..w.len()]).unwrap_or("")
+}
+
 fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
+    let mut kw = [0u8; 12];
     let first = match t[0] {
-        Tok::Word(w) => w.to_ascii_uppercase(),
-        Tok::Punct(b'(') => "SELECT".to_string(), // (SELECT ...) UNION ...
+        Tok::Word(w) => keyword(w, &mut kw),
+        Tok::Punct(b'(') => "SELECT", // (SELECT ...) UNION ...
         _ => {
             a.class = Class::Write;
             return;
         }
     };
     let mut read = false;
-    match first.as_str() {
+    match first {
         "SELECT" | "VALUES" | "TABLE" | "WITH" => read = !has_write_marker(t),
         "SHOW" => {
             read = true;
@@ -274,13 +286,30 @@ fn set_config_call(args: &[Tok], a: &mut Analysis) {
     }
 }
 
+/// Locking clauses (FOR UPDATE/SHARE/NO KEY UPDATE/KEY SHARE), SELECT INTO,
+/// and data-modifying statements nested anywhere (CTEs).
 fn has_write_marker(t: &[Tok]) -> bool {
-    t.windows(2).any(|w| {
-        is_word(Some(&w[0]), "FOR")
-            && (is_word(Some(&w[1]), "UPDATE") || is_word(Some(&w[1]), "SHARE") || is_word(Some(&w[1]), "NO") || is_word(Some(&w[1]), "KEY"))
-    }) || t.iter().any(|x| {
-        ["INTO", "INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"].iter().any(|k| is_word(Some(x), k))
-    })
+    let mut after_for = false;
+    for x in t {
+        let Tok::Word(w) = x else {
+            after_for = false;
+            continue;
+        };
+        let hit = match w.len() {
+            2 => after_for && w.eq_ignore_ascii_case("NO"),
+            3 => after_for && w.eq_ignore_ascii_case("KEY"),
+            4 => w.eq_ignore_ascii_case("INTO"),
+            5 => w.eq_ignore_ascii_case("MERGE") || (after_for && w.eq_ignore_ascii_case("SHARE")),
+            6 => w.eq_ignore_ascii_case("INSERT") || w.eq_ignore_ascii_case("UPDATE") || w.eq_ignore_ascii_case("DELETE"),
+            8 => w.eq_ignore_ascii_case("TRUNCATE"),
+            _ => false,
+        };
+        if hit {
+            return true;
+        }
+        after_for = w.len() == 3 && w.eq_ignore_ascii_case("FOR");
+    }
+    false
 }
 
 fn has_read_only(t: &[Tok]) -> bool {
