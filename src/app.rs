@@ -13,7 +13,8 @@ use crate::wire::auth::{ScramVerifier, Secret};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -21,8 +22,14 @@ use tokio::sync::watch;
 pub const PRIMARY: &str = "primary";
 
 pub struct App {
-    config: Arc<Config>,
-    secrets: HashMap<String, Secret>,
+    /// The configuration in force; replaced whole by a reload.
+    config: RwLock<Arc<Config>>,
+    /// Users' secrets derived from `config`; replaced with it.
+    secrets: RwLock<Arc<HashMap<String, Secret>>>,
+    /// Replicas, groups and the lag snapshot; replaced when a reload changes them.
+    topology: RwLock<Arc<Topology>>,
+    /// Stops the monitor of the current topology.
+    monitor_stop: Mutex<Option<watch::Sender<bool>>>,
     /// Guards the pool map; held only to look up or insert a pool.
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub cancels: Arc<CancelRegistry>,
@@ -32,7 +39,8 @@ pub struct App {
     pub pinned_clients: AtomicUsize,
     shutdown: watch::Sender<bool>,
     pub dummy_verifier: ScramVerifier,
-    pub topology: Arc<Topology>,
+    /// The file `RELOAD` and SIGHUP read, when pgfleet was started from one.
+    pub config_path: Mutex<Option<PathBuf>>,
 }
 
 /// Counts a connected client while alive.
@@ -44,19 +52,24 @@ impl Drop for ClientGuard {
     }
 }
 
+fn derive_secrets(config: &Config) -> HashMap<String, Secret> {
+    config
+        .users
+        .iter()
+        .filter_map(|u| {
+            let pw = u.password.as_deref()?;
+            Secret::from_config(pw).ok().map(|s| (u.name.clone(), s))
+        })
+        .collect()
+}
+
 impl App {
     pub fn new(config: Config) -> Arc<App> {
-        let secrets = config
-            .users
-            .iter()
-            .filter_map(|u| {
-                let pw = u.password.as_deref()?;
-                Secret::from_config(pw).ok().map(|s| (u.name.clone(), s))
-            })
-            .collect();
         let dummy = postgres_protocol::password::scram_sha_256(&rand::random::<[u8; 16]>());
         Arc::new(App {
-            secrets,
+            secrets: RwLock::new(Arc::new(derive_secrets(&config))),
+            topology: RwLock::new(Arc::new(Topology::from_config(&config, None))),
+            monitor_stop: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
             stmts: Registry::default(),
@@ -64,17 +77,97 @@ impl App {
             pinned_clients: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
             dummy_verifier: ScramVerifier::parse(&dummy).expect("valid verifier"),
-            topology: Arc::new(Topology::from_config(&config)),
-            config: Arc::new(config),
+            config: RwLock::new(Arc::new(config)),
+            config_path: Mutex::new(None),
         })
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.clone()
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.read().unwrap().clone()
     }
 
     pub fn secret(&self, user: &str) -> Option<Secret> {
-        self.secrets.get(user).cloned()
+        self.secrets.read().unwrap().get(user).cloned()
+    }
+
+    /// Applies a new, already validated configuration without dropping
+    /// clients: pools whose settings changed are reconfigured in place,
+    /// users/databases/rules apply to new logins and new transactions, and
+    /// a changed cluster gets a new topology and monitor. `listen.addr` and
+    /// `pool.mode` need a restart (reported as warnings).
+    pub fn apply(self: &Arc<Self>, new: Config) -> Vec<String> {
+        let old = self.config();
+        let mut notes = Vec::new();
+        if new.listen.addr != old.listen.addr {
+            notes.push("listen.addr changes need a restart; still listening on the old address".to_string());
+        }
+        if new.pool.mode != old.pool.mode {
+            notes.push("pool.mode changes apply to new clients only".to_string());
+        }
+        *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
+        let cluster_changed = format!("{:?}", new.cluster) != format!("{:?}", old.cluster);
+        *self.config.write().unwrap() = Arc::new(new);
+        if cluster_changed {
+            let topo = Arc::new(Topology::from_config(&self.config(), Some(&self.topology())));
+            *self.topology.write().unwrap() = topo;
+            self.restart_monitor();
+        }
+        let topo = self.topology();
+        for pool in self.pools() {
+            let addr = if pool.key.backend == PRIMARY {
+                Some(self.config().cluster.primary.clone())
+            } else {
+                topo.replicas.iter().find(|r| r.name == pool.key.backend).map(|r| r.addr.clone())
+            };
+            if let Some(addr) = addr {
+                let (spec, settings) = self.pool_params(&pool.key, &addr);
+                pool.reconfigure(spec, settings);
+            }
+        }
+        notes
+    }
+
+    /// Reads, validates and applies the config file. An invalid file
+    /// changes nothing; the error lists every problem.
+    pub fn reload(self: &Arc<Self>) -> Result<Vec<String>, String> {
+        let path = self.config_path.lock().unwrap().clone().ok_or("pgfleet was not started from a config file")?;
+        let cfg = Config::load(&path).map_err(|e| e.to_string())?;
+        let notes = self.apply(cfg);
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        for n in &notes {
+            tracing::warn!("{n}");
+        }
+        Ok(notes)
+    }
+
+    fn restart_monitor(&self) {
+        if let Some(stop) = self.monitor_stop.lock().unwrap().take() {
+            let _ = stop.send(true);
+        }
+        let topo = self.topology();
+        if topo.replicas.is_empty() {
+            return;
+        }
+        match self.monitor_spec() {
+            Some(spec) => {
+                let (tx, rx) = watch::channel(false);
+                *self.monitor_stop.lock().unwrap() = Some(tx);
+                tokio::spawn(run_monitor(topo, spec, rx));
+            }
+            None => tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused"),
+        }
+    }
+
+    /// Stop accepting; sessions finish their transactions and leave.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        if let Some(stop) = self.monitor_stop.lock().unwrap().take() {
+            let _ = stop.send(true);
+        }
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -87,36 +180,39 @@ impl App {
 
     /// Admits one more client unless `max_client_conn` is reached.
     pub fn admit_client(self: &Arc<Self>) -> Option<ClientGuard> {
-        let max = self.config.listen.max_client_conn;
+        let max = self.config().listen.max_client_conn;
         let prev = self.clients.fetch_add(1, Ordering::AcqRel);
         let guard = ClientGuard(self.clone());
         (prev < max).then_some(guard)
     }
 
     /// The pool for (database, user, backend), created on first use.
-    pub fn pool(&self, database: &str, user: &str, target: Target) -> Arc<Pool> {
+    /// `topo` must be the topology the target was chosen with.
+    pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Arc<Pool> {
         let (backend, addr) = match target {
-            Target::Primary => (PRIMARY, &self.config.cluster.primary),
-            Target::Replica(i) => (self.topology.replicas[i].name.as_str(), &self.topology.replicas[i].addr),
+            Target::Primary => (PRIMARY.to_string(), self.config().cluster.primary.clone()),
+            Target::Replica(i) => (topo.replicas[i].name.clone(), topo.replicas[i].addr.clone()),
         };
-        let key = PoolKey { database: database.into(), user: user.into(), backend: backend.into() };
+        let key = PoolKey { database: database.into(), user: user.into(), backend };
         let mut pools = self.pools.lock().unwrap();
         if let Some(p) = pools.get(&key) {
             return p.clone();
         }
-        let pool = self.make_pool(key.clone(), addr);
+        let (spec, settings) = self.pool_params(&key, &addr);
+        let pool = Pool::new(key.clone(), spec, settings);
         pools.insert(key, pool.clone());
         pool
     }
 
     /// Who the lag monitor connects as.
     fn monitor_spec(&self) -> Option<MonitorSpec> {
-        let cfg = &self.config;
+        let cfg = self.config();
+        let secrets = self.secrets.read().unwrap().clone();
         let user = match &cfg.cluster.health_user {
             Some(u) => cfg.user(u)?,
-            None => cfg.users.iter().find(|u| u.server_password.is_some() || self.secrets.get(&u.name).is_some_and(|s| s.plaintext().is_some()))?,
+            None => cfg.users.iter().find(|u| u.server_password.is_some() || secrets.get(&u.name).is_some_and(|s| s.plaintext().is_some()))?,
         };
-        let password = user.server_password.clone().or_else(|| self.secrets.get(&user.name)?.plaintext().map(str::to_string));
+        let password = user.server_password.clone().or_else(|| secrets.get(&user.name)?.plaintext().map(str::to_string));
         let db = match &cfg.cluster.health_database {
             Some(d) => cfg.database(d)?,
             None => cfg.databases.first()?,
@@ -129,13 +225,13 @@ impl App {
         })
     }
 
-    fn make_pool(&self, key: PoolKey, addr: &str) -> Arc<Pool> {
-        let cfg = &self.config;
+    /// Connection spec and settings of a pool under the current config.
+    fn pool_params(&self, key: &PoolKey, addr: &str) -> (ConnectSpec, PoolSettings) {
+        let cfg = self.config();
+        let secrets = self.secrets.read().unwrap().clone();
         let user = cfg.user(&key.user);
-        let password = user.and_then(|u| {
-            u.server_password.clone().or_else(|| self.secrets.get(&u.name)?.plaintext().map(str::to_string))
-        });
-        let dbname = cfg.database(&key.database).map(|d| d.server_name().to_string()).unwrap_or_default();
+        let password = user.and_then(|u| u.server_password.clone().or_else(|| secrets.get(&u.name)?.plaintext().map(str::to_string)));
+        let dbname = cfg.database(&key.database).map(|d| d.server_name().to_string()).unwrap_or_else(|| key.database.clone());
         let spec = ConnectSpec {
             addr: addr.to_string(),
             user: key.user.clone(),
@@ -150,7 +246,7 @@ impl App {
             idle_timeout: cfg.pool.server_idle_timeout.0,
             lifetime: cfg.pool.server_lifetime.0,
         };
-        Pool::new(key, spec, settings)
+        (spec, settings)
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
@@ -186,7 +282,7 @@ impl Running {
     /// Stops accepting, lets sessions finish their transactions, and waits up
     /// to `grace` for clients to leave.
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self.app.shutdown.send(true);
+        self.app.begin_shutdown();
         let deadline = tokio::time::Instant::now() + grace;
         while self.app.client_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -198,24 +294,18 @@ impl Running {
 pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let app = App::new(config);
-    if app.config.pool.min_size > 0 {
-        for db in &app.config.databases {
-            for user in &app.config.users {
-                if !app.config.admin.users.contains(&user.name) {
-                    app.pool(&db.name, &user.name, Target::Primary);
+    let cfg = app.config();
+    if cfg.pool.min_size > 0 {
+        for db in &cfg.databases {
+            for user in &cfg.users {
+                if !cfg.admin.users.contains(&user.name) {
+                    app.pool(&db.name, &user.name, Target::Primary, &app.topology());
                 }
             }
         }
     }
     tokio::spawn(app.clone().maintain());
-    if !app.topology.replicas.is_empty() {
-        match app.monitor_spec() {
-            Some(spec) => {
-                tokio::spawn(run_monitor(app.topology.clone(), spec, app.shutdown_signal()));
-            }
-            None => tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused"),
-        }
-    }
+    app.restart_monitor();
     tokio::spawn(frontend::accept_loop(app.clone(), listener));
     Ok(Running { addr, app })
 }

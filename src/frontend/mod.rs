@@ -77,7 +77,7 @@ async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: 
             return;
         }
     };
-    let pool = app.pool(&login.database, &login.user, Target::Primary);
+    let pool = app.pool(&login.database, &login.user, Target::Primary, &app.topology());
     let server_params = match pool.startup_params().await {
         Ok(p) => p,
         Err(e) => {
@@ -109,8 +109,8 @@ async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: 
 /// The client's workload group, strongest source first: the startup option
 /// `pgfleet.workload`, `[[routing.rules]]` (first match), the user's
 /// `workload`, `routing.default_workload`. `None` when no groups exist.
-fn resolve_workload(app: &App, login: &Login) -> Result<Option<usize>, String> {
-    let topo = &app.topology;
+fn resolve_workload(app: &App, login: &Login) -> Result<Option<String>, String> {
+    let topo = app.topology();
     if topo.groups.is_empty() {
         return Ok(None);
     }
@@ -138,7 +138,7 @@ fn resolve_workload(app: &App, login: &Login) -> Result<Option<usize>, String> {
         .or_else(|| cfg.user(&login.user).and_then(|u| u.workload.clone()))
         .unwrap_or_else(|| cfg.routing.default_workload.clone());
     topo.group(&name)
-        .map(Some)
+        .map(|_| Some(name.clone()))
         .ok_or_else(|| format!("workload \"{name}\" does not exist (no [[cluster.groups]] entry of that name)"))
 }
 

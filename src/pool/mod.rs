@@ -5,7 +5,7 @@
 
 use crate::backend::{BackendError, ConnectSpec, ServerConn};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -44,7 +44,7 @@ impl std::fmt::Display for PoolError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolSettings {
     pub size: usize,
     pub min_size: usize,
@@ -70,8 +70,10 @@ struct State {
 
 pub struct Pool {
     pub key: PoolKey,
-    spec: ConnectSpec,
-    settings: PoolSettings,
+    /// Where and how to connect; replaced on reload.
+    spec: RwLock<Arc<ConnectSpec>>,
+    /// Sizes and timeouts; replaced on reload.
+    settings: RwLock<PoolSettings>,
     state: Mutex<State>,
     /// Parameters the server reported at the first connect (what clients see).
     startup_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
@@ -89,8 +91,8 @@ impl Pool {
     pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings) -> Arc<Pool> {
         Arc::new(Pool {
             key,
-            spec,
-            settings,
+            spec: RwLock::new(Arc::new(spec)),
+            settings: RwLock::new(settings),
             state: Mutex::new(State { idle: Vec::new(), total: 0, waiters: VecDeque::new() }),
             startup_params: Mutex::new(None),
         })
@@ -101,14 +103,26 @@ impl Pool {
         PoolStats { idle: s.idle.len(), total: s.total, waiting: s.waiters.len() }
     }
 
-    pub fn addr(&self) -> &str {
-        &self.spec.addr
+    pub fn addr(&self) -> String {
+        self.spec.read().unwrap().addr.clone()
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        *self.settings.read().unwrap()
+    }
+
+    /// Applies reloaded settings; a smaller size takes effect as
+    /// connections come back (excess ones are closed, none is interrupted).
+    pub fn reconfigure(&self, spec: ConnectSpec, settings: PoolSettings) {
+        *self.spec.write().unwrap() = Arc::new(spec);
+        *self.settings.write().unwrap() = settings;
     }
 
     /// Gets a connection, waiting at most `checkout_timeout`.
     pub async fn checkout(&self) -> Result<ServerConn, PoolError> {
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.settings.checkout_timeout;
+        let settings = self.settings();
+        let deadline = tokio::time::Instant::now() + settings.checkout_timeout;
         enum Next {
             Ready(ServerConn),
             Open,
@@ -118,7 +132,7 @@ impl Pool {
             let mut s = self.state.lock().unwrap();
             let mut found = None;
             while let Some(c) = s.idle.pop() {
-                if c.looks_healthy() && c.created.elapsed() < self.settings.lifetime {
+                if c.looks_healthy() && c.created.elapsed() < settings.lifetime {
                     found = Some(c);
                     break;
                 }
@@ -126,7 +140,7 @@ impl Pool {
             }
             match found {
                 Some(c) => Next::Ready(c),
-                None if s.total < self.settings.size => {
+                None if s.total < settings.size => {
                     s.total += 1;
                     Next::Open
                 }
@@ -161,7 +175,8 @@ impl Pool {
 
     /// Opens a connection in a slot already counted in `total`.
     async fn open_in_slot(&self) -> Result<ServerConn, PoolError> {
-        match ServerConn::connect(&self.spec).await {
+        let spec = self.spec.read().unwrap().clone();
+        match ServerConn::connect(&spec).await {
             Ok(c) => {
                 let mut sp = self.startup_params.lock().unwrap();
                 if sp.is_none() {
@@ -190,13 +205,21 @@ impl Pool {
 
     /// Returns a clean connection (idle, no transaction) to the pool.
     pub fn checkin(&self, mut conn: ServerConn) {
-        if conn.created.elapsed() >= self.settings.lifetime {
+        let settings = self.settings();
+        if conn.created.elapsed() >= settings.lifetime {
             conn.terminate();
             self.release_slot();
             return;
         }
         conn.idle_since = Instant::now();
         let mut s = self.state.lock().unwrap();
+        if s.total > settings.size && s.waiters.is_empty() {
+            // The pool was shrunk by a reload.
+            s.total -= 1;
+            drop(s);
+            conn.terminate();
+            return;
+        }
         while let Some(tx) = s.waiters.pop_front() {
             match tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
@@ -226,23 +249,24 @@ impl Pool {
     /// Periodic upkeep: close idle connections past `idle_timeout` (down to
     /// `min_size`) or past `lifetime`; returns how many to open to reach `min_size`.
     pub fn maintain(&self) -> usize {
+        let settings = self.settings();
         let mut closed = Vec::new();
         let missing = {
             let mut s = self.state.lock().unwrap();
             let mut i = 0;
             while i < s.idle.len() {
                 let c = &s.idle[i];
-                let too_old = c.created.elapsed() >= self.settings.lifetime;
-                let too_idle = c.idle_since.elapsed() >= self.settings.idle_timeout
-                    && s.total > self.settings.min_size;
-                if too_old || too_idle || !c.looks_healthy() {
+                let too_old = c.created.elapsed() >= settings.lifetime;
+                let too_idle = c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
+                let too_many = s.total > settings.size;
+                if too_old || too_idle || too_many || !c.looks_healthy() {
                     closed.push(s.idle.swap_remove(i));
                     s.total -= 1;
                 } else {
                     i += 1;
                 }
             }
-            let missing = self.settings.min_size.saturating_sub(s.total);
+            let missing = settings.min_size.min(settings.size).saturating_sub(s.total);
             s.total += missing;
             missing
         };

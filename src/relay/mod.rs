@@ -27,6 +27,7 @@ use crate::frontend::cancel::{CancelSlot, CancelTarget};
 use crate::pool::{Pool, PoolError};
 use crate::router::route::Target;
 use crate::router::{Analysis, Class, RouteHint};
+use crate::topology::Topology;
 use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
 use expect::{Expect, Kind, Pending, Synth};
@@ -99,11 +100,14 @@ pub struct Session {
     /// DEALLOCATE/DISCARD ALL ran: re-read which proxy statements exist.
     resync_prepared: bool,
     probe: Option<state::Probe>,
-    /// Where the bound connection goes (its pool is derived from it).
+    /// Where the bound connection goes, the pool it came from, and the
+    /// replica's in-flight counter (load balancing).
     bound_target: Option<Target>,
-    /// Workload group for reads; `login_workload` is what RESET restores.
-    workload: Option<usize>,
-    login_workload: Option<usize>,
+    bound_pool: Option<Arc<Pool>>,
+    bound_inflight: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// Workload (group name) for reads; `login_workload` is what RESET restores.
+    workload: Option<String>,
+    login_workload: Option<String>,
     /// `SET pgfleet.route`.
     route_override: Option<RouteHint>,
     /// Read-your-writes floor: primary LSN at the client's last write.
@@ -121,7 +125,7 @@ pub struct Session {
 pub struct ClientId {
     pub user: String,
     pub database: String,
-    pub workload: Option<usize>,
+    pub workload: Option<String>,
 }
 
 /// Parameters PostgreSQL reports with ParameterStatus that a client may set;
@@ -174,8 +178,10 @@ impl Session {
             resync_prepared: false,
             probe: None,
             bound_target: None,
+            bound_pool: None,
+            bound_inflight: None,
+            login_workload: id.workload.clone(),
             workload: id.workload,
-            login_workload: id.workload,
             route_override: None,
             floor: None,
             wrote: false,
@@ -322,7 +328,8 @@ impl Session {
                 }
                 let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
                 let first_only = matches!(h.tag, b'Q' | b'P');
-                let target = match self.choose_target(&a) {
+                let topo = self.app.topology();
+                let target = match self.choose_target(&a, &topo) {
                     Ok((t, reason)) => {
                         tracing::debug!(target = ?t, reason = reason.as_str(), "routed");
                         t
@@ -332,7 +339,7 @@ impl Session {
                         continue;
                     }
                 };
-                self.bind_server(&a, target).await?;
+                self.bind_server(&a, target, &topo).await?;
                 if first_only && self.routes() {
                     // Classified once: the lookahead's analysis of this message.
                     self.forward(h.tag, &msg, Some(a))?;
@@ -607,12 +614,15 @@ impl Session {
 
     /// Checks out a server connection and queues what brings it in line
     /// with this client's session settings.
-    async fn bind_server(&mut self, a: &Analysis, target: Target) -> Result<(), SessionError> {
-        let (mut conn, target) = self.checkout_routed(a, target).await?;
+    async fn bind_server(&mut self, a: &Analysis, target: Target, topo: &Topology) -> Result<(), SessionError> {
+        let (mut conn, target, pool) = self.checkout_routed(a, target, topo).await?;
         if let Target::Replica(i) = target {
-            self.app.topology.replicas[i].inflight.fetch_add(1, Ordering::Relaxed);
+            let inflight = topo.replicas[i].inflight.clone();
+            inflight.fetch_add(1, Ordering::Relaxed);
+            self.bound_inflight = Some(inflight);
         }
         self.bound_target = Some(target);
+        self.bound_pool = Some(pool);
         if let Some(sql) = settings_sql(&self.settings, &mut conn) {
             build::query(&mut self.sout, &sql);
             self.expect.push(Pending::Swallow(Kind::Query));
@@ -659,12 +669,12 @@ impl Session {
     /// Takes the bound connection and the pool it belongs to.
     fn unbind(&mut self) -> Option<(ServerConn, Arc<Pool>)> {
         let conn = self.server.take()?;
-        let target = self.bound_target.take().unwrap_or(Target::Primary);
-        if let Target::Replica(i) = target {
-            self.app.topology.replicas[i].inflight.fetch_sub(1, Ordering::Relaxed);
+        self.bound_target = None;
+        if let Some(inflight) = self.bound_inflight.take() {
+            inflight.fetch_sub(1, Ordering::Relaxed);
         }
         self.cancel.set(None);
-        Some((conn, self.pool_for(target)))
+        Some((conn, self.bound_pool.take().expect("a bound connection has its pool")))
     }
 
     /// Tells the client why its session ends (best effort, bounded in time).

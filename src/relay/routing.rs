@@ -9,12 +9,20 @@ use crate::pool::Pool;
 use crate::router::route::{route, NoReplica, Reason, SessionRoute, Target};
 use crate::router::{Analysis, Class};
 use crate::wire::{self, build, sqlstate};
+use crate::topology::Topology;
 use std::sync::Arc;
+
+/// The group a workload name selects, or the error a client sees.
+pub(super) fn group_index(topo: &Topology, w: &str) -> Result<usize, (&'static str, String)> {
+    topo.group(w).ok_or_else(|| {
+        (sqlstate::UNDEFINED_OBJECT, format!("workload \"{w}\" does not exist (no [[cluster.groups]] entry of that name)"))
+    })
+}
 
 impl Session {
     /// Whether this session splits reads from writes at all.
     pub(super) fn routes(&self) -> bool {
-        self.mode == PoolMode::Transaction && !self.app.topology.groups.is_empty()
+        self.mode == PoolMode::Transaction && !self.app.topology().groups.is_empty()
     }
 
     /// The transaction unit starting with `first` and continuing in the
@@ -71,19 +79,20 @@ impl Session {
     }
 
     /// Where a transaction unit with this analysis goes.
-    pub(super) fn choose_target(&self, a: &Analysis) -> Result<(Target, Reason), (&'static str, String)> {
-        if !self.routes() {
+    pub(super) fn choose_target(&self, a: &Analysis, topo: &Topology) -> Result<(Target, Reason), (&'static str, String)> {
+        if self.mode != PoolMode::Transaction || topo.groups.is_empty() {
             return Ok((Target::Primary, Reason::SplitDisabled));
         }
-        let group = match &a.workload_hint {
-            Some(w) => self.group_named(w)?,
-            None => match self.workload {
+        let group = match (&a.workload_hint, &self.workload) {
+            (Some(w), _) => group_index(topo, w)?,
+            // A group removed by a reload: the client's reads go to the primary.
+            (None, Some(w)) => match topo.group(w) {
                 Some(g) => g,
-                None => return Ok((Target::Primary, Reason::SplitDisabled)),
+                None => return Ok((Target::Primary, Reason::Fallback)),
             },
+            (None, None) => return Ok((Target::Primary, Reason::SplitDisabled)),
         };
         let cfg = self.app.config();
-        let topo = &self.app.topology;
         let s = SessionRoute {
             split: cfg.routing.read_write_split,
             route: self.route_override,
@@ -110,11 +119,11 @@ impl Session {
             return false;
         }
         let a = self.unit_analysis(next, &self.cin[next.len()..]);
-        !matches!(self.choose_target(&a), Ok((Target::Replica(_), _)))
+        !matches!(self.choose_target(&a, &self.app.topology()), Ok((Target::Replica(_), _)))
     }
 
-    pub(super) fn pool_for(&self, target: Target) -> Arc<Pool> {
-        self.app.pool(&self.database, &self.user, target)
+    pub(super) fn pool_for(&self, target: Target, topo: &Topology) -> Arc<Pool> {
+        self.app.pool(&self.database, &self.user, target, topo)
     }
 
     /// A routing failure for a unit not yet sent anywhere: the client gets
@@ -131,17 +140,23 @@ impl Session {
 
     /// Checks out a connection for `target`; a replica that cannot be
     /// reached is marked down and the unit re-routed once.
-    pub(super) async fn checkout_routed(&mut self, a: &Analysis, mut target: Target) -> Result<(crate::backend::ServerConn, Target), SessionError> {
+    pub(super) async fn checkout_routed(
+        &mut self,
+        a: &Analysis,
+        mut target: Target,
+        topo: &Topology,
+    ) -> Result<(crate::backend::ServerConn, Target, Arc<Pool>), SessionError> {
         for attempt in 0..2 {
-            match self.pool_for(target).checkout().await {
-                Ok(conn) => return Ok((conn, target)),
+            let pool = self.pool_for(target, topo);
+            match pool.checkout().await {
+                Ok(conn) => return Ok((conn, target, pool)),
                 Err(crate::pool::PoolError::Connect(e)) if attempt == 0 => {
                     let Target::Replica(i) = target else {
                         return Err(SessionError::Pool(crate::pool::PoolError::Connect(e)));
                     };
-                    tracing::warn!(replica = %self.app.topology.replicas[i].name, error = %e, "replica unreachable; re-routing");
-                    self.app.topology.mark_down(i, &e.to_string());
-                    target = match self.choose_target(a) {
+                    tracing::warn!(replica = %topo.replicas[i].name, error = %e, "replica unreachable; re-routing");
+                    topo.mark_down(i, &e.to_string());
+                    target = match self.choose_target(a, topo) {
                         Ok((t, _)) => t,
                         Err(_) => return Err(SessionError::Pool(crate::pool::PoolError::Connect(e))),
                     };

@@ -156,8 +156,11 @@ impl Session {
 
     fn set_virtual(&mut self, name: &str, value: Option<&str>) -> Result<(), (&'static str, String)> {
         match (name, value) {
-            ("workload", None) => self.workload = self.login_workload,
-            ("workload", Some(w)) => self.workload = Some(self.group_named(w)?),
+            ("workload", None) => self.workload = self.login_workload.clone(),
+            ("workload", Some(w)) => {
+                super::routing::group_index(&self.app.topology(), w)?;
+                self.workload = Some(w.to_string());
+            }
             ("route", None) => self.route_override = None,
             ("route", Some(r)) => {
                 self.route_override = match r.to_ascii_lowercase().as_str() {
@@ -186,7 +189,7 @@ impl Session {
 
     fn show_virtual(&self, name: &str) -> Result<String, (&'static str, String)> {
         Ok(match name {
-            "workload" => self.workload.map(|g| self.app.topology.groups[g].name.clone()).unwrap_or_default(),
+            "workload" => self.workload.clone().unwrap_or_default(),
             "route" => match self.route_override {
                 Some(RouteHint::Primary) => "primary",
                 Some(RouteHint::Replica) => "replica",
@@ -195,13 +198,6 @@ impl Session {
             .to_string(),
             "lsn" | "min_lsn" => format_lsn(self.floor.unwrap_or(0)),
             other => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
-        })
-    }
-
-    /// The group a workload name selects, or the error a client sees.
-    pub(super) fn group_named(&self, w: &str) -> Result<usize, (&'static str, String)> {
-        self.app.topology.group(w).ok_or_else(|| {
-            (sqlstate::UNDEFINED_OBJECT, format!("workload \"{w}\" does not exist (no [[cluster.groups]] entry of that name)"))
         })
     }
 }

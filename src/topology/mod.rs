@@ -22,8 +22,9 @@ pub struct ReplicaInfo {
     pub weight: u32,
     /// Group indexes.
     pub groups: Vec<usize>,
-    /// Transactions in flight on this replica (load balancing).
-    pub inflight: AtomicUsize,
+    /// Transactions in flight on this replica (load balancing); shared
+    /// with the replica of the same name in a reloaded topology.
+    pub inflight: Arc<AtomicUsize>,
 }
 
 pub struct Topology {
@@ -35,7 +36,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn from_config(cfg: &Config) -> Topology {
+    pub fn from_config(cfg: &Config, previous: Option<&Topology>) -> Topology {
         let gidx = |n: &str| cfg.cluster.groups.iter().position(|g| g.name == n);
         let groups = cfg
             .cluster
@@ -73,7 +74,10 @@ impl Topology {
                 addr: r.addr.clone(),
                 weight: r.weight,
                 groups: r.groups.iter().filter_map(|g| gidx(g)).collect(),
-                inflight: AtomicUsize::new(0),
+                inflight: previous
+                    .and_then(|p| p.replicas.iter().find(|o| o.name == r.name))
+                    .map(|o| o.inflight.clone())
+                    .unwrap_or_default(),
             })
             .collect();
         let initial = Snapshot {

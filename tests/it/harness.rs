@@ -421,13 +421,13 @@ pub async fn routing_proxy(pool: &str, default_max_lag: &str, ryw: &str) -> Runn
 
 pub async fn wait_replicas_usable(p: &Running) {
     for _ in 0..200 {
-        let s = p.app.topology.snapshot();
+        let s = p.app.topology().snapshot();
         if s.replicas.iter().all(|r| r.groups.iter().all(|(_, ok)| *ok)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("replicas never became usable: {:?}", p.app.topology.snapshot());
+    panic!("replicas never became usable: {:?}", p.app.topology().snapshot());
 }
 
 /// The port of the server that answered `sql` (which must return it as text).

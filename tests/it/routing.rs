@@ -192,7 +192,7 @@ async fn lagging_replica_is_excluded_and_readmitted() {
     c.psql_on(r1, "postgres", "SELECT pg_wal_replay_pause()");
     // Over a 300 ms budget, with 100 ms checks: out well within 2.5 s.
     let took = wait_port(&reader, c.primary, Duration::from_millis(2500)).await;
-    let snap = p.app.topology.snapshot();
+    let snap = p.app.topology().snapshot();
     let why = snap.replicas[0].excluded_because.clone().unwrap_or_default();
     assert!(why.contains("over the budget of group default"), "{why} (after {took:?})");
     // Reads keep succeeding meanwhile, all on the fallback.
@@ -221,7 +221,7 @@ async fn stopped_replica_reads_keep_succeeding() {
             assert_eq!(port, c.primary, "read {i} after the replica stopped");
         }
     }
-    let snap = p.app.topology.snapshot();
+    let snap = p.app.topology().snapshot();
     assert!(!snap.replicas[0].reachable);
     let out = c.pg_ctl("replica0", &["start", "-w", "-l", &c.dir.join("replica0.log").display().to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
