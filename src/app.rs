@@ -8,6 +8,7 @@ use crate::frontend::{self, cancel::CancelRegistry};
 use crate::pool::{Pool, PoolKey, PoolSettings};
 use crate::relay::stmts::Registry;
 use crate::router::route::Target;
+use crate::stats::{Connections, Metrics, WorkloadCounters};
 use crate::topology::{run_monitor, MonitorSpec, Topology};
 use crate::wire::auth::{ScramVerifier, Secret};
 use std::collections::HashMap;
@@ -41,6 +42,16 @@ pub struct App {
     pub dummy_verifier: ScramVerifier,
     /// The file `RELOAD` and SIGHUP read, when pgfleet was started from one.
     pub config_path: Mutex<Option<PathBuf>>,
+    pub metrics: Metrics,
+    /// Live client and server connections (SHOW CLIENTS / SERVERS).
+    pub conns: Arc<Connections>,
+    /// Guards the workload -> counters map; held for a lookup/insert.
+    workloads: Mutex<HashMap<String, Arc<WorkloadCounters>>>,
+    /// Databases paused by the admin console (PAUSE); guarded briefly.
+    paused: Mutex<std::collections::HashSet<String>>,
+    /// Wakes sessions waiting on a paused database.
+    pub resumed: tokio::sync::Notify,
+    pub started: std::time::Instant,
 }
 
 /// Counts a connected client while alive.
@@ -79,6 +90,12 @@ impl App {
             dummy_verifier: ScramVerifier::parse(&dummy).expect("valid verifier"),
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
+            metrics: Metrics::new(),
+            conns: Arc::new(Connections::default()),
+            workloads: Mutex::new(HashMap::new()),
+            paused: Mutex::new(Default::default()),
+            resumed: tokio::sync::Notify::new(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -199,7 +216,7 @@ impl App {
             return p.clone();
         }
         let (spec, settings) = self.pool_params(&key, &addr);
-        let pool = Pool::new(key.clone(), spec, settings);
+        let pool = Pool::new(key.clone(), spec, settings, self.conns.clone(), &self.metrics);
         pools.insert(key, pool.clone());
         pool
     }
@@ -249,6 +266,38 @@ impl App {
         (spec, settings)
     }
 
+    pub fn workload_counters(&self, workload: &str) -> Arc<WorkloadCounters> {
+        self.workloads.lock().unwrap().entry(workload.to_string()).or_default().clone()
+    }
+
+    pub fn workload_list(&self) -> Vec<(String, Arc<WorkloadCounters>)> {
+        let mut v: Vec<_> = self.workloads.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn is_paused(&self, database: &str) -> bool {
+        let p = self.paused.lock().unwrap();
+        p.contains(database) || p.contains("*")
+    }
+
+    /// PAUSE: new transactions of `database` (None = all) wait for RESUME.
+    pub fn pause(&self, database: Option<&str>) {
+        self.paused.lock().unwrap().insert(database.unwrap_or("*").to_string());
+    }
+
+    pub fn resume(&self, database: Option<&str>) {
+        let mut p = self.paused.lock().unwrap();
+        match database {
+            Some(d) => {
+                p.remove(d);
+            }
+            None => p.clear(),
+        }
+        drop(p);
+        self.resumed.notify_waiters();
+    }
+
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().unwrap().values().cloned().collect()
     }
@@ -276,6 +325,8 @@ impl App {
 pub struct Running {
     pub addr: SocketAddr,
     pub app: Arc<App>,
+    /// Where /metrics is served, when `admin.metrics_addr` is set.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Running {
@@ -306,6 +357,30 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
     }
     tokio::spawn(app.clone().maintain());
     app.restart_monitor();
+    let metrics_addr = match &cfg.admin.metrics_addr {
+        Some(a) => {
+            let std_listener = std::net::TcpListener::bind(a)?;
+            std_listener.set_nonblocking(true)?;
+            let l = TcpListener::from_std(std_listener)?;
+            let bound = l.local_addr()?;
+            tokio::spawn(crate::admin::http::serve(app.clone(), l));
+            Some(bound)
+        }
+        None => None,
+    };
     tokio::spawn(frontend::accept_loop(app.clone(), listener));
-    Ok(Running { addr, app })
+    Ok(Running { addr, app, metrics_addr })
+}
+
+/// Binds the client listener with SO_REUSEPORT, so a new pgfleet can bind
+/// the same address while the old one drains (zero-downtime restarts).
+pub fn bind_reuseport(addr: &str) -> std::io::Result<TcpListener> {
+    let addr: SocketAddr = addr
+        .parse()
+        .or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(addr).map(|mut a| a.next().expect("resolved")))?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }

@@ -5,6 +5,7 @@
 //! leaves. See DESIGN.md in the repository for the data path.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod config;
@@ -12,5 +13,6 @@ pub mod frontend;
 pub mod pool;
 pub mod relay;
 pub mod router;
+pub mod stats;
 pub mod topology;
 pub mod wire;

@@ -5,7 +5,7 @@ use pgfleet::config::{Config, LogFormat};
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use tokio::signal::unix::SignalKind;
 
 #[derive(Parser)]
 #[command(name = "pgfleet", version, about = "PostgreSQL connection pooler and read/write router")]
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run => match Config::load(&cli.config) {
-            Ok(cfg) => run(cfg),
+            Ok(cfg) => run(cfg, cli.config.clone()),
             Err(e) => {
                 eprint!("{e}");
                 ExitCode::FAILURE
@@ -78,7 +78,7 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-fn run(cfg: Config) -> ExitCode {
+fn run(cfg: Config, path: PathBuf) -> ExitCode {
     init_logging(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -89,7 +89,7 @@ fn run(cfg: Config) -> ExitCode {
     };
     rt.block_on(async move {
         let grace = cfg.timeouts.shutdown_grace.0;
-        let listener = match tokio::net::TcpListener::bind(&cfg.listen.addr).await {
+        let listener = match pgfleet::app::bind_reuseport(&cfg.listen.addr) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(addr = %cfg.listen.addr, error = %e, "cannot listen");
@@ -106,25 +106,58 @@ fn run(cfg: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(addr = %running.addr, "pgfleet listening");
-        wait_for_signal().await;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining clients");
-        tokio::select! {
-            _ = running.shutdown(grace) => {}
-            _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
+        *running.app.config_path.lock().unwrap() = Some(path);
+        tracing::info!(addr = %running.addr, metrics = ?running.metrics_addr, "pgfleet listening");
+        match wait_for_stop(&running).await {
+            Stop::Fast => {
+                tracing::info!("SIGINT: stopping now");
+                running.app.begin_shutdown();
+            }
+            Stop::Drain => {
+                tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining clients");
+                tokio::select! {
+                    _ = running.shutdown(grace) => {}
+                    _ = signal(SignalKind::interrupt()) => tracing::warn!("SIGINT while draining: exiting now"),
+                }
+            }
         }
         tracing::info!(clients_left = running.app.client_count(), "stopped");
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+enum Stop {
+    /// SIGTERM or admin SHUTDOWN: finish in-flight transactions first.
+    Drain,
+    /// SIGINT: exit now.
+    Fast,
+}
+
+async fn signal(kind: tokio::signal::unix::SignalKind) {
+    match tokio::signal::unix::signal(kind) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
     }
-    let _ = Duration::ZERO;
+}
+
+/// Waits for SIGTERM / SIGINT / admin SHUTDOWN; SIGHUP reloads meanwhile.
+async fn wait_for_stop(running: &pgfleet::app::Running) -> Stop {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("install SIGHUP handler");
+    let mut shutdown = running.app.shutdown_signal();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Stop::Drain,
+            _ = int.recv() => return Stop::Fast,
+            _ = shutdown.changed() => return Stop::Drain,
+            _ = hup.recv() => {
+                if let Err(e) = running.app.reload() {
+                    tracing::error!(error = %e, "SIGHUP: reload failed; the old configuration stays in force");
+                }
+            }
+        }
+    }
 }

@@ -9,7 +9,9 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::stats::{Connections, Listed, ServerInfo};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -93,6 +95,9 @@ pub struct ServerConn {
     pub tick: u64,
     pub created: Instant,
     pub idle_since: Instant,
+    /// SHOW SERVERS entry, removed when the connection is dropped.
+    pub info: Option<Arc<ServerInfo>>,
+    listed: Option<Listed>,
 }
 
 impl ServerConn {
@@ -126,6 +131,8 @@ impl ServerConn {
             tick: 0,
             created: Instant::now(),
             idle_since: Instant::now(),
+            info: None,
+            listed: None,
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -231,6 +238,25 @@ impl ServerConn {
                 return Err(BackendError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
+    }
+
+    /// Lists the connection in SHOW SERVERS.
+    pub fn register(&mut self, conns: &Arc<Connections>, key: &crate::pool::PoolKey) {
+        let info = Arc::new(ServerInfo {
+            id: self.id,
+            user: key.user.clone(),
+            database: key.database.clone(),
+            backend: key.backend.clone(),
+            addr: self.peer,
+            local: self.stream.local_addr().unwrap_or(self.peer),
+            connect_time_us: crate::stats::now_us(),
+            backend_pid: self.backend_pid,
+            state: AtomicU8::new(crate::stats::SERVER_IDLE),
+            request_time_us: AtomicU64::new(0),
+            link: AtomicU64::new(0),
+        });
+        self.listed = Some(Listed::server(conns, info.clone()));
+        self.info = Some(info);
     }
 
     /// Runs a simple query whose results nobody needs (ROLLBACK, DISCARD ALL)

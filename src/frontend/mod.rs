@@ -7,6 +7,8 @@ pub mod startup;
 use crate::app::App;
 use crate::relay::{ClientId, Session, Settings, REPORTED_SETTABLE};
 use crate::router::route::Target;
+use crate::stats::{ClientInfo, Listed};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8};
 use crate::wire::{build, sqlstate, startup::parse_options};
 use bytes::BytesMut;
 use startup::{Login, StartupError};
@@ -24,7 +26,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let app = app.clone();
-                    let span = tracing::info_span!("client", %peer);
+                    let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty, workload = tracing::field::Empty);
                     tokio::spawn(handle_client(app, stream, peer).instrument(span));
                 }
                 Err(e) => {
@@ -44,7 +46,7 @@ async fn fatal(stream: &mut TcpStream, code: &str, message: &str) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&out)).await;
 }
 
-async fn handle_client(app: Arc<App>, mut stream: TcpStream, _peer: SocketAddr) {
+async fn handle_client(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let Some(_guard) = app.admit_client() else {
         fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
@@ -65,11 +67,16 @@ async fn handle_client(app: Arc<App>, mut stream: TcpStream, _peer: SocketAddr) 
             return;
         }
     };
-    tracing::info!(user = %login.user, database = %login.database, "client logged in");
-    serve(app, stream, buf, login).await;
+    tracing::Span::current().record("user", login.user.as_str()).record("database", login.database.as_str());
+    tracing::info!("client logged in");
+    if crate::admin::is_admin_database(&login.database) {
+        crate::admin::serve(app, stream, login).await;
+        return;
+    }
+    serve(app, stream, buf, login, peer).await;
 }
 
-async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: Login) {
+async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: Login, peer: SocketAddr) {
     let workload = match resolve_workload(&app, &login) {
         Ok(w) => w,
         Err(message) => {
@@ -101,7 +108,24 @@ async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: 
     if stream.write_all(&out).await.is_err() {
         return;
     }
-    let id = ClientId { user: login.user, database: login.database, workload };
+    tracing::Span::current().record("workload", workload.as_deref().unwrap_or(""));
+    let info = Arc::new(ClientInfo {
+        id: app.conns.next_client_id(),
+        user: login.user.clone(),
+        database: login.database.clone(),
+        addr: peer,
+        local: stream.local_addr().unwrap_or(peer),
+        connect_time_us: crate::stats::now_us(),
+        application_name: login.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
+        state: AtomicU8::new(crate::stats::CLIENT_IDLE),
+        request_time_us: AtomicU64::new(0),
+        wait_since_us: AtomicU64::new(0),
+        link: AtomicU64::new(0),
+        remote_pid: AtomicI32::new(0),
+        kill: tokio::sync::Notify::new(),
+    });
+    let _listed = Listed::client(&app.conns, info.clone());
+    let id = ClientId { user: login.user, database: login.database, workload, info };
     Session::new(app, id, stream, leftover, settings, key.slot.clone()).run().await;
     drop(key);
 }

@@ -66,6 +66,15 @@ pub async fn handshake(app: &App, stream: &mut TcpStream, buf: &mut BytesMut) ->
     }
     let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     authenticate(app, stream, buf, &user).await?;
+    if crate::admin::is_admin_database(&database) {
+        if !app.config().admin.users.contains(&user) {
+            return Err(StartupError::Fatal {
+                code: sqlstate::INVALID_AUTHORIZATION,
+                message: format!("user \"{user}\" is not allowed to use the admin console (admin.users)"),
+            });
+        }
+        return Ok(Some(Login { user, database, params }));
+    }
     if app.config().database(&database).is_none() {
         return Err(StartupError::Fatal {
             code: sqlstate::INVALID_CATALOG_NAME,

@@ -4,6 +4,8 @@
 //! deadline. Check-in hands the connection straight to the oldest waiter.
 
 use crate::backend::{BackendError, ConnectSpec, ServerConn};
+use crate::stats::{Connections, Metrics, PoolCounters};
+use std::sync::atomic::Ordering;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -77,6 +79,17 @@ pub struct Pool {
     state: Mutex<State>,
     /// Parameters the server reported at the first connect (what clients see).
     startup_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    pub counters: PoolCounters,
+    conns: Arc<Connections>,
+    wait_count: prometheus::IntCounter,
+    wait_seconds: prometheus::Histogram,
+}
+
+/// What a checkout does after looking at the pool state.
+enum Next {
+    Ready(ServerConn),
+    Open,
+    Wait(oneshot::Receiver<Grant>),
 }
 
 /// Counters for observability.
@@ -88,8 +101,13 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings, conns: Arc<Connections>, metrics: &Metrics) -> Arc<Pool> {
+        let labels = [key.database.as_str(), key.user.as_str(), key.backend.as_str()];
         Arc::new(Pool {
+            wait_count: metrics.pool_waits.with_label_values(&labels),
+            wait_seconds: metrics.pool_wait_seconds.with_label_values(&labels),
+            counters: PoolCounters::default(),
+            conns,
             key,
             spec: RwLock::new(Arc::new(spec)),
             settings: RwLock::new(settings),
@@ -123,11 +141,6 @@ impl Pool {
         let started = Instant::now();
         let settings = self.settings();
         let deadline = tokio::time::Instant::now() + settings.checkout_timeout;
-        enum Next {
-            Ready(ServerConn),
-            Open,
-            Wait(oneshot::Receiver<Grant>),
-        }
         let next = {
             let mut s = self.state.lock().unwrap();
             let mut found = None;
@@ -151,6 +164,26 @@ impl Pool {
                 }
             }
         };
+        let waited = matches!(next, Next::Wait(_));
+        if waited {
+            self.wait_count.inc();
+            PoolCounters::add(&self.counters.waits, 1);
+            let _ = self.counters.oldest_wait_us.compare_exchange(0, crate::stats::now_us(), Ordering::Relaxed, Ordering::Relaxed);
+        }
+        let result = self.checkout_inner(next, deadline, started).await;
+        if waited {
+            self.counters.oldest_wait_us.store(0, Ordering::Relaxed);
+        }
+        let elapsed = started.elapsed();
+        self.wait_seconds.observe(elapsed.as_secs_f64());
+        PoolCounters::add(&self.counters.wait_us, elapsed.as_micros() as u64);
+        if result.is_ok() {
+            PoolCounters::add(&self.counters.server_assignments, 1);
+        }
+        result
+    }
+
+    async fn checkout_inner(&self, next: Next, deadline: tokio::time::Instant, started: Instant) -> Result<ServerConn, PoolError> {
         match next {
             Next::Ready(c) => Ok(c),
             Next::Open => self.open_in_slot().await,
@@ -177,7 +210,8 @@ impl Pool {
     async fn open_in_slot(&self) -> Result<ServerConn, PoolError> {
         let spec = self.spec.read().unwrap().clone();
         match ServerConn::connect(&spec).await {
-            Ok(c) => {
+            Ok(mut c) => {
+                c.register(&self.conns, &self.key);
                 let mut sp = self.startup_params.lock().unwrap();
                 if sp.is_none() {
                     let mut v: Vec<_> = c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -228,6 +262,19 @@ impl Pool {
             }
         }
         s.idle.push(conn);
+    }
+
+    /// Closes every idle connection (KILL).
+    pub fn close_idle(&self) {
+        let idle: Vec<ServerConn> = {
+            let mut s = self.state.lock().unwrap();
+            let v: Vec<ServerConn> = s.idle.drain(..).collect();
+            s.total -= v.len();
+            v
+        };
+        for c in idle {
+            c.terminate();
+        }
     }
 
     /// Forgets a connection that was closed or is unusable.

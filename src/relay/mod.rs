@@ -27,6 +27,7 @@ use crate::frontend::cancel::{CancelSlot, CancelTarget};
 use crate::pool::{Pool, PoolError};
 use crate::router::route::Target;
 use crate::router::{Analysis, Class, RouteHint};
+use crate::stats::{ClientInfo, ClientMetrics, PoolCounters, WorkloadCounters, CLIENT_ACTIVE, CLIENT_IDLE, CLIENT_WAITING, SERVER_ACTIVE, SERVER_IDLE};
 use crate::topology::Topology;
 use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
@@ -34,7 +35,7 @@ use expect::{Expect, Kind, Pending, Synth};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use stmts::Stmt;
 use tokio::net::TcpStream;
 
@@ -54,6 +55,8 @@ pub enum SessionError {
     ServerLost(String),
     Pool(PoolError),
     Shutdown,
+    /// KILL from the admin console.
+    Killed,
 }
 
 impl From<WireError> for SessionError {
@@ -119,6 +122,13 @@ pub struct Session {
     virtual_portals: HashMap<Bytes, virt::Virtual>,
     /// A request failed before reaching a server: skip the batch to Sync.
     discard_to_sync: bool,
+    info: Arc<ClientInfo>,
+    metrics: ClientMetrics,
+    workload_stats: Arc<WorkloadCounters>,
+    /// When the current request cycle (up to ReadyForQuery) and the current
+    /// transaction started.
+    cycle_start: Option<Instant>,
+    txn_start: Option<Instant>,
 }
 
 /// Who the client is, as established at login.
@@ -126,6 +136,7 @@ pub struct ClientId {
     pub user: String,
     pub database: String,
     pub workload: Option<String>,
+    pub info: Arc<ClientInfo>,
 }
 
 /// Parameters PostgreSQL reports with ParameterStatus that a client may set;
@@ -150,7 +161,13 @@ impl Session {
         cancel: Arc<CancelSlot>,
     ) -> Session {
         let cfg = app.config();
+        let wl = id.workload.clone().unwrap_or_default();
         Session {
+            metrics: app.metrics.for_client(&id.database, &id.user, &wl),
+            workload_stats: app.workload_counters(&wl),
+            info: id.info,
+            cycle_start: None,
+            txn_start: None,
             mode: cfg.pool.mode,
             max_msg: cfg.listen.max_message_size.0 as usize,
             shutdown: app.shutdown_signal(),
@@ -228,6 +245,7 @@ impl Session {
         let server = self.server.as_ref().map(|s| &s.stream);
         let client = &self.client;
         let mut shutdown = self.shutdown.clone();
+        let kill = &self.info.kill;
         let read_client = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
         tokio::select! {
             // All branches are cancel-safe readiness waits.
@@ -240,6 +258,7 @@ impl Session {
             }
             r = client.readable(), if read_client => r.map(|_| Event::ClientReadable).map_err(|_| SessionError::ClientGone),
             _ = shutdown.changed(), if !shutting_down => Ok(Event::Shutdown),
+            _ = kill.notified() => Err(SessionError::Killed),
         }
     }
 
@@ -332,9 +351,12 @@ impl Session {
                 let target = match self.choose_target(&a, &topo) {
                     Ok((t, reason)) => {
                         tracing::debug!(target = ?t, reason = reason.as_str(), "routed");
+                        self.count_decision(&a, t, reason);
                         t
                     }
                     Err((code, message)) => {
+                        self.workload_stats.refused.fetch_add(1, Ordering::Relaxed);
+                        self.app.metrics.errors.with_label_values(&[code]).inc();
                         self.refuse_unit(h.tag, code, &message);
                         continue;
                     }
@@ -426,6 +448,7 @@ impl Session {
     }
 
     fn send(&mut self, msg: &[u8], kind: Option<Kind>) {
+        self.count_request(msg);
         self.sout.extend_from_slice(msg);
         if let Some(k) = kind {
             self.expect.push(Pending::Fwd(k));
@@ -535,6 +558,9 @@ impl Session {
             self.expect.push(Pending::Swallow(Kind::Close));
         }
         server.mark_prepared(stmt.id);
+        if let Some(pool) = &self.bound_pool {
+            PoolCounters::add(&pool.counters.server_parses, 1);
+        }
         build::parse(&mut self.sout, &stmt.server_name, &stmt.content);
         let kind = Kind::Parse(Some(stmt.id));
         self.expect.push(if swallow { Pending::Swallow(kind) } else { Pending::Fwd(kind) });
@@ -565,6 +591,7 @@ impl Session {
         self.in_batch = true;
         match self.ensure_prepared(name) {
             Some(stmt) => {
+                self.count_request(msg);
                 build::bind(&mut self.sout, portal, &stmt.server_name, &msg[tail_at..]);
                 self.expect.push(Pending::Fwd(Kind::Bind));
             }
@@ -600,6 +627,64 @@ impl Session {
         Ok(())
     }
 
+    /// Accounts a client message going to the server.
+    fn count_request(&mut self, msg: &[u8]) {
+        let now = Instant::now();
+        self.cycle_start.get_or_insert(now);
+        self.txn_start.get_or_insert(now);
+        let len = msg.len() as u64;
+        self.metrics.received.inc_by(len);
+        if let Some(pool) = &self.bound_pool {
+            let c = &pool.counters;
+            PoolCounters::add(&c.received, len);
+            match msg[0] {
+                b'Q' | b'E' => {
+                    PoolCounters::add(&c.queries, 1);
+                    self.metrics.queries.inc();
+                    self.workload_stats.queries.fetch_add(1, Ordering::Relaxed);
+                }
+                b'P' => PoolCounters::add(&c.client_parses, 1),
+                b'B' => PoolCounters::add(&c.binds, 1),
+                _ => {}
+            }
+        }
+    }
+
+    /// ReadyForQuery ended a request cycle (and maybe a transaction).
+    fn count_cycle_end(&mut self, status: u8) {
+        let Some(pool) = &self.bound_pool else { return };
+        if let Some(t) = self.cycle_start.take() {
+            let e = t.elapsed();
+            PoolCounters::add(&pool.counters.query_us, e.as_micros() as u64);
+            let h = if matches!(self.bound_target, Some(Target::Replica(_))) { &self.metrics.latency_replica } else { &self.metrics.latency_primary };
+            h.observe(e.as_secs_f64());
+        }
+        if status == b'I' {
+            if let Some(t) = self.txn_start.take() {
+                PoolCounters::add(&pool.counters.xacts, 1);
+                PoolCounters::add(&pool.counters.xact_us, t.elapsed().as_micros() as u64);
+                self.metrics.transactions.inc();
+            }
+        }
+    }
+
+    /// Counts bytes that went to the client.
+    fn count_sent(&mut self, n: usize) {
+        if n > 0 {
+            self.metrics.sent.inc_by(n as u64);
+            if let Some(pool) = &self.bound_pool {
+                PoolCounters::add(&pool.counters.sent, n as u64);
+            }
+        }
+    }
+
+    /// A new workload (SET pgfleet.workload): metric handles follow it.
+    fn workload_changed(&mut self) {
+        let wl = self.workload.clone().unwrap_or_default();
+        self.metrics = self.app.metrics.for_client(&self.database, &self.user, &wl);
+        self.workload_stats = self.app.workload_counters(&wl);
+    }
+
     /// Writes the synthetic answers that are now at the head of the queue.
     fn emit_synth(&mut self) {
         while let Some((s, payload)) = self.expect.pop_synth() {
@@ -615,7 +700,20 @@ impl Session {
     /// Checks out a server connection and queues what brings it in line
     /// with this client's session settings.
     async fn bind_server(&mut self, a: &Analysis, target: Target, topo: &Topology) -> Result<(), SessionError> {
-        let (mut conn, target, pool) = self.checkout_routed(a, target, topo).await?;
+        self.wait_while_paused().await?;
+        self.info.state.store(CLIENT_WAITING, Ordering::Relaxed);
+        self.info.wait_since_us.store(crate::stats::now_us(), Ordering::Relaxed);
+        let checked_out = self.checkout_routed(a, target, topo).await;
+        self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
+        let (mut conn, target, pool) = checked_out?;
+        if let Some(si) = &conn.info {
+            si.state.store(SERVER_ACTIVE, Ordering::Relaxed);
+            si.link.store(self.info.id, Ordering::Relaxed);
+            si.request_time_us.store(crate::stats::now_us(), Ordering::Relaxed);
+        }
+        self.info.link.store(conn.id, Ordering::Relaxed);
+        self.info.remote_pid.store(conn.backend_pid, Ordering::Relaxed);
+        self.info.request_time_us.store(crate::stats::now_us(), Ordering::Relaxed);
         if let Target::Replica(i) = target {
             let inflight = topo.replicas[i].inflight.clone();
             inflight.fetch_add(1, Ordering::Relaxed);
@@ -666,9 +764,33 @@ impl Session {
         }
     }
 
+    /// PAUSE: new transactions wait until RESUME (or shutdown).
+    async fn wait_while_paused(&mut self) -> Result<(), SessionError> {
+        while self.app.is_paused(&self.database) {
+            let resumed = self.app.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.app.is_paused(&self.database) {
+                break;
+            }
+            tokio::select! {
+                _ = resumed => {}
+                _ = self.info.kill.notified() => return Err(SessionError::Killed),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the bound connection and the pool it belongs to.
     fn unbind(&mut self) -> Option<(ServerConn, Arc<Pool>)> {
         let conn = self.server.take()?;
+        if let Some(si) = &conn.info {
+            si.state.store(SERVER_IDLE, Ordering::Relaxed);
+            si.link.store(0, Ordering::Relaxed);
+        }
+        self.info.state.store(CLIENT_IDLE, Ordering::Relaxed);
+        self.info.link.store(0, Ordering::Relaxed);
         self.bound_target = None;
         if let Some(inflight) = self.bound_inflight.take() {
             inflight.fetch_sub(1, Ordering::Relaxed);
@@ -688,7 +810,9 @@ impl Session {
             SessionError::Pool(p @ PoolError::Timeout { .. }) => (sqlstate::TOO_MANY_CONNECTIONS.into(), p.to_string()),
             SessionError::Pool(p @ PoolError::Connect(b)) => (b.sqlstate(), p.to_string()),
             SessionError::Shutdown => (sqlstate::ADMIN_SHUTDOWN.into(), "pgfleet is shutting down".into()),
+            SessionError::Killed => (sqlstate::ADMIN_SHUTDOWN.into(), "connection killed by the pgfleet admin console (KILL)".into()),
         };
+        self.app.metrics.errors.with_label_values(&[&code]).inc();
         tracing::info!(sqlstate = %code, error = %msg, "closing client session");
         let mut out = std::mem::take(&mut self.cout);
         build::error_response(&mut out, "FATAL", &code, &msg);

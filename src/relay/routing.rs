@@ -112,6 +112,27 @@ impl Session {
         })
     }
 
+    /// Counts a routing decision (Prometheus and SHOW WORKLOADS).
+    pub(super) fn count_decision(&self, a: &Analysis, t: Target, reason: Reason) {
+        let w = &self.workload_stats;
+        let add = |c: &std::sync::atomic::AtomicU64| c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        add(if a.class == Class::Write { &w.writes } else { &w.reads });
+        let target = match t {
+            Target::Primary => {
+                add(&w.to_primary);
+                "primary"
+            }
+            Target::Replica(_) => {
+                add(&w.to_replica);
+                "replica"
+            }
+        };
+        if reason == Reason::Fallback {
+            add(&w.fallbacks);
+        }
+        self.app.metrics.routing.with_label_values(&[target, reason.as_str()]).inc();
+    }
+
     /// Bound to a replica at a transaction boundary, with a unit waiting
     /// that must not run there (a write): wait for the release first.
     pub(super) fn must_hold(&self, next: &[u8]) -> bool {

@@ -19,6 +19,14 @@ enum Seen {
 impl Session {
     /// Processes as many server bytes as are available.
     pub(super) fn scan_server(&mut self) -> Result<(), SessionError> {
+        let before = self.cout.len();
+        let r = self.scan_messages();
+        let after = self.cout.len();
+        self.count_sent(after.saturating_sub(before));
+        r
+    }
+
+    fn scan_messages(&mut self) -> Result<(), SessionError> {
         loop {
             if self.skip > 0 {
                 let n = self.skip.min(self.sin.len());
@@ -77,6 +85,9 @@ impl Session {
             Seen::Ready(status) => {
                 self.status = status;
                 let ended = self.expect.complete_cycle();
+                if matches!(ended, Some(Pending::Fwd(_))) {
+                    self.count_cycle_end(status);
+                }
                 if matches!(ended, Some(Pending::Swallow(Kind::Query))) {
                     self.probe = None;
                 }
@@ -128,6 +139,11 @@ impl Session {
     }
 
     fn on_error(&mut self, head: Option<Pending>, fields: Vec<(u8, String)>) -> bool {
+        if let Some((_, code)) = fields.iter().find(|(c, _)| *c == b'C') {
+            if !matches!(head, Some(Pending::Swallow(Kind::Query))) {
+                self.app.metrics.errors.with_label_values(&[code]).inc();
+            }
+        }
         match head {
             Some(Pending::Swallow(Kind::Query)) => {
                 let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());

@@ -156,10 +156,14 @@ impl Session {
 
     fn set_virtual(&mut self, name: &str, value: Option<&str>) -> Result<(), (&'static str, String)> {
         match (name, value) {
-            ("workload", None) => self.workload = self.login_workload.clone(),
+            ("workload", None) => {
+                self.workload = self.login_workload.clone();
+                self.workload_changed();
+            }
             ("workload", Some(w)) => {
                 super::routing::group_index(&self.app.topology(), w)?;
                 self.workload = Some(w.to_string());
+                self.workload_changed();
             }
             ("route", None) => self.route_override = None,
             ("route", Some(r)) => {

@@ -46,6 +46,8 @@ impl ReplicaState {
 /// Immutable view of the cluster, published by the monitor.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// When the monitor took it (unix µs; 0 = never).
+    pub checked_at_us: u64,
     pub primary_lsn: u64,
     pub primary_reachable: bool,
     pub replicas: Vec<ReplicaState>,

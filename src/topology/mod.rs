@@ -81,6 +81,7 @@ impl Topology {
             })
             .collect();
         let initial = Snapshot {
+            checked_at_us: 0,
             primary_lsn: 0,
             primary_reachable: false,
             replicas: replicas

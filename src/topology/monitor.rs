@@ -156,5 +156,5 @@ fn build_snapshot(
     if let Some(min) = states.iter().filter(|s| s.reachable).map(|s| s.replay_lsn).min() {
         lag.forget_before(min);
     }
-    Snapshot { primary_lsn, primary_reachable, replicas: states }
+    Snapshot { checked_at_us: crate::stats::now_us(), primary_lsn, primary_reachable, replicas: states }
 }

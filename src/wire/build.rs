@@ -264,3 +264,23 @@ pub fn no_parameters(buf: &mut BytesMut) {
     buf.put_i16(0);
     finish(buf, at);
 }
+
+/// RowDescription with given type OIDs (values are still sent as text).
+pub fn row_description_typed(buf: &mut BytesMut, columns: &[(&str, u32)]) {
+    let at = begin(buf, b'T');
+    buf.put_i16(i16::try_from(columns.len()).expect("too many columns"));
+    for (name, oid) in columns {
+        cstr(buf, name.as_bytes());
+        buf.put_i32(0);
+        buf.put_i16(0);
+        buf.put_u32(*oid);
+        buf.put_i16(match oid {
+            23 => 4,
+            20 => 8,
+            _ => -1,
+        });
+        buf.put_i32(-1);
+        buf.put_i16(0);
+    }
+    finish(buf, at);
+}

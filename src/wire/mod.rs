@@ -28,6 +28,9 @@ pub mod sqlstate {
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const UNDEFINED_OBJECT: &str = "42704";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 }
 
 /// Why a byte stream could not be decoded.

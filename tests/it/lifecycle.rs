@@ -14,7 +14,7 @@ async fn shutdown_drains_in_flight_transactions() {
     tx.execute("INSERT INTO drain_t VALUES (1)", &[]).await.unwrap();
     let app = p.app.clone();
     let stopper = tokio::spawn(async move {
-        let r = pgfleet::app::Running { addr: p.addr, app };
+        let r = pgfleet::app::Running { addr: p.addr, app, metrics_addr: None };
         r.shutdown(Duration::from_secs(10)).await;
     });
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,0 +1,107 @@
+//! A minimal HTTP/1.1 endpoint at `admin.metrics_addr`: `GET /metrics`
+//! (Prometheus text format), `GET /healthz` (the process serves) and
+//! `GET /readyz` (503 while no primary is reachable).
+
+use crate::app::App;
+use crate::stats::{CLIENT_ACTIVE, CLIENT_WAITING, SERVER_ACTIVE};
+use prometheus::Encoder;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Serves until shutdown.
+pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    let mut shutdown = app.shutdown_signal();
+    loop {
+        tokio::select! {
+            r = listener.accept() => if let Ok((stream, _)) = r {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), handle(app, stream)).await;
+                });
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn handle(app: Arc<App>, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let request = String::from_utf8_lossy(&buf);
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let (status, ctype, body) = match path {
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&app)),
+        "/healthz" => ("200 OK", "text/plain", b"ok\n".to_vec()),
+        "/readyz" => {
+            let snap = app.topology().snapshot();
+            let ready = snap.primary_reachable || (app.topology().replicas.is_empty() && primary_answers(&app).await);
+            if ready {
+                ("200 OK", "text/plain", b"ready\n".to_vec())
+            } else {
+                ("503 Service Unavailable", "text/plain", b"no primary reachable\n".to_vec())
+            }
+        }
+        _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
+    };
+    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    stream.shutdown().await
+}
+
+/// Without replicas there is no monitor: try a TCP connect to the primary.
+async fn primary_answers(app: &App) -> bool {
+    let addr = app.config().cluster.primary.clone();
+    matches!(tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await, Ok(Ok(_)))
+}
+
+/// Refreshes the state gauges, then encodes every metric.
+fn render(app: &App) -> Vec<u8> {
+    let m = &app.metrics;
+    let (mut active, mut waiting, mut idle) = (0, 0, 0);
+    for c in app.conns.clients.lock().unwrap().values() {
+        match c.state.load(Ordering::Relaxed) {
+            CLIENT_ACTIVE => active += 1,
+            CLIENT_WAITING => waiting += 1,
+            _ => idle += 1,
+        }
+    }
+    m.clients.with_label_values(&["active"]).set(active);
+    m.clients.with_label_values(&["waiting"]).set(waiting);
+    m.clients.with_label_values(&["idle"]).set(idle);
+    m.pinned_clients.set(app.pinned_clients.load(Ordering::Relaxed) as i64);
+    m.servers.reset();
+    for p in app.pools() {
+        let st = p.stats();
+        let k = &p.key;
+        let active = app.conns.servers.lock().unwrap().values().filter(|i| i.database == k.database && i.user == k.user && i.backend == k.backend && i.state.load(Ordering::Relaxed) == SERVER_ACTIVE).count();
+        m.servers.with_label_values(&[&k.database, &k.user, &k.backend, "active"]).set(active as i64);
+        m.servers.with_label_values(&[&k.database, &k.user, &k.backend, "idle"]).set(st.idle as i64);
+        m.servers.with_label_values(&[&k.database, &k.user, &k.backend, "opening"]).set(st.total.saturating_sub(st.idle + active) as i64);
+    }
+    let topo = app.topology();
+    let snap = topo.snapshot();
+    m.replica_lag_bytes.reset();
+    m.replica_lag_seconds.reset();
+    m.replica_usable.reset();
+    for r in &snap.replicas {
+        m.replica_lag_bytes.with_label_values(&[&r.name]).set(r.lag_bytes as i64);
+        m.replica_lag_seconds.with_label_values(&[&r.name]).set(r.lag.as_secs_f64());
+        for (g, ok) in &r.groups {
+            m.replica_usable.with_label_values(&[&r.name, &topo.groups[*g].name]).set(i64::from(*ok));
+        }
+    }
+    let mut out = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut out);
+    out
+}

@@ -1,0 +1,261 @@
+//! Observability state: per-pool counters (SHOW STATS), registries of live
+//! client and server connections (SHOW CLIENTS / SHOW SERVERS), and the
+//! Prometheus metrics. Hot paths only touch atomics: label lookups happen
+//! once per session (or workload change), never per query.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Counters of one pool; SHOW STATS sums them per database.
+#[derive(Default, Debug)]
+pub struct PoolCounters {
+    pub server_assignments: AtomicU64,
+    pub xacts: AtomicU64,
+    pub queries: AtomicU64,
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub xact_us: AtomicU64,
+    pub query_us: AtomicU64,
+    pub wait_us: AtomicU64,
+    pub client_parses: AtomicU64,
+    pub server_parses: AtomicU64,
+    pub binds: AtomicU64,
+    /// Checkouts that had to queue.
+    pub waits: AtomicU64,
+    /// Longest current wait start (unix µs, 0 = nobody waiting) for maxwait.
+    pub oldest_wait_us: AtomicU64,
+}
+
+/// Per-workload routing counters (SHOW WORKLOADS).
+#[derive(Default, Debug)]
+pub struct WorkloadCounters {
+    pub queries: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub to_primary: AtomicU64,
+    pub to_replica: AtomicU64,
+    pub fallbacks: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+impl PoolCounters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+pub const CLIENT_IDLE: u8 = 0;
+pub const CLIENT_ACTIVE: u8 = 1;
+pub const CLIENT_WAITING: u8 = 2;
+
+/// One connected client, as SHOW CLIENTS lists it.
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+    pub connect_time_us: u64,
+    pub application_name: String,
+    pub state: AtomicU8,
+    pub request_time_us: AtomicU64,
+    pub wait_since_us: AtomicU64,
+    /// Id of the server connection serving it (0 = none).
+    pub link: AtomicU64,
+    pub remote_pid: AtomicI32,
+    /// Set by KILL; the session ends at its next step.
+    pub kill: tokio::sync::Notify,
+}
+
+pub const SERVER_IDLE: u8 = 0;
+pub const SERVER_ACTIVE: u8 = 1;
+
+/// One server connection, as SHOW SERVERS lists it.
+#[derive(Debug)]
+pub struct ServerInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub backend: String,
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+    pub connect_time_us: u64,
+    pub backend_pid: i32,
+    pub state: AtomicU8,
+    pub request_time_us: AtomicU64,
+    /// Id of the client it serves (0 = none).
+    pub link: AtomicU64,
+}
+
+/// Live connections by id. The lock guards the maps only; held briefly.
+#[derive(Default)]
+pub struct Connections {
+    pub clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+    pub servers: Mutex<HashMap<u64, Arc<ServerInfo>>>,
+    next_client: AtomicU64,
+}
+
+impl Connections {
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Removes a client or server from the registry when dropped.
+pub struct Listed {
+    registry: Arc<Connections>,
+    id: u64,
+    server: bool,
+}
+
+impl Listed {
+    pub fn client(registry: &Arc<Connections>, info: Arc<ClientInfo>) -> Listed {
+        let id = info.id;
+        registry.clients.lock().unwrap().insert(id, info);
+        Listed { registry: registry.clone(), id, server: false }
+    }
+
+    pub fn server(registry: &Arc<Connections>, info: Arc<ServerInfo>) -> Listed {
+        let id = info.id;
+        registry.servers.lock().unwrap().insert(id, info);
+        Listed { registry: registry.clone(), id, server: true }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        if self.server {
+            self.registry.servers.lock().unwrap().remove(&self.id);
+        } else {
+            self.registry.clients.lock().unwrap().remove(&self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Listed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Listed({})", self.id)
+    }
+}
+
+/// Latency buckets (seconds) for queries and pool waits.
+const BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The Prometheus metrics of one pgfleet. Label values come from the
+/// configuration (databases, users, workloads, replicas, groups), routing
+/// reasons and SQLSTATEs: bounded sets; never SQL text or client addresses.
+pub struct Metrics {
+    pub registry: prometheus::Registry,
+    pub transactions: IntCounterVec,
+    pub queries: IntCounterVec,
+    pub bytes_received: IntCounterVec,
+    pub bytes_sent: IntCounterVec,
+    pub query_duration: HistogramVec,
+    pub routing: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub pool_waits: IntCounterVec,
+    pub pool_wait_seconds: HistogramVec,
+    pub clients: IntGaugeVec,
+    pub servers: IntGaugeVec,
+    pub pinned_clients: IntGauge,
+    pub replica_lag_bytes: IntGaugeVec,
+    pub replica_lag_seconds: prometheus::GaugeVec,
+    pub replica_usable: IntGaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &prometheus::Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = prometheus::Registry::new();
+        let dim = &["database", "user", "workload"];
+        let pool = &["database", "user", "backend"];
+        Metrics {
+            transactions: reg(&r, IntCounterVec::new(Opts::new("pgfleet_transactions_total", "Transactions completed"), dim).unwrap()),
+            queries: reg(&r, IntCounterVec::new(Opts::new("pgfleet_queries_total", "Queries (Query and Execute messages) sent to servers"), dim).unwrap()),
+            bytes_received: reg(&r, IntCounterVec::new(Opts::new("pgfleet_client_bytes_received_total", "Bytes received from clients and sent to servers"), dim).unwrap()),
+            bytes_sent: reg(&r, IntCounterVec::new(Opts::new("pgfleet_client_bytes_sent_total", "Bytes from servers sent to clients"), dim).unwrap()),
+            query_duration: reg(
+                &r,
+                HistogramVec::new(HistogramOpts::new("pgfleet_query_duration_seconds", "Time from a request to its ReadyForQuery").buckets(BUCKETS.to_vec()), &["workload", "route"]).unwrap(),
+            ),
+            routing: reg(&r, IntCounterVec::new(Opts::new("pgfleet_routing_decisions_total", "Routing decisions"), &["target", "reason"]).unwrap()),
+            errors: reg(&r, IntCounterVec::new(Opts::new("pgfleet_errors_total", "ErrorResponses sent to clients"), &["sqlstate"]).unwrap()),
+            pool_waits: reg(&r, IntCounterVec::new(Opts::new("pgfleet_pool_waits_total", "Checkouts that had to wait for a connection"), pool).unwrap()),
+            pool_wait_seconds: reg(
+                &r,
+                HistogramVec::new(HistogramOpts::new("pgfleet_pool_wait_seconds", "Time to get a server connection").buckets(BUCKETS.to_vec()), pool).unwrap(),
+            ),
+            clients: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_clients", "Client connections by state"), &["state"]).unwrap()),
+            servers: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_servers", "Server connections by state"), &["database", "user", "backend", "state"]).unwrap()),
+            pinned_clients: reg(&r, IntGauge::new("pgfleet_pinned_clients", "Clients pinned to a server connection").unwrap()),
+            replica_lag_bytes: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_replica_lag_bytes", "Replay distance behind the primary"), &["replica"]).unwrap()),
+            replica_lag_seconds: reg(&r, prometheus::GaugeVec::new(Opts::new("pgfleet_replica_lag_seconds", "Replay delay behind the primary"), &["replica"]).unwrap()),
+            replica_usable: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_replica_usable", "1 when the replica serves reads for the group"), &["replica", "group"]).unwrap()),
+            registry: r,
+        }
+    }
+
+    /// Handles for one client's hot path.
+    pub fn for_client(&self, database: &str, user: &str, workload: &str) -> ClientMetrics {
+        let l = &[database, user, workload];
+        ClientMetrics {
+            transactions: self.transactions.with_label_values(l),
+            queries: self.queries.with_label_values(l),
+            received: self.bytes_received.with_label_values(l),
+            sent: self.bytes_sent.with_label_values(l),
+            latency_primary: self.query_duration.with_label_values(&[workload, "primary"]),
+            latency_replica: self.query_duration.with_label_values(&[workload, "replica"]),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Label-resolved metric handles a session keeps.
+pub struct ClientMetrics {
+    pub transactions: IntCounter,
+    pub queries: IntCounter,
+    pub received: IntCounter,
+    pub sent: IntCounter,
+    pub latency_primary: Histogram,
+    pub latency_replica: Histogram,
+}
+
+/// Approximate quantile (seconds, a bucket's upper bound) over histograms
+/// with the same buckets.
+pub fn quantile(hs: &[&Histogram], q: f64) -> f64 {
+    use prometheus::core::Metric;
+    let metrics: Vec<_> = hs.iter().map(|h| h.metric()).collect();
+    let total: u64 = metrics.iter().map(|m| m.get_histogram().get_sample_count()).sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    let buckets = metrics[0].get_histogram().get_bucket();
+    for (i, b) in buckets.iter().enumerate() {
+        let cum: u64 = metrics.iter().map(|m| m.get_histogram().get_bucket()[i].get_cumulative_count()).sum();
+        if cum >= want {
+            return b.get_upper_bound();
+        }
+    }
+    f64::INFINITY
+}
