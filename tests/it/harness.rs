@@ -233,6 +233,8 @@ pub fn config(pool: &str, extra: &str) -> Config {
 [listen]
 addr = "127.0.0.1:0"
 max_message_size = "1MB"
+[admin]
+users = ["admin"]
 [pool]
 {pool}
 [[users]]
@@ -244,6 +246,9 @@ password = "md5pw"
 [[users]]
 name = "bench"
 password = "bench"
+[[users]]
+name = "admin"
+password = "admin"
 [[databases]]
 name = "app"
 [[databases]]
