@@ -8,6 +8,7 @@ mod auth;
 mod basic;
 mod drivers;
 mod lifecycle;
+mod ops;
 mod pgbench;
 mod pooling;
 mod routing;
