@@ -13,7 +13,7 @@ use crate::topology::{run_monitor, MonitorSpec, Topology};
 use crate::wire::auth::{ScramVerifier, Secret};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -52,6 +52,10 @@ pub struct App {
     /// Wakes sessions waiting on a paused database.
     pub resumed: tokio::sync::Notify,
     pub started: std::time::Instant,
+    /// Bumped by every applied reload; sessions re-read config/topology when it moves.
+    generation: AtomicU64,
+    /// Fast path for PAUSE checks: true while any database is paused.
+    any_paused: std::sync::atomic::AtomicBool,
 }
 
 /// Counts a connected client while alive.
@@ -96,6 +100,8 @@ impl App {
             paused: Mutex::new(Default::default()),
             resumed: tokio::sync::Notify::new(),
             started: std::time::Instant::now(),
+            generation: AtomicU64::new(0),
+            any_paused: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -133,6 +139,7 @@ impl App {
             *self.topology.write().unwrap() = topo;
             self.restart_monitor();
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let topo = self.topology();
         for pool in self.pools() {
             let addr = if pool.key.backend == PRIMARY {
@@ -276,7 +283,14 @@ impl App {
         v
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn is_paused(&self, database: &str) -> bool {
+        if !self.any_paused.load(Ordering::Acquire) {
+            return false;
+        }
         let p = self.paused.lock().unwrap();
         p.contains(database) || p.contains("*")
     }
@@ -284,6 +298,7 @@ impl App {
     /// PAUSE: new transactions of `database` (None = all) wait for RESUME.
     pub fn pause(&self, database: Option<&str>) {
         self.paused.lock().unwrap().insert(database.unwrap_or("*").to_string());
+        self.any_paused.store(true, Ordering::Release);
     }
 
     pub fn resume(&self, database: Option<&str>) {
@@ -294,6 +309,7 @@ impl App {
             }
             None => p.clear(),
         }
+        self.any_paused.store(!p.is_empty(), Ordering::Release);
         drop(p);
         self.resumed.notify_waiters();
     }

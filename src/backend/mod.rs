@@ -90,6 +90,8 @@ pub struct ServerConn {
     pub params: HashMap<String, String>,
     /// Non-reported parameters pgfleet set for a client (to RESET for others).
     pub custom: HashSet<String>,
+    /// Fingerprint of the client settings this connection carries (0 = unknown).
+    pub settings_fp: u64,
     /// Proxy statement id -> last-use tick, for the LRU cache.
     pub prepared: HashMap<u64, u64>,
     pub tick: u64,
@@ -127,6 +129,7 @@ impl ServerConn {
             backend_secret: 0,
             params: HashMap::new(),
             custom: HashSet::new(),
+            settings_fp: 0,
             prepared: HashMap::new(),
             tick: 0,
             created: Instant::now(),

@@ -123,6 +123,13 @@ pub struct Session {
     /// A request failed before reaching a server: skip the batch to Sync.
     discard_to_sync: bool,
     info: Arc<ClientInfo>,
+    /// Config and topology as of `generation` (refreshed after a reload).
+    cfg: Arc<crate::config::Config>,
+    topo: Arc<Topology>,
+    generation: u64,
+    /// Fingerprint of `settings`: a server connection carrying the same one
+    /// needs no SET at checkout.
+    settings_fp: u64,
     metrics: ClientMetrics,
     workload_stats: Arc<WorkloadCounters>,
     /// When the current request cycle (up to ReadyForQuery) and the current
@@ -162,7 +169,11 @@ impl Session {
     ) -> Session {
         let cfg = app.config();
         let wl = id.workload.clone().unwrap_or_default();
+        let settings_fp = fingerprint(&settings);
         Session {
+            generation: app.generation(),
+            topo: app.topology(),
+            settings_fp,
             metrics: app.metrics.for_client(&id.database, &id.user, &wl),
             workload_stats: app.workload_counters(&wl),
             info: id.info,
@@ -170,6 +181,7 @@ impl Session {
             txn_start: None,
             mode: cfg.pool.mode,
             max_msg: cfg.listen.max_message_size.0 as usize,
+            cfg: cfg.clone(),
             shutdown: app.shutdown_signal(),
             app,
             user: id.user,
@@ -236,6 +248,13 @@ impl Session {
                     self.maybe_release();
                 }
                 Event::Writable => {}
+                Event::Idle => {
+                    for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout] {
+                        if b.is_empty() {
+                            *b = BytesMut::new();
+                        }
+                    }
+                }
                 Event::Shutdown => shutting_down = true,
             }
         }
@@ -259,7 +278,13 @@ impl Session {
             r = client.readable(), if read_client => r.map(|_| Event::ClientReadable).map_err(|_| SessionError::ClientGone),
             _ = shutdown.changed(), if !shutting_down => Ok(Event::Shutdown),
             _ = kill.notified() => Err(SessionError::Killed),
+            // An idle client keeps no buffers (freed after a quiet second).
+            _ = tokio::time::sleep(Duration::from_secs(1)), if self.server.is_none() && self.holds_buffers() => Ok(Event::Idle),
         }
+    }
+
+    fn holds_buffers(&self) -> bool {
+        self.cin.capacity() + self.sin.capacity() + self.cout.capacity() + self.sout.capacity() > 0
     }
 
     fn has_complete_client_message(&self) -> bool {
@@ -311,6 +336,11 @@ impl Session {
     /// Moves every complete client message into the server buffer, binding a
     /// server connection first when none is bound.
     async fn process_client(&mut self) -> Result<(), SessionError> {
+        if self.app.generation() != self.generation {
+            self.generation = self.app.generation();
+            self.cfg = self.app.config();
+            self.topo = self.app.topology();
+        }
         while self.sout.len() < SOUT_HIGH {
             let h = match wire::peek_header(&self.cin, self.max_msg)? {
                 Some(h) if self.cin.len() >= h.total => h,
@@ -347,7 +377,7 @@ impl Session {
                 }
                 let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
                 let first_only = matches!(h.tag, b'Q' | b'P');
-                let topo = self.app.topology();
+                let topo = self.topo.clone();
                 let target = match self.choose_target(&a, &topo) {
                     Ok((t, reason)) => {
                         tracing::debug!(target = ?t, reason = reason.as_str(), "routed");
@@ -461,7 +491,7 @@ impl Session {
     }
 
     fn analyze(&self, sql: &str) -> crate::router::Analysis {
-        crate::router::classify(sql, &self.app.config().routing.write_functions)
+        crate::router::classify(sql, &self.cfg.routing.write_functions)
     }
 
     fn on_query(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
@@ -519,7 +549,7 @@ impl Session {
     }
 
     fn intern(&self, content: &[u8]) -> Arc<Stmt> {
-        let extra = self.app.config().routing.write_functions.clone();
+        let extra = self.cfg.routing.write_functions.clone();
         self.app.stmts.intern(content, |c| crate::router::classify(state::parse_sql(c), &extra))
     }
 
@@ -550,7 +580,7 @@ impl Session {
 
     /// Sends Parse for a proxy statement, evicting the LRU one if full.
     fn prepare_on_server(&mut self, stmt: &Stmt, swallow: bool) {
-        let limit = self.app.config().pool.prepared_statements_cache;
+        let limit = self.cfg.pool.prepared_statements_cache;
         let server = self.server.as_mut().expect("bound");
         if let Some(victim) = server.lru_victim(limit) {
             server.prepared.remove(&victim);
@@ -721,9 +751,12 @@ impl Session {
         }
         self.bound_target = Some(target);
         self.bound_pool = Some(pool);
-        if let Some(sql) = settings_sql(&self.settings, &mut conn) {
-            build::query(&mut self.sout, &sql);
-            self.expect.push(Pending::Swallow(Kind::Query));
+        if conn.settings_fp != self.settings_fp {
+            if let Some(sql) = settings_sql(&self.settings, &mut conn) {
+                build::query(&mut self.sout, &sql);
+                self.expect.push(Pending::Swallow(Kind::Query));
+            }
+            conn.settings_fp = self.settings_fp;
         }
         self.cancel.set(Some(CancelTarget {
             peer: conn.peer,
@@ -755,12 +788,7 @@ impl Session {
             }
             let (conn, pool) = self.unbind().expect("checked");
             pool.checkin(conn);
-            // An idle client keeps no buffers.
-            for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout] {
-                if b.is_empty() {
-                    *b = BytesMut::new();
-                }
-            }
+
         }
     }
 
@@ -845,6 +873,7 @@ impl Session {
             ok = conn.run_silently("DISCARD ALL", limit).await.is_ok();
             conn.prepared.clear();
             conn.custom.clear();
+            conn.settings_fp = 0;
         }
         if ok {
             pool.checkin(conn);
@@ -855,10 +884,19 @@ impl Session {
 }
 
 enum Event {
+    Idle,
     ClientReadable,
     ServerReadable,
     Writable,
     Shutdown,
+}
+
+/// Order-sensitive fingerprint of a settings list (never 0).
+pub(crate) fn fingerprint(settings: &Settings) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    settings.hash(&mut h);
+    h.finish() | 1
 }
 
 /// Cheap check: does the SQL start (after blanks) with this lower-case word?

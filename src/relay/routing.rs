@@ -22,7 +22,7 @@ pub(super) fn group_index(topo: &Topology, w: &str) -> Result<usize, (&'static s
 impl Session {
     /// Whether this session splits reads from writes at all.
     pub(super) fn routes(&self) -> bool {
-        self.mode == PoolMode::Transaction && !self.app.topology().groups.is_empty()
+        self.mode == PoolMode::Transaction && !self.topo.groups.is_empty()
     }
 
     /// The transaction unit starting with `first` and continuing in the
@@ -92,7 +92,7 @@ impl Session {
             },
             (None, None) => return Ok((Target::Primary, Reason::SplitDisabled)),
         };
-        let cfg = self.app.config();
+        let cfg = &self.cfg;
         let s = SessionRoute {
             split: cfg.routing.read_write_split,
             route: self.route_override,
@@ -140,7 +140,7 @@ impl Session {
             return false;
         }
         let a = self.unit_analysis(next, &self.cin[next.len()..]);
-        !matches!(self.choose_target(&a, &self.app.topology()), Ok((Target::Replica(_), _)))
+        !matches!(self.choose_target(&a, &self.topo), Ok((Target::Replica(_), _)))
     }
 
     pub(super) fn pool_for(&self, target: Target, topo: &Topology) -> Arc<Pool> {

@@ -134,7 +134,14 @@ impl Session {
             server.params.insert(name.clone(), value.clone());
         }
         if let Some(slot) = self.settings.iter_mut().find(|(n, _)| *n == name) {
-            slot.1 = value;
+            if slot.1 != value {
+                slot.1 = value;
+                self.settings_fp = super::fingerprint(&self.settings);
+            }
+        }
+        // The server now carries exactly this client's settings.
+        if let Some(server) = self.server.as_mut() {
+            server.settings_fp = self.settings_fp;
         }
     }
 

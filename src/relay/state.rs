@@ -57,7 +57,7 @@ impl Session {
     /// send instead when the statement is rejected.
     pub(super) fn note_effects(&mut self, a: &Analysis) -> Option<String> {
         if let Some(reason) = a.pin {
-            if self.app.config().pool.session_state == SessionStateMode::Reject {
+            if self.cfg.pool.session_state == SessionStateMode::Reject {
                 return Some(rejection_sql(reason));
             }
             if self.pinned.is_none() {
@@ -105,7 +105,7 @@ impl Session {
     pub(super) fn probe_sql(&mut self) -> Option<String> {
         let check_state = self.pinned.is_some() && self.may_release;
         let lsn = std::mem::take(&mut self.wrote)
-            && self.app.config().routing.read_your_writes == crate::config::ReadYourWrites::Lsn;
+            && self.cfg.routing.read_your_writes == crate::config::ReadYourWrites::Lsn;
         if self.dirty.is_empty() && !self.resync_prepared && !check_state && !lsn {
             return None;
         }
@@ -180,6 +180,10 @@ impl Session {
                 self.settings.remove(i);
             }
             (None, None) => {}
+        }
+        self.settings_fp = super::fingerprint(&self.settings);
+        if let Some(server) = self.server.as_mut() {
+            server.settings_fp = self.settings_fp;
         }
     }
 

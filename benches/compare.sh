@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: direct PostgreSQL vs PgBouncer vs pgfleet, on one
+# machine, in one run, interleaved (A B C A B C ...), with equal settings:
+# transaction mode, same pool size, TCP on 127.0.0.1, SCRAM auth, logging off.
+# Prints medians and ratios. Usage:
+#   benches/compare.sh                 # full run (ROUNDS=3, DURATION=5)
+#   ROUNDS=3 DURATION=3 CASES="S-simple-1 S-simple-50" benches/compare.sh
+# Needs root or sudo for apt (PostgreSQL, pgbouncer) when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/ensure-deps
+command -v pgbouncer >/dev/null || { echo "installing pgbouncer (apt)..." >&2; apt-get install -y -qq pgbouncer >/dev/null; }
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+POOL=${POOL:-20}
+IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
+ALL_CASES="S-simple-1 S-simple-10 S-simple-50 S-simple-500 S-extended-1 S-extended-10 S-extended-50 S-extended-500 S-prepared-1 S-prepared-50 tpcb-simple-50 C-simple-10"
+CASES=${CASES:-$ALL_CASES}
+base=${PGPORT_BASE:-56432}
+pg_port=$base bouncer_port=$((base + 1)) fleet_port=$((base + 2))
+ulimit -n 65536 2>/dev/null || true
+
+dir=$(mktemp -d /tmp/pgfleet-bench.XXXXXX)
+[ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
+. scripts/lib.sh
+out="$dir/results.tsv"
+bouncer_pid="" fleet_pid=""
+cleanup() {
+  [ -n "$fleet_pid" ] && kill -INT "$fleet_pid" 2>/dev/null || true
+  [ -n "$bouncer_pid" ] && kill -INT "$bouncer_pid" 2>/dev/null || true
+  sleep 0.5
+  stop_servers
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+echo "== building pgfleet (release)" >&2
+cargo build --release --locked -q
+
+echo "== PostgreSQL on $pg_port, PgBouncer on $bouncer_port, pgfleet on $fleet_port (pool $POOL)" >&2
+start_primary "$pg_port" "max_connections = 700
+shared_buffers = 256MB
+synchronous_commit = off
+log_min_messages = warning"
+export PGPASSWORD=app
+"$bindir/pgbench" -h 127.0.0.1 -p "$pg_port" -U app -i -s 10 -q app >/dev/null 2>&1
+
+verifier=$(psql_admin "$pg_port" "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+printf '"app" "%s"\n' "$verifier" > "$dir/userlist.txt"
+cat > "$dir/pgbouncer.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$pg_port dbname=app
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 20000
+max_db_connections = $POOL
+log_connections = 0
+log_disconnections = 0
+log_pooler_errors = 0
+stats_period = 60
+INI
+chown postgres "$dir/pgbouncer.ini" "$dir/userlist.txt" 2>/dev/null || true
+as_pg pgbouncer "$dir/pgbouncer.ini" >/dev/null 2>&1 &
+sleep 0.5
+bouncer_pid=$(pgrep -n -f "pgbouncer $dir/pgbouncer.ini")
+
+cat > "$dir/pgfleet.toml" <<TOML
+[listen]
+addr = "127.0.0.1:$fleet_port"
+max_client_conn = 20000
+[pool]
+size = $POOL
+[[users]]
+name = "app"
+password = "app"
+[[databases]]
+name = "app"
+[cluster]
+primary = "127.0.0.1:$pg_port"
+[log]
+level = "error"
+TOML
+RUST_LOG=error ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
+fleet_pid=$!
+for p in $bouncer_port $fleet_port; do
+  for _ in $(seq 100); do
+    "$bindir/psql" -X -q -h 127.0.0.1 -p "$p" -U app -d app -c 'SELECT 1' >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+done
+
+cpu_ticks() { [ -z "$1" ] && echo 0 && return; awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# run_case TARGET CASE ROUND: one pgbench run; appends a TSV line.
+run_case() {
+  local target=$1 case=$2 round=$3 port pid=""
+  case $target in
+    direct) port=$pg_port ;;
+    pgbouncer) port=$bouncer_port pid=$bouncer_pid ;;
+    pgfleet) port=$fleet_port pid=$fleet_pid ;;
+  esac
+  IFS=- read -r script mode clients <<<"$case"
+  local args=(-h 127.0.0.1 -p "$port" -U app -M "$mode" -c "$clients" -j 2 -T "$DURATION" --log --log-prefix="$dir/log")
+  [ "$script" = S ] && args+=(-S)
+  [ "$script" = C ] && args+=(-S -C)
+  rm -f "$dir"/log*
+  local before after text tps failed
+  before=$(cpu_ticks "$pid")
+  text=$("$bindir/pgbench" "${args[@]}" app 2>&1) || { echo "pgbench failed for $target $case: $text" >&2; return 0; }
+  after=$(cpu_ticks "$pid")
+  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$text" | head -1)
+  failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$text")
+  local tx lat
+  tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$text")
+  # Latency (µs) is the third field of every pgbench --log line.
+  lat=$(cat "$dir"/log* 2>/dev/null | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {if (NR) printf "%d %d", a[int(NR*0.5)+(NR*0.5>int(NR*0.5))], a[int(NR*0.99)+(NR*0.99>int(NR*0.99))]; else printf "0 0"}')
+  local cpu_ms_per_1k=0
+  if [ -n "$pid" ] && [ "${tx:-0}" -gt 0 ]; then
+    cpu_ms_per_1k=$(awk -v t=$((after - before)) -v n="$tx" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t * 1000 / hz / n * 1000}')
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$target" "$round" "${tps:-0}" "$lat" "$cpu_ms_per_1k" "${failed:-0}" | tr ' ' '\t' >> "$out"
+  echo "  $case $target round $round: tps ${tps:-0}" >&2
+}
+
+for round in $(seq "$ROUNDS"); do
+  for case in $CASES; do
+    for target in direct pgbouncer pgfleet; do
+      # PgBouncer (Debian's 1.18) has no prepared statements in transaction mode.
+      if [[ $case == S-prepared-* && $target == pgbouncer ]]; then continue; fi
+      run_case "$target" "$case" "$round"
+    done
+  done
+done
+
+# RSS per idle client: open IDLE_CLIENTS authenticated idle connections.
+idle_rss() {
+  local port=$1 pid=$2 before after
+  before=$(rss_kb "$pid")
+  python3 - "$port" "$IDLE_CLIENTS" <<'PY' &
+import socket, sys, time, hashlib, hmac, base64, os, struct
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def msg(t, b): return t + struct.pack('!I', len(b) + 4) + b
+def read(s):
+    h = b''
+    while len(h) < 5: h += s.recv(5 - len(h))
+    n = struct.unpack('!I', h[1:5])[0] - 4; b = b''
+    while len(b) < n: b += s.recv(n - len(b))
+    return h[:1], b
+salted = {}
+socks = []
+for i in range(n):
+    s = socket.create_connection(('127.0.0.1', port))
+    body = struct.pack('!I', 196608) + b'user\0app\0database\0app\0\0'
+    s.sendall(struct.pack('!I', len(body) + 4) + body)
+    nonce = base64.b64encode(os.urandom(18)).decode()
+    first_bare = 'n=,r=' + nonce
+    while True:
+        t, b = read(s)
+        if t == b'R':
+            code = struct.unpack('!I', b[:4])[0]
+            if code == 10:
+                cf = ('n,,' + first_bare).encode()
+                s.sendall(msg(b'p', b'SCRAM-SHA-256\0' + struct.pack('!I', len(cf)) + cf))
+            elif code == 11:
+                sf = b[4:].decode(); attrs = dict(kv.split('=', 1) for kv in sf.split(','))
+                key = (attrs['s'], attrs['i'])
+                if key not in salted:
+                    salted[key] = hashlib.pbkdf2_hmac('sha256', b'app', base64.b64decode(attrs['s']), int(attrs['i']))
+                sp = salted[key]
+                ck = hmac.new(sp, b'Client Key', 'sha256').digest()
+                sk = hashlib.sha256(ck).digest()
+                without = 'c=biws,r=' + attrs['r']
+                am = (first_bare + ',' + sf + ',' + without).encode()
+                sig = hmac.new(sk, am, 'sha256').digest()
+                proof = base64.b64encode(bytes(a ^ b for a, b in zip(ck, sig))).decode()
+                s.sendall(msg(b'p', (without + ',p=' + proof).encode()))
+        elif t == b'Z':
+            break
+        elif t == b'E':
+            raise SystemExit('login failed: %r' % b)
+    socks.append(s)
+print('open', file=sys.stderr, flush=True)
+time.sleep(600)
+PY
+  local py=$!
+  for _ in $(seq 600); do
+    [ "$(ls /proc/$py/fd 2>/dev/null | wc -l)" -ge "$IDLE_CLIENTS" ] && break
+    sleep 0.5
+  done
+  sleep 2
+  after=$(rss_kb "$pid")
+  kill $py 2>/dev/null; wait $py 2>/dev/null || true
+  awk -v a="$after" -v b="$before" -v n="$IDLE_CLIENTS" 'BEGIN {printf "%.2f", (a - b) / n}'
+}
+echo "== RSS per idle client ($IDLE_CLIENTS connections each)" >&2
+rss_bouncer=$(idle_rss "$bouncer_port" "$bouncer_pid")
+rss_fleet=$(idle_rss "$fleet_port" "$fleet_pid")
+
+python3 - "$out" "$rss_bouncer" "$rss_fleet" <<'PY'
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    case, target, rnd, tps, p50, p99, cpu, failed = line.rstrip('\n').split('\t')
+    rows[(case, target)].append((float(tps), int(p50), int(p99), float(cpu), int(failed)))
+med = lambda v: statistics.median(v) if v else 0
+cases = list(dict.fromkeys(c for c, _ in rows))
+print(f"{'case':18} {'direct tps':>11} {'bouncer tps':>12} {'pgfleet tps':>12} {'fleet/bouncer':>14} {'fleet/direct':>13} "
+      f"{'p50 us d/b/f':>18} {'p99 us d/b/f':>20} {'cpu ms/1k b/f':>15} {'cpu f/b':>8} {'failed':>7}")
+for c in cases:
+    m = {t: [med([r[i] for r in rows[(c, t)]]) for i in range(5)] for t in ('direct', 'pgbouncer', 'pgfleet') if (c, t) in rows}
+    g = lambda t, i: m[t][i] if t in m else float('nan')
+    ratio = lambda a, b: a / b if b else float('nan')
+    print(f"{c:18} {g('direct',0):11.0f} {g('pgbouncer',0):12.0f} {g('pgfleet',0):12.0f} "
+          f"{ratio(g('pgfleet',0), g('pgbouncer',0)):14.2f} {ratio(g('pgfleet',0), g('direct',0)):13.2f} "
+          f"{g('direct',1):6.0f}/{g('pgbouncer',1):5.0f}/{g('pgfleet',1):5.0f} {g('direct',2):6.0f}/{g('pgbouncer',2):6.0f}/{g('pgfleet',2):6.0f} "
+          f"{g('pgbouncer',3):7.1f}/{g('pgfleet',3):6.1f} {ratio(g('pgfleet',3), g('pgbouncer',3)):8.2f} "
+          f"{int(sum(r[4] for t in ('direct','pgbouncer','pgfleet') for r in rows.get((c, t), []))):7d}")
+print(f"\nRSS per idle client: PgBouncer {sys.argv[2]} kB, pgfleet {sys.argv[3]} kB")
+PY

@@ -1,0 +1,41 @@
+# Shared shell helpers: start/stop throwaway PostgreSQL servers in a temp dir
+# as the postgres OS user when run as root. Source it; needs $dir set.
+bindir=$(pg_config --bindir)
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+# start_primary PORT [extra postgresql.conf lines]: primary in $dir/primary
+# with roles app/app (database app) and scram auth over TCP.
+start_primary() {
+  local port=$1 extra=${2:-}
+  as_pg "$bindir/initdb" -U postgres --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C -D "$dir/primary" >/dev/null
+  cat >> "$dir/primary/postgresql.conf" <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$dir'
+wal_level = replica
+max_wal_senders = 10
+hot_standby = on
+max_connections = 200
+$extra
+CONF
+  printf 'local all all trust\nhost replication all 127.0.0.1/32 trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n' > "$dir/primary/pg_hba.conf"
+  as_pg "$bindir/pg_ctl" start -w -D "$dir/primary" -l "$dir/primary.log" >/dev/null
+  psql_admin "$port" "CREATE ROLE app LOGIN PASSWORD 'app'"
+  psql_admin "$port" "CREATE DATABASE app OWNER app"
+}
+
+# start_replica NAME PORT PRIMARY_PORT: streaming replica in $dir/NAME.
+start_replica() {
+  local name=$1 port=$2 primary=$3
+  as_pg "$bindir/pg_basebackup" -h 127.0.0.1 -p "$primary" -U postgres -D "$dir/$name" -R -X stream --checkpoint=fast
+  echo "port = $port" >> "$dir/$name/postgresql.auto.conf"
+  as_pg "$bindir/pg_ctl" start -w -D "$dir/$name" -l "$dir/$name.log" >/dev/null
+}
+
+psql_admin() { "$bindir/psql" -X -q -A -t -h "$dir" -p "$1" -U postgres -d postgres -c "$2"; }
+
+stop_servers() {
+  for d in "$dir"/replica* "$dir"/primary; do
+    [ -f "$d/PG_VERSION" ] && as_pg "$bindir/pg_ctl" stop -D "$d" -m fast >/dev/null 2>&1 || true
+  done
+}
