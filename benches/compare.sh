@@ -25,6 +25,7 @@ dir=$(mktemp -d /tmp/pgfleet-bench.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
 . scripts/lib.sh
 out="$dir/results.tsv"
+: > "$out"
 bouncer_pid="" fleet_pid=""
 cleanup() {
   [ -n "$fleet_pid" ] && kill -INT "$fleet_pid" 2>/dev/null || true
@@ -86,6 +87,8 @@ name = "app"
 primary = "127.0.0.1:$pg_port"
 [log]
 level = "error"
+[runtime]
+workers = ${FLEET_WORKERS:-0}
 TOML
 RUST_LOG=error ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
 fleet_pid=$!

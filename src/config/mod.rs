@@ -25,6 +25,15 @@ pub struct Config {
     pub cluster: Cluster,
     pub routing: Routing,
     pub log: Log,
+    pub runtime: Runtime,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Worker threads: 0 = one per core (multi-thread runtime); 1 = a
+    /// single-threaded runtime. Needs a restart.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

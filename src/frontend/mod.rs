@@ -54,7 +54,9 @@ async fn handle_client(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     };
     let mut buf = BytesMut::new();
     let limit = app.config().timeouts.startup.0;
-    let login = match tokio::time::timeout(limit, startup::handshake(&app, &mut stream, &mut buf)).await {
+    // Boxed: the startup state machine is large and only lives during login;
+    // inline, it would stay part of every idle client's task.
+    let login = match tokio::time::timeout(limit, Box::pin(startup::handshake(&app, &mut stream, &mut buf))).await {
         Err(_) => {
             fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
             return;
@@ -70,10 +72,10 @@ async fn handle_client(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     tracing::Span::current().record("user", login.user.as_str()).record("database", login.database.as_str());
     tracing::info!("client logged in");
     if crate::admin::is_admin_database(&login.database) {
-        crate::admin::serve(app, stream, login).await;
+        Box::pin(crate::admin::serve(app, stream, login)).await;
         return;
     }
-    serve(app, stream, buf, login, peer).await;
+    Box::pin(serve(app, stream, buf, login, peer)).await;
 }
 
 async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: Login, peer: SocketAddr) {
@@ -85,7 +87,7 @@ async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: 
         }
     };
     let pool = app.pool(&login.database, &login.user, Target::Primary, &app.topology());
-    let server_params = match pool.startup_params().await {
+    let server_params = match Box::pin(pool.startup_params()).await {
         Ok(p) => p,
         Err(e) => {
             let code = match &e {

@@ -136,6 +136,23 @@ impl Pool {
         *self.settings.write().unwrap() = settings;
     }
 
+    /// The fast path: an idle healthy connection, without waiting. The
+    /// async `checkout` is only needed (and boxed by callers) when this fails.
+    pub fn try_checkout_idle(&self) -> Option<ServerConn> {
+        let lifetime = self.settings.read().unwrap().lifetime;
+        let mut s = self.state.lock().unwrap();
+        while let Some(c) = s.idle.pop() {
+            if c.looks_healthy() && c.created.elapsed() < lifetime {
+                drop(s);
+                PoolCounters::add(&self.counters.server_assignments, 1);
+                self.wait_seconds.observe(0.0);
+                return Some(c);
+            }
+            s.total -= 1;
+        }
+        None
+    }
+
     /// Gets a connection, waiting at most `checkout_timeout`.
     pub async fn checkout(&self) -> Result<ServerConn, PoolError> {
         let started = Instant::now();
@@ -209,7 +226,8 @@ impl Pool {
     /// Opens a connection in a slot already counted in `total`.
     async fn open_in_slot(&self) -> Result<ServerConn, PoolError> {
         let spec = self.spec.read().unwrap().clone();
-        match ServerConn::connect(&spec).await {
+        // Boxed: connecting is rare and its future is large.
+        match Box::pin(ServerConn::connect(&spec)).await {
             Ok(mut c) => {
                 c.register(&self.conns, &self.key);
                 let mut sp = self.startup_params.lock().unwrap();

@@ -224,9 +224,9 @@ impl Session {
     pub async fn run(mut self) {
         let result = self.relay().await;
         if let Err(e) = &result {
-            self.rescue(e).await;
+            Box::pin(self.rescue(e)).await;
         }
-        self.finish().await;
+        Box::pin(self.finish()).await;
     }
 
     async fn relay(&mut self) -> Result<(), SessionError> {
@@ -730,10 +730,17 @@ impl Session {
     /// Checks out a server connection and queues what brings it in line
     /// with this client's session settings.
     async fn bind_server(&mut self, a: &Analysis, target: Target, topo: &Topology) -> Result<(), SessionError> {
-        self.wait_while_paused().await?;
+        if self.app.is_paused(&self.database) {
+            Box::pin(self.wait_while_paused()).await?;
+        }
         self.info.state.store(CLIENT_WAITING, Ordering::Relaxed);
         self.info.wait_since_us.store(crate::stats::now_us(), Ordering::Relaxed);
-        let checked_out = self.checkout_routed(a, target, topo).await;
+        let pool = self.pool_for(target, topo);
+        let checked_out = match pool.try_checkout_idle() {
+            Some(conn) => Ok((conn, target, pool)),
+            // Boxed slow path (wait, connect, re-route): see checkout_routed.
+            None => Box::pin(self.checkout_routed(a, target, topo)).await,
+        };
         self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
         let (mut conn, target, pool) = checked_out?;
         if let Some(si) = &conn.info {

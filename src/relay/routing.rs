@@ -169,7 +169,12 @@ impl Session {
     ) -> Result<(crate::backend::ServerConn, Target, Arc<Pool>), SessionError> {
         for attempt in 0..2 {
             let pool = self.pool_for(target, topo);
-            match pool.checkout().await {
+            if let Some(conn) = pool.try_checkout_idle() {
+                return Ok((conn, target, pool));
+            }
+            // Boxed: waiting/connecting is the slow path, and its future is
+            // large; inline it would be reserved in every idle client's task.
+            match Box::pin(pool.checkout()).await {
                 Ok(conn) => return Ok((conn, target, pool)),
                 Err(crate::pool::PoolError::Connect(e)) if attempt == 0 => {
                     let Target::Replica(i) = target else {
