@@ -68,7 +68,8 @@ log_pooler_errors = 0
 stats_period = 60
 INI
 chown postgres "$dir/pgbouncer.ini" "$dir/userlist.txt" 2>/dev/null || true
-as_pg pgbouncer "$dir/pgbouncer.ini" >/dev/null 2>&1 &
+# runuser resets the open-files limit; raise it for the idle-clients test.
+as_pg sh -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$dir/pgbouncer.ini'" >/dev/null 2>&1 &
 sleep 0.5
 bouncer_pid=$(pgrep -n -f "pgbouncer $dir/pgbouncer.ini")
 

@@ -100,6 +100,8 @@ pub struct ServerConn {
     /// SHOW SERVERS entry, removed when the connection is dropped.
     pub info: Option<Arc<ServerInfo>>,
     listed: Option<Listed>,
+    /// The connection's span (pool, addr, id, backend pid) for its lifecycle logs.
+    pub span: tracing::Span,
 }
 
 impl ServerConn {
@@ -136,6 +138,7 @@ impl ServerConn {
             idle_since: Instant::now(),
             info: None,
             listed: None,
+            span: tracing::Span::none(),
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -304,7 +307,8 @@ impl ServerConn {
     }
 
     /// Best-effort polite goodbye; the socket closes when dropped.
-    pub fn terminate(self) {
+    pub fn terminate(self, why: &str) {
+        tracing::info!(parent: &self.span, reason = why, "server connection closed");
         let mut buf = BytesMut::new();
         build::terminate(&mut buf);
         let _ = self.stream.try_write(&buf);

@@ -6,6 +6,7 @@
 use crate::backend::{BackendError, ConnectSpec, ServerConn};
 use crate::stats::{Connections, Metrics, PoolCounters};
 use std::sync::atomic::Ordering;
+use tracing::Instrument;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -226,9 +227,13 @@ impl Pool {
     /// Opens a connection in a slot already counted in `total`.
     async fn open_in_slot(&self) -> Result<ServerConn, PoolError> {
         let spec = self.spec.read().unwrap().clone();
+        let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
         // Boxed: connecting is rare and its future is large.
-        match Box::pin(ServerConn::connect(&spec)).await {
+        match Box::pin(ServerConn::connect(&spec)).instrument(span.clone()).await {
             Ok(mut c) => {
+                span.record("id", c.id).record("backend_pid", c.backend_pid);
+                tracing::info!(parent: &span, "server connection opened");
+                c.span = span;
                 c.register(&self.conns, &self.key);
                 let mut sp = self.startup_params.lock().unwrap();
                 if sp.is_none() {
@@ -239,6 +244,7 @@ impl Pool {
                 Ok(c)
             }
             Err(e) => {
+                tracing::warn!(parent: &span, error = %e, "server connection failed");
                 self.release_slot();
                 Err(PoolError::Connect(e))
             }
@@ -259,7 +265,7 @@ impl Pool {
     pub fn checkin(&self, mut conn: ServerConn) {
         let settings = self.settings();
         if conn.created.elapsed() >= settings.lifetime {
-            conn.terminate();
+            conn.terminate("server_lifetime reached");
             self.release_slot();
             return;
         }
@@ -269,7 +275,7 @@ impl Pool {
             // The pool was shrunk by a reload.
             s.total -= 1;
             drop(s);
-            conn.terminate();
+            conn.terminate("pool shrunk by a reload");
             return;
         }
         while let Some(tx) = s.waiters.pop_front() {
@@ -291,13 +297,13 @@ impl Pool {
             v
         };
         for c in idle {
-            c.terminate();
+            c.terminate("KILL from the admin console");
         }
     }
 
     /// Forgets a connection that was closed or is unusable.
-    pub fn discard(&self, conn: ServerConn) {
-        conn.terminate();
+    pub fn discard(&self, conn: ServerConn, why: &'static str) {
+        conn.terminate(why);
         self.release_slot();
     }
 
@@ -324,8 +330,19 @@ impl Pool {
                 let too_old = c.created.elapsed() >= settings.lifetime;
                 let too_idle = c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
                 let too_many = s.total > settings.size;
-                if too_old || too_idle || too_many || !c.looks_healthy() {
-                    closed.push(s.idle.swap_remove(i));
+                let why = if too_old {
+                    Some("server_lifetime reached")
+                } else if too_idle {
+                    Some("server_idle_timeout reached")
+                } else if too_many {
+                    Some("pool shrunk by a reload")
+                } else if !c.looks_healthy() {
+                    Some("closed by the server")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    closed.push((s.idle.swap_remove(i), why));
                     s.total -= 1;
                 } else {
                     i += 1;
@@ -335,8 +352,8 @@ impl Pool {
             s.total += missing;
             missing
         };
-        for c in closed {
-            c.terminate();
+        for (c, why) in closed {
+            c.terminate(why);
         }
         missing
     }

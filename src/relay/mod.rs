@@ -868,7 +868,7 @@ impl Session {
         if !idle_and_done {
             // Something is in flight: stop it and drop the connection.
             let _ = ServerConn::cancel(conn.peer, conn.backend_pid, conn.backend_secret).await;
-            pool.discard(conn);
+            pool.discard(conn, "client left with a request in flight");
             return;
         }
         let limit = Duration::from_secs(5);
@@ -885,7 +885,7 @@ impl Session {
         if ok {
             pool.checkin(conn);
         } else {
-            pool.discard(conn);
+            pool.discard(conn, "reset after the client left failed");
         }
     }
 }

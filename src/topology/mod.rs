@@ -237,3 +237,50 @@ mod tests {
         assert!(!within_budget(&g, Duration::from_millis(401), 0, false));
     }
 }
+
+#[cfg(test)]
+mod pick_tests {
+    use super::*;
+
+    fn topo(weights: &[u32]) -> Topology {
+        let mut text = String::from("[[users]]\nname=\"a\"\npassword=\"a\"\n[[databases]]\nname=\"a\"\n[[cluster.groups]]\nname=\"default\"\n");
+        for (i, w) in weights.iter().enumerate() {
+            text.push_str(&format!("[[cluster.replicas]]\nname=\"r{i}\"\naddr=\"127.0.0.1:{}\"\ngroups=[\"default\"]\nweight={w}\n", 6000 + i));
+        }
+        Topology::from_config(&Config::parse(&text, "t").unwrap(), None)
+    }
+
+    #[test]
+    fn least_loaded_of_two_wins() {
+        let t = topo(&[1, 1]);
+        t.replicas[0].inflight.store(5, Ordering::Relaxed);
+        for _ in 0..50 {
+            assert_eq!(t.pick(&[0, 1]), 1);
+        }
+    }
+
+    #[test]
+    fn weight_scales_load() {
+        let t = topo(&[1, 4]);
+        t.replicas[0].inflight.store(2, Ordering::Relaxed);
+        t.replicas[1].inflight.store(5, Ordering::Relaxed);
+        // (2+1)/1 = 3 vs (5+1)/4 = 1.5: the heavier-weighted replica takes more.
+        for _ in 0..50 {
+            assert_eq!(t.pick(&[0, 1]), 1);
+        }
+    }
+
+    #[test]
+    fn spreads_evenly_when_idle() {
+        let t = topo(&[1, 1, 1]);
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            let i = t.pick(&[0, 1, 2]);
+            counts[i] += 1;
+            t.replicas[i].inflight.fetch_add(1, Ordering::Relaxed);
+        }
+        // Power of two choices keeps loads within a few of each other.
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(max - min <= 30, "{counts:?}");
+    }
+}
