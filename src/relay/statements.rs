@@ -1,0 +1,116 @@
+//! Client statements in transaction mode: named Parse/Bind/Describe/Close
+//! are rewritten to the shared proxy statements and prepared lazily on the
+//! bound server connection (LRU, evicted with Close).
+
+use super::*;
+
+impl Session {
+    pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
+        let extra = self.cfg.routing.write_functions.clone();
+        self.app.stmts.intern(content, |c| crate::router::classify(state::parse_sql(c), &extra))
+    }
+
+    pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
+        let (name, content) = wire::parse_parse(msg)?;
+        self.in_batch = true;
+        let rewritten = self.parse_content(content, known);
+        if name.is_empty() {
+            match rewritten {
+                Some(c) => {
+                    build::parse(&mut self.sout, b"", &c);
+                    self.expect.push(Pending::Fwd(Kind::Parse(None)));
+                }
+                None => self.send(msg, Some(Kind::Parse(None))),
+            }
+            return Ok(());
+        }
+        let stmt = self.intern(rewritten.as_deref().unwrap_or(content));
+        self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
+        let server = self.server.as_mut().expect("bound");
+        if server.touch_prepared(stmt.id) {
+            self.expect.push(Pending::Synth(Synth::ParseComplete));
+        } else {
+            self.prepare_on_server(&stmt, false);
+        }
+        Ok(())
+    }
+
+    /// Sends Parse for a proxy statement, evicting the LRU one if full.
+    pub(super) fn prepare_on_server(&mut self, stmt: &Stmt, swallow: bool) {
+        let limit = self.cfg.pool.prepared_statements_cache;
+        let server = self.server.as_mut().expect("bound");
+        if let Some(victim) = server.lru_victim(limit) {
+            server.prepared.remove(&victim);
+            build::target(&mut self.sout, b'C', b'S', &stmts::server_name(victim));
+            self.expect.push(Pending::Swallow(Kind::Close));
+        }
+        server.mark_prepared(stmt.id);
+        if let Some(pool) = &self.bound_pool {
+            PoolCounters::add(&pool.counters.server_parses, 1);
+        }
+        build::parse(&mut self.sout, &stmt.server_name, &stmt.content);
+        let kind = Kind::Parse(Some(stmt.id));
+        self.expect.push(if swallow { Pending::Swallow(kind) } else { Pending::Fwd(kind) });
+    }
+
+    /// The proxy statement behind a client statement name, prepared on the
+    /// bound server; `None` for the unnamed statement or unknown names (those
+    /// go to the server unchanged and get the server's own answer).
+    pub(super) fn ensure_prepared(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
+        if name.is_empty() {
+            return None;
+        }
+        let stmt = self.stmts.get(name)?.clone();
+        if self.tracks_state() {
+            self.note_write(&stmt.analysis);
+            if stmt.analysis.has_session_effects() {
+                self.note_effects(&stmt.analysis);
+            }
+        }
+        if !self.server.as_mut().expect("bound").touch_prepared(stmt.id) {
+            self.prepare_on_server(&stmt, true);
+        }
+        Some(stmt)
+    }
+
+    pub(super) fn on_bind(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let (portal, name, tail_at) = wire::parse_bind(msg)?;
+        self.in_batch = true;
+        match self.ensure_prepared(name) {
+            Some(stmt) => {
+                self.count_request(msg);
+                build::bind(&mut self.sout, portal, &stmt.server_name, &msg[tail_at..]);
+                self.expect.push(Pending::Fwd(Kind::Bind));
+            }
+            None => self.send(msg, Some(Kind::Bind)),
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_describe(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let (kind, name) = wire::parse_target(msg)?;
+        self.in_batch = true;
+        let stmt = if kind == b'S' { self.ensure_prepared(name) } else { None };
+        match stmt {
+            Some(stmt) => {
+                build::target(&mut self.sout, b'D', b'S', &stmt.server_name);
+                self.expect.push(Pending::Fwd(Kind::Describe));
+            }
+            None => self.send(msg, Some(Kind::Describe)),
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_close(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        let (kind, name) = wire::parse_target(msg)?;
+        self.in_batch = true;
+        if kind == b'S' && !name.is_empty() {
+            // The proxy statement stays cached on servers for other clients.
+            self.stmts.remove(name);
+            self.expect.push(Pending::Synth(Synth::CloseComplete));
+        } else {
+            self.send(msg, Some(Kind::Close));
+        }
+        Ok(())
+    }
+}
