@@ -29,6 +29,7 @@ impl Session {
 
     /// ReadyForQuery ended a request cycle (and maybe a transaction).
     pub(super) fn count_cycle_end(&mut self, status: u8) {
+        self.cancel_sent = false;
         let Some(pool) = &self.bound_pool else { return };
         if let Some(t) = self.cycle_start.take() {
             let e = t.elapsed();

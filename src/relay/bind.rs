@@ -125,6 +125,7 @@ impl Session {
             SessionError::Pool(p @ PoolError::Connect(b)) => (b.sqlstate(), p.to_string()),
             SessionError::Shutdown => (sqlstate::ADMIN_SHUTDOWN.into(), "pgfleet is shutting down".into()),
             SessionError::Killed => (sqlstate::ADMIN_SHUTDOWN.into(), "connection killed by the pgfleet admin console (KILL)".into()),
+            SessionError::Timeout(code, msg) => ((*code).into(), (*msg).into()),
         };
         self.app.metrics.errors.with_label_values(&[&code]).inc();
         tracing::info!(sqlstate = %code, error = %msg, "closing client session");

@@ -61,6 +61,8 @@ pub enum SessionError {
     Shutdown,
     /// KILL from the admin console.
     Killed,
+    /// A proxy-enforced timeout ended the session: (SQLSTATE, message).
+    Timeout(&'static str, &'static str),
 }
 
 impl From<WireError> for SessionError {
@@ -140,6 +142,10 @@ pub struct Session {
     /// transaction started.
     cycle_start: Option<Instant>,
     txn_start: Option<Instant>,
+    /// Last time the client sent anything (idle timeouts).
+    last_client_activity: Instant,
+    /// The query timeout already sent a cancel for the current cycle.
+    cancel_sent: bool,
 }
 
 /// Who the client is, as established at login.
@@ -183,6 +189,8 @@ impl Session {
             info: id.info,
             cycle_start: None,
             txn_start: None,
+            last_client_activity: Instant::now(),
+            cancel_sent: false,
             mode: cfg.pool.mode,
             max_msg: cfg.listen.max_message_size.0 as usize,
             cfg: cfg.clone(),
@@ -260,11 +268,42 @@ impl Session {
                     }
                 }
                 Event::Shutdown => shutting_down = true,
+                Event::Timeout(Timeout::Query) => self.cancel_query(),
+                Event::Timeout(Timeout::IdleInTransaction) => {
+                    return Err(SessionError::Timeout(
+                        sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                        "terminating connection due to idle-in-transaction timeout (timeouts.idle_in_transaction); the transaction was rolled back",
+                    ))
+                }
+                Event::Timeout(Timeout::ClientIdle) => {
+                    return Err(SessionError::Timeout(
+                        sqlstate::IDLE_SESSION_TIMEOUT,
+                        "terminating connection due to idle-session timeout (timeouts.client_idle)",
+                    ))
+                }
             }
         }
     }
 
+    /// The next proxy-enforced timeout, if one applies in the current state.
+    fn next_timeout(&self) -> Option<(Instant, Timeout)> {
+        let t = &self.cfg.timeouts;
+        match &self.server {
+            Some(_) if !self.expect.is_empty() => {
+                let limit = t.query.enabled()?;
+                (!self.cancel_sent).then_some(())?;
+                Some((self.cycle_start? + limit, Timeout::Query))
+            }
+            Some(_) if matches!(self.status, b'T' | b'E') => {
+                Some((self.last_client_activity + t.idle_in_transaction.enabled()?, Timeout::IdleInTransaction))
+            }
+            Some(_) => None,
+            None => Some((self.last_client_activity + t.client_idle.enabled()?, Timeout::ClientIdle)),
+        }
+    }
+
     async fn wait(&self, shutting_down: bool) -> Result<Event, SessionError> {
+        let timeout = self.next_timeout();
         let server = self.server.as_ref().map(|s| &s.stream);
         let client = &self.client;
         let mut shutdown = self.shutdown.clone();
@@ -284,6 +323,9 @@ impl Session {
             _ = kill.notified() => Err(SessionError::Killed),
             // An idle client keeps no buffers (freed after a quiet second).
             _ = tokio::time::sleep(Duration::from_secs(1)), if self.server.is_none() && self.holds_buffers() => Ok(Event::Idle),
+            _ = async { tokio::time::sleep_until(timeout.expect("guarded").0.into()).await }, if timeout.is_some() => {
+                Ok(Event::Timeout(timeout.expect("guarded").1))
+            }
         }
     }
 
@@ -295,11 +337,27 @@ impl Session {
         matches!(wire::peek_header(&self.cin, self.max_msg), Ok(Some(h)) if self.cin.len() >= h.total)
     }
 
+    /// timeouts.query: cancel what runs on the server; the client gets the
+    /// server's 57014 and the session goes on.
+    fn cancel_query(&mut self) {
+        self.cancel_sent = true;
+        if let Some(s) = &self.server {
+            let (peer, pid, secret) = (s.peer, s.backend_pid, s.backend_secret);
+            tracing::info!("query timeout: cancelling the running query");
+            tokio::spawn(async move {
+                let _ = ServerConn::cancel(peer, pid, secret).await;
+            });
+        }
+    }
+
     fn read_client(&mut self) -> Result<(), SessionError> {
         self.cin.reserve(READ_CHUNK);
         match self.client.try_read_buf(&mut self.cin) {
             Ok(0) => Err(SessionError::ClientGone),
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.last_client_activity = Instant::now();
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Err(_) => Err(SessionError::ClientGone),
         }
@@ -566,7 +624,15 @@ impl Session {
 
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Timeout {
+    Query,
+    IdleInTransaction,
+    ClientIdle,
+}
+
 enum Event {
+    Timeout(Timeout),
     Idle,
     ClientReadable,
     ServerReadable,

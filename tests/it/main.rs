@@ -15,3 +15,4 @@ mod routing;
 mod protocol;
 mod psql;
 mod session_state;
+mod timeouts;
