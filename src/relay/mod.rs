@@ -526,8 +526,7 @@ impl Session {
             b'H' => {}
             b'S' => build::ready_for_query(&mut self.cout, b'I'),
             b'Q' if self.tracks_state() && starts_with_word(wire::body(msg), b"deallocate") => {
-                let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
-                let a = self.analyze(sql);
+                let a = self.analyze(&state::sql_text(wire::body(msg)));
                 if !self.deallocates_protocol_statement(&a) {
                     return Ok(false);
                 }
@@ -560,7 +559,7 @@ impl Session {
         if self.tracks_state() {
             let a = match known {
                 Some(a) => a,
-                None => self.analyze(wire::Reader::new(wire::body(msg)).cstr_utf8()?),
+                None => self.analyze(&state::sql_text(wire::body(msg))),
             };
             self.note_write(&a);
             if self.deallocates_protocol_statement(&a) {
@@ -598,7 +597,7 @@ impl Session {
         if !self.tracks_state() {
             return None;
         }
-        let a = known.unwrap_or_else(|| self.analyze(state::parse_sql(content)));
+        let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
         self.note_write(&a);
         self.note_effects(&a).map(|sql| state::replace_sql(content, &sql))
     }

@@ -2,7 +2,7 @@
 //! transaction unit looks like, where it goes, and when a client bound to a
 //! replica must wait for its connection to be released before a write.
 
-use super::state::parse_sql;
+use super::state::sql_text;
 use super::{Session, SessionError};
 use crate::config::{PoolMode, ReadYourWrites};
 use crate::pool::Pool;
@@ -37,11 +37,9 @@ impl Session {
             let a = match msg.first() {
                 Some(b'Q') => {
                     stop = true;
-                    merged.is_none().then(|| {
-                        wire::Reader::new(wire::body(msg)).cstr_utf8().map(|s| self.analyze(s)).unwrap_or_default()
-                    })
+                    merged.is_none().then(|| self.analyze(&sql_text(wire::body(msg))))
                 }
-                Some(b'P') => wire::parse_parse(msg).ok().map(|(_, c)| self.analyze(parse_sql(c))),
+                Some(b'P') => wire::parse_parse(msg).ok().map(|(_, c)| self.analyze(&sql_text(c))),
                 Some(b'B') => wire::parse_bind(msg).ok().and_then(|(_, s, _)| self.stmts.get(s)).map(|s| s.analysis.clone()),
                 Some(b'D') => match wire::parse_target(msg) {
                     Ok((b'S', n)) => self.stmts.get(n).map(|s| s.analysis.clone()),

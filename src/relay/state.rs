@@ -209,10 +209,13 @@ fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
     Some(out)
 }
 
-/// Query text of a Parse content (query string, then parameter types).
-pub(super) fn parse_sql(content: &[u8]) -> &str {
-    let end = content.iter().position(|b| *b == 0).unwrap_or(content.len());
-    std::str::from_utf8(&content[..end]).unwrap_or("")
+/// SQL text up to its NUL terminator: a Query body, or a Parse content
+/// (query string, then parameter types). Clients may use any
+/// client_encoding, so the text is not required to be UTF-8: classification
+/// only needs the ASCII structure (borrowed, no copy, when it is UTF-8).
+pub(super) fn sql_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end])
 }
 
 /// Parse content with the query text replaced, parameter types kept.

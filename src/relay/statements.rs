@@ -7,7 +7,7 @@ use super::*;
 impl Session {
     pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
         let extra = self.cfg.routing.write_functions.clone();
-        self.app.stmts.intern(content, |c| crate::router::classify(state::parse_sql(c), &extra))
+        self.app.stmts.intern(content, |c| crate::router::classify(&state::sql_text(c), &extra))
     }
 
     pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {

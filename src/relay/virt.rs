@@ -34,19 +34,19 @@ fn maybe_virtual(sql: &[u8]) -> bool {
 }
 
 impl Session {
-    fn classify_virtual(&self, sql: &str) -> Option<Virtual> {
-        if !maybe_virtual(sql.as_bytes()) {
+    /// `sql`: raw text up to NUL; only decoded when it can be virtual.
+    fn classify_virtual(&self, sql: &[u8]) -> Option<Virtual> {
+        if !maybe_virtual(sql) {
             return None;
         }
-        virtual_of(&self.analyze(sql))
+        virtual_of(&self.analyze(&state::sql_text(sql)))
     }
 
     /// Answers the message if it is (or refers to) a virtual statement.
     pub(super) fn try_virtual(&mut self, tag: u8, msg: &[u8]) -> Result<bool, super::SessionError> {
         let handled = match tag {
             b'Q' => {
-                let sql = wire::Reader::new(wire::body(msg)).cstr_utf8()?;
-                let Some(v) = self.classify_virtual(sql) else { return Ok(false) };
+                let Some(v) = self.classify_virtual(wire::body(msg)) else { return Ok(false) };
                 let out = self.run_virtual(&v, true);
                 self.expect.push_payload(out.0);
                 self.expect.push(Pending::Synth(Synth::Ready));
@@ -54,7 +54,7 @@ impl Session {
             }
             b'P' => {
                 let (name, content) = wire::parse_parse(msg)?;
-                match self.classify_virtual(state::parse_sql(content)) {
+                match self.classify_virtual(content) {
                     Some(v) => {
                         self.virtuals.insert(Bytes::copy_from_slice(name), v);
                         self.expect.push(Pending::Synth(Synth::ParseComplete));

@@ -104,3 +104,26 @@ async fn pipelined_unnamed_statements_and_flush() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_client_encoding_passes_through() {
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SET client_encoding = 'LATIN1'");
+    raw.stream.write_all(&out).await.unwrap();
+    while raw.next().await.unwrap().0 != b'Z' {}
+    // "SELECT 'café'" in LATIN1: 0xE9 is not valid UTF-8 on its own.
+    raw.stream.write_all(&msg(b'Q', b"SELECT 'caf\xe9' AS w\0")).await.unwrap();
+    let mut value = None;
+    loop {
+        let (tag, m) = raw.next().await.expect("the connection stays open");
+        match tag {
+            b'D' => value = Some(m[11..].to_vec()),
+            b'E' => panic!("error: {:?}", pgfleet::wire::error_fields(&m)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(value.as_deref(), Some(&b"caf\xe9"[..]));
+}
