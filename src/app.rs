@@ -132,7 +132,7 @@ impl App {
             notes.push("pool.mode changes apply to new clients only".to_string());
         }
         *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
-        let cluster_changed = format!("{:?}", new.cluster) != format!("{:?}", old.cluster);
+        let cluster_changed = new.cluster != old.cluster;
         *self.config.write().unwrap() = Arc::new(new);
         if cluster_changed {
             let topo = Arc::new(Topology::from_config(&self.config(), Some(&self.topology())));

@@ -86,6 +86,18 @@ pub struct Pool {
     wait_seconds: prometheus::Histogram,
 }
 
+/// The most recently used idle connection that is still good (LIFO keeps
+/// warm connections warm); dead or expired ones are dropped on the way.
+fn pop_idle(s: &mut State, lifetime: Duration) -> Option<ServerConn> {
+    while let Some(c) = s.idle.pop() {
+        if c.looks_healthy() && c.created.elapsed() < lifetime {
+            return Some(c);
+        }
+        s.total -= 1;
+    }
+    None
+}
+
 /// What a checkout does after looking at the pool state.
 enum Next {
     Ready(ServerConn),
@@ -141,17 +153,10 @@ impl Pool {
     /// async `checkout` is only needed (and boxed by callers) when this fails.
     pub fn try_checkout_idle(&self) -> Option<ServerConn> {
         let lifetime = self.settings.read().unwrap().lifetime;
-        let mut s = self.state.lock().unwrap();
-        while let Some(c) = s.idle.pop() {
-            if c.looks_healthy() && c.created.elapsed() < lifetime {
-                drop(s);
-                PoolCounters::add(&self.counters.server_assignments, 1);
-                self.wait_seconds.observe(0.0);
-                return Some(c);
-            }
-            s.total -= 1;
-        }
-        None
+        let c = pop_idle(&mut self.state.lock().unwrap(), lifetime)?;
+        PoolCounters::add(&self.counters.server_assignments, 1);
+        self.wait_seconds.observe(0.0);
+        Some(c)
     }
 
     /// Gets a connection, waiting at most `checkout_timeout`.
@@ -161,15 +166,7 @@ impl Pool {
         let deadline = tokio::time::Instant::now() + settings.checkout_timeout;
         let next = {
             let mut s = self.state.lock().unwrap();
-            let mut found = None;
-            while let Some(c) = s.idle.pop() {
-                if c.looks_healthy() && c.created.elapsed() < settings.lifetime {
-                    found = Some(c);
-                    break;
-                }
-                s.total -= 1;
-            }
-            match found {
+            match pop_idle(&mut s, settings.lifetime) {
                 Some(c) => Next::Ready(c),
                 None if s.total < settings.size => {
                     s.total += 1;

@@ -172,7 +172,7 @@ impl Cluster {
 
     fn wait_replicas_streaming(&self) {
         for _ in 0..200 {
-            let n = self.psql_admin_value("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'");
+            let n = self.psql_admin("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'");
             if n == "2" {
                 return;
             }
@@ -200,10 +200,6 @@ impl Cluster {
             .unwrap();
         check(out.clone(), &format!("psql {sql}"));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    pub fn psql_admin_value(&self, sql: &str) -> String {
-        self.psql_admin(sql)
     }
 
     /// Server connections the primary has for (user, database).
