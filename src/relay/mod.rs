@@ -48,6 +48,9 @@ const SOUT_HIGH: usize = 256 * 1024;
 /// Stop reading the server while this many bytes wait for the client.
 const COUT_HIGH: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
+/// While draining, an idle client is closed only after this much quiet, so
+/// a request already on the wire (e.g. right after login) is still served.
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
 /// Largest message accepted from a server.
 pub(crate) const MAX_SERVER_MSG: usize = 1 << 30;
 
@@ -249,7 +252,7 @@ impl Session {
                 return Ok(());
             }
             self.flush()?;
-            if shutting_down && self.server.is_none() && self.cin.is_empty() && self.cout.is_empty() {
+            if shutting_down && self.drain_idle() && self.last_client_activity.elapsed() >= DRAIN_QUIET {
                 return Err(SessionError::Shutdown);
             }
             match self.wait(shutting_down).await? {
@@ -259,7 +262,7 @@ impl Session {
                     self.scan_server()?;
                     self.maybe_release();
                 }
-                Event::Writable => {}
+                Event::Writable | Event::Tick => {}
                 Event::Idle => {
                     for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout] {
                         if b.is_empty() {
@@ -320,6 +323,8 @@ impl Session {
             }
             r = client.readable(), if read_client => r.map(|_| Event::ClientReadable).map_err(|_| SessionError::ClientGone),
             _ = shutdown.changed(), if !shutting_down => Ok(Event::Shutdown),
+            // Draining: an idle client is closed once quiet for DRAIN_QUIET.
+            _ = tokio::time::sleep_until((self.last_client_activity + DRAIN_QUIET).into()), if shutting_down && self.drain_idle() => Ok(Event::Tick),
             _ = kill.notified() => Err(SessionError::Killed),
             // An idle client keeps no buffers (freed after a quiet second).
             _ = tokio::time::sleep(Duration::from_secs(1)), if self.server.is_none() && self.holds_buffers() => Ok(Event::Idle),
@@ -327,6 +332,11 @@ impl Session {
                 Ok(Event::Timeout(timeout.expect("guarded").1))
             }
         }
+    }
+
+    /// Nothing bound or buffered: the client may be closed by a drain.
+    fn drain_idle(&self) -> bool {
+        self.server.is_none() && self.cin.is_empty() && self.cout.is_empty()
     }
 
     fn holds_buffers(&self) -> bool {
@@ -631,6 +641,8 @@ enum Timeout {
 }
 
 enum Event {
+    /// Nothing happened; re-check the state (drain quiet period).
+    Tick,
     Timeout(Timeout),
     Idle,
     ClientReadable,

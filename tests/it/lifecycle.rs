@@ -17,7 +17,8 @@ async fn shutdown_drains_in_flight_transactions() {
         let r = pgfleet::app::Running { addr: p.addr, app, metrics_addr: None };
         r.shutdown(Duration::from_secs(10)).await;
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Past the drain's quiet period (250 ms since the client's last message).
+    tokio::time::sleep(Duration::from_millis(600)).await;
     // The idle client is told why it is disconnected.
     let e = idle.simple_query("SELECT 1").await.unwrap_err();
     assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"), "{e}");
