@@ -27,6 +27,8 @@ pub struct App {
     config: RwLock<Arc<Config>>,
     /// Users' secrets derived from `config`; replaced with it.
     secrets: RwLock<Arc<HashMap<String, Secret>>>,
+    /// `[[limits]]` of `config` with their live state; replaced with it.
+    limits: RwLock<Arc<crate::limits::Limits>>,
     /// Replicas, groups and the lag snapshot; replaced when a reload changes them.
     topology: RwLock<Arc<Topology>>,
     /// Stops the monitor of the current topology.
@@ -84,6 +86,7 @@ impl App {
         Arc::new(App {
             secrets: RwLock::new(Arc::new(derive_secrets(&config))),
             topology: RwLock::new(Arc::new(Topology::from_config(&config, None))),
+            limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -107,6 +110,10 @@ impl App {
 
     pub fn config(&self) -> Arc<Config> {
         self.config.read().unwrap().clone()
+    }
+
+    pub fn limits(&self) -> Arc<crate::limits::Limits> {
+        self.limits.read().unwrap().clone()
     }
 
     pub fn topology(&self) -> Arc<Topology> {
@@ -133,6 +140,10 @@ impl App {
         }
         *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
         let cluster_changed = new.cluster != old.cluster;
+        if new.limits != old.limits || new.pool.checkout_timeout != old.pool.checkout_timeout {
+            // Fresh budgets; transactions holding the old permits finish under them.
+            *self.limits.write().unwrap() = Arc::new(crate::limits::Limits::new(&new.limits, new.pool.checkout_timeout.0));
+        }
         *self.config.write().unwrap() = Arc::new(new);
         if cluster_changed {
             let topo = Arc::new(Topology::from_config(&self.config(), Some(&self.topology())));

@@ -10,6 +10,7 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod frontend;
+pub mod limits;
 pub mod pool;
 pub mod relay;
 pub mod router;

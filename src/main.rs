@@ -105,9 +105,6 @@ fn run(cfg: Config, path: PathBuf) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if !cfg.limits.is_empty() {
-            tracing::warn!("[[limits]] are validated but not enforced yet");
-        }
         let running = match pgfleet::app::start(cfg, listener) {
             Ok(r) => r,
             Err(e) => {

@@ -60,6 +60,7 @@ pub(super) fn table(app: &App, what: &str) -> Option<Table> {
         "REPLICAS" => replicas(app),
         "GROUPS" => groups(app),
         "WORKLOADS" => workloads(app),
+        "LIMITS" => limits(app),
         _ => return None,
     })
 }
@@ -358,6 +359,30 @@ fn workloads(app: &App) -> Table {
         t.row(vec![
             s(if name.is_empty() { "(none)" } else { &name }), l(&w.queries), l(&w.reads), l(&w.writes), l(&w.to_primary),
             l(&w.to_replica), l(&w.fallbacks), l(&w.refused), q(0.5), q(0.99),
+        ]);
+    }
+    t
+}
+
+/// `[[limits]]` rules with their live state.
+fn limits(app: &App) -> Table {
+    let mut t = Table::new(&[
+        ("name", TEXT), ("max_in_flight", TEXT), ("rate", TEXT), ("burst", TEXT), ("max_wait_ms", NUMERIC),
+        ("writes_only", TEXT), ("in_flight", NUMERIC), ("waiting", NUMERIC), ("admitted", NUMERIC), ("rejected", NUMERIC),
+    ]);
+    let opt = |v: Option<String>| s(v.unwrap_or_else(|| "-".into()));
+    for l in &app.limits().rules {
+        t.row(vec![
+            s(&l.name),
+            opt(l.max_in_flight.map(|n| n.to_string())),
+            opt(l.rate.map(|r| r.to_string())),
+            s(l.burst),
+            s(l.max_wait.as_millis()),
+            s(l.writes_only),
+            s(l.in_flight()),
+            s(l.waiting.load(Ordering::Relaxed)),
+            s(l.admitted.load(Ordering::Relaxed)),
+            s(l.rejected.load(Ordering::Relaxed)),
         ]);
     }
     t

@@ -155,9 +155,11 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
+    /// Shown in errors, SHOW LIMITS and metrics (default: the matching fields).
+    pub name: Option<String>,
     pub workload: Option<String>,
     pub user: Option<String>,
     pub database: Option<String>,
@@ -165,6 +167,9 @@ pub struct Limit {
     pub rate: Option<f64>,
     pub burst: Option<u32>,
     pub max_wait: Option<Dur>,
+    /// Transactions that may wait for this rule at once (default: unbounded
+    /// up to max_client_conn); more are refused at once.
+    pub max_queue: Option<usize>,
     #[serde(default)]
     pub writes_only: bool,
 }

@@ -189,6 +189,15 @@ impl Config {
             if l.rate.is_some_and(|r| !(r > 0.0)) {
                 p.push(format!("limits[{i}].rate: must be greater than 0"));
             }
+            if l.max_in_flight == Some(0) {
+                p.push(format!("limits[{i}].max_in_flight: must be at least 1"));
+            }
+            if l.burst == Some(0) {
+                p.push(format!("limits[{i}].burst: must be at least 1"));
+            }
+            if l.max_in_flight.is_none() && l.rate.is_none() {
+                p.push(format!("limits[{i}]: sets neither max_in_flight nor rate"));
+            }
         }
     }
 }

@@ -106,6 +106,7 @@ impl Session {
         self.info.state.store(CLIENT_IDLE, Ordering::Relaxed);
         self.info.link.store(0, Ordering::Relaxed);
         self.bound_target = None;
+        self.admission = None;
         if let Some(inflight) = self.bound_inflight.take() {
             inflight.fetch_sub(1, Ordering::Relaxed);
         }

@@ -149,6 +149,8 @@ pub struct Session {
     last_client_activity: Instant,
     /// The query timeout already sent a cancel for the current cycle.
     cancel_sent: bool,
+    /// `[[limits]]` permits of the bound transaction (released with it).
+    admission: Option<crate::limits::Admission>,
 }
 
 /// Who the client is, as established at login.
@@ -194,6 +196,7 @@ impl Session {
             txn_start: None,
             last_client_activity: Instant::now(),
             cancel_sent: false,
+            admission: None,
             mode: cfg.pool.mode,
             max_msg: cfg.listen.max_message_size.0 as usize,
             cfg: cfg.clone(),
@@ -463,6 +466,18 @@ impl Session {
                         continue;
                     }
                 };
+                if !self.cfg.limits.is_empty() {
+                    // Boxed: only configurations with limits pay for this future.
+                    match Box::pin(self.admit(&a, target)).await {
+                        Ok(adm) => self.admission = Some(adm),
+                        Err((code, message)) => {
+                            self.workload_stats.refused.fetch_add(1, Ordering::Relaxed);
+                            self.app.metrics.errors.with_label_values(&[code]).inc();
+                            self.refuse_unit(h.tag, code, &message);
+                            continue;
+                        }
+                    }
+                }
                 self.bind_server(&a, target, &topo).await?;
                 if first_only && self.routes() {
                     // Classified once: the lookahead's analysis of this message.

@@ -110,6 +110,27 @@ impl Session {
         })
     }
 
+    /// Admission under the `[[limits]]` rules matching this transaction.
+    pub(super) async fn admit(&self, a: &Analysis, target: Target) -> Result<crate::limits::Admission, crate::limits::Refusal> {
+        let workload = a
+            .workload_hint
+            .as_deref()
+            .or(self.workload.as_deref())
+            .unwrap_or(self.cfg.routing.default_workload.as_str());
+        let req = crate::limits::Request {
+            workload,
+            user: &self.user,
+            database: &self.database,
+            to_primary: target == Target::Primary,
+        };
+        let limits = self.app.limits();
+        let result = limits.admit(&req).await;
+        if let Err((_, msg)) = &result {
+            tracing::info!(error = %msg, "transaction refused by a limit");
+        }
+        result
+    }
+
     /// Counts a routing decision (Prometheus and SHOW WORKLOADS).
     pub(super) fn count_decision(&self, a: &Analysis, t: Target, reason: Reason) {
         let w = &self.workload_stats;

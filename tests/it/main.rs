@@ -8,6 +8,7 @@ mod auth;
 mod basic;
 mod drivers;
 mod lifecycle;
+mod limits;
 mod ops;
 mod pgbench;
 mod pooling;

@@ -1,0 +1,296 @@
+//! Admission control: `[[limits]]` rules, each a concurrency budget
+//! (transactions in flight) and/or a token bucket (transactions per second
+//! with a burst), shared by every transaction the rule matches. A
+//! transaction is admitted before it gets a server connection and holds its
+//! concurrency permits until the connection is released.
+//!
+//! Over a limit a transaction waits, in a bounded FIFO queue, at most the
+//! rule's `max_wait`; then the client gets an ERROR naming the rule (53300
+//! for concurrency, 53400 for rate) and its session continues.
+
+use crate::config::Limit;
+use crate::wire::sqlstate;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// One `[[limits]]` rule and its live state.
+pub struct Limiter {
+    pub name: String,
+    workload: Option<String>,
+    user: Option<String>,
+    database: Option<String>,
+    pub writes_only: bool,
+    pub max_in_flight: Option<usize>,
+    pub rate: Option<f64>,
+    pub burst: f64,
+    pub max_wait: Duration,
+    pub max_queue: usize,
+    slots: Option<Arc<Semaphore>>,
+    /// Token bucket: (tokens, last refill); tokens go negative while
+    /// admitted transactions wait for their reserved token.
+    bucket: Mutex<(f64, Instant)>,
+    pub waiting: AtomicUsize,
+    pub admitted: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// What a transaction is, for matching rules.
+pub struct Request<'a> {
+    pub workload: &'a str,
+    pub user: &'a str,
+    pub database: &'a str,
+    pub to_primary: bool,
+}
+
+/// Permits held by an admitted transaction (released on drop).
+#[derive(Default)]
+pub struct Admission {
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// Why a transaction was refused: (SQLSTATE, message).
+pub type Refusal = (&'static str, String);
+
+impl Limiter {
+    pub fn new(rule: &Limit, default_wait: Duration) -> Limiter {
+        let name = rule.name.clone().unwrap_or_else(|| {
+            let mut parts = Vec::new();
+            if let Some(w) = &rule.workload {
+                parts.push(format!("workload={w}"));
+            }
+            if let Some(u) = &rule.user {
+                parts.push(format!("user={u}"));
+            }
+            if let Some(d) = &rule.database {
+                parts.push(format!("database={d}"));
+            }
+            if rule.writes_only {
+                parts.push("writes".into());
+            }
+            parts.join(",")
+        });
+        let burst = rule.burst.map(f64::from).unwrap_or_else(|| rule.rate.unwrap_or(1.0).max(1.0));
+        Limiter {
+            name,
+            workload: rule.workload.clone(),
+            user: rule.user.clone(),
+            database: rule.database.clone(),
+            writes_only: rule.writes_only,
+            max_in_flight: rule.max_in_flight,
+            rate: rule.rate,
+            burst,
+            max_wait: rule.max_wait.map(|d| d.0).unwrap_or(default_wait),
+            max_queue: rule.max_queue.unwrap_or(usize::MAX),
+            slots: rule.max_in_flight.map(|n| Arc::new(Semaphore::new(n))),
+            bucket: Mutex::new((burst, Instant::now())),
+            waiting: AtomicUsize::new(0),
+            admitted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// Every field the rule sets must match.
+    pub fn matches(&self, r: &Request) -> bool {
+        (!self.writes_only || r.to_primary)
+            && self.workload.as_deref().is_none_or(|w| w == r.workload)
+            && self.user.as_deref().is_none_or(|u| u == r.user)
+            && self.database.as_deref().is_none_or(|d| d == r.database)
+    }
+
+    /// Transactions admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        match (&self.slots, self.max_in_flight) {
+            (Some(s), Some(n)) => n - s.available_permits(),
+            _ => 0,
+        }
+    }
+
+    /// Reserves a token; returns how long to wait for it, or None when
+    /// that would take longer than `max_wait` (nothing reserved then).
+    fn reserve_token(&self, now: Instant) -> Option<Duration> {
+        let Some(rate) = self.rate else { return Some(Duration::ZERO) };
+        let mut b = self.bucket.lock().unwrap();
+        let elapsed = now.saturating_duration_since(b.1).as_secs_f64();
+        b.0 = (b.0 + elapsed * rate).min(self.burst);
+        b.1 = now;
+        let wait = if b.0 >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - b.0) / rate) };
+        if wait > self.max_wait {
+            return None;
+        }
+        b.0 -= 1.0;
+        Some(wait)
+    }
+
+    fn refuse(&self, code: &'static str, why: String) -> Refusal {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        (code, format!("pgfleet limit \"{}\" exceeded: {why}", self.name))
+    }
+}
+
+/// Decrements a waiting counter when the wait ends, however it ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The rules of one configuration.
+#[derive(Default)]
+pub struct Limits {
+    pub rules: Vec<Arc<Limiter>>,
+}
+
+impl Limits {
+    pub fn new(rules: &[Limit], default_wait: Duration) -> Limits {
+        Limits { rules: rules.iter().map(|r| Arc::new(Limiter::new(r, default_wait))).collect() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Admits a transaction under every matching rule, waiting (bounded)
+    /// where a rule is at its limit.
+    pub async fn admit(&self, r: &Request<'_>) -> Result<Admission, Refusal> {
+        let mut adm = Admission::default();
+        for l in self.rules.iter().filter(|l| l.matches(r)) {
+            let queued = l.waiting.fetch_add(1, Ordering::Relaxed);
+            let _w = Waiting(&l.waiting);
+            if queued >= l.max_queue {
+                return Err(l.refuse(sqlstate::TOO_MANY_CONNECTIONS, format!("{} transactions already waiting", l.max_queue)));
+            }
+            let started = Instant::now();
+            let deadline = started + l.max_wait;
+            // Rate first, so a transaction waiting for a token holds no slot.
+            match l.reserve_token(started) {
+                Some(wait) if wait.is_zero() => {}
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => {
+                    let rate = l.rate.unwrap_or_default();
+                    return Err(l.refuse(
+                        sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                        format!("rate {rate}/s (burst {}) would need a wait over {:?}", l.burst, l.max_wait),
+                    ));
+                }
+            }
+            if let Some(slots) = &l.slots {
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
+                        Ok(Ok(p)) => p,
+                        _ => {
+                            return Err(l.refuse(
+                                sqlstate::TOO_MANY_CONNECTIONS,
+                                format!(
+                                    "{} transactions in flight (max_in_flight), waited {} ms",
+                                    l.max_in_flight.unwrap_or(0),
+                                    started.elapsed().as_millis()
+                                ),
+                            ))
+                        }
+                    },
+                };
+                adm._permits.push(permit);
+            }
+            l.admitted.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(adm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+
+    fn rule(f: impl FnOnce(&mut Limit)) -> Limit {
+        let mut l = Limit { workload: Some("w".into()), ..Default::default() };
+        f(&mut l);
+        l
+    }
+
+    fn req(to_primary: bool) -> Request<'static> {
+        Request { workload: "w", user: "u", database: "d", to_primary }
+    }
+
+    #[test]
+    fn matching_needs_every_field() {
+        let l = Limiter::new(&rule(|l| l.user = Some("u".into())), Duration::from_secs(1));
+        assert!(l.matches(&req(false)));
+        assert!(!l.matches(&Request { user: "other", ..req(false) }));
+        let w = Limiter::new(&rule(|l| l.writes_only = true), Duration::from_secs(1));
+        assert!(!w.matches(&req(false)));
+        assert!(w.matches(&req(true)));
+        assert_eq!(w.name, "workload=w,writes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_waits_then_refuses_with_53300() {
+        let limits = Limits::new(&[rule(|l| {
+            l.max_in_flight = Some(1);
+            l.max_wait = Some(Dur(Duration::from_millis(100)));
+        })], Duration::from_secs(5));
+        let first = limits.admit(&req(false)).await.unwrap();
+        let (code, msg) = limits.admit(&req(false)).await.err().unwrap();
+        assert_eq!(code, "53300");
+        assert!(msg.contains("\"workload=w\""), "{msg}");
+        // Released before the deadline: the waiter gets the slot.
+        let l2 = Arc::new(limits);
+        let l3 = l2.clone();
+        let waiter = tokio::spawn(async move { l3.admit(&req(false)).await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(first);
+        assert!(waiter.await.unwrap());
+        assert_eq!(l2.rules[0].rejected.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_paces_and_refuses_with_53400() {
+        let limits = Limits::new(&[rule(|l| {
+            l.rate = Some(10.0);
+            l.burst = Some(2);
+            l.max_wait = Some(Dur(Duration::from_millis(250)));
+        })], Duration::from_secs(5));
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            limits.admit(&req(false)).await.unwrap();
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO, "the burst passes at once");
+        limits.admit(&req(false)).await.unwrap();
+        assert!(t0.elapsed() >= Duration::from_millis(99), "then one per 100 ms");
+        // Two reserved ahead (200 ms) and a third would wait 300 ms > 250 ms.
+        let l = Arc::new(limits);
+        let a = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(&req(false)).await.is_ok() }
+        });
+        let b = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(&req(false)).await.is_ok() }
+        });
+        tokio::task::yield_now().await;
+        let (code, _) = l.admit(&req(false)).await.err().unwrap();
+        assert_eq!(code, "53400");
+        assert!(a.await.unwrap() && b.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_queue() {
+        let limits = Arc::new(Limits::new(&[rule(|l| {
+            l.max_in_flight = Some(1);
+            l.max_queue = Some(1);
+        })], Duration::from_secs(5)));
+        let _held = limits.admit(&req(false)).await.unwrap();
+        let l = limits.clone();
+        let _queued = tokio::spawn(async move { l.admit(&req(false)).await.is_ok() });
+        tokio::task::yield_now().await;
+        let (code, msg) = limits.admit(&req(false)).await.err().unwrap();
+        assert_eq!(code, "53300");
+        assert!(msg.contains("already waiting"), "{msg}");
+    }
+}
