@@ -154,7 +154,7 @@ impl App {
         let topo = self.topology();
         for pool in self.pools() {
             let addr = if pool.key.backend == PRIMARY {
-                Some(self.config().cluster.primary.clone())
+                Some(topo.writer_addr().unwrap_or(&topo.primary).to_string())
             } else {
                 topo.replicas.iter().find(|r| r.name == pool.key.backend).map(|r| r.addr.clone())
             };
@@ -225,12 +225,16 @@ impl App {
     /// `topo` must be the topology the target was chosen with.
     pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Arc<Pool> {
         let (backend, addr) = match target {
-            Target::Primary => (PRIMARY.to_string(), self.config().cluster.primary.clone()),
+            // After a failover the primary pool follows the promoted server.
+            Target::Primary => (PRIMARY.to_string(), topo.writer_addr().unwrap_or(&topo.primary).to_string()),
             Target::Replica(i) => (topo.replicas[i].name.clone(), topo.replicas[i].addr.clone()),
         };
         let key = PoolKey { database: database.into(), user: user.into(), backend };
         let mut pools = self.pools.lock().unwrap();
         if let Some(p) = pools.get(&key) {
+            if target == Target::Primary && !p.addr_is(&addr) {
+                p.retarget(&addr);
+            }
             return p.clone();
         }
         let (spec, settings) = self.pool_params(&key, &addr);
@@ -273,6 +277,7 @@ impl App {
             database: dbname,
             password,
             connect_timeout: cfg.pool.connect_timeout.0,
+            require_primary: key.backend == PRIMARY,
         };
         let settings = PoolSettings {
             size: cfg.pool_size_for(&key.user),

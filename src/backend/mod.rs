@@ -28,6 +28,10 @@ pub enum BackendError {
     /// The server asked for something pgfleet cannot do (or has no password for).
     Auth(String),
     Protocol(String),
+    /// The server is a hot standby but writes were expected.
+    Standby,
+    /// No server is known to accept writes (failover in progress).
+    NoPrimary(String),
 }
 
 impl std::fmt::Display for BackendError {
@@ -41,6 +45,8 @@ impl std::fmt::Display for BackendError {
             }
             BackendError::Auth(e) => write!(f, "server authentication: {e}"),
             BackendError::Protocol(e) => write!(f, "server protocol error: {e}"),
+            BackendError::Standby => write!(f, "the server is in recovery (a standby), not a primary"),
+            BackendError::NoPrimary(why) => write!(f, "no primary server available: {why}"),
         }
     }
 }
@@ -62,7 +68,20 @@ impl BackendError {
                 .find(|(c, _)| *c == b'C')
                 .map(|(_, v)| v.clone())
                 .unwrap_or_else(|| wire::sqlstate::CONNECTION_FAILURE.into()),
+            BackendError::Standby | BackendError::NoPrimary(_) => wire::sqlstate::CANNOT_CONNECT_NOW.into(),
             _ => wire::sqlstate::CONNECTION_FAILURE.into(),
+        }
+    }
+
+    /// The server is down, starting, stopping, busy or not (yet) a
+    /// primary: worth waiting for, unlike a refused login.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackendError::Io(_) | BackendError::Timeout | BackendError::Standby | BackendError::NoPrimary(_) => true,
+            BackendError::Server(fields) => fields
+                .iter()
+                .any(|(c, v)| *c == b'C' && matches!(v.as_str(), "57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001")),
+            BackendError::Auth(_) | BackendError::Protocol(_) => false,
         }
     }
 }
@@ -75,12 +94,16 @@ pub struct ConnectSpec {
     pub database: String,
     pub password: Option<String>,
     pub connect_timeout: Duration,
+    /// Refuse a server that reports `in_hot_standby = on` (writes go here).
+    pub require_primary: bool,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct ServerConn {
     pub id: u64,
+    /// The pool's target epoch when opened (a failover moves the target).
+    pub epoch: u64,
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub backend_pid: i32,
@@ -139,6 +162,7 @@ impl ServerConn {
             info: None,
             listed: None,
             span: tracing::Span::none(),
+            epoch: 0,
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -164,7 +188,12 @@ impl ServerConn {
                 }
                 b'E' => return Err(BackendError::Server(wire::error_fields(&msg))),
                 b'N' => {}
-                b'Z' => return Ok(conn),
+                b'Z' => {
+                    if spec.require_primary && conn.params.get("in_hot_standby").is_some_and(|v| v == "on") {
+                        return Err(BackendError::Standby);
+                    }
+                    return Ok(conn);
+                }
                 t => {
                     return Err(BackendError::Protocol(format!(
                         "unexpected message {:?} during startup",

@@ -242,6 +242,9 @@ pub struct Cluster {
     /// first [[databases]] entry).
     pub health_user: Option<String>,
     pub health_database: Option<String>,
+    /// How long a write waits for a usable primary (failover, restart)
+    /// before the client gets an error.
+    pub failover_timeout: Dur,
 }
 
 impl Default for Cluster {
@@ -254,6 +257,7 @@ impl Default for Cluster {
             groups: vec![],
             health_user: None,
             health_database: None,
+            failover_timeout: Dur::secs(10),
         }
     }
 }

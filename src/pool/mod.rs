@@ -5,7 +5,7 @@
 
 use crate::backend::{BackendError, ConnectSpec, ServerConn};
 use crate::stats::{Connections, Metrics, PoolCounters};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::Instrument;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
@@ -84,6 +84,24 @@ pub struct Pool {
     conns: Arc<Connections>,
     wait_count: prometheus::IntCounter,
     wait_seconds: prometheus::Histogram,
+    /// Bumped when the pool's server changes (failover); connections of an
+    /// older epoch are closed instead of reused.
+    epoch: AtomicU64,
+    /// After failed connects: no new attempt before this (exponential, jittered).
+    backoff: Mutex<Backoff>,
+}
+
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+/// Delay after `failures` consecutive failed connects: 50 ms doubling up
+/// to 2 s, times a random factor in [0.5, 1.5) so retries spread out.
+fn backoff_delay(failures: u32) -> Duration {
+    let base = Duration::from_millis(50) * (1u32 << failures.min(7).saturating_sub(1));
+    base.min(Duration::from_secs(2)).mul_f64(0.5 + rand::random::<f64>())
 }
 
 /// The most recently used idle connection that is still good (LIFO keeps
@@ -126,6 +144,8 @@ impl Pool {
             settings: RwLock::new(settings),
             state: Mutex::new(State { idle: Vec::new(), total: 0, waiters: VecDeque::new() }),
             startup_params: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            backoff: Mutex::new(Backoff::default()),
         })
     }
 
@@ -136,6 +156,36 @@ impl Pool {
 
     pub fn addr(&self) -> String {
         self.spec.read().unwrap().addr.clone()
+    }
+
+    /// Points the pool at another server (the primary moved): idle
+    /// connections close now, checked-out ones when they come back.
+    pub fn retarget(&self, addr: &str) {
+        {
+            let mut spec = self.spec.write().unwrap();
+            if spec.addr == addr {
+                return;
+            }
+            let mut new = (**spec).clone();
+            new.addr = addr.to_string();
+            *spec = Arc::new(new);
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        *self.backoff.lock().unwrap() = Backoff::default();
+        tracing::warn!(pool = %self.key, addr, "pool now points at a new server");
+        let idle: Vec<ServerConn> = {
+            let mut s = self.state.lock().unwrap();
+            let v: Vec<ServerConn> = s.idle.drain(..).collect();
+            s.total -= v.len();
+            v
+        };
+        for c in idle {
+            c.terminate("the primary moved (failover)");
+        }
+    }
+
+    pub fn addr_is(&self, addr: &str) -> bool {
+        self.spec.read().unwrap().addr == addr
     }
 
     pub fn settings(&self) -> PoolSettings {
@@ -223,12 +273,19 @@ impl Pool {
 
     /// Opens a connection in a slot already counted in `total`.
     async fn open_in_slot(&self) -> Result<ServerConn, PoolError> {
+        let until = self.backoff.lock().unwrap().until;
+        if let Some(wait) = until.map(|u| u.saturating_duration_since(Instant::now())).filter(|w| !w.is_zero()) {
+            tokio::time::sleep(wait).await;
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
         let spec = self.spec.read().unwrap().clone();
         let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
         // Boxed: connecting is rare and its future is large.
         match Box::pin(ServerConn::connect(&spec)).instrument(span.clone()).await {
             Ok(mut c) => {
                 span.record("id", c.id).record("backend_pid", c.backend_pid);
+                *self.backoff.lock().unwrap() = Backoff::default();
+                c.epoch = epoch;
                 tracing::info!(parent: &span, "server connection opened");
                 c.span = span;
                 c.register(&self.conns, &self.key);
@@ -242,6 +299,11 @@ impl Pool {
             }
             Err(e) => {
                 tracing::warn!(parent: &span, error = %e, "server connection failed");
+                if e.is_transient() {
+                    let mut b = self.backoff.lock().unwrap();
+                    b.failures = b.failures.saturating_add(1);
+                    b.until = Some(Instant::now() + backoff_delay(b.failures));
+                }
                 self.release_slot();
                 Err(PoolError::Connect(e))
             }
@@ -261,6 +323,11 @@ impl Pool {
     /// Returns a clean connection (idle, no transaction) to the pool.
     pub fn checkin(&self, mut conn: ServerConn) {
         let settings = self.settings();
+        if conn.epoch != self.epoch.load(Ordering::Acquire) {
+            conn.terminate("the primary moved (failover)");
+            self.release_slot();
+            return;
+        }
         if conn.created.elapsed() >= settings.lifetime {
             conn.terminate("server_lifetime reached");
             self.release_slot();
@@ -361,5 +428,23 @@ impl Pool {
             Ok(c) => self.checkin(c),
             Err(e) => tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for _ in 0..100 {
+            let first = backoff_delay(1);
+            assert!(first >= Duration::from_millis(25) && first < Duration::from_millis(75), "{first:?}");
+            let capped = backoff_delay(30);
+            assert!(capped >= Duration::from_secs(1) && capped < Duration::from_secs(3), "{capped:?}");
+        }
+        let a: Vec<_> = (0..20).map(|_| backoff_delay(3)).collect();
+        assert!(a.iter().any(|d| *d != a[0]), "jittered");
     }
 }

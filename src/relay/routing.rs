@@ -178,15 +178,29 @@ impl Session {
         }
     }
 
-    /// Checks out a connection for `target`; a replica that cannot be
-    /// reached is marked down and the unit re-routed once.
+    /// Checks out a connection for `target`. A replica that cannot be
+    /// reached is marked down and the unit re-routed once. A primary that
+    /// cannot be reached (down, restarting, failing over, or a standby) is
+    /// waited for up to `cluster.failover_timeout`, following the monitor
+    /// to a promoted replica; the pool's backoff paces the retries.
     pub(super) async fn checkout_routed(
         &mut self,
         a: &Analysis,
         mut target: Target,
         topo: &Topology,
     ) -> Result<(crate::backend::ServerConn, Target, Arc<Pool>), SessionError> {
-        for attempt in 0..2 {
+        use crate::backend::BackendError;
+        use crate::pool::PoolError;
+        let deadline = tokio::time::Instant::now() + self.cfg.cluster.failover_timeout.0;
+        let mut rerouted = false;
+        loop {
+            if target == Target::Primary && topo.writer_addr().is_none() {
+                if !wait_for_writer(topo, deadline).await {
+                    let why = "the primary is in recovery and no replica was promoted".to_string();
+                    return Err(SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why))));
+                }
+                continue;
+            }
             let pool = self.pool_for(target, topo);
             if let Some(conn) = pool.try_checkout_idle() {
                 return Ok((conn, target, pool));
@@ -195,20 +209,46 @@ impl Session {
             // large; inline it would be reserved in every idle client's task.
             match Box::pin(pool.checkout()).await {
                 Ok(conn) => return Ok((conn, target, pool)),
-                Err(crate::pool::PoolError::Connect(e)) if attempt == 0 => {
-                    let Target::Replica(i) = target else {
-                        return Err(SessionError::Pool(crate::pool::PoolError::Connect(e)));
-                    };
-                    tracing::warn!(replica = %topo.replicas[i].name, error = %e, "replica unreachable; re-routing");
-                    topo.mark_down(i, &e.to_string());
-                    target = match self.choose_target(a, topo) {
-                        Ok((t, _)) => t,
-                        Err(_) => return Err(SessionError::Pool(crate::pool::PoolError::Connect(e))),
-                    };
-                }
+                Err(PoolError::Connect(e)) => match target {
+                    Target::Replica(i) if !rerouted => {
+                        tracing::warn!(replica = %topo.replicas[i].name, error = %e, "replica unreachable; re-routing");
+                        topo.mark_down(i, &e.to_string());
+                        rerouted = true;
+                        target = match self.choose_target(a, topo) {
+                            Ok((t, _)) => t,
+                            Err(_) => return Err(SessionError::Pool(PoolError::Connect(e))),
+                        };
+                    }
+                    Target::Primary if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                        tracing::info!(error = %e, "primary unavailable; waiting for it or a promoted replica");
+                        wait_for_writer_change(topo, deadline).await;
+                    }
+                    _ => return Err(SessionError::Pool(PoolError::Connect(e))),
+                },
                 Err(e) => return Err(SessionError::Pool(e)),
             }
         }
-        unreachable!("the loop returns on its second attempt")
+    }
+}
+
+/// Waits until some server takes writes; false at the deadline.
+async fn wait_for_writer(topo: &Topology, deadline: tokio::time::Instant) -> bool {
+    while topo.writer_addr().is_none() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        wait_for_writer_change(topo, deadline).await;
+    }
+    true
+}
+
+/// Sleeps until the monitor changes the writer, a short jittered retry
+/// interval passes, or the deadline.
+async fn wait_for_writer_change(topo: &Topology, deadline: tokio::time::Instant) {
+    let changed = topo.writer_changed.notified();
+    let retry = tokio::time::Instant::now() + std::time::Duration::from_millis(100 + rand::random::<u64>() % 200);
+    tokio::select! {
+        _ = changed => {}
+        _ = tokio::time::sleep_until(retry.min(deadline)) => {}
     }
 }

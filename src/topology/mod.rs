@@ -33,6 +33,26 @@ pub struct Topology {
     pub groups: Vec<GroupInfo>,
     /// The current snapshot; replaced whole, never mutated in place.
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Where writes go (see `Writer`), encoded: 0 = the configured
+    /// primary, i + 1 = replica i, `NO_WRITER` = none known.
+    writer: AtomicUsize,
+    /// Woken whenever `writer` changes (writes waiting out a failover).
+    pub writer_changed: tokio::sync::Notify,
+}
+
+const NO_WRITER: usize = usize::MAX;
+
+/// The server that takes writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// `cluster.primary`.
+    Configured,
+    /// A replica that was promoted while the configured primary was down
+    /// or in recovery. Sticky: it stays the writer while it is a primary,
+    /// even if the old primary comes back (no split brain).
+    Replica(usize),
+    /// The configured primary is in recovery and no replica was promoted.
+    None,
 }
 
 impl Topology {
@@ -94,7 +114,52 @@ impl Topology {
                 })
                 .collect(),
         };
-        Topology { primary: cfg.cluster.primary.clone(), replicas, groups, snapshot: RwLock::new(Arc::new(initial)) }
+        Topology {
+            primary: cfg.cluster.primary.clone(),
+            replicas,
+            groups,
+            snapshot: RwLock::new(Arc::new(initial)),
+            writer: AtomicUsize::new(0),
+            writer_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn writer(&self) -> Writer {
+        match self.writer.load(Ordering::Acquire) {
+            0 => Writer::Configured,
+            NO_WRITER => Writer::None,
+            i => Writer::Replica(i - 1),
+        }
+    }
+
+    /// Address writes go to, if any server is known to take them.
+    pub fn writer_addr(&self) -> Option<&str> {
+        match self.writer() {
+            Writer::Configured => Some(&self.primary),
+            Writer::Replica(i) => Some(&self.replicas[i].addr),
+            Writer::None => None,
+        }
+    }
+
+    pub fn writer_name(&self) -> &str {
+        match self.writer() {
+            Writer::Configured => "primary",
+            Writer::Replica(i) => &self.replicas[i].name,
+            Writer::None => "(none)",
+        }
+    }
+
+    fn set_writer(&self, w: Writer) {
+        let code = match w {
+            Writer::Configured => 0,
+            Writer::Replica(i) => i + 1,
+            Writer::None => NO_WRITER,
+        };
+        let old = self.writer.swap(code, Ordering::AcqRel);
+        if old != code {
+            tracing::warn!(writer = self.writer_name(), addr = self.writer_addr().unwrap_or("-"), "primary changed");
+            self.writer_changed.notify_waiters();
+        }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

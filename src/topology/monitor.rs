@@ -1,7 +1,7 @@
 //! The monitor task: one tokio-postgres connection per server, polled
 //! concurrently every interval; results become a new snapshot.
 
-use super::{parse_lsn, within_budget, LagState, MonitorSpec, Topology};
+use super::{parse_lsn, within_budget, LagState, MonitorSpec, Topology, Writer};
 use crate::router::route::{ReplicaState, Snapshot};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,9 +64,34 @@ impl Probe {
     }
 }
 
-const PRIMARY_SQL: &str =
-    "SELECT pg_catalog.pg_is_in_recovery(), CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE pg_catalog.pg_current_wal_lsn()::text END";
-const REPLICA_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.pg_last_wal_replay_lsn()::text";
+/// Role and position of any server: replay position on a standby, write
+/// position on a primary (so a promoted replica reports like a primary).
+const CHECK_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_catalog.pg_is_in_recovery() \
+     THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END)::text";
+
+/// Which server takes writes after this round of checks.
+fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[Result<Check, String>]) -> Writer {
+    let is_primary = |r: &Result<Check, String>| matches!(r, Ok(Check { in_recovery: false, .. }));
+    if let Writer::Replica(i) = current {
+        if replicas.get(i).is_some_and(is_primary) {
+            return current;
+        }
+    }
+    if is_primary(primary) {
+        return Writer::Configured;
+    }
+    if let Some(i) = replicas.iter().position(is_primary) {
+        return Writer::Replica(i);
+    }
+    match primary {
+        // In recovery (demoted) with nobody promoted: nowhere to write.
+        Ok(_) => Writer::None,
+        // Unreachable: keep trying it (it may be restarting) unless the
+        // writer we followed was a promoted replica that is gone too.
+        Err(_) if matches!(current, Writer::Replica(_)) => Writer::None,
+        Err(_) => Writer::Configured,
+    }
+}
 
 /// Polls the cluster until shutdown, publishing a snapshot after each round.
 pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: watch::Receiver<bool>) {
@@ -82,15 +107,22 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
         }
         // The primary first, so replica positions are compared with a
         // primary position no newer than theirs.
-        let p = primary.check(&spec, PRIMARY_SQL).await;
+        let p = primary.check(&spec, CHECK_SQL).await;
         let mut results = Vec::with_capacity(replicas.len());
         {
-            let futs = replicas.iter_mut().map(|r| r.check(&spec, REPLICA_SQL));
+            let futs = replicas.iter_mut().map(|r| r.check(&spec, CHECK_SQL));
             for f in futs.collect::<Vec<_>>() {
                 results.push(f.await);
             }
         }
-        let snap = build_snapshot(&topo, &mut lag, p, results, Instant::now());
+        let writer = choose_writer(topo.writer(), &p, &results);
+        topo.set_writer(writer);
+        let writer_check = match writer {
+            Writer::Configured => p,
+            Writer::Replica(i) => results[i].clone(),
+            Writer::None => Err("no primary".into()),
+        };
+        let snap = build_snapshot(&topo, &mut lag, writer_check, results, Instant::now());
         topo.publish(snap);
     }
 }
@@ -120,7 +152,11 @@ fn build_snapshot(
             }
             Ok(Check { in_recovery: false, .. }) => {
                 st.reachable = true;
-                st.excluded_because = Some("not in recovery (promoted?): never used for reads".into());
+                st.excluded_because = Some(if topo.writer() == Writer::Replica(i) {
+                    "promoted: now the primary (takes writes, and reads that fall back to the primary)".into()
+                } else {
+                    "not in recovery (promoted?): never used for reads".into()
+                });
                 st.groups = info.groups.iter().map(|g| (*g, false)).collect();
             }
             Ok(Check { lsn, .. }) => {
@@ -157,4 +193,37 @@ fn build_snapshot(
         lag.forget_before(min);
     }
     Snapshot { checked_at_us: crate::stats::now_us(), primary_lsn, primary_reachable, replicas: states }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn primary() -> Result<Check, String> {
+        Ok(Check { in_recovery: false, lsn: Some(1) })
+    }
+    fn standby() -> Result<Check, String> {
+        Ok(Check { in_recovery: true, lsn: Some(1) })
+    }
+    fn down() -> Result<Check, String> {
+        Err("connection refused".into())
+    }
+
+    #[test]
+    fn writer_follows_promotion_and_sticks() {
+        use Writer::*;
+        assert_eq!(choose_writer(Configured, &primary(), &[standby(), standby()]), Configured);
+        // Primary down, nobody promoted yet: keep trying the primary.
+        assert_eq!(choose_writer(Configured, &down(), &[standby(), standby()]), Configured);
+        // r2 promoted.
+        assert_eq!(choose_writer(Configured, &down(), &[standby(), primary()]), Replica(1));
+        // The old primary comes back as a primary: stay on r2 (no split brain).
+        assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), primary()]), Replica(1));
+        // The configured primary demoted and nobody promoted: no writer.
+        assert_eq!(choose_writer(Configured, &standby(), &[standby(), standby()]), None);
+        // The promoted replica died and the old primary is down too.
+        assert_eq!(choose_writer(Replica(1), &down(), &[standby(), down()]), None);
+        // ...and the old primary returned as primary.
+        assert_eq!(choose_writer(None, &primary(), &[standby(), down()]), Configured);
+    }
 }

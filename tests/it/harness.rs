@@ -18,13 +18,35 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub bindir: PathBuf,
     pub primary: u16,
-    pub replicas: [u16; 2],
+    pub replicas: Vec<u16>,
+    /// A private cluster (one test's, stopped and removed when dropped).
+    private: bool,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
+/// The shared cluster: primary + 2 replicas, never changed in role.
 pub fn cluster() -> &'static Cluster {
-    CLUSTER.get_or_init(Cluster::start)
+    CLUSTER.get_or_init(|| Cluster::start("shared", 2, false))
+}
+
+/// A cluster of the test's own, for tests that stop, kill or promote
+/// servers; blocking (call from spawn_blocking in async tests).
+#[allow(dead_code)]
+pub fn private_cluster(tag: &str, replicas: usize) -> Cluster {
+    Cluster::start(tag, replicas, true)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.private {
+            return;
+        }
+        for name in self.names() {
+            let _ = self.pg_ctl(&name, &["stop", "-m", "immediate"]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn is_root() -> bool {
@@ -57,16 +79,16 @@ pub fn free_port() -> u16 {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    fn start(tag: &str, n: usize, private: bool) -> Cluster {
         let out = Command::new("pg_config").arg("--bindir").output().expect("pg_config (install postgresql)");
         let bindir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        let dir = std::env::temp_dir().join(format!("pgfleet-it-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("pgfleet-it-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
             check(Command::new("chown").args(["postgres:postgres"]).arg(&dir).output().unwrap(), "chown");
         }
-        let c = Cluster { primary: free_port(), replicas: [free_port(), free_port()], bindir, dir };
+        let c = Cluster { primary: free_port(), replicas: (0..n).map(|_| free_port()).collect(), bindir, dir, private };
         c.spawn_watchdog();
         c.init_primary();
         for (i, port) in c.replicas.iter().enumerate() {
@@ -76,7 +98,11 @@ impl Cluster {
         c
     }
 
-    fn data(&self, name: &str) -> PathBuf {
+    fn names(&self) -> Vec<String> {
+        std::iter::once("primary".to_string()).chain((0..self.replicas.len()).map(|i| format!("replica{i}"))).collect()
+    }
+
+    pub fn data(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
@@ -85,11 +111,11 @@ impl Cluster {
         let pg_ctl = self.bindir.join("pg_ctl");
         let runas = if is_root() { "runuser -u postgres -- " } else { "" };
         let mut stops = String::new();
-        for d in ["primary", "replica0", "replica1"] {
+        for d in self.names() {
             stops.push_str(&format!(
                 "{runas}{} stop -D {} -m immediate >/dev/null 2>&1; ",
                 pg_ctl.display(),
-                self.data(d).display()
+                self.data(&d).display()
             ));
         }
         let script = format!(
@@ -106,7 +132,7 @@ impl Cluster {
             .expect("spawn watchdog");
     }
 
-    fn pg_ctl_start(&self, name: &str) {
+    pub fn pg_ctl_start(&self, name: &str) {
         let out = pg_cmd(&self.bindir.join("pg_ctl"))
             .args(["start", "-w", "-t", "60", "-D"])
             .arg(self.data(name))
@@ -173,7 +199,7 @@ impl Cluster {
     fn wait_replicas_streaming(&self) {
         for _ in 0..200 {
             let n = self.psql_admin("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'");
-            if n == "2" {
+            if n == self.replicas.len().to_string() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -223,7 +249,11 @@ fn append(path: &Path, text: &str) {
 /// A pgfleet config for the test cluster; `extra` is appended TOML
 /// (tables only) and `pool` replaces the [pool] table body.
 pub fn config(pool: &str, extra: &str) -> Config {
-    let c = cluster();
+    config_for(cluster(), pool, extra)
+}
+
+/// `config` for another cluster (a private one).
+pub fn config_for(c: &Cluster, pool: &str, extra: &str) -> Config {
     let text = format!(
         r#"
 [listen]

@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod basic;
 mod drivers;
+mod failover;
 mod lifecycle;
 mod limits;
 mod ops;

@@ -1,0 +1,129 @@
+//! Failures of real servers on private clusters (never the shared one):
+//! a replica promoted after the primary stops, a replica killed under
+//! pgbench, and a "primary" that is really a standby.
+
+use crate::harness::*;
+use pgfleet::topology::Writer;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn one_replica_extra(c: &Cluster, replica_groups: &[&str]) -> String {
+    let mut s = String::from("lag_check_interval = \"100ms\"\nfailover_timeout = \"20s\"\n");
+    for (i, port) in c.replicas.iter().enumerate() {
+        s.push_str(&format!(
+            "[[cluster.replicas]]\nname = \"r{}\"\naddr = \"127.0.0.1:{port}\"\ngroups = [\"{}\"]\n",
+            i + 1,
+            replica_groups[i]
+        ));
+    }
+    s.push_str("[[cluster.groups]]\nname = \"default\"\nmax_lag = \"10s\"\nfallback = [\"primary\"]\n");
+    s.push_str("[routing]\ndefault_workload = \"default\"\n");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_replica_takes_writes_without_restart_and_no_acked_write_is_lost() {
+    let c = Arc::new(tokio::task::spawn_blocking(|| private_cluster("failover", 1)).await.unwrap());
+    let p = start(config_for(&c, "size = 4", &one_replica_extra(&c, &["default"]))).await;
+    let url = conn_str(&p, "app", "app", "app");
+    connect_with(&url).await.unwrap().batch_execute("CREATE TABLE fo (v int PRIMARY KEY)").await.unwrap();
+
+    // One writer, reconnecting on errors; every acknowledged value is recorded.
+    let acked = Arc::new(Mutex::new(Vec::<(i32, Instant)>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (acked, failures, stop, url) = (acked.clone(), failures.clone(), stop.clone(), url.clone());
+        tokio::spawn(async move {
+            let mut client: Option<tokio_postgres::Client> = None;
+            let mut v = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    match connect_with(&url).await {
+                        Ok(c) => client = Some(c),
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("connect: {e}"));
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    }
+                }
+                v += 1;
+                match client.as_ref().unwrap().execute("INSERT INTO fo VALUES ($1)", &[&v]).await {
+                    Ok(_) => acked.lock().unwrap().push((v, Instant::now())),
+                    Err(e) => failures.lock().unwrap().push(format!("insert {v}: {e:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = acked.lock().unwrap().len();
+    assert!(before > 20, "writes flow before the failover: {before}");
+
+    let c2 = c.clone();
+    let stopped_at = tokio::task::spawn_blocking(move || {
+        let out = c2.pg_ctl("primary", &["stop", "-m", "fast", "-w"]);
+        assert!(out.status.success(), "{out:?}");
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_millis(800));
+        let out = c2.pg_ctl("replica0", &["promote", "-w"]);
+        assert!(out.status.success(), "{out:?}");
+        t
+    })
+    .await
+    .unwrap();
+    // Writes resume on the promoted replica.
+    let resumed = loop {
+        if let Some((_, t)) = acked.lock().unwrap().iter().find(|(_, t)| *t > stopped_at) {
+            break *t;
+        }
+        assert!(stopped_at.elapsed() < Duration::from_secs(20), "writes never resumed: {:?}", failures.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+
+    assert_eq!(p.app.topology().writer(), Writer::Replica(0));
+    let acked: Vec<i32> = acked.lock().unwrap().iter().map(|(v, _)| *v).collect();
+    let failures = failures.lock().unwrap().clone();
+    let last_before = acked.iter().filter(|_| true).count();
+    eprintln!(
+        "failover: {} writes acknowledged, {} failed ({failures:?}), gap from primary stop to first write on the new primary: {} ms",
+        last_before,
+        failures.len(),
+        resumed.duration_since(stopped_at).as_millis()
+    );
+    // Only what was in flight when the primary stopped may fail.
+    assert!(failures.len() <= 1, "{failures:?}");
+    // Every acknowledged write is on the new primary.
+    let c3 = c.clone();
+    let present: Vec<i32> = tokio::task::spawn_blocking(move || c3.psql_on(c3.replicas[0], "app", "SELECT string_agg(v::text, ',') FROM fo"))
+        .await
+        .unwrap()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let missing: Vec<_> = acked.iter().filter(|v| !present.contains(v)).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    // The session that waited out the switch, and new ones, work.
+    let after = connect_with(&url).await.unwrap();
+    after.execute("INSERT INTO fo VALUES (-1)", &[]).await.unwrap();
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_never_go_to_a_standby() {
+    // "primary" points at a streaming replica: writes wait failover_timeout,
+    // then fail with 57P03; nothing is attempted on the standby.
+    let c = cluster();
+    let mut cfg = config("size = 2", "failover_timeout = \"1s\"");
+    cfg.cluster.primary = format!("127.0.0.1:{}", c.replicas[0]);
+    let p = start(cfg).await;
+    // Login needs the server's parameters, from a primary: refused.
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "57P03", "{e:?}");
+    assert!(format!("{e:?}").contains("in recovery"), "{e:?}");
+    assert_eq!(p.app.pools().iter().map(|p| p.stats().total).sum::<usize>(), 0, "no connection kept to the standby");
+}
