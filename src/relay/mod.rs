@@ -151,7 +151,25 @@ pub struct Session {
     cancel_sent: bool,
     /// `[[limits]]` permits of the bound transaction (released with it).
     admission: Option<crate::limits::Admission>,
+    /// Read retry: the client messages sent to a replica since binding,
+    /// while none of their answers has reached the client (`replay_state`).
+    replay: BytesMut,
+    replay_state: Replay,
 }
+
+/// Whether the current unit can be retried on another replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Not a replica read, or answers already reached the client.
+    Off,
+    /// Recording into `replay`; nothing answered yet.
+    Recording,
+    /// Already retried once: a second failure reaches the client.
+    Retried,
+}
+
+/// Read units larger than this are not kept for a retry.
+const REPLAY_MAX: usize = 64 * 1024;
 
 /// Who the client is, as established at login.
 pub struct ClientId {
@@ -197,6 +215,8 @@ impl Session {
             last_client_activity: Instant::now(),
             cancel_sent: false,
             admission: None,
+            replay: BytesMut::new(),
+            replay_state: Replay::Off,
             mode: cfg.pool.mode,
             max_msg: cfg.listen.max_message_size.0 as usize,
             cfg: cfg.clone(),
@@ -254,20 +274,32 @@ impl Session {
             if self.terminated {
                 return Ok(());
             }
-            self.flush()?;
+            if let Err(e) = self.flush() {
+                self.retry_or(e)?;
+                continue;
+            }
             if shutting_down && self.drain_idle() && self.last_client_activity.elapsed() >= DRAIN_QUIET {
                 return Err(SessionError::Shutdown);
             }
-            match self.wait(shutting_down).await? {
+            let event = match self.wait(shutting_down).await {
+                Ok(ev) => ev,
+                Err(e) => {
+                    self.retry_or(e)?;
+                    continue;
+                }
+            };
+            match event {
                 Event::ClientReadable => self.read_client()?,
                 Event::ServerReadable => {
-                    self.read_server()?;
-                    self.scan_server()?;
+                    if let Err(e) = self.read_server().and_then(|_| self.scan_server()) {
+                        self.retry_or(e)?;
+                        continue;
+                    }
                     self.maybe_release();
                 }
                 Event::Writable | Event::Tick => {}
                 Event::Idle => {
-                    for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout] {
+                    for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout, &mut self.replay] {
                         if b.is_empty() {
                             *b = BytesMut::new();
                         }
@@ -479,6 +511,10 @@ impl Session {
                     }
                 }
                 self.bind_server(&a, target, &topo).await?;
+                if matches!(self.bound_target, Some(Target::Replica(_))) && self.replay_state == Replay::Off {
+                    self.replay.clear();
+                    self.replay_state = Replay::Recording;
+                }
                 if first_only && self.routes() {
                     // Classified once: the lookahead's analysis of this message.
                     self.forward(h.tag, &msg, Some(a))?;
@@ -492,6 +528,13 @@ impl Session {
 
     /// `known`: this message's analysis when already computed.
     fn forward(&mut self, tag: u8, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
+        if self.replay_state == Replay::Recording {
+            if self.replay.len() + msg.len() > REPLAY_MAX {
+                self.replay_state = Replay::Off;
+            } else {
+                self.replay.extend_from_slice(msg);
+            }
+        }
         match tag {
             b'Q' => self.on_query(msg, known)?,
             b'F' => self.send(msg, Some(Kind::FnCall)),
@@ -637,6 +680,7 @@ impl Session {
     /// Writes the synthetic answers that are now at the head of the queue.
     fn emit_synth(&mut self) {
         while let Some((s, payload)) = self.expect.pop_synth() {
+            self.answered();
             match s {
                 Synth::ParseComplete => build::parse_complete(&mut self.cout),
                 Synth::CloseComplete => build::close_complete(&mut self.cout),
@@ -646,6 +690,46 @@ impl Session {
         }
     }
 
+
+    /// Something from the current unit reached (or is about to reach) the
+    /// client: it can no longer be retried transparently.
+    pub(super) fn answered(&mut self) {
+        if self.replay_state == Replay::Recording {
+            self.replay_state = Replay::Off;
+        }
+    }
+
+    /// A server connection failed. A replica read of which the client has
+    /// seen nothing is sent again, once, to another replica (the failed one
+    /// is marked down at once); anything else ends the session as before.
+    fn retry_or(&mut self, e: SessionError) -> Result<(), SessionError> {
+        let SessionError::ServerLost(why) = &e else { return Err(e) };
+        if self.replay_state != Replay::Recording {
+            return Err(e);
+        }
+        let target = self.bound_target;
+        tracing::warn!(error = %why, "replica connection failed before answering; retrying the read elsewhere");
+        if let Some((conn, pool)) = self.unbind() {
+            pool.discard(conn, "server connection failed (read retried elsewhere)");
+        }
+        if let Some(Target::Replica(i)) = target {
+            self.topo.mark_down(i, why);
+        }
+        self.app.metrics.errors.with_label_values(&["retried"]).inc();
+        self.expect = Expect::default();
+        self.in_batch = false;
+        self.skip = 0;
+        self.copy_in_ext = false;
+        self.status = b'I';
+        self.probe = None;
+        self.sin.clear();
+        self.sout.clear();
+        let mut cin = std::mem::take(&mut self.replay);
+        cin.extend_from_slice(&self.cin);
+        self.cin = cin;
+        self.replay_state = Replay::Retried;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

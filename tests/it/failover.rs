@@ -127,3 +127,51 @@ async fn writes_never_go_to_a_standby() {
     assert!(format!("{e:?}").contains("in recovery"), "{e:?}");
     assert_eq!(p.app.pools().iter().map(|p| p.stats().total).sum::<usize>(), 0, "no connection kept to the standby");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_under_pgbench_loses_no_transaction() {
+    let c = Arc::new(tokio::task::spawn_blocking(|| private_cluster("kill", 2)).await.unwrap());
+    let p = start(config_for(&c, "size = 10", &one_replica_extra(&c, &["default", "default"]))).await;
+    wait_replicas_usable(&p).await;
+    let port = p.addr.port().to_string();
+    let pgbench = {
+        let c = c.clone();
+        move |args: &[&str]| {
+            let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "bench"];
+            all.extend_from_slice(args);
+            all.push("bench");
+            let out = std::process::Command::new(c.bindir.join("pgbench")).args(&all).env("PGPASSWORD", "bench").output().unwrap();
+            (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        }
+    };
+    let init = pgbench.clone();
+    let (ok, text) = tokio::task::spawn_blocking(move || init(&["-i", "-s", "1", "-q"])).await.unwrap();
+    assert!(ok, "{text}");
+    // Let the replicas catch up with the initialisation before reading.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_replicas_usable(&p).await;
+
+    let run = tokio::task::spawn_blocking(move || pgbench(&["-S", "-c", "20", "-j", "2", "-T", "20"]));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c2 = c.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = c2.pg_ctl("replica0", &["stop", "-m", "immediate"]);
+        assert!(out.status.success(), "{out:?}");
+    })
+    .await
+    .unwrap();
+    let (ok, text) = run.await.unwrap();
+    eprintln!("pgbench with a replica killed at 5 s:\n{text}");
+    assert!(ok, "pgbench failed:\n{text}");
+    assert!(!text.contains("aborted"), "{text}");
+    let failed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("0");
+    assert_eq!(failed, "0", "{text}");
+    // The dead replica is out of rotation; the other one kept serving.
+    let snap = p.app.topology().snapshot();
+    assert!(!snap.replicas[0].reachable, "{snap:?}");
+    assert!(snap.replicas[1].groups.iter().all(|(_, ok)| *ok), "{snap:?}");
+}
