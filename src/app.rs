@@ -414,5 +414,6 @@ pub fn bind_reuseport(addr: &str) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    // A deep accept queue: a connection storm waits in it instead of being dropped.
+    socket.listen(4096)
 }

@@ -292,7 +292,7 @@ primary = "127.0.0.1:{primary}"
 }
 
 pub async fn start(cfg: Config) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = pgfleet::app::bind_reuseport("127.0.0.1:0").unwrap();
     pgfleet::app::start(cfg, listener).unwrap()
 }
 

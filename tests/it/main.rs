@@ -17,4 +17,5 @@ mod routing;
 mod protocol;
 mod psql;
 mod session_state;
+mod storm;
 mod timeouts;
