@@ -27,6 +27,10 @@ pub struct App {
     config: RwLock<Arc<Config>>,
     /// Users' secrets derived from `config`; replaced with it.
     secrets: RwLock<Arc<HashMap<String, Secret>>>,
+    /// Client-facing TLS (certificate re-read on every reload).
+    tls: RwLock<Option<Arc<crate::tls::ServerTls>>>,
+    /// Server-facing TLS of `config`.
+    server_tls: RwLock<Option<Arc<crate::tls::ClientTls>>>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
     limits: RwLock<Arc<crate::limits::Limits>>,
     /// Replicas, groups and the lag snapshot; replaced when a reload changes them.
@@ -86,6 +90,16 @@ impl App {
         Arc::new(App {
             secrets: RwLock::new(Arc::new(derive_secrets(&config))),
             topology: RwLock::new(Arc::new(Topology::from_config(&config, None))),
+            tls: RwLock::new(load_tls(&config).unwrap_or_else(|e| {
+                tracing::error!("{e}");
+                None
+            })),
+            server_tls: RwLock::new(
+                crate::tls::ClientTls::new(config.cluster.server_tls_mode, config.cluster.server_tls_ca.as_deref()).unwrap_or_else(|e| {
+                    tracing::error!("{e}");
+                    None
+                }),
+            ),
             limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
@@ -110,6 +124,11 @@ impl App {
 
     pub fn config(&self) -> Arc<Config> {
         self.config.read().unwrap().clone()
+    }
+
+    /// The client-facing TLS acceptor, unless TLS is disabled.
+    pub fn tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
+        self.tls.read().unwrap().clone()
     }
 
     pub fn limits(&self) -> Arc<crate::limits::Limits> {
@@ -139,6 +158,14 @@ impl App {
             notes.push("pool.mode changes apply to new clients only".to_string());
         }
         *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
+        match load_tls(&new) {
+            Ok(t) => *self.tls.write().unwrap() = t,
+            Err(e) => notes.push(format!("TLS not reloaded, the previous certificate stays in use: {e}")),
+        }
+        match crate::tls::ClientTls::new(new.cluster.server_tls_mode, new.cluster.server_tls_ca.as_deref()) {
+            Ok(t) => *self.server_tls.write().unwrap() = t,
+            Err(e) => notes.push(format!("server TLS not reloaded: {e}")),
+        }
         let cluster_changed = new.cluster != old.cluster;
         if new.limits != old.limits || new.pool.checkout_timeout != old.pool.checkout_timeout {
             // Fresh budgets; transactions holding the old permits finish under them.
@@ -278,6 +305,7 @@ impl App {
             password,
             connect_timeout: cfg.pool.connect_timeout.0,
             require_primary: key.backend == PRIMARY,
+            tls: self.server_tls.read().unwrap().clone(),
         };
         let settings = PoolSettings {
             size: cfg.pool_size_for(&key.user),
@@ -416,4 +444,15 @@ pub fn bind_reuseport(addr: &str) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     // A deep accept queue: a connection storm waits in it instead of being dropped.
     socket.listen(4096)
+}
+
+/// The client-facing TLS of a configuration (None when disabled).
+fn load_tls(cfg: &Config) -> Result<Option<Arc<crate::tls::ServerTls>>, String> {
+    if cfg.listen.tls_mode() == crate::config::TlsMode::Disable {
+        return Ok(None);
+    }
+    match (&cfg.listen.tls_cert, &cfg.listen.tls_key) {
+        (Some(c), Some(k)) => crate::tls::ServerTls::load(c, k).map(|t| Some(Arc::new(t))),
+        _ => Err("listen.tls_mode needs listen.tls_cert and listen.tls_key".into()),
+    }
 }

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use crate::net::Stream;
 
 pub fn is_admin_database(db: &str) -> bool {
     db == "pgfleet" || db == "pgbouncer"
@@ -52,7 +52,7 @@ impl Table {
 }
 
 /// Serves one admin console session until the client leaves.
-pub async fn serve(app: Arc<App>, mut stream: TcpStream, login: Login) {
+pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
     let mut out = BytesMut::new();
     for (k, v) in [
         ("server_version", "15.0"),
@@ -106,7 +106,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, login: Login) {
     }
 }
 
-async fn read_message(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<(u8, bytes::Bytes)> {
+async fn read_message(stream: &mut Stream, buf: &mut BytesMut) -> Option<(u8, bytes::Bytes)> {
     loop {
         match wire::split_message(buf, 1 << 20) {
             Ok(Some(m)) => return Some(m),

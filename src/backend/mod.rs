@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::net::Stream;
 use tokio::net::TcpStream;
 
 /// Largest message accepted from a server during startup.
@@ -96,6 +97,8 @@ pub struct ConnectSpec {
     pub connect_timeout: Duration,
     /// Refuse a server that reports `in_hot_standby = on` (writes go here).
     pub require_primary: bool,
+    /// `cluster.server_tls_mode` (None: plaintext).
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -104,7 +107,7 @@ pub struct ServerConn {
     pub id: u64,
     /// The pool's target epoch when opened (a failover moves the target).
     pub epoch: u64,
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub peer: SocketAddr,
     pub backend_pid: i32,
     pub backend_secret: i32,
@@ -136,9 +139,13 @@ impl ServerConn {
     }
 
     async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, BackendError> {
-        let mut stream = TcpStream::connect(&spec.addr).await?;
-        stream.set_nodelay(true)?;
-        let peer = stream.peer_addr()?;
+        let tcp = TcpStream::connect(&spec.addr).await?;
+        tcp.set_nodelay(true)?;
+        let peer = tcp.peer_addr()?;
+        let mut stream = match &spec.tls {
+            Some(tls) => Self::start_tls(tcp, tls, &spec.addr).await?,
+            None => Stream::Tcp(tcp),
+        };
         let mut buf = BytesMut::with_capacity(512);
         startup::startup_message(
             &mut buf,
@@ -259,6 +266,29 @@ impl ServerConn {
             }
         }
         Ok(())
+    }
+
+    /// SSLRequest, then TLS if the server agrees (required unless "prefer").
+    async fn start_tls(mut tcp: TcpStream, tls: &crate::tls::ClientTls, addr: &str) -> Result<Stream, BackendError> {
+        use crate::config::ServerTlsMode;
+        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {
+                let name = crate::tls::ClientTls::server_name(addr).map_err(BackendError::Auth)?;
+                let local = tcp.local_addr()?;
+                let session = tls
+                    .connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| BackendError::Auth(format!("TLS handshake with the server failed: {e}")))?;
+                Ok(Stream::tunnel(session, local)?)
+            }
+            b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Tcp(tcp)),
+            b'N' => Err(BackendError::Auth("the server does not accept TLS (cluster.server_tls_mode)".into())),
+            _ => Err(BackendError::Protocol("unexpected answer to SSLRequest".into())),
+        }
     }
 
     /// Reads one whole message (used outside the relay's data path).

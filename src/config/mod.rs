@@ -43,9 +43,16 @@ pub struct Listen {
     pub max_client_conn: usize,
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
-    pub tls_mode: TlsMode,
+    /// Default: "prefer" when tls_cert/tls_key are set, else "disable".
+    pub tls_mode: Option<TlsMode>,
     /// Largest message a client may send; larger ones get 08P01.
     pub max_message_size: Size,
+}
+
+impl Listen {
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls_mode.unwrap_or(if self.tls_cert.is_some() { TlsMode::Prefer } else { TlsMode::Disable })
+    }
 }
 
 impl Default for Listen {
@@ -55,7 +62,7 @@ impl Default for Listen {
             max_client_conn: 10_000,
             tls_cert: None,
             tls_key: None,
-            tls_mode: TlsMode::Disable,
+            tls_mode: None,
             max_message_size: Size(64 << 20),
         }
     }
@@ -235,6 +242,8 @@ pub struct Cluster {
     pub primary: String,
     pub lag_check_interval: Dur,
     pub server_tls_mode: ServerTlsMode,
+    /// PEM file of the CAs server certificates must chain to (verify-full).
+    pub server_tls_ca: Option<String>,
     pub replicas: Vec<Replica>,
     pub groups: Vec<Group>,
     /// Who the lag monitor connects as (default: the first [[users]] entry
@@ -253,6 +262,7 @@ impl Default for Cluster {
             primary: "127.0.0.1:5432".into(),
             lag_check_interval: Dur::millis(100),
             server_tls_mode: ServerTlsMode::Disable,
+            server_tls_ca: None,
             replicas: vec![],
             groups: vec![],
             health_user: None,

@@ -63,8 +63,18 @@ impl Config {
             }
             _ => {}
         }
-        if self.listen.tls_mode != TlsMode::Disable {
-            p.push("listen.tls_mode: client TLS is not implemented yet; use \"disable\"".into());
+        if self.listen.tls_mode() != TlsMode::Disable {
+            match (&self.listen.tls_cert, &self.listen.tls_key) {
+                (Some(c), Some(k)) => {
+                    if let Err(e) = crate::tls::ServerTls::load(c, k) {
+                        p.push(e);
+                    }
+                }
+                _ => p.push("listen.tls_mode: TLS needs listen.tls_cert and listen.tls_key".into()),
+            }
+        }
+        if let Err(e) = crate::tls::ClientTls::new(self.cluster.server_tls_mode, self.cluster.server_tls_ca.as_deref()) {
+            p.push(e);
         }
         if let Some(m) = &self.admin.metrics_addr {
             check_addr(&mut p, "admin.metrics_addr", m);

@@ -40,23 +40,55 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     tracing::info!("stopped accepting new clients");
 }
 
-async fn fatal(stream: &mut TcpStream, code: &str, message: &str) {
+async fn fatal(stream: &mut (impl tokio::io::AsyncWrite + Unpin), code: &str, message: &str) {
     let mut out = BytesMut::new();
     build::error_response(&mut out, "FATAL", code, message);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&out)).await;
 }
 
-async fn handle_client(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
     let Some(_guard) = app.admit_client() else {
-        fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
+        fatal(&mut tcp, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
         return;
     };
     let mut buf = BytesMut::new();
     let limit = app.config().timeouts.startup.0;
+    let deadline = tokio::time::Instant::now() + limit;
+    let tls = app.tls();
+    let wants_tls = match tokio::time::timeout_at(deadline, startup::negotiate(&mut tcp, &mut buf, tls.is_some())).await {
+        Err(_) => {
+            fatal(&mut tcp, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
+            return;
+        }
+        Ok(Ok(w)) => w,
+        Ok(Err(StartupError::Gone)) => return,
+        Ok(Err(StartupError::Fatal { code, message })) => {
+            fatal(&mut tcp, code, &message).await;
+            return;
+        }
+    };
+    let (mut stream, end_point) = match (wants_tls, tls) {
+        (true, Some(tls)) => {
+            let local = tcp.local_addr().unwrap_or(peer);
+            match tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await {
+                Ok(Ok(session)) => match crate::net::Stream::tunnel(session, local) {
+                    Ok(s) => (s, Some(tls.end_point.clone())),
+                    Err(_) => return,
+                },
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "client TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        _ => (crate::net::Stream::Tcp(tcp), None),
+    };
     // Boxed: the startup state machine is large and only lives during login;
     // inline, it would stay part of every idle client's task.
-    let login = match tokio::time::timeout(limit, Box::pin(startup::handshake(&app, &mut stream, &mut buf))).await {
+    let handshake = startup::handshake(&app, &mut stream, &mut buf, end_point.as_deref());
+    let login = match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
         Err(_) => {
             fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
             return;
@@ -78,7 +110,7 @@ async fn handle_client(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     Box::pin(serve(app, stream, buf, login, peer)).await;
 }
 
-async fn serve(app: Arc<App>, mut stream: TcpStream, leftover: BytesMut, login: Login, peer: SocketAddr) {
+async fn serve(app: Arc<App>, mut stream: crate::net::Stream, leftover: BytesMut, login: Login, peer: SocketAddr) {
     let workload = match resolve_workload(&app, &login) {
         Ok(w) => w,
         Err(message) => {

@@ -10,7 +10,7 @@ use crate::wire::startup::{parse_startup, StartupPacket};
 use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use crate::net::Stream;
 
 /// Largest message accepted during authentication.
 const MAX_AUTH_MSG: usize = 10_000;
@@ -41,8 +41,48 @@ pub struct Login {
     pub params: Vec<(String, String)>,
 }
 
+/// Answers SSLRequest/GSSENCRequest on a fresh connection: true when the
+/// client asked for TLS and we agreed ('S'; the TLS handshake follows).
+/// Anything else is left in `buf` for `handshake`.
+pub async fn negotiate(tcp: &mut tokio::net::TcpStream, buf: &mut BytesMut, tls_available: bool) -> Result<bool, StartupError> {
+    use crate::wire::startup::{GSSENC_REQUEST, SSL_REQUEST};
+    use bytes::Buf;
+    loop {
+        while buf.len() < 8 {
+            if tcp.read_buf(buf).await? == 0 {
+                return Err(StartupError::Gone);
+            }
+        }
+        let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let code = i32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        if len != 8 || !(code == SSL_REQUEST || code == GSSENC_REQUEST) {
+            return Ok(false);
+        }
+        buf.advance(8);
+        if code == SSL_REQUEST && tls_available {
+            if !buf.is_empty() {
+                // Bytes sent before the TLS handshake would be trusted as if
+                // they came through it (CVE-2021-23214): refuse.
+                return Err(StartupError::Fatal {
+                    code: sqlstate::PROTOCOL_VIOLATION,
+                    message: "received unencrypted data after SSL request".into(),
+                });
+            }
+            tcp.write_all(b"S").await?;
+            return Ok(true);
+        }
+        tcp.write_all(b"N").await?;
+    }
+}
+
 /// Runs the startup phase. `Ok(None)` for a handled CancelRequest.
-pub async fn handshake(app: &App, stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<Login>, StartupError> {
+/// `channel_binding`: tls-server-end-point data when the client uses TLS.
+pub async fn handshake(
+    app: &App,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    channel_binding: Option<&[u8]>,
+) -> Result<Option<Login>, StartupError> {
     let params = loop {
         match read_startup(stream, buf).await? {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
@@ -53,6 +93,12 @@ pub async fn handshake(app: &App, stream: &mut TcpStream, buf: &mut BytesMut) ->
             StartupPacket::Startup { params } => break params,
         }
     };
+    if !stream.is_tls() && app.config().listen.tls_mode() == crate::config::TlsMode::Require {
+        return Err(StartupError::Fatal {
+            code: sqlstate::INVALID_AUTHORIZATION,
+            message: "pgfleet requires TLS (listen.tls_mode = \"require\"): connect with sslmode=require".into(),
+        });
+    }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let user = get("user").filter(|u| !u.is_empty()).ok_or(StartupError::Fatal {
         code: sqlstate::INVALID_AUTHORIZATION,
@@ -65,7 +111,7 @@ pub async fn handshake(app: &App, stream: &mut TcpStream, buf: &mut BytesMut) ->
         });
     }
     let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    authenticate(app, stream, buf, &user).await?;
+    authenticate(app, stream, buf, &user, channel_binding).await?;
     if crate::admin::is_admin_database(&database) {
         if !app.config().admin.users.contains(&user) {
             return Err(StartupError::Fatal {
@@ -84,7 +130,7 @@ pub async fn handshake(app: &App, stream: &mut TcpStream, buf: &mut BytesMut) ->
     Ok(Some(Login { user, database, params }))
 }
 
-async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<StartupPacket, StartupError> {
+async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<StartupPacket, StartupError> {
     loop {
         if let Some(p) = parse_startup(buf)? {
             return Ok(p);
@@ -96,7 +142,7 @@ async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Star
 }
 
 /// Reads one PasswordMessage-family ('p') message and returns its body.
-async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, StartupError> {
+async fn read_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<Bytes, StartupError> {
     loop {
         if let Some((tag, msg)) = wire::split_message(buf, MAX_AUTH_MSG)? {
             if tag != b'p' {
@@ -117,7 +163,13 @@ fn auth_failed(user: &str) -> StartupError {
     }
 }
 
-async fn authenticate(app: &App, stream: &mut TcpStream, buf: &mut BytesMut, user: &str) -> Result<(), StartupError> {
+async fn authenticate(
+    app: &App,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    cb: Option<&[u8]>,
+) -> Result<(), StartupError> {
     let method = app.config().auth.method;
     let secret = app.secret(user);
     match (method, secret) {
@@ -128,12 +180,12 @@ async fn authenticate(app: &App, stream: &mut TcpStream, buf: &mut BytesMut, use
             md5_exchange(stream, buf, &md5_verifier(user, &password), user).await?
         }
         (_, Some(Secret::Plain { scram, .. })) | (_, Some(Secret::Scram(scram))) => {
-            scram_exchange(stream, buf, &scram, user).await?
+            scram_exchange(stream, buf, &scram, user, cb).await?
         }
         // Unknown user: run the exchange against a dummy verifier so the
         // answer does not reveal which user names exist.
         (_, None) => {
-            scram_exchange(stream, buf, &app.dummy_verifier, user).await?;
+            scram_exchange(stream, buf, &app.dummy_verifier, user, cb).await?;
             return Err(auth_failed(user));
         }
     }
@@ -143,7 +195,7 @@ async fn authenticate(app: &App, stream: &mut TcpStream, buf: &mut BytesMut, use
     Ok(())
 }
 
-async fn md5_exchange(stream: &mut TcpStream, buf: &mut BytesMut, verifier: &str, user: &str) -> Result<(), StartupError> {
+async fn md5_exchange(stream: &mut Stream, buf: &mut BytesMut, verifier: &str, user: &str) -> Result<(), StartupError> {
     let salt: [u8; 4] = rand::random();
     let mut out = BytesMut::new();
     build::auth_md5(&mut out, salt);
@@ -158,19 +210,32 @@ async fn md5_exchange(stream: &mut TcpStream, buf: &mut BytesMut, verifier: &str
 }
 
 async fn scram_exchange(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     verifier: &ScramVerifier,
     user: &str,
+    cb: Option<&[u8]>,
 ) -> Result<(), StartupError> {
     let mut out = BytesMut::new();
-    build::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    // With TLS, channel binding is offered first (as PostgreSQL does).
+    let offered: &[&str] = if cb.is_some() { &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] } else { &["SCRAM-SHA-256"] };
+    build::auth_sasl(&mut out, offered);
     stream.write_all(&out).await?;
     let body = read_password(stream, buf).await?;
     let mut r = wire::Reader::new(&body);
     let mechanism = r.cstr()?;
     let len = r.i32()?;
-    if mechanism != b"SCRAM-SHA-256" || len < 0 || len as usize != r.remaining() {
+    let plus = match mechanism {
+        b"SCRAM-SHA-256" => false,
+        b"SCRAM-SHA-256-PLUS" if cb.is_some() => true,
+        _ => {
+            return Err(StartupError::Fatal {
+                code: sqlstate::PROTOCOL_VIOLATION,
+                message: "SASL authentication mechanism not offered by pgfleet".into(),
+            })
+        }
+    };
+    if len < 0 || len as usize != r.remaining() {
         return Err(WireError::Malformed("bad SASLInitialResponse").into());
     }
     let scram_err = |e: AuthFailure| match e {
@@ -180,7 +245,8 @@ async fn scram_exchange(
             message: format!("invalid SCRAM exchange: {m}"),
         },
     };
-    let (state, server_first) = ScramServer::start(verifier, r.rest()).map_err(scram_err)?;
+    let binding = crate::wire::auth::Binding { plus, offered: cb.is_some(), data: cb.unwrap_or_default() };
+    let (state, server_first) = ScramServer::start(verifier, r.rest(), binding).map_err(scram_err)?;
     out.clear();
     build::auth_sasl_continue(&mut out, server_first.as_bytes());
     stream.write_all(&out).await?;

@@ -41,7 +41,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stmts::Stmt;
-use tokio::net::TcpStream;
+use crate::net::Stream;
 
 /// Stop moving client messages to the server buffer past this many bytes.
 const SOUT_HIGH: usize = 256 * 1024;
@@ -82,7 +82,7 @@ pub struct Session {
     user: String,
     database: String,
     mode: PoolMode,
-    client: TcpStream,
+    client: Stream,
     max_msg: usize,
     cin: BytesMut,
     cout: BytesMut,
@@ -195,7 +195,7 @@ impl Session {
     pub fn new(
         app: Arc<App>,
         id: ClientId,
-        client: TcpStream,
+        client: Stream,
         leftover: BytesMut,
         settings: Settings,
         cancel: Arc<CancelSlot>,

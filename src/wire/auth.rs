@@ -103,24 +103,46 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Channel binding as negotiated for one exchange.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Binding<'a> {
+    /// The client chose SCRAM-SHA-256-PLUS.
+    pub plus: bool,
+    /// We offered SCRAM-SHA-256-PLUS (the connection uses TLS).
+    pub offered: bool,
+    /// tls-server-end-point data of this connection.
+    pub data: &'a [u8],
+}
+
 /// Server side of one SCRAM-SHA-256 exchange, after the client-first message.
 pub struct ScramServer {
     verifier: ScramVerifier,
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    gs2_header: String,
+    /// What the client's c= attribute must decode to: gs2 header plus the
+    /// channel binding data when bound.
+    expected_c: Vec<u8>,
 }
 
 impl ScramServer {
     /// Consumes the client-first message; returns the state and the
     /// server-first message to send in AuthenticationSASLContinue.
-    pub fn start(verifier: &ScramVerifier, client_first: &[u8]) -> Result<(ScramServer, String), AuthFailure> {
+    pub fn start(verifier: &ScramVerifier, client_first: &[u8], cb: Binding) -> Result<(ScramServer, String), AuthFailure> {
         let msg = std::str::from_utf8(client_first).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
         let (flag, rest) = msg.split_once(',').ok_or(AuthFailure::Protocol("missing gs2 header"))?;
-        if !(flag == "n" || flag == "y") {
-            return Err(AuthFailure::Protocol("channel binding is not supported on this connection"));
+        match (flag, cb.plus) {
+            ("p=tls-server-end-point", true) => {}
+            (f, true) if f.starts_with("p=") => return Err(AuthFailure::Protocol("unsupported channel binding type")),
+            (_, true) => return Err(AuthFailure::Protocol("SCRAM-SHA-256-PLUS needs channel binding")),
+            ("n", false) => {}
+            // "y": the client could bind but thinks we cannot; if we offered
+            // PLUS, someone removed it on the way (RFC 5802 downgrade check).
+            ("y", false) if !cb.offered => {}
+            ("y", false) => return Err(AuthFailure::Protocol("channel binding was offered but the client thinks it was not (downgrade?)")),
+            (f, false) if f.starts_with("p=") => return Err(AuthFailure::Protocol("channel binding needs SCRAM-SHA-256-PLUS")),
+            _ => return Err(AuthFailure::Protocol("malformed gs2 header")),
         }
         let (authzid, bare) = rest.split_once(',').ok_or(AuthFailure::Protocol("missing gs2 header"))?;
         if !authzid.is_empty() {
@@ -140,7 +162,13 @@ impl ScramServer {
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
             nonce,
-            gs2_header: format!("{flag},{authzid},"),
+            expected_c: {
+                let mut c = format!("{flag},{authzid},").into_bytes();
+                if cb.plus {
+                    c.extend_from_slice(cb.data);
+                }
+                c
+            },
         };
         Ok((state, server_first))
     }
@@ -160,7 +188,7 @@ impl ScramServer {
             }
         }
         let channel = channel.ok_or(AuthFailure::Protocol("missing channel binding attribute"))?;
-        if B64.decode(channel).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+        if !B64.decode(channel).is_ok_and(|c| ct_eq(&c, &self.expected_c)) {
             return Err(AuthFailure::Protocol("channel binding data does not match"));
         }
         if nonce != Some(self.nonce.as_str()) {

@@ -98,7 +98,7 @@ fn scram_exchange_verifies_password() {
             pw,
             postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
         );
-        let (server, first) = ScramServer::start(&verifier, client.message()).unwrap();
+        let (server, first) = ScramServer::start(&verifier, client.message(), Default::default()).unwrap();
         client.update(first.as_bytes()).unwrap();
         let result = server.finish(client.message());
         assert_eq!(result.is_ok(), ok);
@@ -133,4 +133,33 @@ proptest! {
         let _ = startup::parse_startup(&mut b);
         let _ = startup::parse_options(&String::from_utf8_lossy(&data));
     }
+}
+
+#[test]
+fn scram_channel_binding() {
+    use crate::wire::auth::{Binding, ScramServer, ScramVerifier};
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let verifier = ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"secret")).unwrap();
+    let ours = [7u8; 32];
+    let plus = Binding { plus: true, offered: true, data: &ours };
+    // Bound to the same end point: accepted.
+    let mut client = ScramSha256::new(b"secret", ChannelBinding::tls_server_end_point(ours.to_vec()));
+    let (server, first) = ScramServer::start(&verifier, client.message(), plus).unwrap();
+    client.update(first.as_bytes()).unwrap();
+    let fin = server.finish(client.message()).unwrap();
+    client.finish(fin.as_bytes()).unwrap();
+    // Bound to another certificate (a man in the middle): refused.
+    let mut client = ScramSha256::new(b"secret", ChannelBinding::tls_server_end_point(vec![9u8; 32]));
+    let (server, first) = ScramServer::start(&verifier, client.message(), plus).unwrap();
+    client.update(first.as_bytes()).unwrap();
+    assert!(server.finish(client.message()).is_err());
+    // "y" (client could bind, thinks we cannot) while we offered PLUS: downgrade.
+    let client = ScramSha256::new(b"secret", ChannelBinding::unrequested());
+    let offered = Binding { plus: false, offered: true, data: &ours };
+    assert!(ScramServer::start(&verifier, client.message(), offered).is_err());
+    // Plain SCRAM without binding still works on a TLS connection.
+    let mut client = ScramSha256::new(b"secret", ChannelBinding::unsupported());
+    let (server, first) = ScramServer::start(&verifier, client.message(), offered).unwrap();
+    client.update(first.as_bytes()).unwrap();
+    assert!(server.finish(client.message()).is_ok());
 }

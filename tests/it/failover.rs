@@ -151,7 +151,9 @@ async fn replica_killed_under_pgbench_loses_no_transaction() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     wait_replicas_usable(&p).await;
 
-    let run = tokio::task::spawn_blocking(move || pgbench(&["-S", "-c", "20", "-j", "2", "-T", "20"]));
+    // Rate-limited (-R) so the rest of the suite keeps some CPU; 20 clients
+    // still have statements in flight when the replica dies.
+    let run = tokio::task::spawn_blocking(move || pgbench(&["-S", "-c", "20", "-j", "2", "-T", "20", "-R", "3000"]));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let c2 = c.clone();
     tokio::task::spawn_blocking(move || {

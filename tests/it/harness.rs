@@ -148,7 +148,19 @@ impl Cluster {
         pg_cmd(&self.bindir.join("pg_ctl")).args(args).arg("-D").arg(self.data(name)).output().unwrap()
     }
 
+    /// The test CA's certificate (it signed the servers' certificate, for
+    /// 127.0.0.1 and localhost).
+    #[allow(dead_code)]
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.crt")
+    }
+
     fn init_primary(&self) {
+        let tls = self.dir.join("tls");
+        make_certs(&tls, "server");
+        if is_root() {
+            check(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&tls).output().unwrap(), "chown tls");
+        }
         let data = self.data("primary");
         let out = pg_cmd(&self.bindir.join("initdb"))
             .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "-D"])
@@ -160,9 +172,10 @@ impl Cluster {
             "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\nmax_connections = 400\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n\
-             wal_keep_size = '256MB'\n",
+             wal_keep_size = '256MB'\nssl = on\nssl_cert_file = '{tls}/server.crt'\nssl_key_file = '{tls}/server.key'\n",
             self.primary,
-            self.dir.display()
+            self.dir.display(),
+            tls = tls.display()
         );
         append(&data.join("postgresql.conf"), &conf);
         let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
@@ -238,6 +251,30 @@ impl Cluster {
             .parse()
             .unwrap()
     }
+}
+
+/// A fresh CA in `dir` (ca.crt, ca.key) and a certificate it signed for
+/// 127.0.0.1/localhost (`<name>.crt`, `<name>.key`), with openssl.
+pub fn make_certs(dir: &Path, name: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        check(out, &format!("openssl {args:?}"));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "3", "-keyout", "ca.key", "-out", "ca.crt", "-subj"];
+    let subject = format!("/CN=pgfleet test CA {}", dir.file_name().unwrap().to_string_lossy());
+    ca.push(&subject);
+    ca.extend_from_slice(&ec);
+    openssl(&ca);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+    let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+    let mut req = vec!["req", "-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"];
+    req.extend_from_slice(&ec);
+    openssl(&req);
+    openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "3", "-out", &crt, "-extfile", "ext.cnf"]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn append(path: &Path, text: &str) {

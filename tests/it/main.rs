@@ -19,3 +19,4 @@ mod psql;
 mod session_state;
 mod storm;
 mod timeouts;
+mod tls;

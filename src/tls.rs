@@ -1,0 +1,149 @@
+//! TLS with rustls (ring): the client-facing acceptor (certificate and key
+//! re-read on every reload) and the server-facing connector
+//! (`cluster.server_tls_mode`), plus the `tls-server-end-point` channel
+//! binding data for SCRAM-SHA-256-PLUS.
+
+use crate::config::ServerTlsMode;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::Digest;
+use std::sync::Arc;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Client-facing TLS: the acceptor and the certificate's channel binding.
+pub struct ServerTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// tls-server-end-point (RFC 5929): hash of our certificate.
+    pub end_point: Vec<u8>,
+}
+
+impl ServerTls {
+    /// Loads a PEM certificate chain and private key.
+    pub fn load(cert_path: &str, key_path: &str) -> Result<ServerTls, String> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+            .map_err(|e| format!("listen.tls_cert {cert_path}: {e}"))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("listen.tls_cert {cert_path}: {e}"))?;
+        let first = certs.first().ok_or_else(|| format!("listen.tls_cert {cert_path}: no certificate in the file"))?;
+        let end_point = end_point_hash(first.as_ref());
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| format!("listen.tls_key {key_path}: {e}"))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("listen.tls_cert/tls_key: {e}"))?;
+        Ok(ServerTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), end_point })
+    }
+}
+
+/// RFC 5929 tls-server-end-point: the certificate hashed with its
+/// signature's hash function, SHA-256 for MD5/SHA-1/SHA-256.
+pub fn end_point_hash(der: &[u8]) -> Vec<u8> {
+    // The outer signatureAlgorithm is the last AlgorithmIdentifier; look
+    // for SHA-384/512 signature OIDs (RSA PKCS#1, RSA-PSS is rare here, ECDSA).
+    const SHA384: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c],
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],
+    ];
+    const SHA512: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d],
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],
+    ];
+    let tail = &der[der.len().saturating_sub(600)..];
+    let has = |oids: [&[u8]; 2]| oids.iter().any(|o| tail.windows(o.len()).any(|w| w == *o));
+    if has(SHA512) {
+        sha2::Sha512::digest(der).to_vec()
+    } else if has(SHA384) {
+        sha2::Sha384::digest(der).to_vec()
+    } else {
+        sha2::Sha256::digest(der).to_vec()
+    }
+}
+
+/// Server-facing TLS settings for one configuration.
+pub struct ClientTls {
+    pub mode: ServerTlsMode,
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl ClientTls {
+    /// `ca`: PEM file of trusted roots, required for verify-full.
+    pub fn new(mode: ServerTlsMode, ca: Option<&str>) -> Result<Option<Arc<ClientTls>>, String> {
+        if mode == ServerTlsMode::Disable {
+            return Ok(None);
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let config = if mode == ServerTlsMode::VerifyFull {
+            let path = ca.ok_or("cluster.server_tls_mode = \"verify-full\" needs cluster.server_tls_ca")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))? {
+                let cert = cert.map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))?;
+                roots.add(cert).map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        } else {
+            // prefer / require: encrypted, the server's identity not checked
+            // (like libpq's sslmode=require).
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+                .with_no_client_auth()
+        };
+        Ok(Some(Arc::new(ClientTls { mode, connector: tokio_rustls::TlsConnector::from(Arc::new(config)) })))
+    }
+
+    /// The name a server certificate must carry: the host part of `addr`.
+    pub fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))
+    }
+}
+
+/// Accepts any server certificate (sslmode=require semantics); the
+/// handshake signatures are still checked.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
