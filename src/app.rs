@@ -31,6 +31,8 @@ pub struct App {
     tls: RwLock<Option<Arc<crate::tls::ServerTls>>>,
     /// Server-facing TLS of `config`.
     server_tls: RwLock<Option<Arc<crate::tls::ClientTls>>>,
+    /// Failed logins per client address: (count, window start).
+    failed_logins: Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
     limits: RwLock<Arc<crate::limits::Limits>>,
     /// Replicas, groups and the lag snapshot; replaced when a reload changes them.
@@ -100,6 +102,7 @@ impl App {
                     None
                 }),
             ),
+            failed_logins: Mutex::new(HashMap::new()),
             limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
@@ -129,6 +132,33 @@ impl App {
     /// The client-facing TLS acceptor, unless TLS is disabled.
     pub fn tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
         self.tls.read().unwrap().clone()
+    }
+
+    /// Seconds until `ip` may try to log in again, if it failed too often.
+    pub fn login_blocked(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let cfg = self.config();
+        let (max, window) = (cfg.auth.max_failed_logins, cfg.auth.failed_login_window.0);
+        if max == 0 {
+            return None;
+        }
+        let map = self.failed_logins.lock().unwrap();
+        let (count, since) = map.get(&ip)?;
+        let left = window.saturating_sub(since.elapsed());
+        (*count >= max && !left.is_zero()).then(|| left.as_secs().max(1))
+    }
+
+    /// Counts a failed login from `ip`.
+    pub fn login_failed(&self, ip: std::net::IpAddr) {
+        let window = self.config().auth.failed_login_window.0;
+        let mut map = self.failed_logins.lock().unwrap();
+        if map.len() > 100_000 {
+            map.retain(|_, (_, since)| since.elapsed() < window);
+        }
+        let e = map.entry(ip).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() >= window {
+            *e = (0, std::time::Instant::now());
+        }
+        e.0 += 1;
     }
 
     pub fn limits(&self) -> Arc<crate::limits::Limits> {

@@ -191,10 +191,20 @@ pub enum AuthMethod {
     Trust,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthCfg {
     pub method: AuthMethod,
+    /// Failed logins allowed per client address within `failed_login_window`;
+    /// then that address is refused (28000) until the window passes. 0 = off.
+    pub max_failed_logins: u32,
+    pub failed_login_window: Dur,
+}
+
+impl Default for AuthCfg {
+    fn default() -> Self {
+        AuthCfg { method: AuthMethod::default(), max_failed_logins: 20, failed_login_window: Dur::secs(60) }
+    }
 }
 
 #[derive(Clone, Deserialize, Default)]

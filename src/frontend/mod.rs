@@ -52,6 +52,12 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
         fatal(&mut tcp, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
         return;
     };
+    if let Some(secs) = app.login_blocked(peer.ip()) {
+        let message = format!("too many failed login attempts from {}; try again in {secs} s (auth.max_failed_logins)", peer.ip());
+        tracing::warn!("{message}");
+        fatal(&mut tcp, sqlstate::INVALID_AUTHORIZATION, &message).await;
+        return;
+    }
     let mut buf = BytesMut::new();
     let limit = app.config().timeouts.startup.0;
     let deadline = tokio::time::Instant::now() + limit;
@@ -97,6 +103,9 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(None)) | Ok(Err(StartupError::Gone)) => return,
         Ok(Err(StartupError::Fatal { code, message })) => {
             tracing::info!(sqlstate = code, error = %message, "client login refused");
+            if code == sqlstate::INVALID_PASSWORD {
+                app.login_failed(peer.ip());
+            }
             fatal(&mut stream, code, &message).await;
             return;
         }

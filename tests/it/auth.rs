@@ -68,3 +68,19 @@ impl WithMax for pgfleet::config::Config {
         self
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_rate_limited_per_source() {
+    let p = start(config("size = 1", "[auth]\nmax_failed_logins = 3\nfailed_login_window = \"1s\"")).await;
+    for _ in 0..3 {
+        let e = connect_with(&conn_str(&p, "app", "wrong", "app")).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "28P01");
+    }
+    // Now even the right password is refused, before any exchange.
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28000");
+    assert!(format!("{e:?}").contains("too many failed login attempts"), "{e:?}");
+    // The window passes: logins work again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    connect(&p).await.simple_query("SELECT 1").await.unwrap();
+}
