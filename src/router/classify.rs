@@ -85,7 +85,8 @@ fn is_word(t: Option<&Tok>, w: &str) -> bool {
 }
 
 fn word_is_write_function(name: &str, extra: &[String]) -> bool {
-    let lower_starts = |p: &str| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p);
+    // Byte-wise: a multi-byte character at the boundary must not panic.
+    let lower_starts = |p: &str| name.as_bytes().get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()));
     WRITE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name))
         || lower_starts("pg_advisory_")
         || lower_starts("pg_try_advisory_")

@@ -267,3 +267,23 @@ fn transactions_and_hints() {
     assert_eq!(classify("RESET pgfleet.workload", &[]).proxy_set, Some(("workload".into(), None)));
     assert_eq!(classify("SHOW pgfleet.workload", &[]).proxy_show.as_deref(), Some("workload"));
 }
+
+/// Found by `cargo fuzz run classify`: a multi-byte character right where a
+/// function-name prefix check sliced the name.
+#[test]
+fn non_ascii_function_names_do_not_panic() {
+    assert_eq!(classify("EXPLAIN ANALYZE INSERT fO\u{df}t(3)", &[]).class, W);
+    assert_eq!(classify("SELECT l\u{e9}(1), pg\u{e9}_x(2)", &[]).class, R);
+    // An E'' string ending in a backslash at the very end of the input.
+    let _ = classify("SELECT $$ ; /*OP $$COPY tBEGIN RDAD ONLval(, E'\\", &[]);
+    let _ = classify("SELECT E'\\", &[]);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    /// Any text classifies without panicking.
+    #[test]
+    fn classify_never_panics(sql in "\\PC{0,200}") {
+        let _ = classify(&sql, &["f".to_string()]);
+    }
+}

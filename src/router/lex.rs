@@ -76,7 +76,8 @@ impl<'a> Lexer<'a> {
         while self.pos < self.b.len() {
             let c = self.b[self.pos];
             if backslash && c == b'\\' {
-                self.pos += 2;
+                // Never past the end: a trailing backslash ends the input.
+                self.pos = (self.pos + 2).min(self.b.len());
                 continue;
             }
             if c == q {
