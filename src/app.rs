@@ -318,6 +318,7 @@ impl App {
             password,
             database: db.server_name().to_string(),
             interval: cfg.cluster.lag_check_interval.0,
+            tls: self.server_tls.read().unwrap().clone(),
         })
     }
 

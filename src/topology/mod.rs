@@ -225,6 +225,8 @@ pub struct MonitorSpec {
     pub password: Option<String>,
     pub database: String,
     pub interval: Duration,
+    /// `cluster.server_tls_mode` (None: plaintext).
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 mod monitor;

@@ -118,6 +118,22 @@ async fn server_tls_verify_full_require_and_a_wrong_ca() {
     let p = start(cfg).await;
     assert_eq!(server_ssl(&p).await, "true");
 
+    // The monitor's connections use TLS too.
+    let mut cfg = config("size = 2", &routing_extra("10s", "off"));
+    cfg.cluster.server_tls_mode = pgfleet::config::ServerTlsMode::VerifyFull;
+    cfg.cluster.server_tls_ca = Some(c.ca_cert().display().to_string());
+    cfg.cluster.health_user = Some("md5user".into()); // only this test's monitor
+    let p = start(cfg).await;
+    wait_replicas_usable(&p).await;
+    let ssl = tokio::task::block_in_place(|| {
+        c.psql_admin(
+            "SELECT string_agg(s.ssl::text, ',') FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'pgfleet-monitor' AND a.usename = 'md5user'",
+        )
+    });
+    assert_eq!(ssl, "true", "the monitor's connection to the primary uses TLS");
+    drop(p);
+
     let mut cfg = config("size = 2", "");
     cfg.cluster.server_tls_mode = pgfleet::config::ServerTlsMode::Require;
     let p = start(cfg).await;
