@@ -1,12 +1,11 @@
-//! Classifier microbenchmark (no external harness): ns per call for typical
+//! Classifier microbenchmarks (criterion): time per call for typical
 //! statements. Run: `cargo bench --bench classify`. Target: < 300 ns for a
 //! typical 100-byte SELECT.
 
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use pgfleet::router::classify;
-use std::hint::black_box;
-use std::time::Instant;
 
-fn main() {
+fn classify_bench(c: &mut Criterion) {
     let cases = [
         ("pgbench -S", "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;"),
         (
@@ -19,15 +18,12 @@ fn main() {
         ("SET", "SET search_path TO app, public"),
     ];
     let extra: Vec<String> = Vec::new();
+    let mut g = c.benchmark_group("classify");
     for (name, sql) in cases {
-        let iters = 1_000_000u32;
-        for _ in 0..iters / 10 {
-            black_box(classify(black_box(sql), &extra));
-        }
-        let t = Instant::now();
-        for _ in 0..iters {
-            black_box(classify(black_box(sql), &extra));
-        }
-        println!("{name:20} {:4} bytes {:8.1} ns/call", sql.len(), t.elapsed().as_nanos() as f64 / iters as f64);
+        g.bench_function(format!("{name} ({} bytes)", sql.len()), |b| b.iter(|| black_box(classify(black_box(sql), &extra))));
     }
+    g.finish();
 }
+
+criterion_group!(benches, classify_bench);
+criterion_main!(benches);

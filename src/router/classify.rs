@@ -98,20 +98,34 @@ fn word_is_write_function(name: &str, extra: &[String]) -> bool {
 pub fn classify(sql: &str, write_functions: &[String]) -> Analysis {
     let mut a = Analysis { class: Class::Read, ..Analysis::default() };
     let mut lx = Lexer::new(sql);
-    let mut toks: Vec<Tok> = Vec::with_capacity(32);
+    // Tokens of one statement: on the stack, spilling to the heap only for
+    // statements longer than STACK_TOKENS (no allocation in the common case).
+    const STACK_TOKENS: usize = 48;
+    let mut stack = [Tok::Semi; STACK_TOKENS];
+    let mut heap: Vec<Tok> = Vec::new();
     loop {
-        toks.clear();
+        let mut n = 0;
+        heap.clear();
         let mut end = true;
         for t in lx.by_ref() {
             if t == Tok::Semi {
                 end = false;
                 break;
             }
-            toks.push(t);
+            if n < STACK_TOKENS {
+                stack[n] = t;
+            } else {
+                if n == STACK_TOKENS {
+                    heap.extend_from_slice(&stack);
+                }
+                heap.push(t);
+            }
+            n += 1;
         }
-        if !toks.is_empty() {
+        if n > 0 {
             a.statements += 1;
-            statement(&toks, write_functions, &mut a);
+            let toks = if n <= STACK_TOKENS { &stack[..n] } else { &heap[..] };
+            statement(toks, write_functions, &mut a);
         }
         if end {
             break;
