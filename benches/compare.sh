@@ -5,6 +5,7 @@
 # Prints medians and ratios. Usage:
 #   benches/compare.sh                 # full run (ROUNDS=3, DURATION=5)
 #   ROUNDS=3 DURATION=3 CASES="S-simple-1 S-simple-50" benches/compare.sh
+#   IDLE_CLIENTS=0 skips the idle-RSS measurement; FLEET_WORKERS=1 runs pgfleet single-threaded.
 # Needs root or sudo for apt (PostgreSQL, pgbouncer) when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -204,9 +205,12 @@ PY
   kill $py 2>/dev/null; wait $py 2>/dev/null || true
   awk -v a="$after" -v b="$before" -v n="$IDLE_CLIENTS" 'BEGIN {printf "%.2f", (a - b) / n}'
 }
-echo "== RSS per idle client ($IDLE_CLIENTS connections each)" >&2
-rss_bouncer=$(idle_rss "$bouncer_port" "$bouncer_pid")
-rss_fleet=$(idle_rss "$fleet_port" "$fleet_pid")
+rss_bouncer=- rss_fleet=-
+if [ "$IDLE_CLIENTS" -gt 0 ]; then
+  echo "== RSS per idle client ($IDLE_CLIENTS connections each)" >&2
+  rss_bouncer=$(idle_rss "$bouncer_port" "$bouncer_pid")
+  rss_fleet=$(idle_rss "$fleet_port" "$fleet_pid")
+fi
 
 python3 - "$out" "$rss_bouncer" "$rss_fleet" <<'PY'
 import sys, statistics, collections

@@ -34,6 +34,14 @@ impl Stream {
         }
     }
 
+    /// Waits for any of `interest` (one future for both directions).
+    pub async fn ready(&self, interest: tokio::io::Interest) -> io::Result<tokio::io::Ready> {
+        match self {
+            Stream::Tcp(s) => s.ready(interest).await,
+            Stream::Tunnel { inner, .. } => inner.ready(interest).await,
+        }
+    }
+
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_read_buf(buf),

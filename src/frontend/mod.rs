@@ -116,15 +116,29 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
         Box::pin(crate::admin::serve(app, stream, login)).await;
         return;
     }
-    Box::pin(serve(app, stream, buf, login, peer)).await;
+    // The session runs in a task of its own, sized for the relay only: this
+    // task's login state (TLS, SCRAM, ...) is freed instead of being carried
+    // by every idle client.
+    if let Some(session) = Box::pin(prepare(app, stream, buf, login, peer, _guard)).await {
+        tokio::spawn(session.instrument(tracing::Span::current()));
+    }
 }
 
-async fn serve(app: Arc<App>, mut stream: crate::net::Stream, leftover: BytesMut, login: Login, peer: SocketAddr) {
+/// Finishes the login (server parameters, BackendKeyData, ReadyForQuery)
+/// and returns the session's future; None when the client cannot be served.
+async fn prepare(
+    app: Arc<App>,
+    mut stream: crate::net::Stream,
+    leftover: BytesMut,
+    login: Login,
+    peer: SocketAddr,
+    guard: crate::app::ClientGuard,
+) -> Option<impl std::future::Future<Output = ()> + Send> {
     let workload = match resolve_workload(&app, &login) {
         Ok(w) => w,
         Err(message) => {
             fatal(&mut stream, sqlstate::UNDEFINED_OBJECT, &message).await;
-            return;
+            return None;
         }
     };
     let pool = app.pool(&login.database, &login.user, Target::Primary, &app.topology());
@@ -136,7 +150,7 @@ async fn serve(app: Arc<App>, mut stream: crate::net::Stream, leftover: BytesMut
                 _ => sqlstate::TOO_MANY_CONNECTIONS.to_string(),
             };
             fatal(&mut stream, &code, &e.to_string()).await;
-            return;
+            return None;
         }
     };
     let settings = client_settings(&server_params, &login.params);
@@ -149,7 +163,7 @@ async fn serve(app: Arc<App>, mut stream: crate::net::Stream, leftover: BytesMut
     build::backend_key_data(&mut out, key.pid, key.secret);
     build::ready_for_query(&mut out, b'I');
     if stream.write_all(&out).await.is_err() {
-        return;
+        return None;
     }
     tracing::Span::current().record("workload", workload.as_deref().unwrap_or(""));
     let info = Arc::new(ClientInfo {
@@ -167,10 +181,16 @@ async fn serve(app: Arc<App>, mut stream: crate::net::Stream, leftover: BytesMut
         remote_pid: AtomicI32::new(0),
         kill: tokio::sync::Notify::new(),
     });
-    let _listed = Listed::client(&app.conns, info.clone());
+    let listed = Listed::client(&app.conns, info.clone());
     let id = ClientId { user: login.user, database: login.database, workload, info };
-    Session::new(app, id, stream, leftover, settings, key.slot.clone()).run().await;
-    drop(key);
+    let mut session = Box::new(Session::new(app, id, stream, leftover, settings, key.slot.clone()));
+    Some(async move {
+        session.run().await;
+        // Unregistered when the session ends, in this order.
+        drop(key);
+        drop(listed);
+        drop(guard);
+    })
 }
 
 /// The client's workload group, strongest source first: the startup option

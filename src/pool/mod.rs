@@ -4,6 +4,10 @@
 //! deadline. Check-in hands the connection straight to the oldest waiter.
 
 use crate::backend::{BackendError, ConnectSpec, ServerConn};
+
+/// A pooled connection: boxed, so moving it between the pool and a session
+/// moves a pointer, and an idle session does not carry its bytes inline.
+pub type Conn = Box<ServerConn>;
 use crate::stats::{Connections, Metrics, PoolCounters};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::Instrument;
@@ -59,13 +63,13 @@ pub struct PoolSettings {
 /// What a waiter is handed: a ready connection, or the right to open one
 /// (a slot freed by a closed connection; already counted in `total`).
 enum Grant {
-    Conn(ServerConn),
+    Conn(Conn),
     Slot,
 }
 
 /// Guarded by `Pool::state`; the lock is never held across an await.
 struct State {
-    idle: Vec<ServerConn>,
+    idle: Vec<Conn>,
     /// Connections open or being opened, idle or checked out.
     total: usize,
     waiters: VecDeque<oneshot::Sender<Grant>>,
@@ -106,7 +110,7 @@ fn backoff_delay(failures: u32) -> Duration {
 
 /// The most recently used idle connection that is still good (LIFO keeps
 /// warm connections warm); dead or expired ones are dropped on the way.
-fn pop_idle(s: &mut State, lifetime: Duration) -> Option<ServerConn> {
+fn pop_idle(s: &mut State, lifetime: Duration) -> Option<Conn> {
     while let Some(c) = s.idle.pop() {
         if c.looks_healthy() && c.created.elapsed() < lifetime {
             return Some(c);
@@ -118,7 +122,7 @@ fn pop_idle(s: &mut State, lifetime: Duration) -> Option<ServerConn> {
 
 /// What a checkout does after looking at the pool state.
 enum Next {
-    Ready(ServerConn),
+    Ready(Conn),
     Open,
     Wait(oneshot::Receiver<Grant>),
 }
@@ -173,9 +177,9 @@ impl Pool {
         }
         *self.backoff.lock().unwrap() = Backoff::default();
         tracing::warn!(pool = %self.key, addr, "pool now points at a new server");
-        let idle: Vec<ServerConn> = {
+        let idle: Vec<Conn> = {
             let mut s = self.state.lock().unwrap();
-            let v: Vec<ServerConn> = s.idle.drain(..).collect();
+            let v: Vec<Conn> = s.idle.drain(..).collect();
             s.total -= v.len();
             v
         };
@@ -201,7 +205,7 @@ impl Pool {
 
     /// The fast path: an idle healthy connection, without waiting. The
     /// async `checkout` is only needed (and boxed by callers) when this fails.
-    pub fn try_checkout_idle(&self) -> Option<ServerConn> {
+    pub fn try_checkout_idle(&self) -> Option<Conn> {
         let lifetime = self.settings.read().unwrap().lifetime;
         let c = pop_idle(&mut self.state.lock().unwrap(), lifetime)?;
         PoolCounters::add(&self.counters.server_assignments, 1);
@@ -210,7 +214,7 @@ impl Pool {
     }
 
     /// Gets a connection, waiting at most `checkout_timeout`.
-    pub async fn checkout(&self) -> Result<ServerConn, PoolError> {
+    pub async fn checkout(&self) -> Result<Conn, PoolError> {
         let started = Instant::now();
         let settings = self.settings();
         let deadline = tokio::time::Instant::now() + settings.checkout_timeout;
@@ -248,7 +252,7 @@ impl Pool {
         result
     }
 
-    async fn checkout_inner(&self, next: Next, deadline: tokio::time::Instant, started: Instant) -> Result<ServerConn, PoolError> {
+    async fn checkout_inner(&self, next: Next, deadline: tokio::time::Instant, started: Instant) -> Result<Conn, PoolError> {
         match next {
             Next::Ready(c) => Ok(c),
             Next::Open => self.open_in_slot().await,
@@ -272,7 +276,7 @@ impl Pool {
     }
 
     /// Opens a connection in a slot already counted in `total`.
-    async fn open_in_slot(&self) -> Result<ServerConn, PoolError> {
+    async fn open_in_slot(&self) -> Result<Conn, PoolError> {
         let until = self.backoff.lock().unwrap().until;
         if let Some(wait) = until.map(|u| u.saturating_duration_since(Instant::now())).filter(|w| !w.is_zero()) {
             tokio::time::sleep(wait).await;
@@ -289,6 +293,7 @@ impl Pool {
                 tracing::info!(parent: &span, "server connection opened");
                 c.span = span;
                 c.register(&self.conns, &self.key);
+                let c = Box::new(c);
                 let mut sp = self.startup_params.lock().unwrap();
                 if sp.is_none() {
                     let mut v: Vec<_> = c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -321,7 +326,7 @@ impl Pool {
     }
 
     /// Returns a clean connection (idle, no transaction) to the pool.
-    pub fn checkin(&self, mut conn: ServerConn) {
+    pub fn checkin(&self, mut conn: Conn) {
         let settings = self.settings();
         if conn.epoch != self.epoch.load(Ordering::Acquire) {
             conn.terminate("the primary moved (failover)");
@@ -354,9 +359,9 @@ impl Pool {
 
     /// Closes every idle connection (KILL).
     pub fn close_idle(&self) {
-        let idle: Vec<ServerConn> = {
+        let idle: Vec<Conn> = {
             let mut s = self.state.lock().unwrap();
-            let v: Vec<ServerConn> = s.idle.drain(..).collect();
+            let v: Vec<Conn> = s.idle.drain(..).collect();
             s.total -= v.len();
             v
         };
@@ -366,7 +371,7 @@ impl Pool {
     }
 
     /// Forgets a connection that was closed or is unusable.
-    pub fn discard(&self, conn: ServerConn, why: &'static str) {
+    pub fn discard(&self, conn: Conn, why: &'static str) {
         conn.terminate(why);
         self.release_slot();
     }

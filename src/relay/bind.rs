@@ -97,7 +97,7 @@ impl Session {
     }
 
     /// Takes the bound connection and the pool it belongs to.
-    pub(super) fn unbind(&mut self) -> Option<(ServerConn, Arc<Pool>)> {
+    pub(super) fn unbind(&mut self) -> Option<(crate::pool::Conn, Arc<Pool>)> {
         let conn = self.server.take()?;
         if let Some(si) = &conn.info {
             si.state.store(SERVER_IDLE, Ordering::Relaxed);

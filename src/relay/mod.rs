@@ -88,7 +88,7 @@ pub struct Session {
     cout: BytesMut,
     sin: BytesMut,
     sout: BytesMut,
-    server: Option<ServerConn>,
+    server: Option<crate::pool::Conn>,
     expect: Expect,
     /// Extended-protocol messages were sent since the last Sync.
     in_batch: bool,
@@ -259,7 +259,8 @@ impl Session {
     }
 
     /// Runs the session to its end and cleans up the server connection.
-    pub async fn run(mut self) {
+    /// (`&mut self`: a by-value `self` would be stored twice in the future.)
+    pub async fn run(&mut self) {
         let result = self.relay().await;
         if let Err(e) = &result {
             Box::pin(self.rescue(e)).await;
@@ -340,32 +341,62 @@ impl Session {
         }
     }
 
+    /// Waits for the next thing to do. Kept small on purpose: this future
+    /// lives in every idle client's task, so each socket has one readiness
+    /// future for both directions and all deadlines share one timer.
     async fn wait(&self, shutting_down: bool) -> Result<Event, SessionError> {
-        let timeout = self.next_timeout();
+        use tokio::io::Interest;
+        let interest = |read: bool, write: bool| match (read, write) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        };
+        let read_client = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
+        let client_interest = interest(read_client, !self.cout.is_empty());
         let server = self.server.as_ref().map(|s| &s.stream);
-        let client = &self.client;
+        let server_interest = server.and_then(|_| interest(self.cout.len() < COUT_HIGH, !self.sout.is_empty()));
+        // The earliest of: the drain's quiet period, freeing an idle
+        // client's buffers after a second, a proxy-enforced timeout.
+        let mut deadline: Option<(Instant, Event)> = None;
+        let mut consider = |at: Instant, ev: Event| {
+            if deadline.as_ref().is_none_or(|(d, _)| at < *d) {
+                deadline = Some((at, ev));
+            }
+        };
+        if shutting_down && self.drain_idle() {
+            consider(self.last_client_activity + DRAIN_QUIET, Event::Tick);
+        }
+        if self.server.is_none() && self.holds_buffers() {
+            consider(Instant::now() + Duration::from_secs(1), Event::Idle);
+        }
+        if let Some((at, kind)) = self.next_timeout() {
+            consider(at, Event::Timeout(kind));
+        }
+        let (at, timer_event) = match deadline {
+            Some((at, ev)) => (Some(at), ev),
+            None => (None, Event::Tick),
+        };
         let mut shutdown = self.shutdown.clone();
         let kill = &self.info.kill;
-        let read_client = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
+        let direction = |r: tokio::io::Ready, readable: Event| {
+            if r.is_readable() || r.is_read_closed() || !(r.is_writable() || r.is_write_closed()) {
+                readable
+            } else {
+                Event::Writable
+            }
+        };
         tokio::select! {
             // All branches are cancel-safe readiness waits.
-            r = client.writable(), if !self.cout.is_empty() => r.map(|_| Event::Writable).map_err(|_| SessionError::ClientGone),
-            r = async { server.unwrap().writable().await }, if server.is_some() && !self.sout.is_empty() => {
-                r.map(|_| Event::Writable).map_err(|e| SessionError::ServerLost(e.to_string()))
+            r = self.client.ready(client_interest.unwrap_or(Interest::READABLE)), if client_interest.is_some() => {
+                r.map(|r| direction(r, Event::ClientReadable)).map_err(|_| SessionError::ClientGone)
             }
-            r = async { server.unwrap().readable().await }, if server.is_some() && self.cout.len() < COUT_HIGH => {
-                r.map(|_| Event::ServerReadable).map_err(|e| SessionError::ServerLost(e.to_string()))
+            r = async { server.unwrap().ready(server_interest.unwrap()).await }, if server_interest.is_some() => {
+                r.map(|r| direction(r, Event::ServerReadable)).map_err(|e| SessionError::ServerLost(e.to_string()))
             }
-            r = client.readable(), if read_client => r.map(|_| Event::ClientReadable).map_err(|_| SessionError::ClientGone),
             _ = shutdown.changed(), if !shutting_down => Ok(Event::Shutdown),
-            // Draining: an idle client is closed once quiet for DRAIN_QUIET.
-            _ = tokio::time::sleep_until((self.last_client_activity + DRAIN_QUIET).into()), if shutting_down && self.drain_idle() => Ok(Event::Tick),
             _ = kill.notified() => Err(SessionError::Killed),
-            // An idle client keeps no buffers (freed after a quiet second).
-            _ = tokio::time::sleep(Duration::from_secs(1)), if self.server.is_none() && self.holds_buffers() => Ok(Event::Idle),
-            _ = async { tokio::time::sleep_until(timeout.expect("guarded").0.into()).await }, if timeout.is_some() => {
-                Ok(Event::Timeout(timeout.expect("guarded").1))
-            }
+            _ = async { tokio::time::sleep_until(at.expect("guarded").into()).await }, if at.is_some() => Ok(timer_event),
         }
     }
 

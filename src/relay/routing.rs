@@ -188,7 +188,7 @@ impl Session {
         a: &Analysis,
         mut target: Target,
         topo: &Topology,
-    ) -> Result<(crate::backend::ServerConn, Target, Arc<Pool>), SessionError> {
+    ) -> Result<(crate::pool::Conn, Target, Arc<Pool>), SessionError> {
         use crate::backend::BackendError;
         use crate::pool::PoolError;
         let deadline = tokio::time::Instant::now() + self.cfg.cluster.failover_timeout.0;
