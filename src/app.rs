@@ -31,6 +31,8 @@ pub struct App {
     tls: RwLock<Option<Arc<crate::tls::ServerTls>>>,
     /// Server-facing TLS of `config`.
     server_tls: RwLock<Option<Arc<crate::tls::ClientTls>>>,
+    /// Clients' session settings, shared by content (see intern_settings).
+    settings: Mutex<HashMap<u64, std::sync::Weak<crate::relay::Settings>>>,
     /// Failed logins per client address: (count, window start).
     failed_logins: Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
@@ -103,6 +105,7 @@ impl App {
                 }),
             ),
             failed_logins: Mutex::new(HashMap::new()),
+            settings: Mutex::new(HashMap::new()),
             limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
@@ -132,6 +135,25 @@ impl App {
     /// The client-facing TLS acceptor, unless TLS is disabled.
     pub fn tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
         self.tls.read().unwrap().clone()
+    }
+
+    /// One shared copy of each distinct settings list in use (clients copy
+    /// on write when they change theirs): an idle client then costs a
+    /// pointer, not a dozen small strings.
+    pub fn intern_settings(&self, settings: crate::relay::Settings) -> Arc<crate::relay::Settings> {
+        let fp = crate::relay::fingerprint(&settings);
+        let mut map = self.settings.lock().unwrap();
+        if let Some(shared) = map.get(&fp).and_then(std::sync::Weak::upgrade) {
+            if *shared == settings {
+                return shared;
+            }
+        }
+        if map.len() >= 1024 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let shared = Arc::new(settings);
+        map.insert(fp, Arc::downgrade(&shared));
+        shared
     }
 
     /// Seconds until `ip` may try to log in again, if it failed too often.

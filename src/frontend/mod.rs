@@ -153,7 +153,8 @@ async fn prepare(
             return None;
         }
     };
-    let settings = client_settings(&server_params, &login.params);
+    // Interned: clients of one application mostly share one settings list.
+    let settings = app.intern_settings(client_settings(&server_params, &login.params));
     let key = app.cancels.register();
     let mut out = BytesMut::new();
     for (name, value) in server_params.iter() {

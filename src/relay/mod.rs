@@ -16,7 +16,7 @@
 pub mod expect;
 mod accounting;
 mod bind;
-use bind::fingerprint;
+pub(crate) use bind::fingerprint;
 mod routing;
 mod scan;
 mod state;
@@ -98,7 +98,8 @@ pub struct Session {
     skip: usize,
     /// In a COPY FROM STDIN started by Execute: Syncs are ignored by the server.
     copy_in_ext: bool,
-    settings: Settings,
+    /// Shared between clients with the same settings (copy on write).
+    settings: Arc<Settings>,
     stmts: HashMap<Bytes, Arc<Stmt>>,
     cancel: Arc<CancelSlot>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -197,7 +198,7 @@ impl Session {
         id: ClientId,
         client: Stream,
         leftover: BytesMut,
-        settings: Settings,
+        settings: Arc<Settings>,
         cancel: Arc<CancelSlot>,
     ) -> Session {
         let cfg = app.config();

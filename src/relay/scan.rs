@@ -7,6 +7,7 @@ use super::expect::{Kind, Pending};
 use super::{Session, SessionError, MAX_SERVER_MSG};
 use crate::backend::consume;
 use crate::wire;
+use std::sync::Arc;
 
 /// What pgfleet needs to know about one server message before forwarding it.
 enum Seen {
@@ -156,9 +157,10 @@ impl Session {
         if let Some(server) = self.server.as_mut() {
             server.params.insert(name.clone(), value.clone());
         }
-        if let Some(slot) = self.settings.iter_mut().find(|(n, _)| *n == name) {
-            if slot.1 != value {
-                slot.1 = value;
+        if let Some(i) = self.settings.iter().position(|(n, _)| *n == name) {
+            if self.settings[i].1 != value {
+                // Copy on write: the list may be shared with other clients.
+                Arc::make_mut(&mut self.settings)[i].1 = value;
                 self.settings_fp = super::fingerprint(&self.settings);
             }
         }

@@ -75,7 +75,7 @@ impl Session {
             }
         }
         if a.reset_all {
-            for (n, _) in &self.settings {
+            for (n, _) in self.settings.iter() {
                 if !is_reported(n) && !self.dirty.contains(n) {
                     self.dirty.push(n.clone());
                 }
@@ -174,10 +174,11 @@ impl Session {
         }
         let slot = self.settings.iter().position(|(n, _)| *n == name);
         match (slot, value) {
-            (Some(i), Some(v)) => self.settings[i].1 = v,
-            (None, Some(v)) => self.settings.push((name, v)),
+            (Some(i), Some(v)) if self.settings[i].1 != v => std::sync::Arc::make_mut(&mut self.settings)[i].1 = v,
+            (Some(_), Some(_)) => {}
+            (None, Some(v)) => std::sync::Arc::make_mut(&mut self.settings).push((name, v)),
             (Some(i), None) => {
-                self.settings.remove(i);
+                std::sync::Arc::make_mut(&mut self.settings).remove(i);
             }
             (None, None) => {}
         }

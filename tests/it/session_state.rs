@@ -21,6 +21,10 @@ async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_values_are_isolated_between_clients() {
     let p = proxy(2).await;
+    // Logged in first with the same settings as everyone: clients share one
+    // settings list until they change theirs (copy on write), so the others'
+    // SETs must never show up here.
+    let observer = connect(&p).await;
     let mut tasks = Vec::new();
     for i in 0..12 {
         let s = conn_str(&p, "app", "app", "app");
@@ -43,6 +47,10 @@ async fn set_values_are_isolated_between_clients() {
     }
     for t in tasks {
         t.await.unwrap();
+    }
+    for _ in 0..4 {
+        assert_eq!(one(&observer, "SHOW search_path").await, "\"$user\", public");
+        assert_eq!(one(&observer, "SHOW TimeZone").await, one(&connect(&p).await, "SHOW TimeZone").await);
     }
     // A fresh client sees none of it.
     let c = connect(&p).await;
