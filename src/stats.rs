@@ -163,6 +163,8 @@ pub struct Metrics {
     pub bytes_sent: IntCounterVec,
     pub query_duration: HistogramVec,
     pub routing: IntCounterVec,
+    /// `routing` resolved for every (target, reason): no label lookup per transaction.
+    routing_resolved: Vec<prometheus::IntCounter>,
     pub errors: IntCounterVec,
     pub pool_waits: IntCounterVec,
     pub pool_wait_seconds: HistogramVec,
@@ -184,7 +186,13 @@ impl Metrics {
         let r = prometheus::Registry::new();
         let dim = &["database", "user", "workload"];
         let pool = &["database", "user", "backend"];
+        let routing = reg(&r, IntCounterVec::new(Opts::new("pgfleet_routing_decisions_total", "Routing decisions"), &["target", "reason"]).unwrap());
+        let routing_resolved = ["primary", "replica"]
+            .iter()
+            .flat_map(|t| crate::router::route::Reason::ALL.iter().map(|r| routing.with_label_values(&[t, r.as_str()])).collect::<Vec<_>>())
+            .collect();
         Metrics {
+            routing_resolved,
             transactions: reg(&r, IntCounterVec::new(Opts::new("pgfleet_transactions_total", "Transactions completed"), dim).unwrap()),
             queries: reg(&r, IntCounterVec::new(Opts::new("pgfleet_queries_total", "Queries (Query and Execute messages) sent to servers"), dim).unwrap()),
             bytes_received: reg(&r, IntCounterVec::new(Opts::new("pgfleet_client_bytes_received_total", "Bytes received from clients and sent to servers"), dim).unwrap()),
@@ -193,7 +201,7 @@ impl Metrics {
                 &r,
                 HistogramVec::new(HistogramOpts::new("pgfleet_query_duration_seconds", "Time from a request to its ReadyForQuery").buckets(BUCKETS.to_vec()), &["workload", "route"]).unwrap(),
             ),
-            routing: reg(&r, IntCounterVec::new(Opts::new("pgfleet_routing_decisions_total", "Routing decisions"), &["target", "reason"]).unwrap()),
+            routing,
             errors: reg(&r, IntCounterVec::new(Opts::new("pgfleet_errors_total", "ErrorResponses sent to clients"), &["sqlstate"]).unwrap()),
             pool_waits: reg(&r, IntCounterVec::new(Opts::new("pgfleet_pool_waits_total", "Checkouts that had to wait for a connection"), pool).unwrap()),
             pool_wait_seconds: reg(
@@ -208,6 +216,12 @@ impl Metrics {
             replica_usable: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_replica_usable", "1 when the replica serves reads for the group"), &["replica", "group"]).unwrap()),
             registry: r,
         }
+    }
+
+    /// The routing-decision counter for (to a replica?, reason).
+    pub fn routing_decision(&self, to_replica: bool, reason: crate::router::route::Reason) -> &prometheus::IntCounter {
+        let i = crate::router::route::Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        &self.routing_resolved[usize::from(to_replica) * crate::router::route::Reason::ALL.len() + i]
     }
 
     /// Handles for one client's hot path.

@@ -13,23 +13,26 @@ impl Session {
             Box::pin(self.wait_while_paused()).await?;
         }
         self.info.state.store(CLIENT_WAITING, Ordering::Relaxed);
-        self.info.wait_since_us.store(crate::stats::now_us(), Ordering::Relaxed);
+        let now = crate::stats::now_us();
+        self.info.wait_since_us.store(now, Ordering::Relaxed);
         let pool = self.pool_for(target, topo);
-        let checked_out = match pool.try_checkout_idle() {
-            Some(conn) => Ok((conn, target, pool)),
+        let (checked_out, waited) = match pool.try_checkout_idle() {
+            Some(conn) => (Ok((conn, target, pool)), false),
             // Boxed slow path (wait, connect, re-route): see checkout_routed.
-            None => Box::pin(self.checkout_routed(a, target, topo)).await,
+            None => (Box::pin(self.checkout_routed(a, target, topo)).await, true),
         };
         self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
         let (mut conn, target, pool) = checked_out?;
+        // One clock read per checkout; a slow (waiting) checkout reads again.
+        let now = if waited { crate::stats::now_us() } else { now };
         if let Some(si) = &conn.info {
             si.state.store(SERVER_ACTIVE, Ordering::Relaxed);
             si.link.store(self.info.id, Ordering::Relaxed);
-            si.request_time_us.store(crate::stats::now_us(), Ordering::Relaxed);
+            si.request_time_us.store(now, Ordering::Relaxed);
         }
         self.info.link.store(conn.id, Ordering::Relaxed);
         self.info.remote_pid.store(conn.backend_pid, Ordering::Relaxed);
-        self.info.request_time_us.store(crate::stats::now_us(), Ordering::Relaxed);
+        self.info.request_time_us.store(now, Ordering::Relaxed);
         if let Target::Replica(i) = target {
             let inflight = topo.replicas[i].inflight.clone();
             inflight.fetch_add(1, Ordering::Relaxed);

@@ -149,7 +149,7 @@ impl Session {
         if reason == Reason::Fallback {
             add(&w.fallbacks);
         }
-        self.app.metrics.routing.with_label_values(&[target, reason.as_str()]).inc();
+        self.app.metrics.routing_decision(target == "replica", reason).inc();
     }
 
     /// Bound to a replica at a transaction boundary, with a unit waiting

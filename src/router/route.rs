@@ -74,6 +74,18 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::SplitDisabled,
+        Reason::HintPrimary,
+        Reason::Write,
+        Reason::Transaction,
+        Reason::Read,
+        Reason::ReadOnlyTransaction,
+        Reason::HintReplica,
+        Reason::ReadYourWrites,
+        Reason::Fallback,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::SplitDisabled => "split_disabled",
