@@ -33,6 +33,8 @@ pub struct App {
     server_tls: RwLock<Option<Arc<crate::tls::ClientTls>>>,
     /// Clients' session settings, shared by content (see intern_settings).
     settings: Mutex<HashMap<u64, std::sync::Weak<crate::relay::Settings>>>,
+    /// Connect pacing per server address (and its rate).
+    pacers: Mutex<HashMap<String, (u32, Arc<crate::limits::Pacer>)>>,
     /// Failed logins per client address: (count, window start).
     failed_logins: Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
@@ -105,6 +107,7 @@ impl App {
                 }),
             ),
             failed_logins: Mutex::new(HashMap::new()),
+            pacers: Mutex::new(HashMap::new()),
             settings: Mutex::new(HashMap::new()),
             limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
@@ -135,6 +138,19 @@ impl App {
     /// The client-facing TLS acceptor, unless TLS is disabled.
     pub fn tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
         self.tls.read().unwrap().clone()
+    }
+
+    /// The connect pacer of one server (all pools to it share it).
+    fn pacer(&self, addr: &str, rate: u32) -> Arc<crate::limits::Pacer> {
+        let mut m = self.pacers.lock().unwrap();
+        match m.get(addr) {
+            Some((r, p)) if *r == rate => p.clone(),
+            _ => {
+                let p = Arc::new(crate::limits::Pacer::new(rate));
+                m.insert(addr.to_string(), (rate, p.clone()));
+                p
+            }
+        }
     }
 
     /// One shared copy of each distinct settings list in use (clients copy
@@ -312,7 +328,7 @@ impl App {
         let mut pools = self.pools.lock().unwrap();
         if let Some(p) = pools.get(&key) {
             if target == Target::Primary && !p.addr_is(&addr) {
-                p.retarget(&addr);
+                p.retarget(self.pool_params(&key, &addr).0);
             }
             return p.clone();
         }
@@ -359,6 +375,7 @@ impl App {
             connect_timeout: cfg.pool.connect_timeout.0,
             require_primary: key.backend == PRIMARY,
             tls: self.server_tls.read().unwrap().clone(),
+            pacer: (cfg.pool.max_connects_per_second > 0).then(|| self.pacer(addr, cfg.pool.max_connects_per_second)),
         };
         let settings = PoolSettings {
             size: cfg.pool_size_for(&key.user),

@@ -130,6 +130,39 @@ impl Limiter {
     }
 }
 
+/// Paces an action to `rate` per second with bursts of `rate` (new server
+/// connections per backend): `pace` waits for the caller's turn.
+pub struct Pacer {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Pacer {
+    pub fn new(rate: u32) -> Pacer {
+        let rate = f64::from(rate.max(1));
+        Pacer { rate, state: Mutex::new((rate, Instant::now())) }
+    }
+
+    /// Reserves the next slot and sleeps until it comes.
+    pub async fn pace(&self) {
+        let wait = {
+            let mut s = self.state.lock().unwrap();
+            let now = Instant::now();
+            s.0 = (s.0 + now.saturating_duration_since(s.1).as_secs_f64() * self.rate).min(self.rate);
+            s.1 = now;
+            s.0 -= 1.0;
+            if s.0 >= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(-s.0 / self.rate)
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 /// Decrements a waiting counter when the wait ends, however it ends.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -277,6 +310,24 @@ mod tests {
         let (code, _) = l.admit(&req(false)).await.err().unwrap();
         assert_eq!(code, "53400");
         assert!(a.await.unwrap() && b.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_spreads_a_burst() {
+        let p = Arc::new(Pacer::new(10));
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..30)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move { p.pace().await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // 10 at once, then 20 more at 10/s.
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(1990) && took < Duration::from_millis(2100), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]

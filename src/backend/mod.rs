@@ -99,6 +99,8 @@ pub struct ConnectSpec {
     pub require_primary: bool,
     /// `cluster.server_tls_mode` (None: plaintext).
     pub tls: Option<Arc<crate::tls::ClientTls>>,
+    /// `pool.max_connects_per_second` of this server (shared by its pools).
+    pub pacer: Option<Arc<crate::limits::Pacer>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);

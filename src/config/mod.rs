@@ -113,6 +113,9 @@ pub struct PoolCfg {
     /// Transaction mode: what LISTEN, session advisory locks, temp tables,
     /// WITH HOLD cursors and SQL PREPARE do: pin the client or fail (0A000).
     pub session_state: SessionStateMode,
+    /// New server connections per second per server (all pools together);
+    /// 0 = unlimited. Protects a server from connection storms.
+    pub max_connects_per_second: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -135,6 +138,7 @@ impl Default for PoolCfg {
             connect_timeout: Dur::secs(3),
             prepared_statements_cache: 500,
             session_state: SessionStateMode::Pin,
+            max_connects_per_second: 100,
         }
     }
 }

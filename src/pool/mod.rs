@@ -164,19 +164,18 @@ impl Pool {
 
     /// Points the pool at another server (the primary moved): idle
     /// connections close now, checked-out ones when they come back.
-    pub fn retarget(&self, addr: &str) {
+    pub fn retarget(&self, new: ConnectSpec) {
+        let addr = new.addr.clone();
         {
             let mut spec = self.spec.write().unwrap();
-            if spec.addr == addr {
+            if spec.addr == new.addr {
                 return;
             }
-            let mut new = (**spec).clone();
-            new.addr = addr.to_string();
             *spec = Arc::new(new);
             self.epoch.fetch_add(1, Ordering::AcqRel);
         }
         *self.backoff.lock().unwrap() = Backoff::default();
-        tracing::warn!(pool = %self.key, addr, "pool now points at a new server");
+        tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server");
         let idle: Vec<Conn> = {
             let mut s = self.state.lock().unwrap();
             let v: Vec<Conn> = s.idle.drain(..).collect();
@@ -283,6 +282,9 @@ impl Pool {
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let spec = self.spec.read().unwrap().clone();
+        if let Some(p) = &spec.pacer {
+            p.pace().await;
+        }
         let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
         // Boxed: connecting is rare and its future is large.
         match Box::pin(ServerConn::connect(&spec)).instrument(span.clone()).await {

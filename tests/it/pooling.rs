@@ -178,3 +178,31 @@ async fn prepared_statement_cache_evicts_lru() {
         .unwrap();
     assert!((1..=3).contains(&n), "{n} statements prepared on the server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_server_connections_are_paced_per_server() {
+    // 30 clients that each need a connection of their own, 10 connects/s.
+    let p = start(config("size = 30\nmax_connects_per_second = 10\ncheckout_timeout = \"20s\"", "")).await;
+    connect(&p).await.simple_query("SELECT 1").await.unwrap(); // spends one token
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let s = conn_str(&p, "app", "app", "app") + " application_name=paced";
+            tokio::spawn(async move {
+                let c = connect_with(&s).await.unwrap();
+                c.batch_execute("BEGIN; SELECT pg_sleep(0.01)").await.unwrap();
+                c
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    let took = started.elapsed();
+    // A burst of 10 (9 left), then 10 per second: about 2 s, never a storm.
+    assert!(took >= std::time::Duration::from_millis(1700), "{took:?}");
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    let open = tokio::task::block_in_place(|| cluster().server_conns_where("usename = 'app' AND application_name = 'paced'"));
+    assert_eq!(open, 30);
+}
