@@ -33,6 +33,8 @@ pub struct App {
     server_tls: RwLock<Option<Arc<crate::tls::ClientTls>>>,
     /// Clients' session settings, shared by content (see intern_settings).
     settings: Mutex<HashMap<u64, std::sync::Weak<crate::relay::Settings>>>,
+    /// auth_query users: what their logins proved, shared with their pools.
+    passthrough: Mutex<HashMap<String, Arc<RwLock<crate::backend::Passthrough>>>>,
     /// Connect pacing per server address (and its rate).
     pacers: Mutex<HashMap<String, (u32, Arc<crate::limits::Pacer>)>>,
     /// Failed logins per client address: (count, window start).
@@ -108,6 +110,7 @@ impl App {
             ),
             failed_logins: Mutex::new(HashMap::new()),
             pacers: Mutex::new(HashMap::new()),
+            passthrough: Mutex::new(HashMap::new()),
             settings: Mutex::new(HashMap::new()),
             limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
@@ -138,6 +141,63 @@ impl App {
     /// The client-facing TLS acceptor, unless TLS is disabled.
     pub fn tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
         self.tls.read().unwrap().clone()
+    }
+
+    /// auth_query: the secret of a user not in [[users]], looked up on the
+    /// primary as `auth.auth_user`. None when not configured, not found, or
+    /// the lookup failed (logged); the login then fails like a wrong password.
+    pub async fn auth_query_secret(&self, user: &str, database: &str) -> Option<Secret> {
+        let cfg = self.config();
+        let (query, auth_user) = (cfg.auth.auth_query.clone()?, cfg.user(cfg.auth.auth_user.as_deref()?)?.clone());
+        let secrets = self.secrets.read().unwrap().clone();
+        let password = auth_user.server_password.clone().or_else(|| secrets.get(&auth_user.name)?.plaintext().map(str::to_string));
+        let dbname = cfg.database(database).map(|d| d.server_name().to_string()).unwrap_or_else(|| database.to_string());
+        let topo = self.topology();
+        let addr = topo.writer_addr().unwrap_or(&topo.primary).to_string();
+        let (host, port) = addr.rsplit_once(':')?;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(host).port(port.parse().ok()?).user(&auth_user.name).dbname(&dbname).application_name("pgfleet-auth");
+        pg.connect_timeout(cfg.pool.connect_timeout.0);
+        if let Some(p) = &password {
+            pg.password(p);
+        }
+        let server_tls = self.server_tls.read().unwrap().clone();
+        let lookup = async {
+            let client = match server_tls {
+                Some(tls) => {
+                    pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    let (c, conn) = pg.connect(crate::tls::MonitorTls(tls)).await.map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    c
+                }
+                None => {
+                    let (c, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    c
+                }
+            };
+            let row = client.query_opt(query.as_str(), &[&user]).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(row.and_then(|r| r.try_get::<_, Option<String>>(r.len().saturating_sub(1)).ok().flatten()))
+        };
+        match tokio::time::timeout(cfg.pool.connect_timeout.0 * 2, lookup).await {
+            Ok(Ok(Some(secret))) => Secret::from_config(&secret).ok(),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "auth_query failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("auth_query timed out");
+                None
+            }
+        }
+    }
+
+    /// Records what an auth_query user's login proved, for its pools.
+    pub fn remember_login(&self, user: &str, proof: crate::backend::Passthrough) {
+        let mut m = self.passthrough.lock().unwrap();
+        let slot = m.entry(user.to_string()).or_default();
+        *slot.write().unwrap() = proof;
     }
 
     /// The connect pacer of one server (all pools to it share it).
@@ -376,6 +436,7 @@ impl App {
             require_primary: key.backend == PRIMARY,
             tls: self.server_tls.read().unwrap().clone(),
             pacer: (cfg.pool.max_connects_per_second > 0).then(|| self.pacer(addr, cfg.pool.max_connects_per_second)),
+            passthrough: if user.is_none() { self.passthrough.lock().unwrap().get(&key.user).cloned() } else { None },
         };
         let settings = PoolSettings {
             size: cfg.pool_size_for(&key.user),

@@ -101,6 +101,26 @@ pub struct ConnectSpec {
     pub tls: Option<Arc<crate::tls::ClientTls>>,
     /// `pool.max_connects_per_second` of this server (shared by its pools).
     pub pacer: Option<Arc<crate::limits::Pacer>>,
+    /// auth_query users: what their last login proved (no password known).
+    pub passthrough: Option<Arc<std::sync::RwLock<Passthrough>>>,
+}
+
+/// How to log in to a server as a user pgfleet has no password for, from
+/// what the user's own login revealed.
+#[derive(Clone, Default)]
+pub struct Passthrough {
+    /// (ClientKey, ServerKey) of the user's SCRAM verifier.
+    pub scram: Option<([u8; 32], [u8; 32])>,
+    /// The user's md5 verifier.
+    pub md5: Option<String>,
+    /// A plaintext password (auth_query returned one).
+    pub password: Option<String>,
+}
+
+/// SCRAM towards a server: from the password, or from the keys.
+enum ScramClient {
+    Password(ScramSha256),
+    Keys(wire::auth::ScramKeyClient),
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -173,7 +193,7 @@ impl ServerConn {
             span: tracing::Span::none(),
             epoch: 0,
         };
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramClient> = None;
         loop {
             let msg = conn.read_message(&mut buf).await?;
             let mut r = wire::Reader::new(wire::body(&msg));
@@ -218,11 +238,13 @@ impl ServerConn {
         code: i32,
         data: &[u8],
         spec: &ConnectSpec,
-        scram: &mut Option<ScramSha256>,
+        scram: &mut Option<ScramClient>,
         out: &mut BytesMut,
     ) -> Result<(), BackendError> {
+        let pass = spec.passthrough.as_ref().map(|p| p.read().unwrap().clone()).unwrap_or_default();
+        let known_password = spec.password.clone().or(pass.password.clone());
         let password = || {
-            spec.password.as_deref().ok_or_else(|| {
+            known_password.as_deref().ok_or_else(|| {
                 BackendError::Auth(format!(
                     "the server wants a password for user {:?}; set users.server_password or a plaintext users.password",
                     spec.user
@@ -238,11 +260,10 @@ impl ServerConn {
                     .get(..4)
                     .and_then(|s| s.try_into().ok())
                     .ok_or_else(|| BackendError::Protocol("short md5 salt".into()))?;
-                let hash = postgres_protocol::authentication::md5_hash(
-                    spec.user.as_bytes(),
-                    password()?.as_bytes(),
-                    salt,
-                );
+                let hash = match (&known_password, &pass.md5) {
+                    (None, Some(verifier)) => wire::auth::md5_response_from_verifier(verifier, salt),
+                    _ => postgres_protocol::authentication::md5_hash(spec.user.as_bytes(), password()?.as_bytes(), salt),
+                };
                 frontend::password_message(hash.as_bytes(), out).map_err(proto)?;
             }
             10 => {
@@ -250,18 +271,39 @@ impl ServerConn {
                 if !offers_scram {
                     return Err(BackendError::Auth("server offers no supported SASL mechanism".into()));
                 }
-                let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), out).map_err(proto)?;
+                let s = match (&known_password, pass.scram) {
+                    (None, Some((client_key, server_key))) => {
+                        ScramClient::Keys(wire::auth::ScramKeyClient::new(client_key, server_key))
+                    }
+                    _ => ScramClient::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported())),
+                };
+                let first = match &s {
+                    ScramClient::Password(p) => p.message(),
+                    ScramClient::Keys(k) => k.message(),
+                };
+                frontend::sasl_initial_response("SCRAM-SHA-256", first, out).map_err(proto)?;
                 *scram = Some(s);
             }
             11 => {
                 let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
-                s.update(data).map_err(|e| BackendError::Auth(e.to_string()))?;
-                frontend::sasl_response(s.message(), out).map_err(proto)?;
+                let next = match s {
+                    ScramClient::Password(p) => {
+                        p.update(data).map_err(|e| BackendError::Auth(e.to_string()))?;
+                        p.message()
+                    }
+                    ScramClient::Keys(k) => {
+                        k.update(data).map_err(BackendError::Auth)?;
+                        k.message()
+                    }
+                };
+                frontend::sasl_response(next, out).map_err(proto)?;
             }
             12 => {
                 let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL final without start".into()))?;
-                s.finish(data).map_err(|e| BackendError::Auth(format!("server signature: {e}")))?;
+                match s {
+                    ScramClient::Password(p) => p.finish(data).map_err(|e| BackendError::Auth(format!("server signature: {e}")))?,
+                    ScramClient::Keys(k) => k.finish(data).map_err(|e| BackendError::Auth(format!("server signature: {e}")))?,
+                }
             }
             other => {
                 return Err(BackendError::Auth(format!("unsupported authentication request {other}")))

@@ -203,11 +203,24 @@ pub struct AuthCfg {
     /// then that address is refused (28000) until the window passes. 0 = off.
     pub max_failed_logins: u32,
     pub failed_login_window: Dur,
+    /// Users not in [[users]] are looked up with this query (one parameter:
+    /// the user name; the last column is the password or verifier), run on
+    /// the primary as `auth_user`, e.g. PgBouncer's
+    /// "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".
+    pub auth_query: Option<String>,
+    /// The [[users]] entry that runs auth_query (needs a known password).
+    pub auth_user: Option<String>,
 }
 
 impl Default for AuthCfg {
     fn default() -> Self {
-        AuthCfg { method: AuthMethod::default(), max_failed_logins: 20, failed_login_window: Dur::secs(60) }
+        AuthCfg {
+            method: AuthMethod::default(),
+            max_failed_logins: 20,
+            failed_login_window: Dur::secs(60),
+            auth_query: None,
+            auth_user: None,
+        }
     }
 }
 

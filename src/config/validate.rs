@@ -192,6 +192,18 @@ impl Config {
                 p.push(format!("cluster.health_database: {d:?} is not defined in [[databases]]"));
             }
         }
+        match (&self.auth.auth_query, &self.auth.auth_user) {
+            (Some(_), None) => p.push("auth.auth_query: needs auth.auth_user".into()),
+            (None, Some(_)) => p.push("auth.auth_user: set auth.auth_query too".into()),
+            (Some(_), Some(u)) => match self.user(u) {
+                None => p.push(format!("auth.auth_user: {u:?} is not defined in [[users]]")),
+                Some(user) if user.server_password.is_none() && user.password.as_deref().is_none_or(|pw| crate::wire::auth::Secret::from_config(pw).map_or(true, |s| s.plaintext().is_none())) => {
+                    p.push(format!("auth.auth_user: {u:?} needs a plaintext password or server_password (pgfleet logs in as it)"))
+                }
+                _ => {}
+            },
+            (None, None) => {}
+        }
         for (i, l) in self.limits.iter().enumerate() {
             if l.workload.is_none() && l.user.is_none() && l.database.is_none() {
                 p.push(format!("limits[{i}]: needs workload, user or database"));

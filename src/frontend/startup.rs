@@ -111,7 +111,7 @@ pub async fn handshake(
         });
     }
     let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    authenticate(app, stream, buf, &user, channel_binding).await?;
+    authenticate(app, stream, buf, &user, &database, channel_binding).await?;
     if crate::admin::is_admin_database(&database) {
         if !app.config().admin.users.contains(&user) {
             return Err(StartupError::Fatal {
@@ -168,19 +168,38 @@ async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
+    database: &str,
     cb: Option<&[u8]>,
 ) -> Result<(), StartupError> {
     let method = app.config().auth.method;
-    let secret = app.secret(user);
+    let configured = app.config().user(user).is_some();
+    let secret = match app.secret(user) {
+        Some(s) => Some(s),
+        // Not in [[users]]: auth_query, when configured.
+        None if !configured && method != AuthMethod::Trust => app.auth_query_secret(user, database).await,
+        None => None,
+    };
+    // auth_query users: keep what the login proves, to log in to servers.
+    let dynamic = !configured;
+    let mut proof = crate::backend::Passthrough::default();
     match (method, secret) {
-        (AuthMethod::Trust, Some(_)) | (AuthMethod::Trust, None) if app.config().user(user).is_some() => {}
+        (AuthMethod::Trust, _) if configured => {}
         (AuthMethod::Trust, _) => return Err(auth_failed(user)),
-        (_, Some(Secret::Md5(v))) => md5_exchange(stream, buf, &v, user).await?,
-        (AuthMethod::Md5, Some(Secret::Plain { password, .. })) => {
-            md5_exchange(stream, buf, &md5_verifier(user, &password), user).await?
+        (_, Some(Secret::Md5(v))) => {
+            md5_exchange(stream, buf, &v, user).await?;
+            proof.md5 = Some(v);
         }
-        (_, Some(Secret::Plain { scram, .. })) | (_, Some(Secret::Scram(scram))) => {
-            scram_exchange(stream, buf, &scram, user, cb).await?
+        (AuthMethod::Md5, Some(Secret::Plain { password, .. })) => {
+            md5_exchange(stream, buf, &md5_verifier(user, &password), user).await?;
+            proof.password = Some(password);
+        }
+        (_, Some(Secret::Plain { scram, password })) => {
+            scram_exchange(stream, buf, &scram, user, cb).await?;
+            proof.password = Some(password);
+        }
+        (_, Some(Secret::Scram(scram))) => {
+            let client_key = scram_exchange(stream, buf, &scram, user, cb).await?;
+            proof.scram = Some((client_key, scram.server_key));
         }
         // Unknown user: run the exchange against a dummy verifier so the
         // answer does not reveal which user names exist.
@@ -188,6 +207,9 @@ async fn authenticate(
             scram_exchange(stream, buf, &app.dummy_verifier, user, cb).await?;
             return Err(auth_failed(user));
         }
+    }
+    if dynamic {
+        app.remember_login(user, proof);
     }
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
@@ -215,7 +237,7 @@ async fn scram_exchange(
     verifier: &ScramVerifier,
     user: &str,
     cb: Option<&[u8]>,
-) -> Result<(), StartupError> {
+) -> Result<[u8; 32], StartupError> {
     let mut out = BytesMut::new();
     // With TLS, channel binding is offered first (as PostgreSQL does).
     let offered: &[&str] = if cb.is_some() { &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] } else { &["SCRAM-SHA-256"] };
@@ -251,9 +273,9 @@ async fn scram_exchange(
     build::auth_sasl_continue(&mut out, server_first.as_bytes());
     stream.write_all(&out).await?;
     let client_final = read_password(stream, buf).await?;
-    let server_final = state.finish(&client_final).map_err(scram_err)?;
+    let (server_final, client_key) = state.finish_with_key(&client_final).map_err(scram_err)?;
     out.clear();
     build::auth_sasl_final(&mut out, server_final.as_bytes());
     stream.write_all(&out).await?;
-    Ok(())
+    Ok(client_key)
 }

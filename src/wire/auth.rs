@@ -175,6 +175,12 @@ impl ScramServer {
 
     /// Verifies the client-final message; returns the server-final message.
     pub fn finish(self, client_final: &[u8]) -> Result<String, AuthFailure> {
+        self.finish_with_key(client_final).map(|(m, _)| m)
+    }
+
+    /// `finish`, also returning the ClientKey the proof revealed (what lets
+    /// pgfleet log in to PostgreSQL as this user without the password).
+    pub fn finish_with_key(self, client_final: &[u8]) -> Result<(String, [u8; 32]), AuthFailure> {
         let msg = std::str::from_utf8(client_final).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
         let (without_proof, proof) =
             msg.rsplit_once(",p=").ok_or(AuthFailure::Protocol("missing proof"))?;
@@ -209,8 +215,69 @@ impl ScramServer {
             return Err(AuthFailure::WrongPassword);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        Ok((format!("v={}", B64.encode(server_signature)), client_key))
     }
+}
+
+/// Client side of SCRAM-SHA-256 from the keys alone, no password: after a
+/// client proved it knows the password, its proof revealed ClientKey, and
+/// with the ServerKey of the same verifier pgfleet can log in to a server
+/// holding that verifier (SCRAM pass-through, as PgBouncer does).
+pub struct ScramKeyClient {
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+    nonce: String,
+    message: String,
+    expected: Option<[u8; 32]>,
+}
+
+impl ScramKeyClient {
+    pub fn new(client_key: [u8; 32], server_key: [u8; 32]) -> ScramKeyClient {
+        let nonce = B64.encode(rand::random::<[u8; 18]>());
+        ScramKeyClient { client_key, server_key, message: format!("n,,n=,r={nonce}"), nonce, expected: None }
+    }
+
+    /// The next message to send.
+    pub fn message(&self) -> &[u8] {
+        self.message.as_bytes()
+    }
+
+    /// Takes the server-first message and computes the client-final one.
+    pub fn update(&mut self, server_first: &[u8]) -> Result<(), String> {
+        let sf = std::str::from_utf8(server_first).map_err(|_| "server-first is not UTF-8")?;
+        let nonce = sf.split(',').find_map(|a| a.strip_prefix("r=")).ok_or("server-first without a nonce")?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err("server nonce does not extend ours".into());
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("n=,r={},{sf},{without_proof}", self.nonce);
+        let stored: [u8; 32] = Sha256::digest(self.client_key).into();
+        let signature = hmac(&stored, auth_message.as_bytes());
+        let proof: Vec<u8> = self.client_key.iter().zip(signature).map(|(k, s)| k ^ s).collect();
+        self.expected = Some(hmac(&self.server_key, auth_message.as_bytes()));
+        self.message = format!("{without_proof},p={}", B64.encode(proof));
+        Ok(())
+    }
+
+    /// Checks the server's signature (the server knows the verifier too).
+    pub fn finish(&self, server_final: &[u8]) -> Result<(), String> {
+        let sf = std::str::from_utf8(server_final).map_err(|_| "server-final is not UTF-8")?;
+        let v = sf.strip_prefix("v=").ok_or("server-final without a signature")?;
+        let sig = B64.decode(v).map_err(|_| "bad server signature")?;
+        match &self.expected {
+            Some(e) if ct_eq(e, &sig) => Ok(()),
+            _ => Err("server signature does not match".into()),
+        }
+    }
+}
+
+/// The md5 answer from the stored md5 verifier alone ("md5" + hex of
+/// md5(password || user)): PostgreSQL's md5 exchange needs no more.
+pub fn md5_response_from_verifier(verifier: &str, salt: [u8; 4]) -> String {
+    let mut h = Md5::new();
+    h.update(&verifier.as_bytes()[3..]);
+    h.update(salt);
+    format!("md5{:x}", h.finalize())
 }
 
 /// "md5" + hex(md5(password || user)): the stored md5 verifier.
@@ -223,9 +290,5 @@ pub fn md5_verifier(user: &str, password: &str) -> String {
 
 /// Checks a client's md5 PasswordMessage against a stored md5 verifier.
 pub fn md5_check(verifier: &str, salt: [u8; 4], response: &[u8]) -> bool {
-    let mut h = Md5::new();
-    h.update(&verifier.as_bytes()[3..]);
-    h.update(salt);
-    let expected = format!("md5{:x}", h.finalize());
-    ct_eq(expected.as_bytes(), response)
+    ct_eq(md5_response_from_verifier(verifier, salt).as_bytes(), response)
 }

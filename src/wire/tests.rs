@@ -163,3 +163,27 @@ fn scram_channel_binding() {
     client.update(first.as_bytes()).unwrap();
     assert!(server.finish(client.message()).is_ok());
 }
+
+#[test]
+fn scram_pass_through_logs_in_with_the_client_key() {
+    use crate::wire::auth::{ScramKeyClient, ScramServer, ScramVerifier};
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    // A client proves the password to us; the key it reveals logs us in
+    // to a "server" holding the same verifier.
+    let verifier = ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"pw")).unwrap();
+    let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
+    let (server, first) = ScramServer::start(&verifier, client.message(), Default::default()).unwrap();
+    client.update(first.as_bytes()).unwrap();
+    let (_, key) = server.finish_with_key(client.message()).unwrap();
+    let mut ours = ScramKeyClient::new(key, verifier.server_key);
+    let client_first = ours.message().to_vec();
+    let (upstream, first) = ScramServer::start(&verifier, &client_first, Default::default()).unwrap();
+    ours.update(first.as_bytes()).unwrap();
+    let fin = upstream.finish(ours.message()).expect("the server accepts our proof");
+    ours.finish(fin.as_bytes()).unwrap();
+    // A wrong key is refused.
+    let mut bad = ScramKeyClient::new([1; 32], verifier.server_key);
+    let (upstream, first) = ScramServer::start(&verifier, &bad.message().to_vec(), Default::default()).unwrap();
+    bad.update(first.as_bytes()).unwrap();
+    assert!(upstream.finish(bad.message()).is_err());
+}

@@ -84,3 +84,41 @@ async fn failed_logins_are_rate_limited_per_source() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_users_log_in_without_any_password_in_the_config() {
+    let c = cluster();
+    tokio::task::block_in_place(|| {
+        c.psql_admin(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dyn_user') THEN \
+             CREATE ROLE dyn_user LOGIN PASSWORD 'dyn-pw'; END IF; END $$",
+        );
+        c.psql_admin("GRANT CONNECT ON DATABASE app TO dyn_user");
+    });
+    let mut cfg = config("size = 2", "");
+    // The auth user connects as postgres (trusted over TCP by the test cluster's pg_hba).
+    cfg.users.push(pgfleet::config::User { name: "postgres".into(), password: Some("unused".into()), ..Default::default() });
+    // md5user is left out of [[users]]: it is found by auth_query too (md5 verifier).
+    cfg.users.retain(|u| u.name != "md5user");
+    cfg.auth.auth_user = Some("postgres".into());
+    cfg.auth.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
+    let p = start(cfg).await;
+    // SCRAM verifier from pg_shadow: the client's proof logs pgfleet in (pass-through).
+    let dynamic = connect_with(&conn_str(&p, "dyn_user", "dyn-pw", "app")).await.unwrap();
+    for _ in 0..3 {
+        let rows = dynamic.simple_query("SELECT current_user").await.unwrap();
+        assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("dyn_user")));
+    }
+    // A second client of that user reuses the pool (same server login).
+    let again = connect_with(&conn_str(&p, "dyn_user", "dyn-pw", "app")).await.unwrap();
+    again.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    // Wrong password, unknown user: 28P01 as usual.
+    let e = connect_with(&conn_str(&p, "dyn_user", "nope", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+    let e = connect_with(&conn_str(&p, "no_such_role", "x", "app")).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+    // md5 verifier: md5 towards the client and the server.
+    let m = connect_with(&conn_str(&p, "md5user", "md5pw", "app")).await.unwrap();
+    let rows = m.simple_query("SELECT current_user").await.unwrap();
+    assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("md5user")));
+}
