@@ -129,7 +129,11 @@ impl Session {
                     self.on_probe_row(&row);
                 }
                 let forward = match head {
-                    Some(Pending::Swallow(_)) => matches!(tag, b'N' | b'A') && !hidden_query,
+                    // A NotificationResponse is the client's whatever query
+                    // it arrives during (PostgreSQL sends it at the end of
+                    // any transaction, our hidden probes included); notices
+                    // are the client's unless our own query caused them.
+                    Some(Pending::Swallow(_)) => tag == b'A' || (tag == b'N' && !hidden_query),
                     _ => true,
                 };
                 if let Some(Pending::Fwd(k) | Pending::Swallow(k)) = head {

@@ -121,6 +121,58 @@ async fn listen_notify_pins_until_unlisten() {
     wait_unpinned(&p).await;
 }
 
+/// A notification that arrives while pgfleet's own hidden query (the
+/// settings read-back after a SET) runs on the listener's connection is
+/// still the client's: none may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_during_hidden_queries_reach_the_listener() {
+    let p = proxy(3).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // tokio-postgres delivers notifications through its connection future.
+    let url = conn_str(&p, "app", "app", "app");
+    let (client, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let mut conn = std::pin::pin!(conn);
+        loop {
+            match std::future::poll_fn(|cx| conn.as_mut().poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    let _ = tx.send(n.payload().to_string());
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    });
+    client.batch_execute("LISTEN busy_chan").await.unwrap();
+    let notifier = connect(&p).await;
+    const N: usize = 150;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            notifier.batch_execute(&format!("NOTIFY busy_chan, '{i}'")).await.unwrap();
+        }
+    });
+    // Meanwhile the listener keeps changing a setting: each SET is followed
+    // by pgfleet's hidden read-back query on the same connection.
+    for i in 0..N {
+        client.batch_execute(&format!("SET search_path = s{i}, public")).await.unwrap();
+    }
+    sender.await.unwrap();
+    client.batch_execute("SELECT 1").await.unwrap();
+    let mut got = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < N {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(payload)) => {
+                got.insert(payload);
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(got.len(), N, "notifications lost");
+    drop(client);
+    let _ = driver.await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn advisory_locks_pin_and_are_released() {
     let p = proxy(2).await;
