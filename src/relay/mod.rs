@@ -150,6 +150,8 @@ pub struct Session {
     last_client_activity: Instant,
     /// The query timeout already sent a cancel for the current cycle.
     cancel_sent: bool,
+    /// The pool last bound from: (target, config generation, writer, pool).
+    pool_cache: Option<(Target, u64, crate::topology::Writer, Arc<Pool>)>,
     /// `[[limits]]` permits of the bound transaction (released with it).
     admission: Option<crate::limits::Admission>,
     /// Read retry: the client messages sent to a replica since binding,
@@ -216,6 +218,7 @@ impl Session {
             last_client_activity: Instant::now(),
             cancel_sent: false,
             admission: None,
+            pool_cache: None,
             replay: BytesMut::new(),
             replay_state: Replay::Off,
             mode: cfg.pool.mode,

@@ -162,8 +162,18 @@ impl Session {
         !matches!(self.choose_target(&a, &self.topo), Ok((Target::Replica(_), _)))
     }
 
-    pub(super) fn pool_for(&self, target: Target, topo: &Topology) -> Arc<Pool> {
-        self.app.pool(&self.database, &self.user, target, topo)
+    /// The pool for `target`; the last one is cached (no key building and
+    /// map lookup per transaction) until a reload or a change of primary.
+    pub(super) fn pool_for(&mut self, target: Target, topo: &Topology) -> Arc<Pool> {
+        let writer = topo.writer();
+        if let Some((t, generation, w, pool)) = &self.pool_cache {
+            if *t == target && *generation == self.generation && *w == writer {
+                return pool.clone();
+            }
+        }
+        let pool = self.app.pool(&self.database, &self.user, target, topo);
+        self.pool_cache = Some((target, self.generation, writer, pool.clone()));
+        pool
     }
 
     /// A routing failure for a unit not yet sent anywhere: the client gets
