@@ -36,7 +36,7 @@ pub struct App {
     /// auth_query users: what their logins proved, shared with their pools.
     passthrough: Mutex<HashMap<String, Arc<RwLock<crate::backend::Passthrough>>>>,
     /// Connect pacing per server address (and its rate).
-    pacers: Mutex<HashMap<String, (u32, Arc<crate::limits::Pacer>)>>,
+    pacers: Mutex<HashMap<String, (u32, Arc<crate::limits::TokenBucket>)>>,
     /// Failed logins per client address: (count, window start).
     failed_logins: Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
@@ -201,12 +201,12 @@ impl App {
     }
 
     /// The connect pacer of one server (all pools to it share it).
-    fn pacer(&self, addr: &str, rate: u32) -> Arc<crate::limits::Pacer> {
+    fn pacer(&self, addr: &str, rate: u32) -> Arc<crate::limits::TokenBucket> {
         let mut m = self.pacers.lock().unwrap();
         match m.get(addr) {
             Some((r, p)) if *r == rate => p.clone(),
             _ => {
-                let p = Arc::new(crate::limits::Pacer::new(rate));
+                let p = Arc::new(crate::limits::TokenBucket::new(f64::from(rate), f64::from(rate)));
                 m.insert(addr.to_string(), (rate, p.clone()));
                 p
             }

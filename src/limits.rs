@@ -29,9 +29,7 @@ pub struct Limiter {
     pub max_wait: Duration,
     pub max_queue: usize,
     slots: Option<Arc<Semaphore>>,
-    /// Token bucket: (tokens, last refill); tokens go negative while
-    /// admitted transactions wait for their reserved token.
-    bucket: Mutex<(f64, Instant)>,
+    bucket: Option<TokenBucket>,
     pub waiting: AtomicUsize,
     pub admitted: AtomicU64,
     pub rejected: AtomicU64,
@@ -85,7 +83,7 @@ impl Limiter {
             max_wait: rule.max_wait.map(|d| d.0).unwrap_or(default_wait),
             max_queue: rule.max_queue.unwrap_or(usize::MAX),
             slots: rule.max_in_flight.map(|n| Arc::new(Semaphore::new(n))),
-            bucket: Mutex::new((burst, Instant::now())),
+            bucket: rule.rate.map(|r| TokenBucket::new(r, burst)),
             waiting: AtomicUsize::new(0),
             admitted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -108,56 +106,46 @@ impl Limiter {
         }
     }
 
-    /// Reserves a token; returns how long to wait for it, or None when
-    /// that would take longer than `max_wait` (nothing reserved then).
-    fn reserve_token(&self, now: Instant) -> Option<Duration> {
-        let Some(rate) = self.rate else { return Some(Duration::ZERO) };
-        let mut b = self.bucket.lock().unwrap();
-        let elapsed = now.saturating_duration_since(b.1).as_secs_f64();
-        b.0 = (b.0 + elapsed * rate).min(self.burst);
-        b.1 = now;
-        let wait = if b.0 >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - b.0) / rate) };
-        if wait > self.max_wait {
-            return None;
-        }
-        b.0 -= 1.0;
-        Some(wait)
-    }
-
     fn refuse(&self, code: &'static str, why: String) -> Refusal {
         self.rejected.fetch_add(1, Ordering::Relaxed);
         (code, format!("pgfleet limit \"{}\" exceeded: {why}", self.name))
     }
 }
 
-/// Paces an action to `rate` per second with bursts of `rate` (new server
-/// connections per backend): `pace` waits for the caller's turn.
-pub struct Pacer {
+/// A token bucket (`rate` per second, up to `burst` saved) that lends
+/// ahead: a taker reserves the next token and is told how long to wait for
+/// it, so waiters are served in order (tokens go negative meanwhile). Used
+/// by `[[limits]]` rates and to pace new server connections.
+pub struct TokenBucket {
     rate: f64,
+    burst: f64,
+    /// (tokens, last refill).
     state: Mutex<(f64, Instant)>,
 }
 
-impl Pacer {
-    pub fn new(rate: u32) -> Pacer {
-        let rate = f64::from(rate.max(1));
-        Pacer { rate, state: Mutex::new((rate, Instant::now())) }
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64) -> TokenBucket {
+        TokenBucket { rate, burst, state: Mutex::new((burst, Instant::now())) }
     }
 
-    /// Reserves the next slot and sleeps until it comes.
-    pub async fn pace(&self) {
-        let wait = {
-            let mut s = self.state.lock().unwrap();
-            let now = Instant::now();
-            s.0 = (s.0 + now.saturating_duration_since(s.1).as_secs_f64() * self.rate).min(self.rate);
-            s.1 = now;
-            s.0 -= 1.0;
-            if s.0 >= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(-s.0 / self.rate)
-            }
-        };
-        if !wait.is_zero() {
+    /// Reserves a token; returns how long to wait for it, or None (nothing
+    /// reserved) when that would take longer than `max_wait`.
+    pub fn reserve(&self, max_wait: Duration) -> Option<Duration> {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        s.0 = (s.0 + now.saturating_duration_since(s.1).as_secs_f64() * self.rate).min(self.burst);
+        s.1 = now;
+        let wait = if s.0 >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - s.0) / self.rate) };
+        if wait > max_wait {
+            return None;
+        }
+        s.0 -= 1.0;
+        Some(wait)
+    }
+
+    /// Reserves the next token and sleeps until it is due.
+    pub async fn take(&self) {
+        if let Some(wait) = self.reserve(Duration::MAX).filter(|w| !w.is_zero()) {
             tokio::time::sleep(wait).await;
         }
     }
@@ -200,7 +188,7 @@ impl Limits {
             let started = Instant::now();
             let deadline = started + l.max_wait;
             // Rate first, so a transaction waiting for a token holds no slot.
-            match l.reserve_token(started) {
+            match l.bucket.as_ref().map_or(Some(Duration::ZERO), |b| b.reserve(l.max_wait)) {
                 Some(wait) if wait.is_zero() => {}
                 Some(wait) => tokio::time::sleep(wait).await,
                 None => {
@@ -314,12 +302,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pacer_spreads_a_burst() {
-        let p = Arc::new(Pacer::new(10));
+        let p = Arc::new(TokenBucket::new(10.0, 10.0));
         let t0 = Instant::now();
         let tasks: Vec<_> = (0..30)
             .map(|_| {
                 let p = p.clone();
-                tokio::spawn(async move { p.pace().await })
+                tokio::spawn(async move { p.take().await })
             })
             .collect();
         for t in tasks {

@@ -100,7 +100,7 @@ pub struct ConnectSpec {
     /// `cluster.server_tls_mode` (None: plaintext).
     pub tls: Option<Arc<crate::tls::ClientTls>>,
     /// `pool.max_connects_per_second` of this server (shared by its pools).
-    pub pacer: Option<Arc<crate::limits::Pacer>>,
+    pub pacer: Option<Arc<crate::limits::TokenBucket>>,
     /// auth_query users: what their last login proved (no password known).
     pub passthrough: Option<Arc<std::sync::RwLock<Passthrough>>>,
 }

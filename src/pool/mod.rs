@@ -283,7 +283,7 @@ impl Pool {
         let epoch = self.epoch.load(Ordering::Acquire);
         let spec = self.spec.read().unwrap().clone();
         if let Some(p) = &spec.pacer {
-            p.pace().await;
+            p.take().await;
         }
         let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
         // Boxed: connecting is rare and its future is large.
