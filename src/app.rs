@@ -98,7 +98,7 @@ impl App {
         Arc::new(App {
             secrets: RwLock::new(Arc::new(derive_secrets(&config))),
             topology: RwLock::new(Arc::new(Topology::from_config(&config, None))),
-            tls: RwLock::new(load_tls(&config).unwrap_or_else(|e| {
+            tls: RwLock::new(crate::tls::ServerTls::from_config(&config.listen).unwrap_or_else(|e| {
                 tracing::error!("{e}");
                 None
             })),
@@ -163,19 +163,7 @@ impl App {
         }
         let server_tls = self.server_tls.read().unwrap().clone();
         let lookup = async {
-            let client = match server_tls {
-                Some(tls) => {
-                    pg.ssl_mode(tokio_postgres::config::SslMode::Require);
-                    let (c, conn) = pg.connect(crate::tls::MonitorTls(tls)).await.map_err(|e| e.to_string())?;
-                    tokio::spawn(conn);
-                    c
-                }
-                None => {
-                    let (c, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
-                    tokio::spawn(conn);
-                    c
-                }
-            };
+            let client = crate::tls::connect_pg(pg, server_tls).await?;
             let row = client.query_opt(query.as_str(), &[&user]).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(row.and_then(|r| r.try_get::<_, Option<String>>(r.len().saturating_sub(1)).ok().flatten()))
         };
@@ -286,7 +274,7 @@ impl App {
             notes.push("pool.mode changes apply to new clients only".to_string());
         }
         *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
-        match load_tls(&new) {
+        match crate::tls::ServerTls::from_config(&new.listen) {
             Ok(t) => *self.tls.write().unwrap() = t,
             Err(e) => notes.push(format!("TLS not reloaded, the previous certificate stays in use: {e}")),
         }
@@ -575,15 +563,4 @@ pub fn bind_reuseport(addr: &str) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     // A deep accept queue: a connection storm waits in it instead of being dropped.
     socket.listen(4096)
-}
-
-/// The client-facing TLS of a configuration (None when disabled).
-fn load_tls(cfg: &Config) -> Result<Option<Arc<crate::tls::ServerTls>>, String> {
-    if cfg.listen.tls_mode() == crate::config::TlsMode::Disable {
-        return Ok(None);
-    }
-    match (&cfg.listen.tls_cert, &cfg.listen.tls_key) {
-        (Some(c), Some(k)) => crate::tls::ServerTls::load(c, k).map(|t| Some(Arc::new(t))),
-        _ => Err("listen.tls_mode needs listen.tls_cert and listen.tls_key".into()),
-    }
 }

@@ -23,6 +23,17 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
+    /// The client-facing TLS of a `[listen]` section (None when disabled).
+    pub fn from_config(listen: &crate::config::Listen) -> Result<Option<Arc<ServerTls>>, String> {
+        if listen.tls_mode() == crate::config::TlsMode::Disable {
+            return Ok(None);
+        }
+        match (&listen.tls_cert, &listen.tls_key) {
+            (Some(c), Some(k)) => ServerTls::load(c, k).map(|t| Some(Arc::new(t))),
+            _ => Err("listen.tls_mode: TLS needs listen.tls_cert and listen.tls_key".into()),
+        }
+    }
+
     /// Loads a PEM certificate chain and private key.
     pub fn load(cert_path: &str, key_path: &str) -> Result<ServerTls, String> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
@@ -148,7 +159,26 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
-/// Server-facing TLS for the monitor's tokio-postgres connections.
+/// Connects tokio-postgres (the monitor, auth_query) the way pool
+/// connections do: with `cluster.server_tls_mode` when set. The
+/// connection's driver runs in its own task.
+pub async fn connect_pg(mut cfg: tokio_postgres::Config, tls: Option<Arc<ClientTls>>) -> Result<tokio_postgres::Client, String> {
+    let Some(tls) = tls else {
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        return Ok(client);
+    };
+    cfg.ssl_mode(if tls.mode == ServerTlsMode::Prefer {
+        tokio_postgres::config::SslMode::Prefer
+    } else {
+        tokio_postgres::config::SslMode::Require
+    });
+    let (client, conn) = cfg.connect(MonitorTls(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Server-facing TLS for tokio-postgres connections.
 #[derive(Clone)]
 pub struct MonitorTls(pub Arc<ClientTls>);
 

@@ -191,6 +191,6 @@ fn kill(app: &App, db: &str) {
         c.kill.notify_one();
     }
     for p in app.pools().iter().filter(|p| p.key.database == db) {
-        p.close_idle();
+        p.close_idle("KILL from the admin console");
     }
 }

@@ -1,7 +1,7 @@
 //! Semantic checks that serde cannot express. Every problem is collected so a
 //! user fixes a bad config in one round.
 
-use super::{Config, TlsMode};
+use super::Config;
 use crate::wire::auth::Secret;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -63,15 +63,8 @@ impl Config {
             }
             _ => {}
         }
-        if self.listen.tls_mode() != TlsMode::Disable {
-            match (&self.listen.tls_cert, &self.listen.tls_key) {
-                (Some(c), Some(k)) => {
-                    if let Err(e) = crate::tls::ServerTls::load(c, k) {
-                        p.push(e);
-                    }
-                }
-                _ => p.push("listen.tls_mode: TLS needs listen.tls_cert and listen.tls_key".into()),
-            }
+        if let Err(e) = crate::tls::ServerTls::from_config(&self.listen) {
+            p.push(e);
         }
         if let Err(e) = crate::tls::ClientTls::new(self.cluster.server_tls_mode, self.cluster.server_tls_ca.as_deref()) {
             p.push(e);

@@ -176,15 +176,7 @@ impl Pool {
         }
         *self.backoff.lock().unwrap() = Backoff::default();
         tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server");
-        let idle: Vec<Conn> = {
-            let mut s = self.state.lock().unwrap();
-            let v: Vec<Conn> = s.idle.drain(..).collect();
-            s.total -= v.len();
-            v
-        };
-        for c in idle {
-            c.terminate("the primary moved (failover)");
-        }
+        self.close_idle("the primary moved (failover)");
     }
 
     pub fn addr_is(&self, addr: &str) -> bool {
@@ -359,8 +351,8 @@ impl Pool {
         s.idle.push(conn);
     }
 
-    /// Closes every idle connection (KILL).
-    pub fn close_idle(&self) {
+    /// Closes every idle connection (KILL, or the primary moved).
+    pub fn close_idle(&self, why: &'static str) {
         let idle: Vec<Conn> = {
             let mut s = self.state.lock().unwrap();
             let v: Vec<Conn> = s.idle.drain(..).collect();
@@ -368,7 +360,7 @@ impl Pool {
             v
         };
         for c in idle {
-            c.terminate("KILL from the admin console");
+            c.terminate(why);
         }
     }
 

@@ -56,29 +56,7 @@ impl Probe {
         if let Some(p) = &spec.password {
             cfg.password(p);
         }
-        let client = match &spec.tls {
-            Some(tls) => {
-                use crate::config::ServerTlsMode;
-                cfg.ssl_mode(if tls.mode == ServerTlsMode::Prefer {
-                    tokio_postgres::config::SslMode::Prefer
-                } else {
-                    tokio_postgres::config::SslMode::Require
-                });
-                let (client, conn) = cfg.connect(crate::tls::MonitorTls(tls.clone())).await.map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                client
-            }
-            None => {
-                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                client
-            }
-        };
-        Ok(client)
+        crate::tls::connect_pg(cfg, spec.tls.clone()).await
     }
 }
 
