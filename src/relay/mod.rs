@@ -17,12 +17,15 @@ pub mod expect;
 mod accounting;
 mod bind;
 pub(crate) use bind::fingerprint;
+mod retry;
+use retry::Replay;
 mod routing;
 mod scan;
 mod state;
 mod statements;
 pub mod stmts;
 mod virt;
+mod wait;
 
 use crate::app::App;
 use crate::backend::{consume, ServerConn};
@@ -159,20 +162,6 @@ pub struct Session {
     replay: BytesMut,
     replay_state: Replay,
 }
-
-/// Whether the current unit can be retried on another replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Replay {
-    /// Not a replica read, or answers already reached the client.
-    Off,
-    /// Recording into `replay`; nothing answered yet.
-    Recording,
-    /// Already retried once: a second failure reaches the client.
-    Retried,
-}
-
-/// Read units larger than this are not kept for a retry.
-const REPLAY_MAX: usize = 64 * 1024;
 
 /// Who the client is, as established at login.
 pub struct ClientId {
@@ -328,82 +317,6 @@ impl Session {
         }
     }
 
-    /// The next proxy-enforced timeout, if one applies in the current state.
-    fn next_timeout(&self) -> Option<(Instant, Timeout)> {
-        let t = &self.cfg.timeouts;
-        match &self.server {
-            Some(_) if !self.expect.is_empty() => {
-                let limit = t.query.enabled()?;
-                (!self.cancel_sent).then_some(())?;
-                Some((self.cycle_start? + limit, Timeout::Query))
-            }
-            Some(_) if matches!(self.status, b'T' | b'E') => {
-                Some((self.last_client_activity + t.idle_in_transaction.enabled()?, Timeout::IdleInTransaction))
-            }
-            Some(_) => None,
-            None => Some((self.last_client_activity + t.client_idle.enabled()?, Timeout::ClientIdle)),
-        }
-    }
-
-    /// Waits for the next thing to do. Kept small on purpose: this future
-    /// lives in every idle client's task, so each socket has one readiness
-    /// future for both directions and all deadlines share one timer.
-    async fn wait(&self, shutting_down: bool) -> Result<Event, SessionError> {
-        use tokio::io::Interest;
-        let interest = |read: bool, write: bool| match (read, write) {
-            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-            (true, false) => Some(Interest::READABLE),
-            (false, true) => Some(Interest::WRITABLE),
-            (false, false) => None,
-        };
-        let read_client = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
-        let client_interest = interest(read_client, !self.cout.is_empty());
-        let server = self.server.as_ref().map(|s| &s.stream);
-        let server_interest = server.and_then(|_| interest(self.cout.len() < COUT_HIGH, !self.sout.is_empty()));
-        // The earliest of: the drain's quiet period, freeing an idle
-        // client's buffers after a second, a proxy-enforced timeout.
-        let mut deadline: Option<(Instant, Event)> = None;
-        let mut consider = |at: Instant, ev: Event| {
-            if deadline.as_ref().is_none_or(|(d, _)| at < *d) {
-                deadline = Some((at, ev));
-            }
-        };
-        if shutting_down && self.drain_idle() {
-            consider(self.last_client_activity + DRAIN_QUIET, Event::Tick);
-        }
-        if self.server.is_none() && self.holds_buffers() {
-            consider(Instant::now() + Duration::from_secs(1), Event::Idle);
-        }
-        if let Some((at, kind)) = self.next_timeout() {
-            consider(at, Event::Timeout(kind));
-        }
-        let (at, timer_event) = match deadline {
-            Some((at, ev)) => (Some(at), ev),
-            None => (None, Event::Tick),
-        };
-        let mut shutdown = self.shutdown.clone();
-        let kill = &self.info.kill;
-        let direction = |r: tokio::io::Ready, readable: Event| {
-            if r.is_readable() || r.is_read_closed() || !(r.is_writable() || r.is_write_closed()) {
-                readable
-            } else {
-                Event::Writable
-            }
-        };
-        tokio::select! {
-            // All branches are cancel-safe readiness waits.
-            r = self.client.ready(client_interest.unwrap_or(Interest::READABLE)), if client_interest.is_some() => {
-                r.map(|r| direction(r, Event::ClientReadable)).map_err(|_| SessionError::ClientGone)
-            }
-            r = async { server.unwrap().ready(server_interest.unwrap()).await }, if server_interest.is_some() => {
-                r.map(|r| direction(r, Event::ServerReadable)).map_err(|e| SessionError::ServerLost(e.to_string()))
-            }
-            _ = shutdown.changed(), if !shutting_down => Ok(Event::Shutdown),
-            _ = kill.notified() => Err(SessionError::Killed),
-            _ = async { tokio::time::sleep_until(at.expect("guarded").into()).await }, if at.is_some() => Ok(timer_event),
-        }
-    }
-
     /// Nothing bound or buffered: the client may be closed by a drain.
     fn drain_idle(&self) -> bool {
         self.server.is_none() && self.cin.is_empty() && self.cout.is_empty()
@@ -527,8 +440,6 @@ impl Session {
                         t
                     }
                     Err((code, message)) => {
-                        self.workload_stats.refused.fetch_add(1, Ordering::Relaxed);
-                        self.app.metrics.errors.with_label_values(&[code]).inc();
                         self.refuse_unit(h.tag, code, &message);
                         continue;
                     }
@@ -538,18 +449,13 @@ impl Session {
                     match Box::pin(self.admit(&a, target)).await {
                         Ok(adm) => self.admission = Some(adm),
                         Err((code, message)) => {
-                            self.workload_stats.refused.fetch_add(1, Ordering::Relaxed);
-                            self.app.metrics.errors.with_label_values(&[code]).inc();
                             self.refuse_unit(h.tag, code, &message);
                             continue;
                         }
                     }
                 }
                 self.bind_server(&a, target, &topo).await?;
-                if matches!(self.bound_target, Some(Target::Replica(_))) && self.replay_state == Replay::Off {
-                    self.replay.clear();
-                    self.replay_state = Replay::Recording;
-                }
+                self.start_recording();
                 if first_only && self.routes() {
                     // Classified once: the lookahead's analysis of this message.
                     self.forward(h.tag, &msg, Some(a))?;
@@ -563,13 +469,7 @@ impl Session {
 
     /// `known`: this message's analysis when already computed.
     fn forward(&mut self, tag: u8, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
-        if self.replay_state == Replay::Recording {
-            if self.replay.len() + msg.len() > REPLAY_MAX {
-                self.replay_state = Replay::Off;
-            } else {
-                self.replay.extend_from_slice(msg);
-            }
-        }
+        self.record(msg);
         match tag {
             b'Q' => self.on_query(msg, known)?,
             b'F' => self.send(msg, Some(Kind::FnCall)),
@@ -725,46 +625,6 @@ impl Session {
         }
     }
 
-
-    /// Something from the current unit reached (or is about to reach) the
-    /// client: it can no longer be retried transparently.
-    pub(super) fn answered(&mut self) {
-        if self.replay_state == Replay::Recording {
-            self.replay_state = Replay::Off;
-        }
-    }
-
-    /// A server connection failed. A replica read of which the client has
-    /// seen nothing is sent again, once, to another replica (the failed one
-    /// is marked down at once); anything else ends the session as before.
-    fn retry_or(&mut self, e: SessionError) -> Result<(), SessionError> {
-        let SessionError::ServerLost(why) = &e else { return Err(e) };
-        if self.replay_state != Replay::Recording {
-            return Err(e);
-        }
-        let target = self.bound_target;
-        tracing::warn!(error = %why, "replica connection failed before answering; retrying the read elsewhere");
-        if let Some((conn, pool)) = self.unbind() {
-            pool.discard(conn, "server connection failed (read retried elsewhere)");
-        }
-        if let Some(Target::Replica(i)) = target {
-            self.topo.mark_down(i, why);
-        }
-        self.app.metrics.errors.with_label_values(&["retried"]).inc();
-        self.expect = Expect::default();
-        self.in_batch = false;
-        self.skip = 0;
-        self.copy_in_ext = false;
-        self.status = b'I';
-        self.probe = None;
-        self.sin.clear();
-        self.sout.clear();
-        let mut cin = std::mem::take(&mut self.replay);
-        cin.extend_from_slice(&self.cin);
-        self.cin = cin;
-        self.replay_state = Replay::Retried;
-        Ok(())
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -176,10 +176,13 @@ impl Session {
         pool
     }
 
-    /// A routing failure for a unit not yet sent anywhere: the client gets
+    /// A routing or admission failure for a unit not yet sent anywhere
+    /// (counted as refused): the client gets
     /// the error, then ReadyForQuery (simple Query) or, for an
     /// extended-protocol batch, the rest of the batch is skipped to Sync.
-    pub(super) fn refuse_unit(&mut self, tag: u8, code: &str, message: &str) {
+    pub(super) fn refuse_unit(&mut self, tag: u8, code: &'static str, message: &str) {
+        self.workload_stats.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.app.metrics.errors.with_label_values(&[code]).inc();
         build::error_response(&mut self.cout, "ERROR", code, message);
         if tag == b'Q' {
             build::ready_for_query(&mut self.cout, b'I');

@@ -4,6 +4,7 @@
 //! prepared-statement cache in step with what the server did.
 
 use super::expect::{Kind, Pending};
+use super::retry::WhileRecording;
 use super::{Session, SessionError, MAX_SERVER_MSG};
 use crate::backend::consume;
 use crate::wire;
@@ -47,10 +48,18 @@ impl Session {
                 None => return Ok(()),
             };
             let swallowing = matches!(self.expect.front(), Some(Pending::Swallow(_)));
-            let recording = self.replay_state == super::Replay::Recording;
+            let recording = self.recording();
             let whole = swallowing || matches!(h.tag, b'Z' | b'S' | b'E') || (recording && h.tag == b'N');
             if whole && self.sin.len() < h.total {
                 return Ok(());
+            }
+            match self.while_recording(h.tag, &self.sin[..h.total.min(self.sin.len())]) {
+                WhileRecording::Forward => {}
+                WhileRecording::Drop => {
+                    consume(&mut self.sin, h.total);
+                    continue;
+                }
+                WhileRecording::Lost(why) => return Err(SessionError::ServerLost(why)),
             }
             let seen = match h.tag {
                 b'Z' => Seen::Ready(self.sin[5]),
@@ -61,24 +70,6 @@ impl Session {
                 b'E' => Seen::Error(wire::error_fields(&self.sin[..h.total])),
                 _ => Seen::Other,
             };
-            if let Seen::Error(fields) = &seen {
-                let fatal = fields.iter().any(|(c, v)| matches!(*c, b'S' | b'V') && v == "FATAL");
-                if fatal && self.replay_state == super::Replay::Recording {
-                    // The server is going away (e.g. immediate shutdown) before
-                    // answering: let the read be retried instead of forwarding this.
-                    let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.clone()).unwrap_or_default();
-                    return Err(SessionError::ServerLost(format!("server terminated the connection: {msg}")));
-                }
-            }
-            if recording && h.tag == b'N' {
-                // "terminating connection due to immediate shutdown" and the
-                // like concern the server connection, which a retry replaces.
-                let shutdown = wire::error_fields(&self.sin[..h.total]).iter().any(|(c, v)| *c == b'C' && v.starts_with("57P"));
-                if shutdown {
-                    consume(&mut self.sin, h.total);
-                    continue;
-                }
-            }
             let forward = self.observe(h.tag, seen);
             if forward && !matches!(h.tag, b'S' | b'N') {
                 self.answered();
@@ -109,7 +100,7 @@ impl Session {
                 self.status = status;
                 let ended = self.expect.complete_cycle();
                 if matches!(ended, Some(Pending::Fwd(_))) {
-                    self.replay_state = super::Replay::Off;
+                    self.replay_state = super::Replay::Off; // the unit is over
                     self.count_cycle_end(status);
                 }
                 if matches!(ended, Some(Pending::Swallow(Kind::Query))) {
