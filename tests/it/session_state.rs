@@ -130,7 +130,7 @@ async fn notifications_during_hidden_queries_reach_the_listener() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     // tokio-postgres delivers notifications through its connection future.
     let url = conn_str(&p, "app", "app", "app");
-    let (client, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     let driver = tokio::spawn(async move {
         let mut conn = std::pin::pin!(conn);
         loop {
