@@ -508,3 +508,26 @@ pub async fn port_of(c: &tokio_postgres::Client, sql: &str) -> u16 {
         })
         .unwrap_or_else(|| panic!("{sql}: no row"))
 }
+
+/// Runs `f` while sampling (every 100 ms) how many client backends of the
+/// shared cluster match `cond`; returns `f`'s output and the peak.
+#[allow(dead_code)]
+pub async fn max_server_conns_during<T>(cond: &str, f: impl std::future::Future<Output = T>) -> (T, usize) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let max = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, max, cond) = (stop.clone(), max.clone(), cond.to_string());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                max.fetch_max(cluster().server_conns_where(&cond), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let out = f.await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    (out, max.load(Ordering::Relaxed))
+}

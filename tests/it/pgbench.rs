@@ -2,9 +2,6 @@
 //! sees more connections than the pool size.
 
 use crate::harness::*;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 fn pgbench(p: &pgfleet::app::Running, args: &[&str]) -> String {
     let port = p.addr.port().to_string();
@@ -26,35 +23,15 @@ fn field(text: &str, prefix: &str) -> u64 {
         .unwrap()
 }
 
-/// Samples the server-side connection count for `bench` while `f` runs.
-async fn max_server_conns_during<F: std::future::Future<Output = String>>(f: F) -> (String, usize) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let max = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let (stop, max) = (stop.clone(), max.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                // Only this proxy's connections: pgfleet applies pgbench's
-                // application_name to the server connections serving it.
-                let n = cluster().server_conns_where("usename = 'bench' AND application_name = 'pgbench'");
-                max.fetch_max(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        })
-    };
-    let out = f.await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
-    (out, max.load(Ordering::Relaxed))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_50_clients_pool_5_simple_extended_prepared() {
     let p = proxy(5).await;
     pgbench(&p, &["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
         let p2 = &p;
-        let (out, max) = max_server_conns_during(async move {
+        // Only this proxy's connections: pgfleet applies pgbench's
+        // application_name to the server connections serving it.
+        let (out, max) = max_server_conns_during("usename = 'bench' AND application_name = 'pgbench'", async move {
             tokio::task::block_in_place(|| pgbench(p2, &["-M", mode, "-c", "50", "-j", "2", "-T", "10"]))
         })
         .await;

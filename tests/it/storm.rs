@@ -2,27 +2,13 @@
 //! and the server never sees more than the pool.
 
 use crate::harness::*;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_clients_at_once_on_a_pool_of_10() {
     // md5 keeps 2,000 logins cheap on both sides (SCRAM is tested elsewhere).
     let p = start(config("size = 10\ncheckout_timeout = \"60s\"", "[auth]\nmethod = \"md5\"")).await;
     let url = format!("{} application_name=storm connect_timeout=60", conn_str(&p, "app", "app", "app"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let max = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let (stop, max) = (stop.clone(), max.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let n = cluster().server_conns_where("usename = 'app' AND application_name = 'storm'");
-                max.fetch_max(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
     let started = Instant::now();
     let tasks: Vec<_> = (0..2000)
         .map(|i| {
@@ -38,20 +24,21 @@ async fn two_thousand_clients_at_once_on_a_pool_of_10() {
             })
         })
         .collect();
-    let mut clients = Vec::new();
-    let mut errors = Vec::new();
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(c) => clients.push(c),
-            Err(e) => errors.push(e),
+    let ((clients, errors), max) = max_server_conns_during("usename = 'app' AND application_name = 'storm'", async {
+        let mut clients = Vec::new();
+        let mut errors = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(c) => clients.push(c),
+                Err(e) => errors.push(e),
+            }
         }
-    }
+        (clients, errors)
+    })
+    .await;
     let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
     assert!(errors.is_empty(), "{} of 2000 failed, first: {:?}", errors.len(), errors.first());
     assert_eq!(clients.len(), 2000);
-    let max = max.load(Ordering::Relaxed);
     eprintln!("storm: 2000 clients served in {} ms; server connections peaked at {max}", took.as_millis());
     assert!((1..=10).contains(&max), "server saw {max} connections for a pool of 10");
     assert_eq!(p.app.client_count(), 2000, "all still connected");
