@@ -74,26 +74,7 @@ as_pg sh -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$dir/pgbouncer.ini'" >/de
 sleep 0.5
 bouncer_pid=$(pgrep -n -f "pgbouncer $dir/pgbouncer.ini")
 
-cat > "$dir/pgfleet.toml" <<TOML
-[listen]
-addr = "127.0.0.1:$fleet_port"
-max_client_conn = 20000
-[pool]
-size = $POOL
-[[users]]
-name = "app"
-password = "app"
-[[databases]]
-name = "app"
-[cluster]
-primary = "127.0.0.1:$pg_port"
-[log]
-level = "error"
-[runtime]
-workers = ${FLEET_WORKERS:-0}
-TOML
-RUST_LOG=error ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
-fleet_pid=$!
+start_bench_fleet
 for p in $bouncer_port $fleet_port; do
   for _ in $(seq 100); do
     "$bindir/psql" -X -q -h 127.0.0.1 -p "$p" -U app -d app -c 'SELECT 1' >/dev/null 2>&1 && break

@@ -30,23 +30,7 @@ shared_buffers = 256MB
 synchronous_commit = off"
 export PGPASSWORD=app
 "$bindir/pgbench" -h 127.0.0.1 -p "$pg_port" -U app -i -s 10 -q app >/dev/null 2>&1
-cat > "$dir/pgfleet.toml" <<TOML
-[listen]
-addr = "127.0.0.1:$fleet_port"
-[pool]
-size = $POOL
-[[users]]
-name = "app"
-password = "app"
-[[databases]]
-name = "app"
-[cluster]
-primary = "127.0.0.1:$pg_port"
-[log]
-level = "error"
-TOML
-RUST_LOG=error ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
-fleet_pid=$!
+start_bench_fleet
 sleep 0.5
 perf record -F 2000 -g --call-graph dwarf,16384 -o "$OUT/perf.data" -p "$fleet_pid" -- sleep "$SECONDS_" >/dev/null 2>&1 &
 perf_pid=$!

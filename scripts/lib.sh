@@ -39,3 +39,29 @@ stop_servers() {
     [ -f "$d/PG_VERSION" ] && as_pg "$bindir/pg_ctl" stop -D "$d" -m fast >/dev/null 2>&1 || true
   done
 }
+
+# start_bench_fleet: release pgfleet on $fleet_port in front of the primary
+# on $pg_port, pool $POOL, logging off, ${FLEET_WORKERS:-0} workers; sets
+# $fleet_pid. Used by the benchmark scripts.
+start_bench_fleet() {
+  cat > "$dir/pgfleet.toml" <<TOML
+[listen]
+addr = "127.0.0.1:$fleet_port"
+max_client_conn = 20000
+[pool]
+size = $POOL
+[[users]]
+name = "app"
+password = "app"
+[[databases]]
+name = "app"
+[cluster]
+primary = "127.0.0.1:$pg_port"
+[log]
+level = "error"
+[runtime]
+workers = ${FLEET_WORKERS:-0}
+TOML
+  RUST_LOG=error ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
+  fleet_pid=$!
+}
