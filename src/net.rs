@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 pub enum Stream {
@@ -46,6 +46,24 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_read_buf(buf),
             Stream::Tunnel { inner, .. } => inner.try_read_buf(buf),
+        }
+    }
+
+    /// Like `try_read_buf`, for the relay's hot path: a read that leaves
+    /// part of the buffer unfilled shows the socket's receive queue is empty
+    /// (epoll is edge-triggered), so read readiness is cleared. Without
+    /// this, the next wait returns at once and a read gets EAGAIN: one wasted
+    /// wakeup and syscall per message exchange. tokio's own `poll_read` does
+    /// the same; `try_read_buf` clears readiness only on EAGAIN.
+    pub fn read_some(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
+        }
+        match self {
+            Stream::Tcp(s) => read_clearing(buf, |f| s.try_io(Interest::READABLE, f), |b| s.try_read_buf(b)),
+            Stream::Tunnel { inner, .. } => {
+                read_clearing(buf, |f| inner.try_io(Interest::READABLE, f), |b| inner.try_read_buf(b))
+            }
         }
     }
 
@@ -86,6 +104,33 @@ impl Stream {
             let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
         });
         Ok(Stream::Tunnel { inner: theirs, local })
+    }
+}
+
+/// `read` (tokio's `try_read_buf`) inside `try_io`: a short read is
+/// reported to `try_io` as WouldBlock, so it clears the readiness it saw
+/// before the read (a newer readiness event survives), and the bytes read
+/// are still returned. tokio never clears closed-connection readiness, so
+/// an EOF after data is still seen.
+fn read_clearing(
+    buf: &mut BytesMut,
+    try_io: impl FnOnce(&mut dyn FnMut() -> io::Result<()>) -> io::Result<()>,
+    read: impl Fn(&mut BytesMut) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let want = buf.capacity() - buf.len();
+    let mut got = None;
+    let result = try_io(&mut || {
+        let n = read(buf)?;
+        got = Some(n);
+        if n > 0 && n < want {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => result.map(|_| 0),
     }
 }
 
