@@ -343,6 +343,10 @@ impl App {
     /// Stop accepting; sessions finish their transactions and leave.
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown.send(true);
+        // Sessions listed from here on see the watch's value when they start.
+        for c in self.conns.clients.lock().unwrap().values() {
+            c.signal.raise(crate::stats::SHUTDOWN);
+        }
         if let Some(stop) = self.monitor_stop.lock().unwrap().take() {
             let _ = stop.send(true);
         }

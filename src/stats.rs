@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Counters of one pool; SHOW STATS sums them per database.
@@ -74,8 +75,59 @@ pub struct ClientInfo {
     /// Id of the server connection serving it (0 = none).
     pub link: AtomicU64,
     pub remote_pid: AtomicI32,
-    /// Set by KILL; the session ends at its next step.
-    pub kill: tokio::sync::Notify,
+    /// KILL and shutdown reach the session through this.
+    pub signal: Signal,
+}
+
+/// `Signal` bits.
+pub const KILL: u8 = 1;
+pub const SHUTDOWN: u8 = 2;
+
+/// How the outside reaches a session: KILL from the admin console and the
+/// start of a shutdown drain. The bits are sticky and there is one waker
+/// slot, so a wait costs an atomic load and a waker comparison; nothing is
+/// registered and unregistered per wait (as with a `Notify` or a `watch`).
+#[derive(Debug, Default)]
+pub struct Signal {
+    raised: AtomicU8,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Signal {
+    pub fn raise(&self, what: u8) {
+        self.raised.fetch_or(what, Ordering::AcqRel);
+        if let Some(w) = self.waker.lock().unwrap().take() {
+            w.wake();
+        }
+    }
+
+    pub fn is_raised(&self, what: u8) -> bool {
+        self.raised.load(Ordering::Acquire) & what != 0
+    }
+
+    /// Ready with the raised bits among `mask`.
+    pub fn poll_raised(&self, cx: &mut Context<'_>, mask: u8) -> Poll<u8> {
+        let r = self.raised.load(Ordering::Acquire) & mask;
+        if r != 0 {
+            return Poll::Ready(r);
+        }
+        {
+            let mut slot = self.waker.lock().unwrap();
+            match &*slot {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
+            }
+        }
+        // A raise between the first check and the registration.
+        match self.raised.load(Ordering::Acquire) & mask {
+            0 => Poll::Pending,
+            r => Poll::Ready(r),
+        }
+    }
+
+    pub async fn raised(&self, mask: u8) -> u8 {
+        std::future::poll_fn(|cx| self.poll_raised(cx, mask)).await
+    }
 }
 
 pub const SERVER_IDLE: u8 = 0;

@@ -188,7 +188,7 @@ async fn wait_idle(app: &App, db: Option<&str>) {
 fn kill(app: &App, db: &str) {
     let clients: Vec<_> = app.conns.clients.lock().unwrap().values().filter(|c| c.database == db).cloned().collect();
     for c in clients {
-        c.kill.notify_one();
+        c.signal.raise(crate::stats::KILL);
     }
     for p in app.pools().iter().filter(|p| p.key.database == db) {
         p.close_idle("KILL from the admin console");

@@ -180,7 +180,7 @@ async fn prepare(
         wait_since_us: AtomicU64::new(0),
         link: AtomicU64::new(0),
         remote_pid: AtomicI32::new(0),
-        kill: tokio::sync::Notify::new(),
+        signal: Default::default(),
     });
     let listed = Listed::client(&app.conns, info.clone());
     let id = ClientId { user: login.user, database: login.database, workload, info };

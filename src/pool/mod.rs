@@ -327,12 +327,13 @@ impl Pool {
             self.release_slot();
             return;
         }
-        if conn.created.elapsed() >= settings.lifetime {
+        let now = Instant::now();
+        if now.saturating_duration_since(conn.created) >= settings.lifetime {
             conn.terminate("server_lifetime reached");
             self.release_slot();
             return;
         }
-        conn.idle_since = Instant::now();
+        conn.idle_since = now;
         let mut s = self.state.lock().unwrap();
         if s.total > settings.size && s.waiters.is_empty() {
             // The pool was shrunk by a reload.

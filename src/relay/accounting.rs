@@ -31,8 +31,9 @@ impl Session {
     pub(super) fn count_cycle_end(&mut self, status: u8) {
         self.cancel_sent = false;
         let Some(pool) = &self.bound_pool else { return };
+        let now = Instant::now();
         if let Some(t) = self.cycle_start.take() {
-            let e = t.elapsed();
+            let e = now.saturating_duration_since(t);
             PoolCounters::add(&pool.counters.query_us, e.as_micros() as u64);
             let h = if matches!(self.bound_target, Some(Target::Replica(_))) { &self.metrics.latency_replica } else { &self.metrics.latency_primary };
             h.observe(e.as_secs_f64());
@@ -40,7 +41,7 @@ impl Session {
         if status == b'I' {
             if let Some(t) = self.txn_start.take() {
                 PoolCounters::add(&pool.counters.xacts, 1);
-                PoolCounters::add(&pool.counters.xact_us, t.elapsed().as_micros() as u64);
+                PoolCounters::add(&pool.counters.xact_us, now.saturating_duration_since(t).as_micros() as u64);
                 self.metrics.transactions.inc();
             }
         }

@@ -92,7 +92,7 @@ impl Session {
             }
             tokio::select! {
                 _ = resumed => {}
-                _ = self.info.kill.notified() => return Err(SessionError::Killed),
+                _ = self.info.signal.raised(crate::stats::KILL) => return Err(SessionError::Killed),
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }

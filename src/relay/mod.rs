@@ -105,7 +105,8 @@ pub struct Session {
     settings: Arc<Settings>,
     stmts: HashMap<Bytes, Arc<Stmt>>,
     cancel: Arc<CancelSlot>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The one timer of this session (`wait`), kept armed across waits.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     terminated: bool,
     /// Why the client must keep its server connection (transaction mode).
     pinned: Option<&'static str>,
@@ -213,7 +214,7 @@ impl Session {
             mode: cfg.pool.mode,
             max_msg: cfg.listen.max_message_size.0 as usize,
             cfg: cfg.clone(),
-            shutdown: app.shutdown_signal(),
+            timer: None,
             app,
             user: id.user,
             database: id.database,
@@ -262,7 +263,7 @@ impl Session {
     }
 
     async fn relay(&mut self) -> Result<(), SessionError> {
-        let mut shutting_down = *self.shutdown.borrow();
+        let mut shutting_down = *self.app.shutdown_signal().borrow();
         loop {
             self.process_client().await?;
             if self.terminated {
@@ -634,6 +635,7 @@ enum Timeout {
     ClientIdle,
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Event {
     /// Nothing happened; re-check the state (drain quiet period).
     Tick,
