@@ -16,7 +16,10 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 POOL=${POOL:-20}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
-ALL_CASES="S-simple-1 S-simple-10 S-simple-50 S-simple-500 S-extended-1 S-extended-10 S-extended-50 S-extended-500 S-prepared-1 S-prepared-50 tpcb-simple-50 C-simple-10"
+# Case = SCRIPT-MODE-CLIENTS. SCRIPT: S (pgbench -S), tpcb (default script),
+# C (-S with a new connection per transaction), R8k / R1m (one row of 8 kB /
+# 1 MB: large results must not stall in the proxy).
+ALL_CASES="S-simple-1 S-simple-10 S-simple-50 S-simple-500 S-extended-1 S-extended-10 S-extended-50 S-extended-500 S-prepared-1 S-prepared-50 tpcb-simple-50 C-simple-10 R8k-simple-1 R1m-simple-1"
 CASES=${CASES:-$ALL_CASES}
 base=${PGPORT_BASE:-56432}
 pg_port=$base bouncer_port=$((base + 1)) fleet_port=$((base + 2))
@@ -48,6 +51,8 @@ log_min_messages = warning"
 export PGPASSWORD=app
 "$bindir/pgbench" -h 127.0.0.1 -p "$pg_port" -U app -i -s 10 -q app >/dev/null 2>&1
 
+echo "SELECT repeat('x', 8192);" > "$dir/R8k.sql"
+echo "SELECT repeat('x', 1048576);" > "$dir/R1m.sql"
 verifier=$(psql_admin "$pg_port" "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
 printf '"app" "%s"\n' "$verifier" > "$dir/userlist.txt"
 cat > "$dir/pgbouncer.ini" <<INI
@@ -97,6 +102,7 @@ run_case() {
   local args=(-h 127.0.0.1 -p "$port" -U app -M "$mode" -c "$clients" -j 2 -T "$DURATION" --log --log-prefix="$dir/log")
   [ "$script" = S ] && args+=(-S)
   [ "$script" = C ] && args+=(-S -C)
+  [[ $script == R* ]] && args+=(-f "$dir/$script.sql")
   rm -f "$dir"/log*
   local before after text tps failed
   before=$(cpu_ticks "$pid")
@@ -202,15 +208,16 @@ for line in open(sys.argv[1]):
 med = lambda v: statistics.median(v) if v else 0
 cases = list(dict.fromkeys(c for c, _ in rows))
 print(f"{'case':18} {'direct tps':>11} {'bouncer tps':>12} {'pgfleet tps':>12} {'fleet/bouncer':>14} {'fleet/direct':>13} "
-      f"{'p50 us d/b/f':>18} {'p99 us d/b/f':>20} {'cpu ms/1k b/f':>15} {'cpu f/b':>8} {'failed':>7}")
+      f"{'p50 us d/b/f':>18} {'+p50 b/f':>11} {'p99 us d/b/f':>20} {'cpu ms/1k b/f':>15} {'cpu f/b':>8} {'failed':>7}")
 for c in cases:
     m = {t: [med([r[i] for r in rows[(c, t)]]) for i in range(5)] for t in ('direct', 'pgbouncer', 'pgfleet') if (c, t) in rows}
     g = lambda t, i: m[t][i] if t in m else float('nan')
     ratio = lambda a, b: a / b if b else float('nan')
     print(f"{c:18} {g('direct',0):11.0f} {g('pgbouncer',0):12.0f} {g('pgfleet',0):12.0f} "
           f"{ratio(g('pgfleet',0), g('pgbouncer',0)):14.2f} {ratio(g('pgfleet',0), g('direct',0)):13.2f} "
-          f"{g('direct',1):6.0f}/{g('pgbouncer',1):5.0f}/{g('pgfleet',1):5.0f} {g('direct',2):6.0f}/{g('pgbouncer',2):6.0f}/{g('pgfleet',2):6.0f} "
+          f"{g('direct',1):6.0f}/{g('pgbouncer',1):5.0f}/{g('pgfleet',1):5.0f} {g('pgbouncer',1)-g('direct',1):5.0f}/{g('pgfleet',1)-g('direct',1):5.0f} {g('direct',2):6.0f}/{g('pgbouncer',2):6.0f}/{g('pgfleet',2):6.0f} "
           f"{g('pgbouncer',3):7.1f}/{g('pgfleet',3):6.1f} {ratio(g('pgfleet',3), g('pgbouncer',3)):8.2f} "
           f"{int(sum(r[4] for t in ('direct','pgbouncer','pgfleet') for r in rows.get((c, t), []))):7d}")
+print("(+p50: latency added over direct PostgreSQL, median of the rounds' p50s)")
 print(f"\nRSS per idle client: PgBouncer {sys.argv[2]} kB, pgfleet {sys.argv[3]} kB")
 PY

@@ -34,11 +34,20 @@ impl Stream {
         }
     }
 
-    /// Waits for any of `interest` (one future for both directions).
-    pub async fn ready(&self, interest: tokio::io::Interest) -> io::Result<tokio::io::Ready> {
+    /// Readiness for reading, with one waker slot per direction inside the
+    /// socket's registration: nothing is allocated or linked per wait (the
+    /// relay is the only task polling a socket while it owns it).
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Tcp(s) => s.ready(interest).await,
-            Stream::Tunnel { inner, .. } => inner.ready(interest).await,
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Tunnel { inner, .. } => inner.poll_read_ready(cx),
+        }
+    }
+
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_write_ready(cx),
+            Stream::Tunnel { inner, .. } => inner.poll_write_ready(cx),
         }
     }
 

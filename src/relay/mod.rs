@@ -107,6 +107,8 @@ pub struct Session {
     cancel: Arc<CancelSlot>,
     /// The one timer of this session (`wait`), kept armed across waits.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// `wait` alternates which socket it looks at first.
+    server_first: bool,
     terminated: bool,
     /// Why the client must keep its server connection (transaction mode).
     pinned: Option<&'static str>,
@@ -215,6 +217,7 @@ impl Session {
             max_msg: cfg.listen.max_message_size.0 as usize,
             cfg: cfg.clone(),
             timer: None,
+            server_first: false,
             app,
             user: id.user,
             database: id.database,

@@ -4,6 +4,9 @@
 
 use super::{Event, Session, SessionError, Timeout, COUT_HIGH, DRAIN_QUIET, SOUT_HIGH};
 use crate::stats::{KILL, SHUTDOWN};
+use crate::net::Stream;
+use std::future::Future;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// An idle client's buffers are freed after this much quiet.
@@ -48,23 +51,20 @@ impl Session {
         deadline
     }
 
-    /// Waits for the next thing to do. Kept small on purpose: this future
-    /// lives in every idle client's task, so each socket has one readiness
-    /// future for both directions. The timer lives in the session and stays
-    /// armed across waits: it is re-armed only when a deadline earlier than
-    /// the armed one is needed (firing early just re-evaluates), so a busy
-    /// client does not insert and remove a timer on every message.
+    /// Waits for the next thing to do. Kept small and cheap on purpose:
+    /// this future lives in every idle client's task and runs a few times per
+    /// transaction. Sockets are polled through their registration's own
+    /// waker slots (no waiter node linked and unlinked per wait), KILL and
+    /// shutdown through the client's `Signal`, and the timer lives in the
+    /// session, armed across waits: it is re-armed only when a deadline
+    /// earlier than the armed one is needed (firing early re-evaluates).
     pub(super) async fn wait(&mut self, shutting_down: bool) -> Result<Event, SessionError> {
-        use tokio::io::Interest;
-        let interest = |read: bool, write: bool| match (read, write) {
-            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-            (true, false) => Some(Interest::READABLE),
-            (false, true) => Some(Interest::WRITABLE),
-            (false, false) => None,
+        let client_read = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
+        let client_write = !self.cout.is_empty();
+        let (server_read, server_write) = match self.server {
+            Some(_) => (self.cout.len() < COUT_HIGH, !self.sout.is_empty()),
+            None => (false, false),
         };
-        let read_client = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
-        let client_interest = interest(read_client, !self.cout.is_empty());
-        let server_interest = self.server.as_ref().and_then(|_| interest(self.cout.len() < COUT_HIGH, !self.sout.is_empty()));
         let due = self.next_deadline(shutting_down);
         if let Some((at, _)) = due {
             let at = tokio::time::Instant::from_std(at);
@@ -74,37 +74,66 @@ impl Session {
                 None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
             }
         }
-        let (at, timer_event) = match due {
-            Some((at, ev)) => (Some(tokio::time::Instant::from_std(at)), ev),
-            None => (None, Event::Tick),
-        };
+        // Which socket is looked at first alternates, so neither direction
+        // can starve the other.
+        self.server_first = !self.server_first;
+        let server_first = self.server_first;
         let client = &self.client;
         let server = self.server.as_ref().map(|s| &s.stream);
         let signal = &self.info.signal;
         let mask = if shutting_down { KILL } else { KILL | SHUTDOWN };
-        let timer = self.timer.as_mut().filter(|_| at.is_some());
-        let direction = |r: tokio::io::Ready, readable: Event| {
-            if r.is_readable() || r.is_read_closed() || !(r.is_writable() || r.is_write_closed()) {
-                readable
+        let mut timer = self.timer.as_mut().filter(|_| due.is_some());
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(raised) = signal.poll_raised(cx, mask) {
+                return Poll::Ready(if raised & KILL != 0 { Err(SessionError::Killed) } else { Ok(Event::Shutdown) });
+            }
+            let poll_client = |cx: &mut Context<'_>| {
+                poll_socket(client, cx, client_read, client_write, Event::ClientReadable).map_err(|_| SessionError::ClientGone)
+            };
+            let poll_server = |cx: &mut Context<'_>| match server {
+                Some(s) => poll_socket(s, cx, server_read, server_write, Event::ServerReadable)
+                    .map_err(|e| SessionError::ServerLost(e.to_string())),
+                None => Poll::Pending,
+            };
+            let ready = if server_first {
+                match poll_server(cx) {
+                    Poll::Pending => poll_client(cx),
+                    r => r,
+                }
             } else {
-                Event::Writable
+                match poll_client(cx) {
+                    Poll::Pending => poll_server(cx),
+                    r => r,
+                }
+            };
+            if ready.is_ready() {
+                return ready;
             }
-        };
-        tokio::select! {
-            // All branches are cancel-safe.
-            r = client.ready(client_interest.unwrap_or(Interest::READABLE)), if client_interest.is_some() => {
-                r.map(|r| direction(r, Event::ClientReadable)).map_err(|_| SessionError::ClientGone)
+            if let (Some(t), Some((at, event))) = (timer.as_deref_mut(), due) {
+                let fired_at = t.deadline();
+                if t.as_mut().poll(cx).is_ready() {
+                    // Fired at the wanted deadline: that event; earlier: look again.
+                    return Poll::Ready(Ok(if fired_at >= tokio::time::Instant::from_std(at) { event } else { Event::Tick }));
+                }
             }
-            r = async { server.unwrap().ready(server_interest.unwrap()).await }, if server_interest.is_some() => {
-                r.map(|r| direction(r, Event::ServerReadable)).map_err(|e| SessionError::ServerLost(e.to_string()))
-            }
-            raised = signal.raised(mask) => {
-                if raised & KILL != 0 { Err(SessionError::Killed) } else { Ok(Event::Shutdown) }
-            }
-            fired_at = async { let t = timer.unwrap(); let at = t.deadline(); t.as_mut().await; at }, if at.is_some() => {
-                // Fired at the wanted deadline: that event; earlier: look again.
-                Ok(if Some(fired_at) >= at { timer_event } else { Event::Tick })
-            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Readiness of one socket for what is wanted of it: readable (or closed)
+/// gives `readable`, writable gives `Event::Writable`.
+fn poll_socket(s: &Stream, cx: &mut Context<'_>, read: bool, write: bool, readable: Event) -> Poll<std::io::Result<Event>> {
+    if read {
+        if let Poll::Ready(r) = s.poll_read_ready(cx) {
+            return Poll::Ready(r.map(|_| readable));
         }
     }
+    if write {
+        if let Poll::Ready(r) = s.poll_write_ready(cx) {
+            return Poll::Ready(r.map(|_| Event::Writable));
+        }
+    }
+    Poll::Pending
 }
