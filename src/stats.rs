@@ -55,6 +55,19 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// Wall-clock microseconds of a monotonic instant (for SHOW and metrics
+/// timestamps), so a hot path that already read the monotonic clock does not
+/// read the wall clock too. Anchored once; it drifts from the wall clock only
+/// by later clock adjustments, which display timestamps can afford.
+pub fn unix_us_at(t: std::time::Instant) -> u64 {
+    static ANCHOR: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (at, us) = *ANCHOR.get_or_init(|| (std::time::Instant::now(), now_us()));
+    match t.checked_duration_since(at) {
+        Some(d) => us + d.as_micros() as u64,
+        None => us.saturating_sub(at.duration_since(t).as_micros() as u64),
+    }
+}
+
 pub const CLIENT_IDLE: u8 = 0;
 pub const CLIENT_ACTIVE: u8 = 1;
 pub const CLIENT_WAITING: u8 = 2;
@@ -324,4 +337,23 @@ pub fn quantile(hs: &[&Histogram], q: f64) -> f64 {
         }
     }
     f64::INFINITY
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn unix_us_at_follows_the_wall_clock() {
+        let before = now_us();
+        let t = Instant::now();
+        let after = now_us();
+        let at = unix_us_at(t);
+        // Within the wall-clock readings around it (1 ms slack for the anchor).
+        assert!(at + 1_000 >= before && at <= after + 1_000, "{before} <= {at} <= {after}");
+        // Instants before the anchor map to earlier times, spaced as they were.
+        let earlier = t.checked_sub(Duration::from_millis(50)).unwrap();
+        assert!((unix_us_at(t) - unix_us_at(earlier)).abs_diff(50_000) <= 1);
+    }
 }

@@ -110,9 +110,9 @@ fn backoff_delay(failures: u32) -> Duration {
 
 /// The most recently used idle connection that is still good (LIFO keeps
 /// warm connections warm); dead or expired ones are dropped on the way.
-fn pop_idle(s: &mut State, lifetime: Duration) -> Option<Conn> {
+fn pop_idle(s: &mut State, lifetime: Duration, now: Instant) -> Option<Conn> {
     while let Some(c) = s.idle.pop() {
-        if c.looks_healthy() && c.created.elapsed() < lifetime {
+        if c.looks_healthy() && now.saturating_duration_since(c.created) < lifetime {
             return Some(c);
         }
         s.total -= 1;
@@ -196,9 +196,10 @@ impl Pool {
 
     /// The fast path: an idle healthy connection, without waiting. The
     /// async `checkout` is only needed (and boxed by callers) when this fails.
-    pub fn try_checkout_idle(&self) -> Option<Conn> {
+    /// `now`: the caller's clock reading (the relay reads it once per event).
+    pub fn try_checkout_idle(&self, now: Instant) -> Option<Conn> {
         let lifetime = self.settings.read().unwrap().lifetime;
-        let c = pop_idle(&mut self.state.lock().unwrap(), lifetime)?;
+        let c = pop_idle(&mut self.state.lock().unwrap(), lifetime, now)?;
         PoolCounters::add(&self.counters.server_assignments, 1);
         self.wait_seconds.observe(0.0);
         Some(c)
@@ -211,7 +212,7 @@ impl Pool {
         let deadline = tokio::time::Instant::now() + settings.checkout_timeout;
         let next = {
             let mut s = self.state.lock().unwrap();
-            match pop_idle(&mut s, settings.lifetime) {
+            match pop_idle(&mut s, settings.lifetime, started) {
                 Some(c) => Next::Ready(c),
                 None if s.total < settings.size => {
                     s.total += 1;
@@ -320,14 +321,18 @@ impl Pool {
     }
 
     /// Returns a clean connection (idle, no transaction) to the pool.
-    pub fn checkin(&self, mut conn: Conn) {
+    pub fn checkin(&self, conn: Conn) {
+        self.checkin_at(conn, Instant::now())
+    }
+
+    /// `checkin` with the caller's clock reading.
+    pub fn checkin_at(&self, mut conn: Conn, now: Instant) {
         let settings = self.settings();
         if conn.epoch != self.epoch.load(Ordering::Acquire) {
             conn.terminate("the primary moved (failover)");
             self.release_slot();
             return;
         }
-        let now = Instant::now();
         if now.saturating_duration_since(conn.created) >= settings.lifetime {
             conn.terminate("server_lifetime reached");
             self.release_slot();

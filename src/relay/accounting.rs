@@ -6,7 +6,7 @@ use super::*;
 impl Session {
     /// Accounts a client message going to the server.
     pub(super) fn count_request(&mut self, msg: &[u8]) {
-        let now = Instant::now();
+        let now = self.now;
         self.cycle_start.get_or_insert(now);
         self.txn_start.get_or_insert(now);
         let len = msg.len() as u64;
@@ -31,7 +31,7 @@ impl Session {
     pub(super) fn count_cycle_end(&mut self, status: u8) {
         self.cancel_sent = false;
         let Some(pool) = &self.bound_pool else { return };
-        let now = Instant::now();
+        let now = self.now;
         if let Some(t) = self.cycle_start.take() {
             let e = now.saturating_duration_since(t);
             PoolCounters::add(&pool.counters.query_us, e.as_micros() as u64);

@@ -13,18 +13,23 @@ impl Session {
             Box::pin(self.wait_while_paused()).await?;
         }
         self.info.state.store(CLIENT_WAITING, Ordering::Relaxed);
-        let now = crate::stats::now_us();
+        let now = crate::stats::unix_us_at(self.now);
         self.info.wait_since_us.store(now, Ordering::Relaxed);
         let pool = self.pool_for(target, topo);
-        let (checked_out, waited) = match pool.try_checkout_idle() {
+        let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
             Some(conn) => (Ok((conn, target, pool)), false),
             // Boxed slow path (wait, connect, re-route): see checkout_routed.
             None => (Box::pin(self.checkout_routed(a, target, topo)).await, true),
         };
         self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
         let (mut conn, target, pool) = checked_out?;
-        // One clock read per checkout; a slow (waiting) checkout reads again.
-        let now = if waited { crate::stats::now_us() } else { now };
+        // The event's clock reading; a slow (waiting) checkout reads again.
+        let now = if waited {
+            self.now = Instant::now();
+            crate::stats::unix_us_at(self.now)
+        } else {
+            now
+        };
         if let Some(si) = &conn.info {
             si.state.store(SERVER_ACTIVE, Ordering::Relaxed);
             si.link.store(self.info.id, Ordering::Relaxed);
@@ -76,8 +81,7 @@ impl Session {
                 return;
             }
             let (conn, pool) = self.unbind().expect("checked");
-            pool.checkin(conn);
-
+            pool.checkin_at(conn, self.now);
         }
     }
 

@@ -154,6 +154,10 @@ pub struct Session {
     txn_start: Option<Instant>,
     /// Last time the client sent anything (idle timeouts).
     last_client_activity: Instant,
+    /// When the event being handled happened: the clock is read once per
+    /// event, and every timestamp the handling needs (activity, cycle and
+    /// transaction start and end, checkout and checkin) uses this reading.
+    now: Instant,
     /// The query timeout already sent a cancel for the current cycle.
     cancel_sent: bool,
     /// The pool last bound from: (target, config generation, writer, pool).
@@ -208,6 +212,7 @@ impl Session {
             cycle_start: None,
             txn_start: None,
             last_client_activity: Instant::now(),
+            now: Instant::now(),
             cancel_sent: false,
             admission: None,
             pool_cache: None,
@@ -276,10 +281,12 @@ impl Session {
                 self.retry_or(e)?;
                 continue;
             }
-            if shutting_down && self.drain_idle() && self.last_client_activity.elapsed() >= DRAIN_QUIET {
+            if shutting_down && self.drain_idle() && self.now.saturating_duration_since(self.last_client_activity) >= DRAIN_QUIET {
                 return Err(SessionError::Shutdown);
             }
-            let event = match self.wait(shutting_down).await {
+            let event = self.wait(shutting_down).await;
+            self.now = Instant::now();
+            let event = match event {
                 Ok(ev) => ev,
                 Err(e) => {
                     self.retry_or(e)?;
@@ -352,7 +359,7 @@ impl Session {
         match self.client.read_some(&mut self.cin) {
             Ok(0) => Err(SessionError::ClientGone),
             Ok(_) => {
-                self.last_client_activity = Instant::now();
+                self.last_client_activity = self.now;
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),

@@ -215,7 +215,7 @@ impl Session {
                 continue;
             }
             let pool = self.pool_for(target, topo);
-            if let Some(conn) = pool.try_checkout_idle() {
+            if let Some(conn) = pool.try_checkout_idle(std::time::Instant::now()) {
                 return Ok((conn, target, pool));
             }
             // Boxed: waiting/connecting is the slow path, and its future is
