@@ -215,8 +215,14 @@ fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
 /// client_encoding, so the text is not required to be UTF-8: classification
 /// only needs the ASCII structure (borrowed, no copy, when it is UTF-8).
 pub(super) fn sql_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end])
+    // Up to the first NUL (as PostgreSQL reads it); `CStr` finds it with
+    // memchr, and `from_utf8` validates ASCII a word at a time (the lossy
+    // conversion, only for invalid text, goes byte by byte).
+    let text = std::ffi::CStr::from_bytes_until_nul(bytes).map(|c| c.to_bytes()).unwrap_or(bytes);
+    match std::str::from_utf8(text) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(text),
+    }
 }
 
 /// Parse content with the query text replaced, parameter types kept.
@@ -226,4 +232,19 @@ pub(super) fn replace_sql(content: &[u8], sql: &str) -> Bytes {
     v.extend_from_slice(sql.as_bytes());
     v.extend_from_slice(&content[end..]);
     Bytes::from(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sql_text;
+
+    #[test]
+    fn sql_text_reads_up_to_the_first_nul() {
+        assert_eq!(sql_text(b"SELECT 1\0"), "SELECT 1");
+        assert_eq!(sql_text(b"SELECT 1\0; DROP TABLE t\0"), "SELECT 1");
+        assert_eq!(sql_text(b"SELECT 1"), "SELECT 1");
+        assert_eq!(sql_text(b"SELECT '\xc3\xa9'\0"), "SELECT 'é'");
+        // Invalid UTF-8 is replaced, not trusted.
+        assert_eq!(sql_text(b"SELECT '\xff'\0"), "SELECT '\u{fffd}'");
+    }
 }
