@@ -88,6 +88,7 @@ for p in $bouncer_port $fleet_port; do
 done
 
 cpu_ticks() { [ -z "$1" ] && echo 0 && return; awk '{print $14 + $15}' "/proc/$1/stat"; }
+sys_ticks() { [ -z "$1" ] && echo 0 && return; awk '{print $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 # run_case TARGET CASE ROUND: one pgbench run; appends a TSV line.
@@ -105,20 +106,21 @@ run_case() {
   [[ $script == R* ]] && args+=(-f "$dir/$script.sql")
   rm -f "$dir"/log*
   local before after text tps failed
-  before=$(cpu_ticks "$pid")
+  before=$(cpu_ticks "$pid") sys_before=$(sys_ticks "$pid")
   text=$("$bindir/pgbench" "${args[@]}" app 2>&1) || { echo "pgbench failed for $target $case: $text" >&2; return 0; }
-  after=$(cpu_ticks "$pid")
+  after=$(cpu_ticks "$pid") sys_after=$(sys_ticks "$pid")
   tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$text" | head -1)
   failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$text")
   local tx lat
   tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$text")
   # Latency (µs) is the third field of every pgbench --log line.
   lat=$(cat "$dir"/log* 2>/dev/null | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {if (NR) printf "%d %d", a[int(NR*0.5)+(NR*0.5>int(NR*0.5))], a[int(NR*0.99)+(NR*0.99>int(NR*0.99))]; else printf "0 0"}')
-  local cpu_ms_per_1k=0
+  local cpu_ms_per_1k=0 sys_share=0
   if [ -n "$pid" ] && [ "${tx:-0}" -gt 0 ]; then
     cpu_ms_per_1k=$(awk -v t=$((after - before)) -v n="$tx" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t * 1000 / hz / n * 1000}')
+    sys_share=$(awk -v t=$((after - before)) -v s=$((sys_after - sys_before)) 'BEGIN {printf "%.3f", t ? s / t : 0}')
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$target" "$round" "${tps:-0}" "$lat" "$cpu_ms_per_1k" "${failed:-0}" | tr ' ' '\t' >> "$out"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$case" "$target" "$round" "${tps:-0}" "$lat" "$cpu_ms_per_1k" "$sys_share" "${failed:-0}" | tr ' ' '\t' >> "$out"
   echo "  $case $target round $round: tps ${tps:-0}" >&2
 }
 
@@ -203,21 +205,21 @@ python3 - "$out" "$rss_bouncer" "$rss_fleet" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
-    case, target, rnd, tps, p50, p99, cpu, failed = line.rstrip('\n').split('\t')
-    rows[(case, target)].append((float(tps), int(p50), int(p99), float(cpu), int(failed)))
+    case, target, rnd, tps, p50, p99, cpu, sys_share, failed = line.rstrip('\n').split('\t')
+    rows[(case, target)].append((float(tps), int(p50), int(p99), float(cpu), int(failed), float(sys_share)))
 med = lambda v: statistics.median(v) if v else 0
 cases = list(dict.fromkeys(c for c, _ in rows))
 print(f"{'case':18} {'direct tps':>11} {'bouncer tps':>12} {'pgfleet tps':>12} {'fleet/bouncer':>14} {'fleet/direct':>13} "
-      f"{'p50 us d/b/f':>18} {'+p50 b/f':>11} {'p99 us d/b/f':>20} {'cpu ms/1k b/f':>15} {'cpu f/b':>8} {'failed':>7}")
+      f"{'p50 us d/b/f':>18} {'+p50 b/f':>11} {'p99 us d/b/f':>20} {'cpu ms/1k b/f':>15} {'cpu f/b':>8} {'kernel % b/f':>13} {'failed':>7}")
 for c in cases:
-    m = {t: [med([r[i] for r in rows[(c, t)]]) for i in range(5)] for t in ('direct', 'pgbouncer', 'pgfleet') if (c, t) in rows}
+    m = {t: [med([r[i] for r in rows[(c, t)]]) for i in range(6)] for t in ('direct', 'pgbouncer', 'pgfleet') if (c, t) in rows}
     g = lambda t, i: m[t][i] if t in m else float('nan')
     ratio = lambda a, b: a / b if b else float('nan')
     print(f"{c:18} {g('direct',0):11.0f} {g('pgbouncer',0):12.0f} {g('pgfleet',0):12.0f} "
           f"{ratio(g('pgfleet',0), g('pgbouncer',0)):14.2f} {ratio(g('pgfleet',0), g('direct',0)):13.2f} "
           f"{g('direct',1):6.0f}/{g('pgbouncer',1):5.0f}/{g('pgfleet',1):5.0f} {g('pgbouncer',1)-g('direct',1):5.0f}/{g('pgfleet',1)-g('direct',1):5.0f} {g('direct',2):6.0f}/{g('pgbouncer',2):6.0f}/{g('pgfleet',2):6.0f} "
-          f"{g('pgbouncer',3):7.1f}/{g('pgfleet',3):6.1f} {ratio(g('pgfleet',3), g('pgbouncer',3)):8.2f} "
+          f"{g('pgbouncer',3):7.1f}/{g('pgfleet',3):6.1f} {ratio(g('pgfleet',3), g('pgbouncer',3)):8.2f} {100*g('pgbouncer',5):6.0f}/{100*g('pgfleet',5):5.0f} "
           f"{int(sum(r[4] for t in ('direct','pgbouncer','pgfleet') for r in rows.get((c, t), []))):7d}")
-print("(+p50: latency added over direct PostgreSQL, median of the rounds' p50s)")
+print("(+p50: latency added over direct PostgreSQL, median of the rounds' p50s; kernel %: share of the proxy's CPU time spent in the kernel)")
 print(f"\nRSS per idle client: PgBouncer {sys.argv[2]} kB, pgfleet {sys.argv[3]} kB")
 PY
