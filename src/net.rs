@@ -51,23 +51,15 @@ impl Stream {
         }
     }
 
-    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.try_read_buf(buf),
-            Stream::Tunnel { inner, .. } => inner.try_read_buf(buf),
-        }
-    }
-
-    /// Like `try_read_buf`, for the relay's hot path: a read that leaves
-    /// part of the buffer unfilled shows the socket's receive queue is empty
-    /// (epoll is edge-triggered), so read readiness is cleared. Without
-    /// this, the next wait returns at once and a read gets EAGAIN: one wasted
-    /// wakeup and syscall per message exchange. tokio's own `poll_read` does
-    /// the same; `try_read_buf` clears readiness only on EAGAIN.
-    pub fn read_some(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        if buf.capacity() == buf.len() {
-            buf.reserve(4096);
-        }
+    /// Reads what is there into `buf` (after reserving `chunk` bytes of
+    /// space), for the relay's hot path: a read that leaves part of
+    /// the buffer unfilled shows the socket's receive queue is empty (epoll
+    /// is edge-triggered), so read readiness is cleared. Without this, the
+    /// next wait returns at once and a read gets EAGAIN: one wasted wakeup
+    /// and syscall per message exchange. tokio's own `poll_read` does the
+    /// same; tokio's `try_read_buf` clears readiness only on EAGAIN.
+    pub fn read_some(&self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
+        buf.reserve(chunk);
         match self {
             Stream::Tcp(s) => read_clearing(buf, |f| s.try_io(Interest::READABLE, f), |b| s.try_read_buf(b)),
             Stream::Tunnel { inner, .. } => {

@@ -114,10 +114,6 @@ impl Signal {
         }
     }
 
-    pub fn is_raised(&self, what: u8) -> bool {
-        self.raised.load(Ordering::Acquire) & what != 0
-    }
-
     /// Ready with the raised bits among `mask`.
     pub fn poll_raised(&self, cx: &mut Context<'_>, mask: u8) -> Poll<u8> {
         let r = self.raised.load(Ordering::Acquire) & mask;

@@ -355,8 +355,7 @@ impl Session {
     }
 
     fn read_client(&mut self) -> Result<(), SessionError> {
-        self.cin.reserve(READ_CHUNK);
-        match self.client.read_some(&mut self.cin) {
+        match self.client.read_some(&mut self.cin, READ_CHUNK) {
             Ok(0) => Err(SessionError::ClientGone),
             Ok(_) => {
                 self.last_client_activity = self.now;
@@ -369,8 +368,7 @@ impl Session {
 
     fn read_server(&mut self) -> Result<(), SessionError> {
         let server = self.server.as_ref().expect("readable only when bound");
-        self.sin.reserve(READ_CHUNK);
-        match server.stream.read_some(&mut self.sin) {
+        match server.stream.read_some(&mut self.sin, READ_CHUNK) {
             Ok(0) => Err(SessionError::ServerLost("server closed the connection".into())),
             Ok(_) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),

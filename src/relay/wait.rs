@@ -82,7 +82,7 @@ impl Session {
         let server = self.server.as_ref().map(|s| &s.stream);
         let signal = &self.info.signal;
         let mask = if shutting_down { KILL } else { KILL | SHUTDOWN };
-        let mut timer = self.timer.as_mut().filter(|_| due.is_some());
+        let mut timer = self.timer.as_mut();
         std::future::poll_fn(move |cx| {
             if let Poll::Ready(raised) = signal.poll_raised(cx, mask) {
                 return Poll::Ready(if raised & KILL != 0 { Err(SessionError::Killed) } else { Ok(Event::Shutdown) });
