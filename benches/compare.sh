@@ -21,7 +21,9 @@ IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 # 1 MB: large results must not stall in the proxy).
 ALL_CASES="S-simple-1 S-simple-10 S-simple-50 S-simple-500 S-extended-1 S-extended-10 S-extended-50 S-extended-500 S-prepared-1 S-prepared-50 tpcb-simple-50 C-simple-10 R8k-simple-1 R1m-simple-1"
 CASES=${CASES:-$ALL_CASES}
-base=${PGPORT_BASE:-56432}
+# Below the ephemeral port range (32768-60999): a client socket lingering in
+# TIME_WAIT on a port in that range makes binding the port fail.
+base=${PGPORT_BASE:-26432}
 pg_port=$base bouncer_port=$((base + 1)) fleet_port=$((base + 2))
 ulimit -n 65536 2>/dev/null || true
 

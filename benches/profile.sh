@@ -11,7 +11,8 @@ command -v perf >/dev/null || { echo "perf is needed (apt-get install linux-perf
 MODE=${MODE:-simple} CLIENTS=${CLIENTS:-50} SECONDS_=${SECONDS_:-10} POOL=${POOL:-20}
 OUT=${OUT:-/tmp/pgfleet-profile}
 mkdir -p "$OUT"
-base=${PGPORT_BASE:-57432}
+# Below the ephemeral port range (see compare.sh).
+base=${PGPORT_BASE:-27432}
 pg_port=$base fleet_port=$((base + 2))
 dir=$(mktemp -d /tmp/pgfleet-prof.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
