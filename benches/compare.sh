@@ -83,10 +83,12 @@ bouncer_pid=$(pgrep -n -f "pgbouncer $dir/pgbouncer.ini")
 
 start_bench_fleet
 for p in $bouncer_port $fleet_port; do
+  up=""
   for _ in $(seq 100); do
-    "$bindir/psql" -X -q -h 127.0.0.1 -p "$p" -U app -d app -c 'SELECT 1' >/dev/null 2>&1 && break
+    "$bindir/psql" -X -q -h 127.0.0.1 -p "$p" -U app -d app -c 'SELECT 1' >/dev/null 2>&1 && up=1 && break
     sleep 0.1
   done
+  [ -n "$up" ] || { echo "nothing answers on port $p (see PGPORT_BASE)" >&2; exit 1; }
 done
 
 cpu_ticks() { [ -z "$1" ] && echo 0 && return; awk '{print $14 + $15}' "/proc/$1/stat"; }
