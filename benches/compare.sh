@@ -208,22 +208,27 @@ fi
 python3 - "$out" "$rss_bouncer" "$rss_fleet" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
+per_round = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
     case, target, rnd, tps, p50, p99, cpu, sys_share, failed = line.rstrip('\n').split('\t')
     rows[(case, target)].append((float(tps), int(p50), int(p99), float(cpu), int(failed), float(sys_share)))
+    per_round[(case, target)][rnd] = float(tps)
 med = lambda v: statistics.median(v) if v else 0
 cases = list(dict.fromkeys(c for c, _ in rows))
 print(f"{'case':18} {'direct tps':>11} {'bouncer tps':>12} {'pgfleet tps':>12} {'fleet/bouncer':>14} {'fleet/direct':>13} "
-      f"{'p50 us d/b/f':>18} {'+p50 b/f':>11} {'p99 us d/b/f':>20} {'cpu ms/1k b/f':>15} {'cpu f/b':>8} {'kernel % b/f':>13} {'failed':>7}")
+      f"{'rounds f/b':>10} {'p50 us d/b/f':>18} {'+p50 b/f':>11} {'p99 us d/b/f':>20} {'cpu ms/1k b/f':>15} {'cpu f/b':>8} {'kernel % b/f':>13} {'failed':>7}")
 for c in cases:
     m = {t: [med([r[i] for r in rows[(c, t)]]) for i in range(6)] for t in ('direct', 'pgbouncer', 'pgfleet') if (c, t) in rows}
     g = lambda t, i: m[t][i] if t in m else float('nan')
     ratio = lambda a, b: a / b if b else float('nan')
+    # fleet/bouncer per round (the runs of a round are back to back): the spread is the noise.
+    rr = [ratio(per_round[(c, 'pgfleet')][k], b) for k, b in per_round[(c, 'pgbouncer')].items() if k in per_round[(c, 'pgfleet')]]
+    spread = f"{min(rr):.2f}-{max(rr):.2f}" if rr else "-"
     print(f"{c:18} {g('direct',0):11.0f} {g('pgbouncer',0):12.0f} {g('pgfleet',0):12.0f} "
-          f"{ratio(g('pgfleet',0), g('pgbouncer',0)):14.2f} {ratio(g('pgfleet',0), g('direct',0)):13.2f} "
+          f"{ratio(g('pgfleet',0), g('pgbouncer',0)):14.2f} {ratio(g('pgfleet',0), g('direct',0)):13.2f} {spread:>10} "
           f"{g('direct',1):6.0f}/{g('pgbouncer',1):5.0f}/{g('pgfleet',1):5.0f} {g('pgbouncer',1)-g('direct',1):5.0f}/{g('pgfleet',1)-g('direct',1):5.0f} {g('direct',2):6.0f}/{g('pgbouncer',2):6.0f}/{g('pgfleet',2):6.0f} "
           f"{g('pgbouncer',3):7.1f}/{g('pgfleet',3):6.1f} {ratio(g('pgfleet',3), g('pgbouncer',3)):8.2f} {100*g('pgbouncer',5):6.0f}/{100*g('pgfleet',5):5.0f} "
           f"{int(sum(r[4] for t in ('direct','pgbouncer','pgfleet') for r in rows.get((c, t), []))):7d}")
-print("(+p50: latency added over direct PostgreSQL, median of the rounds' p50s; kernel %: share of the proxy's CPU time spent in the kernel)")
+print("(rounds f/b: lowest and highest pgfleet/PgBouncer TPS ratio of a single round; +p50: latency added over direct PostgreSQL, median of the rounds' p50s; kernel %: share of the proxy's CPU time spent in the kernel)")
 print(f"\nRSS per idle client: PgBouncer {sys.argv[2]} kB, pgfleet {sys.argv[3]} kB")
 PY

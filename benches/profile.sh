@@ -3,6 +3,7 @@
 # goes per transaction. Usage:
 #   benches/profile.sh                         # -S -M simple -c 50, 10 s
 #   MODE=extended CLIENTS=10 SECONDS_=5 benches/profile.sh
+#   ARGS="-S -C" CLIENTS=10 benches/profile.sh   # other pgbench arguments (default -S)
 # Writes perf.data and a text report to $OUT (default /tmp/pgfleet-profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ start_bench_fleet
 sleep 0.5
 perf record -F 2000 -g --call-graph dwarf,16384 -o "$OUT/perf.data" -p "$fleet_pid" -- sleep "$SECONDS_" >/dev/null 2>&1 &
 perf_pid=$!
-"$bindir/pgbench" -h 127.0.0.1 -p "$fleet_port" -U app -S -M "$MODE" -c "$CLIENTS" -j 2 -T "$SECONDS_" app 2>&1 | grep -E "^tps|failed"
+"$bindir/pgbench" -h 127.0.0.1 -p "$fleet_port" -U app ${ARGS:--S} -M "$MODE" -c "$CLIENTS" -j 2 -T "$SECONDS_" app 2>&1 | grep -E "^tps|failed"
 wait "$perf_pid" || true
 # (no `head` in these pipelines: with pipefail, its early exit would end the script)
 perf report -i "$OUT/perf.data" --no-children --percent-limit 0.7 --stdio 2>/dev/null | grep -v "^$" > "$OUT/report.txt" || true
