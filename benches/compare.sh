@@ -55,31 +55,7 @@ export PGPASSWORD=app
 
 echo "SELECT repeat('x', 8192);" > "$dir/R8k.sql"
 echo "SELECT repeat('x', 1048576);" > "$dir/R1m.sql"
-verifier=$(psql_admin "$pg_port" "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
-printf '"app" "%s"\n' "$verifier" > "$dir/userlist.txt"
-cat > "$dir/pgbouncer.ini" <<INI
-[databases]
-app = host=127.0.0.1 port=$pg_port dbname=app
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bouncer_port
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $dir/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL
-max_client_conn = 20000
-max_db_connections = $POOL
-log_connections = 0
-log_disconnections = 0
-log_pooler_errors = 0
-stats_period = 60
-INI
-chown postgres "$dir/pgbouncer.ini" "$dir/userlist.txt" 2>/dev/null || true
-# runuser resets the open-files limit; raise it for the idle-clients test.
-as_pg sh -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$dir/pgbouncer.ini'" >/dev/null 2>&1 &
-sleep 0.5
-bouncer_pid=$(pgrep -n -f "pgbouncer $dir/pgbouncer.ini")
+start_bench_bouncer
 
 start_bench_fleet
 for p in $bouncer_port $fleet_port; do

@@ -62,6 +62,38 @@ level = "error"
 [runtime]
 workers = ${FLEET_WORKERS:-0}
 TOML
-  RUST_LOG=error ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
+  # FLEET_WRAPPER: a command to run pgfleet under (e.g. valgrind).
+  RUST_LOG=error ${FLEET_WRAPPER:-} ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
   fleet_pid=$!
+}
+
+# start_bench_bouncer: PgBouncer on $bouncer_port with the same settings
+# (transaction mode, pool $POOL, scram auth with the server's verifier,
+# logging off); sets $bouncer_pid. BOUNCER_WRAPPER: a command to run it under.
+start_bench_bouncer() {
+  verifier=$(psql_admin "$pg_port" "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+  printf '"app" "%s"\n' "$verifier" > "$dir/userlist.txt"
+  cat > "$dir/pgbouncer.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$pg_port dbname=app
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 20000
+max_db_connections = $POOL
+log_connections = 0
+log_disconnections = 0
+log_pooler_errors = 0
+stats_period = 60
+INI
+  chown postgres "$dir/pgbouncer.ini" "$dir/userlist.txt" 2>/dev/null || true
+  # runuser resets the open-files limit; raise it for the idle-clients test.
+  as_pg sh -c "ulimit -n \$(ulimit -Hn); exec ${BOUNCER_WRAPPER:-} pgbouncer '$dir/pgbouncer.ini'" >/dev/null 2>&1 &
+  sleep 0.5
+  bouncer_pid=$(pgrep -n -f "pgbouncer $dir/pgbouncer.ini")
 }
