@@ -158,21 +158,21 @@ fn hint(text: &str, a: &mut Analysis) {
 }
 
 /// Upper-cases a keyword into a stack buffer (longer words never match one).
-fn keyword<'a>(w: &str, buf: &'a mut [u8; 12]) -> &'a str {
+fn keyword<'a>(w: &str, buf: &'a mut [u8; 12]) -> &'a [u8] {
     if w.len() > buf.len() {
-        return "";
+        return b"";
     }
     for (d, s) in buf.iter_mut().zip(w.bytes()) {
         *d = s.to_ascii_uppercase();
     }
-    std::str::from_utf8(&buf[..w.len()]).unwrap_or("")
+    &buf[..w.len()]
 }
 
 fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
     let mut kw = [0u8; 12];
     let first = match t[0] {
         Tok::Word(w) => keyword(w, &mut kw),
-        Tok::Punct(b'(') => "SELECT", // (SELECT ...) UNION ...
+        Tok::Punct(b'(') => b"SELECT", // (SELECT ...) UNION ...
         _ => {
             a.class = Class::Write;
             return;
@@ -180,36 +180,36 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
     };
     let mut read = false;
     match first {
-        "SELECT" | "VALUES" | "TABLE" | "WITH" => read = !has_write_marker(t),
-        "SHOW" => {
+        b"SELECT" | b"VALUES" | b"TABLE" | b"WITH" => read = !has_write_marker(t),
+        b"SHOW" => {
             read = true;
             if let Some(name) = proxy_name(t, 1) {
                 a.proxy_show = Some(name);
             }
         }
-        "EXPLAIN" => read = !(t.iter().any(|x| is_word(Some(x), "ANALYZE")) && has_write_marker(t)),
-        "BEGIN" | "START" => {
+        b"EXPLAIN" => read = !(t.iter().any(|x| is_word(Some(x), "ANALYZE")) && has_write_marker(t)),
+        b"BEGIN" | b"START" => {
             if a.statements == 1 {
                 a.tx = TxControl::Begin { read_only: has_read_only(t) };
             }
             read = true;
         }
-        "COMMIT" | "END" | "ROLLBACK" | "ABORT" => {
+        b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT" => {
             if a.statements == 1 && !is_word(t.get(1), "PREPARED") {
                 a.tx = TxControl::End;
             }
             read = !is_word(t.get(1), "PREPARED");
         }
-        "SET" => read = set_statement(t, a),
-        "RESET" => read = reset_statement(t, a),
-        "DISCARD" => {
+        b"SET" => read = set_statement(t, a),
+        b"RESET" => read = reset_statement(t, a),
+        b"DISCARD" => {
             if is_word(t.get(1), "ALL") {
                 a.reset_all = true;
                 a.dealloc_all = true;
             }
             a.may_release = true;
         }
-        "DEALLOCATE" => {
+        b"DEALLOCATE" => {
             let i = if is_word(t.get(1), "PREPARE") { 2 } else { 1 };
             a.dealloc_all |= is_word(t.get(i), "ALL");
             if !is_word(t.get(i), "ALL") {
@@ -221,17 +221,17 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
             }
             a.may_release = true;
         }
-        "PREPARE" if !is_word(t.get(1), "TRANSACTION") => {
+        b"PREPARE" if !is_word(t.get(1), "TRANSACTION") => {
             a.pin = a.pin.or(Some("PREPARE (an SQL-level prepared statement)"));
         }
-        "LISTEN" => a.pin = a.pin.or(Some("LISTEN")),
-        "UNLISTEN" | "CLOSE" | "DROP" => a.may_release = true,
-        "DECLARE" => {
+        b"LISTEN" => a.pin = a.pin.or(Some("LISTEN")),
+        b"UNLISTEN" | b"CLOSE" | b"DROP" => a.may_release = true,
+        b"DECLARE" => {
             if t.windows(2).any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) {
                 a.pin = a.pin.or(Some("DECLARE ... WITH HOLD (a cursor that outlives its transaction)"));
             }
         }
-        "CREATE" => {
+        b"CREATE" => {
             let temp = t.iter().take(4).any(|x| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY"));
             if temp {
                 a.pin = a.pin.or(Some("CREATE TEMP (a temporary object)"));

@@ -34,9 +34,7 @@ impl<'a> Lexer<'a> {
 
     fn skip_space_and_comments(&mut self) {
         loop {
-            while self.pos < self.b.len() && self.b[self.pos].is_ascii_whitespace() {
-                self.pos += 1;
-            }
+            self.pos += run(&self.b[self.pos..], SPACE);
             let rest = &self.b[self.pos..];
             if rest.starts_with(b"--") {
                 while self.pos < self.b.len() && self.b[self.pos] != b'\n' {
@@ -116,12 +114,44 @@ impl<'a> Lexer<'a> {
     }
 }
 
-fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+// Byte classes, looked up in one table: the lexer's inner loops run once per
+// byte of every query, so a load and a test beat a chain of range checks.
+const SPACE: u8 = 1;
+const IDENT_START: u8 = 2;
+const IDENT: u8 = 4;
+const NUMBER: u8 = 8;
+
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        let mut k = 0;
+        if c.is_ascii_whitespace() {
+            k |= SPACE;
+        }
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            k |= IDENT_START | IDENT;
+        }
+        if c.is_ascii_digit() || c == b'$' {
+            k |= IDENT;
+        }
+        if c.is_ascii_alphanumeric() || c == b'.' || c == b'_' {
+            k |= NUMBER;
+        }
+        t[i] = k;
+        i += 1;
+    }
+    t
+};
+
+/// Length of the leading run of bytes of class `k`.
+fn run(b: &[u8], k: u8) -> usize {
+    b.iter().position(|&c| CLASS[c as usize] & k == 0).unwrap_or(b.len())
 }
 
-fn is_ident_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+fn is_ident_start(c: u8) -> bool {
+    CLASS[c as usize] & IDENT_START != 0
 }
 
 impl<'a> Iterator for Lexer<'a> {
@@ -171,15 +201,11 @@ impl<'a> Iterator for Lexer<'a> {
             }
             c if is_ident_start(c) => {
                 let start = self.pos;
-                while self.b.get(self.pos).is_some_and(|d| is_ident_char(*d)) {
-                    self.pos += 1;
-                }
+                self.pos += 1 + run(&self.b[start + 1..], IDENT);
                 Tok::Word(&self.src[start..self.pos])
             }
             c if c.is_ascii_digit() || (c == b'.' && next.is_some_and(|d| d.is_ascii_digit())) => {
-                while self.b.get(self.pos).is_some_and(|d| d.is_ascii_alphanumeric() || *d == b'.' || *d == b'_') {
-                    self.pos += 1;
-                }
+                self.pos += run(&self.b[self.pos..], NUMBER);
                 Tok::Num
             }
             c => {
