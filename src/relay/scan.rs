@@ -76,7 +76,8 @@ impl Session {
             }
             if !forward {
                 consume(&mut self.sin, h.total);
-            } else if whole {
+            } else if whole || self.sin.len() >= h.total {
+                // All here: copied now (only a partial message is streamed).
                 self.cout.extend_from_slice(&self.sin[..h.total]);
                 consume(&mut self.sin, h.total);
             } else {
