@@ -8,7 +8,7 @@ use prometheus::{
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -98,18 +98,29 @@ pub const SHUTDOWN: u8 = 2;
 
 /// How the outside reaches a session: KILL from the admin console and the
 /// start of a shutdown drain. The bits are sticky and there is one waker
-/// slot, so a wait costs an atomic load and a waker comparison; nothing is
-/// registered and unregistered per wait (as with a `Notify` or a `watch`).
+/// slot, so nothing is registered and unregistered per wait (as with a
+/// `Notify` or a `watch`). A wait by the task whose waker is already in the
+/// slot (the usual case: a session's task waits on its own signal) costs
+/// three atomic loads and no lock: the slot's waker identity (data and
+/// vtable pointers) is mirrored in `owner`.
 #[derive(Debug, Default)]
 pub struct Signal {
     raised: AtomicU8,
     waker: Mutex<Option<Waker>>,
+    /// Identity of the waker in the slot (data, vtable); zeros when empty.
+    /// Written under the lock; only the session's own task waits.
+    owner: [AtomicUsize; 2],
 }
 
 impl Signal {
     pub fn raise(&self, what: u8) {
         self.raised.fetch_or(what, Ordering::AcqRel);
-        if let Some(w) = self.waker.lock().unwrap().take() {
+        let mut slot = self.waker.lock().unwrap();
+        for o in &self.owner {
+            o.store(0, Ordering::Release);
+        }
+        if let Some(w) = slot.take() {
+            drop(slot);
             w.wake();
         }
     }
@@ -120,11 +131,21 @@ impl Signal {
         if r != 0 {
             return Poll::Ready(r);
         }
+        // Our waker is in the slot: a raise after the load above takes and
+        // wakes it, so this task is polled again and sees the bit. A raise
+        // that already emptied the slot also cleared `owner`.
+        let me = identity(cx.waker());
+        if self.owner[0].load(Ordering::Acquire) == me[0] && self.owner[1].load(Ordering::Acquire) == me[1] {
+            return Poll::Pending;
+        }
         {
             let mut slot = self.waker.lock().unwrap();
             match &*slot {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => *slot = Some(cx.waker().clone()),
+            }
+            for (o, v) in self.owner.iter().zip(me) {
+                o.store(v, Ordering::Release);
             }
         }
         // A raise between the first check and the registration.
@@ -137,6 +158,12 @@ impl Signal {
     pub async fn raised(&self, mask: u8) -> u8 {
         std::future::poll_fn(|cx| self.poll_raised(cx, mask)).await
     }
+}
+
+/// A waker's identity: its data and vtable pointers (what `will_wake`
+/// compares).
+fn identity(w: &Waker) -> [usize; 2] {
+    [w.data() as usize, w.vtable() as *const _ as usize]
 }
 
 pub const SERVER_IDLE: u8 = 0;
@@ -339,6 +366,44 @@ pub fn quantile(hs: &[&Histogram], q: f64) -> f64 {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn signal_wakes_its_waiter_once_per_raise_even_after_an_unwatched_bit() {
+        let sig = Signal::default();
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(sig.poll_raised(&mut cx, KILL | SHUTDOWN), Poll::Pending);
+        // Polled again by the same task: the lock-free path, still Pending.
+        assert_eq!(sig.poll_raised(&mut cx, KILL | SHUTDOWN), Poll::Pending);
+        // SHUTDOWN wakes it, then the drain waits for KILL only.
+        sig.raise(SHUTDOWN);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(sig.poll_raised(&mut cx, KILL | SHUTDOWN), Poll::Ready(SHUTDOWN));
+        assert_eq!(sig.poll_raised(&mut cx, KILL), Poll::Pending);
+        assert_eq!(sig.poll_raised(&mut cx, KILL), Poll::Pending);
+        // The slot was emptied by the first raise: the waiter registered
+        // again, so KILL still reaches it.
+        sig.raise(KILL);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(sig.poll_raised(&mut cx, KILL), Poll::Ready(KILL));
+        // Another task's waker is not mistaken for the registered one.
+        let other = Arc::new(Count(Default::default()));
+        let other_waker = Waker::from(other.clone());
+        let sig = Signal::default();
+        assert_eq!(sig.poll_raised(&mut cx, KILL), Poll::Pending);
+        assert_eq!(sig.poll_raised(&mut Context::from_waker(&other_waker), KILL), Poll::Pending);
+        sig.raise(KILL);
+        assert_eq!((count.0.load(Ordering::SeqCst), other.0.load(Ordering::SeqCst)), (2, 1));
+    }
 
     #[test]
     fn unix_us_at_follows_the_wall_clock() {

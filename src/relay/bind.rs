@@ -150,7 +150,13 @@ impl Session {
     pub(super) async fn finish(&mut self) {
         self.cancel.set(None);
         let was_pinned = self.pinned.is_some();
+        self.reset_or_drop(was_pinned).await;
+        // Pinned until the connection's session state is gone (DISCARD ALL
+        // done, or the connection closed): a lock it held is free by now.
         self.unpin();
+    }
+
+    async fn reset_or_drop(&mut self, was_pinned: bool) {
         let Some((mut conn, pool)) = self.unbind() else { return };
         let idle_and_done = self.is_clean() && self.sin.is_empty();
         if !idle_and_done {
