@@ -514,10 +514,11 @@ impl Session {
     fn answer_locally(&mut self, tag: u8, msg: &[u8]) -> Result<bool, SessionError> {
         match tag {
             b'P' => {
-                let (name, content) = wire::parse_parse(msg)?;
+                let (name, content) = wire::parse_parse_name(msg)?;
                 if name.is_empty() {
                     return Ok(false);
                 }
+                wire::parse_parse(msg)?; // answered here: validate it whole
                 let stmt = self.intern(content);
                 if !stmt.validated.load(Ordering::Relaxed) || stmt.analysis.pin.is_some() {
                     return Ok(false);

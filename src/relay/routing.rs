@@ -39,7 +39,7 @@ impl Session {
                     stop = true;
                     merged.is_none().then(|| self.analyze(&sql_text(wire::body(msg))))
                 }
-                Some(b'P') => wire::parse_parse(msg).ok().map(|(_, c)| self.analyze(&sql_text(c))),
+                Some(b'P') => wire::parse_parse_name(msg).ok().map(|(_, c)| self.analyze(&sql_text(c))),
                 Some(b'B') => wire::parse_bind(msg).ok().and_then(|(_, s, _)| self.stmts.get(s)).map(|s| s.analysis.clone()),
                 Some(b'D') => match wire::parse_target(msg) {
                     Ok((b'S', n)) => self.stmts.get(n).map(|s| s.analysis.clone()),

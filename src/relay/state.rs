@@ -227,7 +227,7 @@ pub(super) fn sql_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 
 /// Parse content with the query text replaced, parameter types kept.
 pub(super) fn replace_sql(content: &[u8], sql: &str) -> Bytes {
-    let end = content.iter().position(|b| *b == 0).unwrap_or(content.len());
+    let end = std::ffi::CStr::from_bytes_until_nul(content).map_or(content.len(), |c| c.to_bytes().len());
     let mut v = Vec::with_capacity(sql.len() + content.len() - end);
     v.extend_from_slice(sql.as_bytes());
     v.extend_from_slice(&content[end..]);

@@ -53,9 +53,10 @@ impl Session {
                 true
             }
             b'P' => {
-                let (name, content) = wire::parse_parse(msg)?;
+                let (name, content) = wire::parse_parse_name(msg)?;
                 match self.classify_virtual(content) {
                     Some(v) => {
+                        wire::parse_parse(msg)?; // answered here: validate it whole
                         self.virtuals.insert(Bytes::copy_from_slice(name), v);
                         self.expect.push(Pending::Synth(Synth::ParseComplete));
                         true

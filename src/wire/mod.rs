@@ -168,8 +168,19 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Position of the first NUL: `CStr`'s search goes a word at a time (a
+/// byte loop was a visible share of every Parse, which is scanned thrice).
 fn memchr0(buf: &[u8]) -> Option<usize> {
-    buf.iter().position(|&b| b == 0)
+    std::ffi::CStr::from_bytes_until_nul(buf).ok().map(|c| c.to_bytes().len())
+}
+
+/// Parse ('P') without validating what follows the name: (name, rest).
+/// For the looks at a Parse before the one that forwards it (which uses
+/// `parse_parse` and so rejects a malformed message).
+pub fn parse_parse_name(msg: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
+    let mut r = Reader::new(body(msg));
+    let name = r.cstr()?;
+    Ok((name, r.rest()))
 }
 
 /// Parse ('P'): statement name, then the rest (query text + parameter types),

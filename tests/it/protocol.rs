@@ -15,6 +15,12 @@ async fn malformed_and_oversized_messages_get_08p01() {
         b"Q\0\0\0\x01".to_vec(),                        // length below 4
         [b"Q".as_slice(), &(4u32 << 20).to_be_bytes()].concat(), // over max_message_size (1MB)
         b"B\0\0\0\x06ab".to_vec(),                      // unterminated names in Bind
+        // Parse whose parameter-type count does not match its length:
+        // unnamed (forwarded), named (may be answered locally) and virtual
+        // (answered by pgfleet), each followed by Sync.
+        [msg(b'P', b"\0SELECT 1\0\0\x05"), msg(b'S', b"")].concat(),
+        [msg(b'P', b"s1\0SELECT 1\0\0\x01"), msg(b'S', b"")].concat(),
+        [msg(b'P', b"\0SHOW pgfleet.route\0\0\x02"), msg(b'S', b"")].concat(),
     ];
     for bytes in cases {
         let mut raw = RawClient::login(&p, "app", "app").await;
