@@ -218,9 +218,9 @@ impl Session {
             if let Some(conn) = pool.try_checkout_idle(std::time::Instant::now()) {
                 return Ok((conn, target, pool));
             }
-            // Boxed: waiting/connecting is the slow path, and its future is
-            // large; inline it would be reserved in every idle client's task.
-            match Box::pin(pool.checkout()).await {
+            // Not boxed again: this whole future is already boxed by its
+            // caller (the slow path), so idle clients' tasks do not reserve it.
+            match pool.checkout().await {
                 Ok(conn) => return Ok((conn, target, pool)),
                 Err(PoolError::Connect(e)) => match target {
                     Target::Replica(i) if !rerouted => {
