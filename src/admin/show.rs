@@ -155,11 +155,11 @@ fn stats(app: &App, totals: bool) -> Table {
     let uptime = app.started.elapsed().as_secs().max(1);
     for (db, v) in per_db {
         let mut row = vec![s(db)];
-        row.extend(v.iter().map(|x| s(x)));
+        row.extend(v.iter().map(s));
         if !totals {
             // Averages per second since start (counts, bytes), and per
             // transaction / query / assignment for the times (µs).
-            let per = |num: u64, den: u64| s(if den == 0 { 0 } else { num / den });
+            let per = |num: u64, den: u64| s(num.checked_div(den).unwrap_or(0));
             row.extend([
                 per(v[0], uptime), per(v[1], uptime), per(v[2], uptime), per(v[3], uptime), per(v[4], uptime),
                 per(v[5], v[1]), per(v[6], v[2]), per(v[7], v[0]), per(v[8], uptime), per(v[9], uptime), per(v[10], uptime),

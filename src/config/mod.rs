@@ -77,17 +77,11 @@ pub enum TlsMode {
     Require,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     pub users: Vec<String>,
     pub metrics_addr: Option<String>,
-}
-
-impl Default for Admin {
-    fn default() -> Self {
-        Admin { users: vec![], metrics_addr: None }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]

@@ -201,7 +201,7 @@ impl Config {
             if l.workload.is_none() && l.user.is_none() && l.database.is_none() {
                 p.push(format!("limits[{i}]: needs workload, user or database"));
             }
-            if l.rate.is_some_and(|r| !(r > 0.0)) {
+            if l.rate.is_some_and(|r| r.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
                 p.push(format!("limits[{i}].rate: must be greater than 0"));
             }
             if l.max_in_flight == Some(0) {

@@ -253,20 +253,6 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn globs() {
-        use super::glob_match;
-        assert!(glob_match("metabase*", "metabase-prod"));
-        assert!(glob_match("metabase*", "metabase"));
-        assert!(!glob_match("metabase*", "my-metabase"));
-        assert!(glob_match("*base?", "metabase1"));
-        assert!(glob_match("*", ""));
-        assert!(!glob_match("a?c", "ac"));
-    }
-}
-
 /// The session settings a client wants on every server connection: each
 /// reported parameter (the client's startup value or the server default),
 /// then any other startup parameters and `options=-c name=value` settings.
@@ -303,4 +289,18 @@ pub fn client_settings(server: &[(String, String)], startup: &[(String, String)]
         }
     }
     settings
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn globs() {
+        use super::glob_match;
+        assert!(glob_match("metabase*", "metabase-prod"));
+        assert!(glob_match("metabase*", "metabase"));
+        assert!(!glob_match("metabase*", "my-metabase"));
+        assert!(glob_match("*base?", "metabase1"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a?c", "ac"));
+    }
 }

@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// The server parameters shown to clients at login.
+type StartupParams = Vec<(String, String)>;
+
 /// Identifies a pool. `backend` names one server of the cluster ("primary",
 /// or a replica's name), so pools are never shared across users or servers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,7 +86,7 @@ pub struct Pool {
     settings: RwLock<PoolSettings>,
     state: Mutex<State>,
     /// Parameters the server reported at the first connect (what clients see).
-    startup_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    startup_params: Mutex<Option<Arc<StartupParams>>>,
     pub counters: PoolCounters,
     conns: Arc<Connections>,
     wait_count: prometheus::IntCounter,

@@ -226,10 +226,8 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         }
         b"LISTEN" => a.pin = a.pin.or(Some("LISTEN")),
         b"UNLISTEN" | b"CLOSE" | b"DROP" => a.may_release = true,
-        b"DECLARE" => {
-            if t.windows(2).any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) {
-                a.pin = a.pin.or(Some("DECLARE ... WITH HOLD (a cursor that outlives its transaction)"));
-            }
+        b"DECLARE" if t.windows(2).any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) => {
+            a.pin = a.pin.or(Some("DECLARE ... WITH HOLD (a cursor that outlives its transaction)"));
         }
         b"CREATE" => {
             let temp = t.iter().take(4).any(|x| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY"));

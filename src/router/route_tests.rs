@@ -37,7 +37,9 @@ fn decide(sql: &str, group: usize, snapshot: &Snapshot, floor: Option<u64>, rout
 #[test]
 fn decisions() {
     let up = snap(true, true);
-    let cases: Vec<(&str, usize, Option<u64>, Option<RouteHint>, Target, Reason)> = vec![
+    // (sql, replica group, client LSN floor, hint, expected target, reason)
+    type Case<'a> = (&'a str, usize, Option<u64>, Option<RouteHint>, Target, Reason);
+    let cases: Vec<Case> = vec![
         ("SELECT 1", 0, None, None, Target::Replica(0), Reason::Read),
         ("SELECT 1", 2, None, None, Target::Replica(1), Reason::Read),
         ("INSERT INTO t VALUES (1)", 0, None, None, Target::Primary, Reason::Write),

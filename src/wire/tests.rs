@@ -183,7 +183,7 @@ fn scram_pass_through_logs_in_with_the_client_key() {
     ours.finish(fin.as_bytes()).unwrap();
     // A wrong key is refused.
     let mut bad = ScramKeyClient::new([1; 32], verifier.server_key);
-    let (upstream, first) = ScramServer::start(&verifier, &bad.message().to_vec(), Default::default()).unwrap();
+    let (upstream, first) = ScramServer::start(&verifier, bad.message(), Default::default()).unwrap();
     bad.update(first.as_bytes()).unwrap();
     assert!(upstream.finish(bad.message()).is_err());
 }

@@ -123,6 +123,8 @@ impl Cluster {
             pid = std::process::id(),
             dir = self.dir.display()
         );
+        // Outlives this process on purpose: it stops the servers after us.
+        #[allow(clippy::zombie_processes)]
         Command::new("setsid")
             .args(["sh", "-c", &script])
             .stdin(Stdio::null())

@@ -17,7 +17,7 @@ fn pgbench(p: &pgfleet::app::Running, args: &[&str]) -> String {
 fn field(text: &str, prefix: &str) -> u64 {
     text.lines()
         .find_map(|l| l.trim().strip_prefix(prefix))
-        .and_then(|rest| rest.trim().split_whitespace().next().map(str::to_string))
+        .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
         .parse()
         .unwrap()
@@ -40,7 +40,7 @@ async fn pgbench_50_clients_pool_5_simple_extended_prepared() {
         let failed = out
             .lines()
             .find_map(|l| l.trim().strip_prefix("number of failed transactions:"))
-            .map(|r| r.trim().split_whitespace().next().unwrap().parse::<u64>().unwrap())
+            .map(|r| r.split_whitespace().next().unwrap().parse::<u64>().unwrap())
             .unwrap_or(0);
         assert_eq!(failed, 0, "{mode}: failed transactions\n{out}");
         assert!(max <= 5, "{mode}: server saw {max} connections for a pool of 5");
