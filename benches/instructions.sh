@@ -6,6 +6,7 @@
 # Usage:
 #   benches/instructions.sh                        # pgbench -S -M simple, 1 client
 #   MODE=extended CLIENTS=4 TX=2000 benches/instructions.sh
+#   CLIENTS=500 TX=10 WARMUP=5 benches/instructions.sh  # transactions per client
 #   ARGS="-f my.sql" benches/instructions.sh       # other pgbench arguments (default -S)
 # Prints instructions per transaction of each proxy, their ratio, and the
 # functions that execute them;
@@ -57,7 +58,7 @@ bench() { "$bindir/pgbench" -h 127.0.0.1 -p "$1" -U app ${ARGS:--S} -M "$MODE" -
 # TX transactions per client without the logins and goodbyes.
 measure() {
   local name=$1 port=$2 pid=$3 as=${4:-} n f totals=()
-  bench "$port" 200 >/dev/null # warm-up: first server connections, caches
+  bench "$port" "${WARMUP:-200}" >/dev/null # warm-up: first server connections, caches
   for n in "$TX" $((2 * TX)); do
     $as callgrind_control -z "$pid" >/dev/null
     bench "$port" "$n" >&2
