@@ -63,11 +63,24 @@ pub struct PoolSettings {
     pub lifetime: Duration,
 }
 
-/// What a waiter is handed: a ready connection, or the right to open one
-/// (a slot freed by a closed connection; already counted in `total`).
+/// What a waiter is handed: a ready connection, the right to open one (a
+/// slot freed by a closed connection; already counted in `total`), or the
+/// news that its deadline passed first.
 enum Grant {
     Conn(Conn),
     Slot,
+    Expired,
+}
+
+/// A checkout waiting for a connection. Deadlines are kept by the pool's
+/// expiry task (one timer per pool, armed at the earliest deadline and
+/// re-armed only when it fires or an earlier one arrives) instead of a
+/// timer per waiting checkout: at a few hundred clients almost every
+/// transaction waits, and each per-wait timer meant a timer-wheel insert
+/// and removal under the driver's lock.
+struct Waiter {
+    tx: oneshot::Sender<Grant>,
+    deadline: Instant,
 }
 
 /// Guarded by `Pool::state`; the lock is never held across an await.
@@ -75,7 +88,11 @@ struct State {
     idle: Vec<Conn>,
     /// Connections open or being opened, idle or checked out.
     total: usize,
-    waiters: VecDeque<oneshot::Sender<Grant>>,
+    waiters: VecDeque<Waiter>,
+    /// The deadline the expiry task sleeps until (None: no task or idle).
+    armed: Option<Instant>,
+    /// The expiry task was started (lazily, at the first wait).
+    expiry_started: bool,
 }
 
 pub struct Pool {
@@ -96,6 +113,15 @@ pub struct Pool {
     epoch: AtomicU64,
     /// After failed connects: no new attempt before this (exponential, jittered).
     backoff: Mutex<Backoff>,
+    /// Wakes the expiry task: an earlier deadline was queued, or the pool
+    /// is being dropped.
+    expiry: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.expiry.notify_one(); // the task finds the pool gone and ends
+    }
 }
 
 #[derive(Default)]
@@ -121,6 +147,27 @@ fn pop_idle(s: &mut State, lifetime: Duration, now: Instant) -> Option<Conn> {
         s.total -= 1;
     }
     None
+}
+
+/// The pool's expiry task: sleeps until the earliest waiter deadline (or
+/// until told an earlier one was queued), expires what is due, repeats.
+/// Ends when the pool is dropped.
+async fn expire_waiters(pool: std::sync::Weak<Pool>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let next = match pool.upgrade() {
+            Some(p) => p.expire(Instant::now()),
+            None => return,
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
 }
 
 /// What a checkout does after looking at the pool state.
@@ -149,10 +196,11 @@ impl Pool {
             key,
             spec: RwLock::new(Arc::new(spec)),
             settings: RwLock::new(settings),
-            state: Mutex::new(State { idle: Vec::new(), total: 0, waiters: VecDeque::new() }),
+            state: Mutex::new(State { idle: Vec::new(), total: 0, waiters: VecDeque::new(), armed: None, expiry_started: false }),
             startup_params: Mutex::new(None),
             epoch: AtomicU64::new(0),
             backoff: Mutex::new(Backoff::default()),
+            expiry: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -209,10 +257,11 @@ impl Pool {
     }
 
     /// Gets a connection, waiting at most `checkout_timeout`.
-    pub async fn checkout(&self) -> Result<Conn, PoolError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Conn, PoolError> {
         let started = Instant::now();
         let settings = self.settings();
-        let deadline = tokio::time::Instant::now() + settings.checkout_timeout;
+        let deadline = started + settings.checkout_timeout;
+        let mut wake_expiry = false;
         let next = {
             let mut s = self.state.lock().unwrap();
             match pop_idle(&mut s, settings.lifetime, started) {
@@ -223,18 +272,29 @@ impl Pool {
                 }
                 None => {
                     let (tx, rx) = oneshot::channel();
-                    s.waiters.push_back(tx);
+                    s.waiters.push_back(Waiter { tx, deadline });
+                    if !s.expiry_started {
+                        s.expiry_started = true;
+                        tokio::spawn(expire_waiters(Arc::downgrade(self), self.expiry.clone()));
+                    }
+                    if s.armed.is_none_or(|at| deadline < at) {
+                        s.armed = Some(deadline);
+                        wake_expiry = true;
+                    }
                     Next::Wait(rx)
                 }
             }
         };
+        if wake_expiry {
+            self.expiry.notify_one();
+        }
         let waited = matches!(next, Next::Wait(_));
         if waited {
             self.wait_count.inc();
             PoolCounters::add(&self.counters.waits, 1);
             let _ = self.counters.oldest_wait_us.compare_exchange(0, crate::stats::now_us(), Ordering::Relaxed, Ordering::Relaxed);
         }
-        let result = self.checkout_inner(next, deadline, started).await;
+        let result = self.checkout_inner(next, started).await;
         if waited {
             self.counters.oldest_wait_us.store(0, Ordering::Relaxed);
         }
@@ -247,27 +307,39 @@ impl Pool {
         result
     }
 
-    async fn checkout_inner(&self, next: Next, deadline: tokio::time::Instant, started: Instant) -> Result<Conn, PoolError> {
+    async fn checkout_inner(&self, next: Next, started: Instant) -> Result<Conn, PoolError> {
         match next {
             Next::Ready(c) => Ok(c),
             Next::Open => self.open_in_slot().await,
-            Next::Wait(mut rx) => match tokio::time::timeout_at(deadline, &mut rx).await {
-                Ok(Ok(Grant::Conn(c))) => Ok(c),
-                Ok(Ok(Grant::Slot)) => self.open_in_slot().await,
-                Ok(Err(_)) | Err(_) => {
-                    // A grant may have arrived just as we gave up: never lose it.
-                    rx.close();
-                    match rx.try_recv() {
-                        Ok(Grant::Conn(c)) => Ok(c),
-                        Ok(Grant::Slot) => self.open_in_slot().await,
-                        Err(_) => Err(PoolError::Timeout {
-                            pool: self.key.to_string(),
-                            waited: started.elapsed(),
-                        }),
-                    }
-                }
+            // Exactly one grant per waiter: it leaves the queue under the
+            // state lock, with a connection, a slot or its expiry.
+            Next::Wait(rx) => match rx.await {
+                Ok(Grant::Conn(c)) => Ok(c),
+                Ok(Grant::Slot) => self.open_in_slot().await,
+                Ok(Grant::Expired) | Err(_) => Err(PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() }),
             },
         }
+    }
+
+    /// Hands `Expired` to every waiter whose deadline is past; returns the
+    /// earliest deadline still queued (what the expiry task sleeps until).
+    fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut s = self.state.lock().unwrap();
+        let mut next: Option<Instant> = None;
+        // Deadlines are in queue order unless a reload changed the timeout:
+        // look at every waiter (this runs once per earliest deadline, not
+        // per checkout).
+        let waiters = std::mem::take(&mut s.waiters);
+        for w in waiters {
+            if w.deadline <= now {
+                let _ = w.tx.send(Grant::Expired);
+            } else if !w.tx.is_closed() {
+                next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
+                s.waiters.push_back(w);
+            }
+        }
+        s.armed = next;
+        next
     }
 
     /// Opens a connection in a slot already counted in `total`.
@@ -314,7 +386,7 @@ impl Pool {
     }
 
     /// Parameters to show clients at login; connects once if none known yet.
-    pub async fn startup_params(&self) -> Result<Arc<Vec<(String, String)>>, PoolError> {
+    pub async fn startup_params(self: &Arc<Self>) -> Result<Arc<Vec<(String, String)>>, PoolError> {
         if let Some(p) = self.startup_params.lock().unwrap().clone() {
             return Ok(p);
         }
@@ -350,11 +422,11 @@ impl Pool {
             conn.terminate("pool shrunk by a reload");
             return;
         }
-        while let Some(tx) = s.waiters.pop_front() {
-            match tx.send(Grant::Conn(conn)) {
+        while let Some(w) = s.waiters.pop_front() {
+            match w.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
                 Err(Grant::Conn(back)) => conn = back,
-                Err(Grant::Slot) => unreachable!("we sent a connection"),
+                Err(_) => unreachable!("we sent a connection"),
             }
         }
         s.idle.push(conn);
@@ -381,8 +453,8 @@ impl Pool {
 
     fn release_slot(&self) {
         let mut s = self.state.lock().unwrap();
-        while let Some(tx) = s.waiters.pop_front() {
-            if tx.send(Grant::Slot).is_ok() {
+        while let Some(w) = s.waiters.pop_front() {
+            if w.tx.send(Grant::Slot).is_ok() {
                 return;
             }
         }

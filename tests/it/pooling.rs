@@ -34,11 +34,18 @@ async fn checkout_timeout_names_the_pool() {
     let mut holder = connect(&p).await;
     let tx = holder.transaction().await.unwrap();
     tx.execute("SELECT 1", &[]).await.unwrap();
-    let waiter = connect(&p).await;
-    let e = waiter.simple_query("SELECT 1").await.unwrap_err();
-    let db = e.as_db_error().expect("a server-style error");
-    assert_eq!(db.code().code(), "53300");
-    assert!(db.message().contains("app/app@primary"), "{}", db.message());
+    // Two waiters one after the other: the pool's expiry timer serves the
+    // first deadline, then re-arms (from an empty queue) for the second.
+    for _ in 0..2 {
+        let waiter = connect(&p).await;
+        let t = std::time::Instant::now();
+        let e = waiter.simple_query("SELECT 1").await.unwrap_err();
+        let waited = t.elapsed();
+        let db = e.as_db_error().expect("a server-style error");
+        assert_eq!(db.code().code(), "53300");
+        assert!(db.message().contains("app/app@primary"), "{}", db.message());
+        assert!(waited >= Duration::from_millis(290) && waited < Duration::from_secs(2), "timed out after {waited:?}");
+    }
     tx.commit().await.unwrap();
     // The pool still works for others afterwards.
     let c = connect(&p).await;
