@@ -58,7 +58,8 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
         fatal(&mut tcp, sqlstate::INVALID_AUTHORIZATION, &message).await;
         return;
     }
-    let mut buf = BytesMut::new();
+    // Startup, password and SASL messages are small: one allocation.
+    let mut buf = BytesMut::with_capacity(256);
     let limit = app.config().timeouts.startup.0;
     let deadline = tokio::time::Instant::now() + limit;
     let tls = app.tls();
@@ -156,7 +157,8 @@ async fn prepare(
     // Interned: clients of one application mostly share one settings list.
     let settings = app.intern_settings(client_settings(&server_params, &login.params));
     let key = app.cancels.register();
-    let mut out = BytesMut::new();
+    // Sized for the usual dozen ParameterStatus messages (no regrowth).
+    let mut out = BytesMut::with_capacity(1024);
     for (name, value) in server_params.iter() {
         let value = settings.iter().find(|(n, _)| n == name).map(|(_, v)| v).unwrap_or(value);
         build::parameter_status(&mut out, name, value);

@@ -211,7 +211,7 @@ async fn authenticate(
     if dynamic {
         app.remember_login(user, proof);
     }
-    let mut out = BytesMut::new();
+    let mut out = BytesMut::with_capacity(16);
     build::auth_ok(&mut out);
     stream.write_all(&out).await?;
     Ok(())
@@ -219,7 +219,7 @@ async fn authenticate(
 
 async fn md5_exchange(stream: &mut Stream, buf: &mut BytesMut, verifier: &str, user: &str) -> Result<(), StartupError> {
     let salt: [u8; 4] = rand::random();
-    let mut out = BytesMut::new();
+    let mut out = BytesMut::with_capacity(16);
     build::auth_md5(&mut out, salt);
     stream.write_all(&out).await?;
     let body = read_password(stream, buf).await?;
@@ -238,7 +238,8 @@ async fn scram_exchange(
     user: &str,
     cb: Option<&[u8]>,
 ) -> Result<[u8; 32], StartupError> {
-    let mut out = BytesMut::new();
+    // Room for the SASL, SASLContinue and SASLFinal messages.
+    let mut out = BytesMut::with_capacity(256);
     // With TLS, channel binding is offered first (as PostgreSQL does).
     let offered: &[&str] = if cb.is_some() { &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] } else { &["SCRAM-SHA-256"] };
     build::auth_sasl(&mut out, offered);
