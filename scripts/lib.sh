@@ -58,12 +58,12 @@ name = "app"
 [cluster]
 primary = "127.0.0.1:$pg_port"
 [log]
-level = "error"
+level = "${FLEET_LOG_LEVEL:-error}"
 [runtime]
 workers = ${FLEET_WORKERS:-0}
 TOML
   # FLEET_WRAPPER: a command to run pgfleet under (e.g. valgrind).
-  RUST_LOG=error ${FLEET_WRAPPER:-} ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
+  RUST_LOG=${FLEET_LOG_LEVEL:-error} ${FLEET_WRAPPER:-} ./target/release/pgfleet --config "$dir/pgfleet.toml" >/dev/null 2>&1 &
   fleet_pid=$!
 }
 

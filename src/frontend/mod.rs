@@ -121,7 +121,8 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     // task's login state (TLS, SCRAM, ...) is freed instead of being carried
     // by every idle client.
     if let Some(session) = Box::pin(prepare(app, stream, buf, login, peer, _guard)).await {
-        tokio::spawn(session.instrument(tracing::Span::current()));
+        // Not instrumented: the session carries the span (see Session::span).
+        tokio::spawn(session);
     }
 }
 

@@ -4,6 +4,7 @@
 //! the client leaves.
 
 use super::*;
+use tracing::Instrument;
 
 impl Session {
     /// Checks out a server connection and queues what brings it in line
@@ -19,7 +20,11 @@ impl Session {
         let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
             Some(conn) => (Ok((conn, target, pool)), false),
             // Boxed slow path (wait, connect, re-route): see checkout_routed.
-            None => (Box::pin(self.checkout_routed(a, target, topo)).await, true),
+            None => {
+                // In the client's span: connects opened for it are its children.
+                let span = self.span.clone();
+                (Box::pin(self.checkout_routed(a, target, topo).instrument(span)).await, true)
+            }
         };
         self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
         let (mut conn, target, pool) = checked_out?;
@@ -136,7 +141,7 @@ impl Session {
             SessionError::Timeout(code, msg) => ((*code).into(), (*msg).into()),
         };
         self.app.metrics.errors.with_label_values(&[&code]).inc();
-        tracing::info!(sqlstate = %code, error = %msg, "closing client session");
+        tracing::info!(parent: &self.span, sqlstate = %code, error = %msg, "closing client session");
         let mut out = std::mem::take(&mut self.cout);
         build::error_response(&mut out, "FATAL", &code, &msg);
         let _ = tokio::time::timeout(Duration::from_secs(2), async {

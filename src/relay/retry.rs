@@ -89,7 +89,7 @@ impl Session {
             return Err(e);
         }
         let target = self.bound_target;
-        tracing::warn!(error = %why, "replica connection failed before answering; retrying the read elsewhere");
+        tracing::warn!(parent: &self.span, error = %why, "replica connection failed before answering; retrying the read elsewhere");
         if let Some((conn, pool)) = self.unbind() {
             pool.discard(conn, "server connection failed (read retried elsewhere)");
         }

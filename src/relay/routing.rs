@@ -126,7 +126,7 @@ impl Session {
         let limits = self.app.limits();
         let result = limits.admit(&req).await;
         if let Err((_, msg)) = &result {
-            tracing::info!(error = %msg, "transaction refused by a limit");
+            tracing::info!(parent: &self.span, error = %msg, "transaction refused by a limit");
         }
         result
     }
@@ -224,7 +224,7 @@ impl Session {
                 Ok(conn) => return Ok((conn, target, pool)),
                 Err(PoolError::Connect(e)) => match target {
                     Target::Replica(i) if !rerouted => {
-                        tracing::warn!(replica = %topo.replicas[i].name, error = %e, "replica unreachable; re-routing");
+                        tracing::warn!(parent: &self.span, replica = %topo.replicas[i].name, error = %e, "replica unreachable; re-routing");
                         topo.mark_down(i, &e.to_string());
                         rerouted = true;
                         target = match self.choose_target(a, topo) {
@@ -233,7 +233,7 @@ impl Session {
                         };
                     }
                     Target::Primary if e.is_transient() && tokio::time::Instant::now() < deadline => {
-                        tracing::info!(error = %e, "primary unavailable; waiting for it or a promoted replica");
+                        tracing::info!(parent: &self.span, error = %e, "primary unavailable; waiting for it or a promoted replica");
                         wait_for_writer_change(topo, deadline).await;
                     }
                     _ => return Err(SessionError::Pool(PoolError::Connect(e))),

@@ -175,7 +175,7 @@ impl Session {
         match head {
             Some(Pending::Swallow(Kind::Query)) => {
                 let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
-                tracing::warn!(error = msg.unwrap_or(""), "applying session settings on a server connection failed");
+                tracing::warn!(parent: &self.span, error = msg.unwrap_or(""), "applying session settings on a server connection failed");
                 false
             }
             Some(Pending::Fwd(k) | Pending::Swallow(k)) if k.is_extended() => {

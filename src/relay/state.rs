@@ -61,7 +61,7 @@ impl Session {
                 return Some(rejection_sql(reason));
             }
             if self.pinned.is_none() {
-                tracing::info!(reason, "client pinned to its server connection");
+                tracing::info!(parent: &self.span, reason, "client pinned to its server connection");
                 self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             self.pinned = Some(reason);
@@ -97,7 +97,7 @@ impl Session {
     pub(super) fn unpin(&mut self) {
         if self.pinned.take().is_some() {
             self.app.pinned_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!("client unpinned");
+            tracing::info!(parent: &self.span, "client unpinned");
         }
     }
 

@@ -231,3 +231,40 @@ async fn restart_on_the_same_port_refuses_nobody() {
     signal(&new, "-INT");
     assert!(wait_exit(&mut new, Duration::from_secs(5)).await.success());
 }
+
+/// Structured logs: an event from inside a client's session (pinning, at
+/// `info`) carries the client's context (its span: peer, user, database),
+/// though the session task is not instrumented on every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_events_carry_the_client_context_in_json_logs() {
+    let port = free_port();
+    let text = format!("{}[log]\nlevel = \"info\"\nformat = \"json\"\n", config_text(&format!("127.0.0.1:{port}"), 2, ""));
+    let path = temp_file("json-logs.toml", &text);
+    let log = path.with_extension("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port).await;
+    let s = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+    let client = connect_with(&s).await.unwrap();
+    client.simple_query("SELECT pg_advisory_lock(4343)::text").await.unwrap();
+    client.simple_query("SELECT pg_advisory_unlock(4343)::text").await.unwrap();
+    drop(client);
+    signal(&child, "-TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).await.success());
+    let out = std::fs::read_to_string(&log).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains("client pinned to its server connection"))
+        .unwrap_or_else(|| panic!("no pinning event in:\n{out}"));
+    for field in ["\"user\":\"app\"", "\"database\":\"app\"", "\"peer\":\"127.0.0.1:", "\"name\":\"client\""] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    assert!(!out.contains("password=app") && !out.contains("\"app\",\"password\""), "no secrets in logs");
+}
