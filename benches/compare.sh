@@ -10,7 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps
-command -v pgbouncer >/dev/null || { echo "installing pgbouncer (apt)..." >&2; apt-get install -y -qq pgbouncer >/dev/null; }
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
@@ -33,14 +32,7 @@ dir=$(mktemp -d /tmp/pgfleet-bench.XXXXXX)
 out="$dir/results.tsv"
 : > "$out"
 bouncer_pid="" fleet_pid=""
-cleanup() {
-  [ -n "$fleet_pid" ] && kill -INT "$fleet_pid" 2>/dev/null || true
-  [ -n "$bouncer_pid" ] && kill -INT "$bouncer_pid" 2>/dev/null || true
-  sleep 0.5
-  stop_servers
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 echo "== building pgfleet (release)" >&2
 cargo build --release --locked -q
@@ -58,14 +50,7 @@ echo "SELECT repeat('x', 1048576);" > "$dir/R1m.sql"
 start_bench_bouncer
 
 start_bench_fleet
-for p in $bouncer_port $fleet_port; do
-  up=""
-  for _ in $(seq 100); do
-    "$bindir/psql" -X -q -h 127.0.0.1 -p "$p" -U app -d app -c 'SELECT 1' >/dev/null 2>&1 && up=1 && break
-    sleep 0.1
-  done
-  [ -n "$up" ] || { echo "nothing answers on port $p (see PGPORT_BASE)" >&2; exit 1; }
-done
+wait_answering 10 "$bouncer_port" "$fleet_port"
 
 cpu_ticks() { [ -z "$1" ] && echo 0 && return; awk '{print $14 + $15}' "/proc/$1/stat"; }
 sys_ticks() { [ -z "$1" ] && echo 0 && return; awk '{print $15}' "/proc/$1/stat"; }

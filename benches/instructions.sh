@@ -25,32 +25,17 @@ dir=$(mktemp -d /tmp/pgfleet-instr.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
 . scripts/lib.sh
 fleet_pid="" bouncer_pid=""
-cleanup() {
-  [ -n "$fleet_pid" ] && kill -INT "$fleet_pid" 2>/dev/null || true
-  [ -n "$bouncer_pid" ] && kill -INT "$bouncer_pid" 2>/dev/null || true
-  sleep 1
-  stop_servers
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 cargo build --release --locked -q
 start_primary "$pg_port" "shared_buffers = 256MB
 synchronous_commit = off"
 export PGPASSWORD=app
 "$bindir/pgbench" -h 127.0.0.1 -p "$pg_port" -U app -i -s 10 -q app >/dev/null 2>&1
-command -v pgbouncer >/dev/null || { echo "installing pgbouncer (apt)..." >&2; apt-get install -y -qq pgbouncer >/dev/null; }
 chown postgres "$OUT" 2>/dev/null || true # PgBouncer runs as postgres and writes its profile there
 vg="valgrind --tool=callgrind --callgrind-out-file=$OUT/callgrind.out.%p"
 FLEET_WRAPPER="$vg" start_bench_fleet
 BOUNCER_WRAPPER="$vg" start_bench_bouncer
-for p in $fleet_port $bouncer_port; do
-  up=""
-  for _ in $(seq 300); do
-    "$bindir/psql" -X -q -h 127.0.0.1 -p "$p" -U app -d app -c 'SELECT 1' >/dev/null 2>&1 && up=1 && break
-    sleep 0.2
-  done
-  [ -n "$up" ] || { echo "nothing answers on port $p under valgrind" >&2; exit 1; }
-done
+wait_answering 60 "$fleet_port" "$bouncer_port" # slow to start under valgrind
 bench() { "$bindir/pgbench" -h 127.0.0.1 -p "$1" -U app ${ARGS:--S} -M "$MODE" -c "$CLIENTS" -j 1 -t "$2" app 2>&1 | grep -E "^number of (transactions actually|failed)"; }
 
 # measure NAME PORT PID [AS]: instructions per transaction of one proxy. Two

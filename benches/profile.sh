@@ -19,13 +19,7 @@ dir=$(mktemp -d /tmp/pgfleet-prof.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
 . scripts/lib.sh
 fleet_pid=""
-cleanup() {
-  [ -n "$fleet_pid" ] && kill -INT "$fleet_pid" 2>/dev/null || true
-  sleep 0.3
-  stop_servers
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 cargo build --release --locked -q
 start_primary "$pg_port" "max_connections = 200
 shared_buffers = 256MB
@@ -33,7 +27,7 @@ synchronous_commit = off"
 export PGPASSWORD=app
 "$bindir/pgbench" -h 127.0.0.1 -p "$pg_port" -U app -i -s 10 -q app >/dev/null 2>&1
 start_bench_fleet
-sleep 0.5
+wait_answering 10 "$fleet_port"
 perf record -F 2000 -g --call-graph dwarf,16384 -o "$OUT/perf.data" -p "$fleet_pid" -- sleep "$SECONDS_" >/dev/null 2>&1 &
 perf_pid=$!
 "$bindir/pgbench" -h 127.0.0.1 -p "$fleet_port" -U app ${ARGS:--S} -M "$MODE" -c "$CLIENTS" -j 2 -T "$SECONDS_" app 2>&1 | grep -E "^tps|failed"

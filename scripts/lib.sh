@@ -71,6 +71,7 @@ TOML
 # (transaction mode, pool $POOL, scram auth with the server's verifier,
 # logging off); sets $bouncer_pid. BOUNCER_WRAPPER: a command to run it under.
 start_bench_bouncer() {
+  command -v pgbouncer >/dev/null || { echo "installing pgbouncer (apt)..." >&2; apt-get install -y -qq pgbouncer >/dev/null; }
   verifier=$(psql_admin "$pg_port" "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
   printf '"app" "%s"\n' "$verifier" > "$dir/userlist.txt"
   cat > "$dir/pgbouncer.ini" <<INI
@@ -96,4 +97,30 @@ INI
   as_pg sh -c "ulimit -n \$(ulimit -Hn); exec ${BOUNCER_WRAPPER:-} pgbouncer '$dir/pgbouncer.ini'" >/dev/null 2>&1 &
   sleep 0.5
   bouncer_pid=$(pgrep -n -f "pgbouncer $dir/pgbouncer.ini")
+}
+
+# bench_cleanup: the benchmark scripts' EXIT trap. Stops the proxies they
+# started ($fleet_pid, $bouncer_pid; SIGINT lets valgrind write its
+# profile), the servers, and removes $dir.
+bench_cleanup() {
+  [ -n "${fleet_pid:-}" ] && kill -INT "$fleet_pid" 2>/dev/null || true
+  [ -n "${bouncer_pid:-}" ] && kill -INT "$bouncer_pid" 2>/dev/null || true
+  sleep 1
+  stop_servers
+  rm -rf "$dir"
+}
+
+# wait_answering SECONDS PORT...: until app/app can run a query on each
+# port (PGPASSWORD set), or exit 1 naming the port that stays silent.
+wait_answering() {
+  local secs=$1 p up
+  shift
+  for p in "$@"; do
+    up=""
+    for _ in $(seq $((secs * 5))); do
+      "$bindir/psql" -X -q -h 127.0.0.1 -p "$p" -U app -d app -c 'SELECT 1' >/dev/null 2>&1 && up=1 && break
+      sleep 0.2
+    done
+    [ -n "$up" ] || { echo "nothing answers on port $p (see PGPORT_BASE)" >&2; exit 1; }
+  done
 }

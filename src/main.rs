@@ -69,25 +69,19 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cfg: &Config) {
+    use tracing_subscriber::{filter::LevelFilter, prelude::*, EnvFilter};
     let directives = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| cfg.log.level.clone());
     // A plain level ("info", "warn", ...) filters by level alone: an
-    // `EnvFilter` takes a lock on every span enter and exit (each poll of
-    // a client's session task), ≈7 % of the relay's instructions at info.
-    if let Ok(level) = directives.trim().parse::<tracing_subscriber::filter::LevelFilter>() {
-        let builder = tracing_subscriber::fmt().with_max_level(level);
-        match cfg.log.format {
-            LogFormat::Json => builder.json().init(),
-            LogFormat::Text => builder.init(),
-        }
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match cfg.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    // `EnvFilter` takes a lock on every span enter and exit.
+    let (level, env) = match directives.trim().parse::<LevelFilter>() {
+        Ok(level) => (Some(level), None),
+        Err(_) => (None, Some(EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new(&cfg.log.level)))),
+    };
+    let fmt = match cfg.log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+    };
+    tracing_subscriber::registry().with(fmt).with(level).with(env).init();
 }
 
 fn run(cfg: Config, path: PathBuf) -> ExitCode {

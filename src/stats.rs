@@ -139,11 +139,9 @@ impl Signal {
             return Poll::Pending;
         }
         {
+            // Empty (a raise took it) or another waker's: ours goes in.
             let mut slot = self.waker.lock().unwrap();
-            match &*slot {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *slot = Some(cx.waker().clone()),
-            }
+            *slot = Some(cx.waker().clone());
             for (o, v) in self.owner.iter().zip(me) {
                 o.store(v, Ordering::Release);
             }

@@ -386,7 +386,7 @@ impl Pool {
     }
 
     /// Parameters to show clients at login; connects once if none known yet.
-    pub async fn startup_params(self: &Arc<Self>) -> Result<Arc<Vec<(String, String)>>, PoolError> {
+    pub async fn startup_params(self: &Arc<Self>) -> Result<Arc<StartupParams>, PoolError> {
         if let Some(p) = self.startup_params.lock().unwrap().clone() {
             return Ok(p);
         }

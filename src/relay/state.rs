@@ -13,7 +13,7 @@
 use super::{Session, REPORTED_SETTABLE};
 use crate::config::SessionStateMode;
 use crate::router::Analysis;
-use crate::wire::{build, Reader};
+use crate::wire::{self, build, Reader};
 use bytes::Bytes;
 
 /// What the end-of-transaction probe asks for, in column order.
@@ -215,10 +215,10 @@ fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
 /// client_encoding, so the text is not required to be UTF-8: classification
 /// only needs the ASCII structure (borrowed, no copy, when it is UTF-8).
 pub(super) fn sql_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    // Up to the first NUL (as PostgreSQL reads it); `CStr` finds it with
-    // memchr, and `from_utf8` validates ASCII a word at a time (the lossy
-    // conversion, only for invalid text, goes byte by byte).
-    let text = std::ffi::CStr::from_bytes_until_nul(bytes).map(|c| c.to_bytes()).unwrap_or(bytes);
+    // Up to the first NUL (as PostgreSQL reads it); both the search and
+    // `from_utf8` go a word at a time (the lossy conversion, only for
+    // invalid text, goes byte by byte).
+    let text = &bytes[..wire::memchr0(bytes).unwrap_or(bytes.len())];
     match std::str::from_utf8(text) {
         Ok(s) => std::borrow::Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(text),
@@ -227,7 +227,7 @@ pub(super) fn sql_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 
 /// Parse content with the query text replaced, parameter types kept.
 pub(super) fn replace_sql(content: &[u8], sql: &str) -> Bytes {
-    let end = std::ffi::CStr::from_bytes_until_nul(content).map_or(content.len(), |c| c.to_bytes().len());
+    let end = wire::memchr0(content).unwrap_or(content.len());
     let mut v = Vec::with_capacity(sql.len() + content.len() - end);
     v.extend_from_slice(sql.as_bytes());
     v.extend_from_slice(&content[end..]);

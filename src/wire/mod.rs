@@ -169,8 +169,8 @@ impl<'a> Reader<'a> {
 }
 
 /// Position of the first NUL: `CStr`'s search goes a word at a time (a
-/// byte loop was a visible share of every Parse, which is scanned thrice).
-fn memchr0(buf: &[u8]) -> Option<usize> {
+/// byte loop was a visible share of every Parse).
+pub fn memchr0(buf: &[u8]) -> Option<usize> {
     std::ffi::CStr::from_bytes_until_nul(buf).ok().map(|c| c.to_bytes().len())
 }
 
@@ -186,9 +186,7 @@ pub fn parse_parse_name(msg: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
 /// Parse ('P'): statement name, then the rest (query text + parameter types),
 /// which identifies the statement's content.
 pub fn parse_parse(msg: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
-    let mut r = Reader::new(body(msg));
-    let name = r.cstr()?;
-    let rest = r.rest();
+    let (name, rest) = parse_parse_name(msg)?;
     // Validate the rest: query string, then i16 count and that many i32s.
     let mut v = Reader::new(rest);
     v.cstr()?;
