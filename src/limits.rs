@@ -70,7 +70,10 @@ impl Limiter {
             }
             parts.join(",")
         });
-        let burst = rule.burst.map(f64::from).unwrap_or_else(|| rule.rate.unwrap_or(1.0).max(1.0));
+        let burst = rule
+            .burst
+            .map(f64::from)
+            .unwrap_or_else(|| rule.rate.unwrap_or(1.0).max(1.0));
         Limiter {
             name,
             workload: rule.workload.clone(),
@@ -108,7 +111,10 @@ impl Limiter {
 
     fn refuse(&self, code: &'static str, why: String) -> Refusal {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        (code, format!("pgfleet limit \"{}\" exceeded: {why}", self.name))
+        (
+            code,
+            format!("pgfleet limit \"{}\" exceeded: {why}", self.name),
+        )
     }
 }
 
@@ -125,7 +131,11 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate: f64, burst: f64) -> TokenBucket {
-        TokenBucket { rate, burst, state: Mutex::new((burst, Instant::now())) }
+        TokenBucket {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
     }
 
     /// Reserves a token; returns how long to wait for it, or None (nothing
@@ -135,12 +145,21 @@ impl TokenBucket {
         let now = Instant::now();
         s.0 = (s.0 + now.saturating_duration_since(s.1).as_secs_f64() * self.rate).min(self.burst);
         s.1 = now;
-        let wait = if s.0 >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - s.0) / self.rate) };
+        let wait = if s.0 >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - s.0) / self.rate)
+        };
         if wait > max_wait {
             return None;
         }
         s.0 -= 1.0;
         Some(wait)
+    }
+
+    /// Gives back a token `reserve` took (its taker will not use it).
+    pub fn unreserve(&self) {
+        self.state.lock().unwrap().0 += 1.0;
     }
 
     /// Reserves the next token and sleeps until it is due.
@@ -168,7 +187,12 @@ pub struct Limits {
 
 impl Limits {
     pub fn new(rules: &[Limit], default_wait: Duration) -> Limits {
-        Limits { rules: rules.iter().map(|r| Arc::new(Limiter::new(r, default_wait))).collect() }
+        Limits {
+            rules: rules
+                .iter()
+                .map(|r| Arc::new(Limiter::new(r, default_wait)))
+                .collect(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -180,41 +204,72 @@ impl Limits {
     pub async fn admit(&self, r: &Request<'_>) -> Result<Admission, Refusal> {
         let mut adm = Admission::default();
         for l in self.rules.iter().filter(|l| l.matches(r)) {
-            let queued = l.waiting.fetch_add(1, Ordering::Relaxed);
-            let _w = Waiting(&l.waiting);
-            if queued >= l.max_queue {
-                return Err(l.refuse(sqlstate::TOO_MANY_CONNECTIONS, format!("{} transactions already waiting", l.max_queue)));
-            }
+            // Counted as waiting (and held to `max_queue`) only once it has
+            // to wait: with `max_queue = 0` nothing ever queues, but what
+            // fits at once is admitted.
+            let mut waiting: Option<Waiting> = None;
+            let mut queue = || -> Result<(), Refusal> {
+                if waiting.is_none() {
+                    let queued = l.waiting.fetch_add(1, Ordering::Relaxed);
+                    waiting = Some(Waiting(&l.waiting));
+                    if queued >= l.max_queue {
+                        return Err(l.refuse(
+                            sqlstate::TOO_MANY_CONNECTIONS,
+                            format!("{} transactions already waiting", l.max_queue),
+                        ));
+                    }
+                }
+                Ok(())
+            };
             let started = Instant::now();
             let deadline = started + l.max_wait;
             // Rate first, so a transaction waiting for a token holds no slot.
-            match l.bucket.as_ref().map_or(Some(Duration::ZERO), |b| b.reserve(l.max_wait)) {
+            match l
+                .bucket
+                .as_ref()
+                .map_or(Some(Duration::ZERO), |b| b.reserve(l.max_wait))
+            {
                 Some(wait) if wait.is_zero() => {}
-                Some(wait) => tokio::time::sleep(wait).await,
+                Some(wait) => {
+                    if let Err(e) = queue() {
+                        if let Some(b) = &l.bucket {
+                            b.unreserve();
+                        }
+                        return Err(e);
+                    }
+                    tokio::time::sleep(wait).await
+                }
                 None => {
                     let rate = l.rate.unwrap_or_default();
                     return Err(l.refuse(
                         sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
-                        format!("rate {rate}/s (burst {}) would need a wait over {:?}", l.burst, l.max_wait),
+                        format!(
+                            "rate {rate}/s (burst {}) would need a wait over {:?}",
+                            l.burst, l.max_wait
+                        ),
                     ));
                 }
             }
             if let Some(slots) = &l.slots {
                 let permit = match slots.clone().try_acquire_owned() {
                     Ok(p) => p,
-                    Err(_) => match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
-                        Ok(Ok(p)) => p,
-                        _ => {
-                            return Err(l.refuse(
-                                sqlstate::TOO_MANY_CONNECTIONS,
-                                format!(
-                                    "{} transactions in flight (max_in_flight), waited {} ms",
-                                    l.max_in_flight.unwrap_or(0),
-                                    started.elapsed().as_millis()
-                                ),
-                            ))
+                    Err(_) => {
+                        queue()?;
+                        match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await
+                        {
+                            Ok(Ok(p)) => p,
+                            _ => {
+                                return Err(l.refuse(
+                                    sqlstate::TOO_MANY_CONNECTIONS,
+                                    format!(
+                                        "{} transactions in flight (max_in_flight), waited {} ms",
+                                        l.max_in_flight.unwrap_or(0),
+                                        started.elapsed().as_millis()
+                                    ),
+                                ))
+                            }
                         }
-                    },
+                    }
                 };
                 adm._permits.push(permit);
             }
@@ -230,20 +285,31 @@ mod tests {
     use crate::config::Dur;
 
     fn rule(f: impl FnOnce(&mut Limit)) -> Limit {
-        let mut l = Limit { workload: Some("w".into()), ..Default::default() };
+        let mut l = Limit {
+            workload: Some("w".into()),
+            ..Default::default()
+        };
         f(&mut l);
         l
     }
 
     fn req(to_primary: bool) -> Request<'static> {
-        Request { workload: "w", user: "u", database: "d", to_primary }
+        Request {
+            workload: "w",
+            user: "u",
+            database: "d",
+            to_primary,
+        }
     }
 
     #[test]
     fn matching_needs_every_field() {
         let l = Limiter::new(&rule(|l| l.user = Some("u".into())), Duration::from_secs(1));
         assert!(l.matches(&req(false)));
-        assert!(!l.matches(&Request { user: "other", ..req(false) }));
+        assert!(!l.matches(&Request {
+            user: "other",
+            ..req(false)
+        }));
         let w = Limiter::new(&rule(|l| l.writes_only = true), Duration::from_secs(1));
         assert!(!w.matches(&req(false)));
         assert!(w.matches(&req(true)));
@@ -252,10 +318,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_waits_then_refuses_with_53300() {
-        let limits = Limits::new(&[rule(|l| {
-            l.max_in_flight = Some(1);
-            l.max_wait = Some(Dur(Duration::from_millis(100)));
-        })], Duration::from_secs(5));
+        let limits = Limits::new(
+            &[rule(|l| {
+                l.max_in_flight = Some(1);
+                l.max_wait = Some(Dur(Duration::from_millis(100)));
+            })],
+            Duration::from_secs(5),
+        );
         let first = limits.admit(&req(false)).await.unwrap();
         let (code, msg) = limits.admit(&req(false)).await.err().unwrap();
         assert_eq!(code, "53300");
@@ -272,18 +341,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn token_bucket_paces_and_refuses_with_53400() {
-        let limits = Limits::new(&[rule(|l| {
-            l.rate = Some(10.0);
-            l.burst = Some(2);
-            l.max_wait = Some(Dur(Duration::from_millis(250)));
-        })], Duration::from_secs(5));
+        let limits = Limits::new(
+            &[rule(|l| {
+                l.rate = Some(10.0);
+                l.burst = Some(2);
+                l.max_wait = Some(Dur(Duration::from_millis(250)));
+            })],
+            Duration::from_secs(5),
+        );
         let t0 = Instant::now();
         for _ in 0..2 {
             limits.admit(&req(false)).await.unwrap();
         }
         assert_eq!(t0.elapsed(), Duration::ZERO, "the burst passes at once");
         limits.admit(&req(false)).await.unwrap();
-        assert!(t0.elapsed() >= Duration::from_millis(99), "then one per 100 ms");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(99),
+            "then one per 100 ms"
+        );
         // Two reserved ahead (200 ms) and a third would wait 300 ms > 250 ms.
         let l = Arc::new(limits);
         let a = tokio::spawn({
@@ -315,15 +390,21 @@ mod tests {
         }
         // 10 at once, then 20 more at 10/s.
         let took = t0.elapsed();
-        assert!(took >= Duration::from_millis(1990) && took < Duration::from_millis(2100), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(1990) && took < Duration::from_millis(2100),
+            "{took:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn bounded_queue() {
-        let limits = Arc::new(Limits::new(&[rule(|l| {
-            l.max_in_flight = Some(1);
-            l.max_queue = Some(1);
-        })], Duration::from_secs(5)));
+        let limits = Arc::new(Limits::new(
+            &[rule(|l| {
+                l.max_in_flight = Some(1);
+                l.max_queue = Some(1);
+            })],
+            Duration::from_secs(5),
+        ));
         let _held = limits.admit(&req(false)).await.unwrap();
         let l = limits.clone();
         let _queued = tokio::spawn(async move { l.admit(&req(false)).await.is_ok() });
@@ -331,5 +412,44 @@ mod tests {
         let (code, msg) = limits.admit(&req(false)).await.err().unwrap();
         assert_eq!(code, "53300");
         assert!(msg.contains("already waiting"), "{msg}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_queue_zero_admits_what_fits_and_queues_nothing() {
+        let limits = Limits::new(
+            &[rule(|l| {
+                l.max_in_flight = Some(2);
+                l.max_queue = Some(0);
+            })],
+            Duration::from_secs(5),
+        );
+        let a = limits.admit(&req(false)).await.expect("fits");
+        let b = limits.admit(&req(false)).await.expect("fits");
+        let (code, msg) = limits.admit(&req(false)).await.err().unwrap();
+        assert_eq!(
+            (code, msg.contains("0 transactions already waiting")),
+            ("53300", true),
+            "{msg}"
+        );
+        assert_eq!(limits.rules[0].waiting.load(Ordering::Relaxed), 0);
+        drop((a, b));
+        limits.admit(&req(false)).await.expect("fits again");
+        // Rate: a token now is fine; one that needs a wait is refused, and
+        // the refused one does not use up the next token.
+        let limits = Limits::new(
+            &[rule(|l| {
+                l.rate = Some(1.0);
+                l.burst = Some(1);
+                l.max_queue = Some(0);
+            })],
+            Duration::from_secs(5),
+        );
+        limits.admit(&req(false)).await.expect("a token");
+        assert!(limits.admit(&req(false)).await.is_err());
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        limits
+            .admit(&req(false))
+            .await
+            .expect("the next token was not lost");
     }
 }

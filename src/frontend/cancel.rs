@@ -47,7 +47,11 @@ pub struct CancelKey {
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        self.registry.slots.lock().unwrap().remove(&(self.pid, self.secret));
+        self.registry
+            .slots
+            .lock()
+            .unwrap()
+            .remove(&(self.pid, self.secret));
     }
 }
 
@@ -59,7 +63,12 @@ impl CancelRegistry {
             let key: (i32, i32) = (rand::random::<i32>() & 0x7fff_ffff, rand::random());
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
                 e.insert(slot.clone());
-                return CancelKey { pid: key.0, secret: key.1, slot, registry: self.clone() };
+                return CancelKey {
+                    pid: key.0,
+                    secret: key.1,
+                    slot,
+                    registry: self.clone(),
+                };
             }
         }
     }

@@ -9,12 +9,12 @@ use crate::backend::{BackendError, ConnectSpec, ServerConn};
 /// moves a pointer, and an idle session does not carry its bytes inline.
 pub type Conn = Box<ServerConn>;
 use crate::stats::{Connections, Metrics, PoolCounters};
-use std::sync::atomic::{AtomicU64, Ordering};
-use tracing::Instrument;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 /// The server parameters shown to clients at login.
 type StartupParams = Vec<(String, String)>;
@@ -37,7 +37,10 @@ impl std::fmt::Display for PoolKey {
 #[derive(Debug)]
 pub enum PoolError {
     /// No connection became available before the deadline.
-    Timeout { pool: String, waited: Duration },
+    Timeout {
+        pool: String,
+        waited: Duration,
+    },
     Connect(BackendError),
 }
 
@@ -134,7 +137,8 @@ struct Backoff {
 /// to 2 s, times a random factor in [0.5, 1.5) so retries spread out.
 fn backoff_delay(failures: u32) -> Duration {
     let base = Duration::from_millis(50) * (1u32 << failures.min(7).saturating_sub(1));
-    base.min(Duration::from_secs(2)).mul_f64(0.5 + rand::random::<f64>())
+    base.min(Duration::from_secs(2))
+        .mul_f64(0.5 + rand::random::<f64>())
 }
 
 /// The most recently used idle connection that is still good (LIFO keeps
@@ -186,8 +190,18 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings, conns: Arc<Connections>, metrics: &Metrics) -> Arc<Pool> {
-        let labels = [key.database.as_str(), key.user.as_str(), key.backend.as_str()];
+    pub fn new(
+        key: PoolKey,
+        spec: ConnectSpec,
+        settings: PoolSettings,
+        conns: Arc<Connections>,
+        metrics: &Metrics,
+    ) -> Arc<Pool> {
+        let labels = [
+            key.database.as_str(),
+            key.user.as_str(),
+            key.backend.as_str(),
+        ];
         Arc::new(Pool {
             wait_count: metrics.pool_waits.with_label_values(&labels),
             wait_seconds: metrics.pool_wait_seconds.with_label_values(&labels),
@@ -196,7 +210,13 @@ impl Pool {
             key,
             spec: RwLock::new(Arc::new(spec)),
             settings: RwLock::new(settings),
-            state: Mutex::new(State { idle: Vec::new(), total: 0, waiters: VecDeque::new(), armed: None, expiry_started: false }),
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                total: 0,
+                waiters: VecDeque::new(),
+                armed: None,
+                expiry_started: false,
+            }),
             startup_params: Mutex::new(None),
             epoch: AtomicU64::new(0),
             backoff: Mutex::new(Backoff::default()),
@@ -206,7 +226,11 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let s = self.state.lock().unwrap();
-        PoolStats { idle: s.idle.len(), total: s.total, waiting: s.waiters.len() }
+        PoolStats {
+            idle: s.idle.len(),
+            total: s.total,
+            waiting: s.waiters.len(),
+        }
     }
 
     pub fn addr(&self) -> String {
@@ -216,18 +240,39 @@ impl Pool {
     /// Points the pool at another server (the primary moved): idle
     /// connections close now, checked-out ones when they come back.
     pub fn retarget(&self, new: ConnectSpec) {
-        let addr = new.addr.clone();
-        {
-            let mut spec = self.spec.write().unwrap();
-            if spec.addr == new.addr {
-                return;
-            }
-            *spec = Arc::new(new);
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+        if !self.addr_is(&new.addr) {
+            self.set_spec(new, "the primary moved (failover)");
         }
+    }
+
+    /// Installs a new connect spec. When the address changed, connections
+    /// to the old server are retired: the epoch is bumped and the idle ones
+    /// closed under the state lock (so a concurrent check-in either is among
+    /// them or sees the new epoch), checked-out ones close when they come
+    /// back, and a connect still under way is redone.
+    fn set_spec(&self, new: ConnectSpec, why: &'static str) {
+        let addr = new.addr.clone();
+        let moved = {
+            let mut spec = self.spec.write().unwrap();
+            let moved = spec.addr != new.addr;
+            *spec = Arc::new(new);
+            moved
+        };
+        if !moved {
+            return;
+        }
+        let idle: Vec<Conn> = {
+            let mut s = self.state.lock().unwrap();
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            let v: Vec<Conn> = s.idle.drain(..).collect();
+            s.total -= v.len();
+            v
+        };
         *self.backoff.lock().unwrap() = Backoff::default();
         tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server");
-        self.close_idle("the primary moved (failover)");
+        for c in idle {
+            c.terminate(why);
+        }
     }
 
     pub fn addr_is(&self, addr: &str) -> bool {
@@ -238,11 +283,22 @@ impl Pool {
         *self.settings.read().unwrap()
     }
 
-    /// Applies reloaded settings; a smaller size takes effect as
-    /// connections come back (excess ones are closed, none is interrupted).
+    /// Applies reloaded settings. A smaller size takes effect as
+    /// connections come back (excess ones are closed, none is interrupted);
+    /// a larger one at once, for clients already waiting too. A new address
+    /// retires the connections to the old one (see `set_spec`).
     pub fn reconfigure(&self, spec: ConnectSpec, settings: PoolSettings) {
-        *self.spec.write().unwrap() = Arc::new(spec);
         *self.settings.write().unwrap() = settings;
+        self.set_spec(spec, "the server's address changed (reload)");
+        let mut s = self.state.lock().unwrap();
+        while s.total < settings.size {
+            let Some(w) = s.waiters.pop_front() else {
+                break;
+            };
+            if w.tx.send(Grant::Slot).is_ok() {
+                s.total += 1;
+            }
+        }
     }
 
     /// The fast path: an idle healthy connection, without waiting. The
@@ -292,7 +348,12 @@ impl Pool {
         if waited {
             self.wait_count.inc();
             PoolCounters::add(&self.counters.waits, 1);
-            let _ = self.counters.oldest_wait_us.compare_exchange(0, crate::stats::now_us(), Ordering::Relaxed, Ordering::Relaxed);
+            let _ = self.counters.oldest_wait_us.compare_exchange(
+                0,
+                crate::stats::now_us(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
         let result = self.checkout_inner(next, started).await;
         if waited {
@@ -316,7 +377,10 @@ impl Pool {
             Next::Wait(rx) => match rx.await {
                 Ok(Grant::Conn(c)) => Ok(c),
                 Ok(Grant::Slot) => self.open_in_slot().await,
-                Ok(Grant::Expired) | Err(_) => Err(PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() }),
+                Ok(Grant::Expired) | Err(_) => Err(PoolError::Timeout {
+                    pool: self.key.to_string(),
+                    waited: started.elapsed(),
+                }),
             },
         }
     }
@@ -345,42 +409,61 @@ impl Pool {
     /// Opens a connection in a slot already counted in `total`.
     async fn open_in_slot(&self) -> Result<Conn, PoolError> {
         let until = self.backoff.lock().unwrap().until;
-        if let Some(wait) = until.map(|u| u.saturating_duration_since(Instant::now())).filter(|w| !w.is_zero()) {
+        if let Some(wait) = until
+            .map(|u| u.saturating_duration_since(Instant::now()))
+            .filter(|w| !w.is_zero())
+        {
             tokio::time::sleep(wait).await;
         }
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let spec = self.spec.read().unwrap().clone();
-        if let Some(p) = &spec.pacer {
-            p.take().await;
-        }
-        let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
-        // Boxed: connecting is rare and its future is large.
-        match Box::pin(ServerConn::connect(&spec)).instrument(span.clone()).await {
-            Ok(mut c) => {
-                span.record("id", c.id).record("backend_pid", c.backend_pid);
-                *self.backoff.lock().unwrap() = Backoff::default();
-                c.epoch = epoch;
-                tracing::info!(parent: &span, "server connection opened");
-                c.span = span;
-                c.register(&self.conns, &self.key);
-                let c = Box::new(c);
-                let mut sp = self.startup_params.lock().unwrap();
-                if sp.is_none() {
-                    let mut v: Vec<_> = c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                    v.sort();
-                    *sp = Some(Arc::new(v));
-                }
-                Ok(c)
+        // Repeated only when the pool moved to another server while this
+        // connect was under way: the new connection must reach the new one.
+        loop {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let spec = self.spec.read().unwrap().clone();
+            if let Some(p) = &spec.pacer {
+                p.take().await;
             }
-            Err(e) => {
-                tracing::warn!(parent: &span, error = %e, "server connection failed");
-                if e.is_transient() {
-                    let mut b = self.backoff.lock().unwrap();
-                    b.failures = b.failures.saturating_add(1);
-                    b.until = Some(Instant::now() + backoff_delay(b.failures));
+            let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
+            // Boxed: connecting is rare and its future is large.
+            match Box::pin(ServerConn::connect(&spec))
+                .instrument(span.clone())
+                .await
+            {
+                Ok(mut c) => {
+                    span.record("id", c.id).record("backend_pid", c.backend_pid);
+                    if self.epoch.load(Ordering::Acquire) != epoch {
+                        c.span = span;
+                        c.terminate("the pool's server moved while connecting");
+                        continue;
+                    }
+                    *self.backoff.lock().unwrap() = Backoff::default();
+                    c.epoch = epoch;
+                    tracing::info!(parent: &span, "server connection opened");
+                    c.span = span;
+                    c.register(&self.conns, &self.key);
+                    let c = Box::new(c);
+                    let mut sp = self.startup_params.lock().unwrap();
+                    if sp.is_none() {
+                        let mut v: Vec<_> = c
+                            .params
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        v.sort();
+                        *sp = Some(Arc::new(v));
+                    }
+                    return Ok(c);
                 }
-                self.release_slot();
-                Err(PoolError::Connect(e))
+                Err(e) => {
+                    tracing::warn!(parent: &span, error = %e, "server connection failed");
+                    if e.is_transient() {
+                        let mut b = self.backoff.lock().unwrap();
+                        b.failures = b.failures.saturating_add(1);
+                        b.until = Some(Instant::now() + backoff_delay(b.failures));
+                    }
+                    self.release_slot();
+                    return Err(PoolError::Connect(e));
+                }
             }
         }
     }
@@ -392,7 +475,12 @@ impl Pool {
         }
         let c = self.checkout().await?;
         self.checkin(c);
-        Ok(self.startup_params.lock().unwrap().clone().expect("set by the first connect"))
+        Ok(self
+            .startup_params
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("set by the first connect"))
     }
 
     /// Returns a clean connection (idle, no transaction) to the pool.
@@ -403,11 +491,6 @@ impl Pool {
     /// `checkin` with the caller's clock reading.
     pub fn checkin_at(&self, mut conn: Conn, now: Instant) {
         let settings = self.settings();
-        if conn.epoch != self.epoch.load(Ordering::Acquire) {
-            conn.terminate("the primary moved (failover)");
-            self.release_slot();
-            return;
-        }
         if now.saturating_duration_since(conn.created) >= settings.lifetime {
             conn.terminate("server_lifetime reached");
             self.release_slot();
@@ -415,11 +498,22 @@ impl Pool {
         }
         conn.idle_since = now;
         let mut s = self.state.lock().unwrap();
-        if s.total > settings.size && s.waiters.is_empty() {
-            // The pool was shrunk by a reload.
-            s.total -= 1;
+        // The epoch is read under the state lock: `set_spec` bumps it under
+        // the same lock, so a connection to a server the pool left is never
+        // parked (or handed on) after the idle ones were closed.
+        let why = if conn.epoch != self.epoch.load(Ordering::Acquire) {
+            Some("the pool's server moved")
+        } else if s.total > settings.size {
+            // Shrunk by a reload: excess connections close as they come
+            // back, even while clients wait (the others come back too).
+            Some("pool shrunk by a reload")
+        } else {
+            None
+        };
+        if let Some(why) = why {
             drop(s);
-            conn.terminate("pool shrunk by a reload");
+            conn.terminate(why);
+            self.release_slot();
             return;
         }
         while let Some(w) = s.waiters.pop_front() {
@@ -452,8 +546,13 @@ impl Pool {
     }
 
     fn release_slot(&self) {
+        let size = self.settings.read().unwrap().size;
         let mut s = self.state.lock().unwrap();
-        while let Some(w) = s.waiters.pop_front() {
+        // Over a reduced size, a freed slot is not handed on.
+        while s.total <= size {
+            let Some(w) = s.waiters.pop_front() else {
+                break;
+            };
             if w.tx.send(Grant::Slot).is_ok() {
                 return;
             }
@@ -472,7 +571,8 @@ impl Pool {
             while i < s.idle.len() {
                 let c = &s.idle[i];
                 let too_old = c.created.elapsed() >= settings.lifetime;
-                let too_idle = c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
+                let too_idle =
+                    c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
                 let too_many = s.total > settings.size;
                 let why = if too_old {
                     Some("server_lifetime reached")
@@ -506,7 +606,9 @@ impl Pool {
     pub async fn prewarm_one(&self) {
         match self.open_in_slot().await {
             Ok(c) => self.checkin(c),
-            Err(e) => tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed"),
+            Err(e) => {
+                tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed")
+            }
         }
     }
 }
@@ -520,9 +622,15 @@ mod tests {
     fn backoff_grows_with_jitter_and_is_capped() {
         for _ in 0..100 {
             let first = backoff_delay(1);
-            assert!(first >= Duration::from_millis(25) && first < Duration::from_millis(75), "{first:?}");
+            assert!(
+                first >= Duration::from_millis(25) && first < Duration::from_millis(75),
+                "{first:?}"
+            );
             let capped = backoff_delay(30);
-            assert!(capped >= Duration::from_secs(1) && capped < Duration::from_secs(3), "{capped:?}");
+            assert!(
+                capped >= Duration::from_secs(1) && capped < Duration::from_secs(3),
+                "{capped:?}"
+            );
         }
         let a: Vec<_> = (0..20).map(|_| backoff_delay(3)).collect();
         assert!(a.iter().any(|d| *d != a[0]), "jittered");

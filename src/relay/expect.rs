@@ -26,7 +26,10 @@ pub enum Kind {
 impl Kind {
     /// Extended-protocol messages after which an error skips to the next Sync.
     pub fn is_extended(self) -> bool {
-        matches!(self, Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close)
+        matches!(
+            self,
+            Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close
+        )
     }
 
     /// Does a server message with this tag complete this kind?
@@ -103,7 +106,11 @@ impl Expect {
             Some(Pending::Synth(s)) => {
                 let t = *s;
                 self.q.pop_front();
-                let payload = if t == Synth::Payload { self.payloads.pop_front() } else { None };
+                let payload = if t == Synth::Payload {
+                    self.payloads.pop_front()
+                } else {
+                    None
+                };
                 Some((t, payload))
             }
             _ => None,

@@ -114,12 +114,29 @@ impl Topology {
                 })
                 .collect(),
         };
+        // A reload keeps the writer the monitor chose (a promoted replica
+        // stays the writer even if the old primary came back thinking it is
+        // one: no split brain), unless the primary's address was edited.
+        let writer = previous
+            .filter(|p| p.primary == cfg.cluster.primary)
+            .and_then(|p| match p.writer() {
+                Writer::Configured => None,
+                Writer::None => Some(NO_WRITER),
+                Writer::Replica(i) => {
+                    let old = &p.replicas[i];
+                    replicas
+                        .iter()
+                        .position(|r| r.name == old.name && r.addr == old.addr)
+                        .map(|j| j + 1)
+                }
+            })
+            .unwrap_or(0);
         Topology {
             primary: cfg.cluster.primary.clone(),
             replicas,
             groups,
             snapshot: RwLock::new(Arc::new(initial)),
-            writer: AtomicUsize::new(0),
+            writer: AtomicUsize::new(writer),
             writer_changed: tokio::sync::Notify::new(),
         }
     }
@@ -157,7 +174,11 @@ impl Topology {
         };
         let old = self.writer.swap(code, Ordering::AcqRel);
         if old != code {
-            tracing::warn!(writer = self.writer_name(), addr = self.writer_addr().unwrap_or("-"), "primary changed");
+            tracing::warn!(
+                writer = self.writer_name(),
+                addr = self.writer_addr().unwrap_or("-"),
+                "primary changed"
+            );
             self.writer_changed.notify_waiters();
         }
     }
@@ -194,7 +215,8 @@ impl Topology {
         let a = candidates[rand::random::<usize>() % candidates.len()];
         let mut b = candidates[rand::random::<usize>() % candidates.len()];
         if a == b {
-            b = candidates[(candidates.iter().position(|c| *c == a).unwrap() + 1) % candidates.len()];
+            b = candidates
+                [(candidates.iter().position(|c| *c == a).unwrap() + 1) % candidates.len()];
         }
         let load = |i: usize| {
             let r = &self.replicas[i];
@@ -253,7 +275,11 @@ impl LagState {
 
     /// How long ago the primary first had WAL past `replay`.
     fn lag_time(&self, replay: u64, now: Instant) -> Duration {
-        self.history.iter().find(|(l, _)| *l > replay).map(|(_, t)| now.duration_since(*t)).unwrap_or_default()
+        self.history
+            .iter()
+            .find(|(l, _)| *l > replay)
+            .map(|(_, t)| now.duration_since(*t))
+            .unwrap_or_default()
     }
 
     fn forget_before(&mut self, min_replay: u64) {
@@ -267,8 +293,12 @@ impl LagState {
 /// Within budget, with hysteresis: leaving at the budget, returning under 3/4.
 fn within_budget(g: &GroupInfo, lag: Duration, bytes: u64, was_excluded: bool) -> bool {
     let (num, den) = if was_excluded { (3, 4) } else { (1, 1) };
-    let time_ok = g.max_lag.is_none_or(|m| lag.as_nanos() * den <= m.as_nanos() * num);
-    let bytes_ok = g.max_lag_bytes.is_none_or(|m| bytes as u128 * den <= m as u128 * num);
+    let time_ok = g
+        .max_lag
+        .is_none_or(|m| lag.as_nanos() * den <= m.as_nanos() * num);
+    let bytes_ok = g
+        .max_lag_bytes
+        .is_none_or(|m| bytes as u128 * den <= m as u128 * num);
     time_ok && bytes_ok
 }
 
@@ -289,15 +319,30 @@ mod tests {
         let t0 = Instant::now();
         s.record_primary(100, t0);
         s.record_primary(100, t0 + Duration::from_secs(10));
-        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(10)), Duration::ZERO);
+        assert_eq!(
+            s.lag_time(100, t0 + Duration::from_secs(10)),
+            Duration::ZERO
+        );
         s.record_primary(200, t0 + Duration::from_secs(11));
-        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(13)), Duration::from_secs(2));
-        assert_eq!(s.lag_time(200, t0 + Duration::from_secs(13)), Duration::ZERO);
+        assert_eq!(
+            s.lag_time(100, t0 + Duration::from_secs(13)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            s.lag_time(200, t0 + Duration::from_secs(13)),
+            Duration::ZERO
+        );
     }
 
     #[test]
     fn hysteresis() {
-        let g = GroupInfo { name: "g".into(), max_lag: Some(Duration::from_millis(400)), max_lag_bytes: None, fallback: vec![], members: vec![] };
+        let g = GroupInfo {
+            name: "g".into(),
+            max_lag: Some(Duration::from_millis(400)),
+            max_lag_bytes: None,
+            fallback: vec![],
+            members: vec![],
+        };
         assert!(within_budget(&g, Duration::from_millis(350), 0, false));
         assert!(!within_budget(&g, Duration::from_millis(350), 0, true));
         assert!(within_budget(&g, Duration::from_millis(300), 0, true));

@@ -23,9 +23,10 @@ pub enum StartupPacket {
 impl StartupPacket {
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            StartupPacket::Startup { params } => {
-                params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-            }
+            StartupPacket::Startup { params } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -42,7 +43,10 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, WireEr
     }
     let len = len as usize;
     if len > MAX_STARTUP_PACKET {
-        return Err(WireError::TooLarge { len, max: MAX_STARTUP_PACKET });
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_STARTUP_PACKET,
+        });
     }
     if buf.len() < len {
         return Ok(None);
@@ -59,7 +63,9 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, WireEr
             Ok(Some(StartupPacket::Cancel { pid, secret }))
         }
         PROTOCOL_3_0 => parse_params(&mut r).map(|params| Some(StartupPacket::Startup { params })),
-        _ => Err(WireError::Malformed("unsupported protocol version or request code")),
+        _ => Err(WireError::Malformed(
+            "unsupported protocol version or request code",
+        )),
     }
 }
 
@@ -77,7 +83,9 @@ fn parse_params(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, WireError> 
         params.push((name.to_string(), value.to_string()));
     }
     if r.remaining() != 0 {
-        return Err(WireError::Malformed("trailing bytes after startup parameters"));
+        return Err(WireError::Malformed(
+            "trailing bytes after startup parameters",
+        ));
     }
     Ok(params)
 }
