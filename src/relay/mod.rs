@@ -41,7 +41,7 @@ use crate::stats::{
 };
 use crate::topology::Topology;
 use crate::wire::{self, build, sqlstate, WireError};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use expect::{Expect, Kind, Pending, Synth};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -285,11 +285,25 @@ impl Session {
         loop {
             self.process_client().await?;
             if self.terminated {
-                return Ok(());
+                // Terminate: what the client sent before it still runs to
+                // its end, as it would on PostgreSQL (a COMMIT or an
+                // autocommit write is not cancelled); nothing more goes to
+                // the client, nothing more is read from it.
+                self.cout.clear();
+                if self.server.is_none() || (self.is_clean() && self.sin.is_empty()) {
+                    return Ok(());
+                }
             }
+            let sending = !self.sout.is_empty();
             if let Err(e) = self.flush() {
                 self.retry_or(e)?;
                 continue;
+            }
+            if sending && self.sout.is_empty() {
+                // The last bytes for the server went out after its
+                // ReadyForQuery (e.g. CopyData a failed COPY still sent):
+                // the transaction may be over with nothing more to come.
+                self.maybe_release();
             }
             if shutting_down
                 && self.drain_idle()
@@ -440,6 +454,13 @@ impl Session {
             }
             if self.server.is_some() && self.routes() && self.must_hold(&self.cin[..h.total]) {
                 return Ok(());
+            }
+            if self.server.is_none() && matches!(h.tag, b'd' | b'c' | b'f') {
+                // Copy messages outside a COPY (the rest of one the server
+                // already failed): PostgreSQL ignores them, and they must
+                // not bind a connection.
+                self.cin.advance(h.total);
+                continue;
             }
             let msg = self.cin.split_to(h.total).freeze();
             if self.discard_to_sync {

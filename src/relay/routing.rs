@@ -183,9 +183,14 @@ impl Session {
     /// Bound to a replica at a transaction boundary, with a unit waiting
     /// that must not run there (a write): wait for the release first.
     pub(super) fn must_hold(&self, next: &[u8]) -> bool {
+        // A client pinned to a replica stays there (its session state is
+        // on that connection): once no check that could unpin it is under
+        // way, its write runs there and gets the server's read-only error
+        // instead of waiting for a release that never comes.
         if !matches!(self.bound_target, Some(Target::Replica(_)))
             || self.status != b'I'
             || self.in_batch
+            || (self.pinned.is_some() && self.is_clean())
         {
             return false;
         }
@@ -220,7 +225,7 @@ impl Session {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.app.metrics.errors.with_label_values(&[code]).inc();
         build::error_response(&mut self.cout, "ERROR", code, message);
-        if tag == b'Q' {
+        if matches!(tag, b'Q' | b'F') {
             build::ready_for_query(&mut self.cout, b'I');
         } else {
             self.discard_to_sync = true;

@@ -184,17 +184,21 @@ impl Session {
                 self.workload_changed();
             }
             ("route", None) => self.route_override = None,
-            ("route", Some(r)) => self.route_override = match r.to_ascii_lowercase().as_str() {
-                "primary" => Some(RouteHint::Primary),
-                "replica" => Some(RouteHint::Replica),
-                "auto" => None,
-                _ => return Err((
-                    sqlstate::INVALID_PARAMETER_VALUE,
-                    format!(
+            ("route", Some(r)) => {
+                self.route_override = match r.to_ascii_lowercase().as_str() {
+                    "primary" => Some(RouteHint::Primary),
+                    "replica" => Some(RouteHint::Replica),
+                    "auto" => None,
+                    _ => {
+                        return Err((
+                            sqlstate::INVALID_PARAMETER_VALUE,
+                            format!(
                         "invalid value for pgfleet.route: \"{r}\" (use primary, replica or auto)"
                     ),
-                )),
-            },
+                        ))
+                    }
+                }
+            }
             ("min_lsn", Some(l)) => {
                 let lsn = parse_lsn(l).ok_or_else(|| {
                     (sqlstate::INVALID_PARAMETER_VALUE, format!("invalid value for pgfleet.min_lsn: \"{l}\" (use an LSN like 0/16B3748)"))

@@ -63,7 +63,8 @@ impl Session {
     /// session, armed across waits: it is re-armed only when a deadline
     /// earlier than the armed one is needed (firing early re-evaluates).
     pub(super) async fn wait(&mut self, shutting_down: bool) -> Result<Event, SessionError> {
-        let client_read = self.sout.len() < SOUT_HIGH || !self.has_complete_client_message();
+        let client_read = !self.terminated
+            && (self.sout.len() < SOUT_HIGH || !self.has_complete_client_message());
         let client_write = !self.cout.is_empty();
         let (server_read, server_write) = match self.server {
             Some(_) => (self.cout.len() < COUT_HIGH, !self.sout.is_empty()),

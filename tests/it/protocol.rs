@@ -4,6 +4,7 @@
 
 use crate::harness::*;
 use bytes::BytesMut;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,4 +161,169 @@ async fn non_utf8_client_encoding_passes_through() {
         }
     }
     assert_eq!(value.as_deref(), Some(&b"caf\xe9"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_right_after_a_statement_lets_it_finish() {
+    let p = proxy(2).await;
+    let setup = connect(&p).await;
+    setup
+        .batch_execute("DROP TABLE IF EXISTS term_t; CREATE TABLE term_t (v int)")
+        .await
+        .unwrap();
+    // Each statement and its Terminate leave in one write; the client
+    // closes at once, as PostgreSQL allows (it runs what came before X).
+    for sql in [
+        "INSERT INTO term_t VALUES (1)",
+        "BEGIN; INSERT INTO term_t VALUES (2); COMMIT",
+        "BEGIN; INSERT INTO term_t VALUES (3)",
+    ] {
+        let mut raw = RawClient::login(&p, "app", "app").await;
+        let mut out = BytesMut::new();
+        pgfleet::wire::build::query(&mut out, sql);
+        out.extend_from_slice(&msg(b'X', b""));
+        raw.stream.write_all(&out).await.unwrap();
+        drop(raw);
+    }
+    let mut rows = String::new();
+    for _ in 0..100 {
+        rows = setup
+            .query_one(
+                "SELECT coalesce(string_agg(v::text, ',' ORDER BY v), '') FROM term_t",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if rows == "1,2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The open transaction of the third was rolled back, as on PostgreSQL.
+    assert_eq!(rows, "1,2");
+    for _ in 0..100 {
+        if p.app.pools()[0].stats().idle == p.app.pools()[0].stats().total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = p.app.pools()[0].stats();
+    assert!(
+        stats.total <= 2 && stats.idle == stats.total,
+        "connections went back clean: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_after_a_failed_copy_holds_no_connection() {
+    let p = start(config("size = 1\ncheckout_timeout = \"3s\"", "")).await;
+    connect(&p)
+        .await
+        .batch_execute("DROP TABLE IF EXISTS copy_late; CREATE TABLE copy_late (v int)")
+        .await
+        .unwrap();
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "COPY copy_late FROM STDIN");
+    raw.stream.write_all(&out).await.unwrap();
+    loop {
+        if raw.next().await.unwrap().0 == b'G' {
+            break;
+        }
+    }
+    raw.stream
+        .write_all(&msg(b'd', b"not a number\n"))
+        .await
+        .unwrap();
+    let mut code = None;
+    loop {
+        let (tag, m) = raw.next().await.unwrap();
+        if tag == b'E' {
+            code = pgfleet::wire::error_fields(&m)
+                .into_iter()
+                .find(|(k, _)| *k == b'C')
+                .map(|(_, v)| v);
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(code.as_deref(), Some("22P02"));
+    // The client keeps streaming what it had, then ends the copy.
+    let mut late = BytesMut::new();
+    for _ in 0..10 {
+        late.extend_from_slice(&msg(b'd', b"1\n"));
+    }
+    late.extend_from_slice(&msg(b'c', b""));
+    raw.stream.write_all(&late).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The only connection is free for another client...
+    let other = connect(&p).await;
+    let started = std::time::Instant::now();
+    other
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("the pool's only connection was held by the failed COPY");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // ...and the copying client's next query is answered, not swallowed.
+    let mut out = BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SELECT 42");
+    raw.stream.write_all(&out).await.unwrap();
+    let mut row = None;
+    loop {
+        let (tag, m) = raw.next().await.unwrap();
+        match tag {
+            b'D' => row = Some(String::from_utf8_lossy(&m[11..]).to_string()),
+            b'E' => panic!("{:?}", pgfleet::wire::error_fields(&m)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(row.as_deref(), Some("42"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_function_call_gets_ready_for_query() {
+    let p = start(config(
+        "size = 2",
+        "[[limits]]\nname = \"one\"\nuser = \"app\"\nmax_in_flight = 1\nmax_wait = \"100ms\"\n",
+    ))
+    .await;
+    let holder = connect(&p).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    // FunctionCall: pg_backend_pid() (oid 2026), no arguments, text result.
+    let mut body = Vec::new();
+    body.extend_from_slice(&2026i32.to_be_bytes());
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    raw.stream.write_all(&msg(b'F', &body)).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let (tag, m) = tokio::time::timeout(Duration::from_secs(3), raw.next())
+            .await
+            .expect("no ReadyForQuery after the refusal")
+            .unwrap();
+        seen.push(tag);
+        if tag == b'E' {
+            let f = pgfleet::wire::error_fields(&m);
+            assert!(f.iter().any(|(k, v)| *k == b'C' && v == "53300"), "{f:?}");
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(seen, vec![b'E', b'Z']);
+    holder.batch_execute("COMMIT").await.unwrap();
+    // The same call now runs.
+    raw.stream.write_all(&msg(b'F', &body)).await.unwrap();
+    let mut tags = Vec::new();
+    loop {
+        let (tag, _) = raw.next().await.unwrap();
+        tags.push(tag);
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(tags, vec![b'V', b'Z']);
 }

@@ -497,3 +497,41 @@ async fn read_your_writes_with_a_lagging_replica() {
     std::fs::write(&auto_conf, original).unwrap();
     assert!(c.pg_ctl("replica0", &["reload"]).status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pinned_on_a_replica_gets_an_error_for_a_write_not_a_hang() {
+    let _shared = REPLICAS.read().await;
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    let client = connect(&p).await;
+    // A read-only transaction goes to a replica, where PREPARE pins the client.
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    client
+        .batch_execute("PREPARE rt_pinned_p AS SELECT 1")
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    let write = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.batch_execute("CREATE TABLE IF NOT EXISTS rt_pinned (v int)"),
+    )
+    .await;
+    let err = write
+        .expect("the write must not wait forever for the pinned replica connection")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "25006", "{err:?}");
+    // The session goes on, still pinned where its prepared statement lives.
+    let one: i32 = client
+        .query_one("EXECUTE rt_pinned_p", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(one, 1);
+    client
+        .batch_execute("DEALLOCATE rt_pinned_p")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS rt_pinned (v int)")
+        .await
+        .unwrap();
+}
