@@ -7,6 +7,15 @@
 
 use std::collections::VecDeque;
 
+/// Statement messages the server skipped after an error (up to Sync).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Proxy statements whose Parse never ran: not prepared there.
+    pub not_prepared: Vec<u64>,
+    /// Proxy statements whose eviction (Close) never ran: still prepared.
+    pub not_closed: Vec<u64>,
+}
+
 /// A client or proxy message that is waiting for its response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -15,7 +24,8 @@ pub enum Kind {
     Bind,
     Describe,
     Execute,
-    Close,
+    /// Close; carries the proxy statement id when pgfleet evicts one.
+    Close(Option<u64>),
     Sync,
     /// Simple Query: complete at ReadyForQuery.
     Query,
@@ -28,7 +38,7 @@ impl Kind {
     pub fn is_extended(self) -> bool {
         matches!(
             self,
-            Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close
+            Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close(_)
         )
     }
 
@@ -37,7 +47,7 @@ impl Kind {
         match self {
             Kind::Parse(_) => tag == b'1',
             Kind::Bind => tag == b'2',
-            Kind::Close => tag == b'3',
+            Kind::Close(_) => tag == b'3',
             Kind::Describe => tag == b'T' || tag == b'n',
             Kind::Execute => matches!(tag, b'C' | b's' | b'I'),
             Kind::Sync | Kind::Query | Kind::FnCall => tag == b'Z',
@@ -120,14 +130,15 @@ impl Expect {
     /// After an ErrorResponse in the extended protocol the server skips
     /// everything up to the next Sync: drop those entries. Returns the ids of
     /// Parse messages that therefore did not prepare anything.
-    pub fn skip_to_sync(&mut self) -> Vec<u64> {
-        let mut failed = Vec::new();
+    pub fn skip_to_sync(&mut self) -> Skipped {
+        let mut skipped = Skipped::default();
         while let Some(p) = self.q.front() {
             match p {
                 Pending::Fwd(Kind::Sync) | Pending::Swallow(Kind::Sync) => break,
                 Pending::Fwd(Kind::Parse(Some(id))) | Pending::Swallow(Kind::Parse(Some(id))) => {
-                    failed.push(*id)
+                    skipped.not_prepared.push(*id)
                 }
+                Pending::Swallow(Kind::Close(Some(id))) => skipped.not_closed.push(*id),
                 Pending::Synth(Synth::Payload) => {
                     self.payloads.pop_front();
                 }
@@ -135,7 +146,7 @@ impl Expect {
             }
             self.q.pop_front();
         }
-        failed
+        skipped
     }
 
     /// At ReadyForQuery: pops through the entry that ended this cycle and
@@ -166,11 +177,18 @@ mod tests {
         let mut e = Expect::default();
         e.push(Pending::Fwd(Kind::Parse(Some(7))));
         e.push(Pending::Synth(Synth::ParseComplete));
+        e.push(Pending::Swallow(Kind::Close(Some(3))));
         e.push(Pending::Fwd(Kind::Bind));
         e.push(Pending::Fwd(Kind::Execute));
         e.push(Pending::Fwd(Kind::Sync));
         e.push(Pending::Fwd(Kind::Query));
-        assert_eq!(e.skip_to_sync(), vec![7]);
+        assert_eq!(
+            e.skip_to_sync(),
+            Skipped {
+                not_prepared: vec![7],
+                not_closed: vec![3]
+            }
+        );
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Sync)));
         assert_eq!(e.complete_cycle(), Some(Pending::Fwd(Kind::Sync)));
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Query)));

@@ -186,10 +186,16 @@ impl Session {
                 false
             }
             Some(Pending::Fwd(k) | Pending::Swallow(k)) if k.is_extended() => {
-                let failed = self.expect.skip_to_sync();
+                let skipped = self.expect.skip_to_sync();
                 if let Some(server) = self.server.as_mut() {
-                    for id in failed {
+                    for id in skipped.not_prepared {
                         server.prepared.remove(&id);
+                    }
+                    // An eviction the server skipped: the statement is still
+                    // there (its name taken). Back in the cache as the least
+                    // recently used, so the next Parse evicts it again.
+                    for id in skipped.not_closed {
+                        server.prepared.insert(id, 0);
                     }
                 }
                 true

@@ -49,7 +49,8 @@ impl Session {
         if let Some(victim) = server.lru_victim(limit) {
             server.prepared.remove(&victim);
             build::target(&mut self.sout, b'C', b'S', &stmts::server_name(victim));
-            self.expect.push(Pending::Swallow(Kind::Close));
+            self.expect
+                .push(Pending::Swallow(Kind::Close(Some(victim))));
         }
         server.mark_prepared(stmt.id);
         if let Some(pool) = &self.bound_pool {
@@ -124,7 +125,7 @@ impl Session {
             self.stmts.remove(name);
             self.expect.push(Pending::Synth(Synth::CloseComplete));
         } else {
-            self.send(msg, Some(Kind::Close));
+            self.send(msg, Some(Kind::Close(None)));
         }
         Ok(())
     }

@@ -327,3 +327,72 @@ async fn a_refused_function_call_gets_ready_for_query() {
     }
     assert_eq!(tags, vec![b'V', b'Z']);
 }
+
+/// Parse, Bind and Execute of one statement (no parameters, text results).
+fn pbe(name: &str, sql: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(sql) = sql {
+        out.extend(msg(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        ));
+    }
+    out.extend(msg(
+        b'B',
+        &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat(),
+    ));
+    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    out
+}
+
+/// Reads to ReadyForQuery: the first column of each DataRow, and SQLSTATEs.
+async fn read_cycle(raw: &mut RawClient) -> (Vec<String>, Vec<String>) {
+    let (mut rows, mut errors) = (Vec::new(), Vec::new());
+    loop {
+        let (tag, m) = raw.next().await.unwrap();
+        match tag {
+            b'D' => rows.push(String::from_utf8_lossy(&m[11..]).to_string()),
+            b'E' => errors.extend(
+                pgfleet::wire::error_fields(&m)
+                    .into_iter()
+                    .filter(|(k, _)| *k == b'C')
+                    .map(|(_, v)| v),
+            ),
+            b'Z' => return (rows, errors),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_skipped_after_an_error_keeps_the_statement_usable() {
+    let p = start(config("size = 1\nprepared_statements_cache = 3", "")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = Vec::new();
+    for (name, sql) in [("s1", "SELECT 1"), ("s2", "SELECT 2"), ("s3", "SELECT 3")] {
+        out.extend(pbe(name, Some(sql)));
+    }
+    out.extend(msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(
+        read_cycle(&mut raw).await,
+        (vec!["1".into(), "2".into(), "3".into()], vec![])
+    );
+    // The cache is full: preparing s4 evicts s1 (a Close pgfleet adds), but
+    // an error earlier in the batch makes the server skip both.
+    let mut out = pbe("", Some("SELECT 1/0"));
+    out.extend(pbe("s4", Some("SELECT 4")));
+    out.extend(msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["22012".into()]));
+    // s1 is still prepared on the server, and s4 was never: both work.
+    let mut out = pbe("s1", None);
+    out.extend(pbe("s4", None));
+    out.extend(pbe("s2", None));
+    out.extend(msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(
+        read_cycle(&mut raw).await,
+        (vec!["1".into(), "4".into(), "2".into()], vec![])
+    );
+}
