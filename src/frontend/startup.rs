@@ -102,7 +102,20 @@ pub async fn handshake(
                 app.cancels.cancel(pid, secret).await;
                 return Ok(None);
             }
-            StartupPacket::Startup { params } => break params,
+            StartupPacket::Startup {
+                params,
+                minor,
+                protocol_options,
+            } => {
+                if minor > 0 || !protocol_options.is_empty() {
+                    // A newer 3.x client (e.g. libpq 18 asking for 3.2):
+                    // tell it to speak 3.0, as PostgreSQL does.
+                    let mut out = BytesMut::new();
+                    build::negotiate_protocol_version(&mut out, &protocol_options);
+                    stream.write_all(&out).await?;
+                }
+                break params;
+            }
         }
     };
     if !stream.is_tls() && app.config().listen.tls_mode() == crate::config::TlsMode::Require {

@@ -121,6 +121,19 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
     finish(buf, at);
 }
 
+/// NegotiateProtocolVersion: the newest version pgfleet speaks (3.0) and
+/// the protocol options (`_pq_.*`) it does not know.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, options: &[String]) {
+    let at = begin(buf, b'v');
+    buf.put_i32(super::startup::PROTOCOL_3_0);
+    buf.put_i32(options.len() as i32);
+    for o in options {
+        buf.put_slice(o.as_bytes());
+        buf.put_u8(0);
+    }
+    finish(buf, at);
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     let at = begin(buf, b'Z');
     buf.put_u8(status);

@@ -14,16 +14,27 @@ pub const MAX_STARTUP_PARAMS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupPacket {
-    Startup { params: Vec<(String, String)> },
+    /// `minor`: the protocol minor version asked for (3.x); `protocol_options`:
+    /// `_pq_.*` parameters (protocol extensions, none of which pgfleet
+    /// supports). Either calls for NegotiateProtocolVersion; the session
+    /// then goes on in 3.0, as with PostgreSQL.
+    Startup {
+        params: Vec<(String, String)>,
+        minor: u16,
+        protocol_options: Vec<String>,
+    },
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
 }
 
 impl StartupPacket {
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            StartupPacket::Startup { params } => params
+            StartupPacket::Startup { params, .. } => params
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str()),
@@ -62,7 +73,16 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, WireEr
             let secret = r.i32()?;
             Ok(Some(StartupPacket::Cancel { pid, secret }))
         }
-        PROTOCOL_3_0 => parse_params(&mut r).map(|params| Some(StartupPacket::Startup { params })),
+        _ if code >> 16 == 3 => {
+            let (params, protocol_options) = parse_params(&mut r)?
+                .into_iter()
+                .partition::<Vec<_>, _>(|(k, _)| !k.starts_with("_pq_."));
+            Ok(Some(StartupPacket::Startup {
+                params,
+                minor: (code & 0xffff) as u16,
+                protocol_options: protocol_options.into_iter().map(|(k, _)| k).collect(),
+            }))
+        }
         _ => Err(WireError::Malformed(
             "unsupported protocol version or request code",
         )),

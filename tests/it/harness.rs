@@ -486,12 +486,24 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn login(p: &Running, user: &str, password: &str) -> RawClient {
+        let mut out = BytesMut::new();
+        pgfleet::wire::startup::startup_message(&mut out, &[("user", user), ("database", "app")]);
+        Self::login_with(p, &out, password).await.0
+    }
+
+    /// Logs in with this startup packet; also returns every message the
+    /// login got that was not part of the SCRAM exchange.
+    pub async fn login_with(
+        p: &Running,
+        startup: &[u8],
+        password: &str,
+    ) -> (RawClient, Vec<(u8, bytes::Bytes)>) {
         use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
         use postgres_protocol::message::frontend;
         let mut stream = TcpStream::connect(p.addr).await.unwrap();
         let mut out = BytesMut::new();
-        pgfleet::wire::startup::startup_message(&mut out, &[("user", user), ("database", "app")]);
-        stream.write_all(&out).await.unwrap();
+        let mut seen = Vec::new();
+        stream.write_all(startup).await.unwrap();
         let mut rc = RawClient {
             stream,
             buf: BytesMut::new(),
@@ -526,8 +538,8 @@ impl RawClient {
                     }
                 }
                 b'E' => panic!("login failed: {:?}", pgfleet::wire::error_fields(&msg)),
-                b'Z' => return rc,
-                _ => {}
+                b'Z' => return (rc, seen),
+                _ => seen.push((tag, msg)),
             }
         }
     }

@@ -76,6 +76,44 @@ async fn ssl_and_gss_requests_are_declined() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_protocol_versions_are_negotiated_down_to_3_0() {
+    let p = proxy(2).await;
+    // Protocol 3.2 (libpq 18's max_protocol_version=latest) with a protocol
+    // option pgfleet does not know.
+    let mut body = 196_610i32.to_be_bytes().to_vec();
+    for s in [
+        "user",
+        "app",
+        "database",
+        "app",
+        "_pq_.test_option",
+        "on",
+        "",
+    ] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let (mut raw, seen) = RawClient::login_with(&p, &packet, "app").await;
+    let (tag, m) = &seen[0];
+    assert_eq!(*tag, b'v', "NegotiateProtocolVersion comes first: {seen:?}");
+    assert_eq!(
+        &m[5..9],
+        &196_608i32.to_be_bytes(),
+        "newest version pgfleet speaks: 3.0"
+    );
+    assert_eq!(&m[9..13], &1i32.to_be_bytes());
+    assert_eq!(&m[13..], b"_pq_.test_option\0");
+    // The session works in 3.0, and the option never reached the server.
+    let mut out = BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SELECT 7");
+    raw.stream.write_all(&out).await.unwrap();
+    let (rows, errors) = read_cycle(&mut raw).await;
+    assert_eq!((rows, errors), (vec!["7".to_string()], vec![]));
+}
+
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![tag];
     v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
