@@ -53,7 +53,8 @@ pub struct App {
     /// Clients pinned to a server connection by session-only state.
     pub pinned_clients: AtomicUsize,
     shutdown: watch::Sender<bool>,
-    pub dummy_verifier: ScramVerifier,
+    /// Per-process secret behind the mock SCRAM salts of unknown users.
+    mock_secret: [u8; 32],
     /// The file `RELOAD` and SIGHUP read, when pgfleet was started from one.
     pub config_path: Mutex<Option<PathBuf>>,
     pub metrics: Metrics,
@@ -94,7 +95,6 @@ fn derive_secrets(config: &Config) -> HashMap<String, Secret> {
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
-        let dummy = postgres_protocol::password::scram_sha_256(&rand::random::<[u8; 16]>());
         Arc::new(App {
             secrets: RwLock::new(Arc::new(derive_secrets(&config))),
             topology: RwLock::new(Arc::new(Topology::from_config(&config, None))),
@@ -129,7 +129,7 @@ impl App {
             clients: AtomicUsize::new(0),
             pinned_clients: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
-            dummy_verifier: ScramVerifier::parse(&dummy).expect("valid verifier"),
+            mock_secret: rand::random(),
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             metrics: Metrics::new(),
@@ -141,6 +141,29 @@ impl App {
             generation: AtomicU64::new(0),
             any_paused: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// What an unknown user's login is run against, so the exchange looks
+    /// like a real user's and names cannot be probed: a salt that is stable
+    /// per name (as PostgreSQL's mock salt; a random one per attempt, or one
+    /// shared by all unknown names, would tell them apart from real users),
+    /// the usual 4096 iterations, and keys no proof matches.
+    pub fn mock_verifier(&self, user: &str) -> ScramVerifier {
+        use sha2::{Digest, Sha256};
+        let derive = |label: &[u8]| -> [u8; 32] {
+            Sha256::new()
+                .chain_update(self.mock_secret)
+                .chain_update(label)
+                .chain_update(user.as_bytes())
+                .finalize()
+                .into()
+        };
+        ScramVerifier {
+            iterations: 4096,
+            salt: derive(b"salt")[..16].to_vec(),
+            stored_key: derive(b"stored"),
+            server_key: derive(b"server"),
+        }
     }
 
     pub fn config(&self) -> Arc<Config> {

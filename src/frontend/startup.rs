@@ -247,10 +247,22 @@ async fn authenticate(
             let client_key = scram_exchange(stream, buf, &scram, user, cb).await?;
             proof.scram = Some((client_key, scram.server_key));
         }
-        // Unknown user: run the exchange against a dummy verifier so the
-        // answer does not reveal which user names exist.
+        // Unknown user: run the exchange a configured user would get,
+        // against a mock secret, so the answer does not reveal which user
+        // names exist.
+        (AuthMethod::Md5, None) => {
+            let mock = app.mock_verifier(user);
+            md5_exchange(
+                stream,
+                buf,
+                &format!("md5{}", hex(&mock.stored_key[..16])),
+                user,
+            )
+            .await?;
+            return Err(auth_failed(user));
+        }
         (_, None) => {
-            scram_exchange(stream, buf, &app.dummy_verifier, user, cb).await?;
+            scram_exchange(stream, buf, &app.mock_verifier(user), user, cb).await?;
             return Err(auth_failed(user));
         }
     }
@@ -339,4 +351,8 @@ async fn scram_exchange(
     build::auth_sasl_final(&mut out, server_final.as_bytes());
     stream.write_all(&out).await?;
     Ok(client_key)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

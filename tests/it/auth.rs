@@ -179,3 +179,70 @@ async fn auth_query_users_log_in_without_any_password_in_the_config() {
         matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("md5user"))
     );
 }
+
+/// The server's first answers to a login as `user`: the authentication
+/// request code, and for SCRAM the salt and iteration count it offers.
+async fn first_challenge(p: &pgfleet::app::Running, user: &str) -> (i32, Option<(String, String)>) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::startup::startup_message(&mut out, &[("user", user), ("database", "app")]);
+    let mut raw = RawClient {
+        stream: tokio::net::TcpStream::connect(p.addr).await.unwrap(),
+        buf: bytes::BytesMut::new(),
+    };
+    raw.stream.write_all(&out).await.unwrap();
+    let (tag, m) = raw.next().await.unwrap();
+    assert_eq!(tag, b'R');
+    let code = i32::from_be_bytes(m[5..9].try_into().unwrap());
+    if code != 10 {
+        return (code, None);
+    }
+    out.clear();
+    postgres_protocol::message::frontend::sasl_initial_response(
+        "SCRAM-SHA-256",
+        b"n,,n=,r=abcdefghijklmnop",
+        &mut out,
+    )
+    .unwrap();
+    raw.stream.write_all(&out).await.unwrap();
+    let (tag, m) = raw.next().await.unwrap();
+    assert_eq!(
+        (tag, i32::from_be_bytes(m[5..9].try_into().unwrap())),
+        (b'R', 11)
+    );
+    let first = String::from_utf8_lossy(&m[9..]).to_string();
+    let field = |k: &str| {
+        first
+            .split(',')
+            .find_map(|f| f.strip_prefix(k))
+            .unwrap()
+            .to_string()
+    };
+    (code, Some((field("s="), field("i="))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_names_cannot_be_probed_through_the_challenge() {
+    let p = proxy(2).await;
+    let (_, real) = first_challenge(&p, "app").await;
+    let (_, real_again) = first_challenge(&p, "app").await;
+    let (_, ghost) = first_challenge(&p, "ghost_a").await;
+    let (_, ghost_again) = first_challenge(&p, "ghost_a").await;
+    let (_, other_ghost) = first_challenge(&p, "ghost_b").await;
+    let (real, ghost) = (real.unwrap(), ghost.unwrap());
+    // A real user's salt is the same on every attempt, so an unknown one's
+    // must be too; and unknown names must not share one salt.
+    assert_eq!(Some(real.clone()), real_again);
+    assert_eq!(Some(ghost.clone()), ghost_again);
+    assert_ne!(ghost.0, other_ghost.unwrap().0);
+    assert_eq!(real.1, ghost.1, "same iteration count");
+    assert_eq!(real.0.len(), ghost.0.len(), "same salt length");
+    // With md5, an unknown user gets the md5 challenge a configured one gets.
+    let p = start(config("size = 2", "[auth]\nmethod = \"md5\"")).await;
+    assert_eq!(first_challenge(&p, "md5user").await.0, 5);
+    assert_eq!(first_challenge(&p, "ghost_a").await.0, 5);
+    let e = connect_with(&conn_str(&p, "ghost_a", "x", "app"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+}
