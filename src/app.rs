@@ -53,6 +53,9 @@ pub struct App {
     /// Clients pinned to a server connection by session-only state.
     pub pinned_clients: AtomicUsize,
     shutdown: watch::Sender<bool>,
+    /// auth_query's one connection (keyed by where and as whom it logged
+    /// in, and the config generation), shared by every lookup.
+    auth_lookup: tokio::sync::Mutex<Option<(String, tokio_postgres::Client)>>,
     /// Per-process secret behind the mock SCRAM salts of unknown users.
     mock_secret: [u8; 32],
     /// The file `RELOAD` and SIGHUP read, when pgfleet was started from one.
@@ -130,6 +133,7 @@ impl App {
             pinned_clients: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
             mock_secret: rand::random(),
+            auth_lookup: tokio::sync::Mutex::new(None),
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             metrics: Metrics::new(),
@@ -191,10 +195,9 @@ impl App {
                 .plaintext()
                 .map(str::to_string)
         });
-        let dbname = cfg
-            .database(database)
-            .map(|d| d.server_name().to_string())
-            .unwrap_or_else(|| database.to_string());
+        // Only in a configured database: a client must not choose where
+        // pgfleet logs in before it has authenticated.
+        let dbname = cfg.database(database)?.server_name().to_string();
         let topo = self.topology();
         let addr = topo.writer_addr().unwrap_or(&topo.primary).to_string();
         let (host, port) = addr.rsplit_once(':')?;
@@ -209,12 +212,26 @@ impl App {
             pg.password(p);
         }
         let server_tls = self.server_tls.read().unwrap().clone();
+        let key = format!("{addr}/{dbname}/{}/{}", auth_user.name, self.generation());
+        // One connection for all lookups, one lookup at a time: logins of
+        // unknown names cannot make pgfleet open server connections.
         let lookup = async {
-            let client = crate::tls::connect_pg(pg, server_tls).await?;
-            let row = client
-                .query_opt(query.as_str(), &[&user])
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut cached = self.auth_lookup.lock().await;
+            if !cached
+                .as_ref()
+                .is_some_and(|(k, c)| *k == key && !c.is_closed())
+            {
+                *cached = None;
+                *cached = Some((key, crate::tls::connect_pg(pg, server_tls).await?));
+            }
+            let client = &cached.as_ref().expect("just set").1;
+            let row = match client.query_opt(query.as_str(), &[&user]).await {
+                Ok(row) => row,
+                Err(e) => {
+                    *cached = None;
+                    return Err(e.to_string());
+                }
+            };
             Ok::<_, String>(row.and_then(|r| {
                 r.try_get::<_, Option<String>>(r.len().saturating_sub(1))
                     .ok()

@@ -178,6 +178,23 @@ async fn auth_query_users_log_in_without_any_password_in_the_config() {
     assert!(
         matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("md5user"))
     );
+    // A burst of logins with unknown names (which need a lookup) and an
+    // unknown database: the lookups share one connection, and none runs in
+    // a database the client picked.
+    let burst = async {
+        let mut attempts = Vec::new();
+        for i in 0..20 {
+            let db = if i % 2 == 0 { "app" } else { "postgres" };
+            let url = conn_str(&p, &format!("ghost_{i}"), "x", db);
+            attempts.push(tokio::spawn(async move { connect_with(&url).await }));
+        }
+        for a in attempts {
+            let e = a.await.unwrap().unwrap_err();
+            assert!(["28P01", "3D000"].contains(&sqlstate(&e).as_str()), "{e:?}");
+        }
+    };
+    let ((), most) = max_server_conns_during("application_name = 'pgfleet-auth'", burst).await;
+    assert_eq!(most, 1, "auth_query connections on the server at once");
 }
 
 /// The server's first answers to a login as `user`: the authentication
