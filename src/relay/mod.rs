@@ -566,7 +566,7 @@ impl Session {
         match tag {
             b'P' => {
                 let (name, content) = wire::parse_parse_name(msg)?;
-                if name.is_empty() {
+                if name.is_empty() || !self.tracks_state() {
                     return Ok(false);
                 }
                 wire::parse_parse(msg)?; // answered here: validate it whole

@@ -20,10 +20,13 @@ impl Session {
         let (name, content) = wire::parse_parse(msg)?;
         self.in_batch = true;
         let rewritten = self.parse_content(content, known);
-        if name.is_empty() {
+        // Session mode: the client owns its connection, so its statement
+        // names go through unchanged (its DEALLOCATE and DISCARD ALL then
+        // mean what they say), as with PgBouncer.
+        if name.is_empty() || !self.tracks_state() {
             match rewritten {
                 Some(c) => {
-                    build::parse(&mut self.sout, b"", &c);
+                    build::parse(&mut self.sout, name, &c);
                     self.expect.push(Pending::Fwd(Kind::Parse(None)));
                 }
                 None => self.send(msg, Some(Kind::Parse(None))),
@@ -120,7 +123,7 @@ impl Session {
     pub(super) fn on_close(&mut self, msg: &[u8]) -> Result<(), SessionError> {
         let (kind, name) = wire::parse_target(msg)?;
         self.in_batch = true;
-        if kind == b'S' && !name.is_empty() {
+        if kind == b'S' && !name.is_empty() && self.tracks_state() {
             // The proxy statement stays cached on servers for other clients.
             self.stmts.remove(name);
             self.expect.push(Pending::Synth(Synth::CloseComplete));

@@ -434,3 +434,39 @@ async fn an_eviction_skipped_after_an_error_keeps_the_statement_usable() {
         (vec!["1".into(), "4".into(), "2".into()], vec![])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_statement_names_survive_discard_all_and_deallocate() {
+    let p = start(config("size = 2\nmode = \"session\"", "")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let query = |sql: &str| {
+        let mut out = BytesMut::new();
+        pgfleet::wire::build::query(&mut out, sql);
+        out.to_vec()
+    };
+    let mut out = pbe("s0", Some("SELECT 10"));
+    out.extend(msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["10".into()], vec![]));
+    // The client's own names are what the server knows, in session mode.
+    raw.stream
+        .write_all(&query("SELECT name FROM pg_prepared_statements"))
+        .await
+        .unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["s0".into()], vec![]));
+    // DISCARD ALL drops it; preparing the same name again works (drivers
+    // such as pgjdbc and Rails do this).
+    raw.stream.write_all(&query("DISCARD ALL")).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    let mut out = pbe("s0", Some("SELECT 11"));
+    out.extend(msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["11".into()], vec![]));
+    // SQL DEALLOCATE of a protocol-level name reaches the statement.
+    raw.stream.write_all(&query("DEALLOCATE s0")).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    let mut out = pbe("s0", None);
+    out.extend(msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["26000".into()]));
+}
