@@ -143,6 +143,8 @@ pub struct ServerConn {
     pub id: u64,
     /// The pool's target epoch when opened (a failover moves the target).
     pub epoch: u64,
+    /// A cancel for the client that used it may still land: never reuse.
+    pub cancel_pending: bool,
     pub stream: Stream,
     pub peer: SocketAddr,
     pub backend_pid: i32,
@@ -206,6 +208,7 @@ impl ServerConn {
             listed: None,
             span: tracing::Span::none(),
             epoch: 0,
+            cancel_pending: false,
         };
         let mut scram: Option<ScramClient> = None;
         loop {

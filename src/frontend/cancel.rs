@@ -14,20 +14,50 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
-/// The server connection a client is bound to right now, if any.
+/// The server connection a client is bound to right now, if any, and how
+/// many cancels for it are on their way.
 #[derive(Default)]
 pub struct CancelSlot {
-    /// Guards the current target; set at bind, cleared at release.
-    target: Mutex<Option<CancelTarget>>,
+    /// Guards (current target, cancels in flight); set at bind, cleared at
+    /// release.
+    state: Mutex<(Option<CancelTarget>, u32)>,
 }
 
 impl CancelSlot {
-    pub fn set(&self, t: Option<CancelTarget>) {
-        *self.target.lock().unwrap() = t;
+    pub fn set(&self, t: CancelTarget) {
+        self.state.lock().unwrap().0 = Some(t);
+    }
+
+    /// The client leaves its connection. True when a cancel for it may
+    /// still land: the connection must then not serve anyone else (the
+    /// cancel would stop their query), as PgBouncer keeps a server that is
+    /// being cancelled out of the pool.
+    pub fn release(&self) -> bool {
+        let mut s = self.state.lock().unwrap();
+        s.0 = None;
+        s.1 > 0
     }
 
     pub fn get(&self) -> Option<CancelTarget> {
-        *self.target.lock().unwrap()
+        self.state.lock().unwrap().0
+    }
+
+    /// The current target, counted as being cancelled until the returned
+    /// guard is dropped (after the server acknowledged the cancel).
+    pub fn begin_cancel(self: &Arc<Self>) -> Option<(CancelTarget, CancelInFlight)> {
+        let mut s = self.state.lock().unwrap();
+        let t = s.0?;
+        s.1 += 1;
+        Some((t, CancelInFlight(self.clone())))
+    }
+}
+
+/// A cancel on its way to a server (see `CancelSlot::begin_cancel`).
+pub struct CancelInFlight(Arc<CancelSlot>);
+
+impl Drop for CancelInFlight {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().1 -= 1;
     }
 }
 
@@ -77,10 +107,10 @@ impl CancelRegistry {
     pub async fn cancel(&self, pid: i32, secret: i32) {
         let target = {
             let slots = self.slots.lock().unwrap();
-            slots.get(&(pid, secret)).and_then(|s| s.get())
+            slots.get(&(pid, secret)).and_then(|s| s.begin_cancel())
         };
         match target {
-            Some(t) => {
+            Some((t, _in_flight)) => {
                 tracing::info!(server = %t.peer, "forwarding cancel request");
                 if let Err(e) = ServerConn::cancel(t.peer, t.pid, t.secret).await {
                     tracing::warn!(error = %e, "sending cancel request to server failed");
@@ -88,5 +118,40 @@ impl CancelRegistry {
             }
             None => tracing::debug!("cancel request with unknown key or idle client ignored"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_released_while_a_cancel_is_on_its_way_is_not_reused() {
+        let slot = Arc::new(CancelSlot::default());
+        let t = CancelTarget {
+            peer: "127.0.0.1:5432".parse().unwrap(),
+            pid: 7,
+            secret: 9,
+        };
+        assert!(
+            slot.begin_cancel().is_none(),
+            "nothing bound: nothing to cancel"
+        );
+        slot.set(t);
+        assert!(!slot.release(), "no cancel: reusable");
+        slot.set(t);
+        let (got, in_flight) = slot.begin_cancel().unwrap();
+        assert_eq!((got.pid, got.secret), (7, 9));
+        assert!(slot.release(), "released while the cancel is in flight");
+        assert!(
+            slot.begin_cancel().is_none(),
+            "released: a later cancel reaches nothing"
+        );
+        drop(in_flight);
+        slot.set(t);
+        assert!(
+            !slot.release(),
+            "the cancel was acknowledged before this release"
+        );
     }
 }

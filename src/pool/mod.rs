@@ -491,6 +491,11 @@ impl Pool {
     /// `checkin` with the caller's clock reading.
     pub fn checkin_at(&self, mut conn: Conn, now: Instant) {
         let settings = self.settings();
+        if conn.cancel_pending {
+            conn.terminate("a cancel request for its last client was in flight");
+            self.release_slot();
+            return;
+        }
         if now.saturating_duration_since(conn.created) >= settings.lifetime {
             conn.terminate("server_lifetime reached");
             self.release_slot();

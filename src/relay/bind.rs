@@ -67,11 +67,11 @@ impl Session {
             }
             conn.settings_fp = self.settings_fp;
         }
-        self.cancel.set(Some(CancelTarget {
+        self.cancel.set(CancelTarget {
             peer: conn.peer,
             pid: conn.backend_pid,
             secret: conn.backend_secret,
-        }));
+        });
         self.status = b'I';
         self.server = Some(conn);
         Ok(())
@@ -120,7 +120,10 @@ impl Session {
 
     /// Takes the bound connection and the pool it belongs to.
     pub(super) fn unbind(&mut self) -> Option<(crate::pool::Conn, Arc<Pool>)> {
-        let conn = self.server.take()?;
+        let mut conn = self.server.take()?;
+        if self.cancel.release() {
+            conn.cancel_pending = true;
+        }
         if let Some(si) = &conn.info {
             si.state.store(SERVER_IDLE, Ordering::Relaxed);
             si.link.store(0, Ordering::Relaxed);
@@ -132,7 +135,6 @@ impl Session {
         if let Some(inflight) = self.bound_inflight.take() {
             inflight.fetch_sub(1, Ordering::Relaxed);
         }
-        self.cancel.set(None);
         Some((
             conn,
             self.bound_pool
@@ -180,7 +182,6 @@ impl Session {
 
     /// Leaves the server connection clean for the next client, or closes it.
     pub(super) async fn finish(&mut self) {
-        self.cancel.set(None);
         let was_pinned = self.pinned.is_some();
         self.reset_or_drop(was_pinned).await;
         // Pinned until the connection's session state is gone (DISCARD ALL

@@ -375,11 +375,13 @@ impl Session {
     /// server's 57014 and the session goes on.
     fn cancel_query(&mut self) {
         self.cancel_sent = true;
-        if let Some(s) = &self.server {
-            let (peer, pid, secret) = (s.peer, s.backend_pid, s.backend_secret);
+        // Counted in flight until the server took it: if the query ends
+        // first, the connection is not reused (see `CancelSlot::release`).
+        if let Some((t, in_flight)) = self.cancel.begin_cancel() {
             tracing::info!(parent: &self.span, "query timeout: cancelling the running query");
             tokio::spawn(async move {
-                let _ = ServerConn::cancel(peer, pid, secret).await;
+                let _ = ServerConn::cancel(t.peer, t.pid, t.secret).await;
+                drop(in_flight);
             });
         }
     }
