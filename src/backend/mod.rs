@@ -276,6 +276,14 @@ impl ServerConn {
         };
         let proto = |e: std::io::Error| BackendError::Protocol(e.to_string());
         match code {
+            // A SCRAM exchange must end with the server's verified signature
+            // (code 12 clears `scram`): an "ok" before that comes from a
+            // server that never proved it knows the password (as libpq).
+            0 if scram.is_some() => {
+                return Err(BackendError::Auth(
+                    "the server ended SCRAM authentication without its final message (server signature not verified)".into(),
+                ))
+            }
             0 => {}
             3 => frontend::password_message(password()?.as_bytes(), out).map_err(proto)?,
             5 => {
@@ -347,6 +355,7 @@ impl ServerConn {
                         .finish(data)
                         .map_err(|e| BackendError::Auth(format!("server signature: {e}")))?,
                 }
+                *scram = None;
             }
             other => {
                 return Err(BackendError::Auth(format!(
@@ -517,5 +526,56 @@ pub fn consume(buf: &mut BytesMut, n: usize) {
         buf.clear();
     } else {
         buf.advance(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A scripted server: after the client's first SASL message it says
+    /// "ok" without the SCRAM final message (a server that does not know
+    /// the password). pgfleet must refuse it, as libpq does.
+    #[tokio::test]
+    async fn a_server_skipping_the_scram_signature_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let _ = s.read(&mut buf).await; // StartupMessage
+            let mut out = BytesMut::new();
+            out.extend_from_slice(b"R");
+            out.extend_from_slice(&23i32.to_be_bytes());
+            out.extend_from_slice(&10i32.to_be_bytes());
+            out.extend_from_slice(b"SCRAM-SHA-256\0\0");
+            s.write_all(&out).await.unwrap();
+            let _ = s.read(&mut buf).await; // SASLInitialResponse
+            let mut ok = BytesMut::new();
+            ok.extend_from_slice(b"R");
+            ok.extend_from_slice(&8i32.to_be_bytes());
+            ok.extend_from_slice(&0i32.to_be_bytes());
+            s.write_all(&ok).await.unwrap();
+            let _ = s.read(&mut buf).await;
+        });
+        let spec = ConnectSpec {
+            addr,
+            user: "app".into(),
+            database: "app".into(),
+            password: Some("secret".into()),
+            connect_timeout: Duration::from_secs(5),
+            require_primary: false,
+            tls: None,
+            pacer: None,
+            passthrough: None,
+        };
+        match ServerConn::connect(&spec).await {
+            Err(BackendError::Auth(why)) => {
+                assert!(why.contains("server signature not verified"), "{why}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a server that never proved the password was accepted"),
+        }
     }
 }
