@@ -20,9 +20,7 @@ fn classify_bench(c: &mut Criterion) {
     let extra: Vec<String> = Vec::new();
     let mut g = c.benchmark_group("classify");
     for (name, sql) in cases {
-        g.bench_function(format!("{name} ({} bytes)", sql.len()), |b| {
-            b.iter(|| black_box(classify(black_box(sql), &extra)))
-        });
+        g.bench_function(format!("{name} ({} bytes)", sql.len()), |b| b.iter(|| black_box(classify(black_box(sql), &extra))));
     }
     g.finish();
 }

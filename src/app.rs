@@ -13,8 +13,8 @@ use crate::topology::{run_monitor, MonitorSpec, Topology};
 use crate::wire::auth::{ScramVerifier, Secret};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -101,18 +101,12 @@ impl App {
         Arc::new(App {
             secrets: RwLock::new(Arc::new(derive_secrets(&config))),
             topology: RwLock::new(Arc::new(Topology::from_config(&config, None))),
-            tls: RwLock::new(
-                crate::tls::ServerTls::from_config(&config.listen).unwrap_or_else(|e| {
-                    tracing::error!("{e}");
-                    None
-                }),
-            ),
+            tls: RwLock::new(crate::tls::ServerTls::from_config(&config.listen).unwrap_or_else(|e| {
+                tracing::error!("{e}");
+                None
+            })),
             server_tls: RwLock::new(
-                crate::tls::ClientTls::new(
-                    config.cluster.server_tls_mode,
-                    config.cluster.server_tls_ca.as_deref(),
-                )
-                .unwrap_or_else(|e| {
+                crate::tls::ClientTls::new(config.cluster.server_tls_mode, config.cluster.server_tls_ca.as_deref()).unwrap_or_else(|e| {
                     tracing::error!("{e}");
                     None
                 }),
@@ -121,10 +115,7 @@ impl App {
             pacers: Mutex::new(HashMap::new()),
             passthrough: Mutex::new(HashMap::new()),
             settings: Mutex::new(HashMap::new()),
-            limits: RwLock::new(Arc::new(crate::limits::Limits::new(
-                &config.limits,
-                config.pool.checkout_timeout.0,
-            ))),
+            limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -184,17 +175,9 @@ impl App {
     /// the lookup failed (logged); the login then fails like a wrong password.
     pub async fn auth_query_secret(&self, user: &str, database: &str) -> Option<Secret> {
         let cfg = self.config();
-        let (query, auth_user) = (
-            cfg.auth.auth_query.clone()?,
-            cfg.user(cfg.auth.auth_user.as_deref()?)?.clone(),
-        );
+        let (query, auth_user) = (cfg.auth.auth_query.clone()?, cfg.user(cfg.auth.auth_user.as_deref()?)?.clone());
         let secrets = self.secrets.read().unwrap().clone();
-        let password = auth_user.server_password.clone().or_else(|| {
-            secrets
-                .get(&auth_user.name)?
-                .plaintext()
-                .map(str::to_string)
-        });
+        let password = auth_user.server_password.clone().or_else(|| secrets.get(&auth_user.name)?.plaintext().map(str::to_string));
         // Only in a configured database: a client must not choose where
         // pgfleet logs in before it has authenticated.
         let dbname = cfg.database(database)?.server_name().to_string();
@@ -202,11 +185,7 @@ impl App {
         let addr = topo.writer_addr().unwrap_or(&topo.primary).to_string();
         let (host, port) = addr.rsplit_once(':')?;
         let mut pg = tokio_postgres::Config::new();
-        pg.host(host)
-            .port(port.parse().ok()?)
-            .user(&auth_user.name)
-            .dbname(&dbname)
-            .application_name("pgfleet-auth");
+        pg.host(host).port(port.parse().ok()?).user(&auth_user.name).dbname(&dbname).application_name("pgfleet-auth");
         pg.connect_timeout(cfg.pool.connect_timeout.0);
         if let Some(p) = &password {
             pg.password(p);
@@ -217,10 +196,7 @@ impl App {
         // unknown names cannot make pgfleet open server connections.
         let lookup = async {
             let mut cached = self.auth_lookup.lock().await;
-            if !cached
-                .as_ref()
-                .is_some_and(|(k, c)| *k == key && !c.is_closed())
-            {
+            if !cached.as_ref().is_some_and(|(k, c)| *k == key && !c.is_closed()) {
                 *cached = None;
                 *cached = Some((key, crate::tls::connect_pg(pg, server_tls).await?));
             }
@@ -232,11 +208,7 @@ impl App {
                     return Err(e.to_string());
                 }
             };
-            Ok::<_, String>(row.and_then(|r| {
-                r.try_get::<_, Option<String>>(r.len().saturating_sub(1))
-                    .ok()
-                    .flatten()
-            }))
+            Ok::<_, String>(row.and_then(|r| r.try_get::<_, Option<String>>(r.len().saturating_sub(1)).ok().flatten()))
         };
         match tokio::time::timeout(cfg.pool.connect_timeout.0 * 2, lookup).await {
             Ok(Ok(Some(secret))) => Secret::from_config(&secret).ok(),
@@ -265,10 +237,7 @@ impl App {
         match m.get(addr) {
             Some((r, p)) if *r == rate => p.clone(),
             _ => {
-                let p = Arc::new(crate::limits::TokenBucket::new(
-                    f64::from(rate),
-                    f64::from(rate),
-                ));
+                let p = Arc::new(crate::limits::TokenBucket::new(f64::from(rate), f64::from(rate)));
                 m.insert(addr.to_string(), (rate, p.clone()));
                 p
             }
@@ -342,10 +311,7 @@ impl App {
         let old = self.config();
         let mut notes = Vec::new();
         if new.listen.addr != old.listen.addr {
-            notes.push(
-                "listen.addr changes need a restart; still listening on the old address"
-                    .to_string(),
-            );
+            notes.push("listen.addr changes need a restart; still listening on the old address".to_string());
         }
         if new.pool.mode != old.pool.mode {
             notes.push("pool.mode changes apply to new clients only".to_string());
@@ -353,31 +319,20 @@ impl App {
         *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
         match crate::tls::ServerTls::from_config(&new.listen) {
             Ok(t) => *self.tls.write().unwrap() = t,
-            Err(e) => notes.push(format!(
-                "TLS not reloaded, the previous certificate stays in use: {e}"
-            )),
+            Err(e) => notes.push(format!("TLS not reloaded, the previous certificate stays in use: {e}")),
         }
-        match crate::tls::ClientTls::new(
-            new.cluster.server_tls_mode,
-            new.cluster.server_tls_ca.as_deref(),
-        ) {
+        match crate::tls::ClientTls::new(new.cluster.server_tls_mode, new.cluster.server_tls_ca.as_deref()) {
             Ok(t) => *self.server_tls.write().unwrap() = t,
             Err(e) => notes.push(format!("server TLS not reloaded: {e}")),
         }
         let cluster_changed = new.cluster != old.cluster;
         if new.limits != old.limits || new.pool.checkout_timeout != old.pool.checkout_timeout {
             // Fresh budgets; transactions holding the old permits finish under them.
-            *self.limits.write().unwrap() = Arc::new(crate::limits::Limits::new(
-                &new.limits,
-                new.pool.checkout_timeout.0,
-            ));
+            *self.limits.write().unwrap() = Arc::new(crate::limits::Limits::new(&new.limits, new.pool.checkout_timeout.0));
         }
         *self.config.write().unwrap() = Arc::new(new);
         if cluster_changed {
-            let topo = Arc::new(Topology::from_config(
-                &self.config(),
-                Some(&self.topology()),
-            ));
+            let topo = Arc::new(Topology::from_config(&self.config(), Some(&self.topology())));
             *self.topology.write().unwrap() = topo;
             self.restart_monitor();
         }
@@ -387,10 +342,7 @@ impl App {
             let addr = if pool.key.backend == PRIMARY {
                 Some(topo.writer_addr().unwrap_or(&topo.primary).to_string())
             } else {
-                topo.replicas
-                    .iter()
-                    .find(|r| r.name == pool.key.backend)
-                    .map(|r| r.addr.clone())
+                topo.replicas.iter().find(|r| r.name == pool.key.backend).map(|r| r.addr.clone())
             };
             if let Some(addr) = addr {
                 let (spec, settings) = self.pool_params(&pool.key, &addr);
@@ -403,12 +355,7 @@ impl App {
     /// Reads, validates and applies the config file. An invalid file
     /// changes nothing; the error lists every problem.
     pub fn reload(self: &Arc<Self>) -> Result<Vec<String>, String> {
-        let path = self
-            .config_path
-            .lock()
-            .unwrap()
-            .clone()
-            .ok_or("pgfleet was not started from a config file")?;
+        let path = self.config_path.lock().unwrap().clone().ok_or("pgfleet was not started from a config file")?;
         let cfg = Config::load(&path).map_err(|e| e.to_string())?;
         let notes = self.apply(cfg);
         tracing::info!(path = %path.display(), "configuration reloaded");
@@ -432,9 +379,7 @@ impl App {
                 *self.monitor_stop.lock().unwrap() = Some(tx);
                 tokio::spawn(run_monitor(topo, spec, rx));
             }
-            None => tracing::warn!(
-                "no user with a known server password for the lag monitor: replicas stay unused"
-            ),
+            None => tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused"),
         }
     }
 
@@ -471,17 +416,10 @@ impl App {
     pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Arc<Pool> {
         let (backend, addr) = match target {
             // After a failover the primary pool follows the promoted server.
-            Target::Primary => (
-                PRIMARY.to_string(),
-                topo.writer_addr().unwrap_or(&topo.primary).to_string(),
-            ),
+            Target::Primary => (PRIMARY.to_string(), topo.writer_addr().unwrap_or(&topo.primary).to_string()),
             Target::Replica(i) => (topo.replicas[i].name.clone(), topo.replicas[i].addr.clone()),
         };
-        let key = PoolKey {
-            database: database.into(),
-            user: user.into(),
-            backend,
-        };
+        let key = PoolKey { database: database.into(), user: user.into(), backend };
         let mut pools = self.pools.lock().unwrap();
         if let Some(p) = pools.get(&key) {
             if target == Target::Primary && !p.addr_is(&addr) {
@@ -490,13 +428,7 @@ impl App {
             return p.clone();
         }
         let (spec, settings) = self.pool_params(&key, &addr);
-        let pool = Pool::new(
-            key.clone(),
-            spec,
-            settings,
-            self.conns.clone(),
-            &self.metrics,
-        );
+        let pool = Pool::new(key.clone(), spec, settings, self.conns.clone(), &self.metrics);
         pools.insert(key, pool.clone());
         pool
     }
@@ -507,17 +439,9 @@ impl App {
         let secrets = self.secrets.read().unwrap().clone();
         let user = match &cfg.cluster.health_user {
             Some(u) => cfg.user(u)?,
-            None => cfg.users.iter().find(|u| {
-                u.server_password.is_some()
-                    || secrets
-                        .get(&u.name)
-                        .is_some_and(|s| s.plaintext().is_some())
-            })?,
+            None => cfg.users.iter().find(|u| u.server_password.is_some() || secrets.get(&u.name).is_some_and(|s| s.plaintext().is_some()))?,
         };
-        let password = user
-            .server_password
-            .clone()
-            .or_else(|| secrets.get(&user.name)?.plaintext().map(str::to_string));
+        let password = user.server_password.clone().or_else(|| secrets.get(&user.name)?.plaintext().map(str::to_string));
         let db = match &cfg.cluster.health_database {
             Some(d) => cfg.database(d)?,
             None => cfg.databases.first()?,
@@ -536,15 +460,8 @@ impl App {
         let cfg = self.config();
         let secrets = self.secrets.read().unwrap().clone();
         let user = cfg.user(&key.user);
-        let password = user.and_then(|u| {
-            u.server_password
-                .clone()
-                .or_else(|| secrets.get(&u.name)?.plaintext().map(str::to_string))
-        });
-        let dbname = cfg
-            .database(&key.database)
-            .map(|d| d.server_name().to_string())
-            .unwrap_or_else(|| key.database.clone());
+        let password = user.and_then(|u| u.server_password.clone().or_else(|| secrets.get(&u.name)?.plaintext().map(str::to_string)));
+        let dbname = cfg.database(&key.database).map(|d| d.server_name().to_string()).unwrap_or_else(|| key.database.clone());
         let spec = ConnectSpec {
             addr: addr.to_string(),
             user: key.user.clone(),
@@ -553,13 +470,8 @@ impl App {
             connect_timeout: cfg.pool.connect_timeout.0,
             require_primary: key.backend == PRIMARY,
             tls: self.server_tls.read().unwrap().clone(),
-            pacer: (cfg.pool.max_connects_per_second > 0)
-                .then(|| self.pacer(addr, cfg.pool.max_connects_per_second)),
-            passthrough: if user.is_none() {
-                self.passthrough.lock().unwrap().get(&key.user).cloned()
-            } else {
-                None
-            },
+            pacer: (cfg.pool.max_connects_per_second > 0).then(|| self.pacer(addr, cfg.pool.max_connects_per_second)),
+            passthrough: if user.is_none() { self.passthrough.lock().unwrap().get(&key.user).cloned() } else { None },
         };
         let settings = PoolSettings {
             size: cfg.pool_size_for(&key.user),
@@ -572,22 +484,11 @@ impl App {
     }
 
     pub fn workload_counters(&self, workload: &str) -> Arc<WorkloadCounters> {
-        self.workloads
-            .lock()
-            .unwrap()
-            .entry(workload.to_string())
-            .or_default()
-            .clone()
+        self.workloads.lock().unwrap().entry(workload.to_string()).or_default().clone()
     }
 
     pub fn workload_list(&self) -> Vec<(String, Arc<WorkloadCounters>)> {
-        let mut v: Vec<_> = self
-            .workloads
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut v: Vec<_> = self.workloads.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -606,10 +507,7 @@ impl App {
 
     /// PAUSE: new transactions of `database` (None = all) wait for RESUME.
     pub fn pause(&self, database: Option<&str>) {
-        self.paused
-            .lock()
-            .unwrap()
-            .insert(database.unwrap_or("*").to_string());
+        self.paused.lock().unwrap().insert(database.unwrap_or("*").to_string());
         self.any_paused.store(true, Ordering::Release);
     }
 
@@ -697,24 +595,16 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
         None => None,
     };
     tokio::spawn(frontend::accept_loop(app.clone(), listener));
-    Ok(Running {
-        addr,
-        app,
-        metrics_addr,
-    })
+    Ok(Running { addr, app, metrics_addr })
 }
 
 /// Binds the client listener with SO_REUSEPORT, so a new pgfleet can bind
 /// the same address while the old one drains (zero-downtime restarts).
 pub fn bind_reuseport(addr: &str) -> std::io::Result<TcpListener> {
-    let addr: SocketAddr = addr.parse().or_else(|_| {
-        std::net::ToSocketAddrs::to_socket_addrs(addr).map(|mut a| a.next().expect("resolved"))
-    })?;
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let addr: SocketAddr = addr
+        .parse()
+        .or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(addr).map(|mut a| a.next().expect("resolved")))?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;

@@ -70,10 +70,7 @@ impl Limiter {
             }
             parts.join(",")
         });
-        let burst = rule
-            .burst
-            .map(f64::from)
-            .unwrap_or_else(|| rule.rate.unwrap_or(1.0).max(1.0));
+        let burst = rule.burst.map(f64::from).unwrap_or_else(|| rule.rate.unwrap_or(1.0).max(1.0));
         Limiter {
             name,
             workload: rule.workload.clone(),
@@ -111,10 +108,7 @@ impl Limiter {
 
     fn refuse(&self, code: &'static str, why: String) -> Refusal {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        (
-            code,
-            format!("pgfleet limit \"{}\" exceeded: {why}", self.name),
-        )
+        (code, format!("pgfleet limit \"{}\" exceeded: {why}", self.name))
     }
 }
 
@@ -131,11 +125,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate: f64, burst: f64) -> TokenBucket {
-        TokenBucket {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
+        TokenBucket { rate, burst, state: Mutex::new((burst, Instant::now())) }
     }
 
     /// Reserves a token; returns how long to wait for it, or None (nothing
@@ -145,11 +135,7 @@ impl TokenBucket {
         let now = Instant::now();
         s.0 = (s.0 + now.saturating_duration_since(s.1).as_secs_f64() * self.rate).min(self.burst);
         s.1 = now;
-        let wait = if s.0 >= 1.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((1.0 - s.0) / self.rate)
-        };
+        let wait = if s.0 >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - s.0) / self.rate) };
         if wait > max_wait {
             return None;
         }
@@ -187,12 +173,7 @@ pub struct Limits {
 
 impl Limits {
     pub fn new(rules: &[Limit], default_wait: Duration) -> Limits {
-        Limits {
-            rules: rules
-                .iter()
-                .map(|r| Arc::new(Limiter::new(r, default_wait)))
-                .collect(),
-        }
+        Limits { rules: rules.iter().map(|r| Arc::new(Limiter::new(r, default_wait))).collect() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -213,10 +194,7 @@ impl Limits {
                     let queued = l.waiting.fetch_add(1, Ordering::Relaxed);
                     waiting = Some(Waiting(&l.waiting));
                     if queued >= l.max_queue {
-                        return Err(l.refuse(
-                            sqlstate::TOO_MANY_CONNECTIONS,
-                            format!("{} transactions already waiting", l.max_queue),
-                        ));
+                        return Err(l.refuse(sqlstate::TOO_MANY_CONNECTIONS, format!("{} transactions already waiting", l.max_queue)));
                     }
                 }
                 Ok(())
@@ -224,11 +202,7 @@ impl Limits {
             let started = Instant::now();
             let deadline = started + l.max_wait;
             // Rate first, so a transaction waiting for a token holds no slot.
-            match l
-                .bucket
-                .as_ref()
-                .map_or(Some(Duration::ZERO), |b| b.reserve(l.max_wait))
-            {
+            match l.bucket.as_ref().map_or(Some(Duration::ZERO), |b| b.reserve(l.max_wait)) {
                 Some(wait) if wait.is_zero() => {}
                 Some(wait) => {
                     if let Err(e) = queue() {
@@ -243,10 +217,7 @@ impl Limits {
                     let rate = l.rate.unwrap_or_default();
                     return Err(l.refuse(
                         sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
-                        format!(
-                            "rate {rate}/s (burst {}) would need a wait over {:?}",
-                            l.burst, l.max_wait
-                        ),
+                        format!("rate {rate}/s (burst {}) would need a wait over {:?}", l.burst, l.max_wait),
                     ));
                 }
             }
@@ -255,8 +226,7 @@ impl Limits {
                     Ok(p) => p,
                     Err(_) => {
                         queue()?;
-                        match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await
-                        {
+                        match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
                             Ok(Ok(p)) => p,
                             _ => {
                                 return Err(l.refuse(
@@ -269,7 +239,7 @@ impl Limits {
                                 ))
                             }
                         }
-                    }
+                    },
                 };
                 adm._permits.push(permit);
             }
@@ -285,31 +255,20 @@ mod tests {
     use crate::config::Dur;
 
     fn rule(f: impl FnOnce(&mut Limit)) -> Limit {
-        let mut l = Limit {
-            workload: Some("w".into()),
-            ..Default::default()
-        };
+        let mut l = Limit { workload: Some("w".into()), ..Default::default() };
         f(&mut l);
         l
     }
 
     fn req(to_primary: bool) -> Request<'static> {
-        Request {
-            workload: "w",
-            user: "u",
-            database: "d",
-            to_primary,
-        }
+        Request { workload: "w", user: "u", database: "d", to_primary }
     }
 
     #[test]
     fn matching_needs_every_field() {
         let l = Limiter::new(&rule(|l| l.user = Some("u".into())), Duration::from_secs(1));
         assert!(l.matches(&req(false)));
-        assert!(!l.matches(&Request {
-            user: "other",
-            ..req(false)
-        }));
+        assert!(!l.matches(&Request { user: "other", ..req(false) }));
         let w = Limiter::new(&rule(|l| l.writes_only = true), Duration::from_secs(1));
         assert!(!w.matches(&req(false)));
         assert!(w.matches(&req(true)));
@@ -318,13 +277,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_waits_then_refuses_with_53300() {
-        let limits = Limits::new(
-            &[rule(|l| {
-                l.max_in_flight = Some(1);
-                l.max_wait = Some(Dur(Duration::from_millis(100)));
-            })],
-            Duration::from_secs(5),
-        );
+        let limits = Limits::new(&[rule(|l| {
+            l.max_in_flight = Some(1);
+            l.max_wait = Some(Dur(Duration::from_millis(100)));
+        })], Duration::from_secs(5));
         let first = limits.admit(&req(false)).await.unwrap();
         let (code, msg) = limits.admit(&req(false)).await.err().unwrap();
         assert_eq!(code, "53300");
@@ -341,24 +297,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn token_bucket_paces_and_refuses_with_53400() {
-        let limits = Limits::new(
-            &[rule(|l| {
-                l.rate = Some(10.0);
-                l.burst = Some(2);
-                l.max_wait = Some(Dur(Duration::from_millis(250)));
-            })],
-            Duration::from_secs(5),
-        );
+        let limits = Limits::new(&[rule(|l| {
+            l.rate = Some(10.0);
+            l.burst = Some(2);
+            l.max_wait = Some(Dur(Duration::from_millis(250)));
+        })], Duration::from_secs(5));
         let t0 = Instant::now();
         for _ in 0..2 {
             limits.admit(&req(false)).await.unwrap();
         }
         assert_eq!(t0.elapsed(), Duration::ZERO, "the burst passes at once");
         limits.admit(&req(false)).await.unwrap();
-        assert!(
-            t0.elapsed() >= Duration::from_millis(99),
-            "then one per 100 ms"
-        );
+        assert!(t0.elapsed() >= Duration::from_millis(99), "then one per 100 ms");
         // Two reserved ahead (200 ms) and a third would wait 300 ms > 250 ms.
         let l = Arc::new(limits);
         let a = tokio::spawn({
@@ -390,21 +340,15 @@ mod tests {
         }
         // 10 at once, then 20 more at 10/s.
         let took = t0.elapsed();
-        assert!(
-            took >= Duration::from_millis(1990) && took < Duration::from_millis(2100),
-            "{took:?}"
-        );
+        assert!(took >= Duration::from_millis(1990) && took < Duration::from_millis(2100), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn bounded_queue() {
-        let limits = Arc::new(Limits::new(
-            &[rule(|l| {
-                l.max_in_flight = Some(1);
-                l.max_queue = Some(1);
-            })],
-            Duration::from_secs(5),
-        ));
+        let limits = Arc::new(Limits::new(&[rule(|l| {
+            l.max_in_flight = Some(1);
+            l.max_queue = Some(1);
+        })], Duration::from_secs(5)));
         let _held = limits.admit(&req(false)).await.unwrap();
         let l = limits.clone();
         let _queued = tokio::spawn(async move { l.admit(&req(false)).await.is_ok() });

@@ -8,11 +8,7 @@ use std::process::ExitCode;
 use tokio::signal::unix::SignalKind;
 
 #[derive(Parser)]
-#[command(
-    name = "pgfleet",
-    version,
-    about = "PostgreSQL connection pooler and read/write router"
-)]
+#[command(name = "pgfleet", version, about = "PostgreSQL connection pooler and read/write router")]
 struct Cli {
     /// Configuration file (TOML).
     #[arg(long, short, global = true, default_value = "config/pgfleet.toml")]
@@ -49,10 +45,7 @@ fn main() -> ExitCode {
                     line.trim_end_matches(['\r', '\n']).to_string()
                 }
             };
-            println!(
-                "{}",
-                postgres_protocol::password::scram_sha_256(pw.as_bytes())
-            );
+            println!("{}", postgres_protocol::password::scram_sha_256(pw.as_bytes()));
             ExitCode::SUCCESS
         }
         Command::Check => match Config::load(&cli.config) {
@@ -77,30 +70,18 @@ fn main() -> ExitCode {
 
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::{filter::LevelFilter, prelude::*, EnvFilter};
-    let directives = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| cfg.log.level.clone());
+    let directives = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| cfg.log.level.clone());
     // A plain level ("info", "warn", ...) filters by level alone: an
     // `EnvFilter` takes a lock on every span enter and exit.
     let (level, env) = match directives.trim().parse::<LevelFilter>() {
         Ok(level) => (Some(level), None),
-        Err(_) => (
-            None,
-            Some(
-                EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new(&cfg.log.level)),
-            ),
-        ),
+        Err(_) => (None, Some(EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new(&cfg.log.level)))),
     };
     let fmt = match cfg.log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
     };
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(level)
-        .with(env)
-        .init();
+    tracing_subscriber::registry().with(fmt).with(level).with(env).init();
 }
 
 fn run(cfg: Config, path: PathBuf) -> ExitCode {
@@ -175,12 +156,9 @@ async fn signal(kind: tokio::signal::unix::SignalKind) {
 
 /// Waits for SIGTERM / SIGINT / admin SHUTDOWN; SIGHUP reloads meanwhile.
 async fn wait_for_stop(running: &pgfleet::app::Running) -> Stop {
-    let mut term =
-        tokio::signal::unix::signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int =
-        tokio::signal::unix::signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    let mut hup =
-        tokio::signal::unix::signal(SignalKind::hangup()).expect("install SIGHUP handler");
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("install SIGHUP handler");
     let mut shutdown = running.app.shutdown_signal();
     loop {
         tokio::select! {

@@ -16,10 +16,7 @@ use tokio::net::{TcpStream, UnixStream};
 pub enum Stream {
     Tcp(TcpStream),
     /// The relay's end of a TLS tunnel; `local` is the TCP socket's address.
-    Tunnel {
-        inner: UnixStream,
-        local: SocketAddr,
-    },
+    Tunnel { inner: UnixStream, local: SocketAddr },
 }
 
 impl Stream {
@@ -64,16 +61,10 @@ impl Stream {
     pub fn read_some(&self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         buf.reserve(chunk);
         match self {
-            Stream::Tcp(s) => read_clearing(
-                buf,
-                |f| s.try_io(Interest::READABLE, f),
-                |b| s.try_read_buf(b),
-            ),
-            Stream::Tunnel { inner, .. } => read_clearing(
-                buf,
-                |f| inner.try_io(Interest::READABLE, f),
-                |b| inner.try_read_buf(b),
-            ),
+            Stream::Tcp(s) => read_clearing(buf, |f| s.try_io(Interest::READABLE, f), |b| s.try_read_buf(b)),
+            Stream::Tunnel { inner, .. } => {
+                read_clearing(buf, |f| inner.try_io(Interest::READABLE, f), |b| inner.try_read_buf(b))
+            }
         }
     }
 
@@ -113,10 +104,7 @@ impl Stream {
             let mut tls = tls;
             let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
         });
-        Ok(Stream::Tunnel {
-            inner: theirs,
-            local,
-        })
+        Ok(Stream::Tunnel { inner: theirs, local })
     }
 }
 
@@ -154,11 +142,7 @@ impl From<TcpStream> for Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tunnel { inner, .. } => Pin::new(inner).poll_read(cx, buf),
@@ -167,11 +151,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tunnel { inner, .. } => Pin::new(inner).poll_write(cx, buf),

@@ -52,10 +52,7 @@ impl PoolCounters {
 }
 
 pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// Wall-clock microseconds of a monotonic instant (for SHOW and metrics
@@ -138,9 +135,7 @@ impl Signal {
         // wakes it, so this task is polled again and sees the bit. A raise
         // that already emptied the slot also cleared `owner`.
         let me = identity(cx.waker());
-        if self.owner[0].load(Ordering::Acquire) == me[0]
-            && self.owner[1].load(Ordering::Acquire) == me[1]
-        {
+        if self.owner[0].load(Ordering::Acquire) == me[0] && self.owner[1].load(Ordering::Acquire) == me[1] {
             return Poll::Pending;
         }
         {
@@ -214,21 +209,13 @@ impl Listed {
     pub fn client(registry: &Arc<Connections>, info: Arc<ClientInfo>) -> Listed {
         let id = info.id;
         registry.clients.lock().unwrap().insert(id, info);
-        Listed {
-            registry: registry.clone(),
-            id,
-            server: false,
-        }
+        Listed { registry: registry.clone(), id, server: false }
     }
 
     pub fn server(registry: &Arc<Connections>, info: Arc<ServerInfo>) -> Listed {
         let id = info.id;
         registry.servers.lock().unwrap().insert(id, info);
-        Listed {
-            registry: registry.clone(),
-            id,
-            server: true,
-        }
+        Listed { registry: registry.clone(), id, server: true }
     }
 }
 
@@ -249,10 +236,7 @@ impl std::fmt::Debug for Listed {
 }
 
 /// Latency buckets (seconds) for queries and pool waits.
-const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
+const BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// The Prometheus metrics of one pgfleet. Label values come from the
 /// configuration (databases, users, workloads, replicas, groups), routing
@@ -279,8 +263,7 @@ pub struct Metrics {
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &prometheus::Registry, c: T) -> T {
-    r.register(Box::new(c.clone()))
-        .expect("metric names are unique");
+    r.register(Box::new(c.clone())).expect("metric names are unique");
     c
 }
 
@@ -289,183 +272,42 @@ impl Metrics {
         let r = prometheus::Registry::new();
         let dim = &["database", "user", "workload"];
         let pool = &["database", "user", "backend"];
-        let routing = reg(
-            &r,
-            IntCounterVec::new(
-                Opts::new("pgfleet_routing_decisions_total", "Routing decisions"),
-                &["target", "reason"],
-            )
-            .unwrap(),
-        );
+        let routing = reg(&r, IntCounterVec::new(Opts::new("pgfleet_routing_decisions_total", "Routing decisions"), &["target", "reason"]).unwrap());
         let routing_resolved = ["primary", "replica"]
             .iter()
-            .flat_map(|t| {
-                crate::router::route::Reason::ALL
-                    .iter()
-                    .map(|r| routing.with_label_values(&[t, r.as_str()]))
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|t| crate::router::route::Reason::ALL.iter().map(|r| routing.with_label_values(&[t, r.as_str()])).collect::<Vec<_>>())
             .collect();
         Metrics {
             routing_resolved,
-            transactions: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("pgfleet_transactions_total", "Transactions completed"),
-                    dim,
-                )
-                .unwrap(),
-            ),
-            queries: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "pgfleet_queries_total",
-                        "Queries (Query and Execute messages) sent to servers",
-                    ),
-                    dim,
-                )
-                .unwrap(),
-            ),
-            bytes_received: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "pgfleet_client_bytes_received_total",
-                        "Bytes received from clients and sent to servers",
-                    ),
-                    dim,
-                )
-                .unwrap(),
-            ),
-            bytes_sent: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "pgfleet_client_bytes_sent_total",
-                        "Bytes from servers sent to clients",
-                    ),
-                    dim,
-                )
-                .unwrap(),
-            ),
+            transactions: reg(&r, IntCounterVec::new(Opts::new("pgfleet_transactions_total", "Transactions completed"), dim).unwrap()),
+            queries: reg(&r, IntCounterVec::new(Opts::new("pgfleet_queries_total", "Queries (Query and Execute messages) sent to servers"), dim).unwrap()),
+            bytes_received: reg(&r, IntCounterVec::new(Opts::new("pgfleet_client_bytes_received_total", "Bytes received from clients and sent to servers"), dim).unwrap()),
+            bytes_sent: reg(&r, IntCounterVec::new(Opts::new("pgfleet_client_bytes_sent_total", "Bytes from servers sent to clients"), dim).unwrap()),
             query_duration: reg(
                 &r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "pgfleet_query_duration_seconds",
-                        "Time from a request to its ReadyForQuery",
-                    )
-                    .buckets(BUCKETS.to_vec()),
-                    &["workload", "route"],
-                )
-                .unwrap(),
+                HistogramVec::new(HistogramOpts::new("pgfleet_query_duration_seconds", "Time from a request to its ReadyForQuery").buckets(BUCKETS.to_vec()), &["workload", "route"]).unwrap(),
             ),
             routing,
-            errors: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("pgfleet_errors_total", "ErrorResponses sent to clients"),
-                    &["sqlstate"],
-                )
-                .unwrap(),
-            ),
-            pool_waits: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "pgfleet_pool_waits_total",
-                        "Checkouts that had to wait for a connection",
-                    ),
-                    pool,
-                )
-                .unwrap(),
-            ),
+            errors: reg(&r, IntCounterVec::new(Opts::new("pgfleet_errors_total", "ErrorResponses sent to clients"), &["sqlstate"]).unwrap()),
+            pool_waits: reg(&r, IntCounterVec::new(Opts::new("pgfleet_pool_waits_total", "Checkouts that had to wait for a connection"), pool).unwrap()),
             pool_wait_seconds: reg(
                 &r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "pgfleet_pool_wait_seconds",
-                        "Time to get a server connection",
-                    )
-                    .buckets(BUCKETS.to_vec()),
-                    pool,
-                )
-                .unwrap(),
+                HistogramVec::new(HistogramOpts::new("pgfleet_pool_wait_seconds", "Time to get a server connection").buckets(BUCKETS.to_vec()), pool).unwrap(),
             ),
-            clients: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new("pgfleet_clients", "Client connections by state"),
-                    &["state"],
-                )
-                .unwrap(),
-            ),
-            servers: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new("pgfleet_servers", "Server connections by state"),
-                    &["database", "user", "backend", "state"],
-                )
-                .unwrap(),
-            ),
-            pinned_clients: reg(
-                &r,
-                IntGauge::new(
-                    "pgfleet_pinned_clients",
-                    "Clients pinned to a server connection",
-                )
-                .unwrap(),
-            ),
-            replica_lag_bytes: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "pgfleet_replica_lag_bytes",
-                        "Replay distance behind the primary",
-                    ),
-                    &["replica"],
-                )
-                .unwrap(),
-            ),
-            replica_lag_seconds: reg(
-                &r,
-                prometheus::GaugeVec::new(
-                    Opts::new(
-                        "pgfleet_replica_lag_seconds",
-                        "Replay delay behind the primary",
-                    ),
-                    &["replica"],
-                )
-                .unwrap(),
-            ),
-            replica_usable: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "pgfleet_replica_usable",
-                        "1 when the replica serves reads for the group",
-                    ),
-                    &["replica", "group"],
-                )
-                .unwrap(),
-            ),
+            clients: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_clients", "Client connections by state"), &["state"]).unwrap()),
+            servers: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_servers", "Server connections by state"), &["database", "user", "backend", "state"]).unwrap()),
+            pinned_clients: reg(&r, IntGauge::new("pgfleet_pinned_clients", "Clients pinned to a server connection").unwrap()),
+            replica_lag_bytes: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_replica_lag_bytes", "Replay distance behind the primary"), &["replica"]).unwrap()),
+            replica_lag_seconds: reg(&r, prometheus::GaugeVec::new(Opts::new("pgfleet_replica_lag_seconds", "Replay delay behind the primary"), &["replica"]).unwrap()),
+            replica_usable: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_replica_usable", "1 when the replica serves reads for the group"), &["replica", "group"]).unwrap()),
             registry: r,
         }
     }
 
     /// The routing-decision counter for (to a replica?, reason).
-    pub fn routing_decision(
-        &self,
-        to_replica: bool,
-        reason: crate::router::route::Reason,
-    ) -> &prometheus::IntCounter {
-        let i = crate::router::route::Reason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        &self.routing_resolved
-            [usize::from(to_replica) * crate::router::route::Reason::ALL.len() + i]
+    pub fn routing_decision(&self, to_replica: bool, reason: crate::router::route::Reason) -> &prometheus::IntCounter {
+        let i = crate::router::route::Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        &self.routing_resolved[usize::from(to_replica) * crate::router::route::Reason::ALL.len() + i]
     }
 
     /// Handles for one client's hot path.
@@ -476,12 +318,8 @@ impl Metrics {
             queries: self.queries.with_label_values(l),
             received: self.bytes_received.with_label_values(l),
             sent: self.bytes_sent.with_label_values(l),
-            latency_primary: self
-                .query_duration
-                .with_label_values(&[workload, "primary"]),
-            latency_replica: self
-                .query_duration
-                .with_label_values(&[workload, "replica"]),
+            latency_primary: self.query_duration.with_label_values(&[workload, "primary"]),
+            latency_replica: self.query_duration.with_label_values(&[workload, "replica"]),
         }
     }
 }
@@ -507,20 +345,14 @@ pub struct ClientMetrics {
 pub fn quantile(hs: &[&Histogram], q: f64) -> f64 {
     use prometheus::core::Metric;
     let metrics: Vec<_> = hs.iter().map(|h| h.metric()).collect();
-    let total: u64 = metrics
-        .iter()
-        .map(|m| m.get_histogram().get_sample_count())
-        .sum();
+    let total: u64 = metrics.iter().map(|m| m.get_histogram().get_sample_count()).sum();
     if total == 0 {
         return 0.0;
     }
     let want = (total as f64 * q).ceil() as u64;
     let buckets = metrics[0].get_histogram().get_bucket();
     for (i, b) in buckets.iter().enumerate() {
-        let cum: u64 = metrics
-            .iter()
-            .map(|m| m.get_histogram().get_bucket()[i].get_cumulative_count())
-            .sum();
+        let cum: u64 = metrics.iter().map(|m| m.get_histogram().get_bucket()[i].get_cumulative_count()).sum();
         if cum >= want {
             return b.get_upper_bound();
         }
@@ -553,10 +385,7 @@ mod tests {
         // SHUTDOWN wakes it, then the drain waits for KILL only.
         sig.raise(SHUTDOWN);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            sig.poll_raised(&mut cx, KILL | SHUTDOWN),
-            Poll::Ready(SHUTDOWN)
-        );
+        assert_eq!(sig.poll_raised(&mut cx, KILL | SHUTDOWN), Poll::Ready(SHUTDOWN));
         assert_eq!(sig.poll_raised(&mut cx, KILL), Poll::Pending);
         assert_eq!(sig.poll_raised(&mut cx, KILL), Poll::Pending);
         // The slot was emptied by the first raise: the waiter registered
@@ -569,18 +398,9 @@ mod tests {
         let other_waker = Waker::from(other.clone());
         let sig = Signal::default();
         assert_eq!(sig.poll_raised(&mut cx, KILL), Poll::Pending);
-        assert_eq!(
-            sig.poll_raised(&mut Context::from_waker(&other_waker), KILL),
-            Poll::Pending
-        );
+        assert_eq!(sig.poll_raised(&mut Context::from_waker(&other_waker), KILL), Poll::Pending);
         sig.raise(KILL);
-        assert_eq!(
-            (
-                count.0.load(Ordering::SeqCst),
-                other.0.load(Ordering::SeqCst)
-            ),
-            (2, 1)
-        );
+        assert_eq!((count.0.load(Ordering::SeqCst), other.0.load(Ordering::SeqCst)), (2, 1));
     }
 
     #[test]
@@ -590,10 +410,7 @@ mod tests {
         let after = now_us();
         let at = unix_us_at(t);
         // Within the wall-clock readings around it (1 ms slack for the anchor).
-        assert!(
-            at + 1_000 >= before && at <= after + 1_000,
-            "{before} <= {at} <= {after}"
-        );
+        assert!(at + 1_000 >= before && at <= after + 1_000, "{before} <= {at} <= {after}");
         // Instants before the anchor map to earlier times, spaced as they were.
         let earlier = t.checked_sub(Duration::from_millis(50)).unwrap();
         assert!((unix_us_at(t) - unix_us_at(earlier)).abs_diff(50_000) <= 1);

@@ -40,22 +40,16 @@ impl ServerTls {
             .map_err(|e| format!("listen.tls_cert {cert_path}: {e}"))?
             .collect::<Result<_, _>>()
             .map_err(|e| format!("listen.tls_cert {cert_path}: {e}"))?;
-        let first = certs
-            .first()
-            .ok_or_else(|| format!("listen.tls_cert {cert_path}: no certificate in the file"))?;
+        let first = certs.first().ok_or_else(|| format!("listen.tls_cert {cert_path}: no certificate in the file"))?;
         let end_point = end_point_hash(first.as_ref());
-        let key = PrivateKeyDer::from_pem_file(key_path)
-            .map_err(|e| format!("listen.tls_key {key_path}: {e}"))?;
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| format!("listen.tls_key {key_path}: {e}"))?;
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| format!("listen.tls_cert/tls_key: {e}"))?;
-        Ok(ServerTls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            end_point,
-        })
+        Ok(ServerTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), end_point })
     }
 }
 
@@ -99,16 +93,11 @@ impl ClientTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
         let config = if mode == ServerTlsMode::VerifyFull {
-            let path =
-                ca.ok_or("cluster.server_tls_mode = \"verify-full\" needs cluster.server_tls_ca")?;
+            let path = ca.ok_or("cluster.server_tls_mode = \"verify-full\" needs cluster.server_tls_ca")?;
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))?
-            {
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))? {
                 let cert = cert.map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))?;
+                roots.add(cert).map_err(|e| format!("cluster.server_tls_ca {path}: {e}"))?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         } else {
@@ -119,10 +108,7 @@ impl ClientTls {
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
                 .with_no_client_auth()
         };
-        Ok(Some(Arc::new(ClientTls {
-            mode,
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        })))
+        Ok(Some(Arc::new(ClientTls { mode, connector: tokio_rustls::TlsConnector::from(Arc::new(config)) })))
     }
 
     /// The name a server certificate must carry: the host part of `addr`.
@@ -156,12 +142,7 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -170,12 +151,7 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -186,15 +162,9 @@ impl ServerCertVerifier for NoVerify {
 /// Connects tokio-postgres (the monitor, auth_query) the way pool
 /// connections do: with `cluster.server_tls_mode` when set. The
 /// connection's driver runs in its own task.
-pub async fn connect_pg(
-    mut cfg: tokio_postgres::Config,
-    tls: Option<Arc<ClientTls>>,
-) -> Result<tokio_postgres::Client, String> {
+pub async fn connect_pg(mut cfg: tokio_postgres::Config, tls: Option<Arc<ClientTls>>) -> Result<tokio_postgres::Client, String> {
     let Some(tls) = tls else {
-        let (client, conn) = cfg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         return Ok(client);
     };
@@ -203,10 +173,7 @@ pub async fn connect_pg(
     } else {
         tokio_postgres::config::SslMode::Require
     });
-    let (client, conn) = cfg
-        .connect(MonitorTls(tls))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (client, conn) = cfg.connect(MonitorTls(tls)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     Ok(client)
 }
@@ -232,10 +199,7 @@ where
     type Error = String;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<MonitorConnect, String> {
-        Ok(MonitorConnect {
-            tls: self.0.clone(),
-            name: ClientTls::server_name(domain)?,
-        })
+        Ok(MonitorConnect { tls: self.0.clone(), name: ClientTls::server_name(domain)? })
     }
 }
 
@@ -245,32 +209,20 @@ where
 {
     type Stream = MonitorStream<S>;
     type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<MonitorStream<S>>> + Send>,
-    >;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<MonitorStream<S>>> + Send>>;
 
     fn connect(self, stream: S) -> Self::Future {
-        Box::pin(async move {
-            self.tls
-                .connector
-                .connect(self.name, stream)
-                .await
-                .map(MonitorStream)
-        })
+        Box::pin(async move { self.tls.connector.connect(self.name, stream).await.map(MonitorStream) })
     }
 }
 
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio_postgres::tls::TlsStream
-    for MonitorStream<S>
-{
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for MonitorStream<S> {
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
         tokio_postgres::tls::ChannelBinding::none()
     }
 }
 
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead
-    for MonitorStream<S>
-{
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead for MonitorStream<S> {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -280,9 +232,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRe
     }
 }
 
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
-    for MonitorStream<S>
-{
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for MonitorStream<S> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -291,17 +241,11 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
         std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }

@@ -44,16 +44,11 @@ async fn handle(app: Arc<App>, mut stream: TcpStream) -> std::io::Result<()> {
         "/healthz" => ("200 OK", "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
             let snap = app.topology().snapshot();
-            let ready = snap.primary_reachable
-                || (app.topology().replicas.is_empty() && primary_answers(&app).await);
+            let ready = snap.primary_reachable || (app.topology().replicas.is_empty() && primary_answers(&app).await);
             if ready {
                 ("200 OK", "text/plain", b"ready\n".to_vec())
             } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    b"no primary reachable\n".to_vec(),
-                )
+                ("503 Service Unavailable", "text/plain", b"no primary reachable\n".to_vec())
             }
         }
         _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
@@ -67,10 +62,7 @@ async fn handle(app: Arc<App>, mut stream: TcpStream) -> std::io::Result<()> {
 /// Without replicas there is no monitor: try a TCP connect to the primary.
 async fn primary_answers(app: &App) -> bool {
     let addr = app.config().cluster.primary.clone();
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+    matches!(tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await, Ok(Ok(_)))
 }
 
 /// Refreshes the state gauges, then encodes every metric.
@@ -87,34 +79,15 @@ fn render(app: &App) -> Vec<u8> {
     m.clients.with_label_values(&["active"]).set(active);
     m.clients.with_label_values(&["waiting"]).set(waiting);
     m.clients.with_label_values(&["idle"]).set(idle);
-    m.pinned_clients
-        .set(app.pinned_clients.load(Ordering::Relaxed) as i64);
+    m.pinned_clients.set(app.pinned_clients.load(Ordering::Relaxed) as i64);
     m.servers.reset();
     for p in app.pools() {
         let st = p.stats();
         let k = &p.key;
-        let active = app
-            .conns
-            .servers
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|i| {
-                i.database == k.database
-                    && i.user == k.user
-                    && i.backend == k.backend
-                    && i.state.load(Ordering::Relaxed) == SERVER_ACTIVE
-            })
-            .count();
-        m.servers
-            .with_label_values(&[&k.database, &k.user, &k.backend, "active"])
-            .set(active as i64);
-        m.servers
-            .with_label_values(&[&k.database, &k.user, &k.backend, "idle"])
-            .set(st.idle as i64);
-        m.servers
-            .with_label_values(&[&k.database, &k.user, &k.backend, "opening"])
-            .set(st.total.saturating_sub(st.idle + active) as i64);
+        let active = app.conns.servers.lock().unwrap().values().filter(|i| i.database == k.database && i.user == k.user && i.backend == k.backend && i.state.load(Ordering::Relaxed) == SERVER_ACTIVE).count();
+        m.servers.with_label_values(&[&k.database, &k.user, &k.backend, "active"]).set(active as i64);
+        m.servers.with_label_values(&[&k.database, &k.user, &k.backend, "idle"]).set(st.idle as i64);
+        m.servers.with_label_values(&[&k.database, &k.user, &k.backend, "opening"]).set(st.total.saturating_sub(st.idle + active) as i64);
     }
     let topo = app.topology();
     let snap = topo.snapshot();
@@ -122,16 +95,10 @@ fn render(app: &App) -> Vec<u8> {
     m.replica_lag_seconds.reset();
     m.replica_usable.reset();
     for r in &snap.replicas {
-        m.replica_lag_bytes
-            .with_label_values(&[&r.name])
-            .set(r.lag_bytes as i64);
-        m.replica_lag_seconds
-            .with_label_values(&[&r.name])
-            .set(r.lag.as_secs_f64());
+        m.replica_lag_bytes.with_label_values(&[&r.name]).set(r.lag_bytes as i64);
+        m.replica_lag_seconds.with_label_values(&[&r.name]).set(r.lag.as_secs_f64());
         for (g, ok) in &r.groups {
-            m.replica_usable
-                .with_label_values(&[&r.name, &topo.groups[*g].name])
-                .set(i64::from(*ok));
+            m.replica_usable.with_label_values(&[&r.name, &topo.groups[*g].name]).set(i64::from(*ok));
         }
     }
     let mut out = Vec::new();

@@ -9,12 +9,12 @@ mod show;
 
 use crate::app::App;
 use crate::frontend::startup::Login;
-use crate::net::Stream;
 use crate::wire::{self, build, sqlstate};
 use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::net::Stream;
 
 pub fn is_admin_database(db: &str) -> bool {
     db == "pgfleet" || db == "pgbouncer"
@@ -33,10 +33,7 @@ pub(crate) struct Table {
 
 impl Table {
     pub fn new(cols: &[(&'static str, u32)]) -> Table {
-        Table {
-            cols: cols.to_vec(),
-            rows: Vec::new(),
-        }
+        Table { cols: cols.to_vec(), rows: Vec::new() }
     }
 
     pub fn row(&mut self, values: Vec<Option<String>>) {
@@ -69,11 +66,7 @@ pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
     ] {
         build::parameter_status(&mut out, k, v);
     }
-    build::backend_key_data(
-        &mut out,
-        rand::random::<i32>() & 0x7fff_ffff,
-        rand::random(),
-    );
+    build::backend_key_data(&mut out, rand::random::<i32>() & 0x7fff_ffff, rand::random());
     build::ready_for_query(&mut out, b'I');
     if stream.write_all(&out).await.is_err() {
         return;
@@ -89,10 +82,7 @@ pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
         match tag {
             b'X' => return,
             b'Q' => {
-                let sql = wire::Reader::new(wire::body(&msg))
-                    .cstr_utf8()
-                    .unwrap_or("")
-                    .to_string();
+                let sql = wire::Reader::new(wire::body(&msg)).cstr_utf8().unwrap_or("").to_string();
                 for cmd in sql.split(';').map(str::trim).filter(|c| !c.is_empty()) {
                     if let Err((code, m)) = run(&app, cmd, &mut out).await {
                         build::error_response(&mut out, "ERROR", code, &m);
@@ -105,12 +95,7 @@ pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
                 build::ready_for_query(&mut out, b'I');
             }
             _ => {
-                build::error_response(
-                    &mut out,
-                    "FATAL",
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "the admin console supports only the simple query protocol",
-                );
+                build::error_response(&mut out, "FATAL", sqlstate::PROTOCOL_VIOLATION, "the admin console supports only the simple query protocol");
                 let _ = stream.write_all(&out).await;
                 return;
             }
@@ -144,10 +129,7 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
     match upper.first().map(String::as_str) {
         Some("SHOW") => {
             let what = upper.get(1).map(String::as_str).unwrap_or("");
-            let table = show::table(app, what).ok_or((
-                sqlstate::SYNTAX_ERROR,
-                format!("unknown SHOW item: {}", words.get(1).unwrap_or(&"")),
-            ))?;
+            let table = show::table(app, what).ok_or((sqlstate::SYNTAX_ERROR, format!("unknown SHOW item: {}", words.get(1).unwrap_or(&""))))?;
             table.write(out, "SHOW");
         }
         Some("RELOAD") => {
@@ -167,10 +149,7 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
             build::command_complete(out, "RESUME");
         }
         Some("KILL") => {
-            let db = arg.ok_or((
-                sqlstate::SYNTAX_ERROR,
-                "KILL needs a database name".to_string(),
-            ))?;
+            let db = arg.ok_or((sqlstate::SYNTAX_ERROR, "KILL needs a database name".to_string()))?;
             kill(app, db);
             build::command_complete(out, "KILL");
         }
@@ -180,12 +159,7 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
             build::command_complete(out, "SHUTDOWN");
         }
         Some("SET") => build::command_complete(out, "SET"),
-        _ => {
-            return Err((
-                sqlstate::SYNTAX_ERROR,
-                format!("unknown admin command: {cmd}"),
-            ))
-        }
+        _ => return Err((sqlstate::SYNTAX_ERROR, format!("unknown admin command: {cmd}"))),
     }
     Ok(())
 }
@@ -212,15 +186,7 @@ async fn wait_idle(app: &App, db: Option<&str>) {
 
 /// KILL: drop every client and idle server connection of a database.
 fn kill(app: &App, db: &str) {
-    let clients: Vec<_> = app
-        .conns
-        .clients
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|c| c.database == db)
-        .cloned()
-        .collect();
+    let clients: Vec<_> = app.conns.clients.lock().unwrap().values().filter(|c| c.database == db).cloned().collect();
     for c in clients {
         c.signal.raise(crate::stats::KILL);
     }

@@ -3,18 +3,18 @@
 //! parameters, and carry the state the pool must know about (the server's
 //! current parameters and which proxy statements are prepared on it).
 
-use crate::net::Stream;
-use crate::stats::{Connections, Listed, ServerInfo};
 use crate::wire::{self, build, startup};
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use crate::stats::{Connections, Listed, ServerInfo};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::net::Stream;
 use tokio::net::TcpStream;
 
 /// Largest message accepted from a server during startup.
@@ -41,17 +41,12 @@ impl std::fmt::Display for BackendError {
             BackendError::Io(e) => write!(f, "server I/O error: {e}"),
             BackendError::Timeout => write!(f, "server did not answer in time"),
             BackendError::Server(fields) => {
-                let msg = fields
-                    .iter()
-                    .find(|(c, _)| *c == b'M')
-                    .map(|(_, m)| m.as_str());
+                let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
                 write!(f, "server error: {}", msg.unwrap_or("(no message)"))
             }
             BackendError::Auth(e) => write!(f, "server authentication: {e}"),
             BackendError::Protocol(e) => write!(f, "server protocol error: {e}"),
-            BackendError::Standby => {
-                write!(f, "the server is in recovery (a standby), not a primary")
-            }
+            BackendError::Standby => write!(f, "the server is in recovery (a standby), not a primary"),
             BackendError::NoPrimary(why) => write!(f, "no primary server available: {why}"),
         }
     }
@@ -74,9 +69,7 @@ impl BackendError {
                 .find(|(c, _)| *c == b'C')
                 .map(|(_, v)| v.clone())
                 .unwrap_or_else(|| wire::sqlstate::CONNECTION_FAILURE.into()),
-            BackendError::Standby | BackendError::NoPrimary(_) => {
-                wire::sqlstate::CANNOT_CONNECT_NOW.into()
-            }
+            BackendError::Standby | BackendError::NoPrimary(_) => wire::sqlstate::CANNOT_CONNECT_NOW.into(),
             _ => wire::sqlstate::CONNECTION_FAILURE.into(),
         }
     }
@@ -85,17 +78,10 @@ impl BackendError {
     /// primary: worth waiting for, unlike a refused login.
     pub fn is_transient(&self) -> bool {
         match self {
-            BackendError::Io(_)
-            | BackendError::Timeout
-            | BackendError::Standby
-            | BackendError::NoPrimary(_) => true,
-            BackendError::Server(fields) => fields.iter().any(|(c, v)| {
-                *c == b'C'
-                    && matches!(
-                        v.as_str(),
-                        "57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001"
-                    )
-            }),
+            BackendError::Io(_) | BackendError::Timeout | BackendError::Standby | BackendError::NoPrimary(_) => true,
+            BackendError::Server(fields) => fields
+                .iter()
+                .any(|(c, v)| *c == b'C' && matches!(v.as_str(), "57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001")),
             BackendError::Auth(_) | BackendError::Protocol(_) => false,
         }
     }
@@ -235,9 +221,7 @@ impl ServerConn {
                 b'E' => return Err(BackendError::Server(wire::error_fields(&msg))),
                 b'N' => {}
                 b'Z' => {
-                    if spec.require_primary
-                        && conn.params.get("in_hot_standby").is_some_and(|v| v == "on")
-                    {
+                    if spec.require_primary && conn.params.get("in_hot_standby").is_some_and(|v| v == "on") {
                         return Err(BackendError::Standby);
                     }
                     return Ok(conn);
@@ -260,11 +244,7 @@ impl ServerConn {
         scram: &mut Option<ScramClient>,
         out: &mut BytesMut,
     ) -> Result<(), BackendError> {
-        let pass = spec
-            .passthrough
-            .as_ref()
-            .map(|p| p.read().unwrap().clone())
-            .unwrap_or_default();
+        let pass = spec.passthrough.as_ref().map(|p| p.read().unwrap().clone()).unwrap_or_default();
         let known_password = spec.password.clone().or(pass.password.clone());
         let password = || {
             known_password.as_deref().ok_or_else(|| {
@@ -292,32 +272,21 @@ impl ServerConn {
                     .and_then(|s| s.try_into().ok())
                     .ok_or_else(|| BackendError::Protocol("short md5 salt".into()))?;
                 let hash = match (&known_password, &pass.md5) {
-                    (None, Some(verifier)) => {
-                        wire::auth::md5_response_from_verifier(verifier, salt)
-                    }
-                    _ => postgres_protocol::authentication::md5_hash(
-                        spec.user.as_bytes(),
-                        password()?.as_bytes(),
-                        salt,
-                    ),
+                    (None, Some(verifier)) => wire::auth::md5_response_from_verifier(verifier, salt),
+                    _ => postgres_protocol::authentication::md5_hash(spec.user.as_bytes(), password()?.as_bytes(), salt),
                 };
                 frontend::password_message(hash.as_bytes(), out).map_err(proto)?;
             }
             10 => {
                 let offers_scram = data.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
                 if !offers_scram {
-                    return Err(BackendError::Auth(
-                        "server offers no supported SASL mechanism".into(),
-                    ));
+                    return Err(BackendError::Auth("server offers no supported SASL mechanism".into()));
                 }
                 let s = match (&known_password, pass.scram) {
                     (None, Some((client_key, server_key))) => {
                         ScramClient::Keys(wire::auth::ScramKeyClient::new(client_key, server_key))
                     }
-                    _ => ScramClient::Password(ScramSha256::new(
-                        password()?.as_bytes(),
-                        ChannelBinding::unsupported(),
-                    )),
+                    _ => ScramClient::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported())),
                 };
                 let first = match &s {
                     ScramClient::Password(p) => p.message(),
@@ -327,13 +296,10 @@ impl ServerConn {
                 *scram = Some(s);
             }
             11 => {
-                let s = scram
-                    .as_mut()
-                    .ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
+                let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
                 let next = match s {
                     ScramClient::Password(p) => {
-                        p.update(data)
-                            .map_err(|e| BackendError::Auth(e.to_string()))?;
+                        p.update(data).map_err(|e| BackendError::Auth(e.to_string()))?;
                         p.message()
                     }
                     ScramClient::Keys(k) => {
@@ -344,34 +310,22 @@ impl ServerConn {
                 frontend::sasl_response(next, out).map_err(proto)?;
             }
             12 => {
-                let s = scram
-                    .as_mut()
-                    .ok_or_else(|| BackendError::Protocol("SASL final without start".into()))?;
+                let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL final without start".into()))?;
                 match s {
-                    ScramClient::Password(p) => p
-                        .finish(data)
-                        .map_err(|e| BackendError::Auth(format!("server signature: {e}")))?,
-                    ScramClient::Keys(k) => k
-                        .finish(data)
-                        .map_err(|e| BackendError::Auth(format!("server signature: {e}")))?,
+                    ScramClient::Password(p) => p.finish(data).map_err(|e| BackendError::Auth(format!("server signature: {e}")))?,
+                    ScramClient::Keys(k) => k.finish(data).map_err(|e| BackendError::Auth(format!("server signature: {e}")))?,
                 }
                 *scram = None;
             }
             other => {
-                return Err(BackendError::Auth(format!(
-                    "unsupported authentication request {other}"
-                )))
+                return Err(BackendError::Auth(format!("unsupported authentication request {other}")))
             }
         }
         Ok(())
     }
 
     /// SSLRequest, then TLS if the server agrees (required unless "prefer").
-    async fn start_tls(
-        mut tcp: TcpStream,
-        tls: &crate::tls::ClientTls,
-        addr: &str,
-    ) -> Result<Stream, BackendError> {
+    async fn start_tls(mut tcp: TcpStream, tls: &crate::tls::ClientTls, addr: &str) -> Result<Stream, BackendError> {
         use crate::config::ServerTlsMode;
         tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
         let mut answer = [0u8; 1];
@@ -380,18 +334,16 @@ impl ServerConn {
             b'S' => {
                 let name = crate::tls::ClientTls::server_name(addr).map_err(BackendError::Auth)?;
                 let local = tcp.local_addr()?;
-                let session = tls.connector.connect(name, tcp).await.map_err(|e| {
-                    BackendError::Auth(format!("TLS handshake with the server failed: {e}"))
-                })?;
+                let session = tls
+                    .connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| BackendError::Auth(format!("TLS handshake with the server failed: {e}")))?;
                 Ok(Stream::tunnel(session, local)?)
             }
             b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Tcp(tcp)),
-            b'N' => Err(BackendError::Auth(
-                "the server does not accept TLS (cluster.server_tls_mode)".into(),
-            )),
-            _ => Err(BackendError::Protocol(
-                "unexpected answer to SSLRequest".into(),
-            )),
+            b'N' => Err(BackendError::Auth("the server does not accept TLS (cluster.server_tls_mode)".into())),
+            _ => Err(BackendError::Protocol("unexpected answer to SSLRequest".into())),
         }
     }
 
@@ -451,9 +403,7 @@ impl ServerConn {
                             return Err(BackendError::Server(e));
                         }
                         if msg.get(5) != Some(&b'I') {
-                            return Err(BackendError::Protocol(
-                                "server not idle after reset".into(),
-                            ));
+                            return Err(BackendError::Protocol("server not idle after reset".into()));
                         }
                         return Ok(());
                     }
@@ -461,9 +411,7 @@ impl ServerConn {
                 }
             }
         };
-        tokio::time::timeout(limit, fut)
-            .await
-            .map_err(|_| BackendError::Timeout)?
+        tokio::time::timeout(limit, fut).await.map_err(|_| BackendError::Timeout)?
     }
 
     /// True when the idle connection has neither been closed by the server
@@ -513,10 +461,7 @@ impl ServerConn {
         if limit == 0 || self.prepared.len() < limit {
             return None;
         }
-        self.prepared
-            .iter()
-            .min_by_key(|(_, t)| **t)
-            .map(|(id, _)| *id)
+        self.prepared.iter().min_by_key(|(_, t)| **t).map(|(id, _)| *id)
     }
 }
 

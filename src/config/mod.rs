@@ -51,11 +51,7 @@ pub struct Listen {
 
 impl Listen {
     pub fn tls_mode(&self) -> TlsMode {
-        self.tls_mode.unwrap_or(if self.tls_cert.is_some() {
-            TlsMode::Prefer
-        } else {
-            TlsMode::Disable
-        })
+        self.tls_mode.unwrap_or(if self.tls_cert.is_some() { TlsMode::Prefer } else { TlsMode::Disable })
     }
 }
 
@@ -405,10 +401,7 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Log {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
+        Log { level: "info".into(), format: LogFormat::Text }
     }
 }
 
@@ -432,10 +425,7 @@ impl Config {
         if problems.is_empty() {
             Ok(cfg)
         } else {
-            Err(ConfigError {
-                file: file.to_string(),
-                problems,
-            })
+            Err(ConfigError { file: file.to_string(), problems })
         }
     }
 
@@ -448,9 +438,7 @@ impl Config {
     }
 
     pub fn pool_size_for(&self, user: &str) -> usize {
-        self.user(user)
-            .and_then(|u| u.pool_size)
-            .unwrap_or(self.pool.size)
+        self.user(user).and_then(|u| u.pool_size).unwrap_or(self.pool.size)
     }
 }
 

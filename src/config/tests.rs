@@ -31,14 +31,7 @@ groups = ["missing"]
 "#;
     let err = Config::parse(text, "bad.toml").unwrap_err();
     let all = err.to_string();
-    for needle in [
-        "pool.size",
-        "pool.min_size",
-        "users[a].password",
-        "defined more than once",
-        "cluster.primary",
-        "missing",
-    ] {
+    for needle in ["pool.size", "pool.min_size", "users[a].password", "defined more than once", "cluster.primary", "missing"] {
         assert!(all.contains(needle), "{needle} not in {all}");
     }
     assert!(all.contains("bad.toml"));

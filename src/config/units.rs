@@ -23,9 +23,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"5s\", \"10m\""))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"5s\", \"10m\""))?;
     let ms = match unit.trim() {
         "ms" => n,
         "s" => n * 1000,
@@ -33,11 +31,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3_600_000,
         "d" => n * 86_400_000,
         "" if n == 0 => 0,
-        other => {
-            return Err(format!(
-                "unknown duration unit {other:?} in {s:?} (use ms, s, m, h, d)"
-            ))
-        }
+        other => return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m, h, d)")),
     };
     Ok(Duration::from_millis(ms))
 }
@@ -45,9 +39,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Dur)
-            .map_err(serde::de::Error::custom)
+        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
     }
 }
 
@@ -58,22 +50,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like \"512kB\" or \"16MB\""))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like \"512kB\" or \"16MB\""))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "kB" | "KB" | "k" => 1024,
         "MB" | "M" => 1024 * 1024,
         "GB" | "G" => 1024 * 1024 * 1024,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use B, kB, MB, GB)"
-            ))
-        }
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, kB, MB, GB)")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 impl<'de> Deserialize<'de> for Size {

@@ -15,11 +15,7 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "invalid configuration ({} problem(s)):",
-            self.problems.len()
-        )?;
+        writeln!(f, "invalid configuration ({} problem(s)):", self.problems.len())?;
         for p in &self.problems {
             writeln!(f, "  {}: {}", self.file, p)?;
         }
@@ -70,10 +66,7 @@ impl Config {
         if let Err(e) = crate::tls::ServerTls::from_config(&self.listen) {
             p.push(e);
         }
-        if let Err(e) = crate::tls::ClientTls::new(
-            self.cluster.server_tls_mode,
-            self.cluster.server_tls_ca.as_deref(),
-        ) {
+        if let Err(e) = crate::tls::ClientTls::new(self.cluster.server_tls_mode, self.cluster.server_tls_ca.as_deref()) {
             p.push(e);
         }
         if let Some(m) = &self.admin.metrics_addr {
@@ -86,11 +79,7 @@ impl Config {
         }
         self.validate_pool(&mut p);
         self.validate_users(&mut p);
-        dupes(
-            &mut p,
-            "databases.name",
-            self.databases.iter().map(|d| d.name.as_str()),
-        );
+        dupes(&mut p, "databases.name", self.databases.iter().map(|d| d.name.as_str()));
         if self.databases.is_empty() {
             p.push("databases: define at least one [[databases]] entry".into());
         }
@@ -128,9 +117,7 @@ impl Config {
                     p.push(format!("{key}.password: {e}"));
                 }
             } else if self.auth.method != super::AuthMethod::Trust {
-                p.push(format!(
-                    "{key}.password: required unless auth.method = \"trust\""
-                ));
+                p.push(format!("{key}.password: required unless auth.method = \"trust\""));
             }
             if u.pool_size == Some(0) {
                 p.push(format!("{key}.pool_size: must be at least 1"));
@@ -143,9 +130,7 @@ impl Config {
 
     fn check_workload(&self, p: &mut Vec<String>, key: &str, w: &str) {
         if !self.cluster.groups.is_empty() && !self.cluster.groups.iter().any(|g| g.name == w) {
-            p.push(format!(
-                "{key}: workload {w:?} does not name a [[cluster.groups]] entry"
-            ));
+            p.push(format!("{key}: workload {w:?} does not name a [[cluster.groups]] entry"));
         }
     }
 
@@ -154,37 +139,18 @@ impl Config {
         if self.cluster.lag_check_interval.0.is_zero() {
             p.push("cluster.lag_check_interval: must be greater than 0".into());
         }
-        dupes(
-            p,
-            "cluster.replicas.name",
-            self.cluster.replicas.iter().map(|r| r.name.as_str()),
-        );
-        dupes(
-            p,
-            "cluster.groups.name",
-            self.cluster.groups.iter().map(|g| g.name.as_str()),
-        );
-        let groups: HashSet<&str> = self
-            .cluster
-            .groups
-            .iter()
-            .map(|g| g.name.as_str())
-            .collect();
+        dupes(p, "cluster.replicas.name", self.cluster.replicas.iter().map(|r| r.name.as_str()));
+        dupes(p, "cluster.groups.name", self.cluster.groups.iter().map(|g| g.name.as_str()));
+        let groups: HashSet<&str> = self.cluster.groups.iter().map(|g| g.name.as_str()).collect();
         for r in &self.cluster.replicas {
             check_addr(p, &format!("cluster.replicas[{}].addr", r.name), &r.addr);
             for g in &r.groups {
                 if !groups.contains(g.as_str()) {
-                    p.push(format!(
-                        "cluster.replicas[{}].groups: {g:?} is not a [[cluster.groups]] name",
-                        r.name
-                    ));
+                    p.push(format!("cluster.replicas[{}].groups: {g:?} is not a [[cluster.groups]] name", r.name));
                 }
             }
             if r.weight == 0 {
-                p.push(format!(
-                    "cluster.replicas[{}].weight: must be at least 1",
-                    r.name
-                ));
+                p.push(format!("cluster.replicas[{}].weight: must be at least 1", r.name));
             }
         }
         for g in &self.cluster.groups {
@@ -198,17 +164,11 @@ impl Config {
             }
         }
         if !self.cluster.groups.is_empty() {
-            self.check_workload(
-                p,
-                "routing.default_workload",
-                &self.routing.default_workload,
-            );
+            self.check_workload(p, "routing.default_workload", &self.routing.default_workload);
         }
         for (i, r) in self.routing.rules.iter().enumerate() {
             if r.application_name.is_none() && r.user.is_none() && r.database.is_none() {
-                p.push(format!(
-                    "routing.rules[{i}]: needs application_name, user or database"
-                ));
+                p.push(format!("routing.rules[{i}]: needs application_name, user or database"));
             }
             self.check_workload(p, &format!("routing.rules[{i}].workload"), &r.workload);
         }
@@ -217,16 +177,12 @@ impl Config {
         }
         if let Some(u) = &self.cluster.health_user {
             if self.user(u).is_none() {
-                p.push(format!(
-                    "cluster.health_user: {u:?} is not defined in [[users]]"
-                ));
+                p.push(format!("cluster.health_user: {u:?} is not defined in [[users]]"));
             }
         }
         if let Some(d) = &self.cluster.health_database {
             if self.database(d).is_none() {
-                p.push(format!(
-                    "cluster.health_database: {d:?} is not defined in [[databases]]"
-                ));
+                p.push(format!("cluster.health_database: {d:?} is not defined in [[databases]]"));
             }
         }
         match (&self.auth.auth_query, &self.auth.auth_user) {
@@ -245,9 +201,7 @@ impl Config {
             if l.workload.is_none() && l.user.is_none() && l.database.is_none() {
                 p.push(format!("limits[{i}]: needs workload, user or database"));
             }
-            if l.rate
-                .is_some_and(|r| r.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
-            {
+            if l.rate.is_some_and(|r| r.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
                 p.push(format!("limits[{i}].rate: must be greater than 0"));
             }
             if l.max_in_flight == Some(0) {

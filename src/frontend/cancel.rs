@@ -38,10 +38,6 @@ impl CancelSlot {
         s.1 > 0
     }
 
-    pub fn get(&self) -> Option<CancelTarget> {
-        self.state.lock().unwrap().0
-    }
-
     /// The current target, counted as being cancelled until the returned
     /// guard is dropped (after the server acknowledged the cancel).
     pub fn begin_cancel(self: &Arc<Self>) -> Option<(CancelTarget, CancelInFlight)> {
@@ -77,11 +73,7 @@ pub struct CancelKey {
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        self.registry
-            .slots
-            .lock()
-            .unwrap()
-            .remove(&(self.pid, self.secret));
+        self.registry.slots.lock().unwrap().remove(&(self.pid, self.secret));
     }
 }
 
@@ -93,12 +85,7 @@ impl CancelRegistry {
             let key: (i32, i32) = (rand::random::<i32>() & 0x7fff_ffff, rand::random());
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
                 e.insert(slot.clone());
-                return CancelKey {
-                    pid: key.0,
-                    secret: key.1,
-                    slot,
-                    registry: self.clone(),
-                };
+                return CancelKey { pid: key.0, secret: key.1, slot, registry: self.clone() };
             }
         }
     }

@@ -8,11 +8,11 @@ use crate::app::App;
 use crate::relay::{ClientId, Session, Settings, REPORTED_SETTABLE};
 use crate::router::route::Target;
 use crate::stats::{ClientInfo, Listed};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8};
 use crate::wire::{build, sqlstate, startup::parse_options};
 use bytes::BytesMut;
 use startup::{Login, StartupError};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -49,12 +49,7 @@ async fn fatal(stream: &mut (impl tokio::io::AsyncWrite + Unpin), code: &str, me
 async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let Some(_guard) = app.admit_client() else {
-        fatal(
-            &mut tcp,
-            sqlstate::TOO_MANY_CONNECTIONS,
-            "sorry, too many clients already (listen.max_client_conn)",
-        )
-        .await;
+        fatal(&mut tcp, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
         return;
     };
     if let Some(secs) = app.login_blocked(peer.ip()) {
@@ -68,19 +63,9 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     let limit = app.config().timeouts.startup.0;
     let deadline = tokio::time::Instant::now() + limit;
     let tls = app.tls();
-    let wants_tls = match tokio::time::timeout_at(
-        deadline,
-        startup::negotiate(&mut tcp, &mut buf, tls.is_some()),
-    )
-    .await
-    {
+    let wants_tls = match tokio::time::timeout_at(deadline, startup::negotiate(&mut tcp, &mut buf, tls.is_some())).await {
         Err(_) => {
-            fatal(
-                &mut tcp,
-                sqlstate::PROTOCOL_VIOLATION,
-                "startup did not complete in time (timeouts.startup)",
-            )
-            .await;
+            fatal(&mut tcp, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
             return;
         }
         Ok(Ok(w)) => w,
@@ -112,12 +97,7 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     let handshake = startup::handshake(&app, &mut stream, &mut buf, end_point.as_deref());
     let login = match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
         Err(_) => {
-            fatal(
-                &mut stream,
-                sqlstate::PROTOCOL_VIOLATION,
-                "startup did not complete in time (timeouts.startup)",
-            )
-            .await;
+            fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
             return;
         }
         Ok(Ok(Some(login))) => login,
@@ -131,9 +111,7 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    tracing::Span::current()
-        .record("user", login.user.as_str())
-        .record("database", login.database.as_str());
+    tracing::Span::current().record("user", login.user.as_str()).record("database", login.database.as_str());
     tracing::info!("client logged in");
     if crate::admin::is_admin_database(&login.database) {
         Box::pin(crate::admin::serve(app, stream, login)).await;
@@ -165,12 +143,7 @@ async fn prepare(
             return None;
         }
     };
-    let pool = app.pool(
-        &login.database,
-        &login.user,
-        Target::Primary,
-        &app.topology(),
-    );
+    let pool = app.pool(&login.database, &login.user, Target::Primary, &app.topology());
     let server_params = match Box::pin(pool.startup_params()).await {
         Ok(p) => p,
         Err(e) => {
@@ -188,11 +161,7 @@ async fn prepare(
     // Sized for the usual dozen ParameterStatus messages (no regrowth).
     let mut out = BytesMut::with_capacity(1024);
     for (name, value) in server_params.iter() {
-        let value = settings
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
-            .unwrap_or(value);
+        let value = settings.iter().find(|(n, _)| n == name).map(|(_, v)| v).unwrap_or(value);
         build::parameter_status(&mut out, name, value);
     }
     build::backend_key_data(&mut out, key.pid, key.secret);
@@ -208,12 +177,7 @@ async fn prepare(
         addr: peer,
         local: stream.local_addr().unwrap_or(peer),
         connect_time_us: crate::stats::now_us(),
-        application_name: login
-            .params
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
+        application_name: login.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
         state: AtomicU8::new(crate::stats::CLIENT_IDLE),
         request_time_us: AtomicU64::new(0),
         wait_since_us: AtomicU64::new(0),
@@ -222,20 +186,8 @@ async fn prepare(
         signal: Default::default(),
     });
     let listed = Listed::client(&app.conns, info.clone());
-    let id = ClientId {
-        user: login.user,
-        database: login.database,
-        workload,
-        info,
-    };
-    let mut session = Box::new(Session::new(
-        app,
-        id,
-        stream,
-        leftover,
-        settings,
-        key.slot.clone(),
-    ));
+    let id = ClientId { user: login.user, database: login.database, workload, info };
+    let mut session = Box::new(Session::new(app, id, stream, leftover, settings, key.slot.clone()));
     Some(async move {
         session.run().await;
         // Unregistered when the session ends, in this order.
@@ -266,16 +218,9 @@ fn resolve_workload(app: &App, login: &Login) -> Result<Option<String>, String> 
             from_startup = Some(v.clone());
         }
     }
-    let app_name = login
-        .params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("");
+    let app_name = login.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.as_str()).unwrap_or("");
     let by_rule = cfg.routing.rules.iter().find(|r| {
-        r.application_name
-            .as_deref()
-            .is_none_or(|g| glob_match(g, app_name))
+        r.application_name.as_deref().is_none_or(|g| glob_match(g, app_name))
             && r.user.as_deref().is_none_or(|u| u == login.user)
             && r.database.as_deref().is_none_or(|d| d == login.database)
     });
@@ -285,9 +230,7 @@ fn resolve_workload(app: &App, login: &Login) -> Result<Option<String>, String> 
         .unwrap_or_else(|| cfg.routing.default_workload.clone());
     topo.group(&name)
         .map(|_| Some(name.clone()))
-        .ok_or_else(|| {
-            format!("workload \"{name}\" does not exist (no [[cluster.groups]] entry of that name)")
-        })
+        .ok_or_else(|| format!("workload \"{name}\" does not exist (no [[cluster.groups]] entry of that name)"))
 }
 
 /// `*` and `?` globs, as in `application_name = "metabase*"`.
@@ -333,22 +276,14 @@ pub fn client_settings(server: &[(String, String)], startup: &[(String, String)]
             .rev()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.clone())
-            .or_else(|| {
-                server
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            });
+            .or_else(|| server.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
         if let Some(v) = value {
             settings.push((name.to_string(), v));
         }
     }
     for (k, v) in requested {
         let canonical = k.to_ascii_lowercase();
-        if REPORTED_SETTABLE
-            .iter()
-            .any(|r| r.eq_ignore_ascii_case(&canonical))
-        {
+        if REPORTED_SETTABLE.iter().any(|r| r.eq_ignore_ascii_case(&canonical)) {
             continue;
         }
         match settings.iter_mut().find(|(n, _)| *n == canonical) {

@@ -5,12 +5,12 @@
 
 use crate::app::App;
 use crate::config::AuthMethod;
-use crate::net::Stream;
 use crate::wire::auth::{md5_check, md5_verifier, AuthFailure, ScramServer, ScramVerifier, Secret};
 use crate::wire::startup::{parse_startup, StartupPacket};
 use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::net::Stream;
 
 /// Largest message accepted during authentication.
 const MAX_AUTH_MSG: usize = 10_000;
@@ -19,18 +19,12 @@ const MAX_AUTH_MSG: usize = 10_000;
 pub enum StartupError {
     /// The client went away; nothing to tell it.
     Gone,
-    Fatal {
-        code: &'static str,
-        message: String,
-    },
+    Fatal { code: &'static str, message: String },
 }
 
 impl From<WireError> for StartupError {
     fn from(e: WireError) -> Self {
-        StartupError::Fatal {
-            code: sqlstate::PROTOCOL_VIOLATION,
-            message: format!("protocol violation: {e}"),
-        }
+        StartupError::Fatal { code: sqlstate::PROTOCOL_VIOLATION, message: format!("protocol violation: {e}") }
     }
 }
 
@@ -50,11 +44,7 @@ pub struct Login {
 /// Answers SSLRequest/GSSENCRequest on a fresh connection: true when the
 /// client asked for TLS and we agreed ('S'; the TLS handshake follows).
 /// Anything else is left in `buf` for `handshake`.
-pub async fn negotiate(
-    tcp: &mut tokio::net::TcpStream,
-    buf: &mut BytesMut,
-    tls_available: bool,
-) -> Result<bool, StartupError> {
+pub async fn negotiate(tcp: &mut tokio::net::TcpStream, buf: &mut BytesMut, tls_available: bool) -> Result<bool, StartupError> {
     use crate::wire::startup::{GSSENC_REQUEST, SSL_REQUEST};
     use bytes::Buf;
     loop {
@@ -95,9 +85,7 @@ pub async fn handshake(
 ) -> Result<Option<Login>, StartupError> {
     let params = loop {
         match read_startup(stream, buf).await? {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                stream.write_all(b"N").await?
-            }
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
             StartupPacket::Cancel { pid, secret } => {
                 app.cancels.cancel(pid, secret).await;
                 return Ok(None);
@@ -121,42 +109,30 @@ pub async fn handshake(
     if !stream.is_tls() && app.config().listen.tls_mode() == crate::config::TlsMode::Require {
         return Err(StartupError::Fatal {
             code: sqlstate::INVALID_AUTHORIZATION,
-            message:
-                "pgfleet requires TLS (listen.tls_mode = \"require\"): connect with sslmode=require"
-                    .into(),
+            message: "pgfleet requires TLS (listen.tls_mode = \"require\"): connect with sslmode=require".into(),
         });
     }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let user = get("user")
-        .filter(|u| !u.is_empty())
-        .ok_or(StartupError::Fatal {
-            code: sqlstate::INVALID_AUTHORIZATION,
-            message: "no PostgreSQL user name specified in startup packet".into(),
-        })?;
+    let user = get("user").filter(|u| !u.is_empty()).ok_or(StartupError::Fatal {
+        code: sqlstate::INVALID_AUTHORIZATION,
+        message: "no PostgreSQL user name specified in startup packet".into(),
+    })?;
     if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
         return Err(StartupError::Fatal {
             code: sqlstate::FEATURE_NOT_SUPPORTED,
             message: "replication connections are not supported through pgfleet".into(),
         });
     }
-    let database = get("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| user.clone());
+    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     authenticate(app, stream, buf, &user, &database, channel_binding).await?;
     if crate::admin::is_admin_database(&database) {
         if !app.config().admin.users.contains(&user) {
             return Err(StartupError::Fatal {
                 code: sqlstate::INVALID_AUTHORIZATION,
-                message: format!(
-                    "user \"{user}\" is not allowed to use the admin console (admin.users)"
-                ),
+                message: format!("user \"{user}\" is not allowed to use the admin console (admin.users)"),
             });
         }
-        return Ok(Some(Login {
-            user,
-            database,
-            params,
-        }));
+        return Ok(Some(Login { user, database, params }));
     }
     if app.config().database(&database).is_none() {
         return Err(StartupError::Fatal {
@@ -164,17 +140,10 @@ pub async fn handshake(
             message: format!("database \"{database}\" does not exist"),
         });
     }
-    Ok(Some(Login {
-        user,
-        database,
-        params,
-    }))
+    Ok(Some(Login { user, database, params }))
 }
 
-async fn read_startup(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-) -> Result<StartupPacket, StartupError> {
+async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<StartupPacket, StartupError> {
     loop {
         if let Some(p) = parse_startup(buf)? {
             return Ok(p);
@@ -220,9 +189,7 @@ async fn authenticate(
     let secret = match app.secret(user) {
         Some(s) => Some(s),
         // Not in [[users]]: auth_query, when configured.
-        None if !configured && method != AuthMethod::Trust => {
-            app.auth_query_secret(user, database).await
-        }
+        None if !configured && method != AuthMethod::Trust => app.auth_query_secret(user, database).await,
         None => None,
     };
     // auth_query users: keep what the login proves, to log in to servers.
@@ -251,14 +218,8 @@ async fn authenticate(
         // against a mock secret, so the answer does not reveal which user
         // names exist.
         (AuthMethod::Md5, None) => {
-            let mock = app.mock_verifier(user);
-            md5_exchange(
-                stream,
-                buf,
-                &format!("md5{}", hex(&mock.stored_key[..16])),
-                user,
-            )
-            .await?;
+            let mock = md5_verifier(user, &format!("{:?}", app.mock_verifier(user).stored_key));
+            md5_exchange(stream, buf, &mock, user).await?;
             return Err(auth_failed(user));
         }
         (_, None) => {
@@ -275,12 +236,7 @@ async fn authenticate(
     Ok(())
 }
 
-async fn md5_exchange(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    verifier: &str,
-    user: &str,
-) -> Result<(), StartupError> {
+async fn md5_exchange(stream: &mut Stream, buf: &mut BytesMut, verifier: &str, user: &str) -> Result<(), StartupError> {
     let salt: [u8; 4] = rand::random();
     let mut out = BytesMut::with_capacity(16);
     build::auth_md5(&mut out, salt);
@@ -304,11 +260,7 @@ async fn scram_exchange(
     // Room for the SASL, SASLContinue and SASLFinal messages.
     let mut out = BytesMut::with_capacity(256);
     // With TLS, channel binding is offered first (as PostgreSQL does).
-    let offered: &[&str] = if cb.is_some() {
-        &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
-    } else {
-        &["SCRAM-SHA-256"]
-    };
+    let offered: &[&str] = if cb.is_some() { &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] } else { &["SCRAM-SHA-256"] };
     build::auth_sasl(&mut out, offered);
     stream.write_all(&out).await?;
     let body = read_password(stream, buf).await?;
@@ -335,13 +287,8 @@ async fn scram_exchange(
             message: format!("invalid SCRAM exchange: {m}"),
         },
     };
-    let binding = crate::wire::auth::Binding {
-        plus,
-        offered: cb.is_some(),
-        data: cb.unwrap_or_default(),
-    };
-    let (state, server_first) =
-        ScramServer::start(verifier, r.rest(), binding).map_err(scram_err)?;
+    let binding = crate::wire::auth::Binding { plus, offered: cb.is_some(), data: cb.unwrap_or_default() };
+    let (state, server_first) = ScramServer::start(verifier, r.rest(), binding).map_err(scram_err)?;
     out.clear();
     build::auth_sasl_continue(&mut out, server_first.as_bytes());
     stream.write_all(&out).await?;
@@ -351,8 +298,4 @@ async fn scram_exchange(
     build::auth_sasl_final(&mut out, server_final.as_bytes());
     stream.write_all(&out).await?;
     Ok(client_key)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

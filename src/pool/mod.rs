@@ -9,12 +9,12 @@ use crate::backend::{BackendError, ConnectSpec, ServerConn};
 /// moves a pointer, and an idle session does not carry its bytes inline.
 pub type Conn = Box<ServerConn>;
 use crate::stats::{Connections, Metrics, PoolCounters};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tracing::Instrument;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tracing::Instrument;
 
 /// The server parameters shown to clients at login.
 type StartupParams = Vec<(String, String)>;
@@ -37,10 +37,7 @@ impl std::fmt::Display for PoolKey {
 #[derive(Debug)]
 pub enum PoolError {
     /// No connection became available before the deadline.
-    Timeout {
-        pool: String,
-        waited: Duration,
-    },
+    Timeout { pool: String, waited: Duration },
     Connect(BackendError),
 }
 
@@ -137,8 +134,7 @@ struct Backoff {
 /// to 2 s, times a random factor in [0.5, 1.5) so retries spread out.
 fn backoff_delay(failures: u32) -> Duration {
     let base = Duration::from_millis(50) * (1u32 << failures.min(7).saturating_sub(1));
-    base.min(Duration::from_secs(2))
-        .mul_f64(0.5 + rand::random::<f64>())
+    base.min(Duration::from_secs(2)).mul_f64(0.5 + rand::random::<f64>())
 }
 
 /// The most recently used idle connection that is still good (LIFO keeps
@@ -190,18 +186,8 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    pub fn new(
-        key: PoolKey,
-        spec: ConnectSpec,
-        settings: PoolSettings,
-        conns: Arc<Connections>,
-        metrics: &Metrics,
-    ) -> Arc<Pool> {
-        let labels = [
-            key.database.as_str(),
-            key.user.as_str(),
-            key.backend.as_str(),
-        ];
+    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings, conns: Arc<Connections>, metrics: &Metrics) -> Arc<Pool> {
+        let labels = [key.database.as_str(), key.user.as_str(), key.backend.as_str()];
         Arc::new(Pool {
             wait_count: metrics.pool_waits.with_label_values(&labels),
             wait_seconds: metrics.pool_wait_seconds.with_label_values(&labels),
@@ -210,13 +196,7 @@ impl Pool {
             key,
             spec: RwLock::new(Arc::new(spec)),
             settings: RwLock::new(settings),
-            state: Mutex::new(State {
-                idle: Vec::new(),
-                total: 0,
-                waiters: VecDeque::new(),
-                armed: None,
-                expiry_started: false,
-            }),
+            state: Mutex::new(State { idle: Vec::new(), total: 0, waiters: VecDeque::new(), armed: None, expiry_started: false }),
             startup_params: Mutex::new(None),
             epoch: AtomicU64::new(0),
             backoff: Mutex::new(Backoff::default()),
@@ -226,11 +206,7 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let s = self.state.lock().unwrap();
-        PoolStats {
-            idle: s.idle.len(),
-            total: s.total,
-            waiting: s.waiters.len(),
-        }
+        PoolStats { idle: s.idle.len(), total: s.total, waiting: s.waiters.len() }
     }
 
     pub fn addr(&self) -> String {
@@ -261,18 +237,11 @@ impl Pool {
         if !moved {
             return;
         }
-        let idle: Vec<Conn> = {
-            let mut s = self.state.lock().unwrap();
-            self.epoch.fetch_add(1, Ordering::AcqRel);
-            let v: Vec<Conn> = s.idle.drain(..).collect();
-            s.total -= v.len();
-            v
-        };
         *self.backoff.lock().unwrap() = Backoff::default();
         tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server");
-        for c in idle {
-            c.terminate(why);
-        }
+        self.close_idle_and(why, || {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        });
     }
 
     pub fn addr_is(&self, addr: &str) -> bool {
@@ -348,12 +317,7 @@ impl Pool {
         if waited {
             self.wait_count.inc();
             PoolCounters::add(&self.counters.waits, 1);
-            let _ = self.counters.oldest_wait_us.compare_exchange(
-                0,
-                crate::stats::now_us(),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            let _ = self.counters.oldest_wait_us.compare_exchange(0, crate::stats::now_us(), Ordering::Relaxed, Ordering::Relaxed);
         }
         let result = self.checkout_inner(next, started).await;
         if waited {
@@ -377,10 +341,7 @@ impl Pool {
             Next::Wait(rx) => match rx.await {
                 Ok(Grant::Conn(c)) => Ok(c),
                 Ok(Grant::Slot) => self.open_in_slot().await,
-                Ok(Grant::Expired) | Err(_) => Err(PoolError::Timeout {
-                    pool: self.key.to_string(),
-                    waited: started.elapsed(),
-                }),
+                Ok(Grant::Expired) | Err(_) => Err(PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() }),
             },
         }
     }
@@ -409,10 +370,7 @@ impl Pool {
     /// Opens a connection in a slot already counted in `total`.
     async fn open_in_slot(&self) -> Result<Conn, PoolError> {
         let until = self.backoff.lock().unwrap().until;
-        if let Some(wait) = until
-            .map(|u| u.saturating_duration_since(Instant::now()))
-            .filter(|w| !w.is_zero())
-        {
+        if let Some(wait) = until.map(|u| u.saturating_duration_since(Instant::now())).filter(|w| !w.is_zero()) {
             tokio::time::sleep(wait).await;
         }
         // Repeated only when the pool moved to another server while this
@@ -425,30 +383,22 @@ impl Pool {
             }
             let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
             // Boxed: connecting is rare and its future is large.
-            match Box::pin(ServerConn::connect(&spec))
-                .instrument(span.clone())
-                .await
-            {
+            match Box::pin(ServerConn::connect(&spec)).instrument(span.clone()).await {
                 Ok(mut c) => {
                     span.record("id", c.id).record("backend_pid", c.backend_pid);
+                    c.span = span;
                     if self.epoch.load(Ordering::Acquire) != epoch {
-                        c.span = span;
                         c.terminate("the pool's server moved while connecting");
                         continue;
                     }
                     *self.backoff.lock().unwrap() = Backoff::default();
                     c.epoch = epoch;
-                    tracing::info!(parent: &span, "server connection opened");
-                    c.span = span;
+                    tracing::info!(parent: &c.span, "server connection opened");
                     c.register(&self.conns, &self.key);
                     let c = Box::new(c);
                     let mut sp = self.startup_params.lock().unwrap();
                     if sp.is_none() {
-                        let mut v: Vec<_> = c
-                            .params
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
+                        let mut v: Vec<_> = c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                         v.sort();
                         *sp = Some(Arc::new(v));
                     }
@@ -475,12 +425,7 @@ impl Pool {
         }
         let c = self.checkout().await?;
         self.checkin(c);
-        Ok(self
-            .startup_params
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("set by the first connect"))
+        Ok(self.startup_params.lock().unwrap().clone().expect("set by the first connect"))
     }
 
     /// Returns a clean connection (idle, no transaction) to the pool.
@@ -531,10 +476,16 @@ impl Pool {
         s.idle.push(conn);
     }
 
-    /// Closes every idle connection (KILL, or the primary moved).
+    /// Closes every idle connection (KILL).
     pub fn close_idle(&self, why: &'static str) {
+        self.close_idle_and(why, || {});
+    }
+
+    /// `close_idle`, running `also` under the same state lock.
+    fn close_idle_and(&self, why: &'static str, also: impl FnOnce()) {
         let idle: Vec<Conn> = {
             let mut s = self.state.lock().unwrap();
+            also();
             let v: Vec<Conn> = s.idle.drain(..).collect();
             s.total -= v.len();
             v
@@ -576,8 +527,7 @@ impl Pool {
             while i < s.idle.len() {
                 let c = &s.idle[i];
                 let too_old = c.created.elapsed() >= settings.lifetime;
-                let too_idle =
-                    c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
+                let too_idle = c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
                 let too_many = s.total > settings.size;
                 let why = if too_old {
                     Some("server_lifetime reached")
@@ -611,9 +561,7 @@ impl Pool {
     pub async fn prewarm_one(&self) {
         match self.open_in_slot().await {
             Ok(c) => self.checkin(c),
-            Err(e) => {
-                tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed")
-            }
+            Err(e) => tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed"),
         }
     }
 }
@@ -627,15 +575,9 @@ mod tests {
     fn backoff_grows_with_jitter_and_is_capped() {
         for _ in 0..100 {
             let first = backoff_delay(1);
-            assert!(
-                first >= Duration::from_millis(25) && first < Duration::from_millis(75),
-                "{first:?}"
-            );
+            assert!(first >= Duration::from_millis(25) && first < Duration::from_millis(75), "{first:?}");
             let capped = backoff_delay(30);
-            assert!(
-                capped >= Duration::from_secs(1) && capped < Duration::from_secs(3),
-                "{capped:?}"
-            );
+            assert!(capped >= Duration::from_secs(1) && capped < Duration::from_secs(3), "{capped:?}");
         }
         let a: Vec<_> = (0..20).map(|_| backoff_delay(3)).collect();
         assert!(a.iter().any(|d| *d != a[0]), "jittered");

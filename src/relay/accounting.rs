@@ -35,20 +35,13 @@ impl Session {
         if let Some(t) = self.cycle_start.take() {
             let e = now.saturating_duration_since(t);
             PoolCounters::add(&pool.counters.query_us, e.as_micros() as u64);
-            let h = if matches!(self.bound_target, Some(Target::Replica(_))) {
-                &self.metrics.latency_replica
-            } else {
-                &self.metrics.latency_primary
-            };
+            let h = if matches!(self.bound_target, Some(Target::Replica(_))) { &self.metrics.latency_replica } else { &self.metrics.latency_primary };
             h.observe(e.as_secs_f64());
         }
         if status == b'I' {
             if let Some(t) = self.txn_start.take() {
                 PoolCounters::add(&pool.counters.xacts, 1);
-                PoolCounters::add(
-                    &pool.counters.xact_us,
-                    now.saturating_duration_since(t).as_micros() as u64,
-                );
+                PoolCounters::add(&pool.counters.xact_us, now.saturating_duration_since(t).as_micros() as u64);
                 self.metrics.transactions.inc();
             }
         }

@@ -9,12 +9,7 @@ use tracing::Instrument;
 impl Session {
     /// Checks out a server connection and queues what brings it in line
     /// with this client's session settings.
-    pub(super) async fn bind_server(
-        &mut self,
-        a: &Analysis,
-        target: Target,
-        topo: &Topology,
-    ) -> Result<(), SessionError> {
+    pub(super) async fn bind_server(&mut self, a: &Analysis, target: Target, topo: &Topology) -> Result<(), SessionError> {
         if self.app.is_paused(&self.database) {
             Box::pin(self.wait_while_paused()).await?;
         }
@@ -28,10 +23,7 @@ impl Session {
             None => {
                 // In the client's span: connects opened for it are its children.
                 let span = self.span.clone();
-                (
-                    Box::pin(self.checkout_routed(a, target, topo).instrument(span)).await,
-                    true,
-                )
+                (Box::pin(self.checkout_routed(a, target, topo).instrument(span)).await, true)
             }
         };
         self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
@@ -49,9 +41,7 @@ impl Session {
             si.request_time_us.store(now, Ordering::Relaxed);
         }
         self.info.link.store(conn.id, Ordering::Relaxed);
-        self.info
-            .remote_pid
-            .store(conn.backend_pid, Ordering::Relaxed);
+        self.info.remote_pid.store(conn.backend_pid, Ordering::Relaxed);
         self.info.request_time_us.store(now, Ordering::Relaxed);
         if let Target::Replica(i) = target {
             let inflight = topo.replicas[i].inflight.clone();
@@ -135,38 +125,21 @@ impl Session {
         if let Some(inflight) = self.bound_inflight.take() {
             inflight.fetch_sub(1, Ordering::Relaxed);
         }
-        Some((
-            conn,
-            self.bound_pool
-                .take()
-                .expect("a bound connection has its pool"),
-        ))
+        Some((conn, self.bound_pool.take().expect("a bound connection has its pool")))
     }
 
     /// Tells the client why its session ends (best effort, bounded in time).
     pub(super) async fn rescue(&mut self, e: &SessionError) {
         let (code, msg): (String, String) = match e {
             SessionError::ClientGone => return,
-            SessionError::Protocol(w) => (
-                sqlstate::PROTOCOL_VIOLATION.into(),
-                format!("protocol violation: {w}"),
-            ),
-            SessionError::ServerLost(why) => (
-                sqlstate::CONNECTION_FAILURE.into(),
-                format!("server connection lost: {why}"),
-            ),
-            SessionError::Pool(p @ PoolError::Timeout { .. }) => {
-                (sqlstate::TOO_MANY_CONNECTIONS.into(), p.to_string())
+            SessionError::Protocol(w) => (sqlstate::PROTOCOL_VIOLATION.into(), format!("protocol violation: {w}")),
+            SessionError::ServerLost(why) => {
+                (sqlstate::CONNECTION_FAILURE.into(), format!("server connection lost: {why}"))
             }
+            SessionError::Pool(p @ PoolError::Timeout { .. }) => (sqlstate::TOO_MANY_CONNECTIONS.into(), p.to_string()),
             SessionError::Pool(p @ PoolError::Connect(b)) => (b.sqlstate(), p.to_string()),
-            SessionError::Shutdown => (
-                sqlstate::ADMIN_SHUTDOWN.into(),
-                "pgfleet is shutting down".into(),
-            ),
-            SessionError::Killed => (
-                sqlstate::ADMIN_SHUTDOWN.into(),
-                "connection killed by the pgfleet admin console (KILL)".into(),
-            ),
+            SessionError::Shutdown => (sqlstate::ADMIN_SHUTDOWN.into(), "pgfleet is shutting down".into()),
+            SessionError::Killed => (sqlstate::ADMIN_SHUTDOWN.into(), "connection killed by the pgfleet admin console (KILL)".into()),
             SessionError::Timeout(code, msg) => ((*code).into(), (*msg).into()),
         };
         self.app.metrics.errors.with_label_values(&[&code]).inc();
@@ -190,9 +163,7 @@ impl Session {
     }
 
     async fn reset_or_drop(&mut self, was_pinned: bool) {
-        let Some((mut conn, pool)) = self.unbind() else {
-            return;
-        };
+        let Some((mut conn, pool)) = self.unbind() else { return };
         let idle_and_done = self.is_clean() && self.sin.is_empty();
         if !idle_and_done {
             // Something is in flight: stop it and drop the connection.

@@ -36,10 +36,7 @@ pub enum Kind {
 impl Kind {
     /// Extended-protocol messages after which an error skips to the next Sync.
     pub fn is_extended(self) -> bool {
-        matches!(
-            self,
-            Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close(_)
-        )
+        matches!(self, Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close(_))
     }
 
     /// Does a server message with this tag complete this kind?
@@ -116,11 +113,7 @@ impl Expect {
             Some(Pending::Synth(s)) => {
                 let t = *s;
                 self.q.pop_front();
-                let payload = if t == Synth::Payload {
-                    self.payloads.pop_front()
-                } else {
-                    None
-                };
+                let payload = if t == Synth::Payload { self.payloads.pop_front() } else { None };
                 Some((t, payload))
             }
             _ => None,

@@ -13,9 +13,9 @@
 //! - All I/O uses readiness + try_read/try_write, so both directions progress
 //!   independently and a slow peer cannot deadlock the other direction.
 
+pub mod expect;
 mod accounting;
 mod bind;
-pub mod expect;
 pub(crate) use bind::fingerprint;
 mod retry;
 use retry::Replay;
@@ -31,14 +31,10 @@ use crate::app::App;
 use crate::backend::{consume, ServerConn};
 use crate::config::PoolMode;
 use crate::frontend::cancel::{CancelSlot, CancelTarget};
-use crate::net::Stream;
 use crate::pool::{Pool, PoolError};
 use crate::router::route::Target;
 use crate::router::{Analysis, Class, RouteHint};
-use crate::stats::{
-    ClientInfo, ClientMetrics, PoolCounters, WorkloadCounters, CLIENT_ACTIVE, CLIENT_IDLE,
-    CLIENT_WAITING, SERVER_ACTIVE, SERVER_IDLE,
-};
+use crate::stats::{ClientInfo, ClientMetrics, PoolCounters, WorkloadCounters, CLIENT_ACTIVE, CLIENT_IDLE, CLIENT_WAITING, SERVER_ACTIVE, SERVER_IDLE};
 use crate::topology::Topology;
 use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Buf, Bytes, BytesMut};
@@ -48,6 +44,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stmts::Stmt;
+use crate::net::Stream;
 
 /// Stop moving client messages to the server buffer past this many bytes.
 const SOUT_HIGH: usize = 256 * 1024;
@@ -305,13 +302,7 @@ impl Session {
                 // the transaction may be over with nothing more to come.
                 self.maybe_release();
             }
-            if shutting_down
-                && self.drain_idle()
-                && self
-                    .now
-                    .saturating_duration_since(self.last_client_activity)
-                    >= DRAIN_QUIET
-            {
+            if shutting_down && self.drain_idle() && self.now.saturating_duration_since(self.last_client_activity) >= DRAIN_QUIET {
                 return Err(SessionError::Shutdown);
             }
             let event = self.wait(shutting_down).await;
@@ -401,9 +392,7 @@ impl Session {
     fn read_server(&mut self) -> Result<(), SessionError> {
         let server = self.server.as_ref().expect("readable only when bound");
         match server.stream.read_some(&mut self.sin, READ_CHUNK) {
-            Ok(0) => Err(SessionError::ServerLost(
-                "server closed the connection".into(),
-            )),
+            Ok(0) => Err(SessionError::ServerLost("server closed the connection".into())),
             Ok(_) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(SessionError::ServerLost(e.to_string())),
@@ -448,10 +437,7 @@ impl Session {
                 self.terminated = true;
                 return Ok(());
             }
-            if !matches!(
-                h.tag,
-                b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'F'
-            ) {
+            if !matches!(h.tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'F') {
                 return Err(WireError::Malformed("unknown message type").into());
             }
             if self.server.is_some() && self.routes() && self.must_hold(&self.cin[..h.total]) {
@@ -483,11 +469,7 @@ impl Session {
                 if self.answer_locally(h.tag, &msg)? {
                     continue;
                 }
-                let a = if self.routes() {
-                    self.unit_analysis(&msg, &self.cin)
-                } else {
-                    Analysis::default()
-                };
+                let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
                 let first_only = matches!(h.tag, b'Q' | b'P');
                 let topo = self.topo.clone();
                 let target = match self.choose_target(&a, &topo) {
@@ -525,12 +507,7 @@ impl Session {
     }
 
     /// `known`: this message's analysis when already computed.
-    fn forward(
-        &mut self,
-        tag: u8,
-        msg: &[u8],
-        known: Option<Analysis>,
-    ) -> Result<(), SessionError> {
+    fn forward(&mut self, tag: u8, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
         self.record(msg);
         match tag {
             b'Q' => self.on_query(msg, known)?,
@@ -665,8 +642,7 @@ impl Session {
         }
         let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
         self.note_write(&a);
-        self.note_effects(&a)
-            .map(|sql| state::replace_sql(content, &sql))
+        self.note_effects(&a).map(|sql| state::replace_sql(content, &sql))
     }
 
     /// A write reached the primary: learn its LSN when the transaction ends.
@@ -688,6 +664,7 @@ impl Session {
             }
         }
     }
+
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -711,9 +688,6 @@ enum Event {
 
 /// Cheap check: does the SQL start (after blanks) with this lower-case word?
 fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {
-    let start = sql
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(sql.len());
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(sql.len());
     sql.len() >= start + word.len() && sql[start..start + word.len()].eq_ignore_ascii_case(word)
 }

@@ -34,8 +34,7 @@ pub(super) enum WhileRecording {
 impl Session {
     /// Just bound: a replica read starts recording (unless it is the retry).
     pub(super) fn start_recording(&mut self) {
-        if matches!(self.bound_target, Some(Target::Replica(_))) && self.replay_state == Replay::Off
-        {
+        if matches!(self.bound_target, Some(Target::Replica(_))) && self.replay_state == Replay::Off {
             self.replay.clear();
             self.replay_state = Replay::Recording;
         }
@@ -64,17 +63,9 @@ impl Session {
             return WhileRecording::Forward;
         }
         let fields = wire::error_fields(msg);
-        let field = |code: u8| {
-            fields
-                .iter()
-                .find(|(c, _)| *c == code)
-                .map(|(_, v)| v.as_str())
-        };
+        let field = |code: u8| fields.iter().find(|(c, _)| *c == code).map(|(_, v)| v.as_str());
         if tag == b'E' && (field(b'V') == Some("FATAL") || field(b'S') == Some("FATAL")) {
-            return WhileRecording::Lost(format!(
-                "server terminated the connection: {}",
-                field(b'M').unwrap_or("")
-            ));
+            return WhileRecording::Lost(format!("server terminated the connection: {}", field(b'M').unwrap_or("")));
         }
         if tag == b'N' && field(b'C').is_some_and(|c| c.starts_with("57P")) {
             return WhileRecording::Drop;
@@ -93,9 +84,7 @@ impl Session {
     /// seen nothing is sent again, once, to another replica (the failed one
     /// is marked down at once); anything else ends the session as before.
     pub(super) fn retry_or(&mut self, e: SessionError) -> Result<(), SessionError> {
-        let SessionError::ServerLost(why) = &e else {
-            return Err(e);
-        };
+        let SessionError::ServerLost(why) = &e else { return Err(e) };
         if !self.recording() {
             return Err(e);
         }
@@ -107,11 +96,7 @@ impl Session {
         if let Some(Target::Replica(i)) = target {
             self.topo.mark_down(i, why);
         }
-        self.app
-            .metrics
-            .errors
-            .with_label_values(&["retried"])
-            .inc();
+        self.app.metrics.errors.with_label_values(&["retried"]).inc();
         self.expect = Expect::default();
         self.in_batch = false;
         self.skip = 0;

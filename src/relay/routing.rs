@@ -8,17 +8,14 @@ use crate::config::{PoolMode, ReadYourWrites};
 use crate::pool::Pool;
 use crate::router::route::{route, NoReplica, Reason, SessionRoute, Target};
 use crate::router::{Analysis, Class};
-use crate::topology::Topology;
 use crate::wire::{self, build, sqlstate};
+use crate::topology::Topology;
 use std::sync::Arc;
 
 /// The group a workload name selects, or the error a client sees.
 pub(super) fn group_index(topo: &Topology, w: &str) -> Result<usize, (&'static str, String)> {
     topo.group(w).ok_or_else(|| {
-        (
-            sqlstate::UNDEFINED_OBJECT,
-            format!("workload \"{w}\" does not exist (no [[cluster.groups]] entry of that name)"),
-        )
+        (sqlstate::UNDEFINED_OBJECT, format!("workload \"{w}\" does not exist (no [[cluster.groups]] entry of that name)"))
     })
 }
 
@@ -40,17 +37,10 @@ impl Session {
             let a = match msg.first() {
                 Some(b'Q') => {
                     stop = true;
-                    merged
-                        .is_none()
-                        .then(|| self.analyze(&sql_text(wire::body(msg))))
+                    merged.is_none().then(|| self.analyze(&sql_text(wire::body(msg))))
                 }
-                Some(b'P') => wire::parse_parse_name(msg)
-                    .ok()
-                    .map(|(_, c)| self.analyze(&sql_text(c))),
-                Some(b'B') => wire::parse_bind(msg)
-                    .ok()
-                    .and_then(|(_, s, _)| self.stmts.get(s))
-                    .map(|s| s.analysis.clone()),
+                Some(b'P') => wire::parse_parse_name(msg).ok().map(|(_, c)| self.analyze(&sql_text(c))),
+                Some(b'B') => wire::parse_bind(msg).ok().and_then(|(_, s, _)| self.stmts.get(s)).map(|s| s.analysis.clone()),
                 Some(b'D') => match wire::parse_target(msg) {
                     Ok((b'S', n)) => self.stmts.get(n).map(|s| s.analysis.clone()),
                     _ => None,
@@ -87,11 +77,7 @@ impl Session {
     }
 
     /// Where a transaction unit with this analysis goes.
-    pub(super) fn choose_target(
-        &self,
-        a: &Analysis,
-        topo: &Topology,
-    ) -> Result<(Target, Reason), (&'static str, String)> {
+    pub(super) fn choose_target(&self, a: &Analysis, topo: &Topology) -> Result<(Target, Reason), (&'static str, String)> {
         if self.mode != PoolMode::Transaction || topo.groups.is_empty() {
             return Ok((Target::Primary, Reason::SplitDisabled));
         }
@@ -110,13 +96,11 @@ impl Session {
             route: self.route_override,
             group,
             groups: &topo.groups,
-            floor: self
-                .floor
-                .filter(|_| cfg.routing.read_your_writes == ReadYourWrites::Lsn),
-            default_read_only: self.settings.iter().any(|(n, v)| {
-                n == "default_transaction_read_only"
-                    && matches!(v.as_str(), "on" | "true" | "1" | "yes")
-            }),
+            floor: self.floor.filter(|_| cfg.routing.read_your_writes == ReadYourWrites::Lsn),
+            default_read_only: self
+                .settings
+                .iter()
+                .any(|(n, v)| n == "default_transaction_read_only" && matches!(v.as_str(), "on" | "true" | "1" | "yes")),
         };
         route(a, &s, &topo.snapshot(), &mut |c| topo.pick(c)).map_err(|NoReplica { group, why }| {
             (
@@ -127,11 +111,7 @@ impl Session {
     }
 
     /// Admission under the `[[limits]]` rules matching this transaction.
-    pub(super) async fn admit(
-        &self,
-        a: &Analysis,
-        target: Target,
-    ) -> Result<crate::limits::Admission, crate::limits::Refusal> {
+    pub(super) async fn admit(&self, a: &Analysis, target: Target) -> Result<crate::limits::Admission, crate::limits::Refusal> {
         let workload = a
             .workload_hint
             .as_deref()
@@ -154,13 +134,8 @@ impl Session {
     /// Counts a routing decision (Prometheus and SHOW WORKLOADS).
     pub(super) fn count_decision(&self, a: &Analysis, t: Target, reason: Reason) {
         let w = &self.workload_stats;
-        let add =
-            |c: &std::sync::atomic::AtomicU64| c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        add(if a.class == Class::Write {
-            &w.writes
-        } else {
-            &w.reads
-        });
+        let add = |c: &std::sync::atomic::AtomicU64| c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        add(if a.class == Class::Write { &w.writes } else { &w.reads });
         let target = match t {
             Target::Primary => {
                 add(&w.to_primary);
@@ -174,10 +149,7 @@ impl Session {
         if reason == Reason::Fallback {
             add(&w.fallbacks);
         }
-        self.app
-            .metrics
-            .routing_decision(target == "replica", reason)
-            .inc();
+        self.app.metrics.routing_decision(target == "replica", reason).inc();
     }
 
     /// Bound to a replica at a transaction boundary, with a unit waiting
@@ -195,10 +167,7 @@ impl Session {
             return false;
         }
         let a = self.unit_analysis(next, &self.cin[next.len()..]);
-        !matches!(
-            self.choose_target(&a, &self.topo),
-            Ok((Target::Replica(_), _))
-        )
+        !matches!(self.choose_target(&a, &self.topo), Ok((Target::Replica(_), _)))
     }
 
     /// The pool for `target`; the last one is cached (no key building and
@@ -220,9 +189,7 @@ impl Session {
     /// the error, then ReadyForQuery (simple Query) or, for an
     /// extended-protocol batch, the rest of the batch is skipped to Sync.
     pub(super) fn refuse_unit(&mut self, tag: u8, code: &'static str, message: &str) {
-        self.workload_stats
-            .refused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.workload_stats.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.app.metrics.errors.with_label_values(&[code]).inc();
         build::error_response(&mut self.cout, "ERROR", code, message);
         if matches!(tag, b'Q' | b'F') {
@@ -251,9 +218,7 @@ impl Session {
             if target == Target::Primary && topo.writer_addr().is_none() {
                 if !wait_for_writer(topo, deadline).await {
                     let why = "the primary is in recovery and no replica was promoted".to_string();
-                    return Err(SessionError::Pool(PoolError::Connect(
-                        BackendError::NoPrimary(why),
-                    )));
+                    return Err(SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why))));
                 }
                 continue;
             }
@@ -275,9 +240,7 @@ impl Session {
                             Err(_) => return Err(SessionError::Pool(PoolError::Connect(e))),
                         };
                     }
-                    Target::Primary
-                        if e.is_transient() && tokio::time::Instant::now() < deadline =>
-                    {
+                    Target::Primary if e.is_transient() && tokio::time::Instant::now() < deadline => {
                         tracing::info!(parent: &self.span, error = %e, "primary unavailable; waiting for it or a promoted replica");
                         wait_for_writer_change(topo, deadline).await;
                     }
@@ -304,8 +267,7 @@ async fn wait_for_writer(topo: &Topology, deadline: tokio::time::Instant) -> boo
 /// interval passes, or the deadline.
 async fn wait_for_writer_change(topo: &Topology, deadline: tokio::time::Instant) {
     let changed = topo.writer_changed.notified();
-    let retry = tokio::time::Instant::now()
-        + std::time::Duration::from_millis(100 + rand::random::<u64>() % 200);
+    let retry = tokio::time::Instant::now() + std::time::Duration::from_millis(100 + rand::random::<u64>() % 200);
     tokio::select! {
         _ = changed => {}
         _ = tokio::time::sleep_until(retry.min(deadline)) => {}

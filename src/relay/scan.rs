@@ -49,8 +49,7 @@ impl Session {
             };
             let swallowing = matches!(self.expect.front(), Some(Pending::Swallow(_)));
             let recording = self.recording();
-            let whole =
-                swallowing || matches!(h.tag, b'Z' | b'S' | b'E') || (recording && h.tag == b'N');
+            let whole = swallowing || matches!(h.tag, b'Z' | b'S' | b'E') || (recording && h.tag == b'N');
             if whole && self.sin.len() < h.total {
                 return Ok(());
             }
@@ -117,9 +116,7 @@ impl Session {
                     self.in_batch = true;
                 }
                 if tag == b'D' && hidden_query && self.probing() {
-                    let len =
-                        i32::from_be_bytes([self.sin[1], self.sin[2], self.sin[3], self.sin[4]])
-                            as usize;
+                    let len = i32::from_be_bytes([self.sin[1], self.sin[2], self.sin[3], self.sin[4]]) as usize;
                     let row = self.sin[..1 + len].to_vec();
                     self.on_probe_row(&row);
                 }
@@ -146,8 +143,7 @@ impl Session {
 
     fn mark_validated(&self, id: u64) {
         if let Some(stmt) = self.stmts.values().find(|s| s.id == id) {
-            stmt.validated
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -178,10 +174,7 @@ impl Session {
         }
         match head {
             Some(Pending::Swallow(Kind::Query)) => {
-                let msg = fields
-                    .iter()
-                    .find(|(c, _)| *c == b'M')
-                    .map(|(_, m)| m.as_str());
+                let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
                 tracing::warn!(parent: &self.span, error = msg.unwrap_or(""), "applying session settings on a server connection failed");
                 false
             }

@@ -37,9 +37,7 @@ const OUR_STATEMENTS_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, '
      FROM pg_catalog.pg_prepared_statements WHERE name LIKE '\\_pgf\\_%')";
 
 fn is_reported(name: &str) -> bool {
-    REPORTED_SETTABLE
-        .iter()
-        .any(|r| r.eq_ignore_ascii_case(name))
+    REPORTED_SETTABLE.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
 
 /// A statement that raises 0A000 on the server, replacing one pgfleet rejects:
@@ -64,9 +62,7 @@ impl Session {
             }
             if self.pinned.is_none() {
                 tracing::info!(parent: &self.span, reason, "client pinned to its server connection");
-                self.app
-                    .pinned_clients
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             self.pinned = Some(reason);
             // Verify at transaction end that state is really held (a
@@ -100,9 +96,7 @@ impl Session {
 
     pub(super) fn unpin(&mut self) {
         if self.pinned.take().is_some() {
-            self.app
-                .pinned_clients
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.app.pinned_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(parent: &self.span, "client unpinned");
         }
     }
@@ -118,12 +112,7 @@ impl Session {
         let mut cols: Vec<String> = self
             .dirty
             .iter()
-            .map(|n| {
-                format!(
-                    "pg_catalog.current_setting({}, true)",
-                    build::quote_literal(n)
-                )
-            })
+            .map(|n| format!("pg_catalog.current_setting({}, true)", build::quote_literal(n)))
             .collect();
         if self.resync_prepared {
             cols.push(OUR_STATEMENTS_SQL.into());
@@ -134,12 +123,7 @@ impl Session {
         if lsn {
             cols.push("pg_catalog.pg_current_wal_lsn()::text".into());
         }
-        self.probe = Some(Probe {
-            names: std::mem::take(&mut self.dirty),
-            resync_prepared: self.resync_prepared,
-            check_state,
-            lsn,
-        });
+        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared: self.resync_prepared, check_state, lsn });
         self.resync_prepared = false;
         self.may_release = false;
         Some(format!("SELECT {}", cols.join(", ")))
@@ -147,9 +131,7 @@ impl Session {
 
     /// The probe's DataRow: adopt the values it reports.
     pub(super) fn on_probe_row(&mut self, msg: &[u8]) {
-        let Some(probe) = self.probe.take() else {
-            return;
-        };
+        let Some(probe) = self.probe.take() else { return };
         let Some(values) = data_row(msg) else { return };
         let mut it = values.into_iter();
         for name in probe.names {
@@ -160,10 +142,7 @@ impl Session {
             let list = it.next().flatten().unwrap_or_default();
             if let Some(server) = self.server.as_mut() {
                 server.prepared.clear();
-                for id in list
-                    .split(',')
-                    .filter_map(|n| n.strip_prefix("_pgf_")?.parse::<u64>().ok())
-                {
+                for id in list.split(',').filter_map(|n| n.strip_prefix("_pgf_")?.parse::<u64>().ok()) {
                     server.mark_prepared(id);
                 }
             }
@@ -172,12 +151,7 @@ impl Session {
             self.unpin();
         }
         if probe.lsn {
-            if let Some(lsn) = it
-                .next()
-                .flatten()
-                .as_deref()
-                .and_then(crate::topology::parse_lsn)
-            {
+            if let Some(lsn) = it.next().flatten().as_deref().and_then(crate::topology::parse_lsn) {
                 self.floor = Some(self.floor.unwrap_or(0).max(lsn));
             }
         }
@@ -200,9 +174,7 @@ impl Session {
         }
         let slot = self.settings.iter().position(|(n, _)| *n == name);
         match (slot, value) {
-            (Some(i), Some(v)) if self.settings[i].1 != v => {
-                std::sync::Arc::make_mut(&mut self.settings)[i].1 = v
-            }
+            (Some(i), Some(v)) if self.settings[i].1 != v => std::sync::Arc::make_mut(&mut self.settings)[i].1 = v,
             (Some(_), Some(_)) => {}
             (None, Some(v)) => std::sync::Arc::make_mut(&mut self.settings).push((name, v)),
             (Some(i), None) => {
@@ -232,9 +204,7 @@ fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
         if len < 0 {
             out.push(None);
         } else {
-            out.push(Some(
-                String::from_utf8_lossy(r.bytes(len as usize).ok()?).into_owned(),
-            ));
+            out.push(Some(String::from_utf8_lossy(r.bytes(len as usize).ok()?).into_owned()));
         }
     }
     Some(out)

@@ -7,16 +7,10 @@ use super::*;
 impl Session {
     pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
         let extra = self.cfg.routing.write_functions.clone();
-        self.app.stmts.intern(content, |c| {
-            crate::router::classify(&state::sql_text(c), &extra)
-        })
+        self.app.stmts.intern(content, |c| crate::router::classify(&state::sql_text(c), &extra))
     }
 
-    pub(super) fn on_parse(
-        &mut self,
-        msg: &[u8],
-        known: Option<Analysis>,
-    ) -> Result<(), SessionError> {
+    pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
         let (name, content) = wire::parse_parse(msg)?;
         self.in_batch = true;
         let rewritten = self.parse_content(content, known);
@@ -34,8 +28,7 @@ impl Session {
             return Ok(());
         }
         let stmt = self.intern(rewritten.as_deref().unwrap_or(content));
-        self.stmts
-            .insert(Bytes::copy_from_slice(name), stmt.clone());
+        self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
         let server = self.server.as_mut().expect("bound");
         if server.touch_prepared(stmt.id) {
             self.expect.push(Pending::Synth(Synth::ParseComplete));
@@ -61,11 +54,7 @@ impl Session {
         }
         build::parse(&mut self.sout, &stmt.server_name, &stmt.content);
         let kind = Kind::Parse(Some(stmt.id));
-        self.expect.push(if swallow {
-            Pending::Swallow(kind)
-        } else {
-            Pending::Fwd(kind)
-        });
+        self.expect.push(if swallow { Pending::Swallow(kind) } else { Pending::Fwd(kind) });
     }
 
     /// The proxy statement behind a client statement name, prepared on the
@@ -105,11 +94,7 @@ impl Session {
     pub(super) fn on_describe(&mut self, msg: &[u8]) -> Result<(), SessionError> {
         let (kind, name) = wire::parse_target(msg)?;
         self.in_batch = true;
-        let stmt = if kind == b'S' {
-            self.ensure_prepared(name)
-        } else {
-            None
-        };
+        let stmt = if kind == b'S' { self.ensure_prepared(name) } else { None };
         match stmt {
             Some(stmt) => {
                 build::target(&mut self.sout, b'D', b'S', &stmt.server_name);

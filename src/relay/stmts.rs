@@ -44,10 +44,7 @@ impl Registry {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let content = Bytes::copy_from_slice(content);
-        let stmt = Arc::new(Stmt {
-            id,
-            server_name: server_name(id),
-            content: content.clone(),
+        let stmt = Arc::new(Stmt { id, server_name: server_name(id), content: content.clone(),
             validated: AtomicBool::new(false),
             analysis: analyze(&content),
         });

@@ -29,9 +29,7 @@ fn virtual_of(a: &Analysis) -> Option<Virtual> {
 
 /// Could this SQL be a virtual statement? (cheap, before classifying)
 fn maybe_virtual(sql: &[u8]) -> bool {
-    (starts_with_word(sql, b"set")
-        || starts_with_word(sql, b"reset")
-        || starts_with_word(sql, b"show"))
+    (starts_with_word(sql, b"set") || starts_with_word(sql, b"reset") || starts_with_word(sql, b"show"))
         && sql.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgfleet."))
 }
 
@@ -48,9 +46,7 @@ impl Session {
     pub(super) fn try_virtual(&mut self, tag: u8, msg: &[u8]) -> Result<bool, super::SessionError> {
         let handled = match tag {
             b'Q' => {
-                let Some(v) = self.classify_virtual(wire::body(msg)) else {
-                    return Ok(false);
-                };
+                let Some(v) = self.classify_virtual(wire::body(msg)) else { return Ok(false) };
                 let out = self.run_virtual(&v, true);
                 self.expect.push_payload(out.0);
                 self.expect.push(Pending::Synth(Synth::Ready));
@@ -75,8 +71,7 @@ impl Session {
                 let (portal, stmt, _) = wire::parse_bind(msg)?;
                 match self.virtuals.get(stmt).cloned() {
                     Some(v) => {
-                        self.virtual_portals
-                            .insert(Bytes::copy_from_slice(portal), v);
+                        self.virtual_portals.insert(Bytes::copy_from_slice(portal), v);
                         let mut b = BytesMut::new();
                         build::bind_complete(&mut b);
                         self.expect.push_payload(b.freeze());
@@ -91,11 +86,7 @@ impl Session {
             }
             b'D' => {
                 let (kind, name) = wire::parse_target(msg)?;
-                let v = if kind == b'S' {
-                    self.virtuals.get(name)
-                } else {
-                    self.virtual_portals.get(name)
-                };
+                let v = if kind == b'S' { self.virtuals.get(name) } else { self.virtual_portals.get(name) };
                 match v.cloned() {
                     Some(v) => {
                         let mut b = BytesMut::new();
@@ -125,11 +116,7 @@ impl Session {
             }
             b'C' => {
                 let (kind, name) = wire::parse_target(msg)?;
-                let removed = if kind == b'S' {
-                    self.virtuals.remove(name)
-                } else {
-                    self.virtual_portals.remove(name)
-                };
+                let removed = if kind == b'S' { self.virtuals.remove(name) } else { self.virtual_portals.remove(name) };
                 if removed.is_some() {
                     self.expect.push(Pending::Synth(Synth::CloseComplete));
                 }
@@ -168,11 +155,7 @@ impl Session {
         }
     }
 
-    fn set_virtual(
-        &mut self,
-        name: &str,
-        value: Option<&str>,
-    ) -> Result<(), (&'static str, String)> {
+    fn set_virtual(&mut self, name: &str, value: Option<&str>) -> Result<(), (&'static str, String)> {
         match (name, value) {
             ("workload", None) => {
                 self.workload = self.login_workload.clone();
@@ -192,9 +175,7 @@ impl Session {
                     _ => {
                         return Err((
                             sqlstate::INVALID_PARAMETER_VALUE,
-                            format!(
-                        "invalid value for pgfleet.route: \"{r}\" (use primary, replica or auto)"
-                    ),
+                            format!("invalid value for pgfleet.route: \"{r}\" (use primary, replica or auto)"),
                         ))
                     }
                 }
@@ -206,12 +187,7 @@ impl Session {
                 self.floor = Some(self.floor.unwrap_or(0).max(lsn));
             }
             ("min_lsn", None) => self.floor = None,
-            (other, _) => {
-                return Err((
-                    sqlstate::UNDEFINED_OBJECT,
-                    format!("unrecognized pgfleet setting \"pgfleet.{other}\""),
-                ))
-            }
+            (other, _) => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
         }
         Ok(())
     }
@@ -226,12 +202,7 @@ impl Session {
             }
             .to_string(),
             "lsn" | "min_lsn" => format_lsn(self.floor.unwrap_or(0)),
-            other => {
-                return Err((
-                    sqlstate::UNDEFINED_OBJECT,
-                    format!("unrecognized pgfleet setting \"pgfleet.{other}\""),
-                ))
-            }
+            other => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
         })
     }
 }

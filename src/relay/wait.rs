@@ -3,8 +3,8 @@
 //! housekeeping.
 
 use super::{Event, Session, SessionError, Timeout, COUT_HIGH, DRAIN_QUIET, SOUT_HIGH};
-use crate::net::Stream;
 use crate::stats::{KILL, SHUTDOWN};
+use crate::net::Stream;
 use std::future::Future;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -22,15 +22,11 @@ impl Session {
                 (!self.cancel_sent).then_some(())?;
                 Some((self.cycle_start? + limit, Timeout::Query))
             }
-            Some(_) if matches!(self.status, b'T' | b'E') => Some((
-                self.last_client_activity + t.idle_in_transaction.enabled()?,
-                Timeout::IdleInTransaction,
-            )),
+            Some(_) if matches!(self.status, b'T' | b'E') => {
+                Some((self.last_client_activity + t.idle_in_transaction.enabled()?, Timeout::IdleInTransaction))
+            }
             Some(_) => None,
-            None => Some((
-                self.last_client_activity + t.client_idle.enabled()?,
-                Timeout::ClientIdle,
-            )),
+            None => Some((self.last_client_activity + t.client_idle.enabled()?, Timeout::ClientIdle)),
         }
     }
 
@@ -90,15 +86,10 @@ impl Session {
         let mut timer = self.timer.as_mut();
         std::future::poll_fn(move |cx| {
             if let Poll::Ready(raised) = signal.poll_raised(cx, mask) {
-                return Poll::Ready(if raised & KILL != 0 {
-                    Err(SessionError::Killed)
-                } else {
-                    Ok(Event::Shutdown)
-                });
+                return Poll::Ready(if raised & KILL != 0 { Err(SessionError::Killed) } else { Ok(Event::Shutdown) });
             }
             let poll_client = |cx: &mut Context<'_>| {
-                poll_socket(client, cx, client_read, client_write, Event::ClientReadable)
-                    .map_err(|_| SessionError::ClientGone)
+                poll_socket(client, cx, client_read, client_write, Event::ClientReadable).map_err(|_| SessionError::ClientGone)
             };
             let poll_server = |cx: &mut Context<'_>| match server {
                 Some(s) => poll_socket(s, cx, server_read, server_write, Event::ServerReadable)
@@ -123,11 +114,7 @@ impl Session {
                 let fired_at = t.deadline();
                 if t.as_mut().poll(cx).is_ready() {
                     // Fired at the wanted deadline: that event; earlier: look again.
-                    return Poll::Ready(Ok(if fired_at >= tokio::time::Instant::from_std(at) {
-                        event
-                    } else {
-                        Event::Tick
-                    }));
+                    return Poll::Ready(Ok(if fired_at >= tokio::time::Instant::from_std(at) { event } else { Event::Tick }));
                 }
             }
             Poll::Pending
@@ -138,13 +125,7 @@ impl Session {
 
 /// Readiness of one socket for what is wanted of it: readable (or closed)
 /// gives `readable`, writable gives `Event::Writable`.
-fn poll_socket(
-    s: &Stream,
-    cx: &mut Context<'_>,
-    read: bool,
-    write: bool,
-    readable: Event,
-) -> Poll<std::io::Result<Event>> {
+fn poll_socket(s: &Stream, cx: &mut Context<'_>, read: bool, write: bool, readable: Event) -> Poll<std::io::Result<Event>> {
     if read {
         if let Poll::Ready(r) = s.poll_read_ready(cx) {
             return Poll::Ready(r.map(|_| readable));

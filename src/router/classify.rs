@@ -16,9 +16,7 @@ pub enum Class {
 pub enum TxControl {
     #[default]
     None,
-    Begin {
-        read_only: bool,
-    },
+    Begin { read_only: bool },
     End,
 }
 
@@ -59,66 +57,28 @@ pub struct Analysis {
 impl Analysis {
     /// Whether running this statement changes what a session carries.
     pub fn has_session_effects(&self) -> bool {
-        self.pin.is_some()
-            || !self.set_names.is_empty()
-            || self.reset_all
-            || self.may_release
-            || self.dealloc_all
+        self.pin.is_some() || !self.set_names.is_empty() || self.reset_all || self.may_release || self.dealloc_all
     }
 }
 
 /// Functions that write, take locks or need the primary's session.
 const WRITE_FUNCTIONS: &[&str] = &[
-    "nextval",
-    "setval",
-    "currval",
-    "lastval",
-    "set_config",
-    "pg_notify",
-    "txid_current",
-    "pg_current_xact_id",
-    "txid_current_if_assigned",
-    "pg_current_xact_id_if_assigned",
-    "pg_current_wal_lsn",
-    "pg_current_wal_insert_lsn",
-    "pg_current_wal_flush_lsn",
-    "pg_switch_wal",
-    "pg_create_restore_point",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_logical_emit_message",
-    "pg_promote",
-    "pg_create_physical_replication_slot",
-    "pg_create_logical_replication_slot",
-    "pg_drop_replication_slot",
-    "pg_stat_reset",
-    "pg_stat_reset_shared",
-    "pg_stat_reset_single_table_counters",
-    "pg_stat_reset_single_function_counters",
-    "pg_backup_start",
-    "pg_backup_stop",
-    "pg_start_backup",
-    "pg_stop_backup",
-    "dblink_exec",
-    "dblink",
-    "pg_import_system_collations",
-    "pg_replication_origin_create",
+    "nextval", "setval", "currval", "lastval", "set_config", "pg_notify", "txid_current",
+    "pg_current_xact_id", "txid_current_if_assigned", "pg_current_xact_id_if_assigned",
+    "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn",
+    "pg_switch_wal", "pg_create_restore_point", "pg_reload_conf", "pg_rotate_logfile",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_logical_emit_message", "pg_promote",
+    "pg_create_physical_replication_slot", "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot", "pg_stat_reset", "pg_stat_reset_shared",
+    "pg_stat_reset_single_table_counters", "pg_stat_reset_single_function_counters",
+    "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup",
+    "dblink_exec", "dblink", "pg_import_system_collations", "pg_replication_origin_create",
 ];
 
-const PIN_FUNCTIONS: &[&str] = &[
-    "pg_advisory_lock",
-    "pg_advisory_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_lock_shared",
-];
+const PIN_FUNCTIONS: &[&str] =
+    &["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
 
-const RELEASE_FUNCTIONS: &[&str] = &[
-    "pg_advisory_unlock",
-    "pg_advisory_unlock_shared",
-    "pg_advisory_unlock_all",
-];
+const RELEASE_FUNCTIONS: &[&str] = &["pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all"];
 
 fn is_word(t: Option<&Tok>, w: &str) -> bool {
     matches!(t, Some(Tok::Word(x)) if x.eq_ignore_ascii_case(w))
@@ -126,11 +86,7 @@ fn is_word(t: Option<&Tok>, w: &str) -> bool {
 
 fn word_is_write_function(name: &str, extra: &[String]) -> bool {
     // Byte-wise: a multi-byte character at the boundary must not panic.
-    let lower_starts = |p: &str| {
-        name.as_bytes()
-            .get(..p.len())
-            .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()))
-    };
+    let lower_starts = |p: &str| name.as_bytes().get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()));
     WRITE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name))
         || lower_starts("pg_advisory_")
         || lower_starts("pg_try_advisory_")
@@ -140,10 +96,7 @@ fn word_is_write_function(name: &str, extra: &[String]) -> bool {
 
 /// Classifies a query string. `write_functions`: the application's own.
 pub fn classify(sql: &str, write_functions: &[String]) -> Analysis {
-    let mut a = Analysis {
-        class: Class::Read,
-        ..Analysis::default()
-    };
+    let mut a = Analysis { class: Class::Read, ..Analysis::default() };
     let mut lx = Lexer::new(sql);
     // Tokens of one statement: on the stack, spilling to the heap only for
     // statements longer than STACK_TOKENS (no allocation in the common case).
@@ -171,11 +124,7 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Analysis {
         }
         if n > 0 {
             a.statements += 1;
-            let toks = if n <= STACK_TOKENS {
-                &stack[..n]
-            } else {
-                &heap[..]
-            };
+            let toks = if n <= STACK_TOKENS { &stack[..n] } else { &heap[..] };
             statement(toks, write_functions, &mut a);
         }
         if end {
@@ -238,14 +187,10 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
                 a.proxy_show = Some(name);
             }
         }
-        b"EXPLAIN" => {
-            read = !(t.iter().any(|x| is_word(Some(x), "ANALYZE")) && has_write_marker(t))
-        }
+        b"EXPLAIN" => read = !(t.iter().any(|x| is_word(Some(x), "ANALYZE")) && has_write_marker(t)),
         b"BEGIN" | b"START" => {
             if a.statements == 1 {
-                a.tx = TxControl::Begin {
-                    read_only: has_read_only(t),
-                };
+                a.tx = TxControl::Begin { read_only: has_read_only(t) };
             }
             read = true;
         }
@@ -281,19 +226,11 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         }
         b"LISTEN" => a.pin = a.pin.or(Some("LISTEN")),
         b"UNLISTEN" | b"CLOSE" | b"DROP" => a.may_release = true,
-        b"DECLARE"
-            if t.windows(2)
-                .any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) =>
-        {
-            a.pin = a.pin.or(Some(
-                "DECLARE ... WITH HOLD (a cursor that outlives its transaction)",
-            ));
+        b"DECLARE" if t.windows(2).any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) => {
+            a.pin = a.pin.or(Some("DECLARE ... WITH HOLD (a cursor that outlives its transaction)"));
         }
         b"CREATE" => {
-            let temp = t
-                .iter()
-                .take(4)
-                .any(|x| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY"));
+            let temp = t.iter().take(4).any(|x| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY"));
             if temp {
                 a.pin = a.pin.or(Some("CREATE TEMP (a temporary object)"));
             }
@@ -317,14 +254,9 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
             *read = false;
         }
         if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
-            a.pin = a
-                .pin
-                .or(Some("a session-level advisory lock (pg_advisory_lock)"));
+            a.pin = a.pin.or(Some("a session-level advisory lock (pg_advisory_lock)"));
         }
-        if RELEASE_FUNCTIONS
-            .iter()
-            .any(|f| f.eq_ignore_ascii_case(name))
-        {
+        if RELEASE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
             a.may_release = true;
         }
         if name.eq_ignore_ascii_case("set_config") {
@@ -381,11 +313,7 @@ fn has_write_marker(t: &[Tok]) -> bool {
             3 => after_for && w.eq_ignore_ascii_case("KEY"),
             4 => w.eq_ignore_ascii_case("INTO"),
             5 => w.eq_ignore_ascii_case("MERGE") || (after_for && w.eq_ignore_ascii_case("SHARE")),
-            6 => {
-                w.eq_ignore_ascii_case("INSERT")
-                    || w.eq_ignore_ascii_case("UPDATE")
-                    || w.eq_ignore_ascii_case("DELETE")
-            }
+            6 => w.eq_ignore_ascii_case("INSERT") || w.eq_ignore_ascii_case("UPDATE") || w.eq_ignore_ascii_case("DELETE"),
             8 => w.eq_ignore_ascii_case("TRUNCATE"),
             _ => false,
         };
@@ -398,8 +326,7 @@ fn has_write_marker(t: &[Tok]) -> bool {
 }
 
 fn has_read_only(t: &[Tok]) -> bool {
-    t.windows(2)
-        .any(|w| is_word(Some(&w[0]), "READ") && is_word(Some(&w[1]), "ONLY"))
+    t.windows(2).any(|w| is_word(Some(&w[0]), "READ") && is_word(Some(&w[1]), "ONLY"))
 }
 
 /// A `pgfleet.<name>` setting name at position `i`.
@@ -426,11 +353,7 @@ fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
     if is_word(t.get(i), "SESSION") {
         i += 1;
         if is_word(t.get(i), "CHARACTERISTICS") {
-            for n in [
-                "default_transaction_isolation",
-                "default_transaction_read_only",
-                "default_transaction_deferrable",
-            ] {
+            for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
                 a.set_names.push(n.into());
             }
             return true;
@@ -442,11 +365,7 @@ fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
     }
     if let Some(name) = proxy_name(t, i) {
         // `pgfleet . name` is three tokens, `"pgfleet.name"` one; then = or TO.
-        let v = if matches!(t.get(i), Some(Tok::Ident(_))) {
-            i + 2
-        } else {
-            i + 4
-        };
+        let v = if matches!(t.get(i), Some(Tok::Ident(_))) { i + 2 } else { i + 4 };
         let value = match t.get(v) {
             _ if is_word(t.get(v), "DEFAULT") => None,
             Some(Tok::Str(s)) | Some(Tok::Word(s)) | Some(Tok::Ident(s)) => Some(s.to_string()),

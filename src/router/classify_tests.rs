@@ -37,16 +37,10 @@ const TABLE: &[(&str, Class)] = &[
     ("SELECT * FROM \"DELETE\"", R),
     ("SELECT * FROM t1 JOIN t2 USING (id)", R),
     ("SELECT * FROM t WHERE a IN (SELECT b FROM u)", R),
-    (
-        "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.id)",
-        R,
-    ),
+    ("SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.id)", R),
     ("SELECT sum(x) OVER (PARTITION BY y) FROM t", R),
     ("SELECT * FROM generate_series(1, 10)", R),
-    (
-        "SELECT array_agg(x) FROM t GROUP BY y HAVING count(*) > 1",
-        R,
-    ),
+    ("SELECT array_agg(x) FROM t GROUP BY y HAVING count(*) > 1", R),
     ("SELECT jsonb_build_object('k', 1)", R),
     ("SELECT 1 UNION SELECT 2", R),
     ("(SELECT 1) UNION ALL (SELECT 2)", R),
@@ -64,14 +58,8 @@ const TABLE: &[(&str, Class)] = &[
     ("SELECT update_count FROM stats", R),
     ("SELECT * FROM t WHERE note = 'insert into x values (1)'", R),
     ("WITH x AS (SELECT 1) SELECT * FROM x", R),
-    (
-        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r WHERE n < 5) SELECT * FROM r",
-        R,
-    ),
-    (
-        "WITH a AS (SELECT 1), b AS (SELECT 2) SELECT * FROM a, b",
-        R,
-    ),
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r WHERE n < 5) SELECT * FROM r", R),
+    ("WITH a AS (SELECT 1), b AS (SELECT 2) SELECT * FROM a, b", R),
     ("VALUES (1), (2)", R),
     ("TABLE t", R),
     ("SHOW search_path", R),
@@ -119,10 +107,7 @@ const TABLE: &[(&str, Class)] = &[
     ("insert into t select * from u", W),
     ("UPDATE t SET a = 1", W),
     ("DELETE FROM t", W),
-    (
-        "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE",
-        W,
-    ),
+    ("MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE", W),
     ("TRUNCATE t", W),
     ("CREATE TABLE t (id int)", W),
     ("CREATE TEMP TABLE t (id int)", W),
@@ -177,14 +162,8 @@ const TABLE: &[(&str, Class)] = &[
     ("SELECT * FROM t WHERE id = nextval('s')", W),
     ("SELECT public.nextval('s')", W),
     ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", W),
-    (
-        "WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT count(*) FROM u",
-        W,
-    ),
-    (
-        "WITH i AS (INSERT INTO t VALUES (1) RETURNING id) SELECT id FROM i",
-        W,
-    ),
+    ("WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT count(*) FROM u", W),
+    ("WITH i AS (INSERT INTO t VALUES (1) RETURNING id) SELECT id FROM i", W),
     ("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x", W),
     ("EXPLAIN ANALYZE DELETE FROM t", W),
     ("EXPLAIN (ANALYZE) UPDATE t SET a = 1", W),
@@ -233,29 +212,14 @@ fn session_effects() {
     assert_eq!(a.set_names, vec!["search_path"]);
     let a = classify("SET SESSION statement_timeout = '5s'", &[]);
     assert_eq!(a.set_names, vec!["statement_timeout"]);
-    assert!(classify("SET LOCAL statement_timeout = '5s'", &[])
-        .set_names
-        .is_empty());
-    assert_eq!(
-        classify("SET TIME ZONE 'UTC'", &[]).set_names,
-        vec!["timezone"]
-    );
-    assert_eq!(
-        classify("set myapp.user_id = 5", &[]).set_names,
-        vec!["myapp.user_id"]
-    );
+    assert!(classify("SET LOCAL statement_timeout = '5s'", &[]).set_names.is_empty());
+    assert_eq!(classify("SET TIME ZONE 'UTC'", &[]).set_names, vec!["timezone"]);
+    assert_eq!(classify("set myapp.user_id = 5", &[]).set_names, vec!["myapp.user_id"]);
     assert_eq!(classify("RESET work_mem", &[]).set_names, vec!["work_mem"]);
     assert!(classify("RESET ALL", &[]).reset_all);
-    assert_eq!(
-        classify("SELECT set_config('search_path', 'x', false)", &[]).set_names,
-        vec!["search_path"]
-    );
-    assert!(classify("SELECT set_config('search_path', 'x', true)", &[])
-        .set_names
-        .is_empty());
-    assert!(classify("SELECT set_config($1, 'x', false)", &[])
-        .pin
-        .is_some());
+    assert_eq!(classify("SELECT set_config('search_path', 'x', false)", &[]).set_names, vec!["search_path"]);
+    assert!(classify("SELECT set_config('search_path', 'x', true)", &[]).set_names.is_empty());
+    assert!(classify("SELECT set_config($1, 'x', false)", &[]).pin.is_some());
     let d = classify("DISCARD ALL", &[]);
     assert!(d.reset_all && d.dealloc_all && d.may_release);
     assert!(classify("DEALLOCATE ALL", &[]).dealloc_all);
@@ -277,81 +241,38 @@ fn pins_and_releases() {
     ] {
         assert!(classify(sql, &[]).pin.is_some(), "{sql} should pin");
     }
-    for sql in [
-        "SELECT pg_advisory_xact_lock(1)",
-        "CREATE TABLE x (a int)",
-        "DECLARE c CURSOR FOR SELECT 1",
-        "SELECT 'LISTEN x'",
-    ] {
+    for sql in ["SELECT pg_advisory_xact_lock(1)", "CREATE TABLE x (a int)", "DECLARE c CURSOR FOR SELECT 1", "SELECT 'LISTEN x'"] {
         assert!(classify(sql, &[]).pin.is_none(), "{sql} should not pin");
     }
-    for sql in [
-        "UNLISTEN *",
-        "SELECT pg_advisory_unlock(42)",
-        "SELECT pg_advisory_unlock_all()",
-        "DROP TABLE x",
-        "CLOSE c",
-        "DEALLOCATE p",
-        "DISCARD TEMP",
-    ] {
+    for sql in ["UNLISTEN *", "SELECT pg_advisory_unlock(42)", "SELECT pg_advisory_unlock_all()", "DROP TABLE x", "CLOSE c", "DEALLOCATE p", "DISCARD TEMP"] {
         assert!(classify(sql, &[]).may_release, "{sql} may release");
     }
 }
 
 #[test]
 fn transactions_and_hints() {
-    assert_eq!(
-        classify("BEGIN READ ONLY", &[]).tx,
-        TxControl::Begin { read_only: true }
-    );
-    assert_eq!(
-        classify("START TRANSACTION READ ONLY", &[]).tx,
-        TxControl::Begin { read_only: true }
-    );
-    assert_eq!(
-        classify("BEGIN ISOLATION LEVEL SERIALIZABLE", &[]).tx,
-        TxControl::Begin { read_only: false }
-    );
+    assert_eq!(classify("BEGIN READ ONLY", &[]).tx, TxControl::Begin { read_only: true });
+    assert_eq!(classify("START TRANSACTION READ ONLY", &[]).tx, TxControl::Begin { read_only: true });
+    assert_eq!(classify("BEGIN ISOLATION LEVEL SERIALIZABLE", &[]).tx, TxControl::Begin { read_only: false });
     assert_eq!(classify("COMMIT", &[]).tx, TxControl::End);
-    let a = classify(
-        "/* pgfleet: route=primary workload=analytics */ SELECT 1",
-        &[],
-    );
+    let a = classify("/* pgfleet: route=primary workload=analytics */ SELECT 1", &[]);
     assert_eq!(a.route_hint, Some(RouteHint::Primary));
     assert_eq!(a.workload_hint.as_deref(), Some("analytics"));
-    assert_eq!(
-        classify("SELECT 1 /* pgfleet: route=replica */", &[]).route_hint,
-        Some(RouteHint::Replica)
-    );
-    assert_eq!(
-        classify("SELECT '/* pgfleet: route=replica */'", &[]).route_hint,
-        None
-    );
+    assert_eq!(classify("SELECT 1 /* pgfleet: route=replica */", &[]).route_hint, Some(RouteHint::Replica));
+    assert_eq!(classify("SELECT '/* pgfleet: route=replica */'", &[]).route_hint, None);
     let s = classify("SET pgfleet.workload = 'chat'", &[]);
     assert_eq!(s.proxy_set, Some(("workload".into(), Some("chat".into()))));
     assert!(s.set_names.is_empty());
-    assert_eq!(
-        classify("SET pgfleet.route TO primary", &[]).proxy_set,
-        Some(("route".into(), Some("primary".into())))
-    );
-    assert_eq!(
-        classify("RESET pgfleet.workload", &[]).proxy_set,
-        Some(("workload".into(), None))
-    );
-    assert_eq!(
-        classify("SHOW pgfleet.workload", &[]).proxy_show.as_deref(),
-        Some("workload")
-    );
+    assert_eq!(classify("SET pgfleet.route TO primary", &[]).proxy_set, Some(("route".into(), Some("primary".into()))));
+    assert_eq!(classify("RESET pgfleet.workload", &[]).proxy_set, Some(("workload".into(), None)));
+    assert_eq!(classify("SHOW pgfleet.workload", &[]).proxy_show.as_deref(), Some("workload"));
 }
 
 /// Found by `cargo fuzz run classify`: a multi-byte character right where a
 /// function-name prefix check sliced the name.
 #[test]
 fn non_ascii_function_names_do_not_panic() {
-    assert_eq!(
-        classify("EXPLAIN ANALYZE INSERT fO\u{df}t(3)", &[]).class,
-        W
-    );
+    assert_eq!(classify("EXPLAIN ANALYZE INSERT fO\u{df}t(3)", &[]).class, W);
     assert_eq!(classify("SELECT l\u{e9}(1), pg\u{e9}_x(2)", &[]).class, R);
     // An E'' string ending in a backslash at the very end of the input.
     let _ = classify("SELECT $$ ; /*OP $$COPY tBEGIN RDAD ONLval(, E'\\", &[]);

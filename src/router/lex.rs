@@ -29,12 +29,7 @@ pub struct Lexer<'a> {
 
 impl<'a> Lexer<'a> {
     pub fn new(src: &'a str) -> Lexer<'a> {
-        Lexer {
-            src,
-            b: src.as_bytes(),
-            pos: 0,
-            hints: Vec::new(),
-        }
+        Lexer { src, b: src.as_bytes(), pos: 0, hints: Vec::new() }
     }
 
     fn skip_space_and_comments(&mut self) {
@@ -100,9 +95,7 @@ impl<'a> Lexer<'a> {
     /// `$tag$ ... $tag$` starting at `self.pos`, if it is one.
     fn dollar_quoted(&mut self) -> Option<&'a str> {
         let rest = &self.b[self.pos + 1..];
-        let tag_len = rest
-            .iter()
-            .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_' || *c >= 0x80))?;
+        let tag_len = rest.iter().position(|c| !(c.is_ascii_alphanumeric() || *c == b'_' || *c >= 0x80))?;
         if rest.get(tag_len) != Some(&b'$') || rest.first().is_some_and(|c| c.is_ascii_digit()) {
             return None;
         }
@@ -154,9 +147,7 @@ static CLASS: [u8; 256] = {
 
 /// Length of the leading run of bytes of class `k`.
 fn run(b: &[u8], k: u8) -> usize {
-    b.iter()
-        .position(|&c| CLASS[c as usize] & k == 0)
-        .unwrap_or(b.len())
+    b.iter().position(|&c| CLASS[c as usize] & k == 0).unwrap_or(b.len())
 }
 
 fn is_ident_start(c: u8) -> bool {
@@ -177,10 +168,7 @@ impl<'a> Iterator for Lexer<'a> {
                 self.pos += 1;
                 Tok::Str(self.quoted(b'\'', true))
             }
-            b'u' | b'U'
-                if next == Some(b'&')
-                    && matches!(self.b.get(self.pos + 2), Some(b'\'') | Some(b'"')) =>
-            {
+            b'u' | b'U' if next == Some(b'&') && matches!(self.b.get(self.pos + 2), Some(b'\'') | Some(b'"')) => {
                 self.pos += 2;
                 let q = self.b[self.pos];
                 if q == b'\'' {

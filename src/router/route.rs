@@ -171,11 +171,7 @@ fn replica(
             .collect();
         if !usable.is_empty() {
             let fresh: Vec<usize> = match s.floor {
-                Some(f) => usable
-                    .iter()
-                    .copied()
-                    .filter(|&r| snap.replicas[r].replay_lsn >= f)
-                    .collect(),
+                Some(f) => usable.iter().copied().filter(|&r| snap.replicas[r].replay_lsn >= f).collect(),
                 None => usable,
             };
             if fresh.is_empty() {
@@ -183,42 +179,23 @@ fn replica(
                 return Ok((Target::Primary, Reason::ReadYourWrites));
             }
             let chosen = pick(&fresh);
-            let r = if current == group {
-                reason
-            } else {
-                Reason::Fallback
-            };
+            let r = if current == group { reason } else { Reason::Fallback };
             return Ok((Target::Replica(chosen), r));
         }
         for &m in &s.groups[current].members {
             if let Some(st) = snap.replicas.get(m) {
-                why.push(format!(
-                    "{}: {}",
-                    st.name,
-                    st.excluded_because.as_deref().unwrap_or("unusable")
-                ));
+                why.push(format!("{}: {}", st.name, st.excluded_because.as_deref().unwrap_or("unusable")));
             }
         }
         // Next step of the original group's fallback chain.
         let chain = &s.groups[group].fallback;
-        let next = if chain.is_empty() && step == 0 {
-            Some(&Fallback::Primary)
-        } else {
-            chain.get(step)
-        };
+        let next = if chain.is_empty() && step == 0 { Some(&Fallback::Primary) } else { chain.get(step) };
         step += 1;
         match next {
             None | Some(Fallback::Primary) => return Ok((Target::Primary, Reason::Fallback)),
             Some(Fallback::Error) => {
-                let why = if why.is_empty() {
-                    "the group has no members".to_string()
-                } else {
-                    why.join("; ")
-                };
-                return Err(NoReplica {
-                    group: s.groups[group].name.clone(),
-                    why,
-                });
+                let why = if why.is_empty() { "the group has no members".to_string() } else { why.join("; ") };
+                return Err(NoReplica { group: s.groups[group].name.clone(), why });
             }
             Some(Fallback::Group(g)) => {
                 if tried.contains(g) {

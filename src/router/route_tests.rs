@@ -4,27 +4,9 @@ use crate::router::classify;
 fn groups() -> Vec<GroupInfo> {
     // 0 default {r0} -> primary; 1 chat {r0} -> default, primary; 2 analytics {r1} -> error
     vec![
-        GroupInfo {
-            name: "default".into(),
-            max_lag: None,
-            max_lag_bytes: None,
-            fallback: vec![Fallback::Primary],
-            members: vec![0],
-        },
-        GroupInfo {
-            name: "chat".into(),
-            max_lag: None,
-            max_lag_bytes: None,
-            fallback: vec![Fallback::Group(0), Fallback::Primary],
-            members: vec![0],
-        },
-        GroupInfo {
-            name: "analytics".into(),
-            max_lag: None,
-            max_lag_bytes: None,
-            fallback: vec![Fallback::Error],
-            members: vec![1],
-        },
+        GroupInfo { name: "default".into(), max_lag: None, max_lag_bytes: None, fallback: vec![Fallback::Primary], members: vec![0] },
+        GroupInfo { name: "chat".into(), max_lag: None, max_lag_bytes: None, fallback: vec![Fallback::Group(0), Fallback::Primary], members: vec![0] },
+        GroupInfo { name: "analytics".into(), max_lag: None, max_lag_bytes: None, fallback: vec![Fallback::Error], members: vec![1] },
     ]
 }
 
@@ -41,29 +23,13 @@ fn snap(r0: bool, r1: bool) -> Snapshot {
         checked_at_us: 1,
         primary_lsn: 100,
         primary_reachable: true,
-        replicas: vec![
-            st("r0", vec![(0, r0), (1, r0)], 90),
-            st("r1", vec![(2, r1)], 100),
-        ],
+        replicas: vec![st("r0", vec![(0, r0), (1, r0)], 90), st("r1", vec![(2, r1)], 100)],
     }
 }
 
-fn decide(
-    sql: &str,
-    group: usize,
-    snapshot: &Snapshot,
-    floor: Option<u64>,
-    route_: Option<RouteHint>,
-) -> Result<(Target, Reason), NoReplica> {
+fn decide(sql: &str, group: usize, snapshot: &Snapshot, floor: Option<u64>, route_: Option<RouteHint>) -> Result<(Target, Reason), NoReplica> {
     let g = groups();
-    let s = SessionRoute {
-        split: true,
-        route: route_,
-        group,
-        groups: &g,
-        floor,
-        default_read_only: false,
-    };
+    let s = SessionRoute { split: true, route: route_, group, groups: &g, floor, default_read_only: false };
     let a = classify(sql, &[]);
     route(&a, &s, snapshot, &mut |c| c[0])
 }
@@ -72,152 +38,49 @@ fn decide(
 fn decisions() {
     let up = snap(true, true);
     // (sql, replica group, client LSN floor, hint, expected target, reason)
-    type Case<'a> = (
-        &'a str,
-        usize,
-        Option<u64>,
-        Option<RouteHint>,
-        Target,
-        Reason,
-    );
+    type Case<'a> = (&'a str, usize, Option<u64>, Option<RouteHint>, Target, Reason);
     let cases: Vec<Case> = vec![
         ("SELECT 1", 0, None, None, Target::Replica(0), Reason::Read),
         ("SELECT 1", 2, None, None, Target::Replica(1), Reason::Read),
-        (
-            "INSERT INTO t VALUES (1)",
-            0,
-            None,
-            None,
-            Target::Primary,
-            Reason::Write,
-        ),
-        (
-            "SELECT * FROM t FOR UPDATE",
-            2,
-            None,
-            None,
-            Target::Primary,
-            Reason::Write,
-        ),
+        ("INSERT INTO t VALUES (1)", 0, None, None, Target::Primary, Reason::Write),
+        ("SELECT * FROM t FOR UPDATE", 2, None, None, Target::Primary, Reason::Write),
         ("BEGIN", 0, None, None, Target::Primary, Reason::Transaction),
-        (
-            "BEGIN READ ONLY",
-            0,
-            None,
-            None,
-            Target::Replica(0),
-            Reason::ReadOnlyTransaction,
-        ),
-        (
-            "/* pgfleet: route=primary */ SELECT 1",
-            0,
-            None,
-            None,
-            Target::Primary,
-            Reason::HintPrimary,
-        ),
-        (
-            "SELECT 1",
-            0,
-            None,
-            Some(RouteHint::Primary),
-            Target::Primary,
-            Reason::HintPrimary,
-        ),
-        (
-            "/* pgfleet: route=auto */ SELECT 1",
-            0,
-            None,
-            Some(RouteHint::Primary),
-            Target::Replica(0),
-            Reason::Read,
-        ),
-        (
-            "/* pgfleet: route=replica */ SELECT nextval('s')",
-            0,
-            None,
-            None,
-            Target::Replica(0),
-            Reason::HintReplica,
-        ),
+        ("BEGIN READ ONLY", 0, None, None, Target::Replica(0), Reason::ReadOnlyTransaction),
+        ("/* pgfleet: route=primary */ SELECT 1", 0, None, None, Target::Primary, Reason::HintPrimary),
+        ("SELECT 1", 0, None, Some(RouteHint::Primary), Target::Primary, Reason::HintPrimary),
+        ("/* pgfleet: route=auto */ SELECT 1", 0, None, Some(RouteHint::Primary), Target::Replica(0), Reason::Read),
+        ("/* pgfleet: route=replica */ SELECT nextval('s')", 0, None, None, Target::Replica(0), Reason::HintReplica),
         // read your writes: r0 replayed 90, r1 100
-        (
-            "SELECT 1",
-            0,
-            Some(95),
-            None,
-            Target::Primary,
-            Reason::ReadYourWrites,
-        ),
-        (
-            "SELECT 1",
-            0,
-            Some(90),
-            None,
-            Target::Replica(0),
-            Reason::Read,
-        ),
-        (
-            "SELECT 1",
-            2,
-            Some(95),
-            None,
-            Target::Replica(1),
-            Reason::Read,
-        ),
+        ("SELECT 1", 0, Some(95), None, Target::Primary, Reason::ReadYourWrites),
+        ("SELECT 1", 0, Some(90), None, Target::Replica(0), Reason::Read),
+        ("SELECT 1", 2, Some(95), None, Target::Replica(1), Reason::Read),
     ];
     for (sql, group, floor, hint, target, reason) in cases {
-        assert_eq!(
-            decide(sql, group, &up, floor, hint),
-            Ok((target, reason)),
-            "{sql} group {group}"
-        );
+        assert_eq!(decide(sql, group, &up, floor, hint), Ok((target, reason)), "{sql} group {group}");
     }
 }
 
 #[test]
 fn fallbacks() {
     let r0_down = snap(false, true);
-    assert_eq!(
-        decide("SELECT 1", 0, &r0_down, None, None),
-        Ok((Target::Primary, Reason::Fallback))
-    );
-    assert_eq!(
-        decide("SELECT 1", 1, &r0_down, None, None),
-        Ok((Target::Primary, Reason::Fallback))
-    );
+    assert_eq!(decide("SELECT 1", 0, &r0_down, None, None), Ok((Target::Primary, Reason::Fallback)));
+    assert_eq!(decide("SELECT 1", 1, &r0_down, None, None), Ok((Target::Primary, Reason::Fallback)));
     let r1_down = snap(true, false);
     let e = decide("SELECT 1", 2, &r1_down, None, None).unwrap_err();
     assert_eq!(e.group, "analytics");
     assert!(e.why.contains("r1"), "{}", e.why);
     // Writes never need a replica.
-    assert_eq!(
-        decide("UPDATE t SET a = 1", 2, &r1_down, None, None),
-        Ok((Target::Primary, Reason::Write))
-    );
+    assert_eq!(decide("UPDATE t SET a = 1", 2, &r1_down, None, None), Ok((Target::Primary, Reason::Write)));
     // chat falls back to default's members when its own are unusable for chat only.
     let mut partial = snap(true, true);
     partial.replicas[0].groups = vec![(0, true), (1, false)];
-    assert_eq!(
-        decide("SELECT 1", 1, &partial, None, None),
-        Ok((Target::Replica(0), Reason::Fallback))
-    );
+    assert_eq!(decide("SELECT 1", 1, &partial, None, None), Ok((Target::Replica(0), Reason::Fallback)));
 }
 
 #[test]
 fn split_disabled_sends_everything_to_primary() {
     let g = groups();
-    let s = SessionRoute {
-        split: false,
-        route: None,
-        group: 0,
-        groups: &g,
-        floor: None,
-        default_read_only: false,
-    };
+    let s = SessionRoute { split: false, route: None, group: 0, groups: &g, floor: None, default_read_only: false };
     let a = classify("SELECT 1", &[]);
-    assert_eq!(
-        route(&a, &s, &snap(true, true), &mut |c| c[0]),
-        Ok((Target::Primary, Reason::SplitDisabled))
-    );
+    assert_eq!(route(&a, &s, &snap(true, true), &mut |c| c[0]), Ok((Target::Primary, Reason::SplitDisabled)));
 }

@@ -42,6 +42,15 @@ pub struct Topology {
 
 const NO_WRITER: usize = usize::MAX;
 
+/// How `Topology::writer` stores a `Writer`.
+fn writer_code(w: Writer) -> usize {
+    match w {
+        Writer::Configured => 0,
+        Writer::Replica(i) => i + 1,
+        Writer::None => NO_WRITER,
+    }
+}
+
 /// The server that takes writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Writer {
@@ -120,23 +129,19 @@ impl Topology {
         let writer = previous
             .filter(|p| p.primary == cfg.cluster.primary)
             .and_then(|p| match p.writer() {
-                Writer::Configured => None,
-                Writer::None => Some(NO_WRITER),
                 Writer::Replica(i) => {
                     let old = &p.replicas[i];
-                    replicas
-                        .iter()
-                        .position(|r| r.name == old.name && r.addr == old.addr)
-                        .map(|j| j + 1)
+                    replicas.iter().position(|r| r.name == old.name && r.addr == old.addr).map(Writer::Replica)
                 }
+                w => Some(w),
             })
-            .unwrap_or(0);
+            .unwrap_or(Writer::Configured);
         Topology {
             primary: cfg.cluster.primary.clone(),
             replicas,
             groups,
             snapshot: RwLock::new(Arc::new(initial)),
-            writer: AtomicUsize::new(writer),
+            writer: AtomicUsize::new(writer_code(writer)),
             writer_changed: tokio::sync::Notify::new(),
         }
     }
@@ -167,18 +172,10 @@ impl Topology {
     }
 
     fn set_writer(&self, w: Writer) {
-        let code = match w {
-            Writer::Configured => 0,
-            Writer::Replica(i) => i + 1,
-            Writer::None => NO_WRITER,
-        };
+        let code = writer_code(w);
         let old = self.writer.swap(code, Ordering::AcqRel);
         if old != code {
-            tracing::warn!(
-                writer = self.writer_name(),
-                addr = self.writer_addr().unwrap_or("-"),
-                "primary changed"
-            );
+            tracing::warn!(writer = self.writer_name(), addr = self.writer_addr().unwrap_or("-"), "primary changed");
             self.writer_changed.notify_waiters();
         }
     }
@@ -215,8 +212,7 @@ impl Topology {
         let a = candidates[rand::random::<usize>() % candidates.len()];
         let mut b = candidates[rand::random::<usize>() % candidates.len()];
         if a == b {
-            b = candidates
-                [(candidates.iter().position(|c| *c == a).unwrap() + 1) % candidates.len()];
+            b = candidates[(candidates.iter().position(|c| *c == a).unwrap() + 1) % candidates.len()];
         }
         let load = |i: usize| {
             let r = &self.replicas[i];
@@ -275,11 +271,7 @@ impl LagState {
 
     /// How long ago the primary first had WAL past `replay`.
     fn lag_time(&self, replay: u64, now: Instant) -> Duration {
-        self.history
-            .iter()
-            .find(|(l, _)| *l > replay)
-            .map(|(_, t)| now.duration_since(*t))
-            .unwrap_or_default()
+        self.history.iter().find(|(l, _)| *l > replay).map(|(_, t)| now.duration_since(*t)).unwrap_or_default()
     }
 
     fn forget_before(&mut self, min_replay: u64) {
@@ -293,12 +285,8 @@ impl LagState {
 /// Within budget, with hysteresis: leaving at the budget, returning under 3/4.
 fn within_budget(g: &GroupInfo, lag: Duration, bytes: u64, was_excluded: bool) -> bool {
     let (num, den) = if was_excluded { (3, 4) } else { (1, 1) };
-    let time_ok = g
-        .max_lag
-        .is_none_or(|m| lag.as_nanos() * den <= m.as_nanos() * num);
-    let bytes_ok = g
-        .max_lag_bytes
-        .is_none_or(|m| bytes as u128 * den <= m as u128 * num);
+    let time_ok = g.max_lag.is_none_or(|m| lag.as_nanos() * den <= m.as_nanos() * num);
+    let bytes_ok = g.max_lag_bytes.is_none_or(|m| bytes as u128 * den <= m as u128 * num);
     time_ok && bytes_ok
 }
 
@@ -319,30 +307,15 @@ mod tests {
         let t0 = Instant::now();
         s.record_primary(100, t0);
         s.record_primary(100, t0 + Duration::from_secs(10));
-        assert_eq!(
-            s.lag_time(100, t0 + Duration::from_secs(10)),
-            Duration::ZERO
-        );
+        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(10)), Duration::ZERO);
         s.record_primary(200, t0 + Duration::from_secs(11));
-        assert_eq!(
-            s.lag_time(100, t0 + Duration::from_secs(13)),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            s.lag_time(200, t0 + Duration::from_secs(13)),
-            Duration::ZERO
-        );
+        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(13)), Duration::from_secs(2));
+        assert_eq!(s.lag_time(200, t0 + Duration::from_secs(13)), Duration::ZERO);
     }
 
     #[test]
     fn hysteresis() {
-        let g = GroupInfo {
-            name: "g".into(),
-            max_lag: Some(Duration::from_millis(400)),
-            max_lag_bytes: None,
-            fallback: vec![],
-            members: vec![],
-        };
+        let g = GroupInfo { name: "g".into(), max_lag: Some(Duration::from_millis(400)), max_lag_bytes: None, fallback: vec![], members: vec![] };
         assert!(within_budget(&g, Duration::from_millis(350), 0, false));
         assert!(!within_budget(&g, Duration::from_millis(350), 0, true));
         assert!(within_budget(&g, Duration::from_millis(300), 0, true));

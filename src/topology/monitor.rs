@@ -24,21 +24,14 @@ impl Probe {
     async fn check(&mut self, spec: &MonitorSpec, sql: &str) -> Result<Check, String> {
         let limit = (spec.interval * 5).clamp(Duration::from_millis(500), Duration::from_secs(5));
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(
-                tokio::time::timeout(limit, self.connect(spec))
-                    .await
-                    .map_err(|_| "connect timeout".to_string())??,
-            );
+            self.client = Some(tokio::time::timeout(limit, self.connect(spec)).await.map_err(|_| "connect timeout".to_string())??);
         }
         let client = self.client.as_ref().expect("connected above");
         let result = tokio::time::timeout(limit, client.query_one(sql, &[])).await;
         match result {
             Ok(Ok(row)) => {
                 let lsn: Option<String> = row.get(1);
-                Ok(Check {
-                    in_recovery: row.get(0),
-                    lsn: lsn.as_deref().and_then(parse_lsn),
-                })
+                Ok(Check { in_recovery: row.get(0), lsn: lsn.as_deref().and_then(parse_lsn) })
             }
             Ok(Err(e)) => {
                 self.client = None;
@@ -69,25 +62,12 @@ impl Probe {
 
 /// Role and position of any server: replay position on a standby, write
 /// position on a primary (so a promoted replica reports like a primary).
-const CHECK_SQL: &str =
-    "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_catalog.pg_is_in_recovery() \
+const CHECK_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_catalog.pg_is_in_recovery() \
      THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END)::text";
 
 /// Which server takes writes after this round of checks.
-fn choose_writer(
-    current: Writer,
-    primary: &Result<Check, String>,
-    replicas: &[Result<Check, String>],
-) -> Writer {
-    let is_primary = |r: &Result<Check, String>| {
-        matches!(
-            r,
-            Ok(Check {
-                in_recovery: false,
-                ..
-            })
-        )
-    };
+fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[Result<Check, String>]) -> Writer {
+    let is_primary = |r: &Result<Check, String>| matches!(r, Ok(Check { in_recovery: false, .. }));
     if let Writer::Replica(i) = current {
         if replicas.get(i).is_some_and(is_primary) {
             return current;
@@ -110,31 +90,10 @@ fn choose_writer(
 }
 
 /// Polls the cluster until shutdown, publishing a snapshot after each round.
-pub async fn run_monitor(
-    topo: Arc<Topology>,
-    spec: MonitorSpec,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut primary = Probe {
-        addr: topo.primary.clone(),
-        client: None,
-    };
-    let mut replicas: Vec<Probe> = topo
-        .replicas
-        .iter()
-        .map(|r| Probe {
-            addr: r.addr.clone(),
-            client: None,
-        })
-        .collect();
-    let mut lag = LagState {
-        excluded: topo
-            .replicas
-            .iter()
-            .map(|r| vec![false; r.groups.len()])
-            .collect(),
-        ..Default::default()
-    };
+pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: watch::Receiver<bool>) {
+    let mut primary = Probe { addr: topo.primary.clone(), client: None };
+    let mut replicas: Vec<Probe> = topo.replicas.iter().map(|r| Probe { addr: r.addr.clone(), client: None }).collect();
+    let mut lag = LagState { excluded: topo.replicas.iter().map(|r| vec![false; r.groups.len()]).collect(), ..Default::default() };
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -172,10 +131,7 @@ fn build_snapshot(
     now: Instant,
 ) -> Snapshot {
     let (primary_reachable, primary_lsn) = match &primary {
-        Ok(Check {
-            in_recovery: false,
-            lsn: Some(l),
-        }) => (true, *l),
+        Ok(Check { in_recovery: false, lsn: Some(l) }) => (true, *l),
         _ => (false, lag.history.back().map(|(l, _)| *l).unwrap_or(0)),
     };
     if primary_reachable {
@@ -184,18 +140,13 @@ fn build_snapshot(
     let mut states = Vec::with_capacity(replicas.len());
     for (i, result) in replicas.into_iter().enumerate() {
         let info = &topo.replicas[i];
-        let mut st = ReplicaState {
-            name: info.name.clone(),
-            ..Default::default()
-        };
+        let mut st = ReplicaState { name: info.name.clone(), ..Default::default() };
         match result {
             Err(e) => {
                 st.excluded_because = Some(format!("unreachable: {e}"));
                 st.groups = info.groups.iter().map(|g| (*g, false)).collect();
             }
-            Ok(Check {
-                in_recovery: false, ..
-            }) => {
+            Ok(Check { in_recovery: false, .. }) => {
                 st.reachable = true;
                 st.excluded_because = Some(if topo.writer() == Writer::Replica(i) {
                     "promoted: now the primary (takes writes, and reads that fall back to the primary)".into()
@@ -234,20 +185,10 @@ fn build_snapshot(
         }
         states.push(st);
     }
-    if let Some(min) = states
-        .iter()
-        .filter(|s| s.reachable)
-        .map(|s| s.replay_lsn)
-        .min()
-    {
+    if let Some(min) = states.iter().filter(|s| s.reachable).map(|s| s.replay_lsn).min() {
         lag.forget_before(min);
     }
-    Snapshot {
-        checked_at_us: crate::stats::now_us(),
-        primary_lsn,
-        primary_reachable,
-        replicas: states,
-    }
+    Snapshot { checked_at_us: crate::stats::now_us(), primary_lsn, primary_reachable, replicas: states }
 }
 
 #[cfg(test)]
@@ -255,16 +196,10 @@ mod tests {
     use super::*;
 
     fn primary() -> Result<Check, String> {
-        Ok(Check {
-            in_recovery: false,
-            lsn: Some(1),
-        })
+        Ok(Check { in_recovery: false, lsn: Some(1) })
     }
     fn standby() -> Result<Check, String> {
-        Ok(Check {
-            in_recovery: true,
-            lsn: Some(1),
-        })
+        Ok(Check { in_recovery: true, lsn: Some(1) })
     }
     fn down() -> Result<Check, String> {
         Err("connection refused".into())
@@ -273,39 +208,18 @@ mod tests {
     #[test]
     fn writer_follows_promotion_and_sticks() {
         use Writer::*;
-        assert_eq!(
-            choose_writer(Configured, &primary(), &[standby(), standby()]),
-            Configured
-        );
+        assert_eq!(choose_writer(Configured, &primary(), &[standby(), standby()]), Configured);
         // Primary down, nobody promoted yet: keep trying the primary.
-        assert_eq!(
-            choose_writer(Configured, &down(), &[standby(), standby()]),
-            Configured
-        );
+        assert_eq!(choose_writer(Configured, &down(), &[standby(), standby()]), Configured);
         // r2 promoted.
-        assert_eq!(
-            choose_writer(Configured, &down(), &[standby(), primary()]),
-            Replica(1)
-        );
+        assert_eq!(choose_writer(Configured, &down(), &[standby(), primary()]), Replica(1));
         // The old primary comes back as a primary: stay on r2 (no split brain).
-        assert_eq!(
-            choose_writer(Replica(1), &primary(), &[standby(), primary()]),
-            Replica(1)
-        );
+        assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), primary()]), Replica(1));
         // The configured primary demoted and nobody promoted: no writer.
-        assert_eq!(
-            choose_writer(Configured, &standby(), &[standby(), standby()]),
-            None
-        );
+        assert_eq!(choose_writer(Configured, &standby(), &[standby(), standby()]), None);
         // The promoted replica died and the old primary is down too.
-        assert_eq!(
-            choose_writer(Replica(1), &down(), &[standby(), down()]),
-            None
-        );
+        assert_eq!(choose_writer(Replica(1), &down(), &[standby(), down()]), None);
         // ...and the old primary returned as primary.
-        assert_eq!(
-            choose_writer(None, &primary(), &[standby(), down()]),
-            Configured
-        );
+        assert_eq!(choose_writer(None, &primary(), &[standby(), down()]), Configured);
     }
 }

@@ -13,10 +13,7 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone, PartialEq, Eq)]
 pub enum Secret {
     /// Plaintext password; a SCRAM verifier is derived from it once at load.
-    Plain {
-        password: String,
-        scram: ScramVerifier,
-    },
+    Plain { password: String, scram: ScramVerifier },
     Scram(ScramVerifier),
     /// "md5" + hex(md5(password || username)).
     Md5(String),
@@ -49,10 +46,7 @@ impl Secret {
         }
         let verifier = postgres_protocol::password::scram_sha_256(value.as_bytes());
         let scram = ScramVerifier::parse(&verifier).ok_or("could not derive a SCRAM verifier")?;
-        Ok(Secret::Plain {
-            password: value.to_string(),
-            scram,
-        })
+        Ok(Secret::Plain { password: value.to_string(), scram })
     }
 
     pub fn plaintext(&self) -> Option<&str> {
@@ -82,12 +76,7 @@ impl ScramVerifier {
         let salt = B64.decode(salt).ok()?;
         let stored_key: [u8; 32] = B64.decode(stored).ok()?.try_into().ok()?;
         let server_key: [u8; 32] = B64.decode(server).ok()?.try_into().ok()?;
-        Some(ScramVerifier {
-            iterations,
-            salt,
-            stored_key,
-            server_key,
-        })
+        Some(ScramVerifier { iterations, salt, stored_key, server_key })
     }
 }
 
@@ -139,50 +128,25 @@ pub struct ScramServer {
 impl ScramServer {
     /// Consumes the client-first message; returns the state and the
     /// server-first message to send in AuthenticationSASLContinue.
-    pub fn start(
-        verifier: &ScramVerifier,
-        client_first: &[u8],
-        cb: Binding,
-    ) -> Result<(ScramServer, String), AuthFailure> {
-        let msg =
-            std::str::from_utf8(client_first).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
+    pub fn start(verifier: &ScramVerifier, client_first: &[u8], cb: Binding) -> Result<(ScramServer, String), AuthFailure> {
+        let msg = std::str::from_utf8(client_first).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
-        let (flag, rest) = msg
-            .split_once(',')
-            .ok_or(AuthFailure::Protocol("missing gs2 header"))?;
+        let (flag, rest) = msg.split_once(',').ok_or(AuthFailure::Protocol("missing gs2 header"))?;
         match (flag, cb.plus) {
             ("p=tls-server-end-point", true) => {}
-            (f, true) if f.starts_with("p=") => {
-                return Err(AuthFailure::Protocol("unsupported channel binding type"))
-            }
-            (_, true) => {
-                return Err(AuthFailure::Protocol(
-                    "SCRAM-SHA-256-PLUS needs channel binding",
-                ))
-            }
+            (f, true) if f.starts_with("p=") => return Err(AuthFailure::Protocol("unsupported channel binding type")),
+            (_, true) => return Err(AuthFailure::Protocol("SCRAM-SHA-256-PLUS needs channel binding")),
             ("n", false) => {}
             // "y": the client could bind but thinks we cannot; if we offered
             // PLUS, someone removed it on the way (RFC 5802 downgrade check).
             ("y", false) if !cb.offered => {}
-            ("y", false) => {
-                return Err(AuthFailure::Protocol(
-                    "channel binding was offered but the client thinks it was not (downgrade?)",
-                ))
-            }
-            (f, false) if f.starts_with("p=") => {
-                return Err(AuthFailure::Protocol(
-                    "channel binding needs SCRAM-SHA-256-PLUS",
-                ))
-            }
+            ("y", false) => return Err(AuthFailure::Protocol("channel binding was offered but the client thinks it was not (downgrade?)")),
+            (f, false) if f.starts_with("p=") => return Err(AuthFailure::Protocol("channel binding needs SCRAM-SHA-256-PLUS")),
             _ => return Err(AuthFailure::Protocol("malformed gs2 header")),
         }
-        let (authzid, bare) = rest
-            .split_once(',')
-            .ok_or(AuthFailure::Protocol("missing gs2 header"))?;
+        let (authzid, bare) = rest.split_once(',').ok_or(AuthFailure::Protocol("missing gs2 header"))?;
         if !authzid.is_empty() {
-            return Err(AuthFailure::Protocol(
-                "authorization identities are not supported",
-            ));
+            return Err(AuthFailure::Protocol("authorization identities are not supported"));
         }
         let client_nonce = bare
             .split(',')
@@ -191,11 +155,8 @@ impl ScramServer {
             .ok_or(AuthFailure::Protocol("missing client nonce"))?;
         let server_nonce: [u8; 18] = rand::random();
         let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            B64.encode(&verifier.salt),
-            verifier.iterations
-        );
+        let server_first =
+            format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
         let state = ScramServer {
             verifier: verifier.clone(),
             client_first_bare: bare.to_string(),
@@ -220,11 +181,9 @@ impl ScramServer {
     /// `finish`, also returning the ClientKey the proof revealed (what lets
     /// pgfleet log in to PostgreSQL as this user without the password).
     pub fn finish_with_key(self, client_final: &[u8]) -> Result<(String, [u8; 32]), AuthFailure> {
-        let msg =
-            std::str::from_utf8(client_final).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
-        let (without_proof, proof) = msg
-            .rsplit_once(",p=")
-            .ok_or(AuthFailure::Protocol("missing proof"))?;
+        let msg = std::str::from_utf8(client_final).map_err(|_| AuthFailure::Protocol("not UTF-8"))?;
+        let (without_proof, proof) =
+            msg.rsplit_once(",p=").ok_or(AuthFailure::Protocol("missing proof"))?;
         let mut channel = None;
         let mut nonce = None;
         for attr in without_proof.split(',') {
@@ -235,25 +194,17 @@ impl ScramServer {
             }
         }
         let channel = channel.ok_or(AuthFailure::Protocol("missing channel binding attribute"))?;
-        if !B64
-            .decode(channel)
-            .is_ok_and(|c| ct_eq(&c, &self.expected_c))
-        {
+        if !B64.decode(channel).is_ok_and(|c| ct_eq(&c, &self.expected_c)) {
             return Err(AuthFailure::Protocol("channel binding data does not match"));
         }
         if nonce != Some(self.nonce.as_str()) {
             return Err(AuthFailure::Protocol("nonce mismatch"));
         }
-        let proof = B64
-            .decode(proof)
-            .map_err(|_| AuthFailure::Protocol("proof is not base64"))?;
+        let proof = B64.decode(proof).map_err(|_| AuthFailure::Protocol("proof is not base64"))?;
         if proof.len() != 32 {
             return Err(AuthFailure::WrongPassword);
         }
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, self.server_first, without_proof
-        );
+        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
@@ -283,13 +234,7 @@ pub struct ScramKeyClient {
 impl ScramKeyClient {
     pub fn new(client_key: [u8; 32], server_key: [u8; 32]) -> ScramKeyClient {
         let nonce = B64.encode(rand::random::<[u8; 18]>());
-        ScramKeyClient {
-            client_key,
-            server_key,
-            message: format!("n,,n=,r={nonce}"),
-            nonce,
-            expected: None,
-        }
+        ScramKeyClient { client_key, server_key, message: format!("n,,n=,r={nonce}"), nonce, expected: None }
     }
 
     /// The next message to send.
@@ -300,10 +245,7 @@ impl ScramKeyClient {
     /// Takes the server-first message and computes the client-final one.
     pub fn update(&mut self, server_first: &[u8]) -> Result<(), String> {
         let sf = std::str::from_utf8(server_first).map_err(|_| "server-first is not UTF-8")?;
-        let nonce = sf
-            .split(',')
-            .find_map(|a| a.strip_prefix("r="))
-            .ok_or("server-first without a nonce")?;
+        let nonce = sf.split(',').find_map(|a| a.strip_prefix("r=")).ok_or("server-first without a nonce")?;
         if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
             return Err("server nonce does not extend ours".into());
         }
@@ -311,12 +253,7 @@ impl ScramKeyClient {
         let auth_message = format!("n=,r={},{sf},{without_proof}", self.nonce);
         let stored: [u8; 32] = Sha256::digest(self.client_key).into();
         let signature = hmac(&stored, auth_message.as_bytes());
-        let proof: Vec<u8> = self
-            .client_key
-            .iter()
-            .zip(signature)
-            .map(|(k, s)| k ^ s)
-            .collect();
+        let proof: Vec<u8> = self.client_key.iter().zip(signature).map(|(k, s)| k ^ s).collect();
         self.expected = Some(hmac(&self.server_key, auth_message.as_bytes()));
         self.message = format!("{without_proof},p={}", B64.encode(proof));
         Ok(())
@@ -325,9 +262,7 @@ impl ScramKeyClient {
     /// Checks the server's signature (the server knows the verifier too).
     pub fn finish(&self, server_final: &[u8]) -> Result<(), String> {
         let sf = std::str::from_utf8(server_final).map_err(|_| "server-final is not UTF-8")?;
-        let v = sf
-            .strip_prefix("v=")
-            .ok_or("server-final without a signature")?;
+        let v = sf.strip_prefix("v=").ok_or("server-final without a signature")?;
         let sig = B64.decode(v).map_err(|_| "bad server signature")?;
         match &self.expected {
             Some(e) if ct_eq(e, &sig) => Ok(()),
@@ -355,8 +290,5 @@ pub fn md5_verifier(user: &str, password: &str) -> String {
 
 /// Checks a client's md5 PasswordMessage against a stored md5 verifier.
 pub fn md5_check(verifier: &str, salt: [u8; 4], response: &[u8]) -> bool {
-    ct_eq(
-        md5_response_from_verifier(verifier, salt).as_bytes(),
-        response,
-    )
+    ct_eq(md5_response_from_verifier(verifier, salt).as_bytes(), response)
 }

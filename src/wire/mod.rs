@@ -82,10 +82,7 @@ pub fn peek_header(buf: &[u8], max: usize) -> Result<Option<Header>, WireError> 
     if len > max {
         return Err(WireError::TooLarge { len, max });
     }
-    Ok(Some(Header {
-        tag: buf[0],
-        total: len + 1,
-    }))
+    Ok(Some(Header { tag: buf[0], total: len + 1 }))
 }
 
 /// Splits one complete typed message (tag + length + body) off the front of
@@ -174,9 +171,7 @@ impl<'a> Reader<'a> {
 /// Position of the first NUL: `CStr`'s search goes a word at a time (a
 /// byte loop was a visible share of every Parse).
 pub fn memchr0(buf: &[u8]) -> Option<usize> {
-    std::ffi::CStr::from_bytes_until_nul(buf)
-        .ok()
-        .map(|c| c.to_bytes().len())
+    std::ffi::CStr::from_bytes_until_nul(buf).ok().map(|c| c.to_bytes().len())
 }
 
 /// Parse ('P') without validating what follows the name: (name, rest).
@@ -217,9 +212,7 @@ pub fn parse_target(msg: &[u8]) -> Result<(u8, &[u8]), WireError> {
     let mut r = Reader::new(body(msg));
     let kind = r.u8()?;
     if kind != b'S' && kind != b'P' {
-        return Err(WireError::Malformed(
-            "Describe/Close target must be 'S' or 'P'",
-        ));
+        return Err(WireError::Malformed("Describe/Close target must be 'S' or 'P'"));
     }
     let name = r.cstr()?;
     Ok((kind, name))

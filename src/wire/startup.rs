@@ -34,10 +34,9 @@ pub enum StartupPacket {
 impl StartupPacket {
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            StartupPacket::Startup { params, .. } => params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str()),
+            StartupPacket::Startup { params, .. } => {
+                params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+            }
             _ => None,
         }
     }
@@ -54,10 +53,7 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, WireEr
     }
     let len = len as usize;
     if len > MAX_STARTUP_PACKET {
-        return Err(WireError::TooLarge {
-            len,
-            max: MAX_STARTUP_PACKET,
-        });
+        return Err(WireError::TooLarge { len, max: MAX_STARTUP_PACKET });
     }
     if buf.len() < len {
         return Ok(None);
@@ -74,18 +70,11 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, WireEr
             Ok(Some(StartupPacket::Cancel { pid, secret }))
         }
         _ if code >> 16 == 3 => {
-            let (params, protocol_options) = parse_params(&mut r)?
-                .into_iter()
-                .partition::<Vec<_>, _>(|(k, _)| !k.starts_with("_pq_."));
-            Ok(Some(StartupPacket::Startup {
-                params,
-                minor: (code & 0xffff) as u16,
-                protocol_options: protocol_options.into_iter().map(|(k, _)| k).collect(),
-            }))
+            let (params, options) = parse_params(&mut r)?.into_iter().partition::<Vec<_>, _>(|(k, _)| !k.starts_with("_pq_."));
+            let protocol_options = options.into_iter().map(|(k, _)| k).collect();
+            Ok(Some(StartupPacket::Startup { params, minor: (code & 0xffff) as u16, protocol_options }))
         }
-        _ => Err(WireError::Malformed(
-            "unsupported protocol version or request code",
-        )),
+        _ => Err(WireError::Malformed("unsupported protocol version or request code")),
     }
 }
 
@@ -103,9 +92,7 @@ fn parse_params(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, WireError> 
         params.push((name.to_string(), value.to_string()));
     }
     if r.remaining() != 0 {
-        return Err(WireError::Malformed(
-            "trailing bytes after startup parameters",
-        ));
+        return Err(WireError::Malformed("trailing bytes after startup parameters"));
     }
     Ok(params)
 }

@@ -19,10 +19,7 @@ fn rejects_bad_and_oversized_lengths() {
     let mut b = BytesMut::from(&b"Q\0\0\0\x02"[..]);
     assert_eq!(split_message(&mut b, 1024), Err(WireError::BadLength(2)));
     let mut b = BytesMut::from(&b"Q\0\x10\0\0"[..]);
-    assert!(matches!(
-        split_message(&mut b, 1024),
-        Err(WireError::TooLarge { .. })
-    ));
+    assert!(matches!(split_message(&mut b, 1024), Err(WireError::TooLarge { .. })));
 }
 
 #[test]
@@ -71,24 +68,16 @@ fn startup_packets() {
     assert_eq!(p.param("user"), Some("app"));
     assert_eq!(p.param("database"), Some("db"));
     let mut b = BytesMut::from(&startup::cancel_request(7, 9)[..]);
-    assert_eq!(
-        startup::parse_startup(&mut b).unwrap(),
-        Some(startup::StartupPacket::Cancel { pid: 7, secret: 9 })
-    );
+    assert_eq!(startup::parse_startup(&mut b).unwrap(), Some(startup::StartupPacket::Cancel { pid: 7, secret: 9 }));
     let mut b = BytesMut::from(&[0u8, 0, 0, 8, 4, 210, 22, 47][..]);
-    assert_eq!(
-        startup::parse_startup(&mut b).unwrap(),
-        Some(startup::StartupPacket::SslRequest)
-    );
+    assert_eq!(startup::parse_startup(&mut b).unwrap(), Some(startup::StartupPacket::SslRequest));
     let mut b = BytesMut::from(&[0u8, 0, 0x40, 0, 0, 3, 0, 0][..]);
     assert!(startup::parse_startup(&mut b).is_err());
 }
 
 #[test]
 fn options_parsing() {
-    let o = startup::parse_options(
-        "-c search_path=a,b --statement-timeout=5s -cwork_mem=4MB -c x=a\\ b",
-    );
+    let o = startup::parse_options("-c search_path=a,b --statement-timeout=5s -cwork_mem=4MB -c x=a\\ b");
     assert_eq!(
         o,
         vec![
@@ -103,15 +92,13 @@ fn options_parsing() {
 #[test]
 fn scram_exchange_verifies_password() {
     use auth::*;
-    let verifier =
-        ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"secret")).unwrap();
+    let verifier = ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"secret")).unwrap();
     for (pw, ok) in [(&b"secret"[..], true), (&b"wrong"[..], false)] {
         let mut client = postgres_protocol::authentication::sasl::ScramSha256::new(
             pw,
             postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
         );
-        let (server, first) =
-            ScramServer::start(&verifier, client.message(), Default::default()).unwrap();
+        let (server, first) = ScramServer::start(&verifier, client.message(), Default::default()).unwrap();
         client.update(first.as_bytes()).unwrap();
         let result = server.finish(client.message());
         assert_eq!(result.is_ok(), ok);
@@ -124,10 +111,7 @@ fn scram_exchange_verifies_password() {
 #[test]
 fn md5_verifier_check() {
     let v = auth::md5_verifier("app", "pw");
-    assert!(matches!(
-        auth::Secret::from_config(&v),
-        Ok(auth::Secret::Md5(_))
-    ));
+    assert!(matches!(auth::Secret::from_config(&v), Ok(auth::Secret::Md5(_))));
     let hash = postgres_protocol::authentication::md5_hash(b"app", b"pw", [1, 2, 3, 4]);
     assert!(auth::md5_check(&v, [1, 2, 3, 4], hash.as_bytes()));
     assert!(!auth::md5_check(&v, [1, 2, 3, 5], hash.as_bytes()));
@@ -155,38 +139,23 @@ proptest! {
 fn scram_channel_binding() {
     use crate::wire::auth::{Binding, ScramServer, ScramVerifier};
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-    let verifier =
-        ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"secret")).unwrap();
+    let verifier = ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"secret")).unwrap();
     let ours = [7u8; 32];
-    let plus = Binding {
-        plus: true,
-        offered: true,
-        data: &ours,
-    };
+    let plus = Binding { plus: true, offered: true, data: &ours };
     // Bound to the same end point: accepted.
-    let mut client = ScramSha256::new(
-        b"secret",
-        ChannelBinding::tls_server_end_point(ours.to_vec()),
-    );
+    let mut client = ScramSha256::new(b"secret", ChannelBinding::tls_server_end_point(ours.to_vec()));
     let (server, first) = ScramServer::start(&verifier, client.message(), plus).unwrap();
     client.update(first.as_bytes()).unwrap();
     let fin = server.finish(client.message()).unwrap();
     client.finish(fin.as_bytes()).unwrap();
     // Bound to another certificate (a man in the middle): refused.
-    let mut client = ScramSha256::new(
-        b"secret",
-        ChannelBinding::tls_server_end_point(vec![9u8; 32]),
-    );
+    let mut client = ScramSha256::new(b"secret", ChannelBinding::tls_server_end_point(vec![9u8; 32]));
     let (server, first) = ScramServer::start(&verifier, client.message(), plus).unwrap();
     client.update(first.as_bytes()).unwrap();
     assert!(server.finish(client.message()).is_err());
     // "y" (client could bind, thinks we cannot) while we offered PLUS: downgrade.
     let client = ScramSha256::new(b"secret", ChannelBinding::unrequested());
-    let offered = Binding {
-        plus: false,
-        offered: true,
-        data: &ours,
-    };
+    let offered = Binding { plus: false, offered: true, data: &ours };
     assert!(ScramServer::start(&verifier, client.message(), offered).is_err());
     // Plain SCRAM without binding still works on a TLS connection.
     let mut client = ScramSha256::new(b"secret", ChannelBinding::unsupported());
@@ -201,26 +170,20 @@ fn scram_pass_through_logs_in_with_the_client_key() {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     // A client proves the password to us; the key it reveals logs us in
     // to a "server" holding the same verifier.
-    let verifier =
-        ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"pw")).unwrap();
+    let verifier = ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"pw")).unwrap();
     let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
-    let (server, first) =
-        ScramServer::start(&verifier, client.message(), Default::default()).unwrap();
+    let (server, first) = ScramServer::start(&verifier, client.message(), Default::default()).unwrap();
     client.update(first.as_bytes()).unwrap();
     let (_, key) = server.finish_with_key(client.message()).unwrap();
     let mut ours = ScramKeyClient::new(key, verifier.server_key);
     let client_first = ours.message().to_vec();
-    let (upstream, first) =
-        ScramServer::start(&verifier, &client_first, Default::default()).unwrap();
+    let (upstream, first) = ScramServer::start(&verifier, &client_first, Default::default()).unwrap();
     ours.update(first.as_bytes()).unwrap();
-    let fin = upstream
-        .finish(ours.message())
-        .expect("the server accepts our proof");
+    let fin = upstream.finish(ours.message()).expect("the server accepts our proof");
     ours.finish(fin.as_bytes()).unwrap();
     // A wrong key is refused.
     let mut bad = ScramKeyClient::new([1; 32], verifier.server_key);
-    let (upstream, first) =
-        ScramServer::start(&verifier, bad.message(), Default::default()).unwrap();
+    let (upstream, first) = ScramServer::start(&verifier, bad.message(), Default::default()).unwrap();
     bad.update(first.as_bytes()).unwrap();
     assert!(upstream.finish(bad.message()).is_err());
 }

@@ -8,21 +8,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::SimpleQueryMessage;
 
 /// Rows of an admin SHOW as column-name -> value maps, plus the column order.
-async fn show(
-    admin: &tokio_postgres::Client,
-    what: &str,
-) -> (Vec<String>, Vec<HashMap<String, String>>) {
-    let msgs = admin
-        .simple_query(&format!("SHOW {what}"))
-        .await
-        .unwrap_or_else(|e| panic!("SHOW {what}: {e}"));
+async fn show(admin: &tokio_postgres::Client, what: &str) -> (Vec<String>, Vec<HashMap<String, String>>) {
+    let msgs = admin.simple_query(&format!("SHOW {what}")).await.unwrap_or_else(|e| panic!("SHOW {what}: {e}"));
     let mut cols = Vec::new();
     let mut rows = Vec::new();
     for m in msgs {
         match m {
-            SimpleQueryMessage::RowDescription(d) => {
-                cols = d.iter().map(|c| c.name().to_string()).collect()
-            }
+            SimpleQueryMessage::RowDescription(d) => cols = d.iter().map(|c| c.name().to_string()).collect(),
             SimpleQueryMessage::Row(r) => {
                 let mut map = HashMap::new();
                 for (i, c) in r.columns().iter().enumerate() {
@@ -41,41 +33,26 @@ fn cols(list: &str) -> Vec<String> {
 }
 
 async fn admin_client(p: &pgfleet::app::Running, db: &str) -> tokio_postgres::Client {
-    connect_with(&conn_str(p, "admin", "admin", db))
-        .await
-        .unwrap()
+    connect_with(&conn_str(p, "admin", "admin", db)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_console_reports_known_traffic() {
     let _shared = REPLICAS.read().await;
     let p = routing_proxy("size = 3", "10s", "off").await;
-    let c = connect_with(&format!(
-        "{} application_name=known-app",
-        conn_str(&p, "app", "app", "app")
-    ))
-    .await
-    .unwrap();
+    let c = connect_with(&format!("{} application_name=known-app", conn_str(&p, "app", "app", "app"))).await.unwrap();
     for _ in 0..10 {
         c.simple_query("SELECT 1").await.unwrap();
     }
-    c.simple_query("CREATE TABLE IF NOT EXISTS adm_t (x int)")
-        .await
-        .unwrap();
+    c.simple_query("CREATE TABLE IF NOT EXISTS adm_t (x int)").await.unwrap();
     let admin = admin_client(&p, "pgbouncer").await;
     let (pc, pools) = show(&admin, "POOLS").await;
     assert_eq!(pc, cols("database, user, cl_active, cl_waiting, cl_active_cancel_req, cl_waiting_cancel_req, sv_active, sv_active_cancel, sv_being_canceled, sv_idle, sv_used, sv_tested, sv_login, maxwait, maxwait_us, pool_mode, load_balance_hosts"));
-    let app_pool = pools
-        .iter()
-        .find(|r| r["database"] == "app" && r["user"] == "app")
-        .expect("app pool");
+    let app_pool = pools.iter().find(|r| r["database"] == "app" && r["user"] == "app").expect("app pool");
     assert_eq!(app_pool["pool_mode"], "transaction");
     assert!(app_pool["sv_idle"].parse::<u32>().unwrap() >= 1);
     let (sc, stats) = show(&admin, "STATS").await;
-    assert_eq!(
-        sc[..4],
-        cols("database, total_server_assignment_count, total_xact_count, total_query_count")[..]
-    );
+    assert_eq!(sc[..4], cols("database, total_server_assignment_count, total_xact_count, total_query_count")[..]);
     assert_eq!(sc.len(), 23);
     let (tc, totals) = show(&admin, "STATS_TOTALS").await;
     assert_eq!(tc, cols("database, server_assignment_count, xact_count, query_count, bytes_received, bytes_sent, xact_time, query_time, wait_time, client_parse_count, server_parse_count, bind_count"));
@@ -83,36 +60,23 @@ async fn admin_console_reports_known_traffic() {
     assert_eq!(t["xact_count"], "11", "10 SELECTs + 1 CREATE");
     assert_eq!(t["query_count"], "11");
     assert!(t["bytes_received"].parse::<u64>().unwrap() > 11 * 10);
-    assert_eq!(
-        stats.iter().find(|r| r["database"] == "app").unwrap()["total_xact_count"],
-        "11"
-    );
+    assert_eq!(stats.iter().find(|r| r["database"] == "app").unwrap()["total_xact_count"], "11");
     let (cc, clients) = show(&admin, "CLIENTS").await;
     assert_eq!(cc, cols("type, user, database, replication, state, addr, port, local_addr, local_port, connect_time, request_time, wait, wait_us, close_needed, ptr, link, remote_pid, tls, application_name, prepared_statements, id"));
-    assert!(clients.iter().any(|r| r["application_name"] == "known-app"
-        && r["user"] == "app"
-        && r["state"] == "idle"));
+    assert!(clients.iter().any(|r| r["application_name"] == "known-app" && r["user"] == "app" && r["state"] == "idle"));
     let (svc, servers) = show(&admin, "SERVERS").await;
     assert_eq!(svc, cc);
-    assert!(servers
-        .iter()
-        .any(|r| r["database"] == "app" && r["type"] == "S"));
+    assert!(servers.iter().any(|r| r["database"] == "app" && r["type"] == "S"));
     let (dc, dbs) = show(&admin, "DATABASES").await;
     assert_eq!(dc, cols("name, host, port, database, force_user, pool_size, min_pool_size, reserve_pool_size, server_lifetime, pool_mode, load_balance_hosts, max_connections, current_connections, max_client_connections, current_client_connections, paused, disabled"));
-    assert!(dbs
-        .iter()
-        .any(|r| r["name"] == "alias" && r["database"] == "app" && r["pool_size"] == "3"));
+    assert!(dbs.iter().any(|r| r["name"] == "alias" && r["database"] == "app" && r["pool_size"] == "3"));
     let (lc, lists) = show(&admin, "LISTS").await;
     assert_eq!(lc, cols("list, items"));
     assert!(lists.iter().all(|r| r["items"].parse::<i64>().is_ok()));
     let (cfc, conf) = show(&admin, "CONFIG").await;
     assert_eq!(cfc, cols("key, value, default, changeable"));
-    assert!(conf
-        .iter()
-        .any(|r| r["key"] == "max_client_conn" && r["value"] == "10000"));
-    assert!(conf
-        .iter()
-        .all(|r| !r["value"].contains("app") || r["key"] != "password"));
+    assert!(conf.iter().any(|r| r["key"] == "max_client_conn" && r["value"] == "10000"));
+    assert!(conf.iter().all(|r| !r["value"].contains("app") || r["key"] != "password"));
     let (vc, v) = show(&admin, "VERSION").await;
     assert_eq!(vc, cols("version"));
     assert!(v[0]["version"].starts_with("pgfleet "));
@@ -122,23 +86,15 @@ async fn admin_console_reports_known_traffic() {
     assert_eq!(r1["state"], "usable");
     assert_eq!(r1["groups"], "default,chat");
     let (_, groups) = show(&admin, "GROUPS").await;
-    assert!(groups
-        .iter()
-        .any(|g| g["group"] == "analytics" && g["fallback"] == "error" && g["members"] == "r2"));
+    assert!(groups.iter().any(|g| g["group"] == "analytics" && g["fallback"] == "error" && g["members"] == "r2"));
     let (_, workloads) = show(&admin, "WORKLOADS").await;
-    let w = workloads
-        .iter()
-        .find(|r| r["workload"] == "default")
-        .unwrap();
+    let w = workloads.iter().find(|r| r["workload"] == "default").unwrap();
     assert_eq!(w["reads"], "10");
     assert_eq!(w["writes"], "1");
     assert_eq!(w["to_replica"], "10");
     assert_eq!(w["to_primary"], "1");
     // Unknown commands are errors, not disconnects.
-    assert_eq!(
-        sqlstate(&admin.simple_query("SHOW NONSENSE").await.unwrap_err()),
-        "42601"
-    );
+    assert_eq!(sqlstate(&admin.simple_query("SHOW NONSENSE").await.unwrap_err()), "42601");
     assert_eq!(show(&admin, "VERSION").await.1.len(), 1);
 }
 
@@ -146,15 +102,11 @@ async fn admin_console_reports_known_traffic() {
 async fn non_admin_users_are_refused() {
     let p = proxy(2).await;
     for db in ["pgfleet", "pgbouncer"] {
-        let e = connect_with(&conn_str(&p, "app", "app", db))
-            .await
-            .unwrap_err();
+        let e = connect_with(&conn_str(&p, "app", "app", db)).await.unwrap_err();
         assert_eq!(sqlstate(&e), "28000");
     }
     // Wrong admin password: refused like any login.
-    let e = connect_with(&conn_str(&p, "admin", "nope", "pgfleet"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "admin", "nope", "pgfleet")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
 }
 
@@ -169,26 +121,17 @@ async fn pause_resume_and_kill() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!q.is_finished(), "a paused database holds new transactions");
     admin.simple_query("RESUME app").await.unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(5), q)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), q).await.unwrap().unwrap().unwrap();
     let victim = connect(&p).await;
     victim.simple_query("SELECT 1").await.unwrap();
     admin.simple_query("KILL app").await.unwrap();
     let e = victim.simple_query("SELECT 1").await.unwrap_err();
-    assert!(
-        e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"),
-        "{e}"
-    );
+    assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"), "{e}");
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).await.unwrap();
     let status = body.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -199,11 +142,7 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
         let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-        (n == name
-            && labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-        .then(|| value.parse().ok())?
+        (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse().ok())?
     })
 }
 
@@ -217,72 +156,26 @@ async fn metrics_match_the_traffic_sent() {
     let addr = p.metrics_addr.unwrap();
     // The failing query comes from another client: tokio-postgres returns on
     // the ErrorResponse, so its next query may share that binding.
-    let other = connect_with(&conn_str(&p, "bench", "bench", "bench"))
-        .await
-        .unwrap();
+    let other = connect_with(&conn_str(&p, "bench", "bench", "bench")).await.unwrap();
     assert!(other.simple_query("SELECT 1/0").await.is_err());
     let c = connect(&p).await;
     for _ in 0..25 {
         c.simple_query("SELECT 1").await.unwrap();
     }
     for _ in 0..5 {
-        c.simple_query("CREATE TABLE IF NOT EXISTS met_t (x int)")
-            .await
-            .unwrap();
+        c.simple_query("CREATE TABLE IF NOT EXISTS met_t (x int)").await.unwrap();
     }
     let (status, text) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
-    let l = [
-        ("database", "app"),
-        ("user", "app"),
-        ("workload", "default"),
-    ];
-    assert_eq!(
-        metric(&text, "pgfleet_transactions_total", &l),
-        Some(30.0),
-        "{text}"
-    );
+    let l = [("database", "app"), ("user", "app"), ("workload", "default")];
+    assert_eq!(metric(&text, "pgfleet_transactions_total", &l), Some(30.0), "{text}");
     assert_eq!(metric(&text, "pgfleet_queries_total", &l), Some(30.0));
-    assert_eq!(
-        metric(
-            &text,
-            "pgfleet_routing_decisions_total",
-            &[("target", "replica"), ("reason", "read")]
-        ),
-        Some(26.0)
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "pgfleet_routing_decisions_total",
-            &[("target", "primary"), ("reason", "write")]
-        ),
-        Some(5.0)
-    );
-    assert_eq!(
-        metric(&text, "pgfleet_errors_total", &[("sqlstate", "22012")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "pgfleet_query_duration_seconds_count",
-            &[("workload", "default"), ("route", "replica")]
-        ),
-        Some(25.0 + 1.0)
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "pgfleet_replica_usable",
-            &[("replica", "r1"), ("group", "default")]
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&text, "pgfleet_clients", &[("state", "idle")]),
-        Some(2.0)
-    );
+    assert_eq!(metric(&text, "pgfleet_routing_decisions_total", &[("target", "replica"), ("reason", "read")]), Some(26.0));
+    assert_eq!(metric(&text, "pgfleet_routing_decisions_total", &[("target", "primary"), ("reason", "write")]), Some(5.0));
+    assert_eq!(metric(&text, "pgfleet_errors_total", &[("sqlstate", "22012")]), Some(1.0));
+    assert_eq!(metric(&text, "pgfleet_query_duration_seconds_count", &[("workload", "default"), ("route", "replica")]), Some(25.0 + 1.0));
+    assert_eq!(metric(&text, "pgfleet_replica_usable", &[("replica", "r1"), ("group", "default")]), Some(1.0));
+    assert_eq!(metric(&text, "pgfleet_clients", &[("state", "idle")]), Some(2.0));
     assert!(metric(&text, "pgfleet_client_bytes_sent_total", &l).unwrap() > 0.0);
     assert!(metric(&text, "pgfleet_replica_lag_bytes", &[("replica", "r2")]).is_some());
     // No SQL text or client addresses in labels.

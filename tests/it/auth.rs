@@ -5,26 +5,17 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_refused_before_any_server_work() {
     let p = proxy(2).await;
-    let e = connect_with(&conn_str(&p, "app", "nope", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "app", "nope", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
-    let e = connect_with(&conn_str(&p, "nobody", "x", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "nobody", "x", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
-    assert!(
-        p.app.pools().is_empty(),
-        "no pool was created for a failed login"
-    );
+    assert!(p.app.pools().is_empty(), "no pool was created for a failed login");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_database_is_refused() {
     let p = proxy(2).await;
-    let e = connect_with(&conn_str(&p, "app", "app", "nodb"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "app", "app", "nodb")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "3D000");
 }
 
@@ -32,23 +23,13 @@ async fn unknown_database_is_refused() {
 async fn md5_clients_and_md5_servers() {
     // Client-facing md5; the server stores md5user's password as md5.
     let p = start(config("size = 2", "[auth]\nmethod = \"md5\"")).await;
-    let c = connect_with(&conn_str(&p, "md5user", "md5pw", "app"))
-        .await
-        .unwrap();
-    let who: String = c
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let c = connect_with(&conn_str(&p, "md5user", "md5pw", "app")).await.unwrap();
+    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(who, "md5user");
-    let e = connect_with(&conn_str(&p, "md5user", "bad", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "md5user", "bad", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
     // SCRAM-stored users still work when md5 is configured (password known).
-    let c = connect_with(&conn_str(&p, "app", "app", "app"))
-        .await
-        .unwrap();
+    let c = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap();
     c.simple_query("SELECT 1").await.unwrap();
 }
 
@@ -62,13 +43,9 @@ async fn stored_scram_verifier_authenticates_clients() {
         c.primary
     );
     let p = start(pgfleet::config::Config::parse(&text, "t.toml").unwrap()).await;
-    let client = connect_with(&conn_str(&p, "app", "s3cret", "app"))
-        .await
-        .unwrap();
+    let client = connect_with(&conn_str(&p, "app", "s3cret", "app")).await.unwrap();
     client.simple_query("SELECT 1").await.unwrap();
-    let e = connect_with(&conn_str(&p, "app", "app", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
 }
 
@@ -77,9 +54,7 @@ async fn max_client_conn_is_enforced() {
     let p = start(config("size = 2", "").with_max_clients(2)).await;
     let _a = connect(&p).await;
     let _b = connect(&p).await;
-    let e = connect_with(&conn_str(&p, "app", "app", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "53300");
 }
 
@@ -96,26 +71,15 @@ impl WithMax for pgfleet::config::Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_are_rate_limited_per_source() {
-    let p = start(config(
-        "size = 1",
-        "[auth]\nmax_failed_logins = 3\nfailed_login_window = \"1s\"",
-    ))
-    .await;
+    let p = start(config("size = 1", "[auth]\nmax_failed_logins = 3\nfailed_login_window = \"1s\"")).await;
     for _ in 0..3 {
-        let e = connect_with(&conn_str(&p, "app", "wrong", "app"))
-            .await
-            .unwrap_err();
+        let e = connect_with(&conn_str(&p, "app", "wrong", "app")).await.unwrap_err();
         assert_eq!(sqlstate(&e), "28P01");
     }
     // Now even the right password is refused, before any exchange.
-    let e = connect_with(&conn_str(&p, "app", "app", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28000");
-    assert!(
-        format!("{e:?}").contains("too many failed login attempts"),
-        "{e:?}"
-    );
+    assert!(format!("{e:?}").contains("too many failed login attempts"), "{e:?}");
     // The window passes: logins work again.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
@@ -133,51 +97,30 @@ async fn auth_query_users_log_in_without_any_password_in_the_config() {
     });
     let mut cfg = config("size = 2", "");
     // The auth user connects as postgres (trusted over TCP by the test cluster's pg_hba).
-    cfg.users.push(pgfleet::config::User {
-        name: "postgres".into(),
-        password: Some("unused".into()),
-        ..Default::default()
-    });
+    cfg.users.push(pgfleet::config::User { name: "postgres".into(), password: Some("unused".into()), ..Default::default() });
     // md5user is left out of [[users]]: it is found by auth_query too (md5 verifier).
     cfg.users.retain(|u| u.name != "md5user");
     cfg.auth.auth_user = Some("postgres".into());
     cfg.auth.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
     let p = start(cfg).await;
     // SCRAM verifier from pg_shadow: the client's proof logs pgfleet in (pass-through).
-    let dynamic = connect_with(&conn_str(&p, "dyn_user", "dyn-pw", "app"))
-        .await
-        .unwrap();
+    let dynamic = connect_with(&conn_str(&p, "dyn_user", "dyn-pw", "app")).await.unwrap();
     for _ in 0..3 {
         let rows = dynamic.simple_query("SELECT current_user").await.unwrap();
-        assert!(
-            matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("dyn_user"))
-        );
+        assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("dyn_user")));
     }
     // A second client of that user reuses the pool (same server login).
-    let again = connect_with(&conn_str(&p, "dyn_user", "dyn-pw", "app"))
-        .await
-        .unwrap();
-    again
-        .batch_execute("BEGIN; SELECT 1; COMMIT")
-        .await
-        .unwrap();
+    let again = connect_with(&conn_str(&p, "dyn_user", "dyn-pw", "app")).await.unwrap();
+    again.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
     // Wrong password, unknown user: 28P01 as usual.
-    let e = connect_with(&conn_str(&p, "dyn_user", "nope", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "dyn_user", "nope", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
-    let e = connect_with(&conn_str(&p, "no_such_role", "x", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "no_such_role", "x", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
     // md5 verifier: md5 towards the client and the server.
-    let m = connect_with(&conn_str(&p, "md5user", "md5pw", "app"))
-        .await
-        .unwrap();
+    let m = connect_with(&conn_str(&p, "md5user", "md5pw", "app")).await.unwrap();
     let rows = m.simple_query("SELECT current_user").await.unwrap();
-    assert!(
-        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("md5user"))
-    );
+    assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("md5user")));
     // A burst of logins with unknown names (which need a lookup) and an
     // unknown database: the lookups share one connection, and none runs in
     // a database the client picked.

@@ -16,41 +16,24 @@ fn one_replica_extra(c: &Cluster, replica_groups: &[&str]) -> String {
             replica_groups[i]
         ));
     }
-    s.push_str(
-        "[[cluster.groups]]\nname = \"default\"\nmax_lag = \"10s\"\nfallback = [\"primary\"]\n",
-    );
+    s.push_str("[[cluster.groups]]\nname = \"default\"\nmax_lag = \"10s\"\nfallback = [\"primary\"]\n");
     s.push_str("[routing]\ndefault_workload = \"default\"\n");
     s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoted_replica_takes_writes_without_restart_and_no_acked_write_is_lost() {
-    let c = Arc::new(
-        tokio::task::spawn_blocking(|| private_cluster("failover", 1))
-            .await
-            .unwrap(),
-    );
-    let p = start(config_for(
-        &c,
-        "size = 4",
-        &one_replica_extra(&c, &["default"]),
-    ))
-    .await;
+    let c = Arc::new(tokio::task::spawn_blocking(|| private_cluster("failover", 1)).await.unwrap());
+    let p = start(config_for(&c, "size = 4", &one_replica_extra(&c, &["default"]))).await;
     let url = conn_str(&p, "app", "app", "app");
-    connect_with(&url)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE fo (v int PRIMARY KEY)")
-        .await
-        .unwrap();
+    connect_with(&url).await.unwrap().batch_execute("CREATE TABLE fo (v int PRIMARY KEY)").await.unwrap();
 
     // One writer, reconnecting on errors; every acknowledged value is recorded.
     let acked = Arc::new(Mutex::new(Vec::<(i32, Instant)>::new()));
     let failures = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (acked, failures, stop, url) =
-            (acked.clone(), failures.clone(), stop.clone(), url.clone());
+        let (acked, failures, stop, url) = (acked.clone(), failures.clone(), stop.clone(), url.clone());
         tokio::spawn(async move {
             let mut client: Option<tokio_postgres::Client> = None;
             let mut v = 0;
@@ -59,27 +42,16 @@ async fn promoted_replica_takes_writes_without_restart_and_no_acked_write_is_los
                     match connect_with(&url).await {
                         Ok(c) => client = Some(c),
                         Err(e) => {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push((Instant::now(), format!("connect: {e}")));
+                            failures.lock().unwrap().push((Instant::now(), format!("connect: {e}")));
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
                     }
                 }
                 v += 1;
-                match client
-                    .as_ref()
-                    .unwrap()
-                    .execute("INSERT INTO fo VALUES ($1)", &[&v])
-                    .await
-                {
+                match client.as_ref().unwrap().execute("INSERT INTO fo VALUES ($1)", &[&v]).await {
                     Ok(_) => acked.lock().unwrap().push((v, Instant::now())),
-                    Err(e) => failures
-                        .lock()
-                        .unwrap()
-                        .push((Instant::now(), format!("insert {v}: {e:?}"))),
+                    Err(e) => failures.lock().unwrap().push((Instant::now(), format!("insert {v}: {e:?}"))),
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -107,11 +79,7 @@ async fn promoted_replica_takes_writes_without_restart_and_no_acked_write_is_los
         if let Some((_, t)) = acked.lock().unwrap().iter().find(|(_, t)| *t > stopped_at) {
             break *t;
         }
-        assert!(
-            stopped_at.elapsed() < Duration::from_secs(20),
-            "writes never resumed: {:?}",
-            failures.lock().unwrap()
-        );
+        assert!(stopped_at.elapsed() < Duration::from_secs(20), "writes never resumed: {:?}", failures.lock().unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -131,35 +99,21 @@ async fn promoted_replica_takes_writes_without_restart_and_no_acked_write_is_los
     // Only what was in flight while the primary stopped may fail: nothing
     // before the stop began, nothing once writes resumed, and no more than
     // the one writer can have had in flight meanwhile (one per attempt).
-    assert!(
-        failures
-            .iter()
-            .all(|(t, _)| *t >= stop_began && *t <= resumed),
-        "{failures:?}"
-    );
+    assert!(failures.iter().all(|(t, _)| *t >= stop_began && *t <= resumed), "{failures:?}");
     assert!(failures.len() <= 2, "{failures:?}");
     // Every acknowledged write is on the new primary.
     let c3 = c.clone();
-    let present: Vec<i32> = tokio::task::spawn_blocking(move || {
-        c3.psql_on(
-            c3.replicas[0],
-            "app",
-            "SELECT string_agg(v::text, ',') FROM fo",
-        )
-    })
-    .await
-    .unwrap()
-    .split(',')
-    .map(|s| s.parse().unwrap())
-    .collect();
+    let present: Vec<i32> = tokio::task::spawn_blocking(move || c3.psql_on(c3.replicas[0], "app", "SELECT string_agg(v::text, ',') FROM fo"))
+        .await
+        .unwrap()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
     let missing: Vec<_> = acked.iter().filter(|v| !present.contains(v)).collect();
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
     // The session that waited out the switch, and new ones, work.
     let after = connect_with(&url).await.unwrap();
-    after
-        .execute("INSERT INTO fo VALUES (-1)", &[])
-        .await
-        .unwrap();
+    after.execute("INSERT INTO fo VALUES (-1)", &[]).await.unwrap();
 
     // The old primary comes back still thinking it is the primary (two
     // primaries). A reload that changes anything in [cluster] must keep
@@ -233,31 +187,16 @@ async fn writes_never_go_to_a_standby() {
     cfg.cluster.primary = format!("127.0.0.1:{}", c.replicas[0]);
     let p = start(cfg).await;
     // Login needs the server's parameters, from a primary: refused.
-    let e = connect_with(&conn_str(&p, "app", "app", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "57P03", "{e:?}");
     assert!(format!("{e:?}").contains("in recovery"), "{e:?}");
-    assert_eq!(
-        p.app.pools().iter().map(|p| p.stats().total).sum::<usize>(),
-        0,
-        "no connection kept to the standby"
-    );
+    assert_eq!(p.app.pools().iter().map(|p| p.stats().total).sum::<usize>(), 0, "no connection kept to the standby");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_under_pgbench_loses_no_transaction() {
-    let c = Arc::new(
-        tokio::task::spawn_blocking(|| private_cluster("kill", 2))
-            .await
-            .unwrap(),
-    );
-    let p = start(config_for(
-        &c,
-        "size = 10",
-        &one_replica_extra(&c, &["default", "default"]),
-    ))
-    .await;
+    let c = Arc::new(tokio::task::spawn_blocking(|| private_cluster("kill", 2)).await.unwrap());
+    let p = start(config_for(&c, "size = 10", &one_replica_extra(&c, &["default", "default"]))).await;
     wait_replicas_usable(&p).await;
     let port = p.addr.port().to_string();
     let pgbench = {
@@ -266,25 +205,12 @@ async fn replica_killed_under_pgbench_loses_no_transaction() {
             let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "bench"];
             all.extend_from_slice(args);
             all.push("bench");
-            let out = std::process::Command::new(c.bindir.join("pgbench"))
-                .args(&all)
-                .env("PGPASSWORD", "bench")
-                .output()
-                .unwrap();
-            (
-                out.status.success(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            )
+            let out = std::process::Command::new(c.bindir.join("pgbench")).args(&all).env("PGPASSWORD", "bench").output().unwrap();
+            (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
         }
     };
     let init = pgbench.clone();
-    let (ok, text) = tokio::task::spawn_blocking(move || init(&["-i", "-s", "1", "-q"]))
-        .await
-        .unwrap();
+    let (ok, text) = tokio::task::spawn_blocking(move || init(&["-i", "-s", "1", "-q"])).await.unwrap();
     assert!(ok, "{text}");
     // Let the replicas catch up with the initialisation before reading.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -292,9 +218,7 @@ async fn replica_killed_under_pgbench_loses_no_transaction() {
 
     // Rate-limited (-R) so the rest of the suite keeps some CPU; 20 clients
     // still have statements in flight when the replica dies.
-    let run = tokio::task::spawn_blocking(move || {
-        pgbench(&["-S", "-c", "20", "-j", "2", "-T", "20", "-R", "3000"])
-    });
+    let run = tokio::task::spawn_blocking(move || pgbench(&["-S", "-c", "20", "-j", "2", "-T", "20", "-R", "3000"]));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let c2 = c.clone();
     tokio::task::spawn_blocking(move || {
@@ -316,8 +240,5 @@ async fn replica_killed_under_pgbench_loses_no_transaction() {
     // The dead replica is out of rotation; the other one kept serving.
     let snap = p.app.topology().snapshot();
     assert!(!snap.replicas[0].reachable, "{snap:?}");
-    assert!(
-        snap.replicas[1].groups.iter().all(|(_, ok)| *ok),
-        "{snap:?}"
-    );
+    assert!(snap.replicas[1].groups.iter().all(|(_, ok)| *ok), "{snap:?}");
 }

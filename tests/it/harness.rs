@@ -75,40 +75,20 @@ fn check(out: Output, what: &str) {
 }
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Cluster {
     fn start(tag: &str, n: usize, private: bool) -> Cluster {
-        let out = Command::new("pg_config")
-            .arg("--bindir")
-            .output()
-            .expect("pg_config (install postgresql)");
+        let out = Command::new("pg_config").arg("--bindir").output().expect("pg_config (install postgresql)");
         let bindir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         let dir = std::env::temp_dir().join(format!("pgfleet-it-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
-            check(
-                Command::new("chown")
-                    .args(["postgres:postgres"])
-                    .arg(&dir)
-                    .output()
-                    .unwrap(),
-                "chown",
-            );
+            check(Command::new("chown").args(["postgres:postgres"]).arg(&dir).output().unwrap(), "chown");
         }
-        let c = Cluster {
-            primary: free_port(),
-            replicas: (0..n).map(|_| free_port()).collect(),
-            bindir,
-            dir,
-            private,
-        };
+        let c = Cluster { primary: free_port(), replicas: (0..n).map(|_| free_port()).collect(), bindir, dir, private };
         c.spawn_watchdog();
         c.init_primary();
         for (i, port) in c.replicas.iter().enumerate() {
@@ -119,9 +99,7 @@ impl Cluster {
     }
 
     fn names(&self) -> Vec<String> {
-        std::iter::once("primary".to_string())
-            .chain((0..self.replicas.len()).map(|i| format!("replica{i}")))
-            .collect()
+        std::iter::once("primary".to_string()).chain((0..self.replicas.len()).map(|i| format!("replica{i}"))).collect()
     }
 
     pub fn data(&self, name: &str) -> PathBuf {
@@ -131,11 +109,7 @@ impl Cluster {
     /// Stops the servers and removes the temp dir once this process is gone.
     fn spawn_watchdog(&self) {
         let pg_ctl = self.bindir.join("pg_ctl");
-        let runas = if is_root() {
-            "runuser -u postgres -- "
-        } else {
-            ""
-        };
+        let runas = if is_root() { "runuser -u postgres -- " } else { "" };
         let mut stops = String::new();
         for d in self.names() {
             stops.push_str(&format!(
@@ -173,12 +147,7 @@ impl Cluster {
 
     #[allow(dead_code)]
     pub fn pg_ctl(&self, name: &str, args: &[&str]) -> Output {
-        pg_cmd(&self.bindir.join("pg_ctl"))
-            .args(args)
-            .arg("-D")
-            .arg(self.data(name))
-            .output()
-            .unwrap()
+        pg_cmd(&self.bindir.join("pg_ctl")).args(args).arg("-D").arg(self.data(name)).output().unwrap()
     }
 
     /// The test CA's certificate (it signed the servers' certificate, for
@@ -192,27 +161,11 @@ impl Cluster {
         let tls = self.dir.join("tls");
         make_certs(&tls, "server");
         if is_root() {
-            check(
-                Command::new("chown")
-                    .args(["-R", "postgres:postgres"])
-                    .arg(&tls)
-                    .output()
-                    .unwrap(),
-                "chown tls",
-            );
+            check(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&tls).output().unwrap(), "chown tls");
         }
         let data = self.data("primary");
         let out = pg_cmd(&self.bindir.join("initdb"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "-D",
-            ])
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "-D"])
             .arg(&data)
             .output()
             .unwrap();
@@ -247,34 +200,20 @@ impl Cluster {
         let name = format!("replica{i}");
         let data = self.data(&name);
         let out = pg_cmd(&self.bindir.join("pg_basebackup"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-X",
-                "stream",
-                "-R",
-                "--checkpoint=fast",
-                "-p",
-            ])
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream", "-R", "--checkpoint=fast", "-p"])
             .arg(self.primary.to_string())
             .arg("-D")
             .arg(&data)
             .output()
             .unwrap();
         check(out, "pg_basebackup");
-        append(
-            &data.join("postgresql.auto.conf"),
-            &format!("port = {port}\n"),
-        );
+        append(&data.join("postgresql.auto.conf"), &format!("port = {port}\n"));
         self.pg_ctl_start(&name);
     }
 
     fn wait_replicas_streaming(&self) {
         for _ in 0..200 {
-            let n = self
-                .psql_admin("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'");
+            let n = self.psql_admin("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'");
             if n == self.replicas.len().to_string() {
                 return;
             }
@@ -290,17 +229,7 @@ impl Cluster {
 
     pub fn psql_on(&self, port: u16, db: &str, sql: &str) -> String {
         let out = Command::new(self.bindir.join("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-U",
-                "postgres",
-                "-h",
-            ])
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
             .arg(&self.dir)
             .arg("-p")
             .arg(port.to_string())
@@ -331,68 +260,21 @@ impl Cluster {
 pub fn make_certs(dir: &Path, name: &str) {
     std::fs::create_dir_all(dir).unwrap();
     let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
         check(out, &format!("openssl {args:?}"));
     };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req", "-x509", "-days", "3", "-keyout", "ca.key", "-out", "ca.crt", "-subj",
-    ];
-    let subject = format!(
-        "/CN=pgfleet test CA {}",
-        dir.file_name().unwrap().to_string_lossy()
-    );
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "3", "-keyout", "ca.key", "-out", "ca.crt", "-subj"];
+    let subject = format!("/CN=pgfleet test CA {}", dir.file_name().unwrap().to_string_lossy());
     ca.push(&subject);
     ca.extend_from_slice(&ec);
     openssl(&ca);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let (key, csr, crt) = (
-        format!("{name}.key"),
-        format!("{name}.csr"),
-        format!("{name}.crt"),
-    );
-    let mut req = vec![
-        "req",
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-        "-subj",
-        "/CN=localhost",
-    ];
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+    let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+    let mut req = vec!["req", "-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"];
     req.extend_from_slice(&ec);
     openssl(&req);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "3",
-        "-out",
-        &crt,
-        "-extfile",
-        "ext.cnf",
-    ]);
+    openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "3", "-out", &crt, "-extfile", "ext.cnf"]);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
 }
@@ -458,16 +340,11 @@ pub async fn proxy(pool_size: usize) -> Running {
 }
 
 pub fn conn_str(p: &Running, user: &str, password: &str, db: &str) -> String {
-    format!(
-        "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
-        p.addr.port()
-    )
+    format!("host=127.0.0.1 port={} user={user} password={password} dbname={db}", p.addr.port())
 }
 
 pub async fn connect(p: &Running) -> tokio_postgres::Client {
-    connect_with(&conn_str(p, "app", "app", "app"))
-        .await
-        .unwrap()
+    connect_with(&conn_str(p, "app", "app", "app")).await.unwrap()
 }
 
 pub async fn connect_with(s: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -504,10 +381,7 @@ impl RawClient {
         let mut out = BytesMut::new();
         let mut seen = Vec::new();
         stream.write_all(startup).await.unwrap();
-        let mut rc = RawClient {
-            stream,
-            buf: BytesMut::new(),
-        };
+        let mut rc = RawClient { stream, buf: BytesMut::new() };
         let mut scram = None;
         loop {
             let (tag, msg) = rc.next().await.expect("login message");
@@ -518,12 +392,8 @@ impl RawClient {
                     out.clear();
                     match code {
                         10 => {
-                            let s = ScramSha256::new(
-                                password.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
-                                .unwrap();
+                            let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out).unwrap();
                             scram = Some(s);
                         }
                         11 => {
@@ -550,11 +420,10 @@ impl RawClient {
             if let Some(m) = pgfleet::wire::split_message(&mut self.buf, 1 << 30).unwrap() {
                 return Some(m);
             }
-            let n =
-                tokio::time::timeout(Duration::from_secs(20), self.stream.read_buf(&mut self.buf))
-                    .await
-                    .expect("server answered in time")
-                    .ok()?;
+            let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("server answered in time")
+                .ok()?;
             if n == 0 {
                 return None;
             }
@@ -565,10 +434,7 @@ impl RawClient {
     pub async fn error_code(&mut self) -> Option<String> {
         while let Some((tag, msg)) = self.next().await {
             if tag == b'E' {
-                return pgfleet::wire::error_fields(&msg)
-                    .into_iter()
-                    .find(|(c, _)| *c == b'C')
-                    .map(|(_, v)| v);
+                return pgfleet::wire::error_fields(&msg).into_iter().find(|(c, _)| *c == b'C').map(|(_, v)| v);
             }
         }
         None
@@ -578,17 +444,11 @@ impl RawClient {
 /// Runs a client program (psql, pgbench) with PGPASSWORD set.
 pub fn run_client(prog: &str, args: &[&str], password: &str) -> Output {
     let bin = cluster().bindir.join(prog);
-    Command::new(bin)
-        .args(args)
-        .env("PGPASSWORD", password)
-        .output()
-        .unwrap()
+    Command::new(bin).args(args).env("PGPASSWORD", password).output().unwrap()
 }
 
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_string())
-        .unwrap_or_else(|| format!("no sqlstate: {e}"))
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}"))
 }
 
 /// Tests that pause or stop replicas take this for writing; tests that
@@ -644,26 +504,17 @@ pub async fn routing_proxy(pool: &str, default_max_lag: &str, ryw: &str) -> Runn
 pub async fn wait_replicas_usable(p: &Running) {
     for _ in 0..200 {
         let s = p.app.topology().snapshot();
-        if s.replicas
-            .iter()
-            .all(|r| r.groups.iter().all(|(_, ok)| *ok))
-        {
+        if s.replicas.iter().all(|r| r.groups.iter().all(|(_, ok)| *ok)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!(
-        "replicas never became usable: {:?}",
-        p.app.topology().snapshot()
-    );
+    panic!("replicas never became usable: {:?}", p.app.topology().snapshot());
 }
 
 /// The port of the server that answered `sql` (which must return it as text).
 pub async fn port_of(c: &tokio_postgres::Client, sql: &str) -> u16 {
-    let rows = c
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
@@ -675,10 +526,7 @@ pub async fn port_of(c: &tokio_postgres::Client, sql: &str) -> u16 {
 /// Runs `f` while sampling (every 100 ms) how many client backends of the
 /// shared cluster match `cond`; returns `f`'s output and the peak.
 #[allow(dead_code)]
-pub async fn max_server_conns_during<T>(
-    cond: &str,
-    f: impl std::future::Future<Output = T>,
-) -> (T, usize) {
+pub async fn max_server_conns_during<T>(cond: &str, f: impl std::future::Future<Output = T>) -> (T, usize) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));

@@ -9,36 +9,23 @@ async fn shutdown_drains_in_flight_transactions() {
     let p = proxy(2).await;
     let mut busy = connect(&p).await;
     let idle = connect(&p).await;
-    busy.batch_execute("DROP TABLE IF EXISTS drain_t; CREATE TABLE drain_t (x int)")
-        .await
-        .unwrap();
+    busy.batch_execute("DROP TABLE IF EXISTS drain_t; CREATE TABLE drain_t (x int)").await.unwrap();
     let tx = busy.transaction().await.unwrap();
-    tx.execute("INSERT INTO drain_t VALUES (1)", &[])
-        .await
-        .unwrap();
+    tx.execute("INSERT INTO drain_t VALUES (1)", &[]).await.unwrap();
     let app = p.app.clone();
     let stopper = tokio::spawn(async move {
-        let r = pgfleet::app::Running {
-            addr: p.addr,
-            app,
-            metrics_addr: None,
-        };
+        let r = pgfleet::app::Running { addr: p.addr, app, metrics_addr: None };
         r.shutdown(Duration::from_secs(10)).await;
     });
     // Past the drain's quiet period (250 ms since the client's last message).
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The idle client is told why it is disconnected.
     let e = idle.simple_query("SELECT 1").await.unwrap_err();
-    assert!(
-        e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"),
-        "{e}"
-    );
+    assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"), "{e}");
     // No new clients.
     assert!(connect_with(&conn_str_port(p.addr.port())).await.is_err());
     // The transaction in flight finishes and commits.
-    tx.execute("INSERT INTO drain_t VALUES (2)", &[])
-        .await
-        .unwrap();
+    tx.execute("INSERT INTO drain_t VALUES (2)", &[]).await.unwrap();
     tx.commit().await.unwrap();
     stopper.await.unwrap();
     let n = cluster().psql_on(cluster().primary, "app", "SELECT count(*) FROM drain_t");

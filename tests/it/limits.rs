@@ -5,9 +5,7 @@ use crate::harness::*;
 use std::time::{Duration, Instant};
 
 fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.message().to_string())
-        .unwrap_or_else(|| e.to_string())
+    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,10 +22,7 @@ async fn concurrency_budget_queues_then_refuses_with_53300() {
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e), "53300");
     assert!(message(&e).contains("app-txns"), "names the limit: {e:?}");
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "waited max_wait first"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(250), "waited max_wait first");
     // The session survives the refusal; a slot freed while waiting is taken.
     let waiter = tokio::spawn(async move {
         let t = Instant::now();
@@ -35,27 +30,17 @@ async fn concurrency_budget_queues_then_refuses_with_53300() {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     a.batch_execute("COMMIT").await.unwrap();
-    let waited = waiter
-        .await
-        .unwrap()
-        .expect("admitted once a transaction finished");
+    let waited = waiter.await.unwrap().expect("admitted once a transaction finished");
     assert!(waited >= Duration::from_millis(80), "{waited:?}");
     // Other users are not limited by this rule.
-    let other = connect_with(&conn_str(&p, "bench", "bench", "bench"))
-        .await
-        .unwrap();
+    let other = connect_with(&conn_str(&p, "bench", "bench", "bench")).await.unwrap();
     other.simple_query("SELECT 1").await.unwrap();
-    let admin = connect_with(&conn_str(&p, "admin", "admin", "pgfleet"))
-        .await
-        .unwrap();
+    let admin = connect_with(&conn_str(&p, "admin", "admin", "pgfleet")).await.unwrap();
     let rows = admin.simple_query("SHOW LIMITS").await.unwrap();
-    let row = rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .unwrap();
+    let row = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    }).unwrap();
     assert_eq!(row.get("name"), Some("app-txns"));
     assert_eq!(row.get("in_flight"), Some("1"), "b still holds one slot");
     assert_eq!(row.get("rejected"), Some("1"));
@@ -77,19 +62,9 @@ async fn rate_limit_allows_the_burst_then_refuses_with_53400() {
             Err(e) => refused.push(e),
         }
     }
-    assert!(
-        (3..=4).contains(&ok),
-        "burst of 3 (+1 refilled at most): {ok}"
-    );
-    assert!(
-        refused.iter().all(|e| sqlstate(e) == "53400"),
-        "{refused:?}"
-    );
-    assert!(
-        message(&refused[0]).contains("database=app"),
-        "{:?}",
-        refused[0]
-    );
+    assert!((3..=4).contains(&ok), "burst of 3 (+1 refilled at most): {ok}");
+    assert!(refused.iter().all(|e| sqlstate(e) == "53400"), "{refused:?}");
+    assert!(message(&refused[0]).contains("database=app"), "{:?}", refused[0]);
     // Tokens come back at the configured rate.
     tokio::time::sleep(Duration::from_millis(450)).await;
     c.simple_query("SELECT 1").await.unwrap();
@@ -103,33 +78,18 @@ async fn write_budget_limits_primary_transactions_only() {
     let p = start(config("size = 4", &extra)).await;
     wait_replicas_usable(&p).await;
     let setup = connect(&p).await;
-    setup
-        .batch_execute("CREATE TABLE IF NOT EXISTS limits_w (v int)")
-        .await
-        .unwrap();
+    setup.batch_execute("CREATE TABLE IF NOT EXISTS limits_w (v int)").await.unwrap();
     let writer = connect(&p).await;
-    writer
-        .batch_execute("BEGIN; INSERT INTO limits_w VALUES (1)")
-        .await
-        .unwrap();
+    writer.batch_execute("BEGIN; INSERT INTO limits_w VALUES (1)").await.unwrap();
     // A second write waits for the budget and is refused...
     let other = connect(&p).await;
-    let e = other
-        .simple_query("INSERT INTO limits_w VALUES (2)")
-        .await
-        .unwrap_err();
+    let e = other.simple_query("INSERT INTO limits_w VALUES (2)").await.unwrap_err();
     assert_eq!(sqlstate(&e), "53300");
     assert!(message(&e).contains("\"writes\""), "{e:?}");
     // ...while reads (replica) keep flowing.
     for _ in 0..10 {
-        assert_ne!(
-            port_of(&other, "SELECT inet_server_port()::text").await,
-            cluster().primary
-        );
+        assert_ne!(port_of(&other, "SELECT inet_server_port()::text").await, cluster().primary);
     }
     writer.batch_execute("COMMIT").await.unwrap();
-    other
-        .simple_query("INSERT INTO limits_w VALUES (3)")
-        .await
-        .unwrap();
+    other.simple_query("INSERT INTO limits_w VALUES (3)").await.unwrap();
 }

@@ -71,33 +71,21 @@ async fn reload_under_load_without_client_errors() {
     let p = start(pgfleet::config::Config::load(&path).unwrap()).await;
     *p.app.config_path.lock().unwrap() = Some(path.clone());
     wait_replicas_usable(&p).await;
-    connect(&p)
-        .await
-        .batch_execute("CREATE TABLE IF NOT EXISTS reload_t (x int)")
-        .await
-        .unwrap();
+    connect(&p).await.batch_execute("CREATE TABLE IF NOT EXISTS reload_t (x int)").await.unwrap();
     let errors = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let (s, errors, done) = (
-            conn_str(&p, "app", "app", "app"),
-            errors.clone(),
-            done.clone(),
-        );
+        let (s, errors, done) = (conn_str(&p, "app", "app", "app"), errors.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = connect_with(&s).await.unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
             while tokio::time::Instant::now() < deadline {
                 let r = async {
                     let tx = client.transaction().await?;
-                    tx.execute("INSERT INTO reload_t VALUES ($1)", &[&i])
-                        .await?;
+                    tx.execute("INSERT INTO reload_t VALUES ($1)", &[&i]).await?;
                     tx.commit().await?;
-                    client
-                        .query_one("SELECT count(*) FROM pg_class", &[])
-                        .await
-                        .map(|_| ())
+                    client.query_one("SELECT count(*) FROM pg_class", &[]).await.map(|_| ())
                 }
                 .await;
                 match r {
@@ -113,9 +101,7 @@ async fn reload_under_load_without_client_errors() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     // Shrink the pool, add a replica, change a rule; applied by the admin RELOAD.
     std::fs::write(&path, config_text("127.0.0.1:0", 2, &replicas_b())).unwrap();
-    let admin = connect_with(&conn_str(&p, "admin", "admin", "pgfleet"))
-        .await
-        .unwrap();
+    let admin = connect_with(&conn_str(&p, "admin", "admin", "pgfleet")).await.unwrap();
     admin.simple_query("RELOAD").await.unwrap();
     // The primary pools shrink while the load goes on (excess connections
     // close as they come back, though clients are waiting for them).
@@ -145,47 +131,22 @@ async fn reload_under_load_without_client_errors() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(
-        errors.load(Ordering::Relaxed),
-        0,
-        "client errors during reload"
-    );
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "client errors during reload");
     assert!(done.load(Ordering::Relaxed) > 100);
     assert_eq!(p.app.config().pool.size, 2);
     assert_eq!(p.app.topology().replicas.len(), 2);
     // The pool shrinks as connections come back.
     for _ in 0..100 {
-        if p.app
-            .pools()
-            .iter()
-            .filter(|pl| pl.key.backend == "primary")
-            .all(|pl| pl.stats().total <= 2)
-        {
+        if p.app.pools().iter().filter(|pl| pl.key.backend == "primary").all(|pl| pl.stats().total <= 2) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        p.app.pools().iter().all(|pl| pl.stats().total <= 2),
-        "{:?}",
-        p.app
-            .pools()
-            .iter()
-            .map(|pl| pl.stats())
-            .collect::<Vec<_>>()
-    );
+    assert!(p.app.pools().iter().all(|pl| pl.stats().total <= 2), "{:?}", p.app.pools().iter().map(|pl| pl.stats()).collect::<Vec<_>>());
     // The new rule and the new replica serve new clients.
     wait_replicas_usable(&p).await;
-    let reporting = connect_with(&format!(
-        "{} application_name=reporting-nightly",
-        conn_str(&p, "app", "app", "app")
-    ))
-    .await
-    .unwrap();
-    assert_eq!(
-        port_of(&reporting, "SELECT inet_server_port()::text").await,
-        c.replicas[1]
-    );
+    let reporting = connect_with(&format!("{} application_name=reporting-nightly", conn_str(&p, "app", "app", "app"))).await.unwrap();
+    assert_eq!(port_of(&reporting, "SELECT inet_server_port()::text").await, c.replicas[1]);
     // An invalid file changes nothing and says why.
     std::fs::write(&path, "[pool]\nsize = 0\nbogus = 1\n").unwrap();
     let e = admin.simple_query("RELOAD").await.unwrap_err();
@@ -193,10 +154,7 @@ async fn reload_under_load_without_client_errors() {
     assert_eq!(db.code().code(), "F0000");
     assert!(db.message().contains("bogus"), "{}", db.message());
     assert_eq!(p.app.config().pool.size, 2);
-    assert_eq!(
-        port_of(&reporting, "SELECT inet_server_port()::text").await,
-        c.replicas[1]
-    );
+    assert_eq!(port_of(&reporting, "SELECT inet_server_port()::text").await, c.replicas[1]);
 }
 
 fn spawn_pgfleet(config: &std::path::Path) -> Child {
@@ -213,12 +171,7 @@ fn spawn_pgfleet(config: &std::path::Path) -> Child {
 
 async fn wait_listening(port: u16) {
     for _ in 0..200 {
-        if connect_with(&format!(
-            "host=127.0.0.1 port={port} user=app password=app dbname=app"
-        ))
-        .await
-        .is_ok()
-        {
+        if connect_with(&format!("host=127.0.0.1 port={port} user=app password=app dbname=app")).await.is_ok() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -227,11 +180,7 @@ async fn wait_listening(port: u16) {
 }
 
 fn signal(child: &Child, sig: &str) {
-    assert!(Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
 }
 
 async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -240,10 +189,7 @@ async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStat
         if let Some(st) = child.try_wait().unwrap() {
             return st;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pgfleet did not exit in {limit:?}"
-        );
+        assert!(std::time::Instant::now() < deadline, "pgfleet did not exit in {limit:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -251,47 +197,28 @@ async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_transactions_commit() {
     let port = free_port();
-    let path = temp_file(
-        "sigterm.toml",
-        &config_text(&format!("127.0.0.1:{port}"), 3, ""),
-    );
+    let path = temp_file("sigterm.toml", &config_text(&format!("127.0.0.1:{port}"), 3, ""));
     let mut child = spawn_pgfleet(&path);
     wait_listening(port).await;
     let s = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
     let mut client = connect_with(&s).await.unwrap();
-    client
-        .batch_execute("DROP TABLE IF EXISTS sigterm_t; CREATE TABLE sigterm_t (x int)")
-        .await
-        .unwrap();
+    client.batch_execute("DROP TABLE IF EXISTS sigterm_t; CREATE TABLE sigterm_t (x int)").await.unwrap();
     let tx = client.transaction().await.unwrap();
-    tx.execute("INSERT INTO sigterm_t VALUES (1)", &[])
-        .await
-        .unwrap();
+    tx.execute("INSERT INTO sigterm_t VALUES (1)", &[]).await.unwrap();
     signal(&child, "-TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        connect_with(&s).await.is_err(),
-        "no new clients while draining"
-    );
-    tx.execute("INSERT INTO sigterm_t VALUES (2)", &[])
-        .await
-        .unwrap();
+    assert!(connect_with(&s).await.is_err(), "no new clients while draining");
+    tx.execute("INSERT INTO sigterm_t VALUES (2)", &[]).await.unwrap();
     tx.commit().await.unwrap();
     let status = wait_exit(&mut child, Duration::from_secs(10)).await;
     assert!(status.success());
-    assert_eq!(
-        cluster().psql_on(cluster().primary, "app", "SELECT count(*) FROM sigterm_t"),
-        "2"
-    );
+    assert_eq!(cluster().psql_on(cluster().primary, "app", "SELECT count(*) FROM sigterm_t"), "2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_on_the_same_port_refuses_nobody() {
     let port = free_port();
-    let path = temp_file(
-        "reuseport.toml",
-        &config_text(&format!("127.0.0.1:{port}"), 3, ""),
-    );
+    let path = temp_file("reuseport.toml", &config_text(&format!("127.0.0.1:{port}"), 3, ""));
     let mut old = spawn_pgfleet(&path);
     wait_listening(port).await;
     let failures = Arc::new(AtomicUsize::new(0));
@@ -336,10 +263,7 @@ async fn restart_on_the_same_port_refuses_nobody() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_events_carry_the_client_context_in_json_logs() {
     let port = free_port();
-    let text = format!(
-        "{}[log]\nlevel = \"info\"\nformat = \"json\"\n",
-        config_text(&format!("127.0.0.1:{port}"), 2, "")
-    );
+    let text = format!("{}[log]\nlevel = \"info\"\nformat = \"json\"\n", config_text(&format!("127.0.0.1:{port}"), 2, ""));
     let path = temp_file("json-logs.toml", &text);
     let log = path.with_extension("log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
@@ -354,34 +278,18 @@ async fn session_events_carry_the_client_context_in_json_logs() {
     wait_listening(port).await;
     let s = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
     let client = connect_with(&s).await.unwrap();
-    client
-        .simple_query("SELECT pg_advisory_lock(4343)::text")
-        .await
-        .unwrap();
-    client
-        .simple_query("SELECT pg_advisory_unlock(4343)::text")
-        .await
-        .unwrap();
+    client.simple_query("SELECT pg_advisory_lock(4343)::text").await.unwrap();
+    client.simple_query("SELECT pg_advisory_unlock(4343)::text").await.unwrap();
     drop(client);
     signal(&child, "-TERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(10))
-        .await
-        .success());
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).await.success());
     let out = std::fs::read_to_string(&log).unwrap();
     let line = out
         .lines()
         .find(|l| l.contains("client pinned to its server connection"))
         .unwrap_or_else(|| panic!("no pinning event in:\n{out}"));
-    for field in [
-        "\"user\":\"app\"",
-        "\"database\":\"app\"",
-        "\"peer\":\"127.0.0.1:",
-        "\"name\":\"client\"",
-    ] {
+    for field in ["\"user\":\"app\"", "\"database\":\"app\"", "\"peer\":\"127.0.0.1:", "\"name\":\"client\""] {
         assert!(line.contains(field), "{field} missing from {line}");
     }
-    assert!(
-        !out.contains("password=app") && !out.contains("\"app\",\"password\""),
-        "no secrets in logs"
-    );
+    assert!(!out.contains("password=app") && !out.contains("\"app\",\"password\""), "no secrets in logs");
 }

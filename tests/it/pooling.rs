@@ -15,10 +15,7 @@ async fn two_hundred_clients_share_five_connections() {
         tasks.push(tokio::spawn(async move {
             let c = connect_with(&s).await.unwrap();
             for j in 0..5i32 {
-                let r = c
-                    .query_one("SELECT $1::int * 1000 + $2::int", &[&i, &j])
-                    .await
-                    .unwrap();
+                let r = c.query_one("SELECT $1::int * 1000 + $2::int", &[&i, &j]).await.unwrap();
                 assert_eq!(r.get::<_, i32>(0), i * 1000 + j);
             }
         }));
@@ -28,10 +25,7 @@ async fn two_hundred_clients_share_five_connections() {
     }
     let stats = p.app.pools()[0].stats();
     assert!(stats.total <= 5, "pool grew to {}", stats.total);
-    assert!(
-        cluster().server_conns("app", "app") <= 5 + 5,
-        "other tests' pools aside"
-    );
+    assert!(cluster().server_conns("app", "app") <= 5 + 5, "other tests' pools aside");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,10 +44,7 @@ async fn checkout_timeout_names_the_pool() {
         let db = e.as_db_error().expect("a server-style error");
         assert_eq!(db.code().code(), "53300");
         assert!(db.message().contains("app/app@primary"), "{}", db.message());
-        assert!(
-            waited >= Duration::from_millis(290) && waited < Duration::from_secs(2),
-            "timed out after {waited:?}"
-        );
+        assert!(waited >= Duration::from_millis(290) && waited < Duration::from_secs(2), "timed out after {waited:?}");
     }
     tx.commit().await.unwrap();
     // The pool still works for others afterwards.
@@ -87,17 +78,12 @@ async fn killed_client_leaves_no_lock_or_open_transaction() {
         // Another client on the same single-connection pool can take the row lock.
         let next = connect(&p).await;
         let r = tokio::time::timeout(Duration::from_secs(10), async {
-            next.batch_execute("SET lock_timeout = '5s'; UPDATE kill_t SET v = 100 WHERE id = 1")
-                .await
+            next.batch_execute("SET lock_timeout = '5s'; UPDATE kill_t SET v = 100 WHERE id = 1").await
         })
         .await
         .expect("no lingering lock");
         r.unwrap();
-        let v: i32 = next
-            .query_one("SELECT v FROM kill_t WHERE id = 1", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let v: i32 = next.query_one("SELECT v FROM kill_t WHERE id = 1", &[]).await.unwrap().get(0);
         assert_eq!(v, 100, "the killed transaction was rolled back");
         let idle_tx = cluster().psql_admin("SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE '%kill_t%' AND (state LIKE 'idle in transaction%' OR query LIKE '%pg_sleep(20)%')");
         assert_eq!(idle_tx, "0");
@@ -108,9 +94,7 @@ async fn killed_client_leaves_no_lock_or_open_transaction() {
 async fn session_mode_resets_with_discard_all() {
     let p = start(config("size = 1\nmode = \"session\"", "")).await;
     let a = connect(&p).await;
-    a.batch_execute("SET statement_timeout = '1234ms'; CREATE TEMP TABLE mine (x int)")
-        .await
-        .unwrap();
+    a.batch_execute("SET statement_timeout = '1234ms'; CREATE TEMP TABLE mine (x int)").await.unwrap();
     // In session mode a second client waits for the first to leave.
     drop(a);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -138,10 +122,7 @@ async fn min_size_prewarms_connections() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!(
-        "pool was not pre-warmed: {:?}",
-        p.app.pools().iter().map(|p| p.stats()).collect::<Vec<_>>()
-    );
+    panic!("pool was not pre-warmed: {:?}", p.app.pools().iter().map(|p| p.stats()).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,10 +164,7 @@ async fn prepared_statement_cache_evicts_lru() {
     let stmts = {
         let mut v = Vec::new();
         for k in 0..8i32 {
-            v.push((
-                k,
-                c.prepare(&format!("SELECT $1::int + {k}")).await.unwrap(),
-            ));
+            v.push((k, c.prepare(&format!("SELECT $1::int + {k}")).await.unwrap()));
         }
         v
     };
@@ -197,10 +175,7 @@ async fn prepared_statement_cache_evicts_lru() {
         }
     }
     // The server connection never holds more than the cache limit.
-    let rows = c
-        .simple_query("SELECT count(*) FROM pg_prepared_statements")
-        .await
-        .unwrap();
+    let rows = c.simple_query("SELECT count(*) FROM pg_prepared_statements").await.unwrap();
     let n: i64 = rows
         .iter()
         .find_map(|m| match m {
@@ -208,20 +183,13 @@ async fn prepared_statement_cache_evicts_lru() {
             _ => None,
         })
         .unwrap();
-    assert!(
-        (1..=3).contains(&n),
-        "{n} statements prepared on the server"
-    );
+    assert!((1..=3).contains(&n), "{n} statements prepared on the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_server_connections_are_paced_per_server() {
     // 30 clients that each need a connection of their own, 10 connects/s.
-    let p = start(config(
-        "size = 30\nmax_connects_per_second = 10\ncheckout_timeout = \"20s\"",
-        "",
-    ))
-    .await;
+    let p = start(config("size = 30\nmax_connects_per_second = 10\ncheckout_timeout = \"20s\"", "")).await;
     connect(&p).await.simple_query("SELECT 1").await.unwrap(); // spends one token
     let started = std::time::Instant::now();
     let tasks: Vec<_> = (0..30)
@@ -229,9 +197,7 @@ async fn new_server_connections_are_paced_per_server() {
             let s = conn_str(&p, "app", "app", "app") + " application_name=paced";
             tokio::spawn(async move {
                 let c = connect_with(&s).await.unwrap();
-                c.batch_execute("BEGIN; SELECT pg_sleep(0.01)")
-                    .await
-                    .unwrap();
+                c.batch_execute("BEGIN; SELECT pg_sleep(0.01)").await.unwrap();
                 c
             })
         })
@@ -244,9 +210,7 @@ async fn new_server_connections_are_paced_per_server() {
     // A burst of 10 (9 left), then 10 per second: about 2 s, never a storm.
     assert!(took >= std::time::Duration::from_millis(1700), "{took:?}");
     assert!(took < std::time::Duration::from_secs(10), "{took:?}");
-    let open = tokio::task::block_in_place(|| {
-        cluster().server_conns_where("usename = 'app' AND application_name = 'paced'")
-    });
+    let open = tokio::task::block_in_place(|| cluster().server_conns_where("usename = 'app' AND application_name = 'paced'"));
     assert_eq!(open, 30);
 }
 

@@ -12,10 +12,10 @@ async fn malformed_and_oversized_messages_get_08p01() {
     let p = proxy(2).await;
     let bystander = connect(&p).await;
     let cases: Vec<Vec<u8>> = vec![
-        b"?\0\0\0\x04".to_vec(), // unknown message type
-        b"Q\0\0\0\x01".to_vec(), // length below 4
+        b"?\0\0\0\x04".to_vec(),                        // unknown message type
+        b"Q\0\0\0\x01".to_vec(),                        // length below 4
         [b"Q".as_slice(), &(4u32 << 20).to_be_bytes()].concat(), // over max_message_size (1MB)
-        b"B\0\0\0\x06ab".to_vec(), // unterminated names in Bind
+        b"B\0\0\0\x06ab".to_vec(),                      // unterminated names in Bind
         // Parse whose parameter-type count does not match its length:
         // unnamed (forwarded), named (may be answered locally) and virtual
         // (answered by pgfleet), each followed by Sync.
@@ -26,15 +26,8 @@ async fn malformed_and_oversized_messages_get_08p01() {
     for bytes in cases {
         let mut raw = RawClient::login(&p, "app", "app").await;
         raw.stream.write_all(&bytes).await.unwrap();
-        assert_eq!(
-            raw.error_code().await.as_deref(),
-            Some("08P01"),
-            "for {bytes:?}"
-        );
-        assert!(
-            raw.next().await.is_none(),
-            "connection closed after a protocol violation"
-        );
+        assert_eq!(raw.error_code().await.as_deref(), Some("08P01"), "for {bytes:?}");
+        assert!(raw.next().await.is_none(), "connection closed after a protocol violation");
         let r = bystander.query_one("SELECT 1", &[]).await.unwrap();
         assert_eq!(r.get::<_, i32>(0), 1);
     }
@@ -55,25 +48,10 @@ async fn ssl_and_gss_requests_are_declined() {
     // libpq-style sslmode=prefer falls back to plaintext.
     let out = run_client(
         "psql",
-        &[
-            "-X",
-            "-A",
-            "-t",
-            "-c",
-            "SELECT 'ok'",
-            &format!(
-                "host=127.0.0.1 port={} user=app dbname=app sslmode=prefer",
-                p.addr.port()
-            ),
-        ],
+        &["-X", "-A", "-t", "-c", "SELECT 'ok'", &format!("host=127.0.0.1 port={} user=app dbname=app sslmode=prefer", p.addr.port())],
         "app",
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "ok",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,10 +106,7 @@ async fn pipelined_unnamed_statements_and_flush() {
     let mut out = BytesMut::new();
     for i in 0..3 {
         let sql = format!("SELECT {i}\0");
-        out.extend_from_slice(&msg(
-            b'P',
-            &[b"\0".as_slice(), sql.as_bytes(), &[0, 0]].concat(),
-        ));
+        out.extend_from_slice(&msg(b'P', &[b"\0".as_slice(), sql.as_bytes(), &[0, 0]].concat()));
         out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
         out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
         out.extend_from_slice(&msg(b'S', b""));
@@ -184,10 +159,7 @@ async fn non_utf8_client_encoding_passes_through() {
     raw.stream.write_all(&out).await.unwrap();
     while raw.next().await.unwrap().0 != b'Z' {}
     // "SELECT 'café'" in LATIN1: 0xE9 is not valid UTF-8 on its own.
-    raw.stream
-        .write_all(&msg(b'Q', b"SELECT 'caf\xe9' AS w\0"))
-        .await
-        .unwrap();
+    raw.stream.write_all(&msg(b'Q', b"SELECT 'caf\xe9' AS w\0")).await.unwrap();
     let mut value = None;
     loop {
         let (tag, m) = raw.next().await.expect("the connection stays open");
@@ -274,20 +246,7 @@ async fn copy_data_after_a_failed_copy_holds_no_connection() {
         .write_all(&msg(b'd', b"not a number\n"))
         .await
         .unwrap();
-    let mut code = None;
-    loop {
-        let (tag, m) = raw.next().await.unwrap();
-        if tag == b'E' {
-            code = pgfleet::wire::error_fields(&m)
-                .into_iter()
-                .find(|(k, _)| *k == b'C')
-                .map(|(_, v)| v);
-        }
-        if tag == b'Z' {
-            break;
-        }
-    }
-    assert_eq!(code.as_deref(), Some("22P02"));
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["22P02".to_string()]));
     // The client keeps streaming what it had, then ends the copy.
     let mut late = BytesMut::new();
     for _ in 0..10 {
@@ -308,17 +267,7 @@ async fn copy_data_after_a_failed_copy_holds_no_connection() {
     let mut out = BytesMut::new();
     pgfleet::wire::build::query(&mut out, "SELECT 42");
     raw.stream.write_all(&out).await.unwrap();
-    let mut row = None;
-    loop {
-        let (tag, m) = raw.next().await.unwrap();
-        match tag {
-            b'D' => row = Some(String::from_utf8_lossy(&m[11..]).to_string()),
-            b'E' => panic!("{:?}", pgfleet::wire::error_fields(&m)),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    assert_eq!(row.as_deref(), Some("42"));
+    assert_eq!(read_cycle(&mut raw).await, (vec!["42".to_string()], vec![]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

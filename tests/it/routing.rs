@@ -16,128 +16,41 @@ async fn writes_on_primary_reads_on_replicas_both_protocols() {
     let reader = connect(&p).await;
     let r1 = c.replicas[0];
     // The replica has to have replayed the DDL before reads can use the table.
-    while cluster().psql_on(
-        r1,
-        "app",
-        "SELECT count(*) FROM pg_class WHERE relname = 'rt_w'",
-    ) != "1"
-    {
+    while cluster().psql_on(r1, "app", "SELECT count(*) FROM pg_class WHERE relname = 'rt_w'") != "1" {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for i in 0..100 {
         // Autocommit reads, simple and extended, go to the default group's replica.
-        assert_eq!(
-            port_of(&reader, "SELECT inet_server_port()::text").await,
-            r1,
-            "simple read {i}"
-        );
-        let port: i32 = reader
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1, "simple read {i}");
+        let port: i32 = reader.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
         assert_eq!(port as u16, r1, "extended read {i}");
-        assert_eq!(
-            port_of(
-                &reader,
-                "/* a comment */ WITH x AS (SELECT inet_server_port() p) SELECT p::text FROM x"
-            )
-            .await,
-            r1
-        );
+        assert_eq!(port_of(&reader, "/* a comment */ WITH x AS (SELECT inet_server_port() p) SELECT p::text FROM x").await, r1);
         // Writes and anything that locks or has side effects: primary.
-        assert_eq!(
-            port_of(
-                &writer,
-                "INSERT INTO rt_w (port) VALUES (inet_server_port()) RETURNING port::text"
-            )
-            .await,
-            c.primary
-        );
-        let port: i32 = writer
-            .query_one(
-                "INSERT INTO rt_w (port) VALUES (inet_server_port()) RETURNING port",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        assert_eq!(port_of(&writer, "INSERT INTO rt_w (port) VALUES (inet_server_port()) RETURNING port::text").await, c.primary);
+        let port: i32 = writer.query_one("INSERT INTO rt_w (port) VALUES (inet_server_port()) RETURNING port", &[]).await.unwrap().get(0);
         assert_eq!(port as u16, c.primary);
-        assert_eq!(
-            port_of(
-                &writer,
-                "SELECT inet_server_port()::text FROM (SELECT nextval('rt_seq')) s"
-            )
-            .await,
-            c.primary
-        );
-        assert_eq!(
-            port_of(
-                &writer,
-                "SELECT inet_server_port()::text FROM rt_w WHERE id = 1 FOR UPDATE"
-            )
-            .await,
-            c.primary
-        );
-        assert_eq!(
-            port_of(
-                &reader,
-                "SELECT inet_server_port()::text; SELECT count(*) FROM rt_w"
-            )
-            .await,
-            r1
-        );
+        assert_eq!(port_of(&writer, "SELECT inet_server_port()::text FROM (SELECT nextval('rt_seq')) s").await, c.primary);
+        assert_eq!(port_of(&writer, "SELECT inet_server_port()::text FROM rt_w WHERE id = 1 FOR UPDATE").await, c.primary);
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text; SELECT count(*) FROM rt_w").await, r1);
     }
     // A transaction is routed as a whole.
-    let rows = writer
-        .simple_query("BEGIN; SELECT inet_server_port()::text; COMMIT")
-        .await
-        .unwrap();
-    let port: u16 = rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
-            _ => None,
-        })
-        .unwrap();
+    let rows = writer.simple_query("BEGIN; SELECT inet_server_port()::text; COMMIT").await.unwrap();
+    let port: u16 = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+        _ => None,
+    }).unwrap();
     assert_eq!(port, c.primary);
     reader.batch_execute("BEGIN READ ONLY").await.unwrap();
-    assert_eq!(
-        port_of(&reader, "SELECT inet_server_port()::text").await,
-        r1
-    );
-    let e = reader
-        .simple_query("INSERT INTO rt_w (port) VALUES (0)")
-        .await
-        .unwrap_err();
-    assert_eq!(
-        sqlstate(&e),
-        "25006",
-        "a write inside READ ONLY fails like on PostgreSQL"
-    );
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1);
+    let e = reader.simple_query("INSERT INTO rt_w (port) VALUES (0)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25006", "a write inside READ ONLY fails like on PostgreSQL");
     reader.batch_execute("ROLLBACK").await.unwrap();
     // Hints and SET pgfleet.route.
-    assert_eq!(
-        port_of(
-            &reader,
-            "/* pgfleet: route=primary */ SELECT inet_server_port()::text"
-        )
-        .await,
-        c.primary
-    );
-    reader
-        .batch_execute("SET pgfleet.route = 'primary'")
-        .await
-        .unwrap();
-    assert_eq!(
-        port_of(&reader, "SELECT inet_server_port()::text").await,
-        c.primary
-    );
+    assert_eq!(port_of(&reader, "/* pgfleet: route=primary */ SELECT inet_server_port()::text").await, c.primary);
+    reader.batch_execute("SET pgfleet.route = 'primary'").await.unwrap();
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, c.primary);
     reader.batch_execute("RESET pgfleet.route").await.unwrap();
-    assert_eq!(
-        port_of(&reader, "SELECT inet_server_port()::text").await,
-        r1
-    );
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,18 +58,11 @@ async fn pipelined_write_after_read_waits_for_the_primary() {
     let _shared = REPLICAS.read().await;
     let c = cluster();
     let p = routing_proxy("size = 3", "10s", "off").await;
-    connect(&p)
-        .await
-        .batch_execute("CREATE TABLE IF NOT EXISTS rt_pipe (port int)")
-        .await
-        .unwrap();
+    connect(&p).await.batch_execute("CREATE TABLE IF NOT EXISTS rt_pipe (port int)").await.unwrap();
     let mut raw = RawClient::login(&p, "app", "app").await;
     let mut out = bytes::BytesMut::new();
     pgfleet::wire::build::query(&mut out, "SELECT inet_server_port()::text");
-    pgfleet::wire::build::query(
-        &mut out,
-        "INSERT INTO rt_pipe VALUES (inet_server_port()) RETURNING port::text",
-    );
+    pgfleet::wire::build::query(&mut out, "INSERT INTO rt_pipe VALUES (inet_server_port()) RETURNING port::text");
     pgfleet::wire::build::query(&mut out, "SELECT inet_server_port()::text");
     raw.stream.write_all(&out).await.unwrap();
     let mut ports = Vec::new();
@@ -182,87 +88,38 @@ async fn workloads_only_reach_their_group() {
     let (r1, r2) = (c.replicas[0], c.replicas[1]);
     let p = routing_proxy("size = 3", "10s", "off").await;
     let base = conn_str(&p, "app", "app", "app");
-    let by_rule = connect_with(&format!("{base} application_name=metabase-prod"))
-        .await
-        .unwrap();
-    let by_option = connect_with(&format!("{base} options='-c pgfleet.workload=chat'"))
-        .await
-        .unwrap();
+    let by_rule = connect_with(&format!("{base} application_name=metabase-prod")).await.unwrap();
+    let by_option = connect_with(&format!("{base} options='-c pgfleet.workload=chat'")).await.unwrap();
     let by_set = connect(&p).await;
-    by_set
-        .batch_execute("SET pgfleet.workload = 'analytics'")
-        .await
-        .unwrap();
+    by_set.batch_execute("SET pgfleet.workload = 'analytics'").await.unwrap();
     let by_set_ext = connect(&p).await;
-    by_set_ext
-        .execute("SET pgfleet.workload = 'analytics'", &[])
-        .await
-        .unwrap();
+    by_set_ext.execute("SET pgfleet.workload = 'analytics'", &[]).await.unwrap();
     let plain = connect(&p).await;
     for _ in 0..50 {
-        assert_eq!(
-            port_of(&by_rule, "SELECT inet_server_port()::text").await,
-            r2
-        );
-        assert_eq!(
-            port_of(&by_option, "SELECT inet_server_port()::text").await,
-            r1
-        );
-        assert_eq!(
-            port_of(&by_set, "SELECT inet_server_port()::text").await,
-            r2
-        );
-        let port: i32 = by_set_ext
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        assert_eq!(port_of(&by_rule, "SELECT inet_server_port()::text").await, r2);
+        assert_eq!(port_of(&by_option, "SELECT inet_server_port()::text").await, r1);
+        assert_eq!(port_of(&by_set, "SELECT inet_server_port()::text").await, r2);
+        let port: i32 = by_set_ext.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
         assert_eq!(port as u16, r2);
         assert_eq!(port_of(&plain, "SELECT inet_server_port()::text").await, r1);
-        assert_eq!(
-            port_of(
-                &plain,
-                "/* pgfleet: workload=analytics */ SELECT inet_server_port()::text"
-            )
-            .await,
-            r2
-        );
+        assert_eq!(port_of(&plain, "/* pgfleet: workload=analytics */ SELECT inet_server_port()::text").await, r2);
     }
     // SHOW answers from pgfleet, in both protocols.
     let rows = by_set.simple_query("SHOW pgfleet.workload").await.unwrap();
-    assert!(
-        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("analytics"))
-    );
-    let w: String = by_option
-        .query_one("SHOW pgfleet.workload", &[])
-        .await
-        .unwrap()
-        .get(0);
+    assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("analytics")));
+    let w: String = by_option.query_one("SHOW pgfleet.workload", &[]).await.unwrap().get(0);
     assert_eq!(w, "chat");
     // Unknown workloads are errors.
-    let e = plain
-        .simple_query("SET pgfleet.workload = 'nope'")
-        .await
-        .unwrap_err();
+    let e = plain.simple_query("SET pgfleet.workload = 'nope'").await.unwrap_err();
     assert_eq!(sqlstate(&e), "42704");
-    let e = plain
-        .simple_query("/* pgfleet: workload=nope */ SELECT 1")
-        .await
-        .unwrap_err();
+    let e = plain.simple_query("/* pgfleet: workload=nope */ SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e), "42704");
-    let e = connect_with(&format!("{base} options='-c pgfleet.workload=nope'"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&format!("{base} options='-c pgfleet.workload=nope'")).await.unwrap_err();
     assert_eq!(sqlstate(&e), "42704");
     // The session is still fine, and nothing reached PostgreSQL: it has no such setting.
     assert_eq!(port_of(&plain, "SELECT inet_server_port()::text").await, r1);
-    let v = plain
-        .simple_query("SELECT coalesce(current_setting('pgfleet.workload', true), 'unset')")
-        .await
-        .unwrap();
-    assert!(
-        matches!(&v[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("unset"))
-    );
+    let v = plain.simple_query("SELECT coalesce(current_setting('pgfleet.workload', true), 'unset')").await.unwrap();
+    assert!(matches!(&v[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("unset")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,22 +138,11 @@ async fn fallback_error_gives_a_clear_error_and_writes_still_work() {
     let e = cl.simple_query("SELECT 1").await.unwrap_err();
     let db = e.as_db_error().unwrap();
     assert_eq!(db.code().code(), "57P03");
-    assert!(
-        db.message().contains("ghosts") && db.message().contains("ghost:"),
-        "{}",
-        db.message()
-    );
+    assert!(db.message().contains("ghosts") && db.message().contains("ghost:"), "{}", db.message());
     // Extended protocol too, and the session survives.
     let e = cl.query("SELECT $1::int", &[&1i32]).await.unwrap_err();
     assert_eq!(sqlstate(&e), "57P03");
-    assert_eq!(
-        port_of(
-            &cl,
-            "CREATE TEMP TABLE IF NOT EXISTS t_x (a int); SELECT inet_server_port()::text"
-        )
-        .await,
-        c.primary
-    );
+    assert_eq!(port_of(&cl, "CREATE TEMP TABLE IF NOT EXISTS t_x (a int); SELECT inet_server_port()::text").await, c.primary);
 }
 
 /// Writes to the primary every 20 ms until dropped (so replicas can lag).
@@ -305,15 +151,9 @@ struct Churn(tokio::task::JoinHandle<()>);
 impl Churn {
     async fn start() -> Churn {
         let c = cluster();
-        let s = format!(
-            "host=127.0.0.1 port={} user=app password=app dbname=app",
-            c.primary
-        );
+        let s = format!("host=127.0.0.1 port={} user=app password=app dbname=app", c.primary);
         let direct = connect_with(&s).await.unwrap();
-        direct
-            .batch_execute("CREATE TABLE IF NOT EXISTS churn (x int)")
-            .await
-            .unwrap();
+        direct.batch_execute("CREATE TABLE IF NOT EXISTS churn (x int)").await.unwrap();
         Churn(tokio::spawn(async move {
             loop {
                 let _ = direct.batch_execute("INSERT INTO churn VALUES (1)").await;
@@ -335,10 +175,7 @@ async fn wait_port(c: &tokio_postgres::Client, want: u16, limit: Duration) -> Du
         if port_of(c, "SELECT inet_server_port()::text").await == want {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < limit,
-            "reads did not move to port {want} within {limit:?}"
-        );
+        assert!(started.elapsed() < limit, "reads did not move to port {want} within {limit:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -350,29 +187,17 @@ async fn lagging_replica_is_excluded_and_readmitted() {
     let r1 = c.replicas[0];
     let p = routing_proxy("size = 3", "300ms", "off").await;
     let reader = connect(&p).await;
-    assert_eq!(
-        port_of(&reader, "SELECT inet_server_port()::text").await,
-        r1
-    );
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1);
     let _churn = Churn::start().await;
     c.psql_on(r1, "postgres", "SELECT pg_wal_replay_pause()");
     // Over a 300 ms budget, with 100 ms checks: out well within 2.5 s.
     let took = wait_port(&reader, c.primary, Duration::from_millis(2500)).await;
     let snap = p.app.topology().snapshot();
-    let why = snap.replicas[0]
-        .excluded_because
-        .clone()
-        .unwrap_or_default();
-    assert!(
-        why.contains("over the budget of group default"),
-        "{why} (after {took:?})"
-    );
+    let why = snap.replicas[0].excluded_because.clone().unwrap_or_default();
+    assert!(why.contains("over the budget of group default"), "{why} (after {took:?})");
     // Reads keep succeeding meanwhile, all on the fallback.
     for _ in 0..20 {
-        assert_eq!(
-            port_of(&reader, "SELECT inet_server_port()::text").await,
-            c.primary
-        );
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, c.primary);
     }
     c.psql_on(r1, "postgres", "SELECT pg_wal_replay_resume()");
     wait_port(&reader, r1, Duration::from_secs(5)).await;
@@ -389,11 +214,7 @@ async fn stopped_replica_reads_keep_succeeding() {
         assert_eq!(port_of(r, "SELECT inet_server_port()::text").await, r1);
     }
     let out = c.pg_ctl("replica0", &["stop", "-m", "immediate"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for i in 0..50 {
         for r in &readers {
             let port = port_of(r, "SELECT inet_server_port()::text").await;
@@ -402,20 +223,8 @@ async fn stopped_replica_reads_keep_succeeding() {
     }
     let snap = p.app.topology().snapshot();
     assert!(!snap.replicas[0].reachable);
-    let out = c.pg_ctl(
-        "replica0",
-        &[
-            "start",
-            "-w",
-            "-l",
-            &c.dir.join("replica0.log").display().to_string(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = c.pg_ctl("replica0", &["start", "-w", "-l", &c.dir.join("replica0.log").display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_replicas_usable(&p).await;
     wait_port(&readers[0], r1, Duration::from_secs(10)).await;
 }
@@ -427,27 +236,14 @@ async fn read_your_writes_with_a_lagging_replica() {
     let r1 = c.replicas[0];
     let auto_conf = c.dir.join("replica0/postgresql.auto.conf");
     let original = std::fs::read_to_string(&auto_conf).unwrap();
-    std::fs::write(
-        &auto_conf,
-        format!("{original}recovery_min_apply_delay = '500ms'\n"),
-    )
-    .unwrap();
+    std::fs::write(&auto_conf, format!("{original}recovery_min_apply_delay = '500ms'\n")).unwrap();
     assert!(c.pg_ctl("replica0", &["reload"]).status.success());
     let p = routing_proxy("size = 4", "5s", "lsn").await;
     let writer = connect(&p).await;
-    writer
-        .batch_execute("CREATE TABLE IF NOT EXISTS ryw (id serial primary key, v int)")
-        .await
-        .unwrap();
+    writer.batch_execute("CREATE TABLE IF NOT EXISTS ryw (id serial primary key, v int)").await.unwrap();
     let bystander = connect(&p).await;
-    let insert = writer
-        .prepare("INSERT INTO ryw (v) VALUES ($1) RETURNING id")
-        .await
-        .unwrap();
-    let select = writer
-        .prepare("SELECT v FROM ryw WHERE id = $1")
-        .await
-        .unwrap();
+    let insert = writer.prepare("INSERT INTO ryw (v) VALUES ($1) RETURNING id").await.unwrap();
+    let select = writer.prepare("SELECT v FROM ryw WHERE id = $1").await.unwrap();
     for i in 0..1000i32 {
         let id: i32 = writer.query_one(&insert, &[&i]).await.unwrap().get(0);
         let rows = writer.query(&select, &[&id]).await.unwrap();
@@ -455,42 +251,18 @@ async fn read_your_writes_with_a_lagging_replica() {
         assert_eq!(rows[0].get::<_, i32>(0), i);
         if i % 100 == 0 {
             // Reads that do not follow a write still go to the replica.
-            assert_eq!(
-                port_of(&bystander, "SELECT inet_server_port()::text").await,
-                r1
-            );
+            assert_eq!(port_of(&bystander, "SELECT inet_server_port()::text").await, r1);
         }
     }
     // The floor is visible and can be carried to another connection.
-    let lsn: String = writer
-        .query_one("SHOW pgfleet.lsn", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn: String = writer.query_one("SHOW pgfleet.lsn", &[]).await.unwrap().get(0);
     assert_ne!(lsn, "0/0");
     let other = connect(&p).await;
-    other
-        .batch_execute(&format!("SET pgfleet.min_lsn = '{lsn}'"))
-        .await
-        .unwrap();
-    writer
-        .batch_execute("INSERT INTO ryw (v) VALUES (-1)")
-        .await
-        .unwrap();
-    let lsn2: String = writer
-        .query_one("SHOW pgfleet.lsn", &[])
-        .await
-        .unwrap()
-        .get(0);
-    other
-        .batch_execute(&format!("SET pgfleet.min_lsn = '{lsn2}'"))
-        .await
-        .unwrap();
-    let n: i64 = other
-        .query_one("SELECT count(*) FROM ryw WHERE v = -1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    other.batch_execute(&format!("SET pgfleet.min_lsn = '{lsn}'")).await.unwrap();
+    writer.batch_execute("INSERT INTO ryw (v) VALUES (-1)").await.unwrap();
+    let lsn2: String = writer.query_one("SHOW pgfleet.lsn", &[]).await.unwrap().get(0);
+    other.batch_execute(&format!("SET pgfleet.min_lsn = '{lsn2}'")).await.unwrap();
+    let n: i64 = other.query_one("SELECT count(*) FROM ryw WHERE v = -1", &[]).await.unwrap().get(0);
     assert_eq!(n, 1, "a floor carried across connections");
     // Once the replica has replayed past the floor, the writer reads from it again.
     wait_port(&writer, r1, Duration::from_secs(5)).await;

@@ -9,10 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_postgres::SimpleQueryMessage;
 
 async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
-    let rows = c
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.iter()
         .find_map(|m| match m {
             SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
@@ -52,28 +49,15 @@ async fn set_values_are_isolated_between_clients() {
         t.await.unwrap();
     }
     for _ in 0..4 {
-        assert_eq!(
-            one(&observer, "SHOW search_path").await,
-            "\"$user\", public"
-        );
-        assert_eq!(
-            one(&observer, "SHOW TimeZone").await,
-            one(&connect(&p).await, "SHOW TimeZone").await
-        );
+        assert_eq!(one(&observer, "SHOW search_path").await, "\"$user\", public");
+        assert_eq!(one(&observer, "SHOW TimeZone").await, one(&connect(&p).await, "SHOW TimeZone").await);
     }
     // A fresh client sees none of it.
     let c = connect(&p).await;
     for _ in 0..4 {
         assert_eq!(one(&c, "SHOW search_path").await, "\"$user\", public");
         assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
-        assert_eq!(
-            one(
-                &c,
-                "SELECT coalesce(current_setting('myapp.client', true), '')"
-            )
-            .await,
-            ""
-        );
+        assert_eq!(one(&c, "SELECT coalesce(current_setting('myapp.client', true), '')").await, "");
     }
 }
 
@@ -82,17 +66,11 @@ async fn set_local_rollback_reset_and_set_config() {
     let p = proxy(1).await;
     let c = connect(&p).await;
     let other = connect(&p).await;
-    c.batch_execute("BEGIN; SET LOCAL statement_timeout = '5s'; COMMIT")
-        .await
-        .unwrap();
+    c.batch_execute("BEGIN; SET LOCAL statement_timeout = '5s'; COMMIT").await.unwrap();
     assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
-    c.batch_execute("BEGIN; SET statement_timeout = '6s'; ROLLBACK")
-        .await
-        .unwrap();
+    c.batch_execute("BEGIN; SET statement_timeout = '6s'; ROLLBACK").await.unwrap();
     assert_eq!(one(&c, "SHOW statement_timeout").await, "0");
-    c.batch_execute("BEGIN; SET statement_timeout = '7s'; COMMIT")
-        .await
-        .unwrap();
+    c.batch_execute("BEGIN; SET statement_timeout = '7s'; COMMIT").await.unwrap();
     assert_eq!(one(&c, "SHOW statement_timeout").await, "7s");
     assert_eq!(one(&other, "SHOW statement_timeout").await, "0");
     c.batch_execute("RESET statement_timeout").await.unwrap();
@@ -105,9 +83,7 @@ async fn set_local_rollback_reset_and_set_config() {
     assert_eq!(one(&c, "SHOW work_mem").await, "4MB");
     assert_eq!(one(&c, "SHOW lock_timeout").await, "0");
     // Extended protocol SET works the same.
-    c.execute("SET search_path TO ext_schema", &[])
-        .await
-        .unwrap();
+    c.execute("SET search_path TO ext_schema", &[]).await.unwrap();
     assert_eq!(one(&c, "SHOW search_path").await, "ext_schema");
     assert_eq!(one(&other, "SHOW search_path").await, "\"$user\", public");
 }
@@ -133,10 +109,7 @@ async fn listen_notify_pins_until_unlisten() {
     assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1);
     let notifier = connect(&p).await;
     for i in 0..3 {
-        notifier
-            .batch_execute(&format!("NOTIFY fleet_chan, 'hello {i}'"))
-            .await
-            .unwrap();
+        notifier.batch_execute(&format!("NOTIFY fleet_chan, 'hello {i}'")).await.unwrap();
         let (tag, msg) = listener.next().await.unwrap();
         assert_eq!(tag, b'A', "NotificationResponse");
         assert!(String::from_utf8_lossy(&msg).contains(&format!("hello {i}")));
@@ -157,9 +130,7 @@ async fn notifications_during_hidden_queries_reach_the_listener() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     // tokio-postgres delivers notifications through its connection future.
     let url = conn_str(&p, "app", "app", "app");
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     let driver = tokio::spawn(async move {
         let mut conn = std::pin::pin!(conn);
         loop {
@@ -177,19 +148,13 @@ async fn notifications_during_hidden_queries_reach_the_listener() {
     const N: usize = 150;
     let sender = tokio::spawn(async move {
         for i in 0..N {
-            notifier
-                .batch_execute(&format!("NOTIFY busy_chan, '{i}'"))
-                .await
-                .unwrap();
+            notifier.batch_execute(&format!("NOTIFY busy_chan, '{i}'")).await.unwrap();
         }
     });
     // Meanwhile the listener keeps changing a setting: each SET is followed
     // by pgfleet's hidden read-back query on the same connection.
     for i in 0..N {
-        client
-            .batch_execute(&format!("SET search_path = s{i}, public"))
-            .await
-            .unwrap();
+        client.batch_execute(&format!("SET search_path = s{i}, public")).await.unwrap();
     }
     sender.await.unwrap();
     client.batch_execute("SELECT 1").await.unwrap();
@@ -236,45 +201,26 @@ async fn temp_tables_and_sql_prepare_pin_the_client() {
     let p = proxy(2).await;
     let a = connect(&p).await;
     let others: Vec<_> = futures_join(&p, 4).await;
-    a.batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1), (2)")
-        .await
-        .unwrap();
-    a.batch_execute("PREPARE triple(int) AS SELECT $1 * 3")
-        .await
-        .unwrap();
+    a.batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1), (2)").await.unwrap();
+    a.batch_execute("PREPARE triple(int) AS SELECT $1 * 3").await.unwrap();
     for i in 0..10 {
         for o in &others {
             one(o, "SELECT 1").await;
         }
         assert_eq!(one(&a, "SELECT count(*) FROM scratch").await, "2");
-        assert_eq!(
-            one(&a, &format!("EXECUTE triple({i})")).await,
-            (i * 3).to_string()
-        );
+        assert_eq!(one(&a, &format!("EXECUTE triple({i})")).await, (i * 3).to_string());
     }
     // Not leaked to other clients.
-    let e = others[0]
-        .simple_query("EXECUTE triple(1)")
-        .await
-        .unwrap_err();
+    let e = others[0].simple_query("EXECUTE triple(1)").await.unwrap_err();
     assert_eq!(sqlstate(&e), "26000");
-    let e = others[0]
-        .simple_query("SELECT * FROM scratch")
-        .await
-        .unwrap_err();
+    let e = others[0].simple_query("SELECT * FROM scratch").await.unwrap_err();
     assert_eq!(sqlstate(&e), "42P01");
     a.batch_execute("DEALLOCATE triple").await.unwrap();
-    assert_eq!(
-        p.app.pinned_clients.load(Ordering::Relaxed),
-        1,
-        "temp table still pins"
-    );
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1, "temp table still pins");
     a.batch_execute("DROP TABLE scratch").await.unwrap();
     wait_unpinned(&p).await;
     // WITH HOLD cursors pin too, CLOSE releases.
-    a.batch_execute("DECLARE cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g")
-        .await
-        .unwrap();
+    a.batch_execute("DECLARE cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g").await.unwrap();
     for o in &others {
         one(o, "SELECT 1").await;
     }
@@ -324,55 +270,31 @@ async fn discard_all_keeps_shared_statements_working() {
     let a = connect(&p).await;
     let b = connect(&p).await;
     let sb = b.prepare("SELECT $1::int + 100").await.unwrap();
-    assert_eq!(
-        b.query_one(&sb, &[&1i32]).await.unwrap().get::<_, i32>(0),
-        101
-    );
+    assert_eq!(b.query_one(&sb, &[&1i32]).await.unwrap().get::<_, i32>(0), 101);
     a.batch_execute("DISCARD ALL").await.unwrap();
     a.batch_execute("DEALLOCATE ALL").await.unwrap();
     // b's statement is re-prepared on the (single) server connection.
     for i in 0..5 {
-        assert_eq!(
-            b.query_one(&sb, &[&i]).await.unwrap().get::<_, i32>(0),
-            100 + i
-        );
+        assert_eq!(b.query_one(&sb, &[&i]).await.unwrap().get::<_, i32>(0), 100 + i);
     }
     let sa = a.prepare("SELECT $1::int + 100").await.unwrap();
-    assert_eq!(
-        a.query_one(&sa, &[&2i32]).await.unwrap().get::<_, i32>(0),
-        102
-    );
+    assert_eq!(a.query_one(&sa, &[&2i32]).await.unwrap().get::<_, i32>(0), 102);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_mode_fails_session_features_with_0a000() {
     let p = start(config("size = 2\nsession_state = \"reject\"", "")).await;
     let c = connect(&p).await;
-    for sql in [
-        "LISTEN x",
-        "SELECT pg_advisory_lock(1)",
-        "CREATE TEMP TABLE t (x int)",
-        "PREPARE p AS SELECT 1",
-    ] {
+    for sql in ["LISTEN x", "SELECT pg_advisory_lock(1)", "CREATE TEMP TABLE t (x int)", "PREPARE p AS SELECT 1"] {
         let e = c.simple_query(sql).await.unwrap_err();
         let db = e.as_db_error().unwrap();
         assert_eq!(db.code().code(), "0A000", "{sql}");
-        assert!(
-            db.message().contains("transaction pooling"),
-            "{}",
-            db.message()
-        );
+        assert!(db.message().contains("transaction pooling"), "{}", db.message());
     }
     // Inside a transaction the failure aborts it like any error.
     c.batch_execute("BEGIN").await.unwrap();
-    assert_eq!(
-        sqlstate(&c.simple_query("LISTEN x").await.unwrap_err()),
-        "0A000"
-    );
-    assert_eq!(
-        sqlstate(&c.simple_query("SELECT 1").await.unwrap_err()),
-        "25P02"
-    );
+    assert_eq!(sqlstate(&c.simple_query("LISTEN x").await.unwrap_err()), "0A000");
+    assert_eq!(sqlstate(&c.simple_query("SELECT 1").await.unwrap_err()), "25P02");
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 0);
     assert_eq!(one(&c, "SELECT 2").await, "2");

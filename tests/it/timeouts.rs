@@ -10,16 +10,9 @@ async fn query_timeout_cancels_with_57014_and_the_session_goes_on() {
     let started = Instant::now();
     let e = c.simple_query("SELECT pg_sleep(10)").await.unwrap_err();
     assert_eq!(sqlstate(&e), "57014");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     let rows = c.simple_query("SELECT 1").await.unwrap();
-    assert!(matches!(
-        &rows[1],
-        tokio_postgres::SimpleQueryMessage::Row(_)
-    ));
+    assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(_)));
     // Quick statements are untouched.
     for _ in 0..20 {
         c.simple_query("SELECT pg_sleep(0.01)").await.unwrap();
@@ -28,34 +21,19 @@ async fn query_timeout_cancels_with_57014_and_the_session_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_in_transaction_timeout_rolls_back_with_25p03() {
-    let p = start(config(
-        "size = 1",
-        "[timeouts]\nidle_in_transaction = \"300ms\"",
-    ))
-    .await;
+    let p = start(config("size = 1", "[timeouts]\nidle_in_transaction = \"300ms\"")).await;
     let setup = connect(&p).await;
     setup.batch_execute("DROP TABLE IF EXISTS iit_t; CREATE TABLE iit_t (id int primary key, v int); INSERT INTO iit_t VALUES (1, 0)").await.unwrap();
     drop(setup);
     let idle = connect(&p).await;
-    idle.batch_execute("BEGIN; UPDATE iit_t SET v = 1 WHERE id = 1")
-        .await
-        .unwrap();
+    idle.batch_execute("BEGIN; UPDATE iit_t SET v = 1 WHERE id = 1").await.unwrap();
     tokio::time::sleep(Duration::from_millis(900)).await;
     let e = idle.simple_query("COMMIT").await.unwrap_err();
-    assert!(
-        e.is_closed() || e.code().map(|c| c.code()) == Some("25P03"),
-        "{e}"
-    );
+    assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("25P03"), "{e}");
     // The single pooled connection is free again, the row unlocked and unchanged.
     let next = connect(&p).await;
-    next.batch_execute("SET lock_timeout = '2s'; UPDATE iit_t SET v = 2 WHERE id = 1")
-        .await
-        .unwrap();
-    let v: i32 = next
-        .query_one("SELECT v FROM iit_t WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    next.batch_execute("SET lock_timeout = '2s'; UPDATE iit_t SET v = 2 WHERE id = 1").await.unwrap();
+    let v: i32 = next.query_one("SELECT v FROM iit_t WHERE id = 1", &[]).await.unwrap().get(0);
     assert_eq!(v, 2);
 }
 

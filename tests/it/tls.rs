@@ -8,34 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn psql(p: &pgfleet::app::Running, conninfo: &str, sql: &str) -> (bool, String) {
-    let url = format!(
-        "host=127.0.0.1 port={} user=app dbname=app {conninfo}",
-        p.addr.port()
-    );
+    let url = format!("host=127.0.0.1 port={} user=app dbname=app {conninfo}", p.addr.port());
     let out = Command::new(cluster().bindir.join("psql"))
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            &url,
-            "-c",
-            sql,
-        ])
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &url, "-c", sql])
         .env("PGPASSWORD", "app")
         .env("PGSSLCERT", "/nonexistent")
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 fn tls_config(dir: &Path, mode: &str) -> pgfleet::config::Config {
@@ -65,43 +45,23 @@ async fn client_tls_require_verify_full_channel_binding_and_reload() {
     let dir = temp_dir("client");
     make_certs(&dir, "server");
     let cfg = tls_config(&dir, "require");
-    assert!(
-        cfg.users.iter().any(|u| u.name == "app"
-            && u.password
-                .as_deref()
-                .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))),
-        "test setup"
-    );
+    assert!(cfg.users.iter().any(|u| u.name == "app" && u.password.as_deref().is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))), "test setup");
     let p = start(cfg.clone()).await;
     let ca = dir.join("ca.crt").display().to_string();
     tokio::task::block_in_place(|| {
         // sslmode=require, and verify-full against our CA with SCRAM-SHA-256-PLUS.
         let (ok, out) = psql(&p, "sslmode=require", "SELECT 1");
         assert!(ok && out.trim() == "1", "{out}");
-        let (ok, out) = psql(
-            &p,
-            &format!("sslmode=verify-full sslrootcert={ca} channel_binding=require"),
-            "\\conninfo",
-        );
+        let (ok, out) = psql(&p, &format!("sslmode=verify-full sslrootcert={ca} channel_binding=require"), "\\conninfo");
         assert!(ok, "{out}");
         assert!(out.contains("SSL connection"), "{out}");
         // Plaintext is refused with 28000.
         let (ok, out) = psql(&p, "sslmode=disable", "SELECT 1");
         assert!(!ok && out.contains("requires TLS"), "{out}");
         // A wrong password over TLS is still refused.
-        let url = format!(
-            "host=127.0.0.1 port={} user=app dbname=app sslmode=require",
-            p.addr.port()
-        );
-        let out = Command::new(cluster().bindir.join("psql"))
-            .args(["-X", "-d", &url, "-c", "SELECT 1"])
-            .env("PGPASSWORD", "nope")
-            .output()
-            .unwrap();
-        assert!(
-            !out.status.success()
-                && String::from_utf8_lossy(&out.stderr).contains("password authentication failed")
-        );
+        let url = format!("host=127.0.0.1 port={} user=app dbname=app sslmode=require", p.addr.port());
+        let out = Command::new(cluster().bindir.join("psql")).args(["-X", "-d", &url, "-c", "SELECT 1"]).env("PGPASSWORD", "nope").output().unwrap();
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("password authentication failed"));
     });
     // Rotate the certificate (a new CA), reload: new connections see it.
     let rotated = temp_dir("rotated");
@@ -112,21 +72,10 @@ async fn client_tls_require_verify_full_channel_binding_and_reload() {
     assert!(notes.is_empty(), "{notes:?}");
     let new_ca = rotated.join("ca.crt").display().to_string();
     tokio::task::block_in_place(|| {
-        let (ok, out) = psql(
-            &p,
-            &format!("sslmode=verify-full sslrootcert={new_ca}"),
-            "SELECT 2",
-        );
+        let (ok, out) = psql(&p, &format!("sslmode=verify-full sslrootcert={new_ca}"), "SELECT 2");
         assert!(ok && out.trim() == "2", "{out}");
-        let (ok, out) = psql(
-            &p,
-            &format!("sslmode=verify-full sslrootcert={ca}"),
-            "SELECT 3",
-        );
-        assert!(
-            !ok && out.contains("certificate verify failed"),
-            "the old CA no longer matches: {out}"
-        );
+        let (ok, out) = psql(&p, &format!("sslmode=verify-full sslrootcert={ca}"), "SELECT 3");
+        assert!(!ok && out.contains("certificate verify failed"), "the old CA no longer matches: {out}");
     });
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&rotated);
@@ -151,10 +100,7 @@ async fn client_tls_prefer_allows_both() {
 
 async fn server_ssl(p: &pgfleet::app::Running) -> String {
     let c = connect(p).await;
-    let rows = c
-        .simple_query("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-        .await
-        .unwrap();
+    let rows = c.simple_query("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await.unwrap();
     rows.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
@@ -185,10 +131,7 @@ async fn server_tls_verify_full_require_and_a_wrong_ca() {
              WHERE a.application_name = 'pgfleet-monitor' AND a.usename = 'md5user'",
         )
     });
-    assert_eq!(
-        ssl, "true",
-        "the monitor's connection to the primary uses TLS"
-    );
+    assert_eq!(ssl, "true", "the monitor's connection to the primary uses TLS");
     drop(p);
 
     let mut cfg = config("size = 2", "");
@@ -197,11 +140,7 @@ async fn server_tls_verify_full_require_and_a_wrong_ca() {
     assert_eq!(server_ssl(&p).await, "true");
 
     let p = start(config("size = 2", "")).await;
-    assert_eq!(
-        server_ssl(&p).await,
-        "false",
-        "disable (the default) stays plaintext"
-    );
+    assert_eq!(server_ssl(&p).await, "false", "disable (the default) stays plaintext");
 
     // verify-full against a CA that did not sign the server's certificate.
     let other = temp_dir("otherca");
@@ -210,9 +149,7 @@ async fn server_tls_verify_full_require_and_a_wrong_ca() {
     cfg.cluster.server_tls_mode = pgfleet::config::ServerTlsMode::VerifyFull;
     cfg.cluster.server_tls_ca = Some(other.join("ca.crt").display().to_string());
     let p = start(cfg).await;
-    let e = connect_with(&conn_str(&p, "app", "app", "app"))
-        .await
-        .unwrap_err();
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err();
     assert!(format!("{e:?}").contains("TLS handshake"), "{e:?}");
     let _ = std::fs::remove_dir_all(&other);
 }
