@@ -22,6 +22,42 @@ use tokio::sync::watch;
 
 pub const PRIMARY: &str = "primary";
 
+/// Failed logins of one client address within its window, and the proofs
+/// being checked right now.
+struct LoginFailures {
+    count: u32,
+    since: std::time::Instant,
+    verifying: u32,
+}
+
+/// One password check in flight (see App::login_attempt).
+pub struct LoginAttempt<'a> {
+    app: &'a App,
+    ip: std::net::IpAddr,
+    failed: bool,
+}
+
+impl LoginAttempt<'_> {
+    pub fn succeeded(mut self) {
+        self.failed = false;
+    }
+}
+
+impl Drop for LoginAttempt<'_> {
+    fn drop(&mut self) {
+        let window = self.app.config().auth.failed_login_window.0;
+        let mut map = self.app.failed_logins.lock().unwrap();
+        let Some(f) = map.get_mut(&self.ip) else { return };
+        f.verifying = f.verifying.saturating_sub(1);
+        if self.failed {
+            if f.since.elapsed() >= window {
+                (f.count, f.since) = (0, std::time::Instant::now());
+            }
+            f.count += 1;
+        }
+    }
+}
+
 pub struct App {
     /// The configuration in force; replaced whole by a reload.
     config: RwLock<Arc<Config>>,
@@ -37,8 +73,8 @@ pub struct App {
     passthrough: Mutex<HashMap<String, Arc<RwLock<crate::backend::Passthrough>>>>,
     /// Connect pacing per server address (and its rate).
     pacers: Mutex<HashMap<String, (u32, Arc<crate::limits::TokenBucket>)>>,
-    /// Failed logins per client address: (count, window start).
-    failed_logins: Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+    /// Failed logins per client address (see login_attempt).
+    failed_logins: Mutex<HashMap<std::net::IpAddr, LoginFailures>>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
     limits: RwLock<Arc<crate::limits::Limits>>,
     /// Replicas, groups and the lag snapshot; replaced when a reload changes them.
@@ -265,29 +301,36 @@ impl App {
 
     /// Seconds until `ip` may try to log in again, if it failed too often.
     pub fn login_blocked(&self, ip: std::net::IpAddr) -> Option<u64> {
-        let cfg = self.config();
-        let (max, window) = (cfg.auth.max_failed_logins, cfg.auth.failed_login_window.0);
-        if max == 0 {
-            return None;
-        }
-        let map = self.failed_logins.lock().unwrap();
-        let (count, since) = map.get(&ip)?;
-        let left = window.saturating_sub(since.elapsed());
-        (*count >= max && !left.is_zero()).then(|| left.as_secs().max(1))
+        self.login_wait(&self.failed_logins.lock().unwrap(), ip, false)
     }
 
-    /// Counts a failed login from `ip`.
-    pub fn login_failed(&self, ip: std::net::IpAddr) {
-        let window = self.config().auth.failed_login_window.0;
+    fn login_wait(&self, map: &HashMap<std::net::IpAddr, LoginFailures>, ip: std::net::IpAddr, in_flight: bool) -> Option<u64> {
+        let cfg = self.config();
+        let (max, window) = (cfg.auth.max_failed_logins, cfg.auth.failed_login_window.0);
+        let f = map.get(&ip).filter(|_| max > 0)?;
+        let left = if f.since.elapsed() < window { window - f.since.elapsed() } else if in_flight { window } else { return None };
+        let count = if f.since.elapsed() < window { f.count } else { 0 };
+        let pending = if in_flight { f.verifying } else { 0 };
+        (count + pending >= max).then(|| left.as_secs().max(1))
+    }
+
+    /// Called right before a password or SCRAM proof is checked: Err(seconds
+    /// to wait) when `ip` has used up its failed logins, counting the checks
+    /// other connections from `ip` are making at this moment. The check at
+    /// accept alone let parallel connections, all past it before any had
+    /// failed, try any number of passwords. The attempt counts as failed
+    /// unless `succeeded` is called.
+    pub fn login_attempt(&self, ip: std::net::IpAddr) -> Result<LoginAttempt<'_>, u64> {
         let mut map = self.failed_logins.lock().unwrap();
+        if let Some(secs) = self.login_wait(&map, ip, true) {
+            return Err(secs);
+        }
         if map.len() > 100_000 {
-            map.retain(|_, (_, since)| since.elapsed() < window);
+            let window = self.config().auth.failed_login_window.0;
+            map.retain(|_, f| f.verifying > 0 || f.since.elapsed() < window);
         }
-        let e = map.entry(ip).or_insert((0, std::time::Instant::now()));
-        if e.1.elapsed() >= window {
-            *e = (0, std::time::Instant::now());
-        }
-        e.0 += 1;
+        map.entry(ip).or_insert(LoginFailures { count: 0, since: std::time::Instant::now(), verifying: 0 }).verifying += 1;
+        Ok(LoginAttempt { app: self, ip, failed: true })
     }
 
     pub fn limits(&self) -> Arc<crate::limits::Limits> {

@@ -53,7 +53,7 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     if let Some(secs) = app.login_blocked(peer.ip()) {
-        let message = format!("too many failed login attempts from {}; try again in {secs} s (auth.max_failed_logins)", peer.ip());
+        let message = startup::too_many_failures(peer.ip(), secs);
         tracing::warn!("{message}");
         fatal(&mut tcp, sqlstate::INVALID_AUTHORIZATION, &message).await;
         return;
@@ -94,7 +94,7 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     };
     // Boxed: the startup state machine is large and only lives during login;
     // inline, it would stay part of every idle client's task.
-    let handshake = startup::handshake(&app, &mut stream, &mut buf, end_point.as_deref());
+    let handshake = startup::handshake(&app, &mut stream, &mut buf, end_point.as_deref(), peer.ip());
     let login = match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
         Err(_) => {
             fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
@@ -104,9 +104,6 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(None)) | Ok(Err(StartupError::Gone)) => return,
         Ok(Err(StartupError::Fatal { code, message })) => {
             tracing::info!(sqlstate = code, error = %message, "client login refused");
-            if code == sqlstate::INVALID_PASSWORD {
-                app.login_failed(peer.ip());
-            }
             fatal(&mut stream, code, &message).await;
             return;
         }

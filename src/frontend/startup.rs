@@ -11,6 +11,7 @@ use crate::wire::{self, build, sqlstate, WireError};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::net::Stream;
+use std::net::IpAddr;
 
 /// Largest message accepted during authentication.
 const MAX_AUTH_MSG: usize = 10_000;
@@ -82,6 +83,7 @@ pub async fn handshake(
     stream: &mut Stream,
     buf: &mut BytesMut,
     channel_binding: Option<&[u8]>,
+    peer: IpAddr,
 ) -> Result<Option<Login>, StartupError> {
     let params = loop {
         match read_startup(stream, buf).await? {
@@ -124,7 +126,7 @@ pub async fn handshake(
         });
     }
     let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    authenticate(app, stream, buf, &user, &database, channel_binding).await?;
+    authenticate(app, stream, buf, &user, &database, channel_binding, peer).await?;
     if crate::admin::is_admin_database(&database) {
         if !app.config().admin.users.contains(&user) {
             return Err(StartupError::Fatal {
@@ -169,6 +171,25 @@ async fn read_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<Bytes,
     }
 }
 
+/// Why a client address that failed to log in too often is refused (28000).
+pub fn too_many_failures(peer: IpAddr, secs: u64) -> String {
+    format!("too many failed login attempts from {peer}; try again in {secs} s (auth.max_failed_logins)")
+}
+
+/// Checks a client's proof with `check`, counted against the failed logins
+/// of its address (App::login_attempt).
+fn verify<T>(app: &App, peer: IpAddr, check: impl FnOnce() -> Result<T, StartupError>) -> Result<T, StartupError> {
+    let attempt = app.login_attempt(peer).map_err(|secs| StartupError::Fatal {
+        code: sqlstate::INVALID_AUTHORIZATION,
+        message: too_many_failures(peer, secs),
+    })?;
+    let r = check();
+    if r.is_ok() {
+        attempt.succeeded();
+    }
+    r
+}
+
 fn auth_failed(user: &str) -> StartupError {
     StartupError::Fatal {
         code: sqlstate::INVALID_PASSWORD,
@@ -183,6 +204,7 @@ async fn authenticate(
     user: &str,
     database: &str,
     cb: Option<&[u8]>,
+    peer: IpAddr,
 ) -> Result<(), StartupError> {
     let method = app.config().auth.method;
     let configured = app.config().user(user).is_some();
@@ -197,21 +219,21 @@ async fn authenticate(
     let mut proof = crate::backend::Passthrough::default();
     match (method, secret) {
         (AuthMethod::Trust, _) if configured => {}
-        (AuthMethod::Trust, _) => return Err(auth_failed(user)),
+        (AuthMethod::Trust, _) => return verify(app, peer, || Err(auth_failed(user))),
         (_, Some(Secret::Md5(v))) => {
-            md5_exchange(stream, buf, &v, user).await?;
+            md5_exchange(app, peer, stream, buf, &v, user).await?;
             proof.md5 = Some(v);
         }
         (AuthMethod::Md5, Some(Secret::Plain { password, .. })) => {
-            md5_exchange(stream, buf, &md5_verifier(user, &password), user).await?;
+            md5_exchange(app, peer, stream, buf, &md5_verifier(user, &password), user).await?;
             proof.password = Some(password);
         }
         (_, Some(Secret::Plain { scram, password })) => {
-            scram_exchange(stream, buf, &scram, user, cb).await?;
+            scram_exchange(app, peer, stream, buf, &scram, user, cb).await?;
             proof.password = Some(password);
         }
         (_, Some(Secret::Scram(scram))) => {
-            let client_key = scram_exchange(stream, buf, &scram, user, cb).await?;
+            let client_key = scram_exchange(app, peer, stream, buf, &scram, user, cb).await?;
             proof.scram = Some((client_key, scram.server_key));
         }
         // Unknown user: run the exchange a configured user would get,
@@ -219,11 +241,11 @@ async fn authenticate(
         // names exist.
         (AuthMethod::Md5, None) => {
             let mock = md5_verifier(user, &format!("{:?}", app.mock_verifier(user).stored_key));
-            md5_exchange(stream, buf, &mock, user).await?;
+            md5_exchange(app, peer, stream, buf, &mock, user).await?;
             return Err(auth_failed(user));
         }
         (_, None) => {
-            scram_exchange(stream, buf, &app.mock_verifier(user), user, cb).await?;
+            scram_exchange(app, peer, stream, buf, &app.mock_verifier(user), user, cb).await?;
             return Err(auth_failed(user));
         }
     }
@@ -236,21 +258,19 @@ async fn authenticate(
     Ok(())
 }
 
-async fn md5_exchange(stream: &mut Stream, buf: &mut BytesMut, verifier: &str, user: &str) -> Result<(), StartupError> {
+async fn md5_exchange(app: &App, peer: IpAddr, stream: &mut Stream, buf: &mut BytesMut, verifier: &str, user: &str) -> Result<(), StartupError> {
     let salt: [u8; 4] = rand::random();
     let mut out = BytesMut::with_capacity(16);
     build::auth_md5(&mut out, salt);
     stream.write_all(&out).await?;
     let body = read_password(stream, buf).await?;
     let response = wire::Reader::new(&body).cstr()?;
-    if md5_check(verifier, salt, response) {
-        Ok(())
-    } else {
-        Err(auth_failed(user))
-    }
+    verify(app, peer, || if md5_check(verifier, salt, response) { Ok(()) } else { Err(auth_failed(user)) })
 }
 
 async fn scram_exchange(
+    app: &App,
+    peer: IpAddr,
     stream: &mut Stream,
     buf: &mut BytesMut,
     verifier: &ScramVerifier,
@@ -293,7 +313,7 @@ async fn scram_exchange(
     build::auth_sasl_continue(&mut out, server_first.as_bytes());
     stream.write_all(&out).await?;
     let client_final = read_password(stream, buf).await?;
-    let (server_final, client_key) = state.finish_with_key(&client_final).map_err(scram_err)?;
+    let (server_final, client_key) = verify(app, peer, || state.finish_with_key(&client_final).map_err(scram_err))?;
     out.clear();
     build::auth_sasl_final(&mut out, server_final.as_bytes());
     stream.write_all(&out).await?;

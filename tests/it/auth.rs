@@ -86,6 +86,38 @@ async fn failed_logins_are_rate_limited_per_source() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_connections_cannot_try_more_passwords_than_the_limit() {
+    use tokio::io::AsyncWriteExt;
+    let p = start(config("size = 1", "[auth]\nmethod = \"md5\"\nmax_failed_logins = 3\nfailed_login_window = \"60s\"")).await;
+    // Twelve connections all get past the check at accept and wait at the
+    // password prompt before any of them has failed...
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let mut out = bytes::BytesMut::new();
+        pgfleet::wire::startup::startup_message(&mut out, &[("user", "app"), ("database", "app")]);
+        let mut raw = RawClient { stream: tokio::net::TcpStream::connect(p.addr).await.unwrap(), buf: bytes::BytesMut::new() };
+        raw.stream.write_all(&out).await.unwrap();
+        let (tag, m) = raw.next().await.unwrap();
+        assert_eq!((tag, i32::from_be_bytes(m[5..9].try_into().unwrap())), (b'R', 5), "md5 challenge");
+        clients.push(raw);
+    }
+    // ...then all send a wrong password at once.
+    let mut tries = tokio::task::JoinSet::new();
+    for mut raw in clients {
+        tries.spawn(async move {
+            let mut out = bytes::BytesMut::new();
+            postgres_protocol::message::frontend::password_message(b"md5ffffffffffffffffffffffffffffffff", &mut out).unwrap();
+            raw.stream.write_all(&out).await.unwrap();
+            raw.error_code().await.unwrap()
+        });
+    }
+    let codes = tries.join_all().await;
+    let checked = codes.iter().filter(|c| *c == "28P01").count();
+    assert_eq!(checked, 3, "only max_failed_logins passwords were checked: {codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "28000").count(), 9, "{codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_query_users_log_in_without_any_password_in_the_config() {
     let c = cluster();
     tokio::task::block_in_place(|| {
@@ -101,6 +133,8 @@ async fn auth_query_users_log_in_without_any_password_in_the_config() {
     // md5user is left out of [[users]]: it is found by auth_query too (md5 verifier).
     cfg.users.retain(|u| u.name != "md5user");
     cfg.auth.auth_user = Some("postgres".into());
+    // The burst below fails 20 logins from one address on purpose.
+    cfg.auth.max_failed_logins = 100;
     cfg.auth.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
     let p = start(cfg).await;
     // SCRAM verifier from pg_shadow: the client's proof logs pgfleet in (pass-through).
