@@ -125,6 +125,9 @@ impl Session {
             _ => false,
         };
         if handled {
+            // Kept for a read retry too: its answer is queued behind the
+            // read's, and a retry starts the queue over from what it replays.
+            self.record(msg);
             self.emit_synth();
         }
         Ok(handled)

@@ -419,3 +419,61 @@ async fn session_mode_statement_names_survive_discard_all_and_deallocate() {
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["26000".into()]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_retried_elsewhere_keeps_the_answers_pgfleet_gives_itself() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    tokio::task::block_in_place(|| {
+        c.psql_on(c.primary, "app", "CREATE TABLE IF NOT EXISTS retry_lock_t AS SELECT 'retry-marker'::text AS v; GRANT SELECT ON retry_lock_t TO PUBLIC");
+    });
+    let p = routing_proxy("size = 2", "5s", "off").await;
+    // The read must block on r1 before the server sends anything (a
+    // RowDescription already sent cannot be taken back, so no retry): an
+    // ACCESS EXCLUSIVE lock taken on the primary is replayed on r1 and
+    // holds the read in parse analysis.
+    let (holder, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 port={} user=postgres dbname=app", c.primary), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    holder.batch_execute("BEGIN; LOCK TABLE retry_lock_t IN ACCESS EXCLUSIVE MODE; SELECT pg_switch_wal()").await.unwrap();
+    let r1 = c.replicas[0];
+    let replayed = async {
+        let sql = "SELECT count(*) FROM pg_locks WHERE relation = (SELECT oid FROM pg_class WHERE relname = 'retry_lock_t') AND mode = 'AccessExclusiveLock'";
+        while tokio::task::block_in_place(|| c.psql_on(r1, "app", sql)) != "1" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), replayed).await.expect("r1 replayed the lock");
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    // A replica read and, in the same write, a statement pgfleet answers
+    // itself: its answer waits behind the read's.
+    let mut out = msg(b'Q', b"SELECT v FROM retry_lock_t\0");
+    out.extend(msg(b'Q', b"SHOW pgfleet.route\0"));
+    raw.stream.write_all(&out).await.unwrap();
+    // r1's backend is terminated while it waits: the read is retried
+    // elsewhere (r1 is marked down; the default group falls back to the
+    // primary, where it waits for the lock holder).
+    let killed = async {
+        loop {
+            let out = tokio::task::block_in_place(|| {
+                c.psql_on(
+                    r1,
+                    "app",
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE query = 'SELECT v FROM retry_lock_t' AND wait_event_type = 'Lock'",
+                )
+            });
+            if out.trim() == "1" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), killed).await.expect("the read waited on r1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["retry-marker".to_string()], vec![]));
+    assert_eq!(read_cycle(&mut raw).await, (vec!["auto".to_string()], vec![]), "pgfleet's own answer after the retry");
+    assert_eq!(p.app.metrics.errors.with_label_values(&["retried"]).get(), 1, "retried once");
+}
