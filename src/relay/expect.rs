@@ -64,6 +64,10 @@ pub enum Pending {
     Swallow(Kind),
     /// pgfleet answers it itself, at this position in the response stream.
     Synth(Synth),
+    /// pgfleet sent it to fail on purpose, so that the server's transaction
+    /// fails where the client saw one of pgfleet's own answers fail; its
+    /// ErrorResponse is hidden, and the server skips to the next Sync.
+    Abort,
 }
 
 /// Answers pgfleet gives without asking a server.

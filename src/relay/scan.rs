@@ -168,7 +168,7 @@ impl Session {
 
     fn on_error(&mut self, head: Option<Pending>, fields: Vec<(u8, String)>) -> bool {
         if let Some((_, code)) = fields.iter().find(|(c, _)| *c == b'C') {
-            if !matches!(head, Some(Pending::Swallow(Kind::Query))) {
+            if !matches!(head, Some(Pending::Swallow(Kind::Query) | Pending::Abort)) {
                 self.app.metrics.errors.with_label_values(&[code]).inc();
             }
         }
@@ -176,6 +176,10 @@ impl Session {
             Some(Pending::Swallow(Kind::Query)) => {
                 let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
                 tracing::warn!(parent: &self.span, error = msg.unwrap_or(""), "applying session settings on a server connection failed");
+                false
+            }
+            Some(Pending::Abort) => {
+                self.expect.skip_to_sync();
                 false
             }
             Some(Pending::Fwd(k) | Pending::Swallow(k)) if k.is_extended() => {

@@ -47,8 +47,11 @@ impl Session {
         let handled = match tag {
             b'Q' => {
                 let Some(v) = self.classify_virtual(wire::body(msg)) else { return Ok(false) };
-                let out = self.run_virtual(&v, true);
-                self.expect.push_payload(out.0);
+                let (out, ok) = self.run_virtual(&v, true);
+                self.expect.push_payload(out);
+                if !ok {
+                    self.fail_server_transaction(true);
+                }
                 self.expect.push(Pending::Synth(Synth::Ready));
                 true
             }
@@ -105,10 +108,11 @@ impl Session {
                 match self.virtual_portals.get(portal).cloned() {
                     Some(v) => {
                         let (out, ok) = self.run_virtual(&v, false);
+                        self.expect.push_payload(out);
                         if !ok {
                             self.discard_to_sync = true;
+                            self.fail_server_transaction(false);
                         }
-                        self.expect.push_payload(out);
                         true
                     }
                     None => false,
@@ -131,6 +135,29 @@ impl Session {
             self.emit_synth();
         }
         Ok(handled)
+    }
+
+    /// A virtual statement failed: on PostgreSQL the error would abort the
+    /// transaction it ran in (an explicit one, or the implicit one of an
+    /// extended batch, whose earlier statements must not commit at its
+    /// Sync). The bound server's transaction is made to fail the same way,
+    /// with a Bind of a statement that cannot exist (no side effects), its
+    /// error hidden. `own_sync`: a simple Query has no Sync of the client's
+    /// to end the error; pgfleet sends one and hides its ReadyForQuery (the
+    /// virtual's own, queued next, reports the status it leaves). Outside a
+    /// transaction this is harmless: nothing is open to abort.
+    fn fail_server_transaction(&mut self, own_sync: bool) {
+        if self.server.is_none() {
+            return;
+        }
+        let mut b = BytesMut::with_capacity(48);
+        build::bind(&mut b, b"", b"\x01pgfleet: a virtual statement failed", &[0, 0, 0, 0, 0, 0]);
+        self.expect.push(Pending::Abort);
+        if own_sync {
+            build::sync(&mut b);
+            self.expect.push(Pending::Swallow(super::expect::Kind::Sync));
+        }
+        self.sout.extend_from_slice(&b);
     }
 
     /// Executes a virtual statement: (response bytes, success).

@@ -477,3 +477,61 @@ async fn a_read_retried_elsewhere_keeps_the_answers_pgfleet_gives_itself() {
     assert_eq!(read_cycle(&mut raw).await, (vec!["auto".to_string()], vec![]), "pgfleet's own answer after the retry");
     assert_eq!(p.app.metrics.errors.with_label_values(&["retried"]).get(), 1, "retried once");
 }
+
+/// Reads to ReadyForQuery: the message tags, SQLSTATEs and the status.
+async fn read_until_ready(raw: &mut RawClient) -> (Vec<u8>, Vec<String>, u8) {
+    let (mut tags, mut codes) = (Vec::new(), Vec::new());
+    loop {
+        let (tag, m) = raw.next().await.unwrap();
+        tags.push(tag);
+        match tag {
+            b'E' => codes.extend(pgfleet::wire::error_fields(&m).into_iter().filter(|(k, _)| *k == b'C').map(|(_, v)| v)),
+            b'Z' => return (tags, codes, m[5]),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_virtual_statement_aborts_the_transaction_it_ran_in() {
+    let c = cluster();
+    tokio::task::block_in_place(|| {
+        c.psql_on(c.primary, "app", "CREATE TABLE IF NOT EXISTS virt_abort_t (v text); GRANT ALL ON virt_abort_t TO PUBLIC");
+    });
+    let p = proxy(2).await;
+    let count = |v: &'static str| {
+        tokio::task::block_in_place(|| c.psql_on(c.primary, "app", &format!("SELECT count(*) FROM virt_abort_t WHERE v = '{v}'")))
+    };
+    // Extended batch: an INSERT, then a virtual SET that fails. On
+    // PostgreSQL the error rolls back the batch's implicit transaction.
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = pbe("", Some("INSERT INTO virt_abort_t VALUES ('batch')"));
+    out.extend(pbe("", Some("SET pgfleet.route = 'bogus'")));
+    out.extend(msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    let (tags, codes, status) = read_until_ready(&mut raw).await;
+    assert_eq!((tags, codes, status), (b"12C12EZ".to_vec(), vec!["22023".to_string()], b'I'));
+    assert_eq!(count("batch"), "0", "the INSERT before the failed statement did not commit");
+    // The connection is clean for the next batch.
+    raw.stream.write_all(&[pbe("", Some("INSERT INTO virt_abort_t VALUES ('next')")), msg(b'S', b"")].concat()).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"12CZ".to_vec(), vec![], b'I'));
+    assert_eq!(count("next"), "1");
+
+    // Simple protocol, explicit transaction: the failure leaves it failed
+    // ('E'), and COMMIT rolls back, as PostgreSQL does.
+    for sql in ["BEGIN", "INSERT INTO virt_abort_t VALUES ('tx')"] {
+        raw.stream.write_all(&msg(b'Q', format!("{sql}\0").as_bytes())).await.unwrap();
+        assert_eq!(read_until_ready(&mut raw).await.2, b'T', "{sql}");
+    }
+    raw.stream.write_all(&msg(b'Q', b"SET pgfleet.route = 'bogus'\0")).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"EZ".to_vec(), vec!["22023".to_string()], b'E'));
+    raw.stream.write_all(&msg(b'Q', b"SELECT 1\0")).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"EZ".to_vec(), vec!["25P02".to_string()], b'E'));
+    raw.stream.write_all(&msg(b'Q', b"COMMIT\0")).await.unwrap();
+    let (tags, codes, status) = read_until_ready(&mut raw).await;
+    assert_eq!((tags, codes, status), (b"CZ".to_vec(), vec![], b'I'));
+    assert_eq!(count("tx"), "0", "COMMIT of the failed transaction rolled back");
+    // Outside a transaction a failed virtual statement changes nothing.
+    raw.stream.write_all(&msg(b'Q', b"SET pgfleet.route = 'bogus'\0")).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"EZ".to_vec(), vec!["22023".to_string()], b'I'));
+}
