@@ -82,7 +82,14 @@ pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
         match tag {
             b'X' => return,
             b'Q' => {
-                let sql = wire::Reader::new(wire::body(&msg)).cstr_utf8().unwrap_or("").to_string();
+                let Ok(sql) = wire::Reader::new(wire::body(&msg)).cstr_utf8().map(str::to_string) else {
+                    build::error_response(&mut out, "ERROR", sqlstate::CHARACTER_NOT_IN_REPERTOIRE, "invalid byte sequence for encoding \"UTF8\"");
+                    build::ready_for_query(&mut out, b'I');
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    continue;
+                };
                 for cmd in sql.split(';').map(str::trim).filter(|c| !c.is_empty()) {
                     if let Err((code, m)) = run(&app, cmd, &mut out).await {
                         build::error_response(&mut out, "ERROR", code, &m);

@@ -33,6 +33,7 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
 }
 
 /// Why a byte stream could not be decoded.

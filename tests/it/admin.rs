@@ -111,6 +111,29 @@ async fn non_admin_users_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_is_not_utf8_gets_22021() {
+    use tokio::io::AsyncWriteExt;
+    let p = proxy(2).await;
+    let mut startup = bytes::BytesMut::new();
+    pgfleet::wire::startup::startup_message(&mut startup, &[("user", "admin"), ("database", "pgfleet")]);
+    let (mut raw, _) = RawClient::login_with(&p, &startup, "admin").await;
+    // "SHOW POOLS" with a Latin-1 byte in it: an error, not an empty query.
+    raw.stream.write_all(b"Q\0\0\0\x11SHOW POOLS\xe9;\0").await.unwrap();
+    assert_eq!(raw.error_code().await.as_deref(), Some("22021"));
+    assert_eq!(raw.next().await.map(|m| m.0), Some(b'Z'));
+    // The session goes on.
+    raw.stream.write_all(b"Q\0\0\0\x0fSHOW POOLS\0").await.unwrap();
+    let mut tags = Vec::new();
+    while let Some((tag, _)) = raw.next().await {
+        tags.push(tag);
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(tags.first(), Some(&b'T'), "{tags:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_and_kill() {
     let p = proxy(2).await;
     let admin = admin_client(&p, "pgfleet").await;
