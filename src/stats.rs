@@ -29,8 +29,6 @@ pub struct PoolCounters {
     pub binds: AtomicU64,
     /// Checkouts that had to queue.
     pub waits: AtomicU64,
-    /// Longest current wait start (unix µs, 0 = nobody waiting) for maxwait.
-    pub oldest_wait_us: AtomicU64,
 }
 
 /// Per-workload routing counters (SHOW WORKLOADS).

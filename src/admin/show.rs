@@ -81,7 +81,7 @@ fn pools(app: &App) -> Table {
         sv_active: usize,
         sv_idle: usize,
         sv_login: usize,
-        oldest_wait_us: u64,
+        longest_wait: std::time::Duration,
     }
     let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
     for p in app.pools() {
@@ -91,10 +91,7 @@ fn pools(app: &App) -> Table {
         r.sv_active += active;
         r.sv_idle += st.idle;
         r.sv_login += st.total.saturating_sub(st.idle + active);
-        let w = p.counters.oldest_wait_us.load(Ordering::Relaxed);
-        if w > 0 && (r.oldest_wait_us == 0 || w < r.oldest_wait_us) {
-            r.oldest_wait_us = w;
-        }
+        r.longest_wait = r.longest_wait.max(p.longest_wait());
     }
     for c in app.conns.clients.lock().unwrap().values() {
         let r = rows.entry((c.database.clone(), c.user.clone())).or_default();
@@ -104,9 +101,8 @@ fn pools(app: &App) -> Table {
             _ => {}
         }
     }
-    let now = crate::stats::now_us();
     for ((db, user), r) in rows {
-        let wait = if r.oldest_wait_us == 0 { 0 } else { now.saturating_sub(r.oldest_wait_us) };
+        let wait = r.longest_wait.as_micros() as u64;
         t.row(vec![
             s(db), s(user), s(r.cl_active), s(r.cl_waiting), s(0), s(0), s(r.sv_active), s(0), s(0),
             s(r.sv_idle), s(0), s(0), s(r.sv_login), s(wait / 1_000_000), s(wait % 1_000_000), s(mode(app)), None,

@@ -81,6 +81,7 @@ enum Grant {
 struct Waiter {
     tx: oneshot::Sender<Grant>,
     deadline: Instant,
+    since: Instant,
 }
 
 /// Guarded by `Pool::state`; the lock is never held across an await.
@@ -281,6 +282,13 @@ impl Pool {
         Some(c)
     }
 
+    /// How long the longest-waiting checkout still in the queue has waited
+    /// (SHOW POOLS' maxwait); zero when nobody waits.
+    pub fn longest_wait(&self) -> Duration {
+        let s = self.state.lock().unwrap();
+        s.waiters.iter().filter(|w| !w.tx.is_closed()).map(|w| w.since.elapsed()).max().unwrap_or_default()
+    }
+
     /// Gets a connection, waiting at most `checkout_timeout`.
     pub async fn checkout(self: &Arc<Self>) -> Result<Conn, PoolError> {
         let started = Instant::now();
@@ -297,7 +305,7 @@ impl Pool {
                 }
                 None => {
                     let (tx, rx) = oneshot::channel();
-                    s.waiters.push_back(Waiter { tx, deadline });
+                    s.waiters.push_back(Waiter { tx, deadline, since: started });
                     if !s.expiry_started {
                         s.expiry_started = true;
                         tokio::spawn(expire_waiters(Arc::downgrade(self), self.expiry.clone()));
@@ -317,12 +325,8 @@ impl Pool {
         if waited {
             self.wait_count.inc();
             PoolCounters::add(&self.counters.waits, 1);
-            let _ = self.counters.oldest_wait_us.compare_exchange(0, crate::stats::now_us(), Ordering::Relaxed, Ordering::Relaxed);
         }
         let result = self.checkout_inner(next, started).await;
-        if waited {
-            self.counters.oldest_wait_us.store(0, Ordering::Relaxed);
-        }
         let elapsed = started.elapsed();
         self.wait_seconds.observe(elapsed.as_secs_f64());
         PoolCounters::add(&self.counters.wait_us, elapsed.as_micros() as u64);

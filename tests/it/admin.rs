@@ -134,6 +134,35 @@ async fn a_query_that_is_not_utf8_gets_22021() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maxwait_is_the_longest_wait_of_the_clients_still_waiting() {
+    use std::time::Duration;
+    let p = start(config("size = 1\ncheckout_timeout = \"1s\"", "")).await;
+    let admin = admin_client(&p, "pgfleet").await;
+    let holder = connect(&p).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let maxwait = || async {
+        let (_, rows) = show(&admin, "POOLS").await;
+        let r = rows.iter().find(|r| r["database"] == "app" && r["user"] == "app").expect("app pool row").clone();
+        r["maxwait"].parse::<u64>().unwrap() * 1_000_000 + r["maxwait_us"].parse::<u64>().unwrap()
+    };
+    let (first, second) = (connect(&p).await, connect(&p).await);
+    let a = tokio::spawn(async move { first.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = tokio::spawn(async move { second.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let w = maxwait().await;
+    assert!((600_000..1_000_000).contains(&w), "the first waiter's wait: {w} µs");
+    // The first waiter gives up (checkout_timeout); the second still waits.
+    assert!(a.await.unwrap().is_err());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!b.is_finished());
+    let w = maxwait().await;
+    assert!((500_000..1_000_000).contains(&w), "the second waiter's wait: {w} µs");
+    assert!(b.await.unwrap().is_err());
+    assert_eq!(maxwait().await, 0, "nobody waits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_and_kill() {
     let p = proxy(2).await;
     let admin = admin_client(&p, "pgfleet").await;
