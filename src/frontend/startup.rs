@@ -48,6 +48,9 @@ pub struct Login {
 pub async fn negotiate(tcp: &mut tokio::net::TcpStream, buf: &mut BytesMut, tls_available: bool) -> Result<bool, StartupError> {
     use crate::wire::startup::{GSSENC_REQUEST, SSL_REQUEST};
     use bytes::Buf;
+    // Each request is answered once; a repeated one goes on to `handshake`,
+    // which refuses it, as PostgreSQL does.
+    let (mut ssl_done, mut gss_done) = (false, false);
     loop {
         while buf.len() < 8 {
             if tcp.read_buf(buf).await? == 0 {
@@ -56,10 +59,12 @@ pub async fn negotiate(tcp: &mut tokio::net::TcpStream, buf: &mut BytesMut, tls_
         }
         let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
         let code = i32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
-        if len != 8 || !(code == SSL_REQUEST || code == GSSENC_REQUEST) {
+        if len != 8 || !((code == SSL_REQUEST && !ssl_done) || (code == GSSENC_REQUEST && !gss_done)) {
             return Ok(false);
         }
         buf.advance(8);
+        ssl_done |= code == SSL_REQUEST;
+        gss_done |= code == GSSENC_REQUEST;
         if code == SSL_REQUEST && tls_available {
             if !buf.is_empty() {
                 // Bytes sent before the TLS handshake would be trusted as if
@@ -87,7 +92,15 @@ pub async fn handshake(
 ) -> Result<Option<Login>, StartupError> {
     let params = loop {
         match read_startup(stream, buf).await? {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
+            // Already answered by `negotiate` (or sent inside TLS): as
+            // PostgreSQL, which takes each once, before the startup packet.
+            p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                let code = if matches!(p, StartupPacket::SslRequest) { 5679 } else { 5680 };
+                return Err(StartupError::Fatal {
+                    code: sqlstate::FEATURE_NOT_SUPPORTED,
+                    message: format!("unsupported frontend protocol 1234.{code}: server supports 3.0 to 3.0"),
+                });
+            }
             StartupPacket::Cancel { pid, secret } => {
                 app.cancels.cancel(pid, secret).await;
                 return Ok(None);

@@ -44,6 +44,18 @@ async fn ssl_and_gss_requests_are_declined() {
         let mut answer = [0u8; 1];
         s.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"N");
+        // Asked again: refused as PostgreSQL does (each is taken once).
+        s.write_all(&pkt).await.unwrap();
+        let mut raw = RawClient { stream: s, buf: BytesMut::new() };
+        assert_eq!(raw.error_code().await.as_deref(), Some("0A000"));
+    }
+    // GSSENCRequest, then SSLRequest (libpq's gssencmode=prefer order): both answered.
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    for code in [80877104u32, 80877103] {
+        s.write_all(&[8u32.to_be_bytes(), code.to_be_bytes()].concat()).await.unwrap();
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
     }
     // libpq-style sslmode=prefer falls back to plaintext.
     let out = run_client(

@@ -82,6 +82,31 @@ async fn client_tls_require_verify_full_channel_binding_and_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ssl_request_inside_tls_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("twice");
+    make_certs(&dir, "server");
+    let p = start(tls_config(&dir, "require")).await;
+    let ssl_request = [8u32.to_be_bytes(), 80877103u32.to_be_bytes()].concat();
+    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    tcp.write_all(&ssl_request).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let tls = pgfleet::tls::ClientTls::new(pgfleet::config::ServerTlsMode::Require, None).unwrap().unwrap();
+    let name = pgfleet::tls::ClientTls::server_name("127.0.0.1:0").unwrap();
+    let mut s = tls.connector.connect(name, tcp).await.unwrap();
+    // Inside TLS, asking for TLS again is a protocol error, not an 'N'.
+    s.write_all(&ssl_request).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut got)).await.expect("closed in time");
+    assert_eq!(got.first(), Some(&b'E'), "{got:?}");
+    let fields = pgfleet::wire::error_fields(&got);
+    assert!(fields.iter().any(|(k, v)| *k == b'C' && v == "0A000"), "{fields:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_tls_prefer_allows_both() {
     let dir = temp_dir("prefer");
     make_certs(&dir, "server");
