@@ -305,6 +305,9 @@ impl App {
     }
 
     fn login_wait(&self, map: &HashMap<std::net::IpAddr, LoginFailures>, ip: std::net::IpAddr, in_flight: bool) -> Option<u64> {
+        if ip.is_unspecified() {
+            return None; // a Unix-socket client: no address to hold back
+        }
         let cfg = self.config();
         let (max, window) = (cfg.auth.max_failed_logins, cfg.auth.failed_login_window.0);
         let f = map.get(&ip).filter(|_| max > 0)?;
@@ -596,6 +599,8 @@ pub struct Running {
     pub app: Arc<App>,
     /// Where /metrics is served, when `admin.metrics_addr` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The Unix-domain socket file, when `listen.unix_socket_dir` is set.
+    pub unix_socket: Option<std::path::PathBuf>,
 }
 
 impl Running {
@@ -637,8 +642,36 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
         }
         None => None,
     };
+    let unix_socket = match &cfg.listen.unix_socket_dir {
+        Some(dir) => {
+            let path = std::path::Path::new(dir).join(format!(".s.PGSQL.{}", addr.port()));
+            let l = bind_unix(&path, cfg.listen.unix_socket_mode().unwrap_or(0o777))?;
+            tokio::spawn(frontend::accept_unix_loop(app.clone(), l, path.clone(), addr));
+            Some(path)
+        }
+        None => None,
+    };
     tokio::spawn(frontend::accept_loop(app.clone(), listener));
-    Ok(Running { addr, app, metrics_addr })
+    Ok(Running { addr, app, metrics_addr, unix_socket })
+}
+
+/// Binds the Unix-domain client socket at `path` with permissions `mode`.
+/// A file already there is replaced: a stale one left by a crash, or the
+/// socket of a pgfleet being replaced by this one (as with the TCP
+/// listener's SO_REUSEPORT, the newest process takes new clients; the old
+/// one leaves the file alone when it stops).
+fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(named(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")));
+        }
+        std::fs::remove_file(path).map_err(named)?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(named)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(named)?;
+    Ok(l)
 }
 
 /// Binds the client listener with SO_REUSEPORT, so a new pgfleet can bind

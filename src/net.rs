@@ -15,6 +15,9 @@ use tokio::net::{TcpStream, UnixStream};
 
 pub enum Stream {
     Tcp(TcpStream),
+    /// A client on the Unix-domain socket (`listen.unix_socket_dir`); `local`
+    /// is the TCP listener's address (same port).
+    Unix { inner: UnixStream, local: SocketAddr },
     /// The relay's end of a TLS tunnel; `local` is the TCP socket's address.
     Tunnel { inner: UnixStream, local: SocketAddr },
 }
@@ -23,14 +26,14 @@ impl Stream {
     pub async fn readable(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.readable().await,
-            Stream::Tunnel { inner, .. } => inner.readable().await,
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => inner.readable().await,
         }
     }
 
     pub async fn writable(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.writable().await,
-            Stream::Tunnel { inner, .. } => inner.writable().await,
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => inner.writable().await,
         }
     }
 
@@ -40,14 +43,14 @@ impl Stream {
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Tcp(s) => s.poll_read_ready(cx),
-            Stream::Tunnel { inner, .. } => inner.poll_read_ready(cx),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => inner.poll_read_ready(cx),
         }
     }
 
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Tcp(s) => s.poll_write_ready(cx),
-            Stream::Tunnel { inner, .. } => inner.poll_write_ready(cx),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => inner.poll_write_ready(cx),
         }
     }
 
@@ -62,7 +65,7 @@ impl Stream {
         buf.reserve(chunk);
         match self {
             Stream::Tcp(s) => read_clearing(buf, |f| s.try_io(Interest::READABLE, f), |b| s.try_read_buf(b)),
-            Stream::Tunnel { inner, .. } => {
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => {
                 read_clearing(buf, |f| inner.try_io(Interest::READABLE, f), |b| inner.try_read_buf(b))
             }
         }
@@ -71,26 +74,32 @@ impl Stream {
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_read(buf),
-            Stream::Tunnel { inner, .. } => inner.try_read(buf),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => inner.try_read(buf),
         }
     }
 
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_write(buf),
-            Stream::Tunnel { inner, .. } => inner.try_write(buf),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => inner.try_write(buf),
         }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Stream::Tcp(s) => s.local_addr(),
-            Stream::Tunnel { local, .. } => Ok(*local),
+            Stream::Tunnel { local, .. } | Stream::Unix { local, .. } => Ok(*local),
         }
     }
 
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tunnel { .. })
+    }
+
+    /// A Unix-domain socket client: local by construction, so TLS is
+    /// neither offered nor required (as with PgBouncer).
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Stream::Unix { .. })
     }
 
     /// Runs `tls` (a finished TLS handshake over a socket whose local
@@ -145,7 +154,7 @@ impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tunnel { inner, .. } => Pin::new(inner).poll_read(cx, buf),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => Pin::new(inner).poll_read(cx, buf),
         }
     }
 }
@@ -154,21 +163,21 @@ impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tunnel { inner, .. } => Pin::new(inner).poll_write(cx, buf),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => Pin::new(inner).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tunnel { inner, .. } => Pin::new(inner).poll_flush(cx),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => Pin::new(inner).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tunnel { inner, .. } => Pin::new(inner).poll_shutdown(cx),
+            Stream::Tunnel { inner, .. } | Stream::Unix { inner, .. } => Pin::new(inner).poll_shutdown(cx),
         }
     }
 }

@@ -210,7 +210,7 @@ fn clients(app: &App) -> Table {
             _ => ("idle", 0),
         };
         t.row(vec![
-            s("C"), s(&c.user), s(&c.database), s("none"), s(state), s(c.addr.ip()), s(c.addr.port()),
+            s("C"), s(&c.user), s(&c.database), s("none"), s(state), s(client_addr(c.addr)), s(c.addr.port()),
             s(c.local.ip()), s(c.local.port()), ts(c.connect_time_us), ts(c.request_time_us.load(Ordering::Relaxed)),
             s(wait / 1_000_000), s(wait % 1_000_000), s(0), hex(c.id), hex(c.link.load(Ordering::Relaxed)),
             s(c.remote_pid.load(Ordering::Relaxed)), s(""), s(&c.application_name), s(0), s(c.id),
@@ -276,6 +276,8 @@ fn config(app: &App) -> Table {
         ("server_connect_timeout", secs(c.pool.connect_timeout), secs(d.pool.connect_timeout), true),
         ("query_wait_timeout", secs(c.pool.checkout_timeout), secs(d.pool.checkout_timeout), true),
         ("listen_addr", c.listen.addr.clone(), d.listen.addr.clone(), false),
+        ("unix_socket_dir", c.listen.unix_socket_dir.clone().unwrap_or_default(), String::new(), false),
+        ("unix_socket_mode", c.listen.unix_socket_mode.clone(), d.listen.unix_socket_mode.clone(), false),
         ("auth_type", format!("{:?}", c.auth.method).to_lowercase(), "scramsha256".into(), true),
         ("max_prepared_statements", c.pool.prepared_statements_cache.to_string(), d.pool.prepared_statements_cache.to_string(), true),
         ("cluster.primary", c.cluster.primary.clone(), d.cluster.primary.clone(), true),
@@ -382,4 +384,10 @@ fn limits(app: &App) -> Table {
         ]);
     }
     t
+}
+
+/// A client's address for SHOW CLIENTS: "unix" for Unix-socket clients (as
+/// PgBouncer shows them).
+fn client_addr(a: std::net::SocketAddr) -> String {
+    if a.ip().is_unspecified() { "unix".into() } else { a.ip().to_string() }
 }

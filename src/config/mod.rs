@@ -47,9 +47,19 @@ pub struct Listen {
     pub tls_mode: Option<TlsMode>,
     /// Largest message a client may send; larger ones get 08P01.
     pub max_message_size: Size,
+    /// Also listen on `<dir>/.s.PGSQL.<port>` (libpq's `host=<dir>`), as
+    /// PgBouncer's `unix_socket_dir`; unset: TCP only.
+    pub unix_socket_dir: Option<String>,
+    /// Permissions of the socket file, octal (PgBouncer's `unix_socket_mode`).
+    pub unix_socket_mode: String,
 }
 
 impl Listen {
+    /// `unix_socket_mode` as permission bits (validated).
+    pub fn unix_socket_mode(&self) -> Option<u32> {
+        u32::from_str_radix(self.unix_socket_mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777)
+    }
+
     pub fn tls_mode(&self) -> TlsMode {
         self.tls_mode.unwrap_or(if self.tls_cert.is_some() { TlsMode::Prefer } else { TlsMode::Disable })
     }
@@ -64,6 +74,8 @@ impl Default for Listen {
             tls_key: None,
             tls_mode: None,
             max_message_size: Size(64 << 20),
+            unix_socket_dir: None,
+            unix_socket_mode: "0777".into(),
         }
     }
 }

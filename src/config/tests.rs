@@ -12,6 +12,8 @@ fn example_config_is_valid() {
 #[test]
 fn every_problem_is_reported() {
     let text = r#"
+[listen]
+unix_socket_mode = "0999"
 [pool]
 size = 0
 min_size = 3
@@ -31,7 +33,7 @@ groups = ["missing"]
 "#;
     let err = Config::parse(text, "bad.toml").unwrap_err();
     let all = err.to_string();
-    for needle in ["pool.size", "pool.min_size", "users[a].password", "defined more than once", "cluster.primary", "missing"] {
+    for needle in ["listen.unix_socket_mode", "pool.size", "pool.min_size", "users[a].password", "defined more than once", "cluster.primary", "missing"] {
         assert!(all.contains(needle), "{needle} not in {all}");
     }
     assert!(all.contains("bad.toml"));

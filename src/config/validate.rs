@@ -54,6 +54,12 @@ impl Config {
         if self.listen.max_client_conn == 0 {
             p.push("listen.max_client_conn: must be at least 1".into());
         }
+        if self.listen.unix_socket_mode().is_none() {
+            p.push(format!("listen.unix_socket_mode: \"{}\" is not an octal permission like \"0777\"", self.listen.unix_socket_mode));
+        }
+        if self.listen.unix_socket_dir.as_deref() == Some("") {
+            p.push("listen.unix_socket_dir: empty (leave it out for TCP only)".into());
+        }
         if self.listen.max_message_size.0 < 1024 {
             p.push("listen.max_message_size: must be at least 1kB".into());
         }

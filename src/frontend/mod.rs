@@ -15,7 +15,7 @@ use startup::{Login, StartupError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
 
 /// Accepts clients until shutdown is signalled.
@@ -27,7 +27,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
                 Ok((stream, peer)) => {
                     let app = app.clone();
                     let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty, workload = tracing::field::Empty);
-                    tokio::spawn(handle_client(app, stream, peer).instrument(span));
+                    tokio::spawn(handle_client(app, crate::net::Stream::Tcp(stream), peer).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -46,37 +46,70 @@ async fn fatal(stream: &mut (impl tokio::io::AsyncWrite + Unpin), code: &str, me
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&out)).await;
 }
 
-async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
-    let _ = tcp.set_nodelay(true);
+/// Accepts clients on the Unix-domain socket `path` until shutdown, then
+/// removes the socket file unless another pgfleet has taken it over since.
+pub async fn accept_unix_loop(app: Arc<App>, listener: UnixListener, path: std::path::PathBuf, local: SocketAddr) {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok();
+    let mut shutdown = app.shutdown_signal();
+    // Unix clients have no address: they show as "unix" (SHOW CLIENTS) and
+    // are exempt from the failed-login limit, which is per address.
+    let peer = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), local.port());
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let app = app.clone();
+                    let span = tracing::info_span!("client", peer = "unix", user = tracing::field::Empty, database = tracing::field::Empty, workload = tracing::field::Empty);
+                    tokio::spawn(handle_client(app, crate::net::Stream::Unix { inner: stream, local }, peer).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed (unix socket)");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    if ours.is_some() && std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok() == ours {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: SocketAddr) {
+    if let crate::net::Stream::Tcp(tcp) = &stream {
+        let _ = tcp.set_nodelay(true);
+    }
     let Some(_guard) = app.admit_client() else {
-        fatal(&mut tcp, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
+        fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
         return;
     };
     if let Some(secs) = app.login_blocked(peer.ip()) {
         let message = startup::too_many_failures(peer.ip(), secs);
         tracing::warn!("{message}");
-        fatal(&mut tcp, sqlstate::INVALID_AUTHORIZATION, &message).await;
+        fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION, &message).await;
         return;
     }
     // Startup, password and SASL messages are small: one allocation.
     let mut buf = BytesMut::with_capacity(256);
     let limit = app.config().timeouts.startup.0;
     let deadline = tokio::time::Instant::now() + limit;
-    let tls = app.tls();
-    let wants_tls = match tokio::time::timeout_at(deadline, startup::negotiate(&mut tcp, &mut buf, tls.is_some())).await {
+    // TLS over TCP only (libpq never asks for it on a Unix socket).
+    let tls = app.tls().filter(|_| !stream.is_unix());
+    let wants_tls = match tokio::time::timeout_at(deadline, startup::negotiate(&mut stream, &mut buf, tls.is_some())).await {
         Err(_) => {
-            fatal(&mut tcp, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
+            fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
             return;
         }
         Ok(Ok(w)) => w,
         Ok(Err(StartupError::Gone)) => return,
         Ok(Err(StartupError::Fatal { code, message })) => {
-            fatal(&mut tcp, code, &message).await;
+            fatal(&mut stream, code, &message).await;
             return;
         }
     };
-    let (mut stream, end_point) = match (wants_tls, tls) {
-        (true, Some(tls)) => {
+    let (mut stream, end_point) = match (wants_tls, tls, stream) {
+        (true, Some(tls), crate::net::Stream::Tcp(tcp)) => {
             let local = tcp.local_addr().unwrap_or(peer);
             match tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await {
                 Ok(Ok(session)) => match crate::net::Stream::tunnel(session, local) {
@@ -90,7 +123,7 @@ async fn handle_client(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
                 Err(_) => return,
             }
         }
-        _ => (crate::net::Stream::Tcp(tcp), None),
+        (_, _, stream) => (stream, None),
     };
     // Boxed: the startup state machine is large and only lives during login;
     // inline, it would stay part of every idle client's task.

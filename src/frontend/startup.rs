@@ -45,7 +45,7 @@ pub struct Login {
 /// Answers SSLRequest/GSSENCRequest on a fresh connection: true when the
 /// client asked for TLS and we agreed ('S'; the TLS handshake follows).
 /// Anything else is left in `buf` for `handshake`.
-pub async fn negotiate(tcp: &mut tokio::net::TcpStream, buf: &mut BytesMut, tls_available: bool) -> Result<bool, StartupError> {
+pub async fn negotiate(tcp: &mut Stream, buf: &mut BytesMut, tls_available: bool) -> Result<bool, StartupError> {
     use crate::wire::startup::{GSSENC_REQUEST, SSL_REQUEST};
     use bytes::Buf;
     // Each request is answered once; a repeated one goes on to `handshake`,
@@ -121,7 +121,7 @@ pub async fn handshake(
             }
         }
     };
-    if !stream.is_tls() && app.config().listen.tls_mode() == crate::config::TlsMode::Require {
+    if !stream.is_tls() && !stream.is_unix() && app.config().listen.tls_mode() == crate::config::TlsMode::Require {
         return Err(StartupError::Fatal {
             code: sqlstate::INVALID_AUTHORIZATION,
             message: "pgfleet requires TLS (listen.tls_mode = \"require\"): connect with sslmode=require".into(),

@@ -14,7 +14,7 @@ async fn shutdown_drains_in_flight_transactions() {
     tx.execute("INSERT INTO drain_t VALUES (1)", &[]).await.unwrap();
     let app = p.app.clone();
     let stopper = tokio::spawn(async move {
-        let r = pgfleet::app::Running { addr: p.addr, app, metrics_addr: None };
+        let r = pgfleet::app::Running { addr: p.addr, app, metrics_addr: None, unix_socket: None };
         r.shutdown(Duration::from_secs(10)).await;
     });
     // Past the drain's quiet period (250 ms since the client's last message).
