@@ -16,7 +16,9 @@ pub enum Class {
 pub enum TxControl {
     #[default]
     None,
-    Begin { read_only: bool },
+    /// `read_only`: READ ONLY (Some(true)), READ WRITE (Some(false)), or
+    /// neither (None: the session's default_transaction_read_only decides).
+    Begin { read_only: Option<bool> },
     End,
 }
 
@@ -187,12 +189,26 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
                 a.proxy_show = Some(name);
             }
         }
-        b"EXPLAIN" => read = !(t.iter().any(|x| is_word(Some(x), "ANALYZE")) && has_write_marker(t)),
+        b"EXPLAIN" => {
+            // ANALYZE runs the statement: any spelling PostgreSQL accepts.
+            let analyze = t.iter().any(|x| match x {
+                Tok::Word(w) => w.eq_ignore_ascii_case("ANALYZE") || w.eq_ignore_ascii_case("ANALYSE"),
+                Tok::Ident(w) => *w == "analyze" || *w == "analyse",
+                _ => false,
+            });
+            let runs_write = || has_write_marker(t) || t.iter().any(|x| is_word(Some(x), "CREATE") || is_word(Some(x), "EXECUTE"));
+            read = !(analyze && runs_write());
+        }
         b"BEGIN" | b"START" => {
             if a.statements == 1 {
                 a.tx = TxControl::Begin { read_only: has_read_only(t) };
+                read = true;
+            } else {
+                // Not the string's first statement (`SET ...; BEGIN`): the
+                // transaction it opens decides where the rest runs, so only a
+                // read-only one may go to a replica.
+                read = has_read_only(t) == Some(true);
             }
-            read = true;
         }
         b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT" => {
             if a.statements == 1 && !is_word(t.get(1), "PREPARED") {
@@ -237,6 +253,12 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         }
         _ => {}
     }
+    // Temporary objects made without CREATE TEMP: `SELECT ... INTO TEMP x`,
+    // `CREATE TABLE pg_temp.x`, `CREATE FUNCTION pg_temp.f()`, and both
+    // under EXPLAIN ANALYZE.
+    if matches!(first, b"SELECT" | b"WITH" | b"CREATE" | b"EXPLAIN") && creates_temp(t) {
+        a.pin = a.pin.or(Some("a temporary object (INTO TEMP / pg_temp)"));
+    }
     functions(t, extra, a, &mut read);
     if !read {
         a.class = Class::Write;
@@ -246,10 +268,16 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
 /// Looks at every function call: writers, session pins, releases, set_config.
 fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
     for i in 0..t.len().saturating_sub(1) {
-        let Tok::Word(name) = t[i] else { continue };
         if t[i + 1] != Tok::Punct(b'(') {
             continue;
         }
+        let name = match t[i] {
+            Tok::Word(name) => name,
+            // A quoted name ("nextval", jOOQ's "public"."f") is exact: only
+            // an all-lower-case one names a built-in (compared as a word).
+            Tok::Ident(name) if !name.bytes().any(|c| c.is_ascii_uppercase() || c == b'"') => name,
+            _ => continue,
+        };
         if word_is_write_function(name, extra) {
             *read = false;
         }
@@ -325,8 +353,37 @@ fn has_write_marker(t: &[Tok]) -> bool {
     false
 }
 
-fn has_read_only(t: &[Tok]) -> bool {
-    t.windows(2).any(|w| is_word(Some(&w[0]), "READ") && is_word(Some(&w[1]), "ONLY"))
+/// The access mode a BEGIN / START TRANSACTION asks for: Some(true) for READ
+/// ONLY, Some(false) for READ WRITE (the last one wins, as in PostgreSQL),
+/// None when it names neither.
+fn has_read_only(t: &[Tok]) -> Option<bool> {
+    let mut mode = None;
+    for w in t.windows(2) {
+        if is_word(Some(&w[0]), "READ") {
+            if is_word(Some(&w[1]), "ONLY") {
+                mode = Some(true);
+            } else if is_word(Some(&w[1]), "WRITE") {
+                mode = Some(false);
+            }
+        }
+    }
+    mode
+}
+
+/// `INTO TEMP|TEMPORARY`, `CREATE [GLOBAL|LOCAL] TEMP` anywhere (under
+/// EXPLAIN ANALYZE), or a `pg_temp.` (or `pg_temp_N.`) qualified name.
+fn creates_temp(t: &[Tok]) -> bool {
+    let temp = |x: &Tok| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY");
+    let create_temp = (0..t.len()).any(|i| is_word(t.get(i), "CREATE") && t[i + 1..].iter().take(3).any(temp));
+    create_temp || t.windows(2).any(|w| {
+        (is_word(Some(&w[0]), "INTO") && (is_word(Some(&w[1]), "TEMP") || is_word(Some(&w[1]), "TEMPORARY")))
+            || (w[1] == Tok::Punct(b'.')
+                && match w[0] {
+                    Tok::Word(n) => n.len() >= 7 && n.as_bytes()[..7].eq_ignore_ascii_case(b"pg_temp"),
+                    Tok::Ident(n) => n.starts_with("pg_temp"),
+                    _ => false,
+                })
+    })
 }
 
 /// A `pgfleet.<name>` setting name at position `i`.
@@ -347,10 +404,12 @@ fn proxy_name(t: &[Tok], i: usize) -> Option<String> {
 /// SET ...; returns whether it can run on a replica (SET is harmless there).
 fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
     let mut i = 1;
-    if is_word(t.get(i), "LOCAL") || is_word(t.get(i), "TRANSACTION") {
+    // `local.x`, `session.x`, `transaction.x` are custom settings, not modifiers.
+    let modifier = t.get(2) != Some(&Tok::Punct(b'.'));
+    if modifier && (is_word(t.get(i), "LOCAL") || is_word(t.get(i), "TRANSACTION")) {
         return true; // transaction-local: nothing to track
     }
-    if is_word(t.get(i), "SESSION") {
+    if modifier && is_word(t.get(i), "SESSION") {
         i += 1;
         if is_word(t.get(i), "CHARACTERISTICS") {
             for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
@@ -382,6 +441,8 @@ fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
         "client_encoding".to_string()
     } else if is_word(t.get(i), "ROLE") {
         "role".to_string()
+    } else if is_word(t.get(i), "XML") && is_word(t.get(i + 1), "OPTION") {
+        "xmloption".to_string()
     } else {
         dotted_name(t, i)
     };

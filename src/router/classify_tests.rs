@@ -190,6 +190,24 @@ const TABLE: &[(&str, Class)] = &[
     ("REASSIGN OWNED BY a TO b", W),
     ("SELECT * FROM t FOR\nUPDATE", W),
     ("SELECT * FROM t /* c */ FOR /* c */ UPDATE", W),
+    // found in review: each was a read before
+    ("SELECT \"nextval\"('s')", W),
+    ("SELECT \"pg_catalog\".\"nextval\"('s')", W),
+    ("select \"public\".\"my_writer\"(1)", W),
+    ("SELECT \"NEXTVAL\"('s')", R), // another function: quoted names are exact
+    ("SELECT 1 --x\r; DELETE FROM t", W),
+    ("SELECT nextval\u{b}('s')", W),
+    ("SET search_path TO x; BEGIN", W),
+    ("SELECT 1; BEGIN", W),
+    ("SET search_path TO x; BEGIN READ ONLY", R),
+    ("EXPLAIN ANALYSE DELETE FROM t", W),
+    ("EXPLAIN (ANALYSE) UPDATE t SET a = 1", W),
+    ("EXPLAIN (\"analyze\") DELETE FROM t", W),
+    ("EXPLAIN ANALYZE CREATE TABLE x AS SELECT 1", W),
+    ("EXPLAIN ANALYZE EXECUTE p(1)", W),
+    ("EXPLAIN CREATE TABLE x AS SELECT 1", R),
+    ("EXPLAIN (ANALYZE) SELECT * FROM t", R),
+    ("BEGIN READ ONLY; SELECT 1; COMMIT; DELETE FROM t", W),
 ];
 
 #[test]
@@ -225,6 +243,16 @@ fn session_effects() {
     assert!(classify("DEALLOCATE ALL", &[]).dealloc_all);
     assert!(classify("DEALLOCATE PREPARE ALL", &[]).dealloc_all);
     assert!(!classify("DEALLOCATE p", &[]).dealloc_all);
+    // Custom settings whose prefix is a SET modifier word are session-level.
+    assert_eq!(classify("SET session.tenant_id = 7", &[]).set_names, vec!["session.tenant_id"]);
+    assert_eq!(classify("SET local.tenant = 7", &[]).set_names, vec!["local.tenant"]);
+    assert_eq!(classify("SET transaction.x = 1", &[]).set_names, vec!["transaction.x"]);
+    assert!(classify("SET LOCAL work_mem = '1MB'", &[]).set_names.is_empty());
+    assert_eq!(classify("SET SESSION work_mem = '1MB'", &[]).set_names, vec!["work_mem"]);
+    assert_eq!(classify("SET XML OPTION DOCUMENT", &[]).set_names, vec!["xmloption"]);
+    assert_eq!(classify("SELECT \"set_config\"('search_path', 'x', false)", &[]).set_names, vec!["search_path"]);
+    // A comment ended by a carriage return hides nothing.
+    assert_eq!(classify("SELECT 1 --c\r; SET search_path TO x", &[]).set_names, vec!["search_path"]);
 }
 
 #[test]
@@ -241,7 +269,19 @@ fn pins_and_releases() {
     ] {
         assert!(classify(sql, &[]).pin.is_some(), "{sql} should pin");
     }
-    for sql in ["SELECT pg_advisory_xact_lock(1)", "CREATE TABLE x (a int)", "DECLARE c CURSOR FOR SELECT 1", "SELECT 'LISTEN x'"] {
+    for sql in [
+        "SELECT * INTO TEMP x FROM t",
+        "SELECT * INTO TEMPORARY TABLE x FROM t",
+        "CREATE TABLE pg_temp.x (a int)",
+        "CREATE FUNCTION pg_temp.f() RETURNS int AS 'SELECT 1' LANGUAGE sql",
+        "CREATE TABLE \"pg_temp\".x (a int)",
+        "EXPLAIN ANALYZE CREATE TEMP TABLE x AS SELECT 1",
+        "SELECT \"pg_advisory_lock\"(1)",
+        "SELECT \"pg_catalog\".\"pg_advisory_lock\"(1)",
+    ] {
+        assert!(classify(sql, &[]).pin.is_some(), "{sql} should pin");
+    }
+    for sql in ["SELECT pg_advisory_xact_lock(1)", "CREATE TABLE x (a int)", "SELECT * FROM pg_temp_tables", "SELECT * INTO t2 FROM t", "DECLARE c CURSOR FOR SELECT 1", "SELECT 'LISTEN x'"] {
         assert!(classify(sql, &[]).pin.is_none(), "{sql} should not pin");
     }
     for sql in ["UNLISTEN *", "SELECT pg_advisory_unlock(42)", "SELECT pg_advisory_unlock_all()", "DROP TABLE x", "CLOSE c", "DEALLOCATE p", "DISCARD TEMP"] {
@@ -251,9 +291,11 @@ fn pins_and_releases() {
 
 #[test]
 fn transactions_and_hints() {
-    assert_eq!(classify("BEGIN READ ONLY", &[]).tx, TxControl::Begin { read_only: true });
-    assert_eq!(classify("START TRANSACTION READ ONLY", &[]).tx, TxControl::Begin { read_only: true });
-    assert_eq!(classify("BEGIN ISOLATION LEVEL SERIALIZABLE", &[]).tx, TxControl::Begin { read_only: false });
+    assert_eq!(classify("BEGIN READ ONLY", &[]).tx, TxControl::Begin { read_only: Some(true) });
+    assert_eq!(classify("START TRANSACTION READ ONLY", &[]).tx, TxControl::Begin { read_only: Some(true) });
+    assert_eq!(classify("BEGIN ISOLATION LEVEL SERIALIZABLE", &[]).tx, TxControl::Begin { read_only: None });
+    assert_eq!(classify("BEGIN READ WRITE", &[]).tx, TxControl::Begin { read_only: Some(false) });
+    assert_eq!(classify("BEGIN READ ONLY, READ WRITE", &[]).tx, TxControl::Begin { read_only: Some(false) });
     assert_eq!(classify("COMMIT", &[]).tx, TxControl::End);
     let a = classify("/* pgfleet: route=primary workload=analytics */ SELECT 1", &[]);
     assert_eq!(a.route_hint, Some(RouteHint::Primary));

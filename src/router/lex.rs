@@ -37,7 +37,8 @@ impl<'a> Lexer<'a> {
             self.pos += run(&self.b[self.pos..], SPACE);
             let rest = &self.b[self.pos..];
             if rest.starts_with(b"--") {
-                while self.pos < self.b.len() && self.b[self.pos] != b'\n' {
+                // PostgreSQL ends a comment at either newline character.
+                while self.pos < self.b.len() && !matches!(self.b[self.pos], b'\n' | b'\r') {
                     self.pos += 1;
                 }
             } else if rest.starts_with(b"/*") {
@@ -127,7 +128,9 @@ static CLASS: [u8; 256] = {
     while i < 256 {
         let c = i as u8;
         let mut k = 0;
-        if c.is_ascii_whitespace() {
+        // Vertical tab too (whitespace to PostgreSQL 16+): as punctuation it
+        // would split `nextval\v(` from its call.
+        if c.is_ascii_whitespace() || c == 0x0b {
             k |= SPACE;
         }
         if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {

@@ -139,7 +139,9 @@ pub fn route(
         _ => {}
     }
     if let TxControl::Begin { read_only } = a.tx {
-        return if read_only || s.default_read_only {
+        // A write later in the same string (`BEGIN READ ONLY; ...; DELETE`)
+        // or an explicit READ WRITE keeps it on the primary.
+        return if a.class == Class::Read && read_only.unwrap_or(s.default_read_only) {
             replica(s, snap, s.group, Reason::ReadOnlyTransaction, pick)
         } else {
             Ok((Target::Primary, Reason::Transaction))

@@ -46,6 +46,8 @@ fn decisions() {
         ("SELECT * FROM t FOR UPDATE", 2, None, None, Target::Primary, Reason::Write),
         ("BEGIN", 0, None, None, Target::Primary, Reason::Transaction),
         ("BEGIN READ ONLY", 0, None, None, Target::Replica(0), Reason::ReadOnlyTransaction),
+        ("BEGIN READ ONLY; SELECT 1; COMMIT; DELETE FROM t", 0, None, None, Target::Primary, Reason::Transaction),
+        ("BEGIN READ ONLY; SET TRANSACTION READ WRITE; INSERT INTO t VALUES (1)", 0, None, None, Target::Primary, Reason::Transaction),
         ("/* pgfleet: route=primary */ SELECT 1", 0, None, None, Target::Primary, Reason::HintPrimary),
         ("SELECT 1", 0, None, Some(RouteHint::Primary), Target::Primary, Reason::HintPrimary),
         ("/* pgfleet: route=auto */ SELECT 1", 0, None, Some(RouteHint::Primary), Target::Replica(0), Reason::Read),
@@ -83,4 +85,15 @@ fn split_disabled_sends_everything_to_primary() {
     let s = SessionRoute { split: false, route: None, group: 0, groups: &g, floor: None, default_read_only: false };
     let a = classify("SELECT 1", &[]);
     assert_eq!(route(&a, &s, &snap(true, true), &mut |c| c[0]), Ok((Target::Primary, Reason::SplitDisabled)));
+}
+
+#[test]
+fn default_read_only_yields_to_an_explicit_mode() {
+    let g = groups();
+    let s = SessionRoute { split: true, route: None, group: 0, groups: &g, floor: None, default_read_only: true };
+    let up = snap(true, true);
+    let go = |sql: &str| route(&classify(sql, &[]), &s, &up, &mut |c| c[0]).unwrap().0;
+    assert_eq!(go("BEGIN"), Target::Replica(0));
+    assert_eq!(go("BEGIN READ WRITE"), Target::Primary);
+    assert_eq!(go("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE"), Target::Primary);
 }
