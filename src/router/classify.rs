@@ -74,7 +74,10 @@ const WRITE_FUNCTIONS: &[&str] = &[
     "pg_drop_replication_slot", "pg_stat_reset", "pg_stat_reset_shared",
     "pg_stat_reset_single_table_counters", "pg_stat_reset_single_function_counters",
     "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup",
-    "dblink_exec", "dblink", "pg_import_system_collations", "pg_replication_origin_create",
+    "dblink_exec", "dblink", "dblink_connect", "dblink_connect_u", "dblink_open", "dblink_send_query",
+    "pg_import_system_collations", "pg_replication_slot_advance", "pg_copy_physical_replication_slot",
+    "pg_copy_logical_replication_slot", "pg_logical_slot_get_changes", "pg_logical_slot_get_binary_changes",
+    "setseed",
 ];
 
 const PIN_FUNCTIONS: &[&str] =
@@ -93,7 +96,10 @@ fn word_is_write_function(name: &str, extra: &[String]) -> bool {
         || lower_starts("pg_advisory_")
         || lower_starts("pg_try_advisory_")
         || lower_starts("lo_")
-        || extra.iter().any(|f| f.eq_ignore_ascii_case(name))
+        || lower_starts("pg_stat_reset")
+        || lower_starts("pg_replication_origin_")
+        // A schema-qualified entry ("app.charge") names the function `charge`.
+        || extra.iter().any(|f| f.rsplit('.').next().unwrap_or(f).eq_ignore_ascii_case(name))
 }
 
 /// Classifies a query string. `write_functions`: the application's own.

@@ -208,11 +208,15 @@ const TABLE: &[(&str, Class)] = &[
     ("EXPLAIN CREATE TABLE x AS SELECT 1", R),
     ("EXPLAIN (ANALYZE) SELECT * FROM t", R),
     ("BEGIN READ ONLY; SELECT 1; COMMIT; DELETE FROM t", W),
+    ("SELECT pg_stat_reset_slru('x')", W),
+    ("SELECT pg_replication_origin_session_setup('o')", W),
+    ("SELECT pg_logical_slot_get_changes('s', NULL, NULL)", W),
+    ("SELECT app.my_schema_writer(1)", W), // write_functions entry "app.my_schema_writer"
 ];
 
 #[test]
 fn classification_table() {
-    let extra = vec!["my_writer".to_string()];
+    let extra = vec!["my_writer".to_string(), "app.my_schema_writer".to_string()];
     assert!(TABLE.len() >= 150, "{} statements", TABLE.len());
     let mut wrong = Vec::new();
     for (sql, want) in TABLE {
