@@ -20,7 +20,10 @@ use bytes::Bytes;
 #[derive(Debug, Default)]
 pub(super) struct Probe {
     names: Vec<String>,
-    resync_prepared: bool,
+    /// Re-read the proxy statements the connection has; Some(the
+    /// connection's tick when the probe was sent): statements prepared after
+    /// it (pipelined behind the probe) are kept.
+    resync_prepared: Option<u64>,
     check_state: bool,
     /// Read-your-writes: the primary's WAL position after the write.
     lsn: bool,
@@ -123,7 +126,8 @@ impl Session {
         if lsn {
             cols.push("pg_catalog.pg_current_wal_lsn()::text".into());
         }
-        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared: self.resync_prepared, check_state, lsn });
+        let resync_prepared = self.resync_prepared.then(|| self.server.as_ref().map_or(0, |s| s.tick));
+        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared, check_state, lsn });
         self.resync_prepared = false;
         self.may_release = false;
         Some(format!("SELECT {}", cols.join(", ")))
@@ -138,16 +142,20 @@ impl Session {
             let value = it.next().flatten();
             self.adopt_setting(name, value);
         }
-        if probe.resync_prepared {
+        if let Some(since) = probe.resync_prepared {
             let list = it.next().flatten().unwrap_or_default();
             if let Some(server) = self.server.as_mut() {
-                server.prepared.clear();
+                // Prepared after the probe was sent: the probe could not see them.
+                server.prepared.retain(|_, tick| *tick > since);
                 for id in list.split(',').filter_map(|n| n.strip_prefix("_pgf_")?.parse::<u64>().ok()) {
                     server.mark_prepared(id);
                 }
             }
         }
-        if probe.check_state && it.next().flatten().as_deref() == Some("0") {
+        // Nothing held when the probe ran; but a statement sent after it
+        // (a new lock, LISTEN, ...: `may_release` set again) may have taken
+        // some, and the next probe decides.
+        if probe.check_state && it.next().flatten().as_deref() == Some("0") && !self.may_release {
             self.unpin();
         }
         if probe.lsn {

@@ -547,3 +547,27 @@ async fn a_failed_virtual_statement_aborts_the_transaction_it_ran_in() {
     raw.stream.write_all(&msg(b'Q', b"SET pgfleet.route = 'bogus'\0")).await.unwrap();
     assert_eq!(read_until_ready(&mut raw).await, (b"EZ".to_vec(), vec!["22023".to_string()], b'I'));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_while_deallocate_all_is_checked_stay_known() {
+    let p = start(config("size = 1", "")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    for round in 0..10 {
+        let (a, b) = (format!("SELECT {round}"), format!("SELECT {round}, 'b'"));
+        raw.stream.write_all(&[pbe("s1", Some(&a)), msg(b'S', b"")].concat()).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await.1, Vec::<String>::new());
+        // DEALLOCATE ALL: pgfleet re-reads (a hidden query) which of its
+        // statements the connection still has; the next Parse is sent the
+        // moment ReadyForQuery arrives, while that check may still run.
+        raw.stream.write_all(&msg(b'Q', b"DEALLOCATE ALL\0")).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await.1, Vec::<String>::new());
+        raw.stream.write_all(&[pbe("s2", Some(&b)), msg(b'S', b"")].concat()).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await.1, Vec::<String>::new());
+        // The same SQL under another name: its proxy statement is already on
+        // the connection, and pgfleet must know it (else 42P05).
+        raw.stream.write_all(&[pbe("s3", Some(&b)), msg(b'S', b"")].concat()).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await.1, Vec::<String>::new(), "round {round}");
+        raw.stream.write_all(&msg(b'Q', b"DEALLOCATE ALL\0")).await.unwrap();
+        read_cycle(&mut raw).await;
+    }
+}

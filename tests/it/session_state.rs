@@ -299,3 +299,42 @@ async fn reject_mode_fails_session_features_with_0a000() {
     assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 0);
     assert_eq!(one(&c, "SELECT 2").await, "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_while_the_unpin_check_runs_keeps_the_client_pinned() {
+    use tokio::io::AsyncWriteExt;
+    let p = start(config("size = 2", "")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let q = |sql: &str| {
+        let mut m = vec![b'Q'];
+        m.extend(((sql.len() + 5) as u32).to_be_bytes());
+        m.extend(sql.as_bytes());
+        m.push(0);
+        m
+    };
+    for round in 0..20 {
+        raw.stream.write_all(&q("SELECT pg_advisory_lock(771)")).await.unwrap();
+        until_ready(&mut raw).await;
+        assert_eq!(p.app.pinned_clients.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Unlock: pgfleet checks (a hidden query) whether anything is still
+        // held. The next lock is sent the moment ReadyForQuery arrives, while
+        // that check may still run.
+        raw.stream.write_all(&q("SELECT pg_advisory_unlock(771)")).await.unwrap();
+        until_ready(&mut raw).await;
+        raw.stream.write_all(&q("SELECT pg_advisory_lock(772)")).await.unwrap();
+        until_ready(&mut raw).await;
+        assert_eq!(p.app.pinned_clients.load(std::sync::atomic::Ordering::Relaxed), 1, "round {round}: lock 772 is held, so the client stays pinned");
+        raw.stream.write_all(&q("SELECT pg_advisory_unlock(772)")).await.unwrap();
+        until_ready(&mut raw).await;
+        wait_for(|| p.app.pinned_clients.load(std::sync::atomic::Ordering::Relaxed) == 0).await;
+    }
+}
+
+async fn until_ready(raw: &mut RawClient) {
+    while let Some((tag, _)) = raw.next().await {
+        if tag == b'Z' {
+            return;
+        }
+    }
+    panic!("connection closed");
+}
