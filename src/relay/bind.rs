@@ -50,6 +50,7 @@ impl Session {
         }
         self.bound_target = Some(target);
         self.bound_pool = Some(pool);
+        self.unnamed_here = false;
         if conn.settings_fp != self.settings_fp {
             if let Some(sql) = settings_sql(&self.settings, &mut conn) {
                 build::query(&mut self.sout, &sql);
@@ -80,6 +81,8 @@ impl Session {
             if let Some(sql) = self.probe_sql() {
                 build::query(&mut self.sout, &sql);
                 self.expect.push(Pending::Swallow(Kind::Query));
+                // A simple query ends the connection's unnamed statement.
+                self.unnamed_here = false;
                 return;
             }
             if self.pinned.is_some() {

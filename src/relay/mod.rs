@@ -110,6 +110,13 @@ pub struct Session {
     /// Shared between clients with the same settings (copy on write).
     settings: Arc<Settings>,
     stmts: HashMap<Bytes, Arc<Stmt>>,
+    /// The client's unnamed statement (transaction mode): the Parse as sent
+    /// and its analysis. It outlives a Sync on PostgreSQL (Go's lib/pq
+    /// sends Parse/Describe/Sync, then Bind/Execute/Sync), but the
+    /// connection may change at that Sync; see `ensure_unnamed`.
+    unnamed: Option<(Bytes, Analysis)>,
+    /// The bound connection has `unnamed` as its unnamed statement.
+    unnamed_here: bool,
     cancel: Arc<CancelSlot>,
     /// The one timer of this session (`wait`), kept armed across waits.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -246,6 +253,8 @@ impl Session {
             copy_in_ext: false,
             settings,
             stmts: HashMap::new(),
+            unnamed: None,
+            unnamed_here: false,
             cancel,
             terminated: false,
             pinned: None,
@@ -599,6 +608,8 @@ impl Session {
     }
 
     fn on_query(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
+        // A simple Query ends the unnamed statement, as on PostgreSQL.
+        self.unnamed = None;
         if self.tracks_state() {
             let a = match known {
                 Some(a) => a,

@@ -25,6 +25,14 @@ impl Session {
         self.mode == PoolMode::Transaction && !self.topo.groups.is_empty()
     }
 
+    /// The analysis of a client statement by name ("" = the unnamed one).
+    fn statement_analysis(&self, name: &[u8]) -> Option<Analysis> {
+        if name.is_empty() {
+            return self.unnamed.as_ref().map(|(_, a)| a.clone());
+        }
+        self.stmts.get(name).map(|s| s.analysis.clone())
+    }
+
     /// The transaction unit starting with `first` and continuing in the
     /// buffered input up to its Sync: a simple Query alone, or the
     /// extended-protocol batch (a write anywhere makes the batch a write).
@@ -40,9 +48,9 @@ impl Session {
                     merged.is_none().then(|| self.analyze(&sql_text(wire::body(msg))))
                 }
                 Some(b'P') => wire::parse_parse_name(msg).ok().map(|(_, c)| self.analyze(&sql_text(c))),
-                Some(b'B') => wire::parse_bind(msg).ok().and_then(|(_, s, _)| self.stmts.get(s)).map(|s| s.analysis.clone()),
+                Some(b'B') => wire::parse_bind(msg).ok().and_then(|(_, s, _)| self.statement_analysis(s)),
                 Some(b'D') => match wire::parse_target(msg) {
-                    Ok((b'S', n)) => self.stmts.get(n).map(|s| s.analysis.clone()),
+                    Ok((b'S', n)) => self.statement_analysis(n),
                     _ => None,
                 },
                 Some(b'S') | None => {

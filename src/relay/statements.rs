@@ -13,6 +13,31 @@ impl Session {
     pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
         let (name, content) = wire::parse_parse(msg)?;
         self.in_batch = true;
+        if name.is_empty() && self.tracks_state() {
+            let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
+            let rewritten = self.parse_content(content, Some(a.clone()));
+            self.count_request(msg);
+            match rewritten {
+                Some(c) => {
+                    let mut b = BytesMut::new();
+                    build::parse(&mut b, name, &c);
+                    self.sout.extend_from_slice(&b);
+                    self.unnamed = Some((b.freeze(), a));
+                }
+                None => {
+                    self.sout.extend_from_slice(msg);
+                    // Kept as a copy (a slice would pin the client's read
+                    // buffer); the same Parse again, as drivers repeat it,
+                    // costs no allocation.
+                    if !self.unnamed.as_ref().is_some_and(|(b, _)| b[..] == msg[..]) {
+                        self.unnamed = Some((Bytes::copy_from_slice(msg), a));
+                    }
+                }
+            }
+            self.expect.push(Pending::Fwd(Kind::Parse(None)));
+            self.unnamed_here = true;
+            return Ok(());
+        }
         let rewritten = self.parse_content(content, known);
         // Session mode: the client owns its connection, so its statement
         // names go through unchanged (its DEALLOCATE and DISCARD ALL then
@@ -62,6 +87,7 @@ impl Session {
     /// go to the server unchanged and get the server's own answer).
     pub(super) fn ensure_prepared(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
         if name.is_empty() {
+            self.ensure_unnamed();
             return None;
         }
         let stmt = self.stmts.get(name)?.clone();
@@ -75,6 +101,23 @@ impl Session {
             self.prepare_on_server(&stmt, true);
         }
         Some(stmt)
+    }
+
+    /// A Bind or Describe of the unnamed statement on a connection that
+    /// does not have the client's (another connection since its Parse, or
+    /// one of pgfleet's own simple queries ran there since): its Parse is
+    /// sent again first, its ParseComplete hidden. Without this the Bind
+    /// would run whatever unnamed statement another client left on the
+    /// connection.
+    fn ensure_unnamed(&mut self) {
+        if self.unnamed_here || !self.tracks_state() {
+            return;
+        }
+        if let Some((parse, _)) = &self.unnamed {
+            self.sout.extend_from_slice(parse);
+            self.expect.push(Pending::Swallow(Kind::Parse(None)));
+            self.unnamed_here = true;
+        }
     }
 
     pub(super) fn on_bind(&mut self, msg: &[u8]) -> Result<(), SessionError> {
@@ -108,6 +151,9 @@ impl Session {
     pub(super) fn on_close(&mut self, msg: &[u8]) -> Result<(), SessionError> {
         let (kind, name) = wire::parse_target(msg)?;
         self.in_batch = true;
+        if kind == b'S' && name.is_empty() {
+            self.unnamed = None;
+        }
         if kind == b'S' && !name.is_empty() && self.tracks_state() {
             // The proxy statement stays cached on servers for other clients.
             self.stmts.remove(name);

@@ -571,3 +571,58 @@ async fn statements_prepared_while_deallocate_all_is_checked_stay_known() {
         read_cycle(&mut raw).await;
     }
 }
+
+/// Go's lib/pq runs a query with parameters as Parse/Describe/Sync, then
+/// Bind/Execute/Sync: the unnamed statement must survive the Sync although
+/// the connection may serve another client in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_outlives_a_sync_whatever_the_connection() {
+    let p = start(config("size = 1", "")).await;
+    let mut a = RawClient::login(&p, "app", "app").await;
+    let mut b = RawClient::login(&p, "app", "app").await;
+    let prepare = |sql: &str| [msg(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat()), msg(b'D', b"S\0"), msg(b'S', b"")].concat();
+    let bind_exec = |param: &str| {
+        let mut body = b"\0\0\0\0\0\x01".to_vec();
+        body.extend((param.len() as u32).to_be_bytes());
+        body.extend(param.as_bytes());
+        body.extend(b"\0\0");
+        [msg(b'B', &body), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat()
+    };
+    a.stream.write_all(&prepare("SELECT 'a-' || $1::text")).await.unwrap();
+    assert_eq!(read_cycle(&mut a).await, (vec![], vec![]));
+    // Another client's unnamed statement on the same (only) connection.
+    b.stream.write_all(&prepare("SELECT 'b-' || $1::text")).await.unwrap();
+    assert_eq!(read_cycle(&mut b).await, (vec![], vec![]));
+    a.stream.write_all(&bind_exec("x")).await.unwrap();
+    assert_eq!(read_cycle(&mut a).await, (vec!["a-x".to_string()], vec![]), "a's statement, not b's");
+    b.stream.write_all(&bind_exec("y")).await.unwrap();
+    assert_eq!(read_cycle(&mut b).await, (vec!["b-y".to_string()], vec![]));
+    // Again, and with pgfleet's own settings query in between (a changed
+    // setting makes it replay settings on bind).
+    b.stream.write_all(&msg(b'Q', b"SET application_name = 'other'\0")).await.unwrap();
+    read_cycle(&mut b).await;
+    a.stream.write_all(&bind_exec("z")).await.unwrap();
+    assert_eq!(read_cycle(&mut a).await, (vec!["a-z".to_string()], vec![]));
+    // A simple Query ends the unnamed statement, as on PostgreSQL.
+    a.stream.write_all(&msg(b'Q', b"SELECT 1\0")).await.unwrap();
+    read_cycle(&mut a).await;
+    a.stream.write_all(&bind_exec("w")).await.unwrap();
+    assert_eq!(read_cycle(&mut a).await.1, vec!["26000".to_string()]);
+}
+
+/// The same with read/write routing: the Parse may run on a replica and the
+/// Bind be routed on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_outlives_a_sync_with_routing() {
+    let _shared = REPLICAS.read().await;
+    let p = routing_proxy("size = 1", "5s", "off").await;
+    let mut a = RawClient::login(&p, "app", "app").await;
+    for i in 0..5 {
+        let sql = format!("SELECT 'r{i}-' || $1::text");
+        a.stream.write_all(&[msg(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat()), msg(b'D', b"S\0"), msg(b'S', b"")].concat()).await.unwrap();
+        assert_eq!(read_cycle(&mut a).await, (vec![], vec![]));
+        let body = [b"\0\0\0\0\0\x01\0\0\0\x01q\0\0".as_slice()].concat();
+        a.stream.write_all(&[msg(b'B', &body), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat()).await.unwrap();
+        assert_eq!(read_cycle(&mut a).await, (vec![format!("r{i}-q")], vec![]));
+    }
+}
