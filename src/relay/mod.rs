@@ -107,6 +107,8 @@ pub struct Session {
     skip: usize,
     /// In a COPY FROM STDIN started by Execute: Syncs are ignored by the server.
     copy_in_ext: bool,
+    /// The server sent CopyInResponse and waits for the client's data.
+    copy_in: bool,
     /// Shared between clients with the same settings (copy on write).
     settings: Arc<Settings>,
     stmts: HashMap<Bytes, Arc<Stmt>>,
@@ -251,6 +253,7 @@ impl Session {
             status: b'I',
             skip: 0,
             copy_in_ext: false,
+            copy_in: false,
             settings,
             stmts: HashMap::new(),
             unnamed: None,
@@ -298,6 +301,13 @@ impl Session {
                 self.cout.clear();
                 if self.server.is_none() || (self.is_clean() && self.sin.is_empty()) {
                     return Ok(());
+                }
+                if self.in_batch || self.copy_in {
+                    // The server waits for the client: a Sync that will
+                    // never come (the batch is uncommitted; PostgreSQL rolls
+                    // it back when the client leaves), or COPY data. The
+                    // connection is cancelled and closed.
+                    return Err(SessionError::ClientGone);
                 }
             }
             let sending = !self.sout.is_empty();
@@ -529,6 +539,7 @@ impl Session {
             b'H' | b'd' => self.send(msg, None),
             b'c' | b'f' => {
                 self.copy_in_ext = false;
+                self.copy_in = false;
                 self.send(msg, None);
             }
             b'E' => {

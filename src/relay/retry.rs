@@ -101,6 +101,7 @@ impl Session {
         self.in_batch = false;
         self.skip = 0;
         self.copy_in_ext = false;
+        self.copy_in = false;
         self.status = b'I';
         self.probe = None;
         self.sin.clear();

@@ -96,8 +96,12 @@ impl Session {
                 self.on_parameter(name, value);
                 true
             }
-            Seen::Error(fields) => self.on_error(head, fields),
+            Seen::Error(fields) => {
+                self.copy_in = false;
+                self.on_error(head, fields)
+            }
             Seen::Ready(status) => {
+                self.copy_in = false;
                 self.status = status;
                 let ended = self.expect.complete_cycle();
                 if matches!(ended, Some(Pending::Fwd(_))) {
@@ -110,6 +114,11 @@ impl Session {
                 !matches!(ended, Some(Pending::Swallow(_)))
             }
             Seen::Other => {
+                match tag {
+                    b'G' => self.copy_in = true,
+                    b'C' => self.copy_in = false,
+                    _ => {}
+                }
                 if tag == b'G' && head == Some(Pending::Fwd(Kind::Execute)) {
                     self.expect.drop_queued_syncs();
                     self.copy_in_ext = true;

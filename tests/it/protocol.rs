@@ -626,3 +626,40 @@ async fn the_unnamed_statement_outlives_a_sync_with_routing() {
         assert_eq!(read_cycle(&mut a).await, (vec![format!("r{i}-q")], vec![]));
     }
 }
+
+/// Terminate while the server waits for the client (a batch with no Sync,
+/// or COPY data): the session must end and free its connection, and what
+/// was not committed stays uncommitted, as when a client leaves PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_while_the_server_waits_for_the_client_frees_the_connection() {
+    let p = start(config("size = 1\ncheckout_timeout = \"3s\"", "")).await;
+    let setup = connect(&p).await;
+    setup.batch_execute("DROP TABLE IF EXISTS term_w; CREATE TABLE term_w (v int)").await.unwrap();
+    drop(setup);
+    // An extended batch without Sync (with and without Flush), then Terminate.
+    for flush in [false, true] {
+        let mut raw = RawClient::login(&p, "app", "app").await;
+        let mut out = pbe("", Some("INSERT INTO term_w VALUES (1)"));
+        if flush {
+            out.extend(msg(b'H', b""));
+        }
+        raw.stream.write_all(&out).await.unwrap();
+        if flush {
+            // Answers up to CommandComplete arrive: the INSERT ran, uncommitted.
+            while raw.next().await.unwrap().0 != b'C' {}
+        }
+        raw.stream.write_all(&msg(b'X', b"")).await.unwrap();
+        drop(raw);
+    }
+    // COPY FROM STDIN, then Terminate instead of the data.
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    raw.stream.write_all(&msg(b'Q', b"COPY term_w FROM STDIN\0")).await.unwrap();
+    assert_eq!(raw.next().await.unwrap().0, b'G');
+    raw.stream.write_all(&[msg(b'd', b"7\n"), msg(b'X', b"")].concat()).await.unwrap();
+    drop(raw);
+    // The only connection is free again (else: 53300 after checkout_timeout),
+    // and nothing was committed.
+    let c = connect(&p).await;
+    let n: i64 = c.query_one("SELECT count(*) FROM term_w", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+}
