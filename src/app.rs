@@ -311,8 +311,9 @@ impl App {
         let cfg = self.config();
         let (max, window) = (cfg.auth.max_failed_logins, cfg.auth.failed_login_window.0);
         let f = map.get(&ip).filter(|_| max > 0)?;
-        let left = if f.since.elapsed() < window { window - f.since.elapsed() } else if in_flight { window } else { return None };
-        let count = if f.since.elapsed() < window { f.count } else { 0 };
+        let age = f.since.elapsed();
+        // Failures of a window that has passed no longer count.
+        let (count, left) = if age < window { (f.count, window - age) } else { (0, window) };
         let pending = if in_flight { f.verifying } else { 0 };
         (count + pending >= max).then(|| left.as_secs().max(1))
     }
@@ -645,14 +646,26 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
     let unix_socket = match &cfg.listen.unix_socket_dir {
         Some(dir) => {
             let path = std::path::Path::new(dir).join(format!(".s.PGSQL.{}", addr.port()));
-            let l = bind_unix(&path, cfg.listen.unix_socket_mode().unwrap_or(0o777))?;
-            tokio::spawn(frontend::accept_unix_loop(app.clone(), l, path.clone(), addr));
+            let listener = bind_unix(&path, cfg.listen.unix_socket_mode().unwrap_or(0o777))?;
+            tokio::spawn(serve_unix(app.clone(), frontend::Listener::Unix { listener, local: addr }, path.clone()));
             Some(path)
         }
         None => None,
     };
-    tokio::spawn(frontend::accept_loop(app.clone(), listener));
+    tokio::spawn(frontend::accept_loop(app.clone(), frontend::Listener::Tcp(listener)));
     Ok(Running { addr, app, metrics_addr, unix_socket })
+}
+
+/// Serves the Unix-domain socket `path` until shutdown, then removes the
+/// file unless another pgfleet has taken it over since (see bind_unix).
+async fn serve_unix(app: Arc<App>, listener: frontend::Listener, path: std::path::PathBuf) {
+    use std::os::unix::fs::MetadataExt;
+    let identity = || std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok();
+    let ours = identity();
+    frontend::accept_loop(app, listener).await;
+    if ours.is_some() && identity() == ours {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Binds the Unix-domain client socket at `path` with permissions `mode`.

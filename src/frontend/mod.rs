@@ -18,16 +18,51 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
 
+/// Where clients connect: the TCP listener, or the Unix-domain socket
+/// (`listen.unix_socket_dir`; `local` is the TCP listener's address).
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix { listener: UnixListener, local: SocketAddr },
+}
+
+impl Listener {
+    /// The next client and its address. Unix clients have none: theirs is
+    /// the unspecified address (shown as "unix"; exempt from the
+    /// failed-login limit, which is per address).
+    async fn accept(&self) -> std::io::Result<(crate::net::Stream, SocketAddr)> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, peer)| (crate::net::Stream::Tcp(s), peer)),
+            Listener::Unix { listener, local } => listener.accept().await.map(|(s, _)| {
+                let peer = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), local.port());
+                (crate::net::Stream::Unix { inner: s, local: *local }, peer)
+            }),
+        }
+    }
+}
+
+/// A client's address in logs: `ip:port`, or "unix".
+struct Peer(SocketAddr);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.ip().is_unspecified() {
+            f.write_str("unix")
+        } else {
+            self.0.fmt(f)
+        }
+    }
+}
+
 /// Accepts clients until shutdown is signalled.
-pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
+pub async fn accept_loop(app: Arc<App>, listener: Listener) {
     let mut shutdown = app.shutdown_signal();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let app = app.clone();
-                    let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty, workload = tracing::field::Empty);
-                    tokio::spawn(handle_client(app, crate::net::Stream::Tcp(stream), peer).instrument(span));
+                    let span = tracing::info_span!("client", peer = %Peer(peer), user = tracing::field::Empty, database = tracing::field::Empty, workload = tracing::field::Empty);
+                    tokio::spawn(handle_client(app, stream, peer).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -44,36 +79,6 @@ async fn fatal(stream: &mut (impl tokio::io::AsyncWrite + Unpin), code: &str, me
     let mut out = BytesMut::new();
     build::error_response(&mut out, "FATAL", code, message);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&out)).await;
-}
-
-/// Accepts clients on the Unix-domain socket `path` until shutdown, then
-/// removes the socket file unless another pgfleet has taken it over since.
-pub async fn accept_unix_loop(app: Arc<App>, listener: UnixListener, path: std::path::PathBuf, local: SocketAddr) {
-    use std::os::unix::fs::MetadataExt;
-    let ours = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok();
-    let mut shutdown = app.shutdown_signal();
-    // Unix clients have no address: they show as "unix" (SHOW CLIENTS) and
-    // are exempt from the failed-login limit, which is per address.
-    let peer = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), local.port());
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    let app = app.clone();
-                    let span = tracing::info_span!("client", peer = "unix", user = tracing::field::Empty, database = tracing::field::Empty, workload = tracing::field::Empty);
-                    tokio::spawn(handle_client(app, crate::net::Stream::Unix { inner: stream, local }, peer).instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed (unix socket)");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            },
-            _ = shutdown.changed() => break,
-        }
-    }
-    if ours.is_some() && std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok() == ours {
-        let _ = std::fs::remove_file(&path);
-    }
 }
 
 async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: SocketAddr) {

@@ -556,51 +556,6 @@ impl Session {
         Ok(())
     }
 
-    /// With no server bound (and so no transaction open), Parse of a
-    /// statement some server already accepted, Close of a statement, Flush
-    /// and the Sync ending such a batch need no server: answer them here.
-    /// This keeps blocking drivers (PQprepare) from waiting for a connection
-    /// that their own other sessions hold.
-    fn answer_locally(&mut self, tag: u8, msg: &[u8]) -> Result<bool, SessionError> {
-        match tag {
-            b'P' => {
-                let (name, content) = wire::parse_parse_name(msg)?;
-                if name.is_empty() || !self.tracks_state() {
-                    return Ok(false);
-                }
-                wire::parse_parse(msg)?; // answered here: validate it whole
-                let stmt = self.intern(content);
-                if !stmt.validated.load(Ordering::Relaxed) || stmt.analysis.pin.is_some() {
-                    return Ok(false);
-                }
-                if self.tracks_state() {
-                    self.note_effects(&stmt.analysis);
-                }
-                self.stmts.insert(Bytes::copy_from_slice(name), stmt);
-                build::parse_complete(&mut self.cout);
-            }
-            b'C' => match wire::parse_target(msg)? {
-                (b'S', name) if !name.is_empty() => {
-                    self.stmts.remove(name);
-                    build::close_complete(&mut self.cout);
-                }
-                _ => return Ok(false),
-            },
-            b'H' => {}
-            b'S' => build::ready_for_query(&mut self.cout, b'I'),
-            b'Q' if self.tracks_state() && starts_with_word(wire::body(msg), b"deallocate") => {
-                let a = self.analyze(&state::sql_text(wire::body(msg)));
-                if !self.deallocates_protocol_statement(&a) {
-                    return Ok(false);
-                }
-                self.answer_deallocate();
-                self.emit_synth();
-            }
-            _ => return Ok(false),
-        }
-        Ok(true)
-    }
-
     fn send(&mut self, msg: &[u8], kind: Option<Kind>) {
         self.count_request(msg);
         self.sout.extend_from_slice(msg);
@@ -639,32 +594,6 @@ impl Session {
         }
         self.send(msg, Some(Kind::Query));
         Ok(())
-    }
-
-    /// `DEALLOCATE name` naming one of the client's protocol-level statements
-    /// (drivers such as psycopg do this): those live only in pgfleet.
-    fn deallocates_protocol_statement(&mut self, a: &crate::router::Analysis) -> bool {
-        match &a.deallocate {
-            Some(name) if a.statements == 1 => self.stmts.remove(name.as_bytes()).is_some(),
-            _ => false,
-        }
-    }
-
-    fn answer_deallocate(&mut self) {
-        let mut b = BytesMut::new();
-        build::command_complete(&mut b, "DEALLOCATE");
-        self.expect.push_payload(b.freeze());
-        self.expect.push(Pending::Synth(Synth::Ready));
-    }
-
-    /// Parse content to use (rewritten when rejected), after noting effects.
-    fn parse_content(&mut self, content: &[u8], known: Option<Analysis>) -> Option<Bytes> {
-        if !self.tracks_state() {
-            return None;
-        }
-        let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
-        self.note_write(&a);
-        self.note_effects(&a).map(|sql| state::replace_sql(content, &sql))
     }
 
     /// A write reached the primary: learn its LSN when the transaction ends.

@@ -1,6 +1,7 @@
 //! Client statements in transaction mode: named Parse/Bind/Describe/Close
 //! are rewritten to the shared proxy statements and prepared lazily on the
-//! bound server connection (LRU, evicted with Close).
+//! bound server connection (LRU, evicted with Close); what pgfleet answers
+//! without a server (Parse/Close/Sync with nothing bound, DEALLOCATE).
 
 use super::*;
 
@@ -13,43 +14,35 @@ impl Session {
     pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
         let (name, content) = wire::parse_parse(msg)?;
         self.in_batch = true;
-        if name.is_empty() && self.tracks_state() {
-            let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
-            let rewritten = self.parse_content(content, Some(a.clone()));
-            self.count_request(msg);
-            match rewritten {
-                Some(c) => {
-                    let mut b = BytesMut::new();
-                    build::parse(&mut b, name, &c);
-                    self.sout.extend_from_slice(&b);
-                    self.unnamed = Some((b.freeze(), a));
-                }
-                None => {
-                    self.sout.extend_from_slice(msg);
-                    // Kept as a copy (a slice would pin the client's read
-                    // buffer); the same Parse again, as drivers repeat it,
-                    // costs no allocation.
-                    if !self.unnamed.as_ref().is_some_and(|(b, _)| b[..] == msg[..]) {
-                        self.unnamed = Some((Bytes::copy_from_slice(msg), a));
-                    }
-                }
-            }
-            self.expect.push(Pending::Fwd(Kind::Parse(None)));
-            self.unnamed_here = true;
-            return Ok(());
-        }
-        let rewritten = self.parse_content(content, known);
         // Session mode: the client owns its connection, so its statement
         // names go through unchanged (its DEALLOCATE and DISCARD ALL then
         // mean what they say), as with PgBouncer.
-        if name.is_empty() || !self.tracks_state() {
-            match rewritten {
+        if !self.tracks_state() {
+            self.send(msg, Some(Kind::Parse(None)));
+            return Ok(());
+        }
+        let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
+        self.note_write(&a);
+        // Rewritten when pgfleet rejects what it does (session_state = "reject").
+        let rewritten = self.note_effects(&a).map(|sql| state::replace_sql(content, &sql));
+        if name.is_empty() {
+            let sent = match rewritten {
                 Some(c) => {
-                    build::parse(&mut self.sout, name, &c);
-                    self.expect.push(Pending::Fwd(Kind::Parse(None)));
+                    let mut b = BytesMut::new();
+                    build::parse(&mut b, name, &c);
+                    b.freeze()
                 }
-                None => self.send(msg, Some(Kind::Parse(None))),
-            }
+                // Kept as a copy (a slice would pin the client's read
+                // buffer); the same Parse again, as drivers repeat it, is
+                // not copied again.
+                None => match &self.unnamed {
+                    Some((b, _)) if b[..] == msg[..] => b.clone(),
+                    _ => Bytes::copy_from_slice(msg),
+                },
+            };
+            self.send(&sent, Some(Kind::Parse(None)));
+            self.unnamed = Some((sent, a));
+            self.unnamed_here = true;
             return Ok(());
         }
         let stmt = self.intern(rewritten.as_deref().unwrap_or(content));
@@ -162,5 +155,66 @@ impl Session {
             self.send(msg, Some(Kind::Close(None)));
         }
         Ok(())
+    }
+
+    /// With no server bound (and so no transaction open), Parse of a
+    /// statement some server already accepted, Close of a statement, Flush
+    /// and the Sync ending such a batch need no server: answer them here.
+    /// This keeps blocking drivers (PQprepare) from waiting for a connection
+    /// that their own other sessions hold.
+    pub(super) fn answer_locally(&mut self, tag: u8, msg: &[u8]) -> Result<bool, SessionError> {
+        match tag {
+            b'P' => {
+                let (name, content) = wire::parse_parse_name(msg)?;
+                if name.is_empty() || !self.tracks_state() {
+                    return Ok(false);
+                }
+                wire::parse_parse(msg)?; // answered here: validate it whole
+                let stmt = self.intern(content);
+                if !stmt.validated.load(Ordering::Relaxed) || stmt.analysis.pin.is_some() {
+                    return Ok(false);
+                }
+                if self.tracks_state() {
+                    self.note_effects(&stmt.analysis);
+                }
+                self.stmts.insert(Bytes::copy_from_slice(name), stmt);
+                build::parse_complete(&mut self.cout);
+            }
+            b'C' => match wire::parse_target(msg)? {
+                (b'S', name) if !name.is_empty() => {
+                    self.stmts.remove(name);
+                    build::close_complete(&mut self.cout);
+                }
+                _ => return Ok(false),
+            },
+            b'H' => {}
+            b'S' => build::ready_for_query(&mut self.cout, b'I'),
+            b'Q' if self.tracks_state() && starts_with_word(wire::body(msg), b"deallocate") => {
+                let a = self.analyze(&state::sql_text(wire::body(msg)));
+                if !self.deallocates_protocol_statement(&a) {
+                    return Ok(false);
+                }
+                self.answer_deallocate();
+                self.emit_synth();
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// `DEALLOCATE name` naming one of the client's protocol-level statements
+    /// (drivers such as psycopg do this): those live only in pgfleet.
+    pub(super) fn deallocates_protocol_statement(&mut self, a: &crate::router::Analysis) -> bool {
+        match &a.deallocate {
+            Some(name) if a.statements == 1 => self.stmts.remove(name.as_bytes()).is_some(),
+            _ => false,
+        }
+    }
+
+    pub(super) fn answer_deallocate(&mut self) {
+        let mut b = BytesMut::new();
+        build::command_complete(&mut b, "DEALLOCATE");
+        self.expect.push_payload(b.freeze());
+        self.expect.push(Pending::Synth(Synth::Ready));
     }
 }

@@ -4,7 +4,7 @@
 //! `lsn` (show: the client's read-your-writes floor) and `min_lsn` (set: raise
 //! that floor, to carry it across connections).
 
-use super::expect::{Pending, Synth};
+use super::expect::{Kind, Pending, Synth};
 use super::{starts_with_word, state, Session};
 use crate::router::{Analysis, RouteHint};
 use crate::topology::{format_lsn, parse_lsn};
@@ -155,7 +155,7 @@ impl Session {
         self.expect.push(Pending::Abort);
         if own_sync {
             build::sync(&mut b);
-            self.expect.push(Pending::Swallow(super::expect::Kind::Sync));
+            self.expect.push(Pending::Swallow(Kind::Sync));
         }
         self.sout.extend_from_slice(&b);
     }

@@ -251,19 +251,18 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         b"DECLARE" if t.windows(2).any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) => {
             a.pin = a.pin.or(Some("DECLARE ... WITH HOLD (a cursor that outlives its transaction)"));
         }
-        b"CREATE" => {
-            let temp = t.iter().take(4).any(|x| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY"));
-            if temp {
-                a.pin = a.pin.or(Some("CREATE TEMP (a temporary object)"));
-            }
-        }
         _ => {}
     }
-    // Temporary objects made without CREATE TEMP: `SELECT ... INTO TEMP x`,
-    // `CREATE TABLE pg_temp.x`, `CREATE FUNCTION pg_temp.f()`, and both
-    // under EXPLAIN ANALYZE.
-    if matches!(first, b"SELECT" | b"WITH" | b"CREATE" | b"EXPLAIN") && creates_temp(t) {
-        a.pin = a.pin.or(Some("a temporary object (INTO TEMP / pg_temp)"));
+    // Temporary objects: CREATE TEMP, `SELECT ... INTO TEMP x` (never a
+    // read, so plain reads skip this), `CREATE TABLE pg_temp.x`,
+    // `CREATE FUNCTION pg_temp.f()`, and these under EXPLAIN ANALYZE.
+    let may_create = match first {
+        b"CREATE" | b"EXPLAIN" => true,
+        b"SELECT" | b"WITH" => !read,
+        _ => false,
+    };
+    if may_create && creates_temp(t) {
+        a.pin = a.pin.or(Some("a temporary object (CREATE TEMP, INTO TEMP or pg_temp)"));
     }
     functions(t, extra, a, &mut read);
     if !read {

@@ -306,10 +306,8 @@ async fn a_lock_taken_while_the_unpin_check_runs_keeps_the_client_pinned() {
     let p = start(config("size = 2", "")).await;
     let mut raw = RawClient::login(&p, "app", "app").await;
     let q = |sql: &str| {
-        let mut m = vec![b'Q'];
-        m.extend(((sql.len() + 5) as u32).to_be_bytes());
-        m.extend(sql.as_bytes());
-        m.push(0);
+        let mut m = bytes::BytesMut::new();
+        pgfleet::wire::build::query(&mut m, sql);
         m
     };
     for round in 0..20 {
