@@ -4,12 +4,20 @@
 //! the client leaves.
 
 use super::*;
+use crate::backend::BackendError;
 use tracing::Instrument;
 
 impl Session {
     /// Checks out a server connection and queues what brings it in line
     /// with this client's session settings.
-    pub(super) async fn bind_server(&mut self, a: &Analysis, target: Target, topo: &Topology) -> Result<(), SessionError> {
+    /// `Ok(Err(..))`: the server refused this client's session settings;
+    /// nothing was bound, and the unit must fail with that error.
+    pub(super) async fn bind_server(
+        &mut self,
+        a: &Analysis,
+        target: Target,
+        topo: &Topology,
+    ) -> Result<Result<(), (String, String)>, SessionError> {
         if self.app.is_paused(&self.database) {
             Box::pin(self.wait_while_paused()).await?;
         }
@@ -28,6 +36,25 @@ impl Session {
         };
         self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
         let (mut conn, target, pool) = checked_out?;
+        let mut waited = waited;
+        if conn.settings_fp != self.settings_fp {
+            // Boxed slow path: a round trip before the client's unit is sent.
+            waited = true;
+            match Box::pin(self.sync_settings(&mut conn)).await {
+                Ok(()) => {}
+                Err(BackendError::Server(fields)) => {
+                    // The connection is as it was (the query failed whole).
+                    pool.checkin(conn);
+                    self.admission = None;
+                    self.info.state.store(CLIENT_IDLE, Ordering::Relaxed);
+                    return Ok(Err(settings_refused(&fields)));
+                }
+                Err(e) => {
+                    pool.discard(conn, "applying session settings failed");
+                    return Err(SessionError::ServerLost(format!("applying session settings: {e}")));
+                }
+            }
+        }
         // The event's clock reading; a slow (waiting) checkout reads again.
         let now = if waited {
             self.now = Instant::now();
@@ -51,13 +78,6 @@ impl Session {
         self.bound_target = Some(target);
         self.bound_pool = Some(pool);
         self.unnamed_here = false;
-        if conn.settings_fp != self.settings_fp {
-            if let Some(sql) = settings_sql(&self.settings, &mut conn) {
-                build::query(&mut self.sout, &sql);
-                self.expect.push(Pending::Swallow(Kind::Query));
-            }
-            conn.settings_fp = self.settings_fp;
-        }
         self.cancel.set(CancelTarget {
             peer: conn.peer,
             pid: conn.backend_pid,
@@ -65,6 +85,45 @@ impl Session {
         });
         self.status = b'I';
         self.server = Some(conn);
+        Ok(Ok(()))
+    }
+
+    /// Makes `conn`'s session settings this client's, and waits for the
+    /// server's answer: a setting the server refuses (a text search
+    /// configuration or tablespace dropped since, an extension's setting
+    /// this server does not load, a bad startup option) fails the client's
+    /// unit instead of letting it run with the previous client's settings.
+    async fn sync_settings(&mut self, conn: &mut ServerConn) -> Result<(), BackendError> {
+        if let Some(sync) = settings_sql(&self.settings, conn) {
+            conn.run_silently(&sync.sql, SETTINGS_TIMEOUT).await?;
+            for i in sync.set {
+                let (name, value) = &self.settings[i];
+                if !REPORTED_SETTABLE.contains(&name.as_str()) {
+                    conn.params.insert(name.clone(), value.clone());
+                    conn.custom.insert(name.clone());
+                    continue;
+                }
+                // The server's spelling (`utc` -> `UTC`) becomes the
+                // client's, as PostgreSQL reports it, so that the next
+                // connection compares equal.
+                match conn.params.get(name) {
+                    Some(canonical) if canonical != value => {
+                        build::parameter_status(&mut self.cout, name, canonical);
+                        std::sync::Arc::make_mut(&mut self.settings)[i].1 = canonical.clone();
+                        self.settings_fp = fingerprint(&self.settings);
+                    }
+                    Some(_) => {}
+                    None => {
+                        conn.params.insert(name.clone(), value.clone());
+                    }
+                }
+            }
+            for name in sync.stale {
+                conn.custom.remove(&name);
+                conn.params.remove(&name);
+            }
+        }
+        conn.settings_fp = self.settings_fp;
         Ok(())
     }
 
@@ -178,11 +237,18 @@ impl Session {
         let mut ok = true;
         if self.status != b'I' {
             ok = conn.run_silently("ROLLBACK", limit).await.is_ok();
+            // SETs of the rolled-back transaction the client saw reported
+            // are undone: the connection no longer carries its settings.
+            conn.settings_fp = 0;
         }
         if ok && (self.mode == PoolMode::Session || was_pinned) {
             ok = conn.run_silently("DISCARD ALL", limit).await.is_ok();
             conn.prepared.clear();
-            conn.custom.clear();
+            // Back to the server's defaults, which pgfleet does not know
+            // for unreported settings (reported ones were reported).
+            for name in conn.custom.drain() {
+                conn.params.remove(&name);
+            }
             conn.settings_fp = 0;
         }
         if ok {
@@ -201,11 +267,25 @@ pub(crate) fn fingerprint(settings: &Settings) -> u64 {
     h.finish() | 1
 }
 
+/// What brings a connection's session settings in line with a client's.
+struct SettingsSync {
+    sql: String,
+    /// Indexes into the client's settings that the SQL sets.
+    set: Vec<usize>,
+    /// Settings of earlier clients that the SQL resets.
+    stale: Vec<String>,
+}
+
+/// How long a server may take to apply a client's session settings.
+const SETTINGS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// SQL that makes `conn`'s session match `settings` (None when it already
-/// does). Updates the connection's recorded parameters accordingly.
-fn settings_sql(settings: &Settings, conn: &mut ServerConn) -> Option<String> {
+/// does). One simple query: one implicit transaction, so a refused value
+/// leaves every setting of the connection as it was.
+fn settings_sql(settings: &Settings, conn: &ServerConn) -> Option<SettingsSync> {
     let mut sql = String::new();
-    for (name, value) in settings {
+    let mut set = Vec::new();
+    for (i, (name, value)) in settings.iter().enumerate() {
         if conn.params.get(name) == Some(value) {
             continue;
         }
@@ -215,10 +295,7 @@ fn settings_sql(settings: &Settings, conn: &mut ServerConn) -> Option<String> {
             build::quote_literal(name),
             build::quote_literal(value)
         ));
-        conn.params.insert(name.clone(), value.clone());
-        if !REPORTED_SETTABLE.contains(&name.as_str()) {
-            conn.custom.insert(name.clone());
-        }
+        set.push(i);
     }
     let stale: Vec<String> = conn
         .custom
@@ -229,10 +306,19 @@ fn settings_sql(settings: &Settings, conn: &mut ServerConn) -> Option<String> {
     if !sql.is_empty() {
         sql.push(';');
     }
-    for name in stale {
-        sql.push_str(&format!("RESET {};", build::quote_ident(&name)));
-        conn.custom.remove(&name);
-        conn.params.remove(&name);
+    for name in &stale {
+        sql.push_str(&format!("RESET {};", build::quote_ident(name)));
     }
-    (!sql.is_empty()).then_some(sql)
+    (!sql.is_empty()).then_some(SettingsSync { sql, set, stale })
+}
+
+/// The client's error when the server refused its session settings.
+fn settings_refused(fields: &[(u8, String)]) -> (String, String) {
+    let field = |c: u8| fields.iter().find(|(f, _)| *f == c).map(|(_, v)| v.as_str());
+    let code = field(b'C').unwrap_or(sqlstate::INVALID_PARAMETER_VALUE).to_string();
+    let message = format!(
+        "pgfleet could not restore this session's settings on a server connection: {}",
+        field(b'M').unwrap_or("the server refused them")
+    );
+    (code, message)
 }

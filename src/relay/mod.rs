@@ -512,7 +512,10 @@ impl Session {
                         }
                     }
                 }
-                self.bind_server(&a, target, &topo).await?;
+                if let Err((code, message)) = self.bind_server(&a, target, &topo).await? {
+                    self.refuse_unit(h.tag, &code, &message);
+                    continue;
+                }
                 self.start_recording();
                 if first_only && self.routes() {
                     // Classified once: the lookahead's analysis of this message.

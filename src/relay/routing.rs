@@ -196,7 +196,7 @@ impl Session {
     /// (counted as refused): the client gets
     /// the error, then ReadyForQuery (simple Query) or, for an
     /// extended-protocol batch, the rest of the batch is skipped to Sync.
-    pub(super) fn refuse_unit(&mut self, tag: u8, code: &'static str, message: &str) {
+    pub(super) fn refuse_unit(&mut self, tag: u8, code: &str, message: &str) {
         self.workload_stats.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.app.metrics.errors.with_label_values(&[code]).inc();
         build::error_response(&mut self.cout, "ERROR", code, message);

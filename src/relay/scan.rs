@@ -184,7 +184,7 @@ impl Session {
         match head {
             Some(Pending::Swallow(Kind::Query)) => {
                 let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
-                tracing::warn!(parent: &self.span, error = msg.unwrap_or(""), "applying session settings on a server connection failed");
+                tracing::warn!(parent: &self.span, error = msg.unwrap_or(""), "a hidden state check failed on the server");
                 false
             }
             Some(Pending::Abort) => {

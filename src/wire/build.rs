@@ -232,14 +232,19 @@ pub fn terminate(buf: &mut BytesMut) {
     finish(buf, at);
 }
 
-/// Quotes a string as a SQL literal ('' doubling; E'' is never needed because
-/// standard_conforming_strings is on in every supported server version).
+/// Quotes a string as a SQL literal ('' doubling). As PostgreSQL's
+/// quote_literal, a value with a backslash becomes an E'' string: the same
+/// value whatever standard_conforming_strings the connection has (a client
+/// may have turned it off).
 pub fn quote_literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
+    let mut out = String::with_capacity(s.len() + 3);
+    if s.contains('\\') {
+        out.push('E');
+    }
     out.push('\'');
     for c in s.chars() {
-        if c == '\'' {
-            out.push('\'');
+        if c == '\'' || c == '\\' {
+            out.push(c);
         }
         out.push(c);
     }

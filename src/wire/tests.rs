@@ -187,3 +187,11 @@ fn scram_pass_through_logs_in_with_the_client_key() {
     bad.update(first.as_bytes()).unwrap();
     assert!(upstream.finish(bad.message()).is_err());
 }
+
+#[test]
+fn literals_survive_either_string_syntax() {
+    assert_eq!(build::quote_literal("it's"), "'it''s'");
+    // A backslash: E'' with it doubled, so standard_conforming_strings=off
+    // on the connection reads the same value.
+    assert_eq!(build::quote_literal(r"C:\temp\'x"), r"E'C:\\temp\\''x'");
+}

@@ -238,3 +238,18 @@ async fn growing_the_pool_on_reload_serves_clients_already_waiting() {
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(p.app.pools()[0].stats().total, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_applies_startup_options_again_after_discard_all() {
+    let p = start(config("size = 1\nmode = \"session\"", "")).await;
+    let with_option = format!("{} options='-c statement_timeout=1234ms'", conn_str(&p, "app", "app", "app"));
+    for round in 0..3 {
+        // Each client gets the connection the last one left (DISCARD ALL
+        // reset it to the server's default): the option must be set again.
+        let c = connect_with(&with_option).await.unwrap();
+        let v: String = c.query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap().get(0);
+        assert_eq!(v, "1234ms", "round {round}");
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -336,3 +336,69 @@ async fn until_ready(raw: &mut RawClient) {
     }
     panic!("connection closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_the_server_refuses_fails_the_statement_instead_of_running_it_without() {
+    // Pool size 1: both clients take turns on one server connection, so the
+    // owner's settings are restored on it before each of its transactions.
+    let p = proxy(1).await;
+    let owner = connect(&p).await;
+    let other = connect(&p).await;
+    owner
+        .batch_execute(
+            "DROP TEXT SEARCH CONFIGURATION IF EXISTS public.tsc_refused; \
+             CREATE TEXT SEARCH CONFIGURATION public.tsc_refused (COPY = pg_catalog.simple); \
+             DROP TABLE IF EXISTS refused_log; CREATE TABLE refused_log (cfg text)",
+        )
+        .await
+        .unwrap();
+    owner.batch_execute("SET default_text_search_config = 'public.tsc_refused'").await.unwrap();
+    assert_eq!(one(&owner, "SHOW default_text_search_config").await, "public.tsc_refused");
+    // Another client takes the connection (the owner's setting is reset
+    // there) and drops the configuration: the server now refuses the value.
+    assert_eq!(one(&other, "SHOW default_text_search_config").await, "pg_catalog.english");
+    other.batch_execute("DROP TEXT SEARCH CONFIGURATION public.tsc_refused").await.unwrap();
+    // The owner's statement must not run with the server's default instead.
+    let e = owner
+        .batch_execute("INSERT INTO refused_log SELECT current_setting('default_text_search_config')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e:?}");
+    assert!(e.as_db_error().unwrap().message().contains("default_text_search_config"), "{e:?}");
+    let e = owner.query("SELECT current_setting('default_text_search_config')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e:?}");
+    assert_eq!(one(&other, "SELECT count(*) FROM refused_log").await, "0");
+    // The connection was left as it was: the other client still works.
+    assert_eq!(one(&other, "SHOW default_text_search_config").await, "pg_catalog.english");
+    other.batch_execute("DROP TABLE refused_log").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_startup_option_fails_statements_with_22023() {
+    let p = proxy(1).await;
+    let bad = connect_with(&format!("{} options='-c statement_timeout=soon'", conn_str(&p, "app", "app", "app")))
+        .await
+        .unwrap();
+    let e = bad.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e:?}");
+    assert!(e.as_db_error().unwrap().message().contains("statement_timeout"), "{e:?}");
+    // Others on the same server connection are unaffected.
+    let good = connect(&p).await;
+    assert_eq!(one(&good, "SHOW statement_timeout").await, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_with_quotes_and_backslashes_are_restored_exactly() {
+    let p = proxy(1).await;
+    let a = connect(&p).await;
+    let b = connect(&p).await;
+    // The value is restored with set_config on the connection, which `b`
+    // left with standard_conforming_strings = off: a plain '' literal would
+    // read the backslashes as escapes there.
+    a.batch_execute(r"SET standard_conforming_strings = off; SET myapp.path = E'C:\\tmp\\n''x'").await.unwrap();
+    b.batch_execute("SET standard_conforming_strings = off").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(one(&b, "SELECT coalesce(current_setting('myapp.path', true), '')").await, "");
+        assert_eq!(one(&a, "SHOW myapp.path").await, r"C:\tmp\n'x");
+    }
+}
