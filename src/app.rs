@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -73,6 +73,8 @@ pub struct App {
     passthrough: Mutex<HashMap<String, Arc<RwLock<crate::backend::Passthrough>>>>,
     /// Connect pacing per server address (and its rate).
     pacers: Mutex<HashMap<String, (u32, Arc<crate::limits::TokenBucket>)>>,
+    /// Per database: which of its functions are VOLATILE (routing).
+    pub catalogs: crate::catalog::Catalogs,
     /// Failed logins per client address (see login_attempt).
     failed_logins: Mutex<HashMap<std::net::IpAddr, LoginFailures>>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
@@ -148,6 +150,7 @@ impl App {
                 }),
             ),
             failed_logins: Mutex::new(HashMap::new()),
+            catalogs: Default::default(),
             pacers: Mutex::new(HashMap::new()),
             passthrough: Mutex::new(HashMap::new()),
             settings: Mutex::new(HashMap::new()),
@@ -480,6 +483,49 @@ impl App {
         pool
     }
 
+    /// Routing on: loads every configured database's function catalog
+    /// now, so that the first reads calling functions need not wait for it
+    /// on the primary.
+    pub fn preload_catalogs(self: &Arc<Self>) {
+        let cfg = self.config();
+        let refresh = cfg.routing.function_catalog_refresh.0;
+        if self.topology().groups.is_empty() || refresh.is_zero() {
+            return;
+        }
+        for db in &cfg.databases {
+            if let (_, Some(load)) = self.catalogs.verdict(&db.name, &[], refresh, Instant::now()) {
+                self.load_catalog(load);
+            }
+        }
+    }
+
+    /// Loads a database's function catalog in the background (as the
+    /// monitor's user, from the writer), bounded in time.
+    pub fn load_catalog(self: &Arc<Self>, load: crate::catalog::Load) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut next = Some(load);
+            while let Some(load) = next {
+                let result = tokio::time::timeout(Duration::from_secs(10), app.read_catalog(&load.database))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
+                next = app.catalogs.finish(load, result, Instant::now());
+            }
+        });
+    }
+
+    async fn read_catalog(&self, database: &str) -> Result<std::collections::HashSet<u32>, String> {
+        let cfg = self.config();
+        let spec = self.monitor_spec().ok_or("no user with a server password to read it as (cluster.health_user)")?;
+        let dbname = cfg.database(database).map_or(database, |d| d.server_name());
+        let topo = self.topology();
+        let addr = topo.writer_addr().ok_or("no primary")?;
+        let client = crate::topology::connect_as(&spec, addr, dbname, "pgfleet-catalog").await?;
+        let rows = client.query(crate::catalog::VOLATILE_SQL, &[]).await.map_err(|e| e.to_string())?;
+        let names = rows.iter().map(|r| r.get::<_, String>(0));
+        Ok(crate::catalog::volatile_set(names, &cfg.routing.read_functions))
+    }
+
     /// Who the lag monitor connects as.
     fn monitor_spec(&self) -> Option<MonitorSpec> {
         let cfg = self.config();
@@ -632,6 +678,7 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
     }
     tokio::spawn(app.clone().maintain());
     app.restart_monitor();
+    app.preload_catalogs();
     let metrics_addr = match &cfg.admin.metrics_addr {
         Some(a) => {
             let std_listener = std::net::TcpListener::bind(a)?;

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod backend;
+pub mod catalog;
 pub mod config;
 pub mod frontend;
 pub mod limits;

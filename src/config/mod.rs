@@ -367,6 +367,13 @@ pub struct Routing {
     pub transaction_reads: TransactionReads,
     /// The application's own functions that write (reads calling them go to the primary).
     pub write_functions: Vec<String>,
+    /// VOLATILE functions that never write (reads calling them may still go
+    /// to a replica), e.g. an extension's `uuid_generate_v4`.
+    pub read_functions: Vec<String>,
+    /// How often each database's VOLATILE functions are re-read from
+    /// `pg_proc` (a read calling one goes to the primary); 0 turns the
+    /// lookup off (only built-ins and `write_functions` count as writes).
+    pub function_catalog_refresh: Dur,
     pub rules: Vec<Rule>,
 }
 
@@ -378,6 +385,8 @@ impl Default for Routing {
             read_your_writes: ReadYourWrites::Lsn,
             transaction_reads: TransactionReads::Primary,
             write_functions: vec![],
+            read_functions: vec![],
+            function_catalog_refresh: Dur(std::time::Duration::from_secs(30)),
             rules: vec![],
         }
     }

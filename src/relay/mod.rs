@@ -148,6 +148,9 @@ pub struct Session {
     floor: Option<u64>,
     /// The current primary transaction wrote (learn the LSN before release).
     wrote: bool,
+    /// The current transaction changes functions: the function catalog is
+    /// stale when it ends.
+    catalog_ddl: bool,
     /// Virtual (pgfleet.*) statements and portals of the extended protocol.
     virtuals: HashMap<Bytes, virt::Virtual>,
     virtual_portals: HashMap<Bytes, virt::Virtual>,
@@ -273,6 +276,7 @@ impl Session {
             route_override: None,
             floor: None,
             wrote: false,
+            catalog_ddl: false,
             virtuals: HashMap::new(),
             virtual_portals: HashMap::new(),
             discard_to_sync: false,
@@ -603,6 +607,7 @@ impl Session {
     fn note_write(&mut self, a: &Analysis) {
         if a.class == Class::Write && self.bound_target == Some(Target::Primary) && self.routes() {
             self.wrote = true;
+            self.catalog_ddl |= a.catalog_ddl;
         }
     }
 

@@ -6,7 +6,7 @@ use super::state::sql_text;
 use super::{Session, SessionError};
 use crate::config::{PoolMode, ReadYourWrites};
 use crate::pool::Pool;
-use crate::router::route::{route, NoReplica, Reason, SessionRoute, Target};
+use crate::router::route::{route, Calls, NoReplica, Reason, SessionRoute, Target};
 use crate::router::{Analysis, Class};
 use crate::wire::{self, build, sqlstate};
 use crate::topology::Topology;
@@ -109,6 +109,7 @@ impl Session {
                 .settings
                 .iter()
                 .any(|(n, v)| n == "default_transaction_read_only" && matches!(v.as_str(), "on" | "true" | "1" | "yes")),
+            calls: self.function_calls(a),
         };
         route(a, &s, &topo.snapshot(), &mut |c| topo.pick(c)).map_err(|NoReplica { group, why }| {
             (
@@ -116,6 +117,19 @@ impl Session {
                 format!("no usable replica for workload \"{group}\" and its fallback is \"error\" ({why})"),
             )
         })
+    }
+
+    /// Whether a read calls a VOLATILE function of the database's own.
+    fn function_calls(&self, a: &Analysis) -> Calls {
+        let refresh = self.cfg.routing.function_catalog_refresh.0;
+        if a.calls.is_empty() || a.class == Class::Write || refresh.is_zero() {
+            return Calls::Safe;
+        }
+        let (verdict, load) = self.app.catalogs.verdict(&self.database, &a.calls, refresh, self.now);
+        if let Some(load) = load {
+            self.app.load_catalog(load);
+        }
+        verdict
     }
 
     /// Admission under the `[[limits]]` rules matching this transaction.

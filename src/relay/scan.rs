@@ -108,6 +108,12 @@ impl Session {
                     self.replay_state = super::Replay::Off; // the unit is over
                     self.count_cycle_end(status);
                 }
+                if status == b'I' && self.catalog_ddl {
+                    self.catalog_ddl = false;
+                    if let Some(load) = self.app.catalogs.invalidate(&self.database) {
+                        self.app.load_catalog(load);
+                    }
+                }
                 if matches!(ended, Some(Pending::Swallow(Kind::Query))) {
                     self.probe = None;
                 }

@@ -54,6 +54,12 @@ pub struct Analysis {
     /// `SHOW pgfleet.<name>`.
     pub proxy_show: Option<String>,
     pub statements: usize,
+    /// Reads only: `name_hash` of each function name called (the routing
+    /// asks the function catalog whether one may write). Empty for writes.
+    pub calls: Vec<u32>,
+    /// Creates, changes or drops functions (or extensions): the function
+    /// catalog is stale once its transaction ends.
+    pub catalog_ddl: bool,
 }
 
 impl Analysis {
@@ -145,7 +151,22 @@ pub fn classify(sql: &str, write_functions: &[String]) -> Analysis {
     if a.statements == 0 {
         a.class = Class::Write;
     }
+    if a.class == Class::Write {
+        a.calls = Vec::new();
+    }
     a
+}
+
+/// The hash a function name is looked up by (FNV-1a). Unquoted names are
+/// hashed folded to lower case, as PostgreSQL stores them; the catalog
+/// hashes `pg_proc.proname` exactly.
+pub fn name_hash(name: &[u8], fold: bool) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in name {
+        let b = if fold { b.to_ascii_lowercase() } else { b };
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    h
 }
 
 fn hint(text: &str, a: &mut Analysis) {
@@ -253,6 +274,13 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         }
         _ => {}
     }
+    if matches!(first, b"CREATE" | b"ALTER" | b"DROP") {
+        // CREATE [OR REPLACE] FUNCTION, ALTER FUNCTION ... VOLATILE, DROP
+        // EXTENSION, ...: what the function catalog holds may change.
+        a.catalog_ddl |= t.iter().take(5).any(|x| {
+            ["FUNCTION", "PROCEDURE", "AGGREGATE", "ROUTINE", "EXTENSION", "SCHEMA"].iter().any(|w| is_word(Some(x), w))
+        });
+    }
     // Temporary objects: CREATE TEMP, `SELECT ... INTO TEMP x` (never a
     // read, so plain reads skip this), `CREATE TABLE pg_temp.x`,
     // `CREATE FUNCTION pg_temp.f()`, and these under EXPLAIN ANALYZE.
@@ -281,10 +309,19 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
             // A quoted name ("nextval", jOOQ's "public"."f") is exact: only
             // an all-lower-case one names a built-in (compared as a word).
             Tok::Ident(name) if !name.bytes().any(|c| c.is_ascii_uppercase() || c == b'"') => name,
+            Tok::Ident(name) => {
+                if *read {
+                    push_call(a, name_hash(name.as_bytes(), false));
+                }
+                continue;
+            }
             _ => continue,
         };
         if word_is_write_function(name, extra) {
             *read = false;
+        }
+        if *read {
+            push_call(a, name_hash(name.as_bytes(), matches!(t[i], Tok::Word(_))));
         }
         if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
             a.pin = a.pin.or(Some("a session-level advisory lock (pg_advisory_lock)"));
@@ -295,6 +332,12 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
         if name.eq_ignore_ascii_case("set_config") {
             set_config_call(&t[i + 2..], a);
         }
+    }
+}
+
+fn push_call(a: &mut Analysis, h: u32) {
+    if !a.calls.contains(&h) {
+        a.calls.push(h);
     }
 }
 

@@ -333,3 +333,35 @@ proptest::proptest! {
         let _ = classify(&sql, &["f".to_string()]);
     }
 }
+
+#[test]
+fn reads_name_the_functions_they_call() {
+    let h = |n: &str| name_hash(n.as_bytes(), false);
+    let a = classify("SELECT Create_Order(42), app.charge(1), lower(x) FROM t WHERE f(g(1))", &[]);
+    assert_eq!(a.class, Class::Read);
+    assert_eq!(a.calls, vec![h("create_order"), h("charge"), h("lower"), h("f"), h("g")]);
+    // A quoted name is exact.
+    assert_eq!(classify(r#"SELECT "Mixed"(1), "Mixed"(2)"#, &[]).calls, vec![h("Mixed")]);
+    assert!(classify("SELECT a FROM t WHERE id = $1", &[]).calls.is_empty());
+    // Writes go to the primary anyway: nothing to look up.
+    assert!(classify("SELECT f(1); DELETE FROM t", &[]).calls.is_empty());
+    assert!(classify("SELECT nextval('s'), f(1)", &[]).calls.is_empty());
+}
+
+#[test]
+fn function_ddl_is_flagged() {
+    for sql in [
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "create or replace function f() returns int language sql as 'select 1'",
+        "ALTER FUNCTION f() STABLE",
+        "DROP FUNCTION IF EXISTS f()",
+        "CREATE EXTENSION pgcrypto",
+        "DROP SCHEMA app CASCADE",
+        "CREATE PROCEDURE p() LANGUAGE sql AS ''",
+    ] {
+        assert!(classify(sql, &[]).catalog_ddl, "{sql}");
+    }
+    for sql in ["CREATE TABLE t (x int)", "SELECT f()", "ALTER TABLE t ADD COLUMN y int"] {
+        assert!(!classify(sql, &[]).catalog_ddl, "{sql}");
+    }
+}

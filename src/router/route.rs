@@ -71,10 +71,14 @@ pub enum Reason {
     HintReplica,
     ReadYourWrites,
     Fallback,
+    /// A read that calls a VOLATILE function of the application's own.
+    VolatileFunction,
+    /// A read that calls functions while the catalog is not loaded.
+    CatalogPending,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 11] = [
         Reason::SplitDisabled,
         Reason::HintPrimary,
         Reason::Write,
@@ -84,6 +88,8 @@ impl Reason {
         Reason::HintReplica,
         Reason::ReadYourWrites,
         Reason::Fallback,
+        Reason::VolatileFunction,
+        Reason::CatalogPending,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +103,8 @@ impl Reason {
             Reason::HintReplica => "hint_replica",
             Reason::ReadYourWrites => "read_your_writes",
             Reason::Fallback => "fallback",
+            Reason::VolatileFunction => "volatile_function",
+            Reason::CatalogPending => "catalog_pending",
         }
     }
 }
@@ -120,6 +128,20 @@ pub struct SessionRoute<'a> {
     pub floor: Option<u64>,
     /// `default_transaction_read_only` is on for this client.
     pub default_read_only: bool,
+    /// What the function catalog says of the functions the statement calls.
+    pub calls: Calls,
+}
+
+/// The function catalog's verdict on the functions a read calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Calls {
+    /// None of them is VOLATILE (or the lookup is off).
+    #[default]
+    Safe,
+    /// One is VOLATILE: it may write, so the read goes to the primary.
+    Volatile,
+    /// The catalog is not loaded (yet, or it failed): not sure, primary.
+    Unknown,
 }
 
 /// Decides the target of a transaction starting with `a`. `pick` chooses
@@ -150,7 +172,11 @@ pub fn route(
     if a.class == Class::Write {
         return Ok((Target::Primary, Reason::Write));
     }
-    replica(s, snap, s.group, Reason::Read, pick)
+    match s.calls {
+        Calls::Safe => replica(s, snap, s.group, Reason::Read, pick),
+        Calls::Volatile => Ok((Target::Primary, Reason::VolatileFunction)),
+        Calls::Unknown => Ok((Target::Primary, Reason::CatalogPending)),
+    }
 }
 
 fn replica(

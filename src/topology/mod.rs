@@ -248,7 +248,7 @@ pub struct MonitorSpec {
 }
 
 mod monitor;
-pub use monitor::run_monitor;
+pub use monitor::{connect_as, run_monitor};
 
 /// The lag state machine of one monitor, kept between checks.
 #[derive(Default)]

@@ -45,19 +45,24 @@ impl Probe {
     }
 
     async fn connect(&self, spec: &MonitorSpec) -> Result<tokio_postgres::Client, String> {
-        let (host, port) = self.addr.rsplit_once(':').ok_or("bad address")?;
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host(host)
-            .port(port.parse().map_err(|_| "bad port")?)
-            .user(&spec.user)
-            .dbname(&spec.database)
-            .application_name("pgfleet-monitor")
-            .connect_timeout(Duration::from_secs(2));
-        if let Some(p) = &spec.password {
-            cfg.password(p);
-        }
-        crate::tls::connect_pg(cfg, spec.tls.clone()).await
+        connect_as(spec, &self.addr, &spec.database, "pgfleet-monitor").await
     }
+}
+
+/// A tokio-postgres connection as the monitor's user to `dbname` on `addr`.
+pub async fn connect_as(spec: &MonitorSpec, addr: &str, dbname: &str, app: &str) -> Result<tokio_postgres::Client, String> {
+    let (host, port) = addr.rsplit_once(':').ok_or("bad address")?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(host)
+        .port(port.parse().map_err(|_| "bad port")?)
+        .user(&spec.user)
+        .dbname(dbname)
+        .application_name(app)
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(p) = &spec.password {
+        cfg.password(p);
+    }
+    crate::tls::connect_pg(cfg, spec.tls.clone()).await
 }
 
 /// Role and position of any server: replay position on a standby, write

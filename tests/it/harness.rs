@@ -504,7 +504,9 @@ pub async fn routing_proxy(pool: &str, default_max_lag: &str, ryw: &str) -> Runn
 pub async fn wait_replicas_usable(p: &Running) {
     for _ in 0..200 {
         let s = p.app.topology().snapshot();
-        if s.replicas.iter().all(|r| r.groups.iter().all(|(_, ok)| *ok)) {
+        // Reads that call functions wait for the function catalog too.
+        let catalog = p.app.catalogs.is_loaded("app") || p.app.config().routing.function_catalog_refresh.0.is_zero();
+        if catalog && s.replicas.iter().all(|r| r.groups.iter().all(|(_, ok)| *ok)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

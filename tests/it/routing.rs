@@ -307,3 +307,73 @@ async fn a_client_pinned_on_a_replica_gets_an_error_for_a_write_not_a_hang() {
         .await
         .unwrap();
 }
+
+/// Polls `sql` (returning a port) until it is answered by `want`.
+async fn wait_port_of(c: &tokio_postgres::Client, sql: &str, want: u16, limit: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let got = port_of(c, sql).await;
+        if got == want {
+            return;
+        }
+        assert!(started.elapsed() < limit, "{sql}: still answered by {got}, not {want}, after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_calling_the_applications_volatile_functions_go_to_the_primary() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let r1 = c.replicas[0];
+    let extra = routing_extra("10s", "off").replace(
+        "read_your_writes = \"off\"\n",
+        "read_your_writes = \"off\"\nfunction_catalog_refresh = \"1s\"\nread_functions = [\"public.fn_port_allowed\"]\n",
+    );
+    let p = start(config("size = 3", &extra)).await;
+    wait_replicas_usable(&p).await;
+    let writer = connect(&p).await;
+    // Made through pgfleet: the catalog is reloaded when this commits.
+    // CREATE FUNCTION makes a function VOLATILE unless it says otherwise.
+    writer
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS fn_orders (n int); \
+             CREATE OR REPLACE FUNCTION fn_create_order(n int) RETURNS int LANGUAGE sql \
+               AS 'INSERT INTO fn_orders VALUES (n) RETURNING n'; \
+             CREATE OR REPLACE FUNCTION fn_port_volatile() RETURNS text LANGUAGE sql AS 'SELECT inet_server_port()::text'; \
+             CREATE OR REPLACE FUNCTION fn_port_allowed() RETURNS text LANGUAGE sql AS 'SELECT inet_server_port()::text'; \
+             CREATE OR REPLACE FUNCTION \"Fn_Port_Quoted\"() RETURNS text LANGUAGE sql AS 'SELECT inet_server_port()::text'; \
+             CREATE OR REPLACE FUNCTION fn_port_stable() RETURNS text STABLE LANGUAGE sql AS 'SELECT inet_server_port()::text'",
+        )
+        .await
+        .unwrap();
+    // Until the catalog is reloaded, reads that call functions go to the
+    // primary (not sure: primary).
+    let started = std::time::Instant::now();
+    while c.psql_on(r1, "app", "SELECT count(*) FROM pg_proc WHERE proname = 'fn_port_stable'") != "1" || !p.app.catalogs.is_loaded("app") {
+        assert!(started.elapsed() < Duration::from_secs(10), "the replica or the catalog never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reader = connect(&p).await;
+    for _ in 0..5 {
+        // A SELECT that writes through the application's function: on a
+        // replica it would fail with 25006.
+        let n: i32 = reader.query_one("SELECT fn_create_order(7)", &[]).await.unwrap().get(0);
+        assert_eq!(n, 7);
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text FROM (SELECT fn_create_order(8)) s").await, c.primary);
+        assert_eq!(port_of(&reader, "SELECT fn_port_volatile()").await, c.primary);
+        assert_eq!(port_of(&reader, "SELECT app.public.\"Fn_Port_Quoted\"()").await, c.primary);
+        let port: String = reader.query_one("SELECT public.fn_port_volatile()", &[]).await.unwrap().get(0);
+        assert_eq!(port.parse::<u16>().unwrap(), c.primary, "extended protocol");
+        // STABLE cannot write; listed in read_functions: the replica.
+        assert_eq!(port_of(&reader, "SELECT fn_port_stable()").await, r1);
+        assert_eq!(port_of(&reader, "SELECT fn_port_allowed()").await, r1);
+        assert_eq!(port_of(&reader, "SELECT lower(inet_server_port()::text)").await, r1);
+    }
+    // Changed through pgfleet: followed as soon as the replica has it.
+    writer.batch_execute("ALTER FUNCTION fn_port_volatile() STABLE").await.unwrap();
+    wait_port_of(&reader, "SELECT fn_port_volatile()", r1, Duration::from_secs(10)).await;
+    // Changed behind pgfleet's back: followed within the refresh interval.
+    c.psql_on(c.primary, "app", "ALTER FUNCTION fn_port_volatile() VOLATILE");
+    wait_port_of(&reader, "SELECT fn_port_volatile()", c.primary, Duration::from_secs(10)).await;
+}

@@ -1,0 +1,215 @@
+//! The function catalog: which of a database's own functions are VOLATILE,
+//! read from `pg_proc` on the writer. PostgreSQL does not let a STABLE or
+//! IMMUTABLE function write, so a SELECT is a read only if every function
+//! it calls is either built in (the classifier knows the writing built-ins)
+//! or not VOLATILE. `CREATE FUNCTION` makes a function VOLATILE unless it
+//! says otherwise, so an application's writing function (`SELECT
+//! create_order(42)`) is caught without configuration.
+//!
+//! Loaded per database on first need, refreshed every
+//! `routing.function_catalog_refresh`, and at once after a client changes
+//! functions through pgfleet (`CREATE/ALTER/DROP FUNCTION`, extensions).
+//! Until a database's catalog is loaded, reads that call functions go to
+//! the primary (not sure: primary).
+
+use crate::router::classify::name_hash;
+use crate::router::route::Calls;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// After a failed load, how long until the next attempt.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// VOLATILE functions of the database's own schemas (built-ins, which the
+/// classifier already knows, and trigger functions, which a query cannot
+/// call, are left out).
+pub const VOLATILE_SQL: &str = "SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p \
+     JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     WHERE p.provolatile = 'v' AND p.prokind <> 'p' \
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+     AND p.prorettype NOT IN ('pg_catalog.trigger'::pg_catalog.regtype, 'pg_catalog.event_trigger'::pg_catalog.regtype)";
+
+#[derive(Default)]
+struct Entry {
+    /// Hashes of the VOLATILE function names (None: never loaded).
+    volatile: Option<Arc<HashSet<u32>>>,
+    loaded_at: Option<Instant>,
+    /// Invalidated by a change made through pgfleet: not trusted until the
+    /// next load that started after it.
+    stale: bool,
+    loading: bool,
+    failed_at: Option<Instant>,
+    /// Bumped by each invalidation; a load only clears `stale` if no
+    /// invalidation happened while it ran.
+    generation: u64,
+}
+
+/// A load the caller must start: `Catalogs::finish` takes its result.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Load {
+    pub database: String,
+    generation: u64,
+}
+
+#[derive(Default)]
+pub struct Catalogs {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl Catalogs {
+    /// What the catalog of `database` says of these calls (name hashes),
+    /// and a load to start when it is missing, stale or due a refresh.
+    pub fn verdict(&self, database: &str, calls: &[u32], refresh: Duration, now: Instant) -> (Calls, Option<Load>) {
+        let mut map = self.entries.lock().unwrap();
+        if !map.contains_key(database) {
+            map.insert(database.to_string(), Entry::default());
+        }
+        let e = map.get_mut(database).expect("inserted above");
+        let due = match (e.loaded_at, e.failed_at) {
+            _ if e.loading => false,
+            _ if e.stale => true,
+            (_, Some(f)) if now.saturating_duration_since(f) < RETRY_AFTER => false,
+            (Some(at), _) => now.saturating_duration_since(at) >= refresh,
+            (None, _) => true,
+        };
+        let load = due.then(|| {
+            e.loading = true;
+            Load { database: database.to_string(), generation: e.generation }
+        });
+        let verdict = match &e.volatile {
+            Some(set) if !e.stale => {
+                if calls.iter().any(|h| set.contains(h)) {
+                    Calls::Volatile
+                } else {
+                    Calls::Safe
+                }
+            }
+            _ => Calls::Unknown,
+        };
+        (verdict, load)
+    }
+
+    /// A load ended: the VOLATILE function names (hashed), or why it
+    /// failed. Returns the next load when the functions changed meanwhile.
+    pub fn finish(&self, load: Load, result: Result<HashSet<u32>, String>, now: Instant) -> Option<Load> {
+        let mut map = self.entries.lock().unwrap();
+        let e = map.entry(load.database.clone()).or_default();
+        e.loading = false;
+        match result {
+            Ok(set) => {
+                tracing::info!(database = %load.database, volatile_functions = set.len(), "function catalog loaded");
+                e.volatile = Some(Arc::new(set));
+                e.loaded_at = Some(now);
+                e.failed_at = None;
+                if e.generation == load.generation {
+                    e.stale = false;
+                }
+            }
+            Err(why) => {
+                tracing::warn!(database = %load.database, error = %why,
+                    "loading the function catalog failed: reads that call functions go to the primary until it loads");
+                e.failed_at = Some(now);
+                return None;
+            }
+        }
+        (e.generation != load.generation).then(|| {
+            e.loading = true;
+            Load { database: load.database, generation: e.generation }
+        })
+    }
+
+    /// Whether `database`'s catalog is loaded and trusted.
+    pub fn is_loaded(&self, database: &str) -> bool {
+        self.entries.lock().unwrap().get(database).is_some_and(|e| e.volatile.is_some() && !e.stale)
+    }
+
+    /// Functions of `database` changed: distrust its catalog until
+    /// reloaded; the reload to start now, unless one is running (it will
+    /// be followed by another).
+    pub fn invalidate(&self, database: &str) -> Option<Load> {
+        let mut map = self.entries.lock().unwrap();
+        let e = map.get_mut(database)?;
+        e.stale = true;
+        e.failed_at = None;
+        e.generation += 1;
+        (!e.loading).then(|| {
+            e.loading = true;
+            Load { database: database.to_string(), generation: e.generation }
+        })
+    }
+}
+
+/// The hashed names of a load's rows, less the functions configured as
+/// reads (`routing.read_functions`, optionally schema-qualified).
+pub fn volatile_set(names: impl IntoIterator<Item = String>, read_functions: &[String]) -> HashSet<u32> {
+    let reads: HashSet<u32> = read_functions
+        .iter()
+        .map(|f| name_hash(f.rsplit('.').next().unwrap_or(f).as_bytes(), true))
+        .collect();
+    names.into_iter().map(|n| name_hash(n.as_bytes(), false)).filter(|h| !reads.contains(h)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(n: &str) -> u32 {
+        name_hash(n.as_bytes(), false)
+    }
+
+    #[test]
+    fn unknown_until_loaded_then_exact() {
+        let c = Catalogs::default();
+        let t0 = Instant::now();
+        let refresh = Duration::from_secs(30);
+        let (v, load) = c.verdict("app", &[h("f")], refresh, t0);
+        assert_eq!(v, Calls::Unknown);
+        let load = load.expect("first use loads");
+        // One load at a time.
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
+        c.finish(load, Ok(volatile_set(["f".to_string()], &[])), t0);
+        assert_eq!(c.verdict("app", &[h("g"), h("f")], refresh, t0), (Calls::Volatile, None));
+        assert_eq!(c.verdict("app", &[h("g")], refresh, t0), (Calls::Safe, None));
+        // Other databases have catalogs of their own.
+        assert_eq!(c.verdict("other", &[h("g")], refresh, t0).0, Calls::Unknown);
+        // Due a refresh: the old catalog answers meanwhile.
+        let later = t0 + refresh;
+        let (v, load) = c.verdict("app", &[h("f")], refresh, later);
+        assert_eq!(v, Calls::Volatile);
+        assert!(load.is_some());
+    }
+
+    #[test]
+    fn invalidation_distrusts_until_a_later_load() {
+        let c = Catalogs::default();
+        let t0 = Instant::now();
+        let refresh = Duration::from_secs(30);
+        let load = c.verdict("app", &[], refresh, t0).1.unwrap();
+        c.finish(load, Ok(HashSet::new()), t0);
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Safe, None));
+        let first = c.invalidate("app").expect("reloads at once");
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
+        // Invalidated again while that load runs: its result may predate
+        // the change, so the catalog stays distrusted and loads again.
+        assert_eq!(c.invalidate("app"), None);
+        let second = c.finish(first, Ok(HashSet::new()), t0).expect("loads again");
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
+        assert_eq!(c.finish(second, Ok(volatile_set(["f".into()], &[])), t0), None);
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0).0, Calls::Volatile);
+    }
+
+    #[test]
+    fn failures_retry_after_a_pause_and_read_functions_are_exempt() {
+        let c = Catalogs::default();
+        let t0 = Instant::now();
+        let refresh = Duration::from_secs(30);
+        let load = c.verdict("app", &[], refresh, t0).1.unwrap();
+        c.finish(load, Err("connection refused".into()), t0);
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
+        let load = c.verdict("app", &[h("f")], refresh, t0 + RETRY_AFTER).1.expect("retried");
+        c.finish(load, Ok(volatile_set(["f".into(), "uuid_generate_v4".into()], &["public.uuid_generate_v4".into()])), t0);
+        assert_eq!(c.verdict("app", &[h("uuid_generate_v4")], refresh, t0).0, Calls::Safe);
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0).0, Calls::Volatile);
+    }
+}
