@@ -66,6 +66,11 @@ impl Session {
                         if a.class == Class::Write {
                             m.class = Class::Write;
                         }
+                        for h in a.calls {
+                            if !m.calls.contains(&h) {
+                                m.calls.push(h);
+                            }
+                        }
                         m
                     }
                 });

@@ -104,7 +104,7 @@ async fn newer_protocol_versions_are_negotiated_down_to_3_0() {
     assert_eq!((rows, errors), (vec!["7".to_string()], vec![]));
 }
 
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![tag];
     v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
     v.extend_from_slice(body);
@@ -328,7 +328,7 @@ async fn a_refused_function_call_gets_ready_for_query() {
 }
 
 /// Parse, Bind and Execute of one statement (no parameters, text results).
-fn pbe(name: &str, sql: Option<&str>) -> Vec<u8> {
+pub(crate) fn pbe(name: &str, sql: Option<&str>) -> Vec<u8> {
     let mut out = Vec::new();
     if let Some(sql) = sql {
         out.extend(msg(
@@ -345,7 +345,7 @@ fn pbe(name: &str, sql: Option<&str>) -> Vec<u8> {
 }
 
 /// Reads to ReadyForQuery: the first column of each DataRow, and SQLSTATEs.
-async fn read_cycle(raw: &mut RawClient) -> (Vec<String>, Vec<String>) {
+pub(crate) async fn read_cycle(raw: &mut RawClient) -> (Vec<String>, Vec<String>) {
     let (mut rows, mut errors) = (Vec::new(), Vec::new());
     loop {
         let (tag, m) = raw.next().await.unwrap();

@@ -370,6 +370,16 @@ async fn reads_calling_the_applications_volatile_functions_go_to_the_primary() {
         assert_eq!(port_of(&reader, "SELECT fn_port_allowed()").await, r1);
         assert_eq!(port_of(&reader, "SELECT lower(inet_server_port()::text)").await, r1);
     }
+    // One extended-protocol batch (one Sync): a later statement that calls
+    // the writing function takes the whole batch to the primary.
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut batch = crate::protocol::pbe("", Some("SELECT inet_server_port()::text"));
+    batch.extend(crate::protocol::pbe("", Some("SELECT fn_create_order(9)::text")));
+    batch.extend(crate::protocol::msg(b'S', b""));
+    raw.stream.write_all(&batch).await.unwrap();
+    let (rows, errors) = crate::protocol::read_cycle(&mut raw).await;
+    assert_eq!(errors, Vec::<String>::new());
+    assert_eq!(rows, vec![c.primary.to_string(), "9".to_string()]);
     // Changed through pgfleet: followed as soon as the replica has it.
     writer.batch_execute("ALTER FUNCTION fn_port_volatile() STABLE").await.unwrap();
     wait_port_of(&reader, "SELECT fn_port_volatile()", r1, Duration::from_secs(10)).await;
