@@ -375,6 +375,9 @@ impl App {
             Ok(t) => *self.server_tls.write().unwrap() = t,
             Err(e) => notes.push(format!("server TLS not reloaded: {e}")),
         }
+        if new.routing.read_functions != old.routing.read_functions {
+            self.catalogs.invalidate_all();
+        }
         let cluster_changed = new.cluster != old.cluster;
         if new.limits != old.limits || new.pool.checkout_timeout != old.pool.checkout_timeout {
             // Fresh budgets; transactions holding the old permits finish under them.
@@ -489,7 +492,7 @@ impl App {
     pub fn preload_catalogs(self: &Arc<Self>) {
         let cfg = self.config();
         let refresh = cfg.routing.function_catalog_refresh.0;
-        if self.topology().groups.is_empty() || refresh.is_zero() {
+        if self.topology().groups.is_empty() || refresh.is_zero() || !cfg.routing.read_write_split {
             return;
         }
         for db in &cfg.databases {

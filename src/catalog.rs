@@ -68,8 +68,8 @@ impl Catalogs {
         let e = map.get_mut(database).expect("inserted above");
         let due = match (e.loaded_at, e.failed_at) {
             _ if e.loading => false,
-            _ if e.stale => true,
             (_, Some(f)) if now.saturating_duration_since(f) < RETRY_AFTER => false,
+            _ if e.stale => true,
             (Some(at), _) => now.saturating_duration_since(at) >= refresh,
             (None, _) => true,
         };
@@ -119,6 +119,15 @@ impl Catalogs {
         })
     }
 
+    /// Every catalog is distrusted (the configuration that filters them
+    /// changed): each reloads on its next use.
+    pub fn invalidate_all(&self) {
+        for e in self.entries.lock().unwrap().values_mut() {
+            e.stale = true;
+            e.generation += 1;
+        }
+    }
+
     /// Whether `database`'s catalog is loaded and trusted.
     pub fn is_loaded(&self, database: &str) -> bool {
         self.entries.lock().unwrap().get(database).is_some_and(|e| e.volatile.is_some() && !e.stale)
@@ -143,9 +152,11 @@ impl Catalogs {
 /// The hashed names of a load's rows, less the functions configured as
 /// reads (`routing.read_functions`, optionally schema-qualified).
 pub fn volatile_set(names: impl IntoIterator<Item = String>, read_functions: &[String]) -> HashSet<u32> {
+    // Folded (as an unquoted name) and exact (a mixed-case quoted one).
     let reads: HashSet<u32> = read_functions
         .iter()
-        .map(|f| name_hash(f.rsplit('.').next().unwrap_or(f).as_bytes(), true))
+        .map(|f| f.rsplit('.').next().unwrap_or(f).as_bytes())
+        .flat_map(|n| [name_hash(n, true), name_hash(n, false)])
         .collect();
     names.into_iter().map(|n| name_hash(n.as_bytes(), false)).filter(|h| !reads.contains(h)).collect()
 }
@@ -197,6 +208,12 @@ mod tests {
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
         assert_eq!(c.finish(second, Ok(volatile_set(["f".into()], &[])), t0), None);
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0).0, Calls::Volatile);
+        // A reload after a change that fails waits before the next attempt
+        // (not one connection attempt per read).
+        let load = c.invalidate("app").unwrap();
+        assert_eq!(c.finish(load, Err("no primary".into()), t0), None);
+        assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
+        assert!(c.verdict("app", &[h("f")], refresh, t0 + RETRY_AFTER).1.is_some());
     }
 
     #[test]

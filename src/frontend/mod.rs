@@ -291,6 +291,11 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// Settings PostgreSQL accepts only at backend start (PGC_BACKEND and
+/// PGC_SU_BACKEND).
+const START_ONLY: &[&str] =
+    &["log_connections", "log_disconnections", "ignore_system_indexes", "post_auth_delay", "jit_debugging_support", "jit_profiling_support"];
+
 /// The session settings a client wants on every server connection: each
 /// reported parameter (the client's startup value or the server default),
 /// then any other startup parameters and `options=-c name=value` settings.
@@ -304,6 +309,15 @@ pub fn client_settings(server: &[(String, String)], startup: &[(String, String)]
         }
     }
     requested.retain(|(k, _)| !k.to_ascii_lowercase().starts_with("pgfleet."));
+    // Only settable when a backend starts (PostgreSQL's "cannot be set
+    // after connection start", 55P02): the server connections have theirs.
+    requested.retain(|(k, _)| {
+        let start_only = START_ONLY.iter().any(|s| s.eq_ignore_ascii_case(k));
+        if start_only {
+            tracing::info!(setting = %k, "startup setting ignored: it only applies when a server connection starts");
+        }
+        !start_only
+    });
     let mut settings: Settings = Vec::new();
     for name in REPORTED_SETTABLE {
         let value = requested
@@ -331,6 +345,24 @@ pub fn client_settings(server: &[(String, String)], startup: &[(String, String)]
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn startup_settings_pgfleet_cannot_replay_are_left_out() {
+        let startup = [
+            ("user".to_string(), "app".to_string()),
+            ("options".to_string(), "-c log_connections=on -c statement_timeout=5s -c pgfleet.workload=chat".to_string()),
+            ("application_name".to_string(), "web".to_string()),
+        ];
+        let s = super::client_settings(&[("TimeZone".into(), "UTC".into())], &startup);
+        assert_eq!(
+            s,
+            vec![
+                ("application_name".to_string(), "web".to_string()),
+                ("TimeZone".to_string(), "UTC".to_string()),
+                ("statement_timeout".to_string(), "5s".to_string()),
+            ]
+        );
+    }
+
     #[test]
     fn globs() {
         use super::glob_match;

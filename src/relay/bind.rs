@@ -24,24 +24,28 @@ impl Session {
         self.info.state.store(CLIENT_WAITING, Ordering::Relaxed);
         let now = crate::stats::unix_us_at(self.now);
         self.info.wait_since_us.store(now, Ordering::Relaxed);
-        let pool = self.pool_for(target, topo);
-        let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
-            Some(conn) => (Ok((conn, target, pool)), false),
-            // Boxed slow path (wait, connect, re-route): see checkout_routed.
-            None => {
-                // In the client's span: connects opened for it are its children.
-                let span = self.span.clone();
-                (Box::pin(self.checkout_routed(a, target, topo).instrument(span)).await, true)
+        // A connection that dies while its settings are applied (a server
+        // restarted under an idle connection) is replaced: two more tries.
+        let mut attempts = 0;
+        let (conn, target, pool, waited) = loop {
+            let pool = self.pool_for(target, topo);
+            let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
+                Some(conn) => (Ok((conn, target, pool)), false),
+                // Boxed slow path (wait, connect, re-route): see checkout_routed.
+                None => {
+                    // In the client's span: connects opened for it are its children.
+                    let span = self.span.clone();
+                    (Box::pin(self.checkout_routed(a, target, topo).instrument(span)).await, true)
+                }
+            };
+            self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
+            let (mut conn, target, pool) = checked_out?;
+            if conn.settings_fp == self.settings_fp {
+                break (conn, target, pool, waited);
             }
-        };
-        self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
-        let (mut conn, target, pool) = checked_out?;
-        let mut waited = waited;
-        if conn.settings_fp != self.settings_fp {
             // Boxed slow path: a round trip before the client's unit is sent.
-            waited = true;
             match Box::pin(self.sync_settings(&mut conn)).await {
-                Ok(()) => {}
+                Ok(()) => break (conn, target, pool, true),
                 Err(BackendError::Server(fields)) => {
                     // The connection is as it was (the query failed whole).
                     pool.checkin(conn);
@@ -51,10 +55,14 @@ impl Session {
                 }
                 Err(e) => {
                     pool.discard(conn, "applying session settings failed");
-                    return Err(SessionError::ServerLost(format!("applying session settings: {e}")));
+                    attempts += 1;
+                    if attempts == 3 {
+                        return Err(SessionError::ServerLost(format!("applying session settings: {e}")));
+                    }
+                    tracing::info!(parent: &self.span, error = %e, "a server connection failed while session settings were applied; trying another");
                 }
             }
-        }
+        };
         // The event's clock reading; a slow (waiting) checkout reads again.
         let now = if waited {
             self.now = Instant::now();

@@ -127,7 +127,7 @@ impl Session {
     /// Whether a read calls a VOLATILE function of the database's own.
     fn function_calls(&self, a: &Analysis) -> Calls {
         let refresh = self.cfg.routing.function_catalog_refresh.0;
-        if a.calls.is_empty() || a.class == Class::Write || refresh.is_zero() {
+        if a.calls.is_empty() || a.class == Class::Write || refresh.is_zero() || !self.cfg.routing.read_write_split {
             return Calls::Safe;
         }
         let (verdict, load) = self.app.catalogs.verdict(&self.database, &a.calls, refresh, self.now);

@@ -108,7 +108,9 @@ impl Session {
                     self.replay_state = super::Replay::Off; // the unit is over
                     self.count_cycle_end(status);
                 }
-                if status == b'I' && self.catalog_ddl {
+                // Once nothing sent after the DDL is pending (a unit queued
+                // behind it may be the one that runs it).
+                if status == b'I' && self.catalog_ddl && self.expect.is_empty() {
                     self.catalog_ddl = false;
                     if let Some(load) = self.app.catalogs.invalidate(&self.database) {
                         self.app.load_catalog(load);

@@ -81,6 +81,11 @@ impl Session {
     pub(super) fn ensure_prepared(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
         if name.is_empty() {
             self.ensure_unnamed();
+            // Runs now (Parse/Describe/Sync may have come in an earlier
+            // round): a write to learn the LSN of, DDL to reload after.
+            if let Some(a) = self.unnamed.as_ref().map(|(_, a)| Analysis { class: a.class, catalog_ddl: a.catalog_ddl, ..Analysis::default() }) {
+                self.note_write(&a);
+            }
             return None;
         }
         let stmt = self.stmts.get(name)?.clone();

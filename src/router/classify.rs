@@ -311,7 +311,13 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
             Tok::Ident(name) if !name.bytes().any(|c| c.is_ascii_uppercase() || c == b'"') => name,
             Tok::Ident(name) => {
                 if *read {
-                    push_call(a, name_hash(name.as_bytes(), false));
+                    // `"a""b"` names the function a"b.
+                    let h = if name.contains('"') {
+                        name_hash(name.replace("\"\"", "\"").as_bytes(), false)
+                    } else {
+                        name_hash(name.as_bytes(), false)
+                    };
+                    push_call(a, h);
                 }
                 continue;
             }
@@ -320,7 +326,7 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
         if word_is_write_function(name, extra) {
             *read = false;
         }
-        if *read {
+        if *read && !(matches!(t[i], Tok::Word(_)) && grammar_word(name)) {
             push_call(a, name_hash(name.as_bytes(), matches!(t[i], Tok::Word(_))));
         }
         if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
@@ -333,6 +339,24 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
             set_config_call(&t[i + 2..], a);
         }
     }
+}
+
+/// Words the grammar puts before a parenthesis that are not calls of the
+/// application's functions (`IN (`, `EXISTS (`, `numeric(10, 2)`, ...).
+fn grammar_word(w: &str) -> bool {
+    let mut buf = [0u8; 12];
+    matches!(
+        keyword(w, &mut buf),
+        b"IN" | b"VALUES" | b"EXISTS" | b"ANY" | b"ALL" | b"SOME" | b"FROM" | b"OVER" | b"AS" | b"ON" | b"AND"
+            | b"OR" | b"NOT" | b"WHERE" | b"SELECT" | b"JOIN" | b"USING" | b"FILTER" | b"WITHIN" | b"ROW"
+            | b"ARRAY" | b"CAST" | b"COALESCE" | b"NULLIF" | b"GREATEST" | b"LEAST" | b"LATERAL" | b"WITH"
+            | b"UNION" | b"INTERSECT" | b"EXCEPT" | b"BY" | b"WHEN" | b"THEN" | b"ELSE" | b"CASE" | b"IS"
+            | b"LIKE" | b"ILIKE" | b"BETWEEN" | b"DISTINCT" | b"INTO" | b"TABLE" | b"GROUPING" | b"ROWS"
+            | b"RANGE" | b"PARTITION" | b"OF" | b"HAVING" | b"LIMIT" | b"OFFSET" | b"NUMERIC" | b"DECIMAL"
+            | b"VARCHAR" | b"CHAR" | b"CHARACTER" | b"VARYING" | b"TIMESTAMP" | b"TIME" | b"INTERVAL"
+            | b"BIT" | b"FLOAT" | b"POSITION" | b"SUBSTRING" | b"TRIM" | b"OVERLAY" | b"EXTRACT"
+            | b"XMLELEMENT" | b"XMLFOREST" | b"XMLPARSE" | b"XMLSERIALIZE" | b"NORMALIZE" | b"TREAT"
+    )
 }
 
 fn push_call(a: &mut Analysis, h: u32) {

@@ -380,6 +380,27 @@ async fn reads_calling_the_applications_volatile_functions_go_to_the_primary() {
     let (rows, errors) = crate::protocol::read_cycle(&mut raw).await;
     assert_eq!(errors, Vec::<String>::new());
     assert_eq!(rows, vec![c.primary.to_string(), "9".to_string()]);
+    // DDL prepared in one round (Parse/Describe/Sync) and run in the next
+    // (Bind/Execute/Sync), as lib/pq does: the catalog is reloaded after
+    // the round that ran it, not the one that parsed it.
+    let ddl = "CREATE OR REPLACE FUNCTION fn_late() RETURNS text LANGUAGE sql AS 'SELECT inet_server_port()::text'";
+    let mut round = crate::protocol::msg(b'P', &[b"\0", ddl.as_bytes(), b"\0\0\0"].concat());
+    round.extend(crate::protocol::msg(b'D', b"S\0"));
+    round.extend(crate::protocol::msg(b'S', b""));
+    raw.stream.write_all(&round).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await.1, Vec::<String>::new());
+    // (A reload started by that round would have finished by now.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut round = crate::protocol::pbe("", None);
+    round.extend(crate::protocol::msg(b'S', b""));
+    raw.stream.write_all(&round).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await.1, Vec::<String>::new());
+    let started = std::time::Instant::now();
+    while c.psql_on(r1, "app", "SELECT count(*) FROM pg_proc WHERE proname = 'fn_late'") != "1" || !p.app.catalogs.is_loaded("app") {
+        assert!(started.elapsed() < Duration::from_secs(10), "the replica or the catalog never caught up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(port_of(&reader, "SELECT fn_late()").await, c.primary);
     // Changed through pgfleet: followed as soon as the replica has it.
     writer.batch_execute("ALTER FUNCTION fn_port_volatile() STABLE").await.unwrap();
     wait_port_of(&reader, "SELECT fn_port_volatile()", r1, Duration::from_secs(10)).await;
