@@ -16,9 +16,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+pub use crate::net::bind_reuseport;
 
 pub const PRIMARY: &str = "primary";
 
@@ -486,51 +488,8 @@ impl App {
         pool
     }
 
-    /// Routing on: loads every configured database's function catalog
-    /// now, so that the first reads calling functions need not wait for it
-    /// on the primary.
-    pub fn preload_catalogs(self: &Arc<Self>) {
-        let cfg = self.config();
-        let refresh = cfg.routing.function_catalog_refresh.0;
-        if self.topology().groups.is_empty() || refresh.is_zero() || !cfg.routing.read_write_split {
-            return;
-        }
-        for db in &cfg.databases {
-            if let (_, Some(load)) = self.catalogs.verdict(&db.name, &[], refresh, Instant::now()) {
-                self.load_catalog(load);
-            }
-        }
-    }
-
-    /// Loads a database's function catalog in the background (as the
-    /// monitor's user, from the writer), bounded in time.
-    pub fn load_catalog(self: &Arc<Self>, load: crate::catalog::Load) {
-        let app = self.clone();
-        tokio::spawn(async move {
-            let mut next = Some(load);
-            while let Some(load) = next {
-                let result = tokio::time::timeout(Duration::from_secs(10), app.read_catalog(&load.database))
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()));
-                next = app.catalogs.finish(load, result, Instant::now());
-            }
-        });
-    }
-
-    async fn read_catalog(&self, database: &str) -> Result<std::collections::HashSet<u32>, String> {
-        let cfg = self.config();
-        let spec = self.monitor_spec().ok_or("no user with a server password to read it as (cluster.health_user)")?;
-        let dbname = cfg.database(database).map_or(database, |d| d.server_name());
-        let topo = self.topology();
-        let addr = topo.writer_addr().ok_or("no primary")?;
-        let client = crate::topology::connect_as(&spec, addr, dbname, "pgfleet-catalog").await?;
-        let rows = client.query(crate::catalog::VOLATILE_SQL, &[]).await.map_err(|e| e.to_string())?;
-        let names = rows.iter().map(|r| r.get::<_, String>(0));
-        Ok(crate::catalog::volatile_set(names, &cfg.routing.read_functions))
-    }
-
     /// Who the lag monitor connects as.
-    fn monitor_spec(&self) -> Option<MonitorSpec> {
+    pub(crate) fn monitor_spec(&self) -> Option<MonitorSpec> {
         let cfg = self.config();
         let secrets = self.secrets.read().unwrap().clone();
         let user = match &cfg.cluster.health_user {
@@ -696,7 +655,7 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
     let unix_socket = match &cfg.listen.unix_socket_dir {
         Some(dir) => {
             let path = std::path::Path::new(dir).join(format!(".s.PGSQL.{}", addr.port()));
-            let listener = bind_unix(&path, cfg.listen.unix_socket_mode().unwrap_or(0o777))?;
+            let listener = crate::net::bind_unix(&path, cfg.listen.unix_socket_mode().unwrap_or(0o777))?;
             tokio::spawn(serve_unix(app.clone(), frontend::Listener::Unix { listener, local: addr }, path.clone()));
             Some(path)
         }
@@ -716,37 +675,4 @@ async fn serve_unix(app: Arc<App>, listener: frontend::Listener, path: std::path
     if ours.is_some() && identity() == ours {
         let _ = std::fs::remove_file(&path);
     }
-}
-
-/// Binds the Unix-domain client socket at `path` with permissions `mode`.
-/// A file already there is replaced: a stale one left by a crash, or the
-/// socket of a pgfleet being replaced by this one (as with the TCP
-/// listener's SO_REUSEPORT, the newest process takes new clients; the old
-/// one leaves the file alone when it stops).
-fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if !m.file_type().is_socket() {
-            return Err(named(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")));
-        }
-        std::fs::remove_file(path).map_err(named)?;
-    }
-    let l = tokio::net::UnixListener::bind(path).map_err(named)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(named)?;
-    Ok(l)
-}
-
-/// Binds the client listener with SO_REUSEPORT, so a new pgfleet can bind
-/// the same address while the old one drains (zero-downtime restarts).
-pub fn bind_reuseport(addr: &str) -> std::io::Result<TcpListener> {
-    let addr: SocketAddr = addr
-        .parse()
-        .or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(addr).map(|mut a| a.next().expect("resolved")))?;
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    // A deep accept queue: a connection storm waits in it instead of being dropped.
-    socket.listen(4096)
 }

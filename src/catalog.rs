@@ -12,6 +12,7 @@
 //! Until a database's catalog is loaded, reads that call functions go to
 //! the primary (not sure: primary).
 
+use crate::app::App;
 use crate::router::classify::name_hash;
 use crate::router::route::Calls;
 use std::collections::{HashMap, HashSet};
@@ -32,17 +33,32 @@ pub const VOLATILE_SQL: &str = "SELECT DISTINCT p.proname::text FROM pg_catalog.
 
 #[derive(Default)]
 struct Entry {
-    /// Hashes of the VOLATILE function names (None: never loaded).
-    volatile: Option<Arc<HashSet<u32>>>,
-    loaded_at: Option<Instant>,
-    /// Invalidated by a change made through pgfleet: not trusted until the
-    /// next load that started after it.
-    stale: bool,
+    last: Option<Loaded>,
     loading: bool,
     failed_at: Option<Instant>,
-    /// Bumped by each invalidation; a load only clears `stale` if no
-    /// invalidation happened while it ran.
+    /// Bumped by each invalidation: a load started before it is not trusted.
     generation: u64,
+}
+
+/// The result of the last successful load.
+struct Loaded {
+    /// Hashes of the VOLATILE function names.
+    volatile: HashSet<u32>,
+    /// The entry's generation when the load started.
+    generation: u64,
+    at: Instant,
+}
+
+impl Entry {
+    /// The VOLATILE names, unless a change made through pgfleet came since.
+    fn trusted(&self) -> Option<&Loaded> {
+        self.last.as_ref().filter(|l| l.generation == self.generation)
+    }
+
+    fn start(&mut self, database: &str) -> Load {
+        self.loading = true;
+        Load { database: database.to_string(), generation: self.generation }
+    }
 }
 
 /// A load the caller must start: `Catalogs::finish` takes its result.
@@ -66,28 +82,18 @@ impl Catalogs {
             map.insert(database.to_string(), Entry::default());
         }
         let e = map.get_mut(database).expect("inserted above");
-        let due = match (e.loaded_at, e.failed_at) {
+        let due = match (e.trusted(), e.failed_at) {
             _ if e.loading => false,
             (_, Some(f)) if now.saturating_duration_since(f) < RETRY_AFTER => false,
-            _ if e.stale => true,
-            (Some(at), _) => now.saturating_duration_since(at) >= refresh,
+            (Some(l), _) => now.saturating_duration_since(l.at) >= refresh,
             (None, _) => true,
         };
-        let load = due.then(|| {
-            e.loading = true;
-            Load { database: database.to_string(), generation: e.generation }
-        });
-        let verdict = match &e.volatile {
-            Some(set) if !e.stale => {
-                if calls.iter().any(|h| set.contains(h)) {
-                    Calls::Volatile
-                } else {
-                    Calls::Safe
-                }
-            }
-            _ => Calls::Unknown,
+        let verdict = match e.trusted() {
+            Some(l) if calls.iter().any(|h| l.volatile.contains(h)) => Calls::Volatile,
+            Some(_) => Calls::Safe,
+            None => Calls::Unknown,
         };
-        (verdict, load)
+        (verdict, due.then(|| e.start(database)))
     }
 
     /// A load ended: the VOLATILE function names (hashed), or why it
@@ -97,40 +103,32 @@ impl Catalogs {
         let e = map.entry(load.database.clone()).or_default();
         e.loading = false;
         match result {
-            Ok(set) => {
-                tracing::info!(database = %load.database, volatile_functions = set.len(), "function catalog loaded");
-                e.volatile = Some(Arc::new(set));
-                e.loaded_at = Some(now);
+            Ok(volatile) => {
+                tracing::info!(database = %load.database, volatile_functions = volatile.len(), "function catalog loaded");
+                e.last = Some(Loaded { volatile, generation: load.generation, at: now });
                 e.failed_at = None;
-                if e.generation == load.generation {
-                    e.stale = false;
-                }
+                (e.generation != load.generation).then(|| e.start(&load.database))
             }
             Err(why) => {
                 tracing::warn!(database = %load.database, error = %why,
                     "loading the function catalog failed: reads that call functions go to the primary until it loads");
                 e.failed_at = Some(now);
-                return None;
+                None
             }
         }
-        (e.generation != load.generation).then(|| {
-            e.loading = true;
-            Load { database: load.database, generation: e.generation }
-        })
     }
 
     /// Every catalog is distrusted (the configuration that filters them
     /// changed): each reloads on its next use.
     pub fn invalidate_all(&self) {
         for e in self.entries.lock().unwrap().values_mut() {
-            e.stale = true;
             e.generation += 1;
         }
     }
 
     /// Whether `database`'s catalog is loaded and trusted.
     pub fn is_loaded(&self, database: &str) -> bool {
-        self.entries.lock().unwrap().get(database).is_some_and(|e| e.volatile.is_some() && !e.stale)
+        self.entries.lock().unwrap().get(database).is_some_and(|e| e.trusted().is_some())
     }
 
     /// Functions of `database` changed: distrust its catalog until
@@ -139,13 +137,71 @@ impl Catalogs {
     pub fn invalidate(&self, database: &str) -> Option<Load> {
         let mut map = self.entries.lock().unwrap();
         let e = map.get_mut(database)?;
-        e.stale = true;
         e.failed_at = None;
         e.generation += 1;
-        (!e.loading).then(|| {
-            e.loading = true;
-            Load { database: database.to_string(), generation: e.generation }
-        })
+        (!e.loading).then(|| e.start(database))
+    }
+}
+
+/// The catalogs as the rest of pgfleet uses them: loads are started here.
+impl App {
+    /// Routing on: loads every configured database's function catalog
+    /// now, so that the first reads calling functions need not wait for it
+    /// on the primary.
+    pub fn preload_catalogs(self: &Arc<Self>) {
+        let cfg = self.config();
+        if self.topology().groups.is_empty() || !cfg.routing.read_write_split {
+            return;
+        }
+        for db in &cfg.databases {
+            self.function_verdict(&db.name, &[], cfg.routing.function_catalog_refresh.0, Instant::now());
+        }
+    }
+
+    /// `Catalogs::verdict`, starting the load it asks for; `Safe` when the
+    /// lookup is off (`refresh` 0).
+    pub fn function_verdict(self: &Arc<Self>, database: &str, calls: &[u32], refresh: Duration, now: Instant) -> Calls {
+        if refresh.is_zero() {
+            return Calls::Safe;
+        }
+        let (verdict, load) = self.catalogs.verdict(database, calls, refresh, now);
+        if let Some(load) = load {
+            self.load_catalog(load);
+        }
+        verdict
+    }
+
+    /// A transaction that changed `database`'s functions ended.
+    pub fn functions_changed(self: &Arc<Self>, database: &str) {
+        if let Some(load) = self.catalogs.invalidate(database) {
+            self.load_catalog(load);
+        }
+    }
+
+    /// Loads a database's function catalog in the background (as the
+    /// monitor's user, from the writer), bounded in time.
+    fn load_catalog(self: &Arc<Self>, load: Load) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut next = Some(load);
+            while let Some(load) = next {
+                let result = tokio::time::timeout(Duration::from_secs(10), app.read_catalog(&load.database))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
+                next = app.catalogs.finish(load, result, Instant::now());
+            }
+        });
+    }
+
+    async fn read_catalog(&self, database: &str) -> Result<HashSet<u32>, String> {
+        let cfg = self.config();
+        let spec = self.monitor_spec().ok_or("no user with a server password to read it as (cluster.health_user)")?;
+        let dbname = cfg.database(database).map_or(database, |d| d.server_name());
+        let topo = self.topology();
+        let addr = topo.writer_addr().ok_or("no primary")?;
+        let client = crate::topology::connect_as(&spec, addr, dbname, "pgfleet-catalog").await?;
+        let rows = client.query(VOLATILE_SQL, &[]).await.map_err(|e| e.to_string())?;
+        Ok(volatile_set(rows.iter().map(|r| r.get::<_, String>(0)), &cfg.routing.read_functions))
     }
 }
 

@@ -181,3 +181,40 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+/// Binds the Unix-domain client socket at `path` with permissions `mode`.
+/// A file already there is replaced: a stale one left by a crash, or the
+/// socket of a pgfleet being replaced by this one (as with the TCP
+/// listener's SO_REUSEPORT, the newest process takes new clients; the old
+/// one leaves the file alone when it stops).
+pub fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(named(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")));
+        }
+        std::fs::remove_file(path).map_err(named)?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(named)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(named)?;
+    Ok(l)
+}
+
+/// Binds the client listener with SO_REUSEPORT, so a new pgfleet can bind
+/// the same address while the old one drains (zero-downtime restarts).
+pub fn bind_reuseport(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr: SocketAddr = addr
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(addr)?
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: resolves to no address")))
+        })?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    // A deep accept queue: a connection storm waits in it instead of being dropped.
+    socket.listen(4096)
+}

@@ -308,15 +308,14 @@ pub fn client_settings(server: &[(String, String)], startup: &[(String, String)]
             _ => requested.push((k.clone(), v.clone())),
         }
     }
-    requested.retain(|(k, _)| !k.to_ascii_lowercase().starts_with("pgfleet."));
-    // Only settable when a backend starts (PostgreSQL's "cannot be set
-    // after connection start", 55P02): the server connections have theirs.
     requested.retain(|(k, _)| {
+        // Only settable when a backend starts (PostgreSQL's "cannot be set
+        // after connection start", 55P02): the server connections have theirs.
         let start_only = START_ONLY.iter().any(|s| s.eq_ignore_ascii_case(k));
         if start_only {
             tracing::info!(setting = %k, "startup setting ignored: it only applies when a server connection starts");
         }
-        !start_only
+        !start_only && !k.to_ascii_lowercase().starts_with("pgfleet.")
     });
     let mut settings: Settings = Vec::new();
     for name in REPORTED_SETTABLE {

@@ -588,7 +588,7 @@ impl Session {
                 Some(a) => a,
                 None => self.analyze(&state::sql_text(wire::body(msg))),
             };
-            self.note_write(&a);
+            self.note_write(a.class, a.catalog_ddl);
             if self.deallocates_protocol_statement(&a) {
                 self.answer_deallocate();
                 return Ok(());
@@ -604,10 +604,10 @@ impl Session {
     }
 
     /// A write reached the primary: learn its LSN when the transaction ends.
-    fn note_write(&mut self, a: &Analysis) {
-        if a.class == Class::Write && self.bound_target == Some(Target::Primary) && self.routes() {
+    fn note_write(&mut self, class: Class, catalog_ddl: bool) {
+        if class == Class::Write && self.bound_target == Some(Target::Primary) && self.routes() {
             self.wrote = true;
-            self.catalog_ddl |= a.catalog_ddl;
+            self.catalog_ddl |= catalog_ddl;
         }
     }
 

@@ -67,9 +67,7 @@ impl Session {
                             m.class = Class::Write;
                         }
                         for h in a.calls {
-                            if !m.calls.contains(&h) {
-                                m.calls.push(h);
-                            }
+                            m.add_call(h);
                         }
                         m
                     }
@@ -126,15 +124,10 @@ impl Session {
 
     /// Whether a read calls a VOLATILE function of the database's own.
     fn function_calls(&self, a: &Analysis) -> Calls {
-        let refresh = self.cfg.routing.function_catalog_refresh.0;
-        if a.calls.is_empty() || a.class == Class::Write || refresh.is_zero() || !self.cfg.routing.read_write_split {
+        if a.calls.is_empty() || a.class == Class::Write || !self.cfg.routing.read_write_split {
             return Calls::Safe;
         }
-        let (verdict, load) = self.app.catalogs.verdict(&self.database, &a.calls, refresh, self.now);
-        if let Some(load) = load {
-            self.app.load_catalog(load);
-        }
-        verdict
+        self.app.function_verdict(&self.database, &a.calls, self.cfg.routing.function_catalog_refresh.0, self.now)
     }
 
     /// Admission under the `[[limits]]` rules matching this transaction.

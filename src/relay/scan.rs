@@ -112,9 +112,7 @@ impl Session {
                 // behind it may be the one that runs it).
                 if status == b'I' && self.catalog_ddl && self.expect.is_empty() {
                     self.catalog_ddl = false;
-                    if let Some(load) = self.app.catalogs.invalidate(&self.database) {
-                        self.app.load_catalog(load);
-                    }
+                    self.app.functions_changed(&self.database);
                 }
                 if matches!(ended, Some(Pending::Swallow(Kind::Query))) {
                     self.probe = None;

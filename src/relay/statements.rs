@@ -22,7 +22,7 @@ impl Session {
             return Ok(());
         }
         let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
-        self.note_write(&a);
+        self.note_write(a.class, a.catalog_ddl);
         // Rewritten when pgfleet rejects what it does (session_state = "reject").
         let rewritten = self.note_effects(&a).map(|sql| state::replace_sql(content, &sql));
         if name.is_empty() {
@@ -83,14 +83,14 @@ impl Session {
             self.ensure_unnamed();
             // Runs now (Parse/Describe/Sync may have come in an earlier
             // round): a write to learn the LSN of, DDL to reload after.
-            if let Some(a) = self.unnamed.as_ref().map(|(_, a)| Analysis { class: a.class, catalog_ddl: a.catalog_ddl, ..Analysis::default() }) {
-                self.note_write(&a);
+            if let Some((class, ddl)) = self.unnamed.as_ref().map(|(_, a)| (a.class, a.catalog_ddl)) {
+                self.note_write(class, ddl);
             }
             return None;
         }
         let stmt = self.stmts.get(name)?.clone();
         if self.tracks_state() {
-            self.note_write(&stmt.analysis);
+            self.note_write(stmt.analysis.class, stmt.analysis.catalog_ddl);
             if stmt.analysis.has_session_effects() {
                 self.note_effects(&stmt.analysis);
             }

@@ -64,6 +64,13 @@ pub struct Analysis {
 
 impl Analysis {
     /// Whether running this statement changes what a session carries.
+    /// Records a called function's name hash (once).
+    pub fn add_call(&mut self, h: u32) {
+        if !self.calls.contains(&h) {
+            self.calls.push(h);
+        }
+    }
+
     pub fn has_session_effects(&self) -> bool {
         self.pin.is_some() || !self.set_names.is_empty() || self.reset_all || self.may_release || self.dealloc_all
     }
@@ -317,7 +324,7 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
                     } else {
                         name_hash(name.as_bytes(), false)
                     };
-                    push_call(a, h);
+                    a.add_call(h);
                 }
                 continue;
             }
@@ -327,7 +334,7 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
             *read = false;
         }
         if *read && !(matches!(t[i], Tok::Word(_)) && grammar_word(name)) {
-            push_call(a, name_hash(name.as_bytes(), matches!(t[i], Tok::Word(_))));
+            a.add_call(name_hash(name.as_bytes(), matches!(t[i], Tok::Word(_))));
         }
         if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
             a.pin = a.pin.or(Some("a session-level advisory lock (pg_advisory_lock)"));
@@ -357,12 +364,6 @@ fn grammar_word(w: &str) -> bool {
             | b"BIT" | b"FLOAT" | b"POSITION" | b"SUBSTRING" | b"TRIM" | b"OVERLAY" | b"EXTRACT"
             | b"XMLELEMENT" | b"XMLFOREST" | b"XMLPARSE" | b"XMLSERIALIZE" | b"NORMALIZE" | b"TREAT"
     )
-}
-
-fn push_call(a: &mut Analysis, h: u32) {
-    if !a.calls.contains(&h) {
-        a.calls.push(h);
-    }
 }
 
 /// `set_config('name', value, is_local)`: session-level when is_local is false.

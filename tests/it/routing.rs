@@ -170,14 +170,7 @@ impl Drop for Churn {
 }
 
 async fn wait_port(c: &tokio_postgres::Client, want: u16, limit: Duration) -> Duration {
-    let started = std::time::Instant::now();
-    loop {
-        if port_of(c, "SELECT inet_server_port()::text").await == want {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "reads did not move to port {want} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_port_of(c, "SELECT inet_server_port()::text", want, limit).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,16 +301,29 @@ async fn a_client_pinned_on_a_replica_gets_an_error_for_a_write_not_a_hang() {
         .unwrap();
 }
 
-/// Polls `sql` (returning a port) until it is answered by `want`.
-async fn wait_port_of(c: &tokio_postgres::Client, sql: &str, want: u16, limit: Duration) {
+/// Polls `sql` (returning a port) until it is answered by `want`; how long that took.
+async fn wait_port_of(c: &tokio_postgres::Client, sql: &str, want: u16, limit: Duration) -> Duration {
     let started = std::time::Instant::now();
     loop {
         let got = port_of(c, sql).await;
         if got == want {
-            return;
+            return started.elapsed();
         }
         assert!(started.elapsed() < limit, "{sql}: still answered by {got}, not {want}, after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until replica r1 has function `name` and pgfleet's catalog of
+/// "app" is loaded (until then, reads that call functions go to the
+/// primary: not sure, primary).
+async fn wait_function_everywhere(p: &pgfleet::app::Running, name: &str) {
+    let c = cluster();
+    let started = std::time::Instant::now();
+    let sql = format!("SELECT count(*) FROM pg_proc WHERE proname = '{name}'");
+    while c.psql_on(c.replicas[0], "app", &sql) != "1" || !p.app.catalogs.is_loaded("app") {
+        assert!(started.elapsed() < Duration::from_secs(10), "the replica or the catalog never caught up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -347,13 +353,7 @@ async fn reads_calling_the_applications_volatile_functions_go_to_the_primary() {
         )
         .await
         .unwrap();
-    // Until the catalog is reloaded, reads that call functions go to the
-    // primary (not sure: primary).
-    let started = std::time::Instant::now();
-    while c.psql_on(r1, "app", "SELECT count(*) FROM pg_proc WHERE proname = 'fn_port_stable'") != "1" || !p.app.catalogs.is_loaded("app") {
-        assert!(started.elapsed() < Duration::from_secs(10), "the replica or the catalog never caught up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_function_everywhere(&p, "fn_port_stable").await;
     let reader = connect(&p).await;
     for _ in 0..5 {
         // A SELECT that writes through the application's function: on a
@@ -395,11 +395,7 @@ async fn reads_calling_the_applications_volatile_functions_go_to_the_primary() {
     round.extend(crate::protocol::msg(b'S', b""));
     raw.stream.write_all(&round).await.unwrap();
     assert_eq!(crate::protocol::read_cycle(&mut raw).await.1, Vec::<String>::new());
-    let started = std::time::Instant::now();
-    while c.psql_on(r1, "app", "SELECT count(*) FROM pg_proc WHERE proname = 'fn_late'") != "1" || !p.app.catalogs.is_loaded("app") {
-        assert!(started.elapsed() < Duration::from_secs(10), "the replica or the catalog never caught up");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_function_everywhere(&p, "fn_late").await;
     assert_eq!(port_of(&reader, "SELECT fn_late()").await, c.primary);
     // Changed through pgfleet: followed as soon as the replica has it.
     writer.batch_execute("ALTER FUNCTION fn_port_volatile() STABLE").await.unwrap();
