@@ -14,6 +14,9 @@ pub struct Skipped {
     pub not_prepared: Vec<u64>,
     /// Proxy statements whose eviction (Close) never ran: still prepared.
     pub not_closed: Vec<u64>,
+    /// The client's named Parse messages among them (forwarded or answered
+    /// by pgfleet): those names were never created.
+    pub client_parses: usize,
 }
 
 /// A client or proxy message that is waiting for its response.
@@ -132,9 +135,12 @@ impl Expect {
         while let Some(p) = self.q.front() {
             match p {
                 Pending::Fwd(Kind::Sync) | Pending::Swallow(Kind::Sync) => break,
-                Pending::Fwd(Kind::Parse(Some(id))) | Pending::Swallow(Kind::Parse(Some(id))) => {
-                    skipped.not_prepared.push(*id)
+                Pending::Fwd(Kind::Parse(Some(id))) => {
+                    skipped.not_prepared.push(*id);
+                    skipped.client_parses += 1;
                 }
+                Pending::Swallow(Kind::Parse(Some(id))) => skipped.not_prepared.push(*id),
+                Pending::Synth(Synth::ParseComplete) => skipped.client_parses += 1,
                 Pending::Swallow(Kind::Close(Some(id))) => skipped.not_closed.push(*id),
                 Pending::Synth(Synth::Payload) => {
                     self.payloads.pop_front();
@@ -183,7 +189,8 @@ mod tests {
             e.skip_to_sync(),
             Skipped {
                 not_prepared: vec![7],
-                not_closed: vec![3]
+                not_closed: vec![3],
+                client_parses: 2,
             }
         );
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Sync)));

@@ -112,6 +112,11 @@ pub struct Session {
     /// Shared between clients with the same settings (copy on write).
     settings: Arc<Settings>,
     stmts: HashMap<Bytes, Arc<Stmt>>,
+    /// The client's named Parses not answered yet, in queue order, with
+    /// their proxy statement (None: a virtual one). A name exists once its
+    /// ParseComplete reaches the client; a Parse that fails or is skipped
+    /// after an error leaves no name behind, as on PostgreSQL.
+    parsing: std::collections::VecDeque<(Bytes, Option<u64>)>,
     /// The client's unnamed statement (transaction mode): the Parse as sent
     /// and its analysis. It outlives a Sync on PostgreSQL (Go's lib/pq
     /// sends Parse/Describe/Sync, then Bind/Execute/Sync), but the
@@ -259,6 +264,7 @@ impl Session {
             copy_in: false,
             settings,
             stmts: HashMap::new(),
+            parsing: Default::default(),
             unnamed: None,
             unnamed_here: false,
             cancel,
@@ -589,7 +595,10 @@ impl Session {
                 None => self.analyze(&state::sql_text(wire::body(msg))),
             };
             self.note_write(a.class, a.catalog_ddl);
-            if self.deallocates_protocol_statement(&a) {
+            // In a failed transaction the server answers it (25P02), and
+            // the statement stays.
+            let failed = self.status == b'E' && self.expect.is_empty();
+            if !failed && self.deallocates_protocol_statement(&a) {
                 self.answer_deallocate();
                 return Ok(());
             }
@@ -616,7 +625,10 @@ impl Session {
         while let Some((s, payload)) = self.expect.pop_synth() {
             self.answered();
             match s {
-                Synth::ParseComplete => build::parse_complete(&mut self.cout),
+                Synth::ParseComplete => {
+                    self.parsing.pop_front();
+                    build::parse_complete(&mut self.cout)
+                }
                 Synth::CloseComplete => build::close_complete(&mut self.cout),
                 Synth::Payload => self.cout.extend_from_slice(&payload.unwrap_or_default()),
                 Synth::Ready => build::ready_for_query(&mut self.cout, self.status),

@@ -98,6 +98,10 @@ impl Session {
         }
         self.app.metrics.errors.with_label_values(&["retried"]).inc();
         self.expect = Expect::default();
+        // The names its Parses create again.
+        while !self.parsing.is_empty() {
+            self.forget_parsed();
+        }
         self.in_batch = false;
         self.skip = 0;
         self.copy_in_ext = false;

@@ -148,6 +148,9 @@ impl Session {
                         self.expect.pop();
                         if let Kind::Parse(Some(id)) = k {
                             self.mark_validated(id);
+                            if matches!(head, Some(Pending::Fwd(_))) {
+                                self.parsing.pop_front(); // the client's name now exists
+                            }
                         }
                     }
                 }
@@ -194,25 +197,49 @@ impl Session {
                 false
             }
             Some(Pending::Abort) => {
-                self.expect.skip_to_sync();
+                self.skip_to_sync();
                 false
             }
             Some(Pending::Fwd(k) | Pending::Swallow(k)) if k.is_extended() => {
-                let skipped = self.expect.skip_to_sync();
-                if let Some(server) = self.server.as_mut() {
-                    for id in skipped.not_prepared {
-                        server.prepared.remove(&id);
-                    }
-                    // An eviction the server skipped: the statement is still
-                    // there (its name taken). Back in the cache as the least
-                    // recently used, so the next Parse evicts it again.
-                    for id in skipped.not_closed {
-                        server.prepared.insert(id, 0);
-                    }
-                }
+                self.skip_to_sync();
                 true
             }
             _ => true,
+        }
+    }
+
+    /// The server skips to the next Sync after an error: so does the queue.
+    fn skip_to_sync(&mut self) {
+        let skipped = self.expect.skip_to_sync();
+        if let Some(server) = self.server.as_mut() {
+            for id in skipped.not_prepared {
+                server.prepared.remove(&id);
+            }
+            // An eviction the server skipped: the statement is still there
+            // (its name taken). Back in the cache as the least recently
+            // used, so the next Parse evicts it again.
+            for id in skipped.not_closed {
+                server.prepared.insert(id, 0);
+            }
+        }
+        for _ in 0..skipped.client_parses {
+            self.forget_parsed();
+        }
+    }
+
+    /// The oldest unanswered named Parse of the client failed or was
+    /// skipped: its name does not exist (unless a later Parse took it).
+    pub(super) fn forget_parsed(&mut self) {
+        let Some((name, id)) = self.parsing.pop_front() else { return };
+        match id {
+            Some(id) => {
+                if self.stmts.get(&name).is_some_and(|s| s.id == id) {
+                    self.stmts.remove(&name);
+                }
+            }
+            None => {
+                self.virtuals.remove(&name);
+            }
         }
     }
 }

@@ -85,7 +85,10 @@ impl Session {
             }
         }
         self.may_release |= a.may_release;
-        if a.dealloc_all {
+        // Unless it is going to fail: in a failed transaction (25P02), or
+        // DISCARD ALL in a transaction block (25001).
+        let fails = self.expect.is_empty() && (self.status == b'E' || (self.status == b'T' && a.reset_all));
+        if a.dealloc_all && !fails {
             // Every prepared statement of the session is gone, the client's
             // protocol-level ones included; the probe re-reads what is left.
             if let Some(server) = self.server.as_mut() {

@@ -4,6 +4,10 @@
 //! without a server (Parse/Close/Sync with nothing bound, DEALLOCATE).
 
 use super::*;
+use crate::router::TxControl;
+use crate::wire::sqlstate;
+
+const ABORTED: &str = "current transaction is aborted, commands ignored until end of transaction block";
 
 impl Session {
     pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
@@ -46,14 +50,52 @@ impl Session {
             return Ok(());
         }
         let stmt = self.intern(rewritten.as_deref().unwrap_or(content));
-        self.stmts.insert(Bytes::copy_from_slice(name), stmt.clone());
-        let server = self.server.as_mut().expect("bound");
-        if server.touch_prepared(stmt.id) {
+        let here = self.server.as_mut().expect("bound").touch_prepared(stmt.id);
+        if here && self.status == b'E' && self.expect.is_empty() && a.tx != TxControl::End {
+            // Answered here it would succeed, where PostgreSQL refuses it in
+            // a failed transaction and creates no name.
+            self.fail_locally(sqlstate::IN_FAILED_SQL_TRANSACTION, ABORTED);
+            return Ok(());
+        }
+        let name = Bytes::copy_from_slice(name);
+        self.stmts.insert(name.clone(), stmt.clone());
+        self.parsing.push_back((name, Some(stmt.id)));
+        if here {
             self.expect.push(Pending::Synth(Synth::ParseComplete));
         } else {
             self.prepare_on_server(&stmt, false);
         }
         Ok(())
+    }
+
+    /// Whether a named Parse must fail with 42P05: the client has the name
+    /// (a Parse of it still unanswered may yet fail: not counted).
+    pub(super) fn statement_exists(&self, name: &[u8]) -> bool {
+        !name.is_empty()
+            && (self.stmts.contains_key(name) || self.virtuals.contains_key(name))
+            && !self.parsing.iter().any(|(n, _)| n == name)
+    }
+
+    pub(super) fn duplicate_statement(&mut self, name: &[u8]) {
+        let message = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name));
+        self.fail_locally(sqlstate::DUPLICATE_PREPARED_STATEMENT, &message);
+    }
+
+    /// An extended-protocol message fails with pgfleet's own error, as it
+    /// would on PostgreSQL: the error in its place in the answers, and the
+    /// rest of the batch skipped up to Sync (by the bound server, made to
+    /// fail too; without one, here).
+    pub(super) fn fail_locally(&mut self, code: &str, message: &str) {
+        self.app.metrics.errors.with_label_values(&[code]).inc();
+        let mut e = BytesMut::new();
+        build::error_response(&mut e, "ERROR", code, message);
+        if self.server.is_some() {
+            self.expect.push_payload(e.freeze());
+            self.fail_server_transaction(false);
+        } else {
+            self.cout.extend_from_slice(&e);
+            self.discard_to_sync = true;
+        }
     }
 
     /// Sends Parse for a proxy statement, evicting the LRU one if full.

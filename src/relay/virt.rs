@@ -57,17 +57,20 @@ impl Session {
             }
             b'P' => {
                 let (name, content) = wire::parse_parse_name(msg)?;
-                match self.classify_virtual(content) {
-                    Some(v) => {
-                        wire::parse_parse(msg)?; // answered here: validate it whole
-                        self.virtuals.insert(Bytes::copy_from_slice(name), v);
-                        self.expect.push(Pending::Synth(Synth::ParseComplete));
-                        true
-                    }
-                    None => {
-                        self.virtuals.remove(name);
-                        false
-                    }
+                if self.statement_exists(name) {
+                    wire::parse_parse(msg)?; // answered here: validate it whole
+                    self.duplicate_statement(name);
+                    true
+                } else if let Some(v) = self.classify_virtual(content) {
+                    wire::parse_parse(msg)?; // answered here: validate it whole
+                    let name = Bytes::copy_from_slice(name);
+                    self.virtuals.insert(name.clone(), v);
+                    self.parsing.push_back((name, None));
+                    self.expect.push(Pending::Synth(Synth::ParseComplete));
+                    true
+                } else {
+                    self.virtuals.remove(name);
+                    false
                 }
             }
             b'B' => {
@@ -146,7 +149,7 @@ impl Session {
     /// to end the error; pgfleet sends one and hides its ReadyForQuery (the
     /// virtual's own, queued next, reports the status it leaves). Outside a
     /// transaction this is harmless: nothing is open to abort.
-    fn fail_server_transaction(&mut self, own_sync: bool) {
+    pub(super) fn fail_server_transaction(&mut self, own_sync: bool) {
         if self.server.is_none() {
             return;
         }

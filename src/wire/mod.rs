@@ -25,6 +25,7 @@ pub mod sqlstate {
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const UNDEFINED_PREPARED_STATEMENT: &str = "26000";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";

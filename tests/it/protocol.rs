@@ -384,9 +384,10 @@ async fn an_eviction_skipped_after_an_error_keeps_the_statement_usable() {
     out.extend(msg(b'S', b""));
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["22012".into()]));
-    // s1 is still prepared on the server, and s4 was never: both work.
+    // s1 is still prepared on the server, and s4 was never (nor does the
+    // client's name exist, as on PostgreSQL): both work.
     let mut out = pbe("s1", None);
-    out.extend(pbe("s4", None));
+    out.extend(pbe("s4", Some("SELECT 4")));
     out.extend(pbe("s2", None));
     out.extend(msg(b'S', b""));
     raw.stream.write_all(&out).await.unwrap();
@@ -662,4 +663,78 @@ async fn terminate_while_the_server_waits_for_the_client_frees_the_connection() 
     let c = connect(&p).await;
     let n: i64 = c.query_one("SELECT count(*) FROM term_w", &[]).await.unwrap().get(0);
     assert_eq!(n, 0);
+}
+
+/// Statement names live as on PostgreSQL: a Parse that fails, or that the
+/// server skips after an earlier error, creates no name; a name that exists
+/// cannot be prepared again (42P05); in a failed transaction a Parse (even
+/// of SQL the connection already has prepared) and DEALLOCATE get 25P02 and
+/// change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_names_exist_only_once_their_parse_succeeded() {
+    let p = start(config("size = 1", "")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let sync = || msg(b'S', b"");
+    let parse = |name: &str, sql: &str| msg(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let simple = |sql: &str| msg(b'Q', &[sql.as_bytes(), b"\0"].concat());
+    // A Parse that fails leaves no name: its Bind is the server's 26000,
+    // and the name can be prepared again.
+    raw.stream.write_all(&[parse("s1", "SELEC 1"), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["42601".into()]));
+    raw.stream.write_all(&[pbe("s1", None), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["26000".into()]));
+    raw.stream.write_all(&[pbe("s1", Some("SELECT 1")), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
+    // Now it exists: preparing it again is 42P05 and the rest of the batch
+    // is skipped (no connection bound: pgfleet skips it), the old statement kept.
+    raw.stream.write_all(&[pbe("s1", Some("SELECT 2")), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["42P05".into()]));
+    raw.stream.write_all(&[pbe("s1", None), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
+    // The same inside a transaction (a connection bound: the server's
+    // transaction fails with it).
+    raw.stream.write_all(&simple("BEGIN")).await.unwrap();
+    read_cycle(&mut raw).await;
+    raw.stream.write_all(&[pbe("s1", Some("SELECT 2")), sync()].concat()).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"EZ".to_vec(), vec!["42P05".into()], b'E'));
+    raw.stream.write_all(&simple("ROLLBACK")).await.unwrap();
+    read_cycle(&mut raw).await;
+    // Parses the server skips after an error create no name, whether
+    // forwarded (s2) or answered by pgfleet because the connection already
+    // has the SQL prepared (s3, the SQL of s1).
+    let batch = [pbe("", Some("SELECT 1/0")), parse("s2", "SELECT 2"), parse("s3", "SELECT 1"), sync()].concat();
+    raw.stream.write_all(&batch).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["22012".into()]));
+    for name in ["s2", "s3"] {
+        raw.stream.write_all(&[pbe(name, None), sync()].concat()).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["26000".into()]), "{name}");
+    }
+    raw.stream.write_all(&[pbe("s3", Some("SELECT 1")), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
+    // Virtual statements are names too.
+    raw.stream.write_all(&[parse("v", "SHOW pgfleet.route"), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    raw.stream.write_all(&[parse("v", "SELECT 5"), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["42P05".into()]));
+    // A failed transaction: the Parse of SQL the connection has (s4, the
+    // SQL of s1) and DEALLOCATE of a protocol statement are refused.
+    raw.stream.write_all(&simple("BEGIN; SELECT 1/0")).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await.1, vec!["22012".to_string()]);
+    raw.stream.write_all(&[parse("s4", "SELECT 1"), sync()].concat()).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"EZ".to_vec(), vec!["25P02".into()], b'E'));
+    raw.stream.write_all(&simple("DEALLOCATE s1")).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"EZ".to_vec(), vec!["25P02".into()], b'E'));
+    raw.stream.write_all(&simple("ROLLBACK")).await.unwrap();
+    read_cycle(&mut raw).await;
+    raw.stream.write_all(&[pbe("s4", Some("SELECT 1")), pbe("s1", None), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".into(), "1".into()], vec![]));
+    // DISCARD ALL in a transaction block fails (25001): the names stay.
+    raw.stream.write_all(&simple("BEGIN")).await.unwrap();
+    read_cycle(&mut raw).await;
+    raw.stream.write_all(&simple("DISCARD ALL")).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await.1, vec!["25001".to_string()]);
+    raw.stream.write_all(&simple("ROLLBACK")).await.unwrap();
+    read_cycle(&mut raw).await;
+    raw.stream.write_all(&[pbe("s1", None), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
 }
