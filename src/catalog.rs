@@ -13,7 +13,7 @@
 //! the primary (not sure: primary).
 
 use crate::app::App;
-use crate::router::classify::name_hash;
+use crate::router::classify::{custom_settings_in, name_hash};
 use crate::router::route::Calls;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,28 @@ pub const VOLATILE_SQL: &str = "SELECT DISTINCT p.proname::text FROM pg_catalog.
      AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
      AND p.prorettype NOT IN ('pg_catalog.trigger'::pg_catalog.regtype, 'pg_catalog.event_trigger'::pg_catalog.regtype)";
 
+/// The source of the database's own functions that may set a custom
+/// setting for the session (searched by `custom_settings_in`).
+pub const SETTING_CODE_SQL: &str = "SELECT p.prosrc FROM pg_catalog.pg_proc p \
+     JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+     AND p.prosrc ~* 'set_config|\\mset\\s+(session\\s+)?[a-z_][a-z0-9_$]*\\.'";
+
+/// What a load found.
+#[derive(Debug, Default)]
+pub struct Functions {
+    /// Hashes of the VOLATILE function names.
+    pub volatile: HashSet<u32>,
+    /// Custom settings (`app.tenant`) the functions' code sets.
+    pub settings: Vec<String>,
+}
+
+impl From<HashSet<u32>> for Functions {
+    fn from(volatile: HashSet<u32>) -> Self {
+        Functions { volatile, settings: Vec::new() }
+    }
+}
+
 #[derive(Default)]
 struct Entry {
     last: Option<Loaded>,
@@ -44,6 +66,7 @@ struct Entry {
 struct Loaded {
     /// Hashes of the VOLATILE function names.
     volatile: HashSet<u32>,
+    settings: Arc<[String]>,
     /// The entry's generation when the load started.
     generation: u64,
     at: Instant,
@@ -98,14 +121,14 @@ impl Catalogs {
 
     /// A load ended: the VOLATILE function names (hashed), or why it
     /// failed. Returns the next load when the functions changed meanwhile.
-    pub fn finish(&self, load: Load, result: Result<HashSet<u32>, String>, now: Instant) -> Option<Load> {
+    pub fn finish(&self, load: Load, result: Result<Functions, String>, now: Instant) -> Option<Load> {
         let mut map = self.entries.lock().unwrap();
         let e = map.entry(load.database.clone()).or_default();
         e.loading = false;
         match result {
-            Ok(volatile) => {
-                tracing::info!(database = %load.database, volatile_functions = volatile.len(), "function catalog loaded");
-                e.last = Some(Loaded { volatile, generation: load.generation, at: now });
+            Ok(f) => {
+                tracing::info!(database = %load.database, volatile_functions = f.volatile.len(), custom_settings = f.settings.len(), "function catalog loaded");
+                e.last = Some(Loaded { volatile: f.volatile, settings: f.settings.into(), generation: load.generation, at: now });
                 e.failed_at = None;
                 (e.generation != load.generation).then(|| e.start(&load.database))
             }
@@ -124,6 +147,11 @@ impl Catalogs {
         for e in self.entries.lock().unwrap().values_mut() {
             e.generation += 1;
         }
+    }
+
+    /// The custom settings `database`'s functions set (the last load's).
+    pub fn setting_names(&self, database: &str) -> Option<Arc<[String]>> {
+        self.entries.lock().unwrap().get(database)?.last.as_ref().map(|l| l.settings.clone())
     }
 
     /// Whether `database`'s catalog is loaded and trusted.
@@ -150,7 +178,9 @@ impl App {
     /// on the primary.
     pub fn preload_catalogs(self: &Arc<Self>) {
         let cfg = self.config();
-        if self.topology().groups.is_empty() || !cfg.routing.read_write_split {
+        // Used by routing, and by transaction pooling's settings check.
+        let routes = !self.topology().groups.is_empty() && cfg.routing.read_write_split;
+        if !routes && cfg.pool.mode != crate::config::PoolMode::Transaction {
             return;
         }
         for db in &cfg.databases {
@@ -193,7 +223,7 @@ impl App {
         });
     }
 
-    async fn read_catalog(&self, database: &str) -> Result<HashSet<u32>, String> {
+    async fn read_catalog(&self, database: &str) -> Result<Functions, String> {
         let cfg = self.config();
         let spec = self.monitor_spec().ok_or("no user with a server password to read it as (cluster.health_user)")?;
         let dbname = cfg.database(database).map_or(database, |d| d.server_name());
@@ -201,7 +231,12 @@ impl App {
         let addr = topo.writer_addr().ok_or("no primary")?;
         let client = crate::topology::connect_as(&spec, addr, dbname, "pgfleet-catalog").await?;
         let rows = client.query(VOLATILE_SQL, &[]).await.map_err(|e| e.to_string())?;
-        Ok(volatile_set(rows.iter().map(|r| r.get::<_, String>(0)), &cfg.routing.read_functions))
+        let volatile = volatile_set(rows.iter().map(|r| r.get::<_, String>(0)), &cfg.routing.read_functions);
+        let mut settings = Vec::new();
+        for row in client.query(SETTING_CODE_SQL, &[]).await.map_err(|e| e.to_string())? {
+            custom_settings_in(row.get::<_, Option<&str>>(0).unwrap_or(""), &mut settings);
+        }
+        Ok(Functions { volatile, settings })
     }
 }
 
@@ -235,7 +270,7 @@ mod tests {
         let load = load.expect("first use loads");
         // One load at a time.
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
-        c.finish(load, Ok(volatile_set(["f".to_string()], &[])), t0);
+        c.finish(load, Ok(volatile_set(["f".to_string()], &[]).into()), t0);
         assert_eq!(c.verdict("app", &[h("g"), h("f")], refresh, t0), (Calls::Volatile, None));
         assert_eq!(c.verdict("app", &[h("g")], refresh, t0), (Calls::Safe, None));
         // Other databases have catalogs of their own.
@@ -253,16 +288,16 @@ mod tests {
         let t0 = Instant::now();
         let refresh = Duration::from_secs(30);
         let load = c.verdict("app", &[], refresh, t0).1.unwrap();
-        c.finish(load, Ok(HashSet::new()), t0);
+        c.finish(load, Ok(HashSet::new().into()), t0);
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Safe, None));
         let first = c.invalidate("app").expect("reloads at once");
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
         // Invalidated again while that load runs: its result may predate
         // the change, so the catalog stays distrusted and loads again.
         assert_eq!(c.invalidate("app"), None);
-        let second = c.finish(first, Ok(HashSet::new()), t0).expect("loads again");
+        let second = c.finish(first, Ok(HashSet::new().into()), t0).expect("loads again");
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
-        assert_eq!(c.finish(second, Ok(volatile_set(["f".into()], &[])), t0), None);
+        assert_eq!(c.finish(second, Ok(volatile_set(["f".into()], &[]).into()), t0), None);
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0).0, Calls::Volatile);
         // A reload after a change that fails waits before the next attempt
         // (not one connection attempt per read).
@@ -281,8 +316,23 @@ mod tests {
         c.finish(load, Err("connection refused".into()), t0);
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0), (Calls::Unknown, None));
         let load = c.verdict("app", &[h("f")], refresh, t0 + RETRY_AFTER).1.expect("retried");
-        c.finish(load, Ok(volatile_set(["f".into(), "uuid_generate_v4".into()], &["public.uuid_generate_v4".into()])), t0);
+        c.finish(load, Ok(volatile_set(["f".into(), "uuid_generate_v4".into()], &["public.uuid_generate_v4".into()]).into()), t0);
         assert_eq!(c.verdict("app", &[h("uuid_generate_v4")], refresh, t0).0, Calls::Safe);
         assert_eq!(c.verdict("app", &[h("f")], refresh, t0).0, Calls::Volatile);
+    }
+
+    #[test]
+    fn custom_settings_set_by_code() {
+        let mut out = Vec::new();
+        custom_settings_in(
+            "BEGIN PERFORM set_config('App.Tenant', t, false); SET session my.role = 'x'; \
+             SET LOCAL tx.only = 1; SET search_path = a; UPDATE t SET a = 1; \
+             SELECT pg_catalog.set_config( 'x.y.z' , '1', false), set_config(name, v, false), \
+             reset_config('no.pe', 1), set_config('bad.', 1), set_config('1a.b', 1); END",
+            &mut out,
+        );
+        assert_eq!(out, ["app.tenant", "my.role", "x.y.z"]);
+        custom_settings_in("select set_config('app.tenant', '1', false)", &mut out);
+        assert_eq!(out.len(), 3, "no duplicates");
     }
 }

@@ -156,6 +156,11 @@ impl Session {
                 return;
             }
             let (conn, pool) = self.unbind().expect("checked");
+            if std::mem::take(&mut self.discard_conn) {
+                tracing::info!(parent: &self.span, "closing a server connection where code may have set custom settings pgfleet cannot name (function catalog not loaded)");
+                pool.discard(conn, "custom settings unknown");
+                return;
+            }
             pool.checkin_at(conn, self.now);
         }
     }
@@ -249,7 +254,9 @@ impl Session {
             // are undone: the connection no longer carries its settings.
             conn.settings_fp = 0;
         }
-        if ok && (self.mode == PoolMode::Session || was_pinned) {
+        // Code that may have set settings out of sight ran, unchecked.
+        let unknown_settings = self.opaque_settings || self.discard_conn;
+        if ok && (self.mode == PoolMode::Session || was_pinned || unknown_settings) {
             ok = conn.run_silently("DISCARD ALL", limit).await.is_ok();
             conn.prepared.clear();
             // Back to the server's defaults, which pgfleet does not know

@@ -156,6 +156,15 @@ pub struct Session {
     /// The current transaction changes functions: the function catalog is
     /// stale when it ends.
     catalog_ddl: bool,
+    /// The current transaction ran code that may change session settings
+    /// out of pgfleet's sight: its end reads the connection's.
+    opaque_settings: bool,
+    /// Custom settings such code (a DO block) names.
+    opaque_names: Vec<String>,
+    /// Such code ran and the custom settings it may have set are unknown
+    /// (the function catalog is not loaded): the connection is closed
+    /// instead of going back to the pool.
+    discard_conn: bool,
     /// Virtual (pgfleet.*) statements and portals of the extended protocol.
     virtuals: HashMap<Bytes, virt::Virtual>,
     virtual_portals: HashMap<Bytes, virt::Virtual>,
@@ -282,6 +291,9 @@ impl Session {
             route_override: None,
             floor: None,
             wrote: false,
+            opaque_settings: false,
+            opaque_names: Vec::new(),
+            discard_conn: false,
             catalog_ddl: false,
             virtuals: HashMap::new(),
             virtual_portals: HashMap::new(),
@@ -595,6 +607,7 @@ impl Session {
                 None => self.analyze(&state::sql_text(wire::body(msg))),
             };
             self.note_write(a.class, a.catalog_ddl);
+            self.note_opaque(&a);
             // In a failed transaction the server answers it (25P02), and
             // the statement stays.
             let failed = self.status == b'E' && self.expect.is_empty();

@@ -130,6 +130,37 @@ impl Session {
         self.app.function_verdict(&self.database, &a.calls, self.cfg.routing.function_catalog_refresh.0, self.now)
     }
 
+    /// Code pgfleet cannot see into may change session settings: a DO block,
+    /// CALL, or a call to one of the application's VOLATILE functions (or
+    /// any function while the catalog is not loaded). PostgreSQL keeps such
+    /// a `set_config(..., false)` for the session: the end of the
+    /// transaction reads the connection's session settings, so that they
+    /// follow the client and are reset for the next one.
+    pub(super) fn note_opaque(&mut self, a: &Analysis) {
+        if !self.opaque_settings && self.may_change_settings(a) {
+            self.opaque_settings = true;
+            // A function that may write: read-your-writes learns the LSN.
+            if self.bound_target == Some(Target::Primary) && self.routes() {
+                self.wrote = true;
+            }
+        }
+        // Custom settings a DO block sets: pg_settings does not list those.
+        for n in &a.opaque_settings {
+            if !self.opaque_names.contains(n) {
+                self.opaque_names.push(n.clone());
+            }
+        }
+    }
+
+    fn may_change_settings(&self, a: &Analysis) -> bool {
+        let refresh = self.cfg.routing.function_catalog_refresh.0;
+        self.tracks_state()
+            && (a.opaque
+                || (!a.calls.is_empty()
+                    && !refresh.is_zero()
+                    && self.app.function_verdict(&self.database, &a.calls, refresh, self.now) != Calls::Safe))
+    }
+
     /// Admission under the `[[limits]]` rules matching this transaction.
     pub(super) async fn admit(&self, a: &Analysis, target: Target) -> Result<crate::limits::Admission, crate::limits::Refusal> {
         let workload = a
@@ -172,22 +203,30 @@ impl Session {
         self.app.metrics.routing_decision(target == "replica", reason).inc();
     }
 
-    /// Bound to a replica at a transaction boundary, with a unit waiting
-    /// that must not run there (a write): wait for the release first.
+    /// Bound at a transaction boundary, with a unit waiting that should run
+    /// elsewhere: wait for the release first. On a replica, a write; on the
+    /// primary, a read that goes to a replica (sent before the last unit's
+    /// ReadyForQuery arrived, or while pgfleet's own check after the
+    /// transaction runs: settings, LSN).
     pub(super) fn must_hold(&self, next: &[u8]) -> bool {
         // A client pinned to a replica stays there (its session state is
         // on that connection): once no check that could unpin it is under
         // way, its write runs there and gets the server's read-only error
         // instead of waiting for a release that never comes.
-        if !matches!(self.bound_target, Some(Target::Replica(_)))
-            || self.status != b'I'
-            || self.in_batch
-            || (self.pinned.is_some() && self.is_clean())
-        {
+        if self.status != b'I' || self.in_batch || (self.pinned.is_some() && self.is_clean()) {
             return false;
         }
-        let a = self.unit_analysis(next, &self.cin[next.len()..]);
-        !matches!(self.choose_target(&a, &self.topo), Ok((Target::Replica(_), _)))
+        let to_replica = |s: &Self| {
+            let a = s.unit_analysis(next, &s.cin[next.len()..]);
+            matches!(s.choose_target(&a, &s.topo), Ok((Target::Replica(_), _)))
+        };
+        match self.bound_target {
+            Some(Target::Replica(_)) => !to_replica(self),
+            // A read pipelined behind a write (or a function that may
+            // write) stays on the primary: it sees that write.
+            Some(Target::Primary) => self.pinned.is_none() && !self.wrote && !self.opaque_settings && to_replica(self),
+            None => false,
+        }
     }
 
     /// The pool for `target`; the last one is cached (no key building and

@@ -27,6 +27,11 @@ pub(super) struct Probe {
     check_state: bool,
     /// Read-your-writes: the primary's WAL position after the write.
     lsn: bool,
+    /// The names of the connection's session settings (`opaque_settings`).
+    session_names: bool,
+    /// `names[guesses..]` are custom settings the code may have set: adopted
+    /// only when set to something.
+    guesses: usize,
 }
 
 /// Session state still held by the server connection, as one count.
@@ -35,6 +40,10 @@ const HELD_STATE_SQL: &str = "((SELECT count(*) FROM pg_catalog.pg_listening_cha
      + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
      + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
      + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()))::text";
+
+/// The settings the session itself set (SET, set_config), by name.
+const SESSION_NAMES_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ','), '') \
+     FROM pg_catalog.pg_settings WHERE source = 'session')";
 
 const OUR_STATEMENTS_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ','), '') \
      FROM pg_catalog.pg_prepared_statements WHERE name LIKE '\\_pgf\\_%')";
@@ -112,7 +121,31 @@ impl Session {
         let check_state = self.pinned.is_some() && self.may_release;
         let lsn = std::mem::take(&mut self.wrote)
             && self.cfg.routing.read_your_writes == crate::config::ReadYourWrites::Lsn;
-        if self.dirty.is_empty() && !self.resync_prepared && !check_state && !lsn {
+        let session_names = std::mem::take(&mut self.opaque_settings);
+        let mut guesses = self.dirty.len();
+        if session_names {
+            // Re-read the client's own (they may have changed); the list
+            // names the other built-in ones. Custom settings are not
+            // listed: read those the code names (DO blocks, the
+            // application's functions).
+            for (n, _) in self.settings.iter() {
+                if !is_reported(n) && !self.dirty.contains(n) {
+                    self.dirty.push(n.clone());
+                }
+            }
+            guesses = self.dirty.len();
+            let mut candidates = std::mem::take(&mut self.opaque_names);
+            match self.app.catalogs.setting_names(&self.database) {
+                Some(names) => candidates.extend(names.iter().cloned()),
+                None => self.discard_conn = true,
+            }
+            for n in candidates {
+                if !self.dirty.contains(&n) {
+                    self.dirty.push(n);
+                }
+            }
+        }
+        if self.dirty.is_empty() && !self.resync_prepared && !check_state && !lsn && !session_names {
             return None;
         }
         let mut cols: Vec<String> = self
@@ -129,8 +162,11 @@ impl Session {
         if lsn {
             cols.push("pg_catalog.pg_current_wal_lsn()::text".into());
         }
+        if session_names {
+            cols.push(SESSION_NAMES_SQL.into());
+        }
         let resync_prepared = self.resync_prepared.then(|| self.server.as_ref().map_or(0, |s| s.tick));
-        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared, check_state, lsn });
+        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared, check_state, lsn, session_names, guesses });
         self.resync_prepared = false;
         self.may_release = false;
         Some(format!("SELECT {}", cols.join(", ")))
@@ -141,8 +177,18 @@ impl Session {
         let Some(probe) = self.probe.take() else { return };
         let Some(values) = data_row(msg) else { return };
         let mut it = values.into_iter();
-        for name in probe.names {
+        for (i, name) in probe.names.into_iter().enumerate() {
             let value = it.next().flatten();
+            let unset = value.as_deref().map_or(true, str::is_empty);
+            if i >= probe.guesses && unset && !self.settings.iter().any(|(n, _)| *n == name) {
+                // Not set (or set empty) by the code: nothing to carry.
+                // The connection's value is reset for the next client.
+                if let (Some(server), Some(v)) = (self.server.as_mut(), value) {
+                    server.params.insert(name.clone(), v);
+                    server.custom.insert(name);
+                }
+                continue;
+            }
             self.adopt_setting(name, value);
         }
         if let Some(since) = probe.resync_prepared {
@@ -164,6 +210,19 @@ impl Session {
         if probe.lsn {
             if let Some(lsn) = it.next().flatten().as_deref().and_then(crate::topology::parse_lsn) {
                 self.floor = Some(self.floor.unwrap_or(0).max(lsn));
+            }
+        }
+        if probe.session_names {
+            // Set out of pgfleet's sight (the client's own were re-read
+            // above; reported ones come as ParameterStatus): read them next,
+            // before the connection is released.
+            let list = it.next().flatten().unwrap_or_default();
+            for name in list.split(',').filter(|n| !n.is_empty()) {
+                let known = |n: &String| n.eq_ignore_ascii_case(name);
+                if !is_reported(name) && !self.settings.iter().any(|(n, _)| known(n)) && !self.dirty.iter().any(known) {
+                    tracing::debug!(parent: &self.span, setting = name, "a setting changed out of sight follows the client");
+                    self.dirty.push(name.to_string());
+                }
             }
         }
     }

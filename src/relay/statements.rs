@@ -128,11 +128,17 @@ impl Session {
             if let Some((class, ddl)) = self.unnamed.as_ref().map(|(_, a)| (a.class, a.catalog_ddl)) {
                 self.note_write(class, ddl);
             }
+            let unnamed = self.unnamed.take();
+            if let Some((_, a)) = &unnamed {
+                self.note_opaque(a);
+            }
+            self.unnamed = unnamed;
             return None;
         }
         let stmt = self.stmts.get(name)?.clone();
         if self.tracks_state() {
             self.note_write(stmt.analysis.class, stmt.analysis.catalog_ddl);
+            self.note_opaque(&stmt.analysis);
             if stmt.analysis.has_session_effects() {
                 self.note_effects(&stmt.analysis);
             }

@@ -60,6 +60,11 @@ pub struct Analysis {
     /// Creates, changes or drops functions (or extensions): the function
     /// catalog is stale once its transaction ends.
     pub catalog_ddl: bool,
+    /// DO or CALL: code pgfleet cannot see into, which may change session
+    /// settings (`set_config(..., false)`, `SET` in PL/pgSQL).
+    pub opaque: bool,
+    /// Custom settings a DO block's code sets (`custom_settings_in`).
+    pub opaque_settings: Vec<String>,
 }
 
 impl Analysis {
@@ -275,6 +280,14 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
             a.pin = a.pin.or(Some("PREPARE (an SQL-level prepared statement)"));
         }
         b"LISTEN" => a.pin = a.pin.or(Some("LISTEN")),
+        b"DO" | b"CALL" => {
+            a.opaque = true;
+            for x in t {
+                if let Tok::Str(code) = x {
+                    custom_settings_in(code, &mut a.opaque_settings);
+                }
+            }
+        }
         b"UNLISTEN" | b"CLOSE" | b"DROP" => a.may_release = true,
         b"DECLARE" if t.windows(2).any(|w| is_word(Some(&w[0]), "WITH") && is_word(Some(&w[1]), "HOLD")) => {
             a.pin = a.pin.or(Some("DECLARE ... WITH HOLD (a cursor that outlives its transaction)"));
@@ -564,3 +577,61 @@ fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
 #[cfg(test)]
 #[path = "classify_tests.rs"]
 mod tests;
+
+/// Adds the custom settings (`a.b`, lower-cased) that this code sets for the
+/// session to `out`: `set_config('a.b', ...)` and `SET [SESSION] a.b`, the
+/// ways functions and DO blocks set a tenant id. A name computed at run time
+/// is not seen. (Built-in settings need no search: `pg_settings` lists the
+/// ones a session changed; it does not list custom ones.)
+pub fn custom_settings_in(code: &str, out: &mut Vec<String>) {
+    let lower = code.to_ascii_lowercase();
+    let b = lower.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+    let blanks = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    // A dotted name at `i` (each part starting with a letter or `_`).
+    let name_at = |i: usize| {
+        let mut j = i;
+        while j < b.len() && (ident(b[j]) || b[j] == b'.') {
+            j += 1;
+        }
+        let name = &lower[i..j];
+        let ok = name.contains('.')
+            && name.split('.').all(|p| p.bytes().next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_'));
+        ok.then(|| name.to_string())
+    };
+    let mut found = |name: Option<String>| {
+        if let Some(n) = name {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    };
+    let mut i = 0;
+    while i < b.len() {
+        let word_start = i == 0 || !ident(b[i - 1]);
+        if word_start && b[i..].starts_with(b"set_config") {
+            let mut j = blanks(i + 10);
+            if b.get(j) == Some(&b'(') {
+                j = blanks(j + 1);
+                if b.get(j) == Some(&b'\'') {
+                    found(name_at(j + 1).filter(|n| b.get(j + 1 + n.len()) == Some(&b'\'')));
+                }
+            }
+            i += 10;
+        } else if word_start && b[i..].starts_with(b"set") && b.get(i + 3).is_some_and(|c| c.is_ascii_whitespace()) {
+            let mut j = blanks(i + 3);
+            if b[j..].starts_with(b"session") && b.get(j + 7).is_some_and(|c| c.is_ascii_whitespace()) {
+                j = blanks(j + 7);
+            }
+            found(name_at(j));
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+}

@@ -402,3 +402,74 @@ async fn settings_with_quotes_and_backslashes_are_restored_exactly() {
         assert_eq!(one(&a, "SHOW myapp.path").await, r"C:\tmp\n'x");
     }
 }
+
+/// Settings changed where pgfleet cannot see it (a function that calls
+/// `set_config(..., false)`, a DO block) stay for the session on
+/// PostgreSQL: they follow the client to its next connection and never
+/// reach another client (a tenant id set for row-level security must not
+/// leak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_set_inside_functions_and_do_blocks_follow_the_client_only() {
+    let c = cluster();
+    tokio::task::block_in_place(|| {
+        c.psql_on(
+            c.primary,
+            "app",
+            "CREATE OR REPLACE FUNCTION set_tenant_fn(t text) RETURNS text LANGUAGE sql AS $$ SELECT pg_catalog.set_config('tenant_fn.id', t, false) $$",
+        )
+    });
+    for wait_catalog in [false, true] {
+        // One connection: every client lands on the same server session.
+        let p = proxy(1).await;
+        if wait_catalog {
+            // The function known as VOLATILE (before: not loaded yet).
+            for _ in 0..100 {
+                if p.app.catalogs.is_loaded("app") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(p.app.catalogs.is_loaded("app"), "the function catalog loads in transaction mode");
+        }
+        let a = connect(&p).await;
+        let b = connect(&p).await;
+        let tenant = "SELECT coalesce(current_setting('tenant_fn.id', true), '')";
+        // Catalog not loaded yet: pgfleet cannot tell which custom settings
+        // the function set, so the connection is closed after it (the
+        // client may lose the value; another client never sees it).
+        let follows = wait_catalog;
+        assert_eq!(one(&a, "SELECT set_tenant_fn('a')").await, "a");
+        assert_eq!(one(&b, tenant).await, "", "another client must not see the setting");
+        if follows {
+            assert_eq!(one(&a, tenant).await, "a", "the setting stays with its client");
+        }
+        one(&b, "SELECT set_tenant_fn('b')").await;
+        if follows {
+            assert_eq!(one(&a, tenant).await, "a");
+            assert_eq!(one(&b, tenant).await, "b");
+        }
+        // In an explicit transaction, through the extended protocol.
+        a.batch_execute("BEGIN").await.unwrap();
+        let tx = a.query_one("SELECT set_tenant_fn($1)", &[&"a2"]).await.unwrap();
+        assert_eq!(tx.get::<_, String>(0), "a2");
+        a.batch_execute("COMMIT").await.unwrap();
+        assert_ne!(one(&b, tenant).await, "a2");
+        if follows {
+            assert_eq!(one(&b, tenant).await, "b");
+            assert_eq!(one(&a, tenant).await, "a2");
+        }
+        // A DO block changing a built-in setting and a custom one.
+        a.batch_execute("DO $$BEGIN PERFORM pg_catalog.set_config('statement_timeout', '4321', false); SET do_block.id = 'd'; END$$").await.unwrap();
+        assert_eq!(one(&b, "SHOW statement_timeout").await, "0");
+        assert_eq!(one(&b, "SELECT coalesce(current_setting('do_block.id', true), '')").await, "");
+        if follows {
+            assert_eq!(one(&a, "SHOW statement_timeout").await, "4321ms");
+            assert_eq!(one(&a, "SELECT current_setting('do_block.id')").await, "d");
+        }
+        // A fresh client sees none of it.
+        let fresh = connect(&p).await;
+        assert_eq!(one(&fresh, tenant).await, "");
+        assert_eq!(one(&fresh, "SHOW statement_timeout").await, "0");
+        assert_eq!(one(&fresh, "SELECT coalesce(current_setting('do_block.id', true), '')").await, "");
+    }
+}
