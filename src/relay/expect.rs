@@ -153,15 +153,27 @@ impl Expect {
     }
 
     /// At ReadyForQuery: pops through the entry that ended this cycle and
-    /// returns it.
-    pub fn complete_cycle(&mut self) -> Option<Pending> {
+    /// returns it, with what was left unanswered on the way (messages the
+    /// server skipped: an error came before the client's Sync was sent).
+    pub fn complete_cycle(&mut self) -> (Option<Pending>, Skipped) {
+        let mut skipped = Skipped::default();
         while let Some(p) = self.q.pop_front() {
             match p {
-                Pending::Fwd(k) | Pending::Swallow(k) if k.ends_cycle() => return Some(p),
+                Pending::Fwd(k) | Pending::Swallow(k) if k.ends_cycle() => return (Some(p), skipped),
+                Pending::Fwd(Kind::Parse(Some(id))) => {
+                    skipped.not_prepared.push(id);
+                    skipped.client_parses += 1;
+                }
+                Pending::Swallow(Kind::Parse(Some(id))) => skipped.not_prepared.push(id),
+                Pending::Swallow(Kind::Close(Some(id))) => skipped.not_closed.push(id),
+                Pending::Synth(Synth::ParseComplete) => skipped.client_parses += 1,
+                Pending::Synth(Synth::Payload) => {
+                    self.payloads.pop_front();
+                }
                 _ => {}
             }
         }
-        None
+        (None, skipped)
     }
 
     /// CopyInResponse to an extended-protocol Execute: the server ignores
@@ -194,7 +206,7 @@ mod tests {
             }
         );
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Sync)));
-        assert_eq!(e.complete_cycle(), Some(Pending::Fwd(Kind::Sync)));
+        assert_eq!(e.complete_cycle(), (Some(Pending::Fwd(Kind::Sync)), Skipped::default()));
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Query)));
     }
 

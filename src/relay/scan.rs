@@ -103,7 +103,8 @@ impl Session {
             Seen::Ready(status) => {
                 self.copy_in = false;
                 self.status = status;
-                let ended = self.expect.complete_cycle();
+                let (ended, skipped) = self.expect.complete_cycle();
+                self.skipped(skipped);
                 if matches!(ended, Some(Pending::Fwd(_))) {
                     self.replay_state = super::Replay::Off; // the unit is over
                     self.count_cycle_end(status);
@@ -211,6 +212,11 @@ impl Session {
     /// The server skips to the next Sync after an error: so does the queue.
     fn skip_to_sync(&mut self) {
         let skipped = self.expect.skip_to_sync();
+        self.skipped(skipped);
+    }
+
+    /// Messages the server skipped: what they would have created does not exist.
+    fn skipped(&mut self, skipped: super::expect::Skipped) {
         if let Some(server) = self.server.as_mut() {
             for id in skipped.not_prepared {
                 server.prepared.remove(&id);

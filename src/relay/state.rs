@@ -96,7 +96,13 @@ impl Session {
         self.may_release |= a.may_release;
         // Unless it is going to fail: in a failed transaction (25P02), or
         // DISCARD ALL in a transaction block (25001).
-        let fails = self.expect.is_empty() && (self.status == b'E' || (self.status == b'T' && a.reset_all));
+        let fails = self.expect.is_empty()
+            && a.statements == 1
+            && (self.status == b'E' || (self.status == b'T' && a.reset_all));
+        if a.dealloc_all {
+            // Whatever happens, re-read what the connection still has.
+            self.resync_prepared = true;
+        }
         if a.dealloc_all && !fails {
             // Every prepared statement of the session is gone, the client's
             // protocol-level ones included; the probe re-reads what is left.
@@ -104,7 +110,8 @@ impl Session {
                 server.prepared.clear();
             }
             self.stmts.clear();
-            self.resync_prepared = true;
+            self.virtuals.clear();
+            self.virtual_portals.clear();
         }
         None
     }

@@ -259,7 +259,9 @@ impl Session {
     /// (drivers such as psycopg do this): those live only in pgfleet.
     pub(super) fn deallocates_protocol_statement(&mut self, a: &crate::router::Analysis) -> bool {
         match &a.deallocate {
-            Some(name) if a.statements == 1 => self.stmts.remove(name.as_bytes()).is_some(),
+            Some(name) if a.statements == 1 => {
+                self.stmts.remove(name.as_bytes()).is_some() | self.virtuals.remove(name.as_bytes()).is_some()
+            }
             _ => false,
         }
     }

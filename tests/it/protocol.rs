@@ -716,6 +716,13 @@ async fn statement_names_exist_only_once_their_parse_succeeded() {
     assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
     raw.stream.write_all(&[parse("v", "SELECT 5"), sync()].concat()).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["42P05".into()]));
+    // ... that DEALLOCATE frees, as any other.
+    raw.stream.write_all(&simple("DEALLOCATE v")).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    raw.stream.write_all(&[parse("v", "SHOW pgfleet.route"), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    raw.stream.write_all(&simple("DEALLOCATE v")).await.unwrap();
+    read_cycle(&mut raw).await;
     // A failed transaction: the Parse of SQL the connection has (s4, the
     // SQL of s1) and DEALLOCATE of a protocol statement are refused.
     raw.stream.write_all(&simple("BEGIN; SELECT 1/0")).await.unwrap();
