@@ -132,22 +132,12 @@ impl Expect {
     /// Parse messages that therefore did not prepare anything.
     pub fn skip_to_sync(&mut self) -> Skipped {
         let mut skipped = Skipped::default();
-        while let Some(p) = self.q.front() {
-            match p {
-                Pending::Fwd(Kind::Sync) | Pending::Swallow(Kind::Sync) => break,
-                Pending::Fwd(Kind::Parse(Some(id))) => {
-                    skipped.not_prepared.push(*id);
-                    skipped.client_parses += 1;
-                }
-                Pending::Swallow(Kind::Parse(Some(id))) => skipped.not_prepared.push(*id),
-                Pending::Synth(Synth::ParseComplete) => skipped.client_parses += 1,
-                Pending::Swallow(Kind::Close(Some(id))) => skipped.not_closed.push(*id),
-                Pending::Synth(Synth::Payload) => {
-                    self.payloads.pop_front();
-                }
-                _ => {}
+        while let Some(p) = self.q.front().copied() {
+            if matches!(p, Pending::Fwd(Kind::Sync) | Pending::Swallow(Kind::Sync)) {
+                break;
             }
             self.q.pop_front();
+            self.dropped(p, &mut skipped);
         }
         skipped
     }
@@ -160,20 +150,27 @@ impl Expect {
         while let Some(p) = self.q.pop_front() {
             match p {
                 Pending::Fwd(k) | Pending::Swallow(k) if k.ends_cycle() => return (Some(p), skipped),
-                Pending::Fwd(Kind::Parse(Some(id))) => {
-                    skipped.not_prepared.push(id);
-                    skipped.client_parses += 1;
-                }
-                Pending::Swallow(Kind::Parse(Some(id))) => skipped.not_prepared.push(id),
-                Pending::Swallow(Kind::Close(Some(id))) => skipped.not_closed.push(id),
-                Pending::Synth(Synth::ParseComplete) => skipped.client_parses += 1,
-                Pending::Synth(Synth::Payload) => {
-                    self.payloads.pop_front();
-                }
-                _ => {}
+                _ => self.dropped(p, &mut skipped),
             }
         }
         (None, skipped)
+    }
+
+    /// An entry popped without its answer: what it would have done.
+    fn dropped(&mut self, p: Pending, skipped: &mut Skipped) {
+        match p {
+            Pending::Fwd(Kind::Parse(Some(id))) => {
+                skipped.not_prepared.push(id);
+                skipped.client_parses += 1;
+            }
+            Pending::Swallow(Kind::Parse(Some(id))) => skipped.not_prepared.push(id),
+            Pending::Swallow(Kind::Close(Some(id))) => skipped.not_closed.push(id),
+            Pending::Synth(Synth::ParseComplete) => skipped.client_parses += 1,
+            Pending::Synth(Synth::Payload) => {
+                self.payloads.pop_front();
+            }
+            _ => {}
+        }
     }
 
     /// CopyInResponse to an extended-protocol Execute: the server ignores

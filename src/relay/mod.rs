@@ -589,6 +589,12 @@ impl Session {
         }
     }
 
+    /// The last ReadyForQuery said the transaction failed, and nothing sent
+    /// since can have changed that.
+    fn in_failed_transaction(&self) -> bool {
+        self.status == b'E' && self.expect.is_empty()
+    }
+
     /// Classification and session effects only matter in transaction mode.
     fn tracks_state(&self) -> bool {
         self.mode == PoolMode::Transaction
@@ -610,8 +616,7 @@ impl Session {
             self.note_opaque(&a);
             // In a failed transaction the server answers it (25P02), and
             // the statement stays.
-            let failed = self.status == b'E' && self.expect.is_empty();
-            if !failed && self.deallocates_protocol_statement(&a) {
+            if !self.in_failed_transaction() && self.deallocates_protocol_statement(&a) {
                 self.answer_deallocate();
                 return Ok(());
             }

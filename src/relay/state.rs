@@ -96,9 +96,8 @@ impl Session {
         self.may_release |= a.may_release;
         // Unless it is going to fail: in a failed transaction (25P02), or
         // DISCARD ALL in a transaction block (25001).
-        let fails = self.expect.is_empty()
-            && a.statements == 1
-            && (self.status == b'E' || (self.status == b'T' && a.reset_all));
+        let fails = a.statements == 1
+            && (self.in_failed_transaction() || (self.status == b'T' && self.expect.is_empty() && a.reset_all));
         if a.dealloc_all {
             // Whatever happens, re-read what the connection still has.
             self.resync_prepared = true;

@@ -51,7 +51,7 @@ impl Session {
         }
         let stmt = self.intern(rewritten.as_deref().unwrap_or(content));
         let here = self.server.as_mut().expect("bound").touch_prepared(stmt.id);
-        if here && self.status == b'E' && self.expect.is_empty() && a.tx != TxControl::End {
+        if here && self.in_failed_transaction() && a.tx != TxControl::End {
             // Answered here it would succeed, where PostgreSQL refuses it in
             // a failed transaction and creates no name.
             self.fail_locally(sqlstate::IN_FAILED_SQL_TRANSACTION, ABORTED);
