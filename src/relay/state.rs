@@ -166,7 +166,9 @@ impl Session {
             cols.push(HELD_STATE_SQL.into());
         }
         if lsn {
-            cols.push("pg_catalog.pg_current_wal_lsn()::text".into());
+            // Where the commit was inserted: with synchronous_commit off it
+            // returns before its WAL is written (pg_current_wal_lsn).
+            cols.push("pg_catalog.pg_current_wal_insert_lsn()::text".into());
         }
         if session_names {
             cols.push(SESSION_NAMES_SQL.into());

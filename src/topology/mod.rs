@@ -260,7 +260,17 @@ struct LagState {
 }
 
 impl LagState {
+    /// The primary's position as checked. Lower than the last one: a new
+    /// timeline (failover), so what was remembered no longer compares.
     fn record_primary(&mut self, lsn: u64, now: Instant) {
+        if self.history.back().is_some_and(|(l, _)| lsn < *l) {
+            self.history.clear();
+        }
+        self.advance(lsn, now);
+    }
+
+    /// The primary is known to be at least at `lsn`.
+    fn advance(&mut self, lsn: u64, now: Instant) {
         if self.history.back().is_none_or(|(l, _)| lsn > *l) {
             self.history.push_back((lsn, now));
         }
@@ -269,9 +279,15 @@ impl LagState {
         }
     }
 
-    /// How long ago the primary first had WAL past `replay`.
-    fn lag_time(&self, replay: u64, now: Instant) -> Duration {
-        self.history.iter().find(|(l, _)| *l > replay).map(|(_, t)| now.duration_since(*t)).unwrap_or_default()
+    /// How long ago the primary first had WAL past `replay`. Unknown
+    /// (`Err`, carrying the lower bound) for a replica behind the oldest
+    /// position remembered: at start, after a reload, or back from
+    /// downtime, the WAL it lacks may be of any age.
+    fn lag_time(&self, replay: u64, now: Instant) -> Result<Duration, Duration> {
+        match self.history.front() {
+            Some((oldest, t)) if replay < *oldest => Err(now.duration_since(*t)),
+            _ => Ok(self.history.iter().find(|(l, _)| *l > replay).map(|(_, t)| now.duration_since(*t)).unwrap_or_default()),
+        }
     }
 
     fn forget_before(&mut self, min_replay: u64) {
@@ -282,10 +298,11 @@ impl LagState {
     }
 }
 
-/// Within budget, with hysteresis: leaving at the budget, returning under 3/4.
-fn within_budget(g: &GroupInfo, lag: Duration, bytes: u64, was_excluded: bool) -> bool {
+/// Within budget, with hysteresis: leaving at the budget, returning under
+/// 3/4. A time lag that is unknown (`Err`) is over any time budget.
+fn within_budget(g: &GroupInfo, lag: Result<Duration, Duration>, bytes: u64, was_excluded: bool) -> bool {
     let (num, den) = if was_excluded { (3, 4) } else { (1, 1) };
-    let time_ok = g.max_lag.is_none_or(|m| lag.as_nanos() * den <= m.as_nanos() * num);
+    let time_ok = g.max_lag.is_none_or(|m| lag.is_ok_and(|lag| lag.as_nanos() * den <= m.as_nanos() * num));
     let bytes_ok = g.max_lag_bytes.is_none_or(|m| bytes as u128 * den <= m as u128 * num);
     time_ok && bytes_ok
 }
@@ -307,19 +324,41 @@ mod tests {
         let t0 = Instant::now();
         s.record_primary(100, t0);
         s.record_primary(100, t0 + Duration::from_secs(10));
-        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(10)), Duration::ZERO);
+        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(10)), Ok(Duration::ZERO));
         s.record_primary(200, t0 + Duration::from_secs(11));
-        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(13)), Duration::from_secs(2));
-        assert_eq!(s.lag_time(200, t0 + Duration::from_secs(13)), Duration::ZERO);
+        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(13)), Ok(Duration::from_secs(2)));
+        assert_eq!(s.lag_time(200, t0 + Duration::from_secs(13)), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn behind_everything_remembered_is_unknown_not_zero() {
+        let mut s = LagState::default();
+        let t0 = Instant::now();
+        // First sight of the primary: a replica behind it lags by an
+        // unknown amount, at least the time since then.
+        s.record_primary(500, t0);
+        assert_eq!(s.lag_time(100, t0), Err(Duration::ZERO));
+        assert_eq!(s.lag_time(100, t0 + Duration::from_secs(1)), Err(Duration::from_secs(1)));
+        assert_eq!(s.lag_time(500, t0 + Duration::from_secs(1)), Ok(Duration::ZERO));
+        // History trimmed to the slowest replica: one that comes back from
+        // downtime further behind is unknown again.
+        s.record_primary(900, t0 + Duration::from_secs(2));
+        s.forget_before(900);
+        assert_eq!(s.lag_time(600, t0 + Duration::from_secs(3)), Err(Duration::from_secs(1)));
+        assert_eq!(s.lag_time(900, t0 + Duration::from_secs(3)), Ok(Duration::ZERO));
     }
 
     #[test]
     fn hysteresis() {
         let g = GroupInfo { name: "g".into(), max_lag: Some(Duration::from_millis(400)), max_lag_bytes: None, fallback: vec![], members: vec![] };
-        assert!(within_budget(&g, Duration::from_millis(350), 0, false));
-        assert!(!within_budget(&g, Duration::from_millis(350), 0, true));
-        assert!(within_budget(&g, Duration::from_millis(300), 0, true));
-        assert!(!within_budget(&g, Duration::from_millis(401), 0, false));
+        let ms = |n| Ok(Duration::from_millis(n));
+        assert!(within_budget(&g, ms(350), 0, false));
+        assert!(!within_budget(&g, ms(350), 0, true));
+        assert!(within_budget(&g, ms(300), 0, true));
+        assert!(!within_budget(&g, ms(401), 0, false));
+        assert!(!within_budget(&g, Err(Duration::ZERO), 0, false));
+        let bytes_only = GroupInfo { max_lag: None, max_lag_bytes: Some(1000), ..g };
+        assert!(within_budget(&bytes_only, Err(Duration::ZERO), 10, false));
     }
 }
 

@@ -109,13 +109,9 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
         // The primary first, so replica positions are compared with a
         // primary position no newer than theirs.
         let p = primary.check(&spec, CHECK_SQL).await;
-        let mut results = Vec::with_capacity(replicas.len());
-        {
-            let futs = replicas.iter_mut().map(|r| r.check(&spec, CHECK_SQL));
-            for f in futs.collect::<Vec<_>>() {
-                results.push(f.await);
-            }
-        }
+        // Replicas all at once: one slow or unreachable replica must not
+        // delay the others' checks (nor make their positions older).
+        let results = futures_util::future::join_all(replicas.iter_mut().map(|r| r.check(&spec, CHECK_SQL))).await;
         let writer = choose_writer(topo.writer(), &p, &results);
         topo.set_writer(writer);
         let writer_check = match writer {
@@ -135,13 +131,27 @@ fn build_snapshot(
     replicas: Vec<Result<Check, String>>,
     now: Instant,
 ) -> Snapshot {
-    let (primary_reachable, primary_lsn) = match &primary {
-        Ok(Check { in_recovery: false, lsn: Some(l) }) => (true, *l),
-        _ => (false, lag.history.back().map(|(l, _)| *l).unwrap_or(0)),
+    let seen = match &primary {
+        Ok(Check { in_recovery: false, lsn: Some(l) }) => Some(*l),
+        _ => None,
     };
-    if primary_reachable {
-        lag.record_primary(primary_lsn, now);
+    match seen {
+        Some(l) => lag.record_primary(l, now),
+        // Out of sight (down, demoted, not checked): the primary is at least
+        // as far as the furthest standby has replayed, so lag is measured
+        // against that, not frozen at the last position seen.
+        None => {
+            let furthest = replicas.iter().filter_map(|r| match r {
+                Ok(Check { in_recovery: true, lsn: Some(l) }) => Some(*l),
+                _ => None,
+            });
+            if let Some(f) = furthest.max() {
+                lag.advance(f, now);
+            }
+        }
     }
+    let primary_reachable = seen.is_some();
+    let primary_lsn = lag.history.back().map(|(l, _)| *l).unwrap_or(0);
     let mut states = Vec::with_capacity(replicas.len());
     for (i, result) in replicas.into_iter().enumerate() {
         let info = &topo.replicas[i];
@@ -164,7 +174,8 @@ fn build_snapshot(
                 st.reachable = true;
                 st.replay_lsn = lsn.unwrap_or(0);
                 st.lag_bytes = primary_lsn.saturating_sub(st.replay_lsn);
-                st.lag = lag.lag_time(st.replay_lsn, now);
+                let lag_time = lag.lag_time(st.replay_lsn, now);
+                st.lag = lag_time.unwrap_or_else(|at_least| at_least);
                 let mut why = Vec::new();
                 st.groups = info
                     .groups
@@ -172,9 +183,15 @@ fn build_snapshot(
                     .enumerate()
                     .map(|(slot, &g)| {
                         let group = &topo.groups[g];
-                        let ok = within_budget(group, st.lag, st.lag_bytes, lag.excluded[i][slot]);
+                        let ok = within_budget(group, lag_time, st.lag_bytes, lag.excluded[i][slot]);
                         lag.excluded[i][slot] = !ok;
-                        if !ok {
+                        if !ok && lag_time.is_err() && group.max_lag.is_some() {
+                            why.push(format!(
+                                "lag unknown (behind every primary position seen, the oldest {} ms ago) for group {}",
+                                st.lag.as_millis(),
+                                group.name
+                            ));
+                        } else if !ok {
                             why.push(format!(
                                 "lag {} ms / {} bytes over the budget of group {}",
                                 st.lag.as_millis(),
@@ -208,6 +225,76 @@ mod tests {
     }
     fn down() -> Result<Check, String> {
         Err("connection refused".into())
+    }
+
+    fn at(in_recovery: bool, lsn: u64) -> Result<Check, String> {
+        Ok(Check { in_recovery, lsn: Some(lsn) })
+    }
+
+    /// Two replicas in one group with a 10 s time budget and no byte budget.
+    fn topo() -> Topology {
+        let mut text = String::from("[[users]]\nname=\"a\"\npassword=\"a\"\n[[databases]]\nname=\"a\"\n");
+        text.push_str("[[cluster.groups]]\nname=\"default\"\nmax_lag=\"10s\"\n");
+        for i in 0..2 {
+            text.push_str(&format!("[[cluster.replicas]]\nname=\"r{i}\"\naddr=\"127.0.0.1:{}\"\ngroups=[\"default\"]\n", 6000 + i));
+        }
+        Topology::from_config(&crate::config::Config::parse(&text, "t").unwrap(), None)
+    }
+
+    fn usable(s: &Snapshot) -> Vec<bool> {
+        s.replicas.iter().map(|r| r.groups.iter().all(|(_, ok)| *ok)).collect()
+    }
+
+    #[test]
+    fn a_replica_behind_the_first_primary_position_seen_is_not_used() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
+        let t0 = Instant::now();
+        // Replication of r1 stalled long ago, the primary idle since: the
+        // first check cannot tell how old its missing WAL is.
+        let s = build_snapshot(&t, &mut lag, at(false, 1000), vec![at(true, 1000), at(true, 400)], t0);
+        assert_eq!(usable(&s), [true, false]);
+        assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("lag unknown"), "{:?}", s.replicas[1]);
+        assert_eq!(s.replicas[1].lag_bytes, 600);
+        // It catches up: measurable, and back.
+        let s = build_snapshot(&t, &mut lag, at(false, 1000), vec![at(true, 1000), at(true, 1000)], t0 + Duration::from_millis(100));
+        assert_eq!(usable(&s), [true, true]);
+    }
+
+    #[test]
+    fn with_the_primary_out_of_sight_lag_is_against_the_furthest_standby() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
+        let t0 = Instant::now();
+        // Down from the start: the furthest standby is as fresh as anything known.
+        let s = build_snapshot(&t, &mut lag, down(), vec![at(true, 800), at(true, 300)], t0);
+        assert!(!s.primary_reachable);
+        assert_eq!(s.primary_lsn, 800);
+        assert_eq!(usable(&s), [true, false]);
+        // Seen, then gone: positions keep advancing through the standbys,
+        // and a standby left behind ages out of the budget.
+        let s = build_snapshot(&t, &mut lag, at(false, 900), vec![at(true, 900), at(true, 900)], t0 + Duration::from_secs(1));
+        assert_eq!(usable(&s), [true, true]);
+        let s = build_snapshot(&t, &mut lag, down(), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(2));
+        assert_eq!(s.primary_lsn, 1500);
+        assert_eq!(usable(&s), [true, true]);
+        let s = build_snapshot(&t, &mut lag, down(), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(13));
+        assert_eq!(usable(&s), [true, false]);
+        assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("over the budget"), "{:?}", s.replicas[1]);
+    }
+
+    #[test]
+    fn a_new_timeline_starts_the_history_again() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
+        let t0 = Instant::now();
+        build_snapshot(&t, &mut lag, at(false, 5000), vec![at(true, 5000), at(true, 5000)], t0);
+        // Failover to a primary that had not received the last WAL: its
+        // position is lower; standbys that follow it are not lagging behind
+        // a position that no longer exists.
+        let s = build_snapshot(&t, &mut lag, at(false, 4000), vec![at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
+        assert_eq!(s.primary_lsn, 4000);
+        assert_eq!(usable(&s), [true, true]);
     }
 
     #[test]

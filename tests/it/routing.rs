@@ -196,6 +196,59 @@ async fn lagging_replica_is_excluded_and_readmitted() {
     wait_port(&reader, r1, Duration::from_secs(5)).await;
 }
 
+/// Resumes a replica's replay when dropped, so a failed test leaves no
+/// paused replica behind for the others.
+struct ReplayPaused(u16);
+
+impl ReplayPaused {
+    fn pause(port: u16) -> ReplayPaused {
+        let c = cluster();
+        c.psql_on(port, "postgres", "SELECT pg_wal_replay_pause()");
+        while c.psql_on(port, "postgres", "SELECT pg_get_wal_replay_pause_state()") != "paused" {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ReplayPaused(port)
+    }
+}
+
+impl Drop for ReplayPaused {
+    fn drop(&mut self) {
+        cluster().psql_on(self.0, "postgres", "SELECT pg_wal_replay_resume()");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_at_start_gets_no_reads_until_its_lag_is_known() {
+    let _exclusive = REPLICAS.write().await;
+    let c = cluster();
+    let r1 = c.replicas[0];
+    // Replication to r1 stalls, the primary writes once and goes idle: r1 is
+    // behind by WAL of unknown age when pgfleet starts. Its byte lag is tiny
+    // and its time budget 10 s, yet it must not serve reads (it lacks the
+    // row) while the monitor cannot tell how old the missing WAL is.
+    let paused = ReplayPaused::pause(r1);
+    // (The test cluster runs with synchronous_commit off; this commit is flushed.)
+    c.psql_on(c.primary, "app", "SET synchronous_commit = on; CREATE TABLE IF NOT EXISTS behind (x int); GRANT SELECT ON behind TO PUBLIC; INSERT INTO behind VALUES (1)");
+    let p = start(config("size = 3", &routing_extra("10s", "off"))).await;
+    let mut waited = 0;
+    while p.app.topology().snapshot().checked_at_us == 0 {
+        assert!(waited < 200, "the monitor never checked");
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snap = p.app.topology().snapshot();
+    let why = snap.replicas[0].excluded_because.clone().unwrap_or_default();
+    assert!(why.contains("lag unknown"), "{:?}", snap.replicas[0]);
+    let reader = connect(&p).await;
+    for _ in 0..20 {
+        assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, c.primary);
+        let n: i64 = reader.query_one("SELECT count(*) FROM behind", &[]).await.unwrap().get(0);
+        assert!(n >= 1, "a read saw the replica's stale data");
+    }
+    drop(paused);
+    wait_port(&reader, r1, Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_replica_reads_keep_succeeding() {
     let _exclusive = REPLICAS.write().await;
@@ -261,6 +314,34 @@ async fn read_your_writes_with_a_lagging_replica() {
     wait_port(&writer, r1, Duration::from_secs(5)).await;
     std::fs::write(&auto_conf, original).unwrap();
     assert!(c.pg_ctl("replica0", &["reload"]).status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_with_asynchronous_commit() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    // The test cluster runs with synchronous_commit = off: a commit returns
+    // before its WAL is written, so the floor must be where the commit was
+    // inserted, not what the primary has written so far. No apply delay:
+    // the replica is close behind, the way a floor taken too low shows.
+    assert_eq!(c.psql_on(c.primary, "app", "SHOW synchronous_commit"), "off");
+    let p = routing_proxy("size = 4", "10s", "lsn").await;
+    let writer = connect(&p).await;
+    writer.batch_execute("CREATE TABLE IF NOT EXISTS ryw_async (id serial primary key, v int)").await.unwrap();
+    let insert = writer.prepare("INSERT INTO ryw_async (v) VALUES ($1) RETURNING id").await.unwrap();
+    let select = writer.prepare("SELECT v FROM ryw_async WHERE id = $1").await.unwrap();
+    for i in 0..300i32 {
+        if i % 30 == 0 {
+            // The hard case: the first write after a quiet spell, when the
+            // replica has replayed all the primary had written.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let id: i32 = writer.query_one(&insert, &[&i]).await.unwrap().get(0);
+        let rows = writer.query(&select, &[&id]).await.unwrap();
+        assert_eq!(rows.len(), 1, "iteration {i}: own write not visible");
+    }
+    // The floor is one the replica reaches: reads return to it.
+    wait_port(&writer, c.replicas[0], Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
