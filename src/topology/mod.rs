@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::router::route::{Fallback, GroupInfo, ReplicaState, Snapshot};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub struct ReplicaInfo {
@@ -38,6 +38,16 @@ pub struct Topology {
     writer: AtomicUsize,
     /// Woken whenever `writer` changes (writes waiting out a failover).
     pub writer_changed: tokio::sync::Notify,
+    /// What the monitor keeps between rounds, carried into a reloaded
+    /// topology so a reload neither forgets lag nor idles the replicas.
+    memory: Mutex<Memory>,
+}
+
+#[derive(Default)]
+struct Memory {
+    lag: LagState,
+    /// The last round: the writer's check, each replica's, and when.
+    last: Option<(Result<Check, String>, Vec<Result<Check, String>>, Instant)>,
 }
 
 const NO_WRITER: usize = usize::MAX;
@@ -118,7 +128,7 @@ impl Topology {
                 .map(|r| ReplicaState {
                     name: r.name.clone(),
                     groups: r.groups.iter().map(|g| (*g, false)).collect(),
-                    excluded_because: Some("not checked yet".into()),
+                    excluded_because: Some(NOT_CHECKED.into()),
                     ..Default::default()
                 })
                 .collect(),
@@ -136,14 +146,44 @@ impl Topology {
                 w => Some(w),
             })
             .unwrap_or(Writer::Configured);
-        Topology {
+        let excluded = replicas.iter().map(|r| vec![false; r.groups.len()]).collect();
+        let topo = Topology {
             primary: cfg.cluster.primary.clone(),
             replicas,
             groups,
             snapshot: RwLock::new(Arc::new(initial)),
             writer: AtomicUsize::new(writer_code(writer)),
             writer_changed: tokio::sync::Notify::new(),
+            memory: Mutex::new(Memory { lag: LagState { excluded, ..Default::default() }, last: None }),
+        };
+        if let Some(p) = previous.filter(|p| p.primary == topo.primary) {
+            topo.remember(p);
         }
+        topo
+    }
+
+    /// Takes over what `previous` (same primary) learned: the primary's
+    /// position history, each unchanged replica's last check and lag
+    /// exclusions, and a snapshot made from them for the new groups.
+    fn remember(&self, previous: &Topology) {
+        let old = previous.memory.lock().unwrap();
+        let mut mem = self.memory.lock().unwrap();
+        mem.lag.history = old.lag.history.clone();
+        let same = |r: &ReplicaInfo| previous.replicas.iter().position(|o| o.name == r.name && o.addr == r.addr);
+        for (i, r) in self.replicas.iter().enumerate() {
+            let Some(o) = same(r) else { continue };
+            for (slot, &g) in r.groups.iter().enumerate() {
+                let name = &self.groups[g].name;
+                let was = previous.replicas[o].groups.iter().position(|&og| previous.groups[og].name == *name);
+                mem.lag.excluded[i][slot] = was.is_some_and(|os| old.lag.excluded[o][os]);
+            }
+        }
+        let Some((primary, checks, at)) = &old.last else { return };
+        let checks: Vec<_> =
+            self.replicas.iter().map(|r| same(r).map_or_else(|| Err(NOT_CHECKED.to_string()), |o| checks[o].clone())).collect();
+        let snap = monitor::build_snapshot(self, &mut mem.lag, primary.clone(), checks.clone(), *at);
+        mem.last = Some((primary.clone(), checks, *at));
+        self.publish(snap);
     }
 
     pub fn writer(&self) -> Writer {
@@ -195,13 +235,16 @@ impl Topology {
     /// A connection to this replica failed: stop sending it reads now; the
     /// monitor re-admits it once it answers again.
     pub fn mark_down(&self, replica: usize, why: &str) {
-        let mut s = (*self.snapshot()).clone();
+        // Under the write lock: a snapshot the monitor publishes meanwhile
+        // is not overwritten with an older one.
+        let mut current = self.snapshot.write().unwrap();
+        let mut s = (**current).clone();
         if let Some(r) = s.replicas.get_mut(replica) {
             r.reachable = false;
             r.groups.iter_mut().for_each(|g| g.1 = false);
             r.excluded_because = Some(format!("connection failed: {why}"));
         }
-        self.publish(s);
+        *current = Arc::new(s);
     }
 
     /// Weighted power-of-two-choices by in-flight transactions.
@@ -248,10 +291,14 @@ pub struct MonitorSpec {
 }
 
 mod monitor;
+use monitor::Check;
 pub use monitor::{connect_as, run_monitor};
 
+/// The check result of a replica the monitor has not checked yet.
+const NOT_CHECKED: &str = "not checked yet";
+
 /// The lag state machine of one monitor, kept between checks.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct LagState {
     /// (primary LSN, when first seen), increasing.
     history: VecDeque<(u64, Instant)>,

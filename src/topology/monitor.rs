@@ -1,7 +1,7 @@
 //! The monitor task: one tokio-postgres connection per server, polled
 //! concurrently every interval; results become a new snapshot.
 
-use super::{parse_lsn, within_budget, LagState, MonitorSpec, Topology, Writer};
+use super::{parse_lsn, within_budget, LagState, MonitorSpec, Topology, Writer, NOT_CHECKED};
 use crate::router::route::{ReplicaState, Snapshot};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 /// What one check of a server found.
 #[derive(Debug, Clone)]
-struct Check {
+pub(super) struct Check {
     in_recovery: bool,
     lsn: Option<u64>,
 }
@@ -98,7 +98,6 @@ fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[R
 pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: watch::Receiver<bool>) {
     let mut primary = Probe { addr: topo.primary.clone(), client: None };
     let mut replicas: Vec<Probe> = topo.replicas.iter().map(|r| Probe { addr: r.addr.clone(), client: None }).collect();
-    let mut lag = LagState { excluded: topo.replicas.iter().map(|r| vec![false; r.groups.len()]).collect(), ..Default::default() };
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -119,12 +118,16 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             Writer::Replica(i) => results[i].clone(),
             Writer::None => Err("no primary".into()),
         };
-        let snap = build_snapshot(&topo, &mut lag, writer_check, results, Instant::now());
+        let now = Instant::now();
+        let mut mem = topo.memory.lock().unwrap();
+        let snap = build_snapshot(&topo, &mut mem.lag, writer_check.clone(), results.clone(), now);
+        mem.last = Some((writer_check, results, now));
         topo.publish(snap);
+        drop(mem);
     }
 }
 
-fn build_snapshot(
+pub(super) fn build_snapshot(
     topo: &Topology,
     lag: &mut LagState,
     primary: Result<Check, String>,
@@ -158,7 +161,7 @@ fn build_snapshot(
         let mut st = ReplicaState { name: info.name.clone(), ..Default::default() };
         match result {
             Err(e) => {
-                st.excluded_because = Some(format!("unreachable: {e}"));
+                st.excluded_because = Some(if e == NOT_CHECKED { e } else { format!("unreachable: {e}") });
                 st.groups = info.groups.iter().map(|g| (*g, false)).collect();
             }
             Ok(Check { in_recovery: false, .. }) => {

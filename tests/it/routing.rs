@@ -250,6 +250,31 @@ async fn a_replica_behind_at_start_gets_no_reads_until_its_lag_is_known() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_serving_reads_across_a_reload() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let r1 = c.replicas[0];
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    // Writes keep the replicas a little behind the primary all along.
+    let _churn = Churn::start().await;
+    let reader = connect(&p).await;
+    wait_port(&reader, r1, Duration::from_secs(5)).await;
+    for round in 0..6 {
+        // A cluster change: a new topology and monitor. What the old one
+        // learned carries over, so reads do not fall back to the primary
+        // while the new monitor takes its first look.
+        let budget = if round % 2 == 0 { "9s" } else { "10s" };
+        p.app.apply(config("size = 3", &routing_extra(budget, "off")));
+        let snap = p.app.topology().snapshot();
+        assert_eq!(p.app.topology().groups[0].max_lag, Some(Duration::from_secs(if round % 2 == 0 { 9 } else { 10 })));
+        assert!(snap.replicas.iter().all(|r| r.groups.iter().all(|(_, ok)| *ok)), "right after reload {round}: {snap:?}");
+        for i in 0..10 {
+            assert_eq!(port_of(&reader, "SELECT inet_server_port()::text").await, r1, "read {i} after reload {round}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_replica_reads_keep_succeeding() {
     let _exclusive = REPLICAS.write().await;
     let c = cluster();
