@@ -135,7 +135,8 @@ impl TokenBucket {
         let now = Instant::now();
         s.0 = (s.0 + now.saturating_duration_since(s.1).as_secs_f64() * self.rate).min(self.burst);
         s.1 = now;
-        let wait = if s.0 >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - s.0) / self.rate) };
+        // A tiny rate makes the wait too long to represent: as good as never.
+        let wait = if s.0 >= 1.0 { Duration::ZERO } else { Duration::try_from_secs_f64((1.0 - s.0) / self.rate).unwrap_or(Duration::MAX) };
         if wait > max_wait {
             return None;
         }
@@ -165,6 +166,19 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Rate tokens taken by the rules an admission has passed so far: given
+/// back unless the admission completes (a later rule refused it, or the
+/// client left while it waited), so refused work spends no rate.
+struct Taken<'a>(Vec<&'a TokenBucket>);
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        for b in &self.0 {
+            b.unreserve();
+        }
+    }
+}
+
 /// The rules of one configuration.
 #[derive(Default)]
 pub struct Limits {
@@ -184,6 +198,7 @@ impl Limits {
     /// where a rule is at its limit.
     pub async fn admit(&self, r: &Request<'_>) -> Result<Admission, Refusal> {
         let mut adm = Admission::default();
+        let mut taken = Taken(Vec::new());
         for l in self.rules.iter().filter(|l| l.matches(r)) {
             // Counted as waiting (and held to `max_queue`) only once it has
             // to wait: with `max_queue = 0` nothing ever queues, but what
@@ -203,15 +218,12 @@ impl Limits {
             let deadline = started + l.max_wait;
             // Rate first, so a transaction waiting for a token holds no slot.
             match l.bucket.as_ref().map_or(Some(Duration::ZERO), |b| b.reserve(l.max_wait)) {
-                Some(wait) if wait.is_zero() => {}
                 Some(wait) => {
-                    if let Err(e) = queue() {
-                        if let Some(b) = &l.bucket {
-                            b.unreserve();
-                        }
-                        return Err(e);
+                    taken.0.extend(l.bucket.as_ref());
+                    if !wait.is_zero() {
+                        queue()?;
+                        tokio::time::sleep(wait).await
                     }
-                    tokio::time::sleep(wait).await
                 }
                 None => {
                     let rate = l.rate.unwrap_or_default();
@@ -245,6 +257,7 @@ impl Limits {
             }
             l.admitted.fetch_add(1, Ordering::Relaxed);
         }
+        taken.0.clear();
         Ok(adm)
     }
 }
@@ -395,5 +408,56 @@ mod tests {
             .admit(&req(false))
             .await
             .expect("the next token was not lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_by_a_later_rule_gives_the_rate_token_back() {
+        // A rate rule and a concurrency rule matching the same transactions.
+        let limits = Limits::new(
+            &[
+                rule(|l| {
+                    l.rate = Some(1.0);
+                    l.burst = Some(1);
+                    l.max_wait = Some(Dur(Duration::from_millis(10)));
+                }),
+                rule(|l| {
+                    l.max_in_flight = Some(1);
+                    l.max_wait = Some(Dur(Duration::ZERO));
+                }),
+            ],
+            Duration::from_secs(5),
+        );
+        let held = limits.admit(&req(false)).await.expect("both fit");
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        // The rate passes, the concurrency rule refuses: the token is not spent.
+        let (code, _) = limits.admit(&req(false)).await.err().unwrap();
+        assert_eq!(code, "53300");
+        drop(held);
+        limits.admit(&req(false)).await.expect("the token the refused one took came back");
+        // Dropped while waiting for its token (the client left): given back too.
+        let limits = Arc::new(Limits::new(
+            &[rule(|l| {
+                l.rate = Some(1.0);
+                l.burst = Some(1);
+            })],
+            Duration::from_secs(5),
+        ));
+        limits.admit(&req(false)).await.expect("the saved token");
+        let l = limits.clone();
+        let waiting = tokio::spawn(async move { l.admit(&req(false)).await.is_ok() });
+        tokio::task::yield_now().await;
+        waiting.abort();
+        let _ = waiting.await;
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        let t = Instant::now();
+        limits.admit(&req(false)).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::ZERO, "the next token is this one's, not the abandoned waiter's");
+    }
+
+    #[test]
+    fn a_tiny_rate_means_waits_too_long_not_a_panic() {
+        let b = TokenBucket::new(1e-300, 1.0);
+        assert_eq!(b.reserve(Duration::from_secs(1)), Some(Duration::ZERO));
+        assert_eq!(b.reserve(Duration::from_secs(1)), None);
     }
 }

@@ -30,10 +30,13 @@ primary = "nowhere"
 name = "r1"
 addr = "127.0.0.1:5433"
 groups = ["missing"]
+[[cluster.replicas]]
+name = "primary"
+addr = "127.0.0.1:5434"
 "#;
     let err = Config::parse(text, "bad.toml").unwrap_err();
     let all = err.to_string();
-    for needle in ["listen.unix_socket_mode", "pool.size", "pool.min_size", "users[a].password", "defined more than once", "cluster.primary", "missing"] {
+    for needle in ["listen.unix_socket_mode", "pool.size", "pool.min_size", "users[a].password", "defined more than once", "cluster.primary", "missing", "reserved for the primary"] {
         assert!(all.contains(needle), "{needle} not in {all}");
     }
     assert!(all.contains("bad.toml"));

@@ -149,6 +149,10 @@ impl Config {
         dupes(p, "cluster.groups.name", self.cluster.groups.iter().map(|g| g.name.as_str()));
         let groups: HashSet<&str> = self.cluster.groups.iter().map(|g| g.name.as_str()).collect();
         for r in &self.cluster.replicas {
+            if r.name == "primary" || r.name == "(none)" {
+                // Pools, stats and SHOW name the primary's backend so.
+                p.push(format!("cluster.replicas[{}].name: {:?} is reserved for the primary", r.name, r.name));
+            }
             check_addr(p, &format!("cluster.replicas[{}].addr", r.name), &r.addr);
             for g in &r.groups {
                 if !groups.contains(g.as_str()) {

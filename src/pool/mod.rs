@@ -84,6 +84,44 @@ struct Waiter {
     since: Instant,
 }
 
+/// A checkout's place in the queue. Dropped before its grant arrives (the
+/// client left, was killed): it leaves the queue, and a grant already sent
+/// is passed on, so no connection or slot is lost with it.
+struct Queued<'a> {
+    pool: &'a Pool,
+    rx: oneshot::Receiver<Grant>,
+}
+
+impl std::future::Future for Queued<'_> {
+    type Output = Result<Grant, oneshot::error::RecvError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx).poll(cx)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        // After close() nothing more can be sent: what is in is all there is.
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Grant::Conn(c)) => self.pool.checkin(c),
+            Ok(Grant::Slot) => self.pool.release_slot(),
+            Ok(Grant::Expired) | Err(_) => {}
+        }
+    }
+}
+
+/// A slot counted in `total` while its connection is being opened; given
+/// back when dropped (the connect failed, or the checkout was dropped).
+struct Slot<'a>(&'a Pool);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.release_slot();
+    }
+}
+
 /// Guarded by `Pool::state`; the lock is never held across an await.
 struct State {
     idle: Vec<Conn>,
@@ -342,7 +380,7 @@ impl Pool {
             Next::Open => self.open_in_slot().await,
             // Exactly one grant per waiter: it leaves the queue under the
             // state lock, with a connection, a slot or its expiry.
-            Next::Wait(rx) => match rx.await {
+            Next::Wait(rx) => match (Queued { pool: self, rx }).await {
                 Ok(Grant::Conn(c)) => Ok(c),
                 Ok(Grant::Slot) => self.open_in_slot().await,
                 Ok(Grant::Expired) | Err(_) => Err(PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() }),
@@ -373,6 +411,8 @@ impl Pool {
 
     /// Opens a connection in a slot already counted in `total`.
     async fn open_in_slot(&self) -> Result<Conn, PoolError> {
+        // Given back if this ends without a connection, dropped included.
+        let slot = Slot(self);
         let until = self.backoff.lock().unwrap().until;
         if let Some(wait) = until.map(|u| u.saturating_duration_since(Instant::now())).filter(|w| !w.is_zero()) {
             tokio::time::sleep(wait).await;
@@ -396,6 +436,7 @@ impl Pool {
                         continue;
                     }
                     *self.backoff.lock().unwrap() = Backoff::default();
+                    std::mem::forget(slot);
                     c.epoch = epoch;
                     tracing::info!(parent: &c.span, "server connection opened");
                     c.register(&self.conns, &self.key);
@@ -415,7 +456,7 @@ impl Pool {
                         b.failures = b.failures.saturating_add(1);
                         b.until = Some(Instant::now() + backoff_delay(b.failures));
                     }
-                    self.release_slot();
+                    drop(slot);
                     return Err(PoolError::Connect(e));
                 }
             }

@@ -15,7 +15,7 @@ impl Session {
     pub(super) async fn bind_server(
         &mut self,
         a: &Analysis,
-        target: Target,
+        mut target: Target,
         topo: &Topology,
     ) -> Result<Result<(), (String, String)>, SessionError> {
         if self.app.is_paused(&self.database) {
@@ -39,7 +39,9 @@ impl Session {
                 }
             };
             self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
-            let (mut conn, target, pool) = checked_out?;
+            let (mut conn, routed, pool) = checked_out?;
+            // A retry goes where the unit was (re-)routed.
+            target = routed;
             if conn.settings_fp == self.settings_fp {
                 break (conn, target, pool, waited);
             }
@@ -167,18 +169,22 @@ impl Session {
 
     /// PAUSE: new transactions wait until RESUME (or shutdown).
     pub(super) async fn wait_while_paused(&mut self) -> Result<(), SessionError> {
-        while self.app.is_paused(&self.database) {
-            let resumed = self.app.resumed.notified();
+        let app = self.app.clone();
+        while app.is_paused(&self.database) {
+            let resumed = app.resumed.notified();
             tokio::pin!(resumed);
             resumed.as_mut().enable();
-            if !self.app.is_paused(&self.database) {
+            if !app.is_paused(&self.database) {
                 break;
             }
-            tokio::select! {
-                _ = resumed => {}
-                _ = self.info.signal.raised(crate::stats::KILL) => return Err(SessionError::Killed),
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
+            let rechecked = tokio::time::sleep(Duration::from_millis(250));
+            self.watch(async move {
+                tokio::select! {
+                    _ = resumed => {}
+                    _ = rechecked => {}
+                }
+            })
+            .await?;
         }
         Ok(())
     }

@@ -526,7 +526,12 @@ impl Session {
                 };
                 if !self.cfg.limits.is_empty() {
                     // Boxed: only configurations with limits pay for this future.
-                    match Box::pin(self.admit(&a, target)).await {
+                    // The client's input is set aside while the (shared)
+                    // session is borrowed by the wait.
+                    let mut cin = std::mem::take(&mut self.cin);
+                    let admitted = Box::pin(wait::watching(&self.client, &self.info.signal, &mut cin, self.admit(&a, target))).await;
+                    self.cin = cin;
+                    match admitted? {
                         Ok(adm) => self.admission = Some(adm),
                         Err((code, message)) => {
                             self.refuse_unit(h.tag, code, &message);

@@ -275,7 +275,7 @@ impl Session {
         let mut rerouted = false;
         loop {
             if target == Target::Primary && topo.writer_addr().is_none() {
-                if !wait_for_writer(topo, deadline).await {
+                if !self.watch(wait_for_writer(topo, deadline)).await? {
                     let why = "the primary is in recovery and no replica was promoted".to_string();
                     return Err(SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why))));
                 }
@@ -287,7 +287,7 @@ impl Session {
             }
             // Not boxed again: this whole future is already boxed by its
             // caller (the slow path), so idle clients' tasks do not reserve it.
-            match pool.checkout().await {
+            match self.watch(pool.checkout()).await? {
                 Ok(conn) => return Ok((conn, target, pool)),
                 Err(PoolError::Connect(e)) => match target {
                     Target::Replica(i) if !rerouted => {
@@ -301,7 +301,7 @@ impl Session {
                     }
                     Target::Primary if e.is_transient() && tokio::time::Instant::now() < deadline => {
                         tracing::info!(parent: &self.span, error = %e, "primary unavailable; waiting for it or a promoted replica");
-                        wait_for_writer_change(topo, deadline).await;
+                        self.watch(wait_for_writer_change(topo, deadline)).await?;
                     }
                     _ => return Err(SessionError::Pool(PoolError::Connect(e))),
                 },

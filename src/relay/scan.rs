@@ -62,7 +62,8 @@ impl Session {
                 WhileRecording::Lost(why) => return Err(SessionError::ServerLost(why)),
             }
             let seen = match h.tag {
-                b'Z' => Seen::Ready(self.sin[5]),
+                b'Z' if h.total == 6 => Seen::Ready(self.sin[5]),
+                b'Z' => return Err(SessionError::ServerLost("bad server message: ReadyForQuery of the wrong length".into())),
                 b'S' => match wire::parse_parameter_status(&self.sin[..h.total]) {
                     Ok((k, v)) => Seen::Param(k.to_string(), v.to_string()),
                     Err(_) => Seen::Other,

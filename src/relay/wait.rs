@@ -123,6 +123,56 @@ impl Session {
     }
 }
 
+/// While waiting, the client's bytes read ahead are kept up to this much;
+/// past it only KILL ends the wait.
+const WATCH_READ_LIMIT: usize = 64 * 1024;
+
+/// Runs `fut`, a wait for something other than the client (a pool
+/// checkout, admission, a paused database, a failover), while watching
+/// the client: KILL, or the client closing its connection, ends the wait
+/// and drops `fut` (those waits are cancel-safe), so a client that gave up
+/// leaves the queue and its statement never runs. What the client sends
+/// meanwhile is read into `cin`, as the relay would have.
+pub(super) async fn watching<F: Future>(
+    client: &Stream,
+    signal: &crate::stats::Signal,
+    cin: &mut bytes::BytesMut,
+    fut: F,
+) -> Result<F::Output, SessionError> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if signal.poll_raised(cx, KILL).is_ready() {
+            return Poll::Ready(Err(SessionError::Killed));
+        }
+        while cin.len() < WATCH_READ_LIMIT {
+            match client.poll_read_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(SessionError::ClientGone)),
+                // A short read or WouldBlock clears the readiness: the next
+                // poll registers for more.
+                Poll::Ready(Ok(())) => match client.read_some(cin, super::READ_CHUNK) {
+                    Ok(0) => return Poll::Ready(Err(SessionError::ClientGone)),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(Err(SessionError::ClientGone)),
+                },
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+impl Session {
+    /// `watching` for a wait that does not borrow the session.
+    pub(super) async fn watch<F: Future>(&mut self, fut: F) -> Result<F::Output, SessionError> {
+        watching(&self.client, &self.info.signal, &mut self.cin, fut).await
+    }
+}
+
 /// Readiness of one socket for what is wanted of it: readable (or closed)
 /// gives `readable`, writable gives `Event::Writable`.
 fn poll_socket(s: &Stream, cx: &mut Context<'_>, read: bool, write: bool, readable: Event) -> Poll<std::io::Result<Event>> {

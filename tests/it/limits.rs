@@ -47,6 +47,44 @@ async fn concurrency_budget_queues_then_refuses_with_53300() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_waiting_for_admission_never_runs_its_statement() {
+    use tokio::io::AsyncWriteExt;
+    let p = start(config(
+        "size = 3",
+        "[[limits]]\nname = \"one\"\nuser = \"app\"\nmax_in_flight = 1\nmax_wait = \"20s\"",
+    ))
+    .await;
+    let holder = connect(&p).await;
+    holder.batch_execute("CREATE TABLE IF NOT EXISTS left_admission (x int)").await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut gone = RawClient::login(&p, "app", "app").await;
+    let mut q = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut q, "INSERT INTO left_admission VALUES (1)");
+    gone.stream.write_all(&q).await.unwrap();
+    let limiter = p.app.limits().rules[0].clone();
+    let waiting = |n: usize| {
+        let limiter = limiter.clone();
+        async move {
+            for _ in 0..300 {
+                if limiter.waiting.load(std::sync::atomic::Ordering::Relaxed) == n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    };
+    assert!(waiting(1).await, "queued for admission");
+    drop(gone);
+    assert!(waiting(0).await, "left the admission queue when the client closed");
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let n: i64 = holder.query_one("SELECT count(*) FROM left_admission", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "the write of a client that left ran anyway");
+    assert_eq!(limiter.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_allows_the_burst_then_refuses_with_53400() {
     let p = start(config(
         "size = 2",

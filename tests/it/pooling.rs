@@ -90,6 +90,78 @@ async fn killed_client_leaves_no_lock_or_open_transaction() {
     }
 }
 
+/// Waits until some pool of `p` has a checkout queued.
+async fn wait_queued(p: &pgfleet::app::Running) {
+    for _ in 0..500 {
+        if p.app.pools().iter().any(|pool| !pool.longest_wait().is_zero()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nobody queued");
+}
+
+/// A raw client that sends `sql` and, with the pool's only connection
+/// held by another client, ends up queued for it.
+async fn queue_query(p: &pgfleet::app::Running, sql: &str) -> RawClient {
+    let mut c = RawClient::login(p, "app", "app").await;
+    let mut q = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut q, sql);
+    c.stream.write_all(&q).await.unwrap();
+    wait_queued(p).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_or_is_killed_while_queued_never_runs_its_statement() {
+    let p = start(config("size = 1\ncheckout_timeout = \"20s\"", "")).await;
+    let holder = connect(&p).await;
+    holder.batch_execute("CREATE TABLE IF NOT EXISTS left_queue (who text)").await.unwrap();
+    let count = |who: &'static str| {
+        let holder = &holder;
+        async move {
+            let n: i64 = holder.query_one("SELECT count(*) FROM left_queue WHERE who = $1", &[&who]).await.unwrap().get(0);
+            n
+        }
+    };
+    // The app gave up on a queued write (its own timeout) and closed the
+    // connection: the write must not run later, when a connection frees up.
+    holder.batch_execute("BEGIN").await.unwrap();
+    let gone = queue_query(&p, "INSERT INTO left_queue VALUES ('gone')").await;
+    drop(gone);
+    // pgfleet notices without waiting for the connection.
+    let mut left = false;
+    for _ in 0..200 {
+        if p.app.pools().iter().all(|pool| pool.longest_wait().is_zero()) {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(left, "the closed client stayed queued");
+    holder.batch_execute("COMMIT").await.unwrap();
+    // Killed from the admin console while queued: the same, with an error.
+    holder.batch_execute("BEGIN").await.unwrap();
+    let mut killed = queue_query(&p, "INSERT INTO left_queue VALUES ('killed')").await;
+    for c in p.app.conns.clients.lock().unwrap().values() {
+        if c.state.load(std::sync::atomic::Ordering::Relaxed) == pgfleet::stats::CLIENT_WAITING {
+            c.signal.raise(pgfleet::stats::KILL);
+        }
+    }
+    let code = tokio::time::timeout(Duration::from_secs(2), killed.error_code()).await.expect("killed at once, not after the wait");
+    assert_eq!(code.as_deref(), Some("57P01"));
+    assert!(killed.next().await.is_none(), "the connection is closed after the error");
+    holder.batch_execute("COMMIT").await.unwrap();
+    // The pool lost nothing: with its one connection free, a new client
+    // gets it at once, and neither write ever ran.
+    let other = connect(&p).await;
+    tokio::time::timeout(Duration::from_secs(2), other.simple_query("SELECT 1")).await.expect("pool whole").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count("gone").await, 0);
+    assert_eq!(count("killed").await, 0);
+    assert_eq!(p.app.pools()[0].stats().total, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_resets_with_discard_all() {
     let p = start(config("size = 1\nmode = \"session\"", "")).await;
