@@ -431,8 +431,16 @@ impl ServerConn {
 
     /// Sends a CancelRequest for this connection's backend.
     pub async fn cancel(peer: SocketAddr, pid: i32, secret: i32) -> std::io::Result<()> {
-        let mut s = TcpStream::connect(peer).await?;
-        s.write_all(&startup::cancel_request(pid, secret)).await?;
+        // Bounded: a server that does not answer (down, unreachable) must
+        // not keep the request, and what waits on it, around for minutes.
+        let send = async {
+            let mut s = TcpStream::connect(peer).await?;
+            s.write_all(&startup::cancel_request(pid, secret)).await?;
+            Ok::<_, std::io::Error>(s)
+        };
+        let mut s = tokio::time::timeout(Duration::from_secs(5), send)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request: no connection in 5 s"))??;
         // The server closes the socket when done; wait briefly for that.
         let mut sink = [0u8; 16];
         let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut sink)).await;

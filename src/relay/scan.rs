@@ -211,9 +211,16 @@ impl Session {
     }
 
     /// The server skips to the next Sync after an error: so does the queue.
+    /// With that Sync not sent yet, so do the client's messages that come
+    /// before it: the server would ignore them, and pgfleet must not answer
+    /// any itself (a ParseComplete for SQL the connection has, 42P05, a
+    /// virtual statement) where PostgreSQL sends nothing.
     fn skip_to_sync(&mut self) {
         let skipped = self.expect.skip_to_sync();
         self.skipped(skipped);
+        if self.expect.is_empty() {
+            self.discard_to_sync = true;
+        }
     }
 
     /// Messages the server skipped: what they would have created does not exist.

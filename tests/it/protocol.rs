@@ -745,3 +745,44 @@ async fn statement_names_exist_only_once_their_parse_succeeded() {
     raw.stream.write_all(&[pbe("s1", None), sync()].concat()).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_after_an_error_and_before_sync_get_no_answer() {
+    let p = start(config("size = 1", "")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let sync = || msg(b'S', b"");
+    let flush = || msg(b'H', b"");
+    let parse = |name: &str, sql: &str| msg(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    raw.stream.write_all(&[pbe("s1", Some("SELECT 1")), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
+    // An error, seen by the client (Flush) before it sends the rest: the
+    // server now ignores everything up to Sync, so PostgreSQL answers none
+    // of it. pgfleet must not either: not the Parse of SQL the connection
+    // already has (s2, pgfleet would answer it itself), not the Parse of a
+    // name that exists (s1, 42P05), not a virtual statement (v).
+    raw.stream.write_all(&[pbe("", Some("SELECT 1/0")), flush()].concat()).await.unwrap();
+    let (tags, codes, _) = tokio::time::timeout(Duration::from_secs(5), async {
+        let (mut tags, mut codes) = (Vec::new(), Vec::new());
+        loop {
+            let (tag, m) = raw.next().await.unwrap();
+            tags.push(tag);
+            if tag == b'E' {
+                codes.extend(pgfleet::wire::error_fields(&m).into_iter().filter(|(k, _)| *k == b'C').map(|(_, v)| v));
+                return (tags, codes, ());
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!((tags.last(), codes), (Some(&b'E'), vec!["22012".to_string()]));
+    let rest = [parse("s2", "SELECT 1"), parse("s1", "SELECT 1"), parse("v", "SHOW pgfleet.route"), pbe("s1", None), sync()].concat();
+    raw.stream.write_all(&rest).await.unwrap();
+    assert_eq!(read_until_ready(&mut raw).await, (b"Z".to_vec(), vec![], b'I'));
+    // None of those names came to exist; s1 is untouched.
+    for name in ["s2", "v"] {
+        raw.stream.write_all(&[pbe(name, None), sync()].concat()).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["26000".into()]), "{name}");
+    }
+    raw.stream.write_all(&[pbe("s1", None), sync()].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
+}
