@@ -149,10 +149,14 @@ impl TokenBucket {
         self.state.lock().unwrap().0 += 1.0;
     }
 
-    /// Reserves the next token and sleeps until it is due.
+    /// Reserves the next token and sleeps until it is due. Dropped while
+    /// sleeping (its client left), it gives the token back: abandoned
+    /// waits must not push everyone after them further back.
     pub async fn take(&self) {
         if let Some(wait) = self.reserve(Duration::MAX).filter(|w| !w.is_zero()) {
+            let taken = Taken(vec![self]);
             tokio::time::sleep(wait).await;
+            std::mem::forget(taken);
         }
     }
 }
@@ -452,6 +456,24 @@ mod tests {
         let t = Instant::now();
         limits.admit(&req(false)).await.unwrap();
         assert_eq!(t.elapsed(), Duration::ZERO, "the next token is this one's, not the abandoned waiter's");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pace_abandoned_while_waiting_gives_its_token_back() {
+        let p = Arc::new(TokenBucket::new(10.0, 1.0));
+        p.take().await;
+        let t0 = Instant::now();
+        // Nine takers give up while waiting for their turn.
+        for _ in 0..9 {
+            let p = p.clone();
+            let t = tokio::spawn(async move { p.take().await });
+            tokio::task::yield_now().await;
+            t.abort();
+            let _ = t.await;
+        }
+        p.take().await;
+        let took = t0.elapsed();
+        assert!(took <= Duration::from_millis(101), "the next one waits for one token, not ten: {took:?}");
     }
 
     #[test]

@@ -140,6 +140,9 @@ pub(super) async fn watching<F: Future>(
     fut: F,
 ) -> Result<F::Output, SessionError> {
     let mut fut = std::pin::pin!(fut);
+    // The client said goodbye (Terminate) after what it sent: that still
+    // runs, as on PostgreSQL; only a client that just went away gave up.
+    let mut said_goodbye = false;
     std::future::poll_fn(move |cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
@@ -147,13 +150,14 @@ pub(super) async fn watching<F: Future>(
         if signal.poll_raised(cx, KILL).is_ready() {
             return Poll::Ready(Err(SessionError::Killed));
         }
-        while cin.len() < WATCH_READ_LIMIT {
+        while !said_goodbye && cin.len() < WATCH_READ_LIMIT {
             match client.poll_read_ready(cx) {
                 Poll::Pending => break,
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(SessionError::ClientGone)),
                 // A short read or WouldBlock clears the readiness: the next
                 // poll registers for more.
                 Poll::Ready(Ok(())) => match client.read_some(cin, super::READ_CHUNK) {
+                    Ok(0) if has_terminate(cin) => said_goodbye = true,
                     Ok(0) => return Poll::Ready(Err(SessionError::ClientGone)),
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -164,6 +168,22 @@ pub(super) async fn watching<F: Future>(
         Poll::Pending
     })
     .await
+}
+
+/// Whether the whole messages at the start of `buf` include a Terminate.
+fn has_terminate(buf: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(head) = buf.get(at..at + 5) {
+        if head[0] == b'X' {
+            return true;
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len < 4 {
+            return false;
+        }
+        at += 1 + len;
+    }
+    false
 }
 
 impl Session {

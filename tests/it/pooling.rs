@@ -152,6 +152,23 @@ async fn a_client_that_leaves_or_is_killed_while_queued_never_runs_its_statement
     assert_eq!(code.as_deref(), Some("57P01"));
     assert!(killed.next().await.is_none(), "the connection is closed after the error");
     holder.batch_execute("COMMIT").await.unwrap();
+    // A client that said goodbye (Terminate) after its statement did not
+    // give up: that statement still runs, as on PostgreSQL.
+    holder.batch_execute("BEGIN").await.unwrap();
+    let mut polite = queue_query(&p, "INSERT INTO left_queue VALUES ('polite')").await;
+    polite.stream.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+    drop(polite);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let mut ran = false;
+    for _ in 0..100 {
+        if count("polite").await == 1 {
+            ran = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ran, "the statement sent before Terminate never ran");
     // The pool lost nothing: with its one connection free, a new client
     // gets it at once, and neither write ever ran.
     let other = connect(&p).await;
