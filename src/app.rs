@@ -434,7 +434,11 @@ impl App {
                 *self.monitor_stop.lock().unwrap() = Some(tx);
                 tokio::spawn(run_monitor(topo, spec, rx));
             }
-            None => tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused"),
+            None => {
+                tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused");
+                // Not what an earlier monitor saw (a reload): unchecked is unused.
+                topo.unmonitored("no lag monitor: no user with a known server password (cluster.health_user)");
+            }
         }
     }
 

@@ -104,6 +104,9 @@ impl Session {
             Seen::Ready(status) => {
                 self.copy_in = false;
                 self.status = status;
+                // Idle (in transaction, or at all) counts from here: a
+                // long statement is the client being served, not idle.
+                self.last_client_activity = self.now;
                 let (ended, skipped) = self.expect.complete_cycle();
                 self.skipped(skipped);
                 if matches!(ended, Some(Pending::Fwd(_))) {

@@ -167,8 +167,13 @@ impl Session {
         }
         if lsn {
             // Where the commit was inserted: with synchronous_commit off it
-            // returns before its WAL is written (pg_current_wal_lsn).
-            cols.push("pg_catalog.pg_current_wal_insert_lsn()::text".into());
+            // returns before its WAL is written (pg_current_wal_lsn). With
+            // the page sizes, to read it as a record end (`wal_end`).
+            cols.push(
+                "pg_catalog.pg_current_wal_insert_lsn()::text || ' ' || pg_catalog.current_setting('wal_block_size') || ' ' || \
+                 pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size'))::text"
+                    .into(),
+            );
         }
         if session_names {
             cols.push(SESSION_NAMES_SQL.into());
@@ -216,7 +221,7 @@ impl Session {
             self.unpin();
         }
         if probe.lsn {
-            if let Some(lsn) = it.next().flatten().as_deref().and_then(crate::topology::parse_lsn) {
+            if let Some(lsn) = it.next().flatten().as_deref().and_then(crate::topology::wal_end) {
                 self.floor = Some(self.floor.unwrap_or(0).max(lsn));
             }
         }

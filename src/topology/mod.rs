@@ -162,6 +162,17 @@ impl Topology {
         topo
     }
 
+    /// No monitor will check the replicas: none is used.
+    pub fn unmonitored(&self, why: &str) {
+        let mut s = (*self.snapshot()).clone();
+        for r in &mut s.replicas {
+            r.reachable = false;
+            r.groups.iter_mut().for_each(|g| g.1 = false);
+            r.excluded_because = Some(why.to_string());
+        }
+        self.publish(s);
+    }
+
     /// Takes over what `previous` (same primary) learned: the primary's
     /// position history, each unchanged replica's last check and lag
     /// exclusions, and a snapshot made from them for the new groups.
@@ -170,8 +181,10 @@ impl Topology {
         let mut mem = self.memory.lock().unwrap();
         mem.lag.history = old.lag.history.clone();
         let same = |r: &ReplicaInfo| previous.replicas.iter().position(|o| o.name == r.name && o.addr == r.addr);
+        mem.lag.last_replay = vec![None; self.replicas.len()];
         for (i, r) in self.replicas.iter().enumerate() {
             let Some(o) = same(r) else { continue };
+            mem.lag.last_replay[i] = old.lag.last_replay.get(o).copied().flatten();
             for (slot, &g) in r.groups.iter().enumerate() {
                 let name = &self.groups[g].name;
                 let was = previous.replicas[o].groups.iter().position(|&og| previous.groups[og].name == *name);
@@ -181,7 +194,7 @@ impl Topology {
         let Some((primary, checks, at)) = &old.last else { return };
         let checks: Vec<_> =
             self.replicas.iter().map(|r| same(r).map_or_else(|| Err(NOT_CHECKED.to_string()), |o| checks[o].clone())).collect();
-        let snap = monitor::build_snapshot(self, &mut mem.lag, primary.clone(), checks.clone(), *at);
+        let snap = monitor::build_snapshot(self, &mut mem.lag, (primary.clone(), *at), checks.clone(), *at);
         mem.last = Some((primary.clone(), checks, *at));
         self.publish(snap);
     }
@@ -275,6 +288,24 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
+/// "insert-LSN block-size segment-size" (the read-your-writes probe) as
+/// the end of the last record, the position a standby's replay reaches:
+/// an insert position at the start of a page points past the page's header
+/// (24 bytes, 40 at a segment's start), where no record ends.
+pub fn wal_end(s: &str) -> Option<u64> {
+    let mut parts = s.split(' ');
+    let lsn = parse_lsn(parts.next()?)?;
+    let block: u64 = parts.next()?.parse().ok().filter(|b| *b > 0)?;
+    let segment: u64 = parts.next()?.parse().ok().filter(|s| *s > 0)?;
+    Some(if lsn % segment == 40 {
+        lsn - 40
+    } else if lsn % block == 24 {
+        lsn - 24
+    } else {
+        lsn
+    })
+}
+
 pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
@@ -304,7 +335,12 @@ struct LagState {
     history: VecDeque<(u64, Instant)>,
     /// Per replica, per group slot: excluded for lag.
     excluded: Vec<Vec<bool>>,
+    /// Per replica: its last replay position as a standby, and when seen.
+    last_replay: Vec<Option<(u64, Instant)>>,
 }
+
+/// How long a standby's last replay position keeps the history it needs.
+const REPLAY_REMEMBERED: Duration = Duration::from_secs(60);
 
 impl LagState {
     /// The primary's position as checked. Lower than the last one: a new
@@ -363,6 +399,17 @@ mod tests {
         assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374D848));
         assert_eq!(format_lsn(parse_lsn("0/3000060").unwrap()), "0/3000060");
         assert_eq!(parse_lsn("nonsense"), None);
+    }
+
+    #[test]
+    fn insert_positions_read_as_record_ends() {
+        let seg = 16 << 20;
+        let at = |lsn: u64| wal_end(&format!("{} 8192 {seg}", format_lsn(lsn)));
+        assert_eq!(at(0x3000_0a8), Some(0x3000_0a8), "inside a page: as it is");
+        assert_eq!(at(3 * 8192 + 24), Some(3 * 8192), "past a page header: the page's start");
+        assert_eq!(at(2 * seg + 40), Some(2 * seg), "past a segment's long header");
+        assert_eq!(at(3 * 8192 + 40), Some(3 * 8192 + 40), "40 bytes into a page that starts no segment: a record end");
+        assert_eq!(wal_end("0/3000060"), None);
     }
 
     #[test]

@@ -108,19 +108,22 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
         // The primary first, so replica positions are compared with a
         // primary position no newer than theirs.
         let p = primary.check(&spec, CHECK_SQL).await;
+        // When the primary was at that position: a slow replica check must
+        // not make it look newer (lag would read low).
+        let primary_at = Instant::now();
         // Replicas all at once: one slow or unreachable replica must not
         // delay the others' checks (nor make their positions older).
         let results = futures_util::future::join_all(replicas.iter_mut().map(|r| r.check(&spec, CHECK_SQL))).await;
         let writer = choose_writer(topo.writer(), &p, &results);
         topo.set_writer(writer);
-        let writer_check = match writer {
-            Writer::Configured => p,
-            Writer::Replica(i) => results[i].clone(),
-            Writer::None => Err("no primary".into()),
-        };
         let now = Instant::now();
+        let (writer_check, writer_at) = match writer {
+            Writer::Configured => (p, primary_at),
+            Writer::Replica(i) => (results[i].clone(), now),
+            Writer::None => (Err("no primary".into()), now),
+        };
         let mut mem = topo.memory.lock().unwrap();
-        let snap = build_snapshot(&topo, &mut mem.lag, writer_check.clone(), results.clone(), now);
+        let snap = build_snapshot(&topo, &mut mem.lag, (writer_check.clone(), writer_at), results.clone(), now);
         mem.last = Some((writer_check, results, now));
         topo.publish(snap);
         drop(mem);
@@ -130,7 +133,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
 pub(super) fn build_snapshot(
     topo: &Topology,
     lag: &mut LagState,
-    primary: Result<Check, String>,
+    (primary, primary_at): (Result<Check, String>, Instant),
     replicas: Vec<Result<Check, String>>,
     now: Instant,
 ) -> Snapshot {
@@ -139,7 +142,7 @@ pub(super) fn build_snapshot(
         _ => None,
     };
     match seen {
-        Some(l) => lag.record_primary(l, now),
+        Some(l) => lag.record_primary(l, primary_at),
         // Out of sight (down, demoted, not checked): the primary is at least
         // as far as the furthest standby has replayed, so lag is measured
         // against that, not frozen at the last position seen.
@@ -155,6 +158,7 @@ pub(super) fn build_snapshot(
     }
     let primary_reachable = seen.is_some();
     let primary_lsn = lag.history.back().map(|(l, _)| *l).unwrap_or(0);
+    lag.last_replay.resize(topo.replicas.len(), None);
     let mut states = Vec::with_capacity(replicas.len());
     for (i, result) in replicas.into_iter().enumerate() {
         let info = &topo.replicas[i];
@@ -176,6 +180,7 @@ pub(super) fn build_snapshot(
             Ok(Check { lsn, .. }) => {
                 st.reachable = true;
                 st.replay_lsn = lsn.unwrap_or(0);
+                lag.last_replay[i] = Some((st.replay_lsn, now));
                 st.lag_bytes = primary_lsn.saturating_sub(st.replay_lsn);
                 let lag_time = lag.lag_time(st.replay_lsn, now);
                 st.lag = lag_time.unwrap_or_else(|at_least| at_least);
@@ -210,7 +215,11 @@ pub(super) fn build_snapshot(
         }
         states.push(st);
     }
-    if let Some(min) = states.iter().filter(|s| s.reachable).map(|s| s.replay_lsn).min() {
+    // History is kept back to the slowest standby seen lately, not only
+    // this round: one failed check must not make a slow standby's lag
+    // unknown (and flap it out of its groups).
+    let recent = lag.last_replay.iter().flatten().filter(|(_, at)| now.saturating_duration_since(*at) < super::REPLAY_REMEMBERED);
+    if let Some(min) = recent.map(|(l, _)| *l).min() {
         lag.forget_before(min);
     }
     Snapshot { checked_at_us: crate::stats::now_us(), primary_lsn, primary_reachable, replicas: states }
@@ -255,12 +264,12 @@ mod tests {
         let t0 = Instant::now();
         // Replication of r1 stalled long ago, the primary idle since: the
         // first check cannot tell how old its missing WAL is.
-        let s = build_snapshot(&t, &mut lag, at(false, 1000), vec![at(true, 1000), at(true, 400)], t0);
+        let s = build_snapshot(&t, &mut lag, (at(false, 1000), t0), vec![at(true, 1000), at(true, 400)], t0);
         assert_eq!(usable(&s), [true, false]);
         assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("lag unknown"), "{:?}", s.replicas[1]);
         assert_eq!(s.replicas[1].lag_bytes, 600);
         // It catches up: measurable, and back.
-        let s = build_snapshot(&t, &mut lag, at(false, 1000), vec![at(true, 1000), at(true, 1000)], t0 + Duration::from_millis(100));
+        let s = build_snapshot(&t, &mut lag, (at(false, 1000), t0 + Duration::from_millis(100)), vec![at(true, 1000), at(true, 1000)], t0 + Duration::from_millis(100));
         assert_eq!(usable(&s), [true, true]);
     }
 
@@ -270,20 +279,40 @@ mod tests {
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
         // Down from the start: the furthest standby is as fresh as anything known.
-        let s = build_snapshot(&t, &mut lag, down(), vec![at(true, 800), at(true, 300)], t0);
+        let s = build_snapshot(&t, &mut lag, (down(), t0), vec![at(true, 800), at(true, 300)], t0);
         assert!(!s.primary_reachable);
         assert_eq!(s.primary_lsn, 800);
         assert_eq!(usable(&s), [true, false]);
         // Seen, then gone: positions keep advancing through the standbys,
         // and a standby left behind ages out of the budget.
-        let s = build_snapshot(&t, &mut lag, at(false, 900), vec![at(true, 900), at(true, 900)], t0 + Duration::from_secs(1));
+        let s = build_snapshot(&t, &mut lag, (at(false, 900), t0 + Duration::from_secs(1)), vec![at(true, 900), at(true, 900)], t0 + Duration::from_secs(1));
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, down(), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(2));
+        let s = build_snapshot(&t, &mut lag, (down(), t0 + Duration::from_secs(2)), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(2));
         assert_eq!(s.primary_lsn, 1500);
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, down(), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(13));
+        let s = build_snapshot(&t, &mut lag, (down(), t0 + Duration::from_secs(13)), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(13));
         assert_eq!(usable(&s), [true, false]);
         assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("over the budget"), "{:?}", s.replicas[1]);
+    }
+
+    #[test]
+    fn one_failed_check_does_not_make_a_slow_standby_unknown() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // r1 runs a second behind r0, well within its 10 s budget.
+        build_snapshot(&t, &mut lag, (at(false, 1000), ms(0)), vec![at(true, 1000), at(true, 1000)], ms(0));
+        for (i, p) in [2000u64, 3000, 4000].into_iter().enumerate() {
+            let s = build_snapshot(&t, &mut lag, (at(false, p), ms(1000 * (i as u64 + 1))), vec![at(true, p), at(true, p - 1000)], ms(1000 * (i as u64 + 1)));
+            assert_eq!(usable(&s), [true, true]);
+        }
+        // Its check fails once, while the others pass where it was; the
+        // next finds it a bit further, still behind them.
+        build_snapshot(&t, &mut lag, (at(false, 5000), ms(4000)), vec![at(true, 5000), down()], ms(4000));
+        let s = build_snapshot(&t, &mut lag, (at(false, 6000), ms(5000)), vec![at(true, 6000), at(true, 4500)], ms(5000));
+        assert_eq!(usable(&s), [true, true], "{:?}", s.replicas[1]);
+        assert_eq!(s.replicas[1].lag, Duration::from_secs(1));
     }
 
     #[test]
@@ -291,11 +320,11 @@ mod tests {
         let t = topo();
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
-        build_snapshot(&t, &mut lag, at(false, 5000), vec![at(true, 5000), at(true, 5000)], t0);
+        build_snapshot(&t, &mut lag, (at(false, 5000), t0), vec![at(true, 5000), at(true, 5000)], t0);
         // Failover to a primary that had not received the last WAL: its
         // position is lower; standbys that follow it are not lagging behind
         // a position that no longer exists.
-        let s = build_snapshot(&t, &mut lag, at(false, 4000), vec![at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
+        let s = build_snapshot(&t, &mut lag, (at(false, 4000), t0 + Duration::from_secs(20)), vec![at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
         assert_eq!(s.primary_lsn, 4000);
         assert_eq!(usable(&s), [true, true]);
     }

@@ -35,6 +35,11 @@ async fn idle_in_transaction_timeout_rolls_back_with_25p03() {
     next.batch_execute("SET lock_timeout = '2s'; UPDATE iit_t SET v = 2 WHERE id = 1").await.unwrap();
     let v: i32 = next.query_one("SELECT v FROM iit_t WHERE id = 1", &[]).await.unwrap().get(0);
     assert_eq!(v, 2);
+    // Idle counts from the end of the last statement: a statement in a
+    // transaction that runs longer than the limit is not idleness.
+    let busy = connect(&p).await;
+    busy.batch_execute("BEGIN; SELECT pg_sleep(0.6)").await.unwrap();
+    busy.batch_execute("UPDATE iit_t SET v = 3 WHERE id = 1; COMMIT").await.expect("not timed out right after a long statement");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
