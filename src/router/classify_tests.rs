@@ -22,6 +22,12 @@ const TABLE: &[(&str, Class)] = &[
     ("SELECT \"for\" FROM t", R),
     ("SELECT 'a''b' FROM t", R),
     ("SELECT E'it\\'s; DELETE FROM t' FROM t", R),
+    // A string continued on the next line keeps its E'' escapes, as on
+    // PostgreSQL: here the DELETE is outside the string...
+    ("SELECT E'a'\n'\\' '; DELETE FROM t; SELECT ''", W),
+    // ... and here inside it (a comment may sit between the parts).
+    ("SELECT E'a'\n  -- note\n '\\'; DELETE FROM t; ' FROM t", R),
+    ("SELECT 'a'\n'b' FROM t", R),
     ("SELECT $$ ; DELETE FROM t $$", R),
     ("SELECT $tag$ $$ ; DROP TABLE t; $$ $tag$", R),
     ("SELECT 'x'; SELECT 'y'", R),

@@ -84,13 +84,44 @@ impl<'a> Lexer<'a> {
                     self.pos += 2;
                     continue;
                 }
-                let s = &self.src[start..self.pos];
+                let end = self.pos;
                 self.pos += 1;
-                return s;
+                // 'a' <newline> 'b' is one string, the second part read in
+                // the first's mode (E'' escapes included), as PostgreSQL does.
+                if q == b'\'' {
+                    if let Some(open) = self.continued_at(self.pos) {
+                        self.pos = open + 1;
+                        continue;
+                    }
+                }
+                // The text runs to the last part's end (parts and what
+                // separates them; nothing reads a continued string's text).
+                return &self.src[start..end];
             }
             self.pos += 1;
         }
         &self.src[start.min(self.b.len())..]
+    }
+
+    /// Where a string constant that ended just before `i` continues: after
+    /// whitespace holding a newline (and `--` comments), another quote
+    /// (PostgreSQL's `quotecontinue`).
+    fn continued_at(&self, mut i: usize) -> Option<usize> {
+        let b = self.b;
+        while matches!(b.get(i), Some(b' ' | b'\t' | b'\x0c')) {
+            i += 1;
+        }
+        if !matches!(b.get(i), Some(b'\n' | b'\r')) {
+            return None;
+        }
+        loop {
+            match b.get(i)? {
+                b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' | b'\x0b' => i += 1,
+                b'-' if b.get(i + 1) == Some(&b'-') => i += b[i..].iter().position(|c| matches!(c, b'\n' | b'\r'))?,
+                b'\'' => return Some(i),
+                _ => return None,
+            }
+        }
     }
 
     /// `$tag$ ... $tag$` starting at `self.pos`, if it is one.
