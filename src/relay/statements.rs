@@ -125,14 +125,11 @@ impl Session {
             self.ensure_unnamed();
             // Runs now (Parse/Describe/Sync may have come in an earlier
             // round): a write to learn the LSN of, DDL to reload after.
-            if let Some((class, ddl)) = self.unnamed.as_ref().map(|(_, a)| (a.class, a.catalog_ddl)) {
-                self.note_write(class, ddl);
+            if let Some((parse, a)) = self.unnamed.take() {
+                self.note_write(a.class, a.catalog_ddl);
+                self.note_opaque(&a);
+                self.unnamed = Some((parse, a));
             }
-            let unnamed = self.unnamed.take();
-            if let Some((_, a)) = &unnamed {
-                self.note_opaque(a);
-            }
-            self.unnamed = unnamed;
             return None;
         }
         let stmt = self.stmts.get(name)?.clone();
@@ -227,9 +224,7 @@ impl Session {
                 if !stmt.validated.load(Ordering::Relaxed) || stmt.analysis.pin.is_some() {
                     return Ok(false);
                 }
-                if self.tracks_state() {
-                    self.note_effects(&stmt.analysis);
-                }
+                self.note_effects(&stmt.analysis);
                 self.stmts.insert(Bytes::copy_from_slice(name), stmt);
                 build::parse_complete(&mut self.cout);
             }

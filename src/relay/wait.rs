@@ -170,18 +170,13 @@ pub(super) async fn watching<F: Future>(
     .await
 }
 
-/// Whether the whole messages at the start of `buf` include a Terminate.
-fn has_terminate(buf: &[u8]) -> bool {
-    let mut at = 0;
-    while let Some(head) = buf.get(at..at + 5) {
-        if head[0] == b'X' {
+/// Whether the messages at the start of `buf` include a Terminate.
+fn has_terminate(mut buf: &[u8]) -> bool {
+    while let Ok(Some(h)) = crate::wire::peek_header(buf, usize::MAX) {
+        if h.tag == b'X' {
             return true;
         }
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len < 4 {
-            return false;
-        }
-        at += 1 + len;
+        buf = buf.get(h.total..).unwrap_or_default();
     }
     false
 }

@@ -194,9 +194,8 @@ impl Topology {
         let Some((primary, checks, at)) = &old.last else { return };
         let checks: Vec<_> =
             self.replicas.iter().map(|r| same(r).map_or_else(|| Err(NOT_CHECKED.to_string()), |o| checks[o].clone())).collect();
-        let snap = monitor::build_snapshot(self, &mut mem.lag, (primary.clone(), *at), checks.clone(), *at);
+        self.publish(monitor::build_snapshot(self, &mut mem.lag, (primary, *at), &checks, *at));
         mem.last = Some((primary.clone(), checks, *at));
-        self.publish(snap);
     }
 
     pub fn writer(&self) -> Writer {
@@ -329,7 +328,7 @@ pub use monitor::{connect_as, run_monitor};
 const NOT_CHECKED: &str = "not checked yet";
 
 /// The lag state machine of one monitor, kept between checks.
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct LagState {
     /// (primary LSN, when first seen), increasing.
     history: VecDeque<(u64, Instant)>,

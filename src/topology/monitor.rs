@@ -123,21 +123,19 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             Writer::None => (Err("no primary".into()), now),
         };
         let mut mem = topo.memory.lock().unwrap();
-        let snap = build_snapshot(&topo, &mut mem.lag, (writer_check.clone(), writer_at), results.clone(), now);
+        topo.publish(build_snapshot(&topo, &mut mem.lag, (&writer_check, writer_at), &results, now));
         mem.last = Some((writer_check, results, now));
-        topo.publish(snap);
-        drop(mem);
     }
 }
 
 pub(super) fn build_snapshot(
     topo: &Topology,
     lag: &mut LagState,
-    (primary, primary_at): (Result<Check, String>, Instant),
-    replicas: Vec<Result<Check, String>>,
+    (primary, primary_at): (&Result<Check, String>, Instant),
+    replicas: &[Result<Check, String>],
     now: Instant,
 ) -> Snapshot {
-    let seen = match &primary {
+    let seen = match primary {
         Ok(Check { in_recovery: false, lsn: Some(l) }) => Some(*l),
         _ => None,
     };
@@ -160,12 +158,12 @@ pub(super) fn build_snapshot(
     let primary_lsn = lag.history.back().map(|(l, _)| *l).unwrap_or(0);
     lag.last_replay.resize(topo.replicas.len(), None);
     let mut states = Vec::with_capacity(replicas.len());
-    for (i, result) in replicas.into_iter().enumerate() {
+    for (i, result) in replicas.iter().enumerate() {
         let info = &topo.replicas[i];
         let mut st = ReplicaState { name: info.name.clone(), ..Default::default() };
         match result {
             Err(e) => {
-                st.excluded_because = Some(if e == NOT_CHECKED { e } else { format!("unreachable: {e}") });
+                st.excluded_because = Some(if e == NOT_CHECKED { e.clone() } else { format!("unreachable: {e}") });
                 st.groups = info.groups.iter().map(|g| (*g, false)).collect();
             }
             Ok(Check { in_recovery: false, .. }) => {
@@ -264,12 +262,12 @@ mod tests {
         let t0 = Instant::now();
         // Replication of r1 stalled long ago, the primary idle since: the
         // first check cannot tell how old its missing WAL is.
-        let s = build_snapshot(&t, &mut lag, (at(false, 1000), t0), vec![at(true, 1000), at(true, 400)], t0);
+        let s = build_snapshot(&t, &mut lag, (&at(false, 1000), t0), &[at(true, 1000), at(true, 400)], t0);
         assert_eq!(usable(&s), [true, false]);
         assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("lag unknown"), "{:?}", s.replicas[1]);
         assert_eq!(s.replicas[1].lag_bytes, 600);
         // It catches up: measurable, and back.
-        let s = build_snapshot(&t, &mut lag, (at(false, 1000), t0 + Duration::from_millis(100)), vec![at(true, 1000), at(true, 1000)], t0 + Duration::from_millis(100));
+        let s = build_snapshot(&t, &mut lag, (&at(false, 1000), t0 + Duration::from_millis(100)), &[at(true, 1000), at(true, 1000)], t0 + Duration::from_millis(100));
         assert_eq!(usable(&s), [true, true]);
     }
 
@@ -279,18 +277,18 @@ mod tests {
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
         // Down from the start: the furthest standby is as fresh as anything known.
-        let s = build_snapshot(&t, &mut lag, (down(), t0), vec![at(true, 800), at(true, 300)], t0);
+        let s = build_snapshot(&t, &mut lag, (&down(), t0), &[at(true, 800), at(true, 300)], t0);
         assert!(!s.primary_reachable);
         assert_eq!(s.primary_lsn, 800);
         assert_eq!(usable(&s), [true, false]);
         // Seen, then gone: positions keep advancing through the standbys,
         // and a standby left behind ages out of the budget.
-        let s = build_snapshot(&t, &mut lag, (at(false, 900), t0 + Duration::from_secs(1)), vec![at(true, 900), at(true, 900)], t0 + Duration::from_secs(1));
+        let s = build_snapshot(&t, &mut lag, (&at(false, 900), t0 + Duration::from_secs(1)), &[at(true, 900), at(true, 900)], t0 + Duration::from_secs(1));
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, (down(), t0 + Duration::from_secs(2)), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(2));
+        let s = build_snapshot(&t, &mut lag, (&down(), t0 + Duration::from_secs(2)), &[at(true, 1500), at(true, 900)], t0 + Duration::from_secs(2));
         assert_eq!(s.primary_lsn, 1500);
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, (down(), t0 + Duration::from_secs(13)), vec![at(true, 1500), at(true, 900)], t0 + Duration::from_secs(13));
+        let s = build_snapshot(&t, &mut lag, (&down(), t0 + Duration::from_secs(13)), &[at(true, 1500), at(true, 900)], t0 + Duration::from_secs(13));
         assert_eq!(usable(&s), [true, false]);
         assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("over the budget"), "{:?}", s.replicas[1]);
     }
@@ -302,15 +300,15 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         // r1 runs a second behind r0, well within its 10 s budget.
-        build_snapshot(&t, &mut lag, (at(false, 1000), ms(0)), vec![at(true, 1000), at(true, 1000)], ms(0));
+        build_snapshot(&t, &mut lag, (&at(false, 1000), ms(0)), &[at(true, 1000), at(true, 1000)], ms(0));
         for (i, p) in [2000u64, 3000, 4000].into_iter().enumerate() {
-            let s = build_snapshot(&t, &mut lag, (at(false, p), ms(1000 * (i as u64 + 1))), vec![at(true, p), at(true, p - 1000)], ms(1000 * (i as u64 + 1)));
+            let s = build_snapshot(&t, &mut lag, (&at(false, p), ms(1000 * (i as u64 + 1))), &[at(true, p), at(true, p - 1000)], ms(1000 * (i as u64 + 1)));
             assert_eq!(usable(&s), [true, true]);
         }
         // Its check fails once, while the others pass where it was; the
         // next finds it a bit further, still behind them.
-        build_snapshot(&t, &mut lag, (at(false, 5000), ms(4000)), vec![at(true, 5000), down()], ms(4000));
-        let s = build_snapshot(&t, &mut lag, (at(false, 6000), ms(5000)), vec![at(true, 6000), at(true, 4500)], ms(5000));
+        build_snapshot(&t, &mut lag, (&at(false, 5000), ms(4000)), &[at(true, 5000), down()], ms(4000));
+        let s = build_snapshot(&t, &mut lag, (&at(false, 6000), ms(5000)), &[at(true, 6000), at(true, 4500)], ms(5000));
         assert_eq!(usable(&s), [true, true], "{:?}", s.replicas[1]);
         assert_eq!(s.replicas[1].lag, Duration::from_secs(1));
     }
@@ -320,11 +318,11 @@ mod tests {
         let t = topo();
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
-        build_snapshot(&t, &mut lag, (at(false, 5000), t0), vec![at(true, 5000), at(true, 5000)], t0);
+        build_snapshot(&t, &mut lag, (&at(false, 5000), t0), &[at(true, 5000), at(true, 5000)], t0);
         // Failover to a primary that had not received the last WAL: its
         // position is lower; standbys that follow it are not lagging behind
         // a position that no longer exists.
-        let s = build_snapshot(&t, &mut lag, (at(false, 4000), t0 + Duration::from_secs(20)), vec![at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
+        let s = build_snapshot(&t, &mut lag, (&at(false, 4000), t0 + Duration::from_secs(20)), &[at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
         assert_eq!(s.primary_lsn, 4000);
         assert_eq!(usable(&s), [true, true]);
     }
