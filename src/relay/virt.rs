@@ -69,7 +69,10 @@ impl Session {
                     self.expect.push(Pending::Synth(Synth::ParseComplete));
                     true
                 } else {
-                    self.virtuals.remove(name);
+                    // Guarded: removing from an empty map still hashes the key.
+                    if !self.virtuals.is_empty() {
+                        self.virtuals.remove(name);
+                    }
                     false
                 }
             }
@@ -85,7 +88,9 @@ impl Session {
                     }
                     None => {
                         // A real Bind replaces a virtual portal of that name.
-                        self.virtual_portals.remove(portal);
+                        if !self.virtual_portals.is_empty() {
+                            self.virtual_portals.remove(portal);
+                        }
                         false
                     }
                 }
