@@ -112,6 +112,8 @@ pub struct App {
     pub started: std::time::Instant,
     /// Bumped by every applied reload; sessions re-read config/topology when it moves.
     generation: AtomicU64,
+    /// Held while a reload applies.
+    reloading: Mutex<()>,
     /// Fast path for PAUSE checks: true while any database is paused.
     any_paused: std::sync::atomic::AtomicBool,
 }
@@ -175,6 +177,7 @@ impl App {
             resumed: tokio::sync::Notify::new(),
             started: std::time::Instant::now(),
             generation: AtomicU64::new(0),
+            reloading: Mutex::new(()),
             any_paused: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -360,7 +363,11 @@ impl App {
     /// a changed cluster gets a new topology and monitor. `listen.addr` and
     /// `pool.mode` need a restart (reported as warnings).
     pub fn apply(self: &Arc<Self>, new: Config) -> Vec<String> {
+        // One reload at a time (SIGHUP and admin RELOAD together would mix
+        // one file's secrets with the other's config).
+        let _one = self.reloading.lock().unwrap();
         let old = self.config();
+        let old_monitor = self.monitor_spec().map(|m| (m.user, m.password, m.database));
         let mut notes = Vec::new();
         if new.listen.addr != old.listen.addr {
             notes.push("listen.addr changes need a restart; still listening on the old address".to_string());
@@ -380,12 +387,16 @@ impl App {
         if new.routing.read_functions != old.routing.read_functions {
             self.catalogs.invalidate_all();
         }
-        let cluster_changed = new.cluster != old.cluster;
+        let mut cluster_changed = new.cluster != old.cluster;
         if new.limits != old.limits || new.pool.checkout_timeout != old.pool.checkout_timeout {
             // Fresh budgets; transactions holding the old permits finish under them.
             *self.limits.write().unwrap() = Arc::new(crate::limits::Limits::new(&new.limits, new.pool.checkout_timeout.0));
         }
         *self.config.write().unwrap() = Arc::new(new);
+        // Who the monitor logs in as (a rotated password, another
+        // health user or database) counts as a change of [cluster]: the
+        // old monitor would fail at its next reconnect.
+        cluster_changed |= self.monitor_spec().map(|m| (m.user, m.password, m.database)) != old_monitor;
         if cluster_changed {
             let topo = Arc::new(Topology::from_config(&self.config(), Some(&self.topology())));
             *self.topology.write().unwrap() = topo;
@@ -481,7 +492,10 @@ impl App {
         let key = PoolKey { database: database.into(), user: user.into(), backend };
         let mut pools = self.pools.lock().unwrap();
         if let Some(p) = pools.get(&key) {
-            if target == Target::Primary && !p.addr_is(&addr) {
+            // Only under the current topology: a session still holding the
+            // one from before a reload would point the pool back at the
+            // old primary.
+            if target == Target::Primary && !p.addr_is(&addr) && std::ptr::eq(topo, &*self.topology()) {
                 p.retarget(self.pool_params(&key, &addr).0);
             }
             return p.clone();
@@ -570,17 +584,27 @@ impl App {
         self.any_paused.store(true, Ordering::Release);
     }
 
-    pub fn resume(&self, database: Option<&str>) {
+    /// RESUME (all, or one database). Resuming a database that is not
+    /// paused on its own is an error, as in PgBouncer: after a global PAUSE
+    /// only a global RESUME lifts it.
+    pub fn resume(&self, database: Option<&str>) -> Result<(), String> {
         let mut p = self.paused.lock().unwrap();
         match database {
             Some(d) => {
-                p.remove(d);
+                if !p.remove(d) {
+                    return Err(if p.contains("*") {
+                        format!("database {d} is not paused on its own: everything is (PAUSE without a database); RESUME without a database lifts that")
+                    } else {
+                        format!("database {d} is not paused")
+                    });
+                }
             }
             None => p.clear(),
         }
         self.any_paused.store(!p.is_empty(), Ordering::Release);
         drop(p);
         self.resumed.notify_waiters();
+        Ok(())
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {

@@ -73,9 +73,22 @@ pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
     }
     tracing::info!(user = %login.user, "admin console session");
     let mut buf = BytesMut::new();
+    let mut shutdown = app.shutdown_signal();
     loop {
-        let (tag, msg) = match read_message(&mut stream, &mut buf).await {
+        // A console open during shutdown (or the one that sent SHUTDOWN)
+        // is closed like any idle client, not waited for.
+        let next = tokio::select! {
+            m = read_message(&mut stream, &mut buf) => m,
+            _ = shutdown.wait_for(|s| *s) => None,
+        };
+        let (tag, msg) = match next {
             Some(m) => m,
+            None if *shutdown.borrow() => {
+                out.clear();
+                build::error_response(&mut out, "FATAL", sqlstate::ADMIN_SHUTDOWN, "pgfleet is shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+                return;
+            }
             None => return,
         };
         out.clear();
@@ -147,16 +160,30 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
             build::command_complete(out, "RELOAD");
         }
         Some("PAUSE") => {
+            if let Some(db) = arg {
+                known_database(app, db)?;
+            }
             app.pause(arg);
-            wait_idle(app, arg).await;
+            let busy = wait_idle(app, arg).await;
+            if busy > 0 {
+                // Still paused: new transactions keep waiting.
+                return Err((
+                    sqlstate::LOCK_NOT_AVAILABLE,
+                    format!("PAUSE timed out: {busy} server connection(s) still in use after {} s (pinned clients, session mode, long transactions); the database stays paused: PAUSE again to keep waiting, or RESUME", PAUSE_WAIT.as_secs()),
+                ));
+            }
             build::command_complete(out, "PAUSE");
         }
         Some("RESUME") => {
-            app.resume(arg);
+            if let Some(db) = arg {
+                known_database(app, db)?;
+            }
+            app.resume(arg).map_err(|e| (sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, e))?;
             build::command_complete(out, "RESUME");
         }
         Some("KILL") => {
             let db = arg.ok_or((sqlstate::SYNTAX_ERROR, "KILL needs a database name".to_string()))?;
+            known_database(app, db)?;
             kill(app, db);
             build::command_complete(out, "KILL");
         }
@@ -171,10 +198,23 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
     Ok(())
 }
 
-/// PAUSE returns once no server connection of the database is in use (or after 30 s).
-async fn wait_idle(app: &App, db: Option<&str>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::time::Instant::now() < deadline {
+/// How long PAUSE waits for the database's server connections to go idle.
+const PAUSE_WAIT: Duration = Duration::from_secs(30);
+
+/// A database the admin commands can name: a `[[databases]]` entry.
+fn known_database(app: &App, db: &str) -> CmdResult {
+    match app.config().database(db) {
+        Some(_) => Ok(()),
+        None => Err((sqlstate::INVALID_CATALOG_NAME, format!("no such database: {db}"))),
+    }
+}
+
+/// Waits (up to PAUSE_WAIT, or until shutdown) until no server connection
+/// of the database is in use; returns how many still are.
+async fn wait_idle(app: &App, db: Option<&str>) -> usize {
+    let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+    let shutdown = app.shutdown_signal();
+    loop {
         let busy: usize = app
             .pools()
             .iter()
@@ -184,8 +224,8 @@ async fn wait_idle(app: &App, db: Option<&str>) {
                 s.total - s.idle
             })
             .sum();
-        if busy == 0 {
-            return;
+        if busy == 0 || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
+            return busy;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

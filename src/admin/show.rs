@@ -96,9 +96,10 @@ fn pools(app: &App) -> Table {
     for c in app.conns.clients.lock().unwrap().values() {
         let r = rows.entry((c.database.clone(), c.user.clone())).or_default();
         match c.state.load(Ordering::Relaxed) {
-            CLIENT_ACTIVE => r.cl_active += 1,
             CLIENT_WAITING => r.cl_waiting += 1,
-            _ => {}
+            // PgBouncer's cl_active: linked to a server connection, or idle
+            // with no query waiting.
+            _ => r.cl_active += 1,
         }
     }
     for ((db, user), r) in rows {

@@ -260,8 +260,9 @@ impl Pool {
         }
     }
 
-    /// Installs a new connect spec. When the address changed, connections
-    /// to the old server are retired: the epoch is bumped and the idle ones
+    /// Installs a new connect spec. When the address, the database name on
+    /// the server or the TLS mode changed, the existing connections are
+    /// retired (a client must not alternate between two databases): the epoch is bumped and the idle ones
     /// closed under the state lock (so a concurrent check-in either is among
     /// them or sees the new epoch), checked-out ones close when they come
     /// back, and a connect still under way is redone.
@@ -269,7 +270,8 @@ impl Pool {
         let addr = new.addr.clone();
         let moved = {
             let mut spec = self.spec.write().unwrap();
-            let moved = spec.addr != new.addr;
+            let tls_mode = |s: &ConnectSpec| s.tls.as_ref().map(|t| t.mode);
+            let moved = spec.addr != new.addr || spec.database != new.database || tls_mode(&spec) != tls_mode(&new);
             *spec = Arc::new(new);
             moved
         };
@@ -277,7 +279,7 @@ impl Pool {
             return;
         }
         *self.backoff.lock().unwrap() = Backoff::default();
-        tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server");
+        tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server (or database, or TLS mode)");
         self.close_idle_and(why, || {
             self.epoch.fetch_add(1, Ordering::AcqRel);
         });
@@ -297,7 +299,7 @@ impl Pool {
     /// retires the connections to the old one (see `set_spec`).
     pub fn reconfigure(&self, spec: ConnectSpec, settings: PoolSettings) {
         *self.settings.write().unwrap() = settings;
-        self.set_spec(spec, "the server's address changed (reload)");
+        self.set_spec(spec, "the server's address, database name or TLS mode changed (reload)");
         let mut s = self.state.lock().unwrap();
         while s.total < settings.size {
             let Some(w) = s.waiters.pop_front() else {

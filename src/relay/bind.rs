@@ -16,11 +16,7 @@ impl Session {
         &mut self,
         a: &Analysis,
         mut target: Target,
-        topo: &Topology,
     ) -> Result<Result<(), (String, String)>, SessionError> {
-        if self.app.is_paused(&self.database) {
-            Box::pin(self.wait_while_paused()).await?;
-        }
         self.info.state.store(CLIENT_WAITING, Ordering::Relaxed);
         let now = crate::stats::unix_us_at(self.now);
         self.info.wait_since_us.store(now, Ordering::Relaxed);
@@ -28,14 +24,17 @@ impl Session {
         // restarted under an idle connection) is replaced: two more tries.
         let mut attempts = 0;
         let (conn, target, pool, waited) = loop {
-            let pool = self.pool_for(target, topo);
+            // The session's topology: the one `target` was chosen with
+            // (checkout_routed moves both on when a reload happens meanwhile).
+            let topo = self.topo.clone();
+            let pool = self.pool_for(target, &topo);
             let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
                 Some(conn) => (Ok((conn, target, pool)), false),
                 // Boxed slow path (wait, connect, re-route): see checkout_routed.
                 None => {
                     // In the client's span: connects opened for it are its children.
                     let span = self.span.clone();
-                    (Box::pin(self.checkout_routed(a, target, topo).instrument(span)).await, true)
+                    (Box::pin(self.checkout_routed(a, target).instrument(span)).await, true)
                 }
             };
             self.info.state.store(CLIENT_ACTIVE, Ordering::Relaxed);
@@ -81,7 +80,7 @@ impl Session {
         self.info.remote_pid.store(conn.backend_pid, Ordering::Relaxed);
         self.info.request_time_us.store(now, Ordering::Relaxed);
         if let Target::Replica(i) = target {
-            let inflight = topo.replicas[i].inflight.clone();
+            let inflight = self.topo.replicas[i].inflight.clone();
             inflight.fetch_add(1, Ordering::Relaxed);
             self.bound_inflight = Some(inflight);
         }
@@ -167,7 +166,9 @@ impl Session {
         }
     }
 
-    /// PAUSE: new transactions wait until RESUME (or shutdown).
+    /// PAUSE: new transactions wait until RESUME, or until shutdown, which
+    /// ends the session (57P01) rather than keeping the drain waiting for a
+    /// RESUME that will not come.
     pub(super) async fn wait_while_paused(&mut self) -> Result<(), SessionError> {
         let app = self.app.clone();
         while app.is_paused(&self.database) {
@@ -178,13 +179,20 @@ impl Session {
                 break;
             }
             let rechecked = tokio::time::sleep(Duration::from_millis(250));
-            self.watch(async move {
-                tokio::select! {
-                    _ = resumed => {}
-                    _ = rechecked => {}
-                }
-            })
-            .await?;
+            let info = self.info.clone();
+            let shutdown = std::future::poll_fn(move |cx| info.signal.poll_raised(cx, crate::stats::SHUTDOWN));
+            let shutting_down = self
+                .watch(async move {
+                    tokio::select! {
+                        _ = resumed => false,
+                        _ = rechecked => false,
+                        _ = shutdown => true,
+                    }
+                })
+                .await?;
+            if shutting_down {
+                return Err(SessionError::Shutdown);
+            }
         }
         Ok(())
     }

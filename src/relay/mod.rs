@@ -463,12 +463,22 @@ impl Session {
 
     /// Moves every complete client message into the server buffer, binding a
     /// server connection first when none is bound.
-    async fn process_client(&mut self) -> Result<(), SessionError> {
-        if self.app.generation() != self.generation {
-            self.generation = self.app.generation();
-            self.cfg = self.app.config();
-            self.topo = self.app.topology();
+    /// Picks up a reload: the config and topology in force now. True when
+    /// they changed (a target chosen before must be chosen again: replica
+    /// indexes and the writer are the old topology's).
+    pub(super) fn refresh_config(&mut self) -> bool {
+        let generation = self.app.generation();
+        if generation == self.generation {
+            return false;
         }
+        self.generation = generation;
+        self.cfg = self.app.config();
+        self.topo = self.app.topology();
+        true
+    }
+
+    async fn process_client(&mut self) -> Result<(), SessionError> {
+        self.refresh_config();
         while self.sout.len() < SOUT_HIGH {
             let h = match wire::peek_header(&self.cin, self.max_msg)? {
                 Some(h) if self.cin.len() >= h.total => h,
@@ -510,10 +520,17 @@ impl Session {
                 if self.answer_locally(h.tag, &msg)? {
                     continue;
                 }
+                if self.app.is_paused(&self.database) {
+                    // Before routing: a reload during the pause (PAUSE,
+                    // edit cluster.primary, RELOAD, RESUME) must route this
+                    // unit under the new config.
+                    Box::pin(self.wait_while_paused()).await?;
+                    self.refresh_config();
+                }
                 let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
                 let first_only = matches!(h.tag, b'Q' | b'P');
                 let topo = self.topo.clone();
-                let target = match self.choose_target(&a, &topo) {
+                let mut target = match self.choose_target(&a, &topo) {
                     Ok((t, reason)) => {
                         tracing::debug!(parent: &self.span, target = ?t, reason = reason.as_str(), "routed");
                         self.count_decision(&a, t, reason);
@@ -538,8 +555,21 @@ impl Session {
                             continue;
                         }
                     }
+                    if self.refresh_config() {
+                        // Reloaded while it waited: routed again (the
+                        // admission stands).
+                        let topo = self.topo.clone();
+                        match self.choose_target(&a, &topo) {
+                            Ok((t, _)) => target = t,
+                            Err((code, message)) => {
+                                self.admission = None;
+                                self.refuse_unit(h.tag, code, &message);
+                                continue;
+                            }
+                        }
+                    }
                 }
-                if let Err((code, message)) = self.bind_server(&a, target, &topo).await? {
+                if let Err((code, message)) = self.bind_server(&a, target).await? {
                     self.refuse_unit(h.tag, &code, &message);
                     continue;
                 }

@@ -267,15 +267,26 @@ impl Session {
         &mut self,
         a: &Analysis,
         mut target: Target,
-        topo: &Topology,
     ) -> Result<(crate::pool::Conn, Target, Arc<Pool>), SessionError> {
         use crate::backend::BackendError;
         use crate::pool::PoolError;
         let deadline = tokio::time::Instant::now() + self.cfg.cluster.failover_timeout.0;
         let mut rerouted = false;
         loop {
+            // A reload while this waited (for the pool, a writer, a
+            // failover): route again under the new config, whose monitor is
+            // the one that sees the writer.
+            if self.refresh_config() {
+                let topo = self.topo.clone();
+                target = match self.choose_target(a, &topo) {
+                    Ok((t, _)) => t,
+                    Err((_, why)) => return Err(SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why)))),
+                };
+            }
+            let (topo, app) = (self.topo.clone(), self.app.clone());
+            let topo = &*topo;
             if target == Target::Primary && topo.writer_addr().is_none() {
-                if !self.watch(wait_for_writer(topo, deadline)).await? {
+                if !self.watch(wait_for_writer(topo, deadline, &app, self.generation)).await? {
                     let why = "the primary is in recovery and no replica was promoted".to_string();
                     return Err(SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why))));
                 }
@@ -311,9 +322,11 @@ impl Session {
     }
 }
 
-/// Waits until some server takes writes; false at the deadline.
-async fn wait_for_writer(topo: &Topology, deadline: tokio::time::Instant) -> bool {
-    while topo.writer_addr().is_none() {
+/// Waits until some server takes writes (true), or a reload replaces
+/// `topo` (true: the caller looks again under the new config); false at
+/// the deadline.
+async fn wait_for_writer(topo: &Topology, deadline: tokio::time::Instant, app: &crate::app::App, generation: u64) -> bool {
+    while topo.writer_addr().is_none() && app.generation() == generation {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }

@@ -35,6 +35,8 @@ pub mod sqlstate {
     pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 }
 
 /// Why a byte stream could not be decoded.

@@ -236,3 +236,136 @@ async fn metrics_match_the_traffic_sent() {
     assert_eq!(http_get(addr, "/readyz").await.0, 200);
     assert_eq!(http_get(addr, "/nope").await.0, 404);
 }
+
+/// A TCP forwarder to `port`: another address for the same server. Counts
+/// the connections it carried.
+async fn forwarder(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fwd = l.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    (fwd, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_reload_resume_moves_waiting_transactions_to_the_new_primary() {
+    // PgBouncer's switchover: PAUSE, point the config at the new primary,
+    // RELOAD, RESUME. Writes that waited during the pause must run on the
+    // new primary, and must not point the pool back at the old one.
+    let _replicas = REPLICAS.read().await;
+    let c = cluster();
+    let (fwd, carried) = forwarder(c.primary).await;
+    let extra = routing_extra("10s", "off");
+    let p = start(config("size = 2", &extra)).await;
+    wait_replicas_usable(&p).await;
+    let admin = admin_client(&p, "pgfleet").await;
+    let clients: Vec<_> = futures_util::future::join_all((0..3).map(|_| connect(&p))).await;
+    for cl in &clients {
+        // A read, served by a replica: the session's last pool is not the primary's.
+        cl.simple_query("SELECT 1").await.unwrap();
+    }
+    admin.simple_query("PAUSE app").await.unwrap();
+    let waiting: Vec<_> = clients
+        .into_iter()
+        .map(|cl| tokio::spawn(async move { cl.simple_query("SELECT pg_current_wal_lsn()::text").await.map(|_| cl) }))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut cfg = config("size = 2", &extra);
+    cfg.cluster.primary = format!("127.0.0.1:{fwd}");
+    p.app.apply(cfg);
+    admin.simple_query("RESUME app").await.unwrap();
+    let mut clients = Vec::new();
+    for w in waiting {
+        clients.push(tokio::time::timeout(std::time::Duration::from_secs(10), w).await.unwrap().unwrap().unwrap());
+    }
+    let check = |when: &str| {
+        let primary_pools: Vec<_> = p.app.pools().into_iter().filter(|pl| pl.key.backend == "primary" && pl.key.database == "app").collect();
+        assert!(!primary_pools.is_empty());
+        for pl in &primary_pools {
+            assert_eq!(pl.addr(), format!("127.0.0.1:{fwd}"), "{when}: the pool went back to the old primary");
+        }
+        assert!(carried.load(std::sync::atomic::Ordering::Relaxed) > 0, "{when}: nothing reached the new primary");
+    };
+    check("the writes that waited out the pause");
+    for cl in &clients {
+        cl.simple_query("SELECT pg_current_wal_lsn()::text").await.unwrap();
+    }
+    check("later writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_databases_server_name_retires_its_connections() {
+    let p = proxy(2).await;
+    let s = conn_str(&p, "app", "app", "alias");
+    let cl = connect_with(&s).await.unwrap();
+    let other = connect_with(&s).await.unwrap();
+    // Both connections of the pool open, to "app".
+    let (a, b) = tokio::join!(cl.simple_query("SELECT current_database(), pg_sleep(0.2)"), other.simple_query("SELECT pg_sleep(0.2)"));
+    a.unwrap();
+    b.unwrap();
+    async fn db(c: &tokio_postgres::Client) -> String {
+        c.query_one("SELECT current_database()", &[]).await.unwrap().get::<_, String>(0)
+    }
+    assert_eq!(db(&cl).await, "app");
+    let mut cfg = config("size = 2", "");
+    cfg.databases.iter_mut().find(|d| d.name == "alias").unwrap().dbname = Some("bench".into());
+    p.app.apply(cfg);
+    for _ in 0..10 {
+        assert_eq!(db(&cl).await, "bench", "a connection to the old database was reused");
+        assert_eq!(db(&other).await, "bench", "a connection to the old database was reused");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_check_their_database_and_pause_state() {
+    let p = proxy(2).await;
+    let admin = admin_client(&p, "pgfleet").await;
+    let code = |r: Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>| r.err().and_then(|e| e.code().map(|c| c.code().to_string()));
+    for cmd in ["PAUSE nosuchdb", "RESUME nosuchdb", "KILL nosuchdb"] {
+        assert_eq!(code(admin.simple_query(cmd).await).as_deref(), Some("3D000"), "{cmd}");
+    }
+    assert!(!p.app.is_paused("nosuchdb") && !p.app.is_paused("app"));
+    assert_eq!(code(admin.simple_query("RESUME app").await).as_deref(), Some("55000"), "RESUME of a database not paused");
+    // A global PAUSE is lifted only by a global RESUME, never reported
+    // lifted by a RESUME of one database.
+    admin.simple_query("PAUSE").await.unwrap();
+    assert_eq!(code(admin.simple_query("RESUME app").await).as_deref(), Some("55000"));
+    assert!(p.app.is_paused("app"));
+    admin.simple_query("RESUME").await.unwrap();
+    assert!(!p.app.is_paused("app"));
+    // Idle logged-in clients are cl_active, as in PgBouncer.
+    let idle: Vec<_> = futures_util::future::join_all((0..3).map(|_| connect(&p))).await;
+    idle[0].simple_query("SELECT 1").await.unwrap();
+    let (_, rows) = show(&admin, "POOLS").await;
+    let app = rows.iter().find(|r| r["database"] == "app" && r["user"] == "app").expect("a pool row for app/app");
+    assert_eq!(app["cl_active"], "3", "{app:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_admin_consoles_or_paused_clients() {
+    let p = proxy(2).await;
+    let admin = admin_client(&p, "pgfleet").await;
+    let other_admin = admin_client(&p, "pgbouncer").await;
+    let c = connect(&p).await;
+    admin.simple_query("PAUSE app").await.unwrap();
+    let waiting = tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let began = std::time::Instant::now();
+    admin.simple_query("SHUTDOWN").await.unwrap();
+    p.shutdown(std::time::Duration::from_secs(20)).await;
+    assert!(began.elapsed() < std::time::Duration::from_secs(5), "shutdown waited {:?}", began.elapsed());
+    assert_eq!(p.app.client_count(), 0);
+    let e = waiting.await.unwrap().unwrap_err();
+    assert!(e.code().map(|c| c.code()) == Some("57P01") || e.is_closed(), "{e}");
+    assert!(other_admin.simple_query("SHOW POOLS").await.is_err(), "the console was closed");
+}
