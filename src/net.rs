@@ -13,13 +13,17 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+/// How long a closing TLS connection may take to deliver its last bytes.
+const TUNNEL_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub enum Stream {
     Tcp(TcpStream),
     /// A client on the Unix-domain socket (`listen.unix_socket_dir`); `local`
     /// is the TCP listener's address (same port).
     Unix { inner: UnixStream, local: SocketAddr },
     /// The relay's end of a TLS tunnel; `local` is the TCP socket's address.
-    Tunnel { inner: UnixStream, local: SocketAddr },
+    /// Dropping it drops `_closed`, which tells the pump to finish.
+    Tunnel { inner: UnixStream, local: SocketAddr, _closed: tokio::sync::oneshot::Sender<()> },
 }
 
 impl Stream {
@@ -104,16 +108,41 @@ impl Stream {
 
     /// Runs `tls` (a finished TLS handshake over a socket whose local
     /// address is `local`) in a pump task; returns the relay's end.
+    ///
+    /// The pump ends with the connection, never later: once the relay has
+    /// let go of its end, or the client has closed its side, what is still
+    /// on its way to the client gets `TUNNEL_LINGER` to be written (then
+    /// close_notify), and the socket is closed. A client that keeps a
+    /// connection pgfleet closed open without reading or writing would
+    /// otherwise hold a task, a TLS session and a file descriptor forever,
+    /// outside `max_client_conn`.
     pub fn tunnel<S>(tls: S, local: SocketAddr) -> io::Result<Stream>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut ours, theirs) = UnixStream::pair()?;
+        use tokio::io::AsyncWriteExt;
+        let (ours, theirs) = UnixStream::pair()?;
+        let (closed, relay_gone) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            let mut tls = tls;
-            let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
+            let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+            let (mut our_r, mut our_w) = ours.into_split();
+            let to_relay = async {
+                let _ = tokio::io::copy(&mut tls_r, &mut our_w).await;
+                let _ = our_w.shutdown().await;
+            };
+            let to_client = async {
+                let _ = tokio::io::copy(&mut our_r, &mut tls_w).await;
+                let _ = tls_w.shutdown().await;
+            };
+            tokio::pin!(to_relay, to_client);
+            tokio::select! {
+                _ = &mut to_client => return,
+                _ = &mut to_relay => {}
+                _ = relay_gone => {}
+            }
+            let _ = tokio::time::timeout(TUNNEL_LINGER, to_client).await;
         });
-        Ok(Stream::Tunnel { inner: theirs, local })
+        Ok(Stream::Tunnel { inner: theirs, local, _closed: closed })
     }
 }
 

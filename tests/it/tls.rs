@@ -178,3 +178,52 @@ async fn server_tls_verify_full_require_and_a_wrong_ca() {
     assert!(format!("{e:?}").contains("TLS handshake"), "{e:?}");
     let _ = std::fs::remove_dir_all(&other);
 }
+
+/// Whether this process still holds the socket of the TCP connection
+/// between local port `local` and remote port `remote` (/proc/net/tcp:
+/// a socket no descriptor refers to shows inode 0, or is gone).
+fn socket_held(local: u16, remote: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+        port(f[1]) == local && port(f[2]) == remote && f[9] != "0"
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_pgfleet_closed_is_released_though_the_client_stays() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("linger");
+    make_certs(&dir, "server");
+    let p = start(tls_config(&dir, "require")).await;
+    let ssl_request = [8u32.to_be_bytes(), 80877103u32.to_be_bytes()].concat();
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let client_port = tcp.local_addr().unwrap().port();
+    let mut tcp = tcp;
+    tcp.write_all(&ssl_request).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let tls = pgfleet::tls::ClientTls::new(pgfleet::config::ServerTlsMode::Require, None).unwrap().unwrap();
+    let name = pgfleet::tls::ClientTls::server_name("127.0.0.1:0").unwrap();
+    let mut s = tls.connector.connect(name, tcp).await.unwrap();
+    // A startup packet pgfleet refuses (too long), then silence: the client
+    // neither reads on nor closes.
+    s.write_all(&20000u32.to_be_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut got)).await.expect("answered in time");
+    assert!(pgfleet::wire::error_fields(&got).iter().any(|(k, v)| *k == b'C' && v == "08P01"), "{got:?}");
+    let port = p.addr.port();
+    let mut released = false;
+    for _ in 0..100 {
+        if !socket_held(port, client_port) {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(released, "pgfleet still holds the socket of a connection it refused");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
