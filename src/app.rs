@@ -217,7 +217,15 @@ impl App {
     /// auth_query: the secret of a user not in [[users]], looked up on the
     /// primary as `auth.auth_user`. None when not configured, not found, or
     /// the lookup failed (logged); the login then fails like a wrong password.
-    pub async fn auth_query_secret(&self, user: &str, database: &str) -> Option<Secret> {
+    /// `Ok(None)`: no such user (or no auth_query to ask); `Err`: the lookup
+    /// itself failed (server down, bad query, timeout), which must not look
+    /// like a wrong password.
+    pub async fn auth_query_secret(&self, user: &str, database: &str) -> Result<Option<Secret>, String> {
+        let Some(lookup) = self.auth_query_lookup(user, database) else { return Ok(None) };
+        lookup.await
+    }
+
+    fn auth_query_lookup<'a>(&'a self, user: &'a str, database: &str) -> Option<impl std::future::Future<Output = Result<Option<Secret>, String>> + 'a> {
         let cfg = self.config();
         let (query, auth_user) = (cfg.auth.auth_query.clone()?, cfg.user(cfg.auth.auth_user.as_deref()?)?.clone());
         let secrets = self.secrets.read().unwrap().clone();
@@ -238,7 +246,7 @@ impl App {
         let key = format!("{addr}/{dbname}/{}/{}", auth_user.name, self.generation());
         // One connection for all lookups, one lookup at a time: logins of
         // unknown names cannot make pgfleet open server connections.
-        let lookup = async {
+        let lookup = async move {
             let mut cached = self.auth_lookup.lock().await;
             if !cached.as_ref().is_some_and(|(k, c)| *k == key && !c.is_closed()) {
                 *cached = None;
@@ -254,18 +262,21 @@ impl App {
             };
             Ok::<_, String>(row.and_then(|r| r.try_get::<_, Option<String>>(r.len().saturating_sub(1)).ok().flatten()))
         };
-        match tokio::time::timeout(cfg.pool.connect_timeout.0 * 2, lookup).await {
-            Ok(Ok(Some(secret))) => Secret::from_config(&secret).ok(),
-            Ok(Ok(None)) => None,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "auth_query failed");
-                None
+        let limit = cfg.pool.connect_timeout.0 * 2;
+        Some(async move {
+            match tokio::time::timeout(limit, lookup).await {
+                Ok(Ok(Some(secret))) => Ok(Secret::from_config(&secret).ok()),
+                Ok(Ok(None)) => Ok(None),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "auth_query failed");
+                    Err(e)
+                }
+                Err(_) => {
+                    tracing::warn!("auth_query timed out");
+                    Err("the lookup timed out".to_string())
+                }
             }
-            Err(_) => {
-                tracing::warn!("auth_query timed out");
-                None
-            }
-        }
+        })
     }
 
     /// Records what an auth_query user's login proved, for its pools.
@@ -473,12 +484,22 @@ impl App {
         self.clients.load(Ordering::Acquire)
     }
 
-    /// Admits one more client unless `max_client_conn` is reached.
+    /// Admits one more connection to its startup phase unless
+    /// `max_client_conn` plus a reserve is reached. The reserve lets a
+    /// CancelRequest in when every client slot is taken (its packet is only
+    /// read after accepting); a login is held to `max_client_conn` itself
+    /// once its startup packet is read (`over_client_limit`), as PostgreSQL
+    /// checks for "too many clients" after the cancel requests.
     pub fn admit_client(self: &Arc<Self>) -> Option<ClientGuard> {
         let max = self.config().listen.max_client_conn;
         let prev = self.clients.fetch_add(1, Ordering::AcqRel);
         let guard = ClientGuard(self.clone());
-        (prev < max).then_some(guard)
+        (prev < max + (max / 10).max(16)).then_some(guard)
+    }
+
+    /// More connections than `max_client_conn` (this one included).
+    pub fn over_client_limit(&self) -> bool {
+        self.client_count() > self.config().listen.max_client_conn
     }
 
     /// The pool for (database, user, backend), created on first use.

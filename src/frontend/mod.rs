@@ -85,16 +85,14 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     if let crate::net::Stream::Tcp(tcp) = &stream {
         let _ = tcp.set_nodelay(true);
     }
+    // max_client_conn and the failed-login lockout are checked once the
+    // startup packet is read (`startup::handshake`): a CancelRequest is
+    // exempt from both, as on PostgreSQL. This only bounds how many
+    // connections may be in their startup phase beyond the limit.
     let Some(_guard) = app.admit_client() else {
-        fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already (listen.max_client_conn)").await;
+        fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, startup::TOO_MANY_CLIENTS).await;
         return;
     };
-    if let Some(secs) = app.login_blocked(peer.ip()) {
-        let message = startup::too_many_failures(peer.ip(), secs);
-        tracing::warn!("{message}");
-        fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION, &message).await;
-        return;
-    }
     // Startup, password and SASL messages are small: one allocation.
     let mut buf = BytesMut::with_capacity(256);
     let limit = app.config().timeouts.startup.0;

@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::net::Stream;
 use std::net::IpAddr;
 
+pub const TOO_MANY_CLIENTS: &str = "sorry, too many clients already (listen.max_client_conn)";
+
 /// Largest message accepted during authentication.
 const MAX_AUTH_MSG: usize = 10_000;
 
@@ -101,8 +103,19 @@ pub async fn handshake(
                     message: format!("unsupported frontend protocol 1234.{code}: server supports 3.0 to 3.0"),
                 });
             }
+            StartupPacket::Unsupported(code) => {
+                return Err(StartupError::Fatal {
+                    code: sqlstate::FEATURE_NOT_SUPPORTED,
+                    message: format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", code >> 16, code & 0xffff),
+                });
+            }
             StartupPacket::Cancel { pid, secret } => {
-                app.cancels.cancel(pid, secret).await;
+                // In a task of its own: the startup deadline must not cut it
+                // off between sending the cancel and the server acting on
+                // it (its in-flight mark keeps the connection from being
+                // reused meanwhile). ServerConn::cancel bounds it.
+                let cancels = app.cancels.clone();
+                let _ = tokio::spawn(async move { cancels.cancel(pid, secret).await }).await;
                 return Ok(None);
             }
             StartupPacket::Startup {
@@ -121,6 +134,14 @@ pub async fn handshake(
             }
         }
     };
+    if app.over_client_limit() {
+        return Err(StartupError::Fatal { code: sqlstate::TOO_MANY_CONNECTIONS, message: TOO_MANY_CLIENTS.into() });
+    }
+    if let Some(secs) = app.login_blocked(peer) {
+        let message = too_many_failures(peer, secs);
+        tracing::warn!("{message}");
+        return Err(StartupError::Fatal { code: sqlstate::INVALID_AUTHORIZATION, message });
+    }
     if !stream.is_tls() && !stream.is_unix() && app.config().listen.tls_mode() == crate::config::TlsMode::Require {
         return Err(StartupError::Fatal {
             code: sqlstate::INVALID_AUTHORIZATION,
@@ -224,7 +245,15 @@ async fn authenticate(
     let secret = match app.secret(user) {
         Some(s) => Some(s),
         // Not in [[users]]: auth_query, when configured.
-        None if !configured && method != AuthMethod::Trust => app.auth_query_secret(user, database).await,
+        // A failed lookup is not a wrong password: no 28P01, and it does
+        // not count towards the address's failed logins.
+        // (The reason is in pgfleet's log, not told to an unauthenticated client.)
+        None if !configured && method != AuthMethod::Trust => app.auth_query_secret(user, database).await.map_err(|_| {
+            StartupError::Fatal {
+                code: sqlstate::CONNECTION_FAILURE,
+                message: format!("could not look up user \"{user}\": auth.auth_query failed; try again later"),
+            }
+        })?,
         None => None,
     };
     // auth_query users: keep what the login proves, to log in to servers.

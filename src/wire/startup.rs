@@ -25,6 +25,9 @@ pub enum StartupPacket {
     },
     SslRequest,
     GssEncRequest,
+    /// Another protocol version (2.0, 4.x, a request code PostgreSQL does
+    /// not have): answered with 0A000, as PostgreSQL does.
+    Unsupported(i32),
     Cancel {
         pid: i32,
         secret: i32,
@@ -74,7 +77,7 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, WireEr
             let protocol_options = options.into_iter().map(|(k, _)| k).collect();
             Ok(Some(StartupPacket::Startup { params, minor: (code & 0xffff) as u16, protocol_options }))
         }
-        _ => Err(WireError::Malformed("unsupported protocol version or request code")),
+        _ => Ok(Some(StartupPacket::Unsupported(code))),
     }
 }
 

@@ -73,6 +73,9 @@ fn startup_packets() {
     assert_eq!(startup::parse_startup(&mut b).unwrap(), Some(startup::StartupPacket::SslRequest));
     let mut b = BytesMut::from(&[0u8, 0, 0x40, 0, 0, 3, 0, 0][..]);
     assert!(startup::parse_startup(&mut b).is_err());
+    // Protocol 2.0 (and 4.x): not a malformed packet, an unsupported version.
+    let mut b = BytesMut::from(&[0u8, 0, 0, 9, 0, 2, 0, 0, 0][..]);
+    assert_eq!(startup::parse_startup(&mut b).unwrap(), Some(startup::StartupPacket::Unsupported(0x0002_0000)));
 }
 
 #[test]

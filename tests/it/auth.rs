@@ -58,6 +58,36 @@ async fn max_client_conn_is_enforced() {
     assert_eq!(sqlstate(&e), "53300");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_requests_get_through_at_max_client_conn_and_during_a_lockout() {
+    // As on PostgreSQL, a CancelRequest is neither a client nor a login:
+    // Ctrl-C must work when every client slot is taken, and from an address
+    // locked out by failed logins.
+    let p = start(config("size = 2", "[auth]\nmax_failed_logins = 1\nfailed_login_window = \"60s\"").with_max_clients(2)).await;
+    let a = connect(&p).await;
+    let _b = connect(&p).await;
+    assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err()), "53300");
+    let token = a.cancel_token();
+    let sleeping = tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await.map(|_| a) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(5), sleeping).await.expect("cancelled in time").unwrap().unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+    drop(_b);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // A client logged in before its address (127.0.0.1) was locked out by a
+    // failed login: its Ctrl-C still works.
+    let x = connect(&p).await;
+    assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "wrong", "app")).await.unwrap_err()), "28P01");
+    assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err()), "28000");
+    let token = x.cancel_token();
+    let sleeping = tokio::spawn(async move { x.simple_query("SELECT pg_sleep(20)").await.map(|_| x) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(5), sleeping).await.expect("cancelled in time").unwrap().unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+}
+
 trait WithMax {
     fn with_max_clients(self, n: usize) -> Self;
 }
@@ -239,4 +269,23 @@ async fn user_names_cannot_be_probed_through_the_challenge() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "28P01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_auth_query_is_not_a_wrong_password() {
+    // The lookup itself fails (here: a query the server rejects; in life:
+    // the primary restarting, a rotated auth_user password). That is not
+    // the client's fault: 08006, and no lockout of its address.
+    let mut cfg = config("size = 2", "[auth]\nmax_failed_logins = 1\nfailed_login_window = \"60s\"");
+    cfg.users.push(pgfleet::config::User { name: "postgres".into(), password: Some("unused".into()), ..Default::default() });
+    cfg.users.retain(|u| u.name != "md5user");
+    cfg.auth.auth_user = Some("postgres".into());
+    cfg.auth.auth_query = Some("SELECT usename, passwd FROM no_such_table WHERE usename = $1".into());
+    let p = start(cfg).await;
+    for _ in 0..3 {
+        let e = connect_with(&conn_str(&p, "md5user", "md5pw", "app")).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "08006", "{e:?}");
+    }
+    // Configured users are unaffected, and the address is not locked out.
+    connect(&p).await.simple_query("SELECT 1").await.unwrap();
 }

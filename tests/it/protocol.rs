@@ -49,6 +49,13 @@ async fn ssl_and_gss_requests_are_declined() {
         let mut raw = RawClient { stream: s, buf: BytesMut::new() };
         assert_eq!(raw.error_code().await.as_deref(), Some("0A000"));
     }
+    // Protocol 2.0 and 4.0 startups: 0A000 naming the version, as PostgreSQL.
+    for version in [0x0002_0000u32, 0x0004_0000] {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(&[13u32.to_be_bytes().as_slice(), &version.to_be_bytes(), b"user\0"].concat()).await.unwrap();
+        let mut raw = RawClient { stream: s, buf: BytesMut::new() };
+        assert_eq!(raw.error_code().await.as_deref(), Some("0A000"), "version {version:#x}");
+    }
     // GSSENCRequest, then SSLRequest (libpq's gssencmode=prefer order): both answered.
     let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     for code in [80877104u32, 80877103] {
