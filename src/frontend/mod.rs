@@ -220,7 +220,9 @@ async fn prepare(
     });
     let listed = Listed::client(&app.conns, info.clone());
     let id = ClientId { user: login.user, database: login.database, workload, info };
-    let mut session = Box::new(Session::new(app, id, stream, leftover, settings, key.slot.clone()));
+    // What the client asked for at startup: where RESET takes a setting back to.
+    let startup = app.intern_settings(client_settings(&[], &login.params));
+    let mut session = Box::new(Session::new(app, id, stream, leftover, settings, startup, key.slot.clone()));
     Some(async move {
         session.run().await;
         // Unregistered when the session ends, in this order.

@@ -134,6 +134,12 @@ pub struct Session {
     pinned: Option<&'static str>,
     /// Settings SQL may have changed in this transaction (to read back).
     dirty: Vec<String>,
+    /// The settings the client's startup packet asked for (its session's
+    /// start values, which RESET goes back to on PostgreSQL).
+    startup: Arc<Settings>,
+    /// Startup settings this transaction may have RESET (names as in
+    /// `startup`): the probe puts their start value back when it did.
+    resets: Vec<String>,
     /// A statement may have released pinned state (check before unpinning).
     may_release: bool,
     /// DEALLOCATE/DISCARD ALL ran: re-read which proxy statements exist.
@@ -229,6 +235,7 @@ impl Session {
         client: Stream,
         leftover: BytesMut,
         settings: Arc<Settings>,
+        startup: Arc<Settings>,
         cancel: Arc<CancelSlot>,
     ) -> Session {
         let cfg = app.config();
@@ -280,6 +287,8 @@ impl Session {
             terminated: false,
             pinned: None,
             dirty: Vec::new(),
+            startup,
+            resets: Vec::new(),
             may_release: false,
             resync_prepared: false,
             probe: None,

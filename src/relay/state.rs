@@ -52,6 +52,24 @@ fn is_reported(name: &str) -> bool {
     REPORTED_SETTABLE.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
 
+/// The probe column for a startup setting the transaction may have RESET:
+/// its value, after putting the client's start value back if the RESET
+/// took effect. A built-in setting was reset when its source is no longer
+/// `session` (a SET after the RESET, or a rollback, leaves it `session`); a
+/// custom one (not in pg_settings) when it is empty, its reset value on a
+/// connection that did not start with it.
+fn reset_to_start(name: &str, start: &str) -> String {
+    let (n, v) = (build::quote_literal(name), build::quote_literal(start));
+    let reset = if name.contains('.') {
+        format!("coalesce(pg_catalog.current_setting({n}, true), '') = ''")
+    } else {
+        format!(
+            "(SELECT s.source FROM pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = pg_catalog.lower({n})) IS DISTINCT FROM 'session'"
+        )
+    };
+    format!("CASE WHEN {reset} THEN pg_catalog.set_config({n}, {v}, false) ELSE pg_catalog.current_setting({n}, true) END")
+}
+
 /// A statement that raises 0A000 on the server, replacing one pgfleet rejects:
 /// the server then fails the transaction exactly as the client expects.
 pub fn rejection_sql(reason: &str) -> String {
@@ -93,6 +111,15 @@ impl Session {
                 }
             }
         }
+        // A RESET of a setting the client started with goes back to its
+        // start value on PostgreSQL, not to the server connection's.
+        if !self.startup.is_empty() && (a.reset_all || !a.reset_names.is_empty()) {
+            for (n, _) in self.startup.iter() {
+                if (a.reset_all || a.reset_names.iter().any(|r| r.eq_ignore_ascii_case(n))) && !self.resets.contains(n) {
+                    self.resets.push(n.clone());
+                }
+            }
+        }
         self.may_release |= a.may_release;
         // Unless it is going to fail: in a failed transaction (25P02), or
         // DISCARD ALL in a transaction block (25001).
@@ -124,6 +151,12 @@ impl Session {
 
     /// The swallowed query to run before releasing, if one is needed.
     pub(super) fn probe_sql(&mut self) -> Option<String> {
+        let resets = std::mem::take(&mut self.resets);
+        for n in &resets {
+            if !self.dirty.contains(n) {
+                self.dirty.push(n.clone());
+            }
+        }
         let check_state = self.pinned.is_some() && self.may_release;
         let lsn = std::mem::take(&mut self.wrote)
             && self.cfg.routing.read_your_writes == crate::config::ReadYourWrites::Lsn;
@@ -157,7 +190,10 @@ impl Session {
         let mut cols: Vec<String> = self
             .dirty
             .iter()
-            .map(|n| format!("pg_catalog.current_setting({}, true)", build::quote_literal(n)))
+            .map(|n| match resets.contains(n).then(|| self.startup.iter().find(|(s, _)| s == n)).flatten() {
+                Some((_, start)) => reset_to_start(n, start),
+                None => format!("pg_catalog.current_setting({}, true)", build::quote_literal(n)),
+            })
             .collect();
         if self.resync_prepared {
             cols.push(OUR_STATEMENTS_SQL.into());

@@ -38,6 +38,9 @@ pub struct Analysis {
     /// Session-level settings changed by SET / RESET / set_config(..., false)
     /// (lower-case names); `reset_all` for RESET ALL / DISCARD ALL.
     pub set_names: Vec<String>,
+    /// Of those, the ones set back to the session's start value: `RESET x`,
+    /// `SET x TO DEFAULT` (and `SET TIME ZONE LOCAL`).
+    pub reset_names: Vec<String>,
     pub reset_all: bool,
     /// Session-only state that ties the client to its server connection.
     pub pin: Option<&'static str>,
@@ -533,6 +536,13 @@ fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
         dotted_name(t, i)
     };
     if !name.is_empty() {
+        // `SET x TO DEFAULT` / `SET x = DEFAULT` / `SET TIME ZONE DEFAULT | LOCAL`.
+        let (last, before) = (t.last(), t.len().checked_sub(2).and_then(|k| t.get(k)));
+        let assigned_default = is_word(last, "DEFAULT") && (is_word(before, "TO") || before == Some(&Tok::Punct(b'=')));
+        let zone = is_word(t.get(i), "TIME") && t.len() == i + 3 && (is_word(last, "DEFAULT") || is_word(last, "LOCAL"));
+        if assigned_default || zone {
+            a.reset_names.push(name.clone());
+        }
         a.set_names.push(name);
     }
     true
@@ -565,10 +575,12 @@ fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
         a.set_names.push("session_authorization".into());
     } else if is_word(t.get(1), "TIME") {
         a.set_names.push("timezone".into());
+        a.reset_names.push("timezone".into());
     } else {
         let n = dotted_name(t, 1);
         if !n.is_empty() {
-            a.set_names.push(n);
+            a.set_names.push(n.clone());
+            a.reset_names.push(n);
         }
     }
     true

@@ -245,6 +245,22 @@ fn session_effects() {
     assert_eq!(classify("set myapp.user_id = 5", &[]).set_names, vec!["myapp.user_id"]);
     assert_eq!(classify("RESET work_mem", &[]).set_names, vec!["work_mem"]);
     assert!(classify("RESET ALL", &[]).reset_all);
+    // Back to the session's start value: RESET and DEFAULT (not a SET of a value).
+    for (sql, name) in [
+        ("RESET work_mem", "work_mem"),
+        ("reset myapp.tag", "myapp.tag"),
+        ("RESET TIME ZONE", "timezone"),
+        ("SET work_mem TO DEFAULT", "work_mem"),
+        ("SET SESSION search_path = default", "search_path"),
+        ("SET TIME ZONE LOCAL", "timezone"),
+        ("SET TIME ZONE DEFAULT", "timezone"),
+        ("SET myapp.tag TO DEFAULT", "myapp.tag"),
+    ] {
+        assert_eq!(classify(sql, &[]).reset_names, vec![name], "{sql}");
+    }
+    for sql in ["SET work_mem = '8MB'", "SET search_path TO 'default'", "SET search_path TO \"default\"", "SET TIME ZONE 'UTC'", "SET LOCAL work_mem TO DEFAULT"] {
+        assert!(classify(sql, &[]).reset_names.is_empty(), "{sql}");
+    }
     assert_eq!(classify("SELECT set_config('search_path', 'x', false)", &[]).set_names, vec!["search_path"]);
     assert!(classify("SELECT set_config('search_path', 'x', true)", &[]).set_names.is_empty());
     assert!(classify("SELECT set_config($1, 'x', false)", &[]).pin.is_some());

@@ -473,3 +473,50 @@ async fn settings_set_inside_functions_and_do_blocks_follow_the_client_only() {
         assert_eq!(one(&fresh, "SELECT coalesce(current_setting('do_block.id', true), '')").await, "");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_returns_to_the_value_the_client_started_with() {
+    // On PostgreSQL, RESET (and RESET ALL, DISCARD ALL, SET x TO DEFAULT)
+    // goes back to the session's start value: what the client's startup
+    // packet said (drivers send TimeZone, DateStyle, application_name,
+    // options), not the server's default.
+    let p = proxy(1).await;
+    let s = format!(
+        "{} application_name=startapp options='-c statement_timeout=1234 -c TimeZone=Asia/Tokyo -c myapp.tag=start'",
+        conn_str(&p, "app", "app", "app")
+    );
+    let c = connect_with(&s).await.unwrap();
+    let other = connect(&p).await;
+    async fn check(c: &tokio_postgres::Client) {
+        assert_eq!(one(c, "SHOW statement_timeout").await, "1234ms");
+        assert_eq!(one(c, "SHOW TimeZone").await, "Asia/Tokyo");
+        assert_eq!(one(c, "SHOW application_name").await, "startapp");
+        assert_eq!(one(c, "SELECT current_setting('myapp.tag')").await, "start");
+    }
+    check(&c).await;
+    let set = "SET statement_timeout = '5s'; SET TimeZone = 'UTC'; SET application_name = 'x'; SET myapp.tag = 'x'";
+    c.batch_execute(set).await.unwrap();
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "5s");
+    c.batch_execute("RESET statement_timeout; RESET TimeZone; RESET application_name; RESET myapp.tag").await.unwrap();
+    check(&c).await;
+    c.batch_execute(set).await.unwrap();
+    c.batch_execute("RESET ALL").await.unwrap();
+    check(&c).await;
+    c.batch_execute(set).await.unwrap();
+    c.batch_execute("SET statement_timeout TO DEFAULT; SET TimeZone TO DEFAULT; SET application_name TO DEFAULT").await.unwrap();
+    c.batch_execute("SET myapp.tag TO DEFAULT").await.unwrap();
+    check(&c).await;
+    c.batch_execute(set).await.unwrap();
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    check(&c).await;
+    // A RESET rolled back changes nothing.
+    c.batch_execute(set).await.unwrap();
+    c.batch_execute("BEGIN; RESET ALL; ROLLBACK").await.unwrap();
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "5s");
+    assert_eq!(one(&c, "SHOW TimeZone").await, "UTC");
+    // Extended protocol too; and the other client never sees any of it.
+    c.execute("RESET ALL", &[]).await.unwrap();
+    check(&c).await;
+    assert_eq!(one(&other, "SHOW statement_timeout").await, "0");
+    assert_eq!(one(&other, "SELECT coalesce(current_setting('myapp.tag', true), '')").await, "");
+}
