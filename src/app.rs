@@ -39,6 +39,19 @@ pub struct LoginAttempt<'a> {
     failed: bool,
 }
 
+/// Failed logins are counted per source: an IPv4 address, or an IPv6 /64
+/// (one host usually owns a whole /64, so counting per address would let
+/// it try a fresh address for every password).
+fn login_source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 impl LoginAttempt<'_> {
     pub fn succeeded(mut self) {
         self.failed = false;
@@ -79,6 +92,7 @@ pub struct App {
     pub catalogs: crate::catalog::Catalogs,
     /// Failed logins per client address (see login_attempt).
     failed_logins: Mutex<HashMap<std::net::IpAddr, LoginFailures>>,
+    failed_logins_swept: Mutex<std::time::Instant>,
     /// `[[limits]]` of `config` with their live state; replaced with it.
     limits: RwLock<Arc<crate::limits::Limits>>,
     /// Replicas, groups and the lag snapshot; replaced when a reload changes them.
@@ -154,6 +168,7 @@ impl App {
                 }),
             ),
             failed_logins: Mutex::new(HashMap::new()),
+            failed_logins_swept: Mutex::new(std::time::Instant::now()),
             catalogs: Default::default(),
             pacers: Mutex::new(HashMap::new()),
             passthrough: Mutex::new(HashMap::new()),
@@ -320,7 +335,7 @@ impl App {
 
     /// Seconds until `ip` may try to log in again, if it failed too often.
     pub fn login_blocked(&self, ip: std::net::IpAddr) -> Option<u64> {
-        self.login_wait(&self.failed_logins.lock().unwrap(), ip, false)
+        self.login_wait(&self.failed_logins.lock().unwrap(), login_source(ip), false)
     }
 
     fn login_wait(&self, map: &HashMap<std::net::IpAddr, LoginFailures>, ip: std::net::IpAddr, in_flight: bool) -> Option<u64> {
@@ -344,13 +359,20 @@ impl App {
     /// failed, try any number of passwords. The attempt counts as failed
     /// unless `succeeded` is called.
     pub fn login_attempt(&self, ip: std::net::IpAddr) -> Result<LoginAttempt<'_>, u64> {
+        let ip = login_source(ip);
         let mut map = self.failed_logins.lock().unwrap();
         if let Some(secs) = self.login_wait(&map, ip, true) {
             return Err(secs);
         }
         if map.len() > 100_000 {
-            let window = self.config().auth.failed_login_window.0;
-            map.retain(|_, f| f.verifying > 0 || f.since.elapsed() < window);
+            // Swept at most once a second: a table kept full of addresses
+            // still in their window must not cost a full scan per login.
+            let mut swept = self.failed_logins_swept.lock().unwrap();
+            if swept.elapsed() >= std::time::Duration::from_secs(1) {
+                *swept = std::time::Instant::now();
+                let window = self.config().auth.failed_login_window.0;
+                map.retain(|_, f| f.verifying > 0 || f.since.elapsed() < window);
+            }
         }
         map.entry(ip).or_insert(LoginFailures { count: 0, since: std::time::Instant::now(), verifying: 0 }).verifying += 1;
         Ok(LoginAttempt { app: self, ip, failed: true })
@@ -723,5 +745,18 @@ async fn serve_unix(app: Arc<App>, listener: frontend::Listener, path: std::path
     frontend::accept_loop(app, listener).await;
     if ours.is_some() && identity() == ours {
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failed_logins_count_per_ipv4_address_and_per_ipv6_64() {
+        let src = |s: &str| super::login_source(s.parse().unwrap());
+        assert_eq!(src("2001:db8:1:2:aaaa::1"), src("2001:db8:1:2:ffff::9"));
+        assert_ne!(src("2001:db8:1:2::1"), src("2001:db8:1:3::1"));
+        assert_eq!(src("::ffff:10.0.0.7"), src("10.0.0.7"));
+        assert_ne!(src("10.0.0.7"), src("10.0.0.8"));
+        assert!(src("0.0.0.0").is_unspecified() && src("::").is_unspecified());
     }
 }

@@ -67,6 +67,10 @@ async fn primary_answers(app: &App) -> bool {
 
 /// Refreshes the state gauges, then encodes every metric.
 fn render(app: &App) -> Vec<u8> {
+    // One scrape at a time: gauges are reset and rebuilt below, and a
+    // scrape gathering in between would miss series.
+    static RENDERING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = RENDERING.lock().unwrap_or_else(|e| e.into_inner());
     let m = &app.metrics;
     let (mut active, mut waiting, mut idle) = (0, 0, 0);
     for c in app.conns.clients.lock().unwrap().values() {
