@@ -174,9 +174,12 @@ impl Expect {
     }
 
     /// CopyInResponse to an extended-protocol Execute: the server ignores
-    /// Sync messages until the copy ends, so forget the ones already queued.
+    /// Sync messages until the copy ends, so forget the one queued with the
+    /// Execute (one sent after the copy ends is answered).
     pub fn drop_queued_syncs(&mut self) {
-        self.q.retain(|p| !matches!(p, Pending::Fwd(Kind::Sync)));
+        if let Some(i) = self.q.iter().position(|p| matches!(p, Pending::Fwd(Kind::Sync))) {
+            self.q.remove(i);
+        }
     }
 }
 

@@ -98,11 +98,16 @@ impl Session {
                 true
             }
             Seen::Error(fields) => {
+                // An error ends COPY IN mode: the server now discards
+                // messages up to the client's next Sync, which it answers
+                // (so that Sync is accounted as any other).
                 self.copy_in = false;
+                self.copy_in_ext = false;
                 self.on_error(head, fields)
             }
             Seen::Ready(status) => {
                 self.copy_in = false;
+                self.copy_in_ext = false;
                 self.status = status;
                 // Idle (in transaction, or at all) counts from here: a
                 // long statement is the client being served, not idle.

@@ -793,3 +793,44 @@ async fn messages_sent_after_an_error_and_before_sync_get_no_answer() {
     raw.stream.write_all(&[pbe("s1", None), sync()].concat()).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await, (vec!["1".into()], vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_protocol_copy_the_server_aborts_leaves_the_session_usable() {
+    // tokio-postgres' copy_in: Bind/Execute/Sync, CopyData..., CopyDone,
+    // Sync. A bad row makes the server abort the COPY midway.
+    use futures_util::SinkExt;
+    let p = start(config("size = 1\ncheckout_timeout = \"3s\"", "")).await;
+    let c = connect(&p).await;
+    c.batch_execute("DROP TABLE IF EXISTS copy_ext; CREATE TABLE copy_ext (v int)").await.unwrap();
+    for round in 0..3 {
+        let sink = c.copy_in::<_, bytes::Bytes>("COPY copy_ext FROM STDIN").await.unwrap();
+        let mut sink = std::pin::pin!(sink);
+        let mut failed = false;
+        for i in 0..200 {
+            let row = if i == 5 { "not a number\n".to_string() } else { format!("{i}\n") };
+            if sink.send(bytes::Bytes::from(row)).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        let e = match sink.finish().await {
+            Err(e) => e,
+            Ok(n) => panic!("round {round}: the bad row was accepted ({n} rows, failed early: {failed})"),
+        };
+        assert_eq!(sqlstate(&e), "22P02", "round {round}: {e}");
+        // The session goes on: its next statements run, in order...
+        assert_eq!(c.query_one("SELECT $1::int", &[&(round as i32)]).await.unwrap().get::<_, i32>(0), round as i32);
+        c.batch_execute("SELECT 1").await.unwrap();
+        // ...and the pool's only connection is free for another client.
+        let other = connect(&p).await;
+        tokio::time::timeout(Duration::from_secs(2), other.query_one("SELECT 1", &[]))
+            .await
+            .expect("the pool's only connection is still held by the failed COPY")
+            .unwrap();
+    }
+    // A COPY that succeeds still works afterwards.
+    let sink = c.copy_in::<_, bytes::Bytes>("COPY copy_ext FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    sink.send(bytes::Bytes::from_static(b"7\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+}
