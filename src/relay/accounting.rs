@@ -7,8 +7,13 @@ impl Session {
     /// Accounts a client message going to the server.
     pub(super) fn count_request(&mut self, msg: &[u8]) {
         let now = self.now;
-        self.cycle_start.get_or_insert(now);
-        self.txn_start.get_or_insert(now);
+        // Copy data and Flush get no answer of their own: they start no
+        // cycle (CopyData the server ignores after a failed COPY would
+        // start the next query's clock early).
+        if !matches!(msg[0], b'd' | b'c' | b'f' | b'H') {
+            self.cycle_start.get_or_insert(now);
+            self.txn_start.get_or_insert(now);
+        }
         let len = msg.len() as u64;
         self.metrics.received.inc_by(len);
         if let Some(pool) = &self.bound_pool {
@@ -33,6 +38,11 @@ impl Session {
         let Some(pool) = &self.bound_pool else { return };
         let now = self.now;
         if let Some(t) = self.cycle_start.take() {
+            // Pipelined requests still pending: the next one's time (for
+            // timeouts.query too) starts now.
+            if !self.expect.is_empty() {
+                self.cycle_start = Some(now);
+            }
             let e = now.saturating_duration_since(t);
             PoolCounters::add(&pool.counters.query_us, e.as_micros() as u64);
             let h = if matches!(self.bound_target, Some(Target::Replica(_))) { &self.metrics.latency_replica } else { &self.metrics.latency_primary };

@@ -200,6 +200,8 @@ impl Session {
     /// Takes the bound connection and the pool it belongs to.
     pub(super) fn unbind(&mut self) -> Option<(crate::pool::Conn, Arc<Pool>)> {
         let mut conn = self.server.take()?;
+        // Nothing of this client's is pending: no clock runs on.
+        self.cycle_start = None;
         if self.cancel.release() {
             conn.cancel_pending = true;
         }

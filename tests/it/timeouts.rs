@@ -57,3 +57,52 @@ async fn client_idle_timeout_disconnects_with_57p05() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_covers_each_pipelined_query() {
+    // Two queries sent at once: the second one's time counts from when the
+    // first one ended, not never.
+    use tokio::io::AsyncWriteExt;
+    let p = start(config("size = 1", "[timeouts]\nquery = \"400ms\"")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SELECT 1");
+    pgfleet::wire::build::query(&mut out, "SELECT pg_sleep(10)");
+    let started = Instant::now();
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec!["1".to_string()], vec![]));
+    let (_, errors) = crate::protocol::read_cycle(&mut raw).await;
+    assert_eq!(errors, vec!["57014".to_string()]);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_after_a_failed_copy_does_not_start_the_query_clock() {
+    // Session mode keeps the connection bound: CopyData the client still
+    // sends after the server failed its COPY goes to the server (which
+    // ignores it) and gets no answer. It must not start the clock of the
+    // client's next query.
+    use crate::protocol::msg;
+    use tokio::io::AsyncWriteExt;
+    let p = start(config("mode = \"session\"\nsize = 1", "[timeouts]\nquery = \"700ms\"")).await;
+    connect(&p).await.batch_execute("DROP TABLE IF EXISTS copy_clock; CREATE TABLE copy_clock (v int)").await.unwrap();
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "COPY copy_clock FROM STDIN");
+    raw.stream.write_all(&out).await.unwrap();
+    while raw.next().await.unwrap().0 != b'G' {}
+    raw.stream.write_all(&msg(b'd', b"not a number\n")).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![], vec!["22P02".to_string()]));
+    let mut late = Vec::new();
+    for _ in 0..5 {
+        late.extend_from_slice(&msg(b'd', b"1\n"));
+    }
+    late.extend_from_slice(&msg(b'c', b""));
+    raw.stream.write_all(&late).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Shorter than the limit: must run to its end.
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SELECT pg_sleep(0.3)::text || 'done'");
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec!["done".to_string()], vec![]));
+}
