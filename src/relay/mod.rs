@@ -134,6 +134,9 @@ pub struct Session {
     pinned: Option<&'static str>,
     /// Settings SQL may have changed in this transaction (to read back).
     dirty: Vec<String>,
+    /// The pin is of a kind the held-state check cannot see: kept until
+    /// the client leaves.
+    pin_sticky: bool,
     /// The settings the client's startup packet asked for (its session's
     /// start values, which RESET goes back to on PostgreSQL).
     startup: Arc<Settings>,
@@ -289,6 +292,7 @@ impl Session {
             dirty: Vec::new(),
             startup,
             resets: Vec::new(),
+            pin_sticky: false,
             may_release: false,
             resync_prepared: false,
             probe: None,
@@ -678,8 +682,10 @@ impl Session {
     fn note_write(&mut self, class: Class, catalog_ddl: bool) {
         if class == Class::Write && self.bound_target == Some(Target::Primary) && self.routes() {
             self.wrote = true;
-            self.catalog_ddl |= catalog_ddl;
         }
+        // The function catalog also tells which calls may change session
+        // state (read split or not): it reloads when this transaction ends.
+        self.catalog_ddl |= catalog_ddl && self.tracks_state();
     }
 
     /// Writes the synthetic answers that are now at the head of the queue.

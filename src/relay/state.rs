@@ -39,7 +39,9 @@ const HELD_STATE_SQL: &str = "((SELECT count(*) FROM pg_catalog.pg_listening_cha
      + (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
      + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
      + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
-     + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()))::text";
+     + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+     + (SELECT count(*) FROM pg_catalog.pg_proc WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
+     + (SELECT count(*) FROM pg_catalog.pg_type WHERE typnamespace = pg_catalog.pg_my_temp_schema()))::text";
 
 /// The settings the session itself set (SET, set_config), by name.
 const SESSION_NAMES_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ','), '') \
@@ -90,11 +92,8 @@ impl Session {
             if self.cfg.pool.session_state == SessionStateMode::Reject {
                 return Some(rejection_sql(reason));
             }
-            if self.pinned.is_none() {
-                tracing::info!(parent: &self.span, reason, "client pinned to its server connection");
-                self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            self.pinned = Some(reason);
+            self.pin(reason);
+            self.pin_sticky |= a.sticky_pin;
             // Verify at transaction end that state is really held (a
             // pg_try_advisory_lock that got nothing must not pin).
             self.may_release = true;
@@ -142,7 +141,16 @@ impl Session {
         None
     }
 
+    pub(super) fn pin(&mut self, reason: &'static str) {
+        if self.pinned.is_none() {
+            tracing::info!(parent: &self.span, reason, "client pinned to its server connection");
+            self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.pinned = Some(reason);
+    }
+
     pub(super) fn unpin(&mut self) {
+        self.pin_sticky = false;
         if self.pinned.take().is_some() {
             self.app.pinned_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(parent: &self.span, "client unpinned");
@@ -157,7 +165,10 @@ impl Session {
                 self.dirty.push(n.clone());
             }
         }
-        let check_state = self.pinned.is_some() && self.may_release;
+        // Whether session state is held: to unpin a client whose state may
+        // be gone, and to pin one after code pgfleet cannot see into (DO,
+        // CALL, the application's functions) that may have created some.
+        let check_state = (self.pinned.is_some() && self.may_release && !self.pin_sticky) || (self.pinned.is_none() && self.opaque_settings);
         let lsn = std::mem::take(&mut self.wrote)
             && self.cfg.routing.read_your_writes == crate::config::ReadYourWrites::Lsn;
         let session_names = std::mem::take(&mut self.opaque_settings);
@@ -253,8 +264,15 @@ impl Session {
         // Nothing held when the probe ran; but a statement sent after it
         // (a new lock, LISTEN, ...: `may_release` set again) may have taken
         // some, and the next probe decides.
-        if probe.check_state && it.next().flatten().as_deref() == Some("0") && !self.may_release {
-            self.unpin();
+        if probe.check_state {
+            match (self.pinned.is_some(), it.next().flatten().as_deref()) {
+                (true, Some("0")) if !self.may_release => self.unpin(),
+                (false, Some(n)) if n != "0" => {
+                    self.pin("session state created by a function, procedure or DO block (a temporary object, an advisory lock, LISTEN, a cursor, a prepared statement)");
+                    self.may_release = true;
+                }
+                _ => {}
+            }
         }
         if probe.lsn {
             if let Some(lsn) = it.next().flatten().as_deref().and_then(crate::topology::wal_end) {

@@ -44,6 +44,10 @@ pub struct Analysis {
     pub reset_all: bool,
     /// Session-only state that ties the client to its server connection.
     pub pin: Option<&'static str>,
+    /// The pinned state is of a kind the end-of-transaction check cannot
+    /// see (a setting named at run time, LOAD, a dblink connection): the
+    /// client stays pinned until it leaves.
+    pub sticky_pin: bool,
     /// May release such state (UNLISTEN, unlock, DROP, CLOSE, DEALLOCATE, DISCARD).
     pub may_release: bool,
     /// DEALLOCATE ALL / DISCARD ALL: every prepared statement is gone.
@@ -283,6 +287,10 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
             a.pin = a.pin.or(Some("PREPARE (an SQL-level prepared statement)"));
         }
         b"LISTEN" => a.pin = a.pin.or(Some("LISTEN")),
+        b"LOAD" => {
+            a.pin = a.pin.or(Some("LOAD (a library loaded into the server process)"));
+            a.sticky_pin = true;
+        }
         b"DO" | b"CALL" => {
             a.opaque = true;
             for x in t {
@@ -358,6 +366,11 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
         if RELEASE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
             a.may_release = true;
         }
+        if name.eq_ignore_ascii_case("dblink_connect") || name.eq_ignore_ascii_case("dblink_connect_u") {
+            // The connection lives on in the server process, named or not.
+            a.pin = a.pin.or(Some("dblink_connect (a connection kept by the server process)"));
+            a.sticky_pin = true;
+        }
         if name.eq_ignore_ascii_case("set_config") {
             set_config_call(&t[i + 2..], a);
         }
@@ -412,7 +425,10 @@ fn set_config_call(args: &[Tok], a: &mut Analysis) {
         (Some(Tok::Str(name)), true) if args.get(1) == Some(&Tok::Punct(b',')) => {
             a.set_names.push(name.to_ascii_lowercase())
         }
-        _ => a.pin = a.pin.or(Some("set_config with a computed name or scope")),
+        _ => {
+            a.pin = a.pin.or(Some("set_config with a computed name or scope"));
+            a.sticky_pin = true;
+        }
     }
 }
 
@@ -463,8 +479,12 @@ fn has_read_only(t: &[Tok]) -> Option<bool> {
 /// EXPLAIN ANALYZE), or a `pg_temp.` (or `pg_temp_N.`) qualified name.
 fn creates_temp(t: &[Tok]) -> bool {
     let temp = |x: &Tok| is_word(Some(x), "TEMP") || is_word(Some(x), "TEMPORARY");
-    let create_temp = (0..t.len()).any(|i| is_word(t.get(i), "CREATE") && t[i + 1..].iter().take(3).any(temp));
-    create_temp || t.windows(2).any(|w| {
+    // CREATE [OR REPLACE] [LOCAL | GLOBAL] TEMP ...
+    let create_temp = (0..t.len()).any(|i| is_word(t.get(i), "CREATE") && t[i + 1..].iter().take(4).any(temp));
+    // INTO [LOCAL | GLOBAL] TEMP x
+    let scope = |x: &Tok| is_word(Some(x), "LOCAL") || is_word(Some(x), "GLOBAL");
+    let into_temp = t.windows(3).any(|w| is_word(Some(&w[0]), "INTO") && scope(&w[1]) && temp(&w[2]));
+    create_temp || into_temp || t.windows(2).any(|w| {
         (is_word(Some(&w[0]), "INTO") && (is_word(Some(&w[1]), "TEMP") || is_word(Some(&w[1]), "TEMPORARY")))
             || (w[1] == Tok::Punct(b'.')
                 && match w[0] {

@@ -304,8 +304,17 @@ fn pins_and_releases() {
         "EXPLAIN ANALYZE CREATE TEMP TABLE x AS SELECT 1",
         "SELECT \"pg_advisory_lock\"(1)",
         "SELECT \"pg_catalog\".\"pg_advisory_lock\"(1)",
+        "SELECT * INTO LOCAL TEMP x FROM t",
+        "SELECT * INTO GLOBAL TEMPORARY x FROM t",
+        "CREATE OR REPLACE LOCAL TEMP VIEW v AS SELECT 1",
     ] {
-        assert!(classify(sql, &[]).pin.is_some(), "{sql} should pin");
+        let a = classify(sql, &[]);
+        assert!(a.pin.is_some() && !a.sticky_pin, "{sql} should pin (checked at transaction end)");
+    }
+    // State the end-of-transaction check cannot see: pinned until the client leaves.
+    for sql in ["LOAD 'auto_explain'", "SELECT dblink_connect('c', 'dbname=x')", "SELECT dblink_connect_u('dbname=x')", "SELECT set_config($1, $2, false)", "SELECT set_config('a.b', 'x', $1)"] {
+        let a = classify(sql, &[]);
+        assert!(a.pin.is_some() && a.sticky_pin, "{sql} should pin for good");
     }
     for sql in ["SELECT pg_advisory_xact_lock(1)", "CREATE TABLE x (a int)", "SELECT * FROM pg_temp_tables", "SELECT * INTO t2 FROM t", "DECLARE c CURSOR FOR SELECT 1", "SELECT 'LISTEN x'"] {
         assert!(classify(sql, &[]).pin.is_none(), "{sql} should not pin");

@@ -88,6 +88,16 @@ async fn set_local_rollback_reset_and_set_config() {
     assert_eq!(one(&other, "SHOW search_path").await, "\"$user\", public");
 }
 
+async fn wait_pinned(p: &pgfleet::app::Running, why: &str) {
+    for _ in 0..100 {
+        if p.app.pinned_clients.load(Ordering::Relaxed) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("client not pinned: {why}");
+}
+
 async fn wait_unpinned(p: &pgfleet::app::Running) {
     for _ in 0..100 {
         if p.app.pinned_clients.load(Ordering::Relaxed) == 0 {
@@ -519,4 +529,69 @@ async fn reset_returns_to_the_value_the_client_started_with() {
     check(&c).await;
     assert_eq!(one(&other, "SHOW statement_timeout").await, "0");
     assert_eq!(one(&other, "SELECT coalesce(current_setting('myapp.tag', true), '')").await, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_created_inside_do_blocks_and_functions_pins_the_client() {
+    // pgfleet cannot see into a DO block or a function: what they leave on
+    // the connection (a temp table, an advisory lock) is found at the end of
+    // the transaction, and pins the client like the plain statements would.
+    let p = proxy(2).await;
+    let a = connect(&p).await;
+    let others: Vec<_> = futures_join(&p, 3).await;
+    a.batch_execute("DO $$BEGIN CREATE TEMP TABLE scratch_do (x int); INSERT INTO scratch_do VALUES (7); END$$").await.unwrap();
+    // (Found by the check that runs after the client has its answer.)
+    wait_pinned(&p, "a temp table made by a DO block pins").await;
+    for _ in 0..5 {
+        for o in &others {
+            one(o, "SELECT 1").await;
+        }
+        assert_eq!(one(&a, "SELECT x FROM scratch_do").await, "7");
+    }
+    let e = others[0].simple_query("SELECT * FROM scratch_do").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42P01", "another client saw the temp table");
+    a.batch_execute("DROP TABLE scratch_do").await.unwrap();
+    wait_unpinned(&p).await;
+    // An advisory lock taken by a function the application wrote.
+    a.batch_execute("CREATE OR REPLACE FUNCTION take_job_lock(k bigint) RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(k)'").await.unwrap();
+    // (The function catalog learns of it.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    one(&a, "SELECT take_job_lock(4242)::text").await;
+    wait_pinned(&p, "a lock taken by a function pins").await;
+    assert_eq!(one(&a, "SELECT pg_advisory_unlock(4242)::text").await, "true", "the lock is on the client's own connection");
+    wait_unpinned(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_the_state_check_cannot_see_last_until_the_client_leaves() {
+    let p = proxy(2).await;
+    let a = connect(&p).await;
+    let others: Vec<_> = futures_join(&p, 3).await;
+    // A setting whose name is a parameter: pgfleet cannot track it.
+    a.query("SELECT set_config($1, $2, false)", &[&"myapp.tenant", &"42"]).await.unwrap();
+    // A temporary function (not a table: pg_class does not list it).
+    a.batch_execute("CREATE FUNCTION pg_temp.answer() RETURNS int LANGUAGE sql AS 'SELECT 42'").await.unwrap();
+    for _ in 0..5 {
+        for o in &others {
+            one(o, "SELECT 1").await;
+        }
+        assert_eq!(one(&a, "SELECT current_setting('myapp.tenant')").await, "42");
+        assert_eq!(one(&a, "SELECT pg_temp.answer()").await, "42");
+        assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1);
+    }
+    for o in &others {
+        assert_eq!(one(o, "SELECT coalesce(current_setting('myapp.tenant', true), '')").await, "", "the setting leaked");
+    }
+    drop(a);
+    wait_unpinned(&p).await;
+    // A temporary function alone pins, and dropping it unpins.
+    let b = connect(&p).await;
+    b.batch_execute("CREATE FUNCTION pg_temp.answer2() RETURNS int LANGUAGE sql AS 'SELECT 43'").await.unwrap();
+    for o in &others {
+        one(o, "SELECT 1").await;
+    }
+    assert_eq!(one(&b, "SELECT pg_temp.answer2()").await, "43");
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1);
+    b.batch_execute("DROP FUNCTION pg_temp.answer2()").await.unwrap();
+    wait_unpinned(&p).await;
 }
