@@ -158,8 +158,8 @@ impl Session {
             }
             let (conn, pool) = self.unbind().expect("checked");
             if std::mem::take(&mut self.discard_conn) {
-                tracing::info!(parent: &self.span, "closing a server connection where code may have set custom settings pgfleet cannot name (function catalog not loaded)");
-                pool.discard(conn, "custom settings unknown");
+                tracing::info!(parent: &self.span, "closing a server connection whose session state pgfleet could not read back (custom settings it cannot name while the function catalog is not loaded, or a failed state check)");
+                pool.discard(conn, "session state unknown");
                 return;
             }
             pool.checkin_at(conn, self.now);

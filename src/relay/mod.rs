@@ -134,6 +134,8 @@ pub struct Session {
     pinned: Option<&'static str>,
     /// Settings SQL may have changed in this transaction (to read back).
     dirty: Vec<String>,
+    /// The state probe failed this many times in a row.
+    probe_failures: u8,
     /// The pin is of a kind the held-state check cannot see: kept until
     /// the client leaves.
     pin_sticky: bool,
@@ -293,6 +295,7 @@ impl Session {
             startup,
             resets: Vec::new(),
             pin_sticky: false,
+            probe_failures: 0,
             may_release: false,
             resync_prepared: false,
             probe: None,

@@ -204,6 +204,9 @@ impl Session {
             Some(Pending::Swallow(Kind::Query)) => {
                 let msg = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str());
                 tracing::warn!(parent: &self.span, error = msg.unwrap_or(""), "a hidden state check failed on the server");
+                if let Some(probe) = self.probe.take() {
+                    self.probe_failed(probe);
+                }
                 false
             }
             Some(Pending::Abort) => {

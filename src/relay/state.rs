@@ -232,9 +232,34 @@ impl Session {
         Some(format!("SELECT {}", cols.join(", ")))
     }
 
+    /// The probe failed on the server (a cancel that arrived late, the
+    /// client's own statement_timeout): what it was to learn is asked
+    /// again before the connection is released; a second failure closes
+    /// the connection instead of returning it with state nobody knows of.
+    pub(super) fn probe_failed(&mut self, probe: Probe) {
+        self.probe_failures += 1;
+        if self.probe_failures > 1 {
+            tracing::warn!(parent: &self.span, "the state check failed twice: the server connection is closed, not reused");
+            self.probe_failures = 0;
+            self.discard_conn = true;
+            return;
+        }
+        for n in probe.names.into_iter().take(probe.guesses) {
+            if !self.dirty.contains(&n) {
+                self.dirty.push(n);
+            }
+        }
+        self.resync_prepared |= probe.resync_prepared.is_some();
+        self.wrote |= probe.lsn;
+        self.opaque_settings |= probe.session_names;
+        // A pinned client's state is checked again.
+        self.may_release |= probe.check_state && self.pinned.is_some();
+    }
+
     /// The probe's DataRow: adopt the values it reports.
     pub(super) fn on_probe_row(&mut self, msg: &[u8]) {
         let Some(probe) = self.probe.take() else { return };
+        self.probe_failures = 0;
         let Some(values) = data_row(msg) else { return };
         let mut it = values.into_iter();
         for (i, name) in probe.names.into_iter().enumerate() {
