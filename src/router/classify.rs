@@ -102,7 +102,9 @@ const WRITE_FUNCTIONS: &[&str] = &[
     "dblink_exec", "dblink", "dblink_connect", "dblink_connect_u", "dblink_open", "dblink_send_query",
     "pg_import_system_collations", "pg_replication_slot_advance", "pg_copy_physical_replication_slot",
     "pg_copy_logical_replication_slot", "pg_logical_slot_get_changes", "pg_logical_slot_get_binary_changes",
-    "setseed",
+    "setseed", "gin_clean_pending_list",
+    // Run a query given as text: pgfleet cannot see what it does.
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema", "ts_stat",
 ];
 
 const PIN_FUNCTIONS: &[&str] =
@@ -123,6 +125,9 @@ fn word_is_write_function(name: &str, extra: &[String]) -> bool {
         || lower_starts("lo_")
         || lower_starts("pg_stat_reset")
         || lower_starts("pg_replication_origin_")
+        || lower_starts("brin_") // brin_summarize_new_values, brin_summarize_range, ...
+        || lower_starts("pg_wal_replay_") // pause/resume a standby's replay
+        || lower_starts("pg_file_") // adminpack: writes files on the server
         // A schema-qualified entry ("app.charge") names the function `charge`.
         || extra.iter().any(|f| f.rsplit('.').next().unwrap_or(f).eq_ignore_ascii_case(name))
 }
@@ -243,7 +248,7 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
                 _ => false,
             });
             let runs_write = || has_write_marker(t) || t.iter().any(|x| is_word(Some(x), "CREATE") || is_word(Some(x), "EXECUTE"));
-            read = !(analyze && runs_write());
+            read = !(analyze && (runs_write() || !explains_a_query(t)));
         }
         b"BEGIN" | b"START" => {
             if a.statements == 1 {
@@ -329,6 +334,37 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
     }
 }
 
+/// Whether the statement an EXPLAIN explains (after its options) is a
+/// query: `EXPLAIN ANALYZE REFRESH MATERIALIZED VIEW ...` runs a write.
+fn explains_a_query(t: &[Tok]) -> bool {
+    let mut i = 1;
+    if t.get(i) == Some(&Tok::Punct(b'(')) {
+        let mut depth = 0;
+        while let Some(x) = t.get(i) {
+            match x {
+                Tok::Punct(b'(') => depth += 1,
+                Tok::Punct(b')') => {
+                    depth -= 1;
+                    if depth == 0 {
+                        i += 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+    while ["ANALYZE", "ANALYSE", "VERBOSE"].iter().any(|w| is_word(t.get(i), w)) {
+        i += 1;
+    }
+    match t.get(i) {
+        Some(Tok::Punct(b'(')) => true,
+        Some(Tok::Word(w)) => ["SELECT", "WITH", "VALUES", "TABLE"].iter().any(|k| w.eq_ignore_ascii_case(k)),
+        _ => false,
+    }
+}
+
 /// Looks at every function call: writers, session pins, releases, set_config.
 fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
     for i in 0..t.len().saturating_sub(1) {
@@ -339,6 +375,12 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
             Tok::Word(name) => name,
             // A quoted name ("nextval", jOOQ's "public"."f") is exact: only
             // an all-lower-case one names a built-in (compared as a word).
+            // A U&"..." name with escapes (U&"pg\005fadvisory\005flock"):
+            // not decoded here, so not known safe.
+            Tok::Ident(name) if name.contains('\\') => {
+                *read = false;
+                continue;
+            }
             Tok::Ident(name) if !name.bytes().any(|c| c.is_ascii_uppercase() || c == b'"') => name,
             Tok::Ident(name) => {
                 if *read {

@@ -218,6 +218,25 @@ const TABLE: &[(&str, Class)] = &[
     ("SELECT pg_replication_origin_session_setup('o')", W),
     ("SELECT pg_logical_slot_get_changes('s', NULL, NULL)", W),
     ("SELECT app.my_schema_writer(1)", W), // write_functions entry "app.my_schema_writer"
+    // EXPLAIN ANALYZE runs what it explains: a query only is a read.
+    ("EXPLAIN ANALYZE REFRESH MATERIALIZED VIEW mv", W),
+    ("EXPLAIN (ANALYZE true, FORMAT JSON) REFRESH MATERIALIZED VIEW mv", W),
+    ("EXPLAIN (ANALYZE, BUFFERS) VALUES (1)", R),
+    ("EXPLAIN ANALYZE VERBOSE WITH x AS (SELECT 1) SELECT * FROM x", R),
+    ("EXPLAIN ANALYZE (SELECT 1) UNION (SELECT 2)", R),
+    ("EXPLAIN REFRESH MATERIALIZED VIEW mv", R),
+    // Functions that change a server or run a query given as text.
+    ("SELECT brin_summarize_new_values('i')", W),
+    ("SELECT gin_clean_pending_list('i')", W),
+    ("SELECT pg_wal_replay_pause()", W),
+    ("SELECT pg_file_write('f', 'x', false)", W),
+    ("SELECT query_to_xml('select pg_advisory_lock(1)', true, true, '')", W),
+    // A U& name with escapes is not decoded: not known to be safe.
+    ("SELECT U&\"pg\\005fadvisory\\005flock\"(1)", W),
+    // A string continued after a comment and a newline is read in the first
+    // part's (E'') mode: \' does not end it.
+    ("SELECT E'x' -- c\n'\\'', pg_advisory_lock(1) --'", W),
+    ("SELECT E'x' -- c\n'\\''; DELETE FROM t; --'", W),
 ];
 
 #[test]

@@ -111,6 +111,11 @@ impl<'a> Lexer<'a> {
         while matches!(b.get(i), Some(b' ' | b'\t' | b'\x0c')) {
             i += 1;
         }
+        // A `--` comment may come before the newline too (scan.l's
+        // whitespace_with_newline).
+        if b.get(i) == Some(&b'-') && b.get(i + 1) == Some(&b'-') {
+            i += b[i..].iter().position(|c| matches!(c, b'\n' | b'\r'))?;
+        }
         if !matches!(b.get(i), Some(b'\n' | b'\r')) {
             return None;
         }
