@@ -80,6 +80,11 @@ impl From<WireError> for SessionError {
 /// The parameters a client session wants on any server connection serving it.
 pub type Settings = Vec<(String, String)>;
 
+/// Whether these settings turn `standard_conforming_strings` off.
+fn backslash_strings(settings: &Settings) -> bool {
+    settings.iter().any(|(n, v)| n.eq_ignore_ascii_case("standard_conforming_strings") && v.eq_ignore_ascii_case("off"))
+}
+
 pub struct Session {
     /// The client's span (user, database, address, workload). The task is
     /// not instrumented with it (entering a span on every poll of every
@@ -134,6 +139,9 @@ pub struct Session {
     pinned: Option<&'static str>,
     /// Settings SQL may have changed in this transaction (to read back).
     dirty: Vec<String>,
+    /// `standard_conforming_strings` is off for this client: SQL text is
+    /// lexed with backslash escapes in '' strings.
+    backslash_strings: bool,
     /// The state probe failed this many times in a row.
     probe_failures: u8,
     /// The pin is of a kind the held-state check cannot see: kept until
@@ -246,6 +254,7 @@ impl Session {
         let cfg = app.config();
         let wl = id.workload.clone().unwrap_or_default();
         let settings_fp = fingerprint(&settings);
+        let off = backslash_strings(&settings);
         Session {
             span: tracing::Span::current(),
             generation: app.generation(),
@@ -296,6 +305,7 @@ impl Session {
             resets: Vec::new(),
             pin_sticky: false,
             probe_failures: 0,
+            backslash_strings: off,
             may_release: false,
             resync_prepared: false,
             probe: None,
@@ -652,7 +662,7 @@ impl Session {
     }
 
     fn analyze(&self, sql: &str) -> crate::router::Analysis {
-        crate::router::classify(sql, &self.cfg.routing.write_functions)
+        crate::router::classify_as(sql, &self.cfg.routing.write_functions, self.backslash_strings)
     }
 
     fn on_query(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {

@@ -178,6 +178,9 @@ impl Session {
     /// ParameterStatus: the server's value changed (a client SET, or pgfleet
     /// bringing the connection in line). The client's view follows it.
     fn on_parameter(&mut self, name: String, value: String) {
+        if name.eq_ignore_ascii_case("standard_conforming_strings") {
+            self.backslash_strings = value.eq_ignore_ascii_case("off");
+        }
         if let Some(server) = self.server.as_mut() {
             server.params.insert(name.clone(), value.clone());
         }

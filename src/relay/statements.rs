@@ -12,7 +12,8 @@ const ABORTED: &str = "current transaction is aborted, commands ignored until en
 impl Session {
     pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
         let extra = self.cfg.routing.write_functions.clone();
-        self.app.stmts.intern(content, |c| crate::router::classify(&state::sql_text(c), &extra))
+        let off = self.backslash_strings;
+        self.app.stmts.intern(content, off, |c| crate::router::classify_as(&state::sql_text(c), &extra, off))
     }
 
     pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {

@@ -31,14 +31,19 @@ pub fn server_name(id: u64) -> Bytes {
 #[derive(Default)]
 pub struct Registry {
     next: AtomicU64,
-    /// Guards the content -> statement map; held only for a lookup/insert.
-    by_content: Mutex<HashMap<Bytes, Arc<Stmt>>>,
+    /// Guards the content -> statement maps; held only for a lookup/insert.
+    /// Two maps: the same text means something else to a session with
+    /// `standard_conforming_strings = off` (its classification, and how a
+    /// server parses it), so such sessions share statements only among
+    /// themselves.
+    by_content: Mutex<[HashMap<Bytes, Arc<Stmt>>; 2]>,
 }
 
 impl Registry {
     /// The shared statement for `content`; `analyze` classifies new ones.
-    pub fn intern(&self, content: &[u8], analyze: impl FnOnce(&[u8]) -> Analysis) -> Arc<Stmt> {
-        let mut map = self.by_content.lock().unwrap();
+    pub fn intern(&self, content: &[u8], backslash_strings: bool, analyze: impl FnOnce(&[u8]) -> Analysis) -> Arc<Stmt> {
+        let mut maps = self.by_content.lock().unwrap();
+        let map = &mut maps[usize::from(backslash_strings)];
         if let Some(s) = map.get(content) {
             return s.clone();
         }
@@ -53,7 +58,7 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.by_content.lock().unwrap().len()
+        self.by_content.lock().unwrap().iter().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,12 +73,16 @@ mod tests {
     #[test]
     fn identical_content_shares_one_statement() {
         let r = Registry::default();
-        let a = r.intern(b"select 1\0\0\0", |_| Analysis::default());
-        let b = r.intern(b"select 1\0\0\0", |_| Analysis::default());
-        let c = r.intern(b"select 2\0\0\0", |_| Analysis::default());
+        let a = r.intern(b"select 1\0\0\0", false, |_| Analysis::default());
+        let b = r.intern(b"select 1\0\0\0", false, |_| Analysis::default());
+        let c = r.intern(b"select 2\0\0\0", false, |_| Analysis::default());
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
         assert_eq!(&a.server_name[..], format!("_pgf_{}", a.id).as_bytes());
         assert_eq!(r.len(), 2);
+        // Sessions with standard_conforming_strings off share among themselves only.
+        let d = r.intern(b"select 1\0\0\0", true, |_| Analysis::default());
+        assert_ne!(a.id, d.id);
+        assert_eq!(r.intern(b"select 1\0\0\0", true, |_| Analysis::default()).id, d.id);
     }
 }

@@ -134,8 +134,14 @@ fn word_is_write_function(name: &str, extra: &[String]) -> bool {
 
 /// Classifies a query string. `write_functions`: the application's own.
 pub fn classify(sql: &str, write_functions: &[String]) -> Analysis {
+    classify_as(sql, write_functions, false)
+}
+
+/// `classify` for a session with `standard_conforming_strings = off`
+/// (`backslash_strings`: a backslash escapes a quote in '' strings).
+pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: bool) -> Analysis {
     let mut a = Analysis { class: Class::Read, ..Analysis::default() };
-    let mut lx = Lexer::new(sql);
+    let mut lx = Lexer::with_backslash_strings(sql, backslash_strings);
     // Tokens of one statement: on the stack, spilling to the heap only for
     // statements longer than STACK_TOKENS (no allocation in the common case).
     const STACK_TOKENS: usize = 48;

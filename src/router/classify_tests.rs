@@ -420,3 +420,18 @@ fn function_ddl_is_flagged() {
         assert!(!classify(sql, &[]).catalog_ddl, "{sql}");
     }
 }
+
+#[test]
+fn standard_conforming_strings_off() {
+    use super::classify_as;
+    // With standard_conforming_strings off, \' does not end a '' string.
+    let a = classify_as("SELECT 'O\\'Brien', pg_advisory_lock(42)", &[], true);
+    assert_eq!(a.class, W);
+    assert!(a.pin.is_some());
+    assert_eq!(classify_as("SELECT 'O\\'Brien'; UPDATE users SET a = 1", &[], true).class, W);
+    assert_eq!(classify_as("SELECT 'a\\\\', 1", &[], true).class, R);
+    assert_eq!(classify_as("SELECT N'O\\'Brien', nextval('s')", &[], true).class, W);
+    // With it on (the default), a backslash is an ordinary character.
+    assert_eq!(classify_as("SELECT 'a\\', 1", &[], false).class, R);
+    assert_eq!(classify("SELECT 'x\\'; SELECT pg_advisory_lock(1) --'", &[]).pin, Some("a session-level advisory lock (pg_advisory_lock)"));
+}

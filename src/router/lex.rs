@@ -25,11 +25,20 @@ pub struct Lexer<'a> {
     pos: usize,
     /// pgfleet hint comments seen: `/* pgfleet: ... */` bodies.
     pub hints: Vec<&'a str>,
+    /// `standard_conforming_strings = off`: a backslash escapes the next
+    /// character in plain '' strings too.
+    backslash_strings: bool,
 }
 
 impl<'a> Lexer<'a> {
     pub fn new(src: &'a str) -> Lexer<'a> {
-        Lexer { src, b: src.as_bytes(), pos: 0, hints: Vec::new() }
+        Lexer::with_backslash_strings(src, false)
+    }
+
+    /// A lexer for a session with `standard_conforming_strings = off`
+    /// (`backslash_strings`), where 'O\'Brien' is one string.
+    pub fn with_backslash_strings(src: &'a str, backslash_strings: bool) -> Lexer<'a> {
+        Lexer { src, b: src.as_bytes(), pos: 0, hints: Vec::new(), backslash_strings }
     }
 
     fn skip_space_and_comments(&mut self) {
@@ -201,7 +210,7 @@ impl<'a> Iterator for Lexer<'a> {
         let c = *self.b.get(self.pos)?;
         let next = self.b.get(self.pos + 1).copied();
         Some(match c {
-            b'\'' => Tok::Str(self.quoted(b'\'', false)),
+            b'\'' => Tok::Str(self.quoted(b'\'', self.backslash_strings)),
             b'"' => Tok::Ident(self.quoted(b'"', false)),
             b'e' | b'E' if next == Some(b'\'') => {
                 self.pos += 1;
@@ -218,7 +227,7 @@ impl<'a> Iterator for Lexer<'a> {
             }
             b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if next == Some(b'\'') => {
                 self.pos += 1;
-                Tok::Str(self.quoted(b'\'', false))
+                Tok::Str(self.quoted(b'\'', self.backslash_strings))
             }
             b'$' => {
                 if next.is_some_and(|d| d.is_ascii_digit()) {

@@ -5,4 +5,4 @@ pub mod classify;
 pub mod lex;
 pub mod route;
 
-pub use classify::{classify, Analysis, Class, RouteHint, TxControl};
+pub use classify::{classify, classify_as, Analysis, Class, RouteHint, TxControl};

@@ -595,3 +595,28 @@ async fn pins_the_state_check_cannot_see_last_until_the_client_leaves() {
     b.batch_execute("DROP FUNCTION pg_temp.answer2()").await.unwrap();
     wait_unpinned(&p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_read_as_the_server_reads_them_with_standard_conforming_strings_off() {
+    // 'O\'Brien' is one string when standard_conforming_strings is off: the
+    // lock call after it must be seen (and pin the client).
+    let p = proxy(2).await;
+    let a = connect(&p).await;
+    let others: Vec<_> = futures_join(&p, 3).await;
+    a.batch_execute("SET standard_conforming_strings = off").await.unwrap();
+    assert_eq!(one(&a, "SELECT 'O\\'Brien' || pg_advisory_lock(4343)::text").await, "O'Brien");
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1, "the lock call was not seen");
+    for o in &others {
+        one(o, "SELECT 1").await;
+    }
+    assert_eq!(one(&a, "SELECT pg_advisory_unlock(4343)::text").await, "true", "the lock is on the client's own connection");
+    wait_unpinned(&p).await;
+    // Extended protocol too (a named statement, shared with the sessions
+    // that read it the same way only).
+    let st = a.prepare("SELECT 'it\\'s' || pg_advisory_lock(4344)::text").await.unwrap();
+    let row = a.query_one(&st, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "it's");
+    assert_eq!(p.app.pinned_clients.load(Ordering::Relaxed), 1, "the lock call was not seen");
+    assert_eq!(one(&a, "SELECT pg_advisory_unlock(4344)::text").await, "true");
+    wait_unpinned(&p).await;
+}
