@@ -51,6 +51,10 @@ const SOUT_HIGH: usize = 256 * 1024;
 /// Stop reading the server while this many bytes wait for the client.
 const COUT_HIGH: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
+/// Complete client messages pgfleet holds unprocessed (pipelined while a
+/// unit waits to be released, or while output backs up) before it stops
+/// reading the client.
+const CIN_HIGH: usize = 1024 * 1024;
 /// While draining, an idle client is closed only after this much quiet, so
 /// a request already on the wire (e.g. right after login) is still served.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
@@ -505,7 +509,9 @@ impl Session {
 
     async fn process_client(&mut self) -> Result<(), SessionError> {
         self.refresh_config();
-        while self.sout.len() < SOUT_HIGH {
+        // Output to the client backed up: no new requests until it reads
+        // (as PostgreSQL, which stops reading while its output blocks).
+        while self.sout.len() < SOUT_HIGH && self.cout.len() < COUT_HIGH {
             let h = match wire::peek_header(&self.cin, self.max_msg)? {
                 Some(h) if self.cin.len() >= h.total => h,
                 _ => return Ok(()),

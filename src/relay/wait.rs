@@ -2,7 +2,7 @@
 //! client's `Signal`), and one timer for the proxy-enforced timeouts and
 //! housekeeping.
 
-use super::{Event, Session, SessionError, Timeout, COUT_HIGH, DRAIN_QUIET, SOUT_HIGH};
+use super::{Event, Session, SessionError, Timeout, CIN_HIGH, COUT_HIGH, DRAIN_QUIET, SOUT_HIGH};
 use crate::stats::{KILL, SHUTDOWN};
 use crate::net::Stream;
 use std::future::Future;
@@ -59,8 +59,12 @@ impl Session {
     /// session, armed across waits: it is re-armed only when a deadline
     /// earlier than the armed one is needed (firing early re-evaluates).
     pub(super) async fn wait(&mut self, shutting_down: bool) -> Result<Event, SessionError> {
+        // A message not yet complete is always read on; past that, only
+        // while what is read can be processed (a client that writes and
+        // never reads must not grow pgfleet's buffers without bound).
         let client_read = !self.terminated
-            && (self.sout.len() < SOUT_HIGH || !self.has_complete_client_message());
+            && (!self.has_complete_client_message()
+                || (self.sout.len() < SOUT_HIGH && self.cout.len() < COUT_HIGH && self.cin.len() < CIN_HIGH));
         let client_write = !self.cout.is_empty();
         let (server_read, server_write) = match self.server {
             Some(_) => (self.cout.len() < COUT_HIGH, !self.sout.is_empty()),

@@ -834,3 +834,17 @@ async fn an_extended_protocol_copy_the_server_aborts_leaves_the_session_usable()
     sink.send(bytes::Bytes::from_static(b"7\n")).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_and_never_reads_is_not_buffered_without_bound() {
+    // Syncs with nothing bound are answered by pgfleet itself (5 bytes in,
+    // 6 out). A client that sends them and never reads must be held back by
+    // its own socket, as PostgreSQL would, not buffered in pgfleet.
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let flood = msg(b'S', b"").repeat(8 * 1024 * 1024); // 40 MB of Syncs
+    let wrote = tokio::time::timeout(Duration::from_secs(5), raw.stream.write_all(&flood)).await;
+    assert!(wrote.is_err(), "pgfleet took 40 MB from a client that reads nothing");
+    // Other clients are served meanwhile.
+    connect(&p).await.simple_query("SELECT 1").await.unwrap();
+}
