@@ -22,11 +22,14 @@ impl Session {
                 (!self.cancel_sent).then_some(())?;
                 Some((self.cycle_start? + limit, Timeout::Query))
             }
-            Some(_) if matches!(self.status, b'T' | b'E') => {
+            // In a transaction, or in an extended-protocol batch not yet
+            // ended by Sync (its implicit transaction is open).
+            Some(_) if matches!(self.status, b'T' | b'E') || self.in_batch => {
                 Some((self.last_client_activity + t.idle_in_transaction.enabled()?, Timeout::IdleInTransaction))
             }
-            Some(_) => None,
-            None => Some((self.last_client_activity + t.client_idle.enabled()?, Timeout::ClientIdle)),
+            // Idle between transactions, still holding the connection
+            // (session mode, a pinned client): idle all the same.
+            Some(_) | None => Some((self.last_client_activity + t.client_idle.enabled()?, Timeout::ClientIdle)),
         }
     }
 

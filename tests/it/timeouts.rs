@@ -106,3 +106,25 @@ async fn copy_data_after_a_failed_copy_does_not_start_the_query_clock() {
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec!["done".to_string()], vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_idle_applies_to_clients_that_hold_a_server_connection() {
+    // Session mode and a pinned client keep their server connection between
+    // transactions: idle, they are closed all the same (57P05), and the
+    // connection goes back to the pool.
+    use tokio::io::AsyncWriteExt;
+    for (mode, pin) in [("session", ""), ("transaction", "LISTEN idle_chan")] {
+        let p = start(config(&format!("mode = \"{mode}\"\nsize = 1\ncheckout_timeout = \"5s\""), "[timeouts]\nclient_idle = \"400ms\"")).await;
+        let mut raw = RawClient::login(&p, "app", "app").await;
+        let mut out = bytes::BytesMut::new();
+        pgfleet::wire::build::query(&mut out, if pin.is_empty() { "SELECT 1" } else { pin });
+        raw.stream.write_all(&out).await.unwrap();
+        assert_eq!(crate::protocol::read_cycle(&mut raw).await.1, Vec::<String>::new(), "{mode}");
+        let started = Instant::now();
+        assert_eq!(raw.error_code().await.as_deref(), Some("57P05"), "{mode}");
+        assert!(started.elapsed() >= Duration::from_millis(300), "{mode}");
+        // The only connection serves the next client.
+        let c = connect(&p).await;
+        tokio::time::timeout(Duration::from_secs(3), c.simple_query("SELECT 1")).await.expect("connection freed").unwrap();
+    }
+}
