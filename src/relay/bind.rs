@@ -236,7 +236,12 @@ impl Session {
         self.app.metrics.errors.with_label_values(&[&code]).inc();
         tracing::info!(parent: &self.span, sqlstate = %code, error = %msg, "closing client session");
         let mut out = std::mem::take(&mut self.cout);
-        build::error_response(&mut out, "FATAL", &code, &msg);
+        // Not in the middle of a message still streaming from the server
+        // (the client would read the FATAL as the rest of a DataRow): then
+        // the connection just closes after what was sent.
+        if self.skip == 0 {
+            build::error_response(&mut out, "FATAL", &code, &msg);
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             use tokio::io::AsyncWriteExt;
             let _ = self.client.write_all(&out).await;

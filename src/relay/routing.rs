@@ -248,6 +248,8 @@ impl Session {
     /// the error, then ReadyForQuery (simple Query) or, for an
     /// extended-protocol batch, the rest of the batch is skipped to Sync.
     pub(super) fn refuse_unit(&mut self, tag: u8, code: &str, message: &str) {
+        // The unit is over (a retried one too: the next may record again).
+        self.replay_state = super::Replay::Off;
         self.workload_stats.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.app.metrics.errors.with_label_values(&[code]).inc();
         build::error_response(&mut self.cout, "ERROR", code, message);
