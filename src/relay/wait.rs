@@ -66,8 +66,8 @@ impl Session {
         // while what is read can be processed (a client that writes and
         // never reads must not grow pgfleet's buffers without bound).
         let client_read = !self.terminated
-            && (!self.has_complete_client_message()
-                || (self.sout.len() < SOUT_HIGH && self.cout.len() < COUT_HIGH && self.cin.len() < CIN_HIGH));
+            && ((self.sout.len() < SOUT_HIGH && self.cout.len() < COUT_HIGH && self.cin.len() < CIN_HIGH)
+                || !self.has_complete_client_message());
         let client_write = !self.cout.is_empty();
         let (server_read, server_write) = match self.server {
             Some(_) => (self.cout.len() < COUT_HIGH, !self.sout.is_empty()),
