@@ -67,12 +67,7 @@ async fn cancel_requests_get_through_at_max_client_conn_and_during_a_lockout() {
     let a = connect(&p).await;
     let _b = connect(&p).await;
     assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err()), "53300");
-    let token = a.cancel_token();
-    let sleeping = tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await.map(|_| a) });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let e = tokio::time::timeout(std::time::Duration::from_secs(5), sleeping).await.expect("cancelled in time").unwrap().unwrap_err();
-    assert_eq!(sqlstate(&e), "57014");
+    cancel_a_long_query(a).await;
     drop(_b);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     // A client logged in before its address (127.0.0.1) was locked out by a
@@ -80,8 +75,14 @@ async fn cancel_requests_get_through_at_max_client_conn_and_during_a_lockout() {
     let x = connect(&p).await;
     assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "wrong", "app")).await.unwrap_err()), "28P01");
     assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err()), "28000");
-    let token = x.cancel_token();
-    let sleeping = tokio::spawn(async move { x.simple_query("SELECT pg_sleep(20)").await.map(|_| x) });
+    cancel_a_long_query(x).await;
+}
+
+/// Starts a long query on `c`, cancels it with the client's cancel key (a
+/// CancelRequest on a new connection) and checks it ended with 57014.
+async fn cancel_a_long_query(c: tokio_postgres::Client) {
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await.map(|_| c) });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let e = tokio::time::timeout(std::time::Duration::from_secs(5), sleeping).await.expect("cancelled in time").unwrap().unwrap_err();

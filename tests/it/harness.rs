@@ -243,11 +243,6 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    /// Server connections the primary has for (user, database).
-    pub fn server_conns(&self, user: &str, db: &str) -> usize {
-        self.server_conns_where(&format!("usename = '{user}' AND datname = '{db}'"))
-    }
-
     pub fn server_conns_where(&self, cond: &str) -> usize {
         self.psql_admin(&format!("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND {cond}"))
             .parse()

@@ -81,23 +81,34 @@ async fn client_tls_require_verify_full_channel_binding_and_reload() {
     let _ = std::fs::remove_dir_all(&rotated);
 }
 
+fn ssl_request() -> Vec<u8> {
+    [8u32.to_be_bytes(), 80877103u32.to_be_bytes()].concat()
+}
+
+/// A TLS session with pgfleet (SSLRequest, 'S', handshake) and the client's
+/// local port.
+async fn tls_session(p: &pgfleet::app::Running) -> (tokio_rustls::client::TlsStream<tokio::net::TcpStream>, u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    tcp.write_all(&ssl_request()).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let tls = pgfleet::tls::ClientTls::new(pgfleet::config::ServerTlsMode::Require, None).unwrap().unwrap();
+    let name = pgfleet::tls::ClientTls::server_name("127.0.0.1:0").unwrap();
+    (tls.connector.connect(name, tcp).await.unwrap(), port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_ssl_request_inside_tls_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = temp_dir("twice");
     make_certs(&dir, "server");
     let p = start(tls_config(&dir, "require")).await;
-    let ssl_request = [8u32.to_be_bytes(), 80877103u32.to_be_bytes()].concat();
-    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    tcp.write_all(&ssl_request).await.unwrap();
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"S");
-    let tls = pgfleet::tls::ClientTls::new(pgfleet::config::ServerTlsMode::Require, None).unwrap().unwrap();
-    let name = pgfleet::tls::ClientTls::server_name("127.0.0.1:0").unwrap();
-    let mut s = tls.connector.connect(name, tcp).await.unwrap();
+    let (mut s, _) = tls_session(&p).await;
     // Inside TLS, asking for TLS again is a protocol error, not an 'N'.
-    s.write_all(&ssl_request).await.unwrap();
+    s.write_all(&ssl_request()).await.unwrap();
     let mut got = Vec::new();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut got)).await.expect("closed in time");
     assert_eq!(got.first(), Some(&b'E'), "{got:?}");
@@ -197,17 +208,7 @@ async fn a_tls_connection_pgfleet_closed_is_released_though_the_client_stays() {
     let dir = temp_dir("linger");
     make_certs(&dir, "server");
     let p = start(tls_config(&dir, "require")).await;
-    let ssl_request = [8u32.to_be_bytes(), 80877103u32.to_be_bytes()].concat();
-    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let client_port = tcp.local_addr().unwrap().port();
-    let mut tcp = tcp;
-    tcp.write_all(&ssl_request).await.unwrap();
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"S");
-    let tls = pgfleet::tls::ClientTls::new(pgfleet::config::ServerTlsMode::Require, None).unwrap().unwrap();
-    let name = pgfleet::tls::ClientTls::server_name("127.0.0.1:0").unwrap();
-    let mut s = tls.connector.connect(name, tcp).await.unwrap();
+    let (mut s, client_port) = tls_session(&p).await;
     // A startup packet pgfleet refuses (too long), then silence: the client
     // neither reads on nor closes.
     s.write_all(&20000u32.to_be_bytes()).await.unwrap();
