@@ -5,8 +5,9 @@
 //! concurrency permits until the connection is released.
 //!
 //! Over a limit a transaction waits, in a bounded FIFO queue, at most the
-//! rule's `max_wait`; then the client gets an ERROR naming the rule (53300
-//! for concurrency, 53400 for rate) and its session continues.
+//! rule's `max_wait`; then the client gets an ERROR naming the rule (53300,
+//! as the configuration contract says, for rate and concurrency alike) and
+//! its session continues.
 
 use crate::config::Limit;
 use crate::wire::sqlstate;
@@ -232,7 +233,7 @@ impl Limits {
                 None => {
                     let rate = l.rate.unwrap_or_default();
                     return Err(l.refuse(
-                        sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                        sqlstate::TOO_MANY_CONNECTIONS,
                         format!("rate {rate}/s (burst {}) would need a wait over {:?}", l.burst, l.max_wait),
                     ));
                 }
@@ -313,7 +314,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn token_bucket_paces_and_refuses_with_53400() {
+    async fn token_bucket_paces_and_refuses_with_53300() {
         let limits = Limits::new(&[rule(|l| {
             l.rate = Some(10.0);
             l.burst = Some(2);
@@ -338,7 +339,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         let (code, _) = l.admit(&req(false)).await.err().unwrap();
-        assert_eq!(code, "53400");
+        assert_eq!(code, "53300");
         assert!(a.await.unwrap() && b.await.unwrap());
     }
 

@@ -85,7 +85,7 @@ async fn a_client_that_leaves_while_waiting_for_admission_never_runs_its_stateme
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_allows_the_burst_then_refuses_with_53400() {
+async fn rate_limit_allows_the_burst_then_refuses_with_53300() {
     let p = start(config(
         "size = 2",
         "[[limits]]\ndatabase = \"app\"\nrate = 5\nburst = 3\nmax_wait = \"0s\"",
@@ -101,7 +101,7 @@ async fn rate_limit_allows_the_burst_then_refuses_with_53400() {
         }
     }
     assert!((3..=4).contains(&ok), "burst of 3 (+1 refilled at most): {ok}");
-    assert!(refused.iter().all(|e| sqlstate(e) == "53400"), "{refused:?}");
+    assert!(refused.iter().all(|e| sqlstate(e) == "53300"), "{refused:?}");
     assert!(message(&refused[0]).contains("database=app"), "{:?}", refused[0]);
     // Tokens come back at the configured rate.
     tokio::time::sleep(Duration::from_millis(450)).await;
