@@ -49,3 +49,58 @@ fn unknown_keys_and_bad_durations_are_errors() {
     let err = Config::parse("[pool]\ncheckout_timeout = \"5 parsecs\"\n", "x.toml").unwrap_err();
     assert!(err.to_string().contains("duration"), "{err}");
 }
+
+#[test]
+fn settings_that_would_silently_do_nothing_are_errors() {
+    let text = r#"
+[[users]]
+name = "app"
+password = "app"
+[[users]]
+name = "mon"
+password = "SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy"
+[[databases]]
+name = "app"
+[[databases]]
+name = "pgbouncer"
+[cluster]
+primary = "127.0.0.1:5432"
+health_user = "mon"
+[[cluster.replicas]]
+name = "r1"
+addr = "127.0.0.1:5432"
+groups = ["g"]
+[[cluster.replicas]]
+name = "r2"
+addr = "127.0.0.1:5433"
+groups = ["g"]
+[[cluster.replicas]]
+name = "r3"
+addr = "127.0.0.1:5433"
+groups = ["g"]
+[[cluster.groups]]
+name = "g"
+[[cluster.groups]]
+name = "error"
+[routing]
+default_workload = "g"
+[[limits]]
+workload = "analytcs"
+max_in_flight = 2
+[[limits]]
+database = "nope"
+rate = 5
+"#;
+    let all = Config::parse(text, "t.toml").unwrap_err().to_string();
+    for needle in [
+        "cluster.replicas[r1].addr: \"127.0.0.1:5432\" is the primary's address",
+        "cluster.replicas[r3].addr: \"127.0.0.1:5433\" is another replica's address too",
+        "cluster.groups[error].name",
+        "databases.name: \"pgbouncer\" is the admin console's name",
+        "cluster.health_user: \"mon\" needs a plaintext password",
+        "limits[0].workload: workload \"analytcs\"",
+        "limits[1].database: \"nope\"",
+    ] {
+        assert!(all.contains(needle), "{needle} not in {all}");
+    }
+}

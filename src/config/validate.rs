@@ -86,6 +86,9 @@ impl Config {
         self.validate_pool(&mut p);
         self.validate_users(&mut p);
         dupes(&mut p, "databases.name", self.databases.iter().map(|d| d.name.as_str()));
+        for d in self.databases.iter().filter(|d| crate::admin::is_admin_database(&d.name)) {
+            p.push(format!("databases.name: {:?} is the admin console's name", d.name));
+        }
         if self.databases.is_empty() {
             p.push("databases: define at least one [[databases]] entry".into());
         }
@@ -148,6 +151,19 @@ impl Config {
         dupes(p, "cluster.replicas.name", self.cluster.replicas.iter().map(|r| r.name.as_str()));
         dupes(p, "cluster.groups.name", self.cluster.groups.iter().map(|g| g.name.as_str()));
         let groups: HashSet<&str> = self.cluster.groups.iter().map(|g| g.name.as_str()).collect();
+        for g in &self.cluster.groups {
+            if g.name == "primary" || g.name == "error" {
+                p.push(format!("cluster.groups[{}].name: {:?} is reserved (a fallback of that name means the primary / an error)", g.name, g.name));
+            }
+        }
+        let mut addrs: HashSet<&str> = HashSet::new();
+        for r in &self.cluster.replicas {
+            if r.addr == self.cluster.primary {
+                p.push(format!("cluster.replicas[{}].addr: {:?} is the primary's address", r.name, r.addr));
+            } else if !addrs.insert(r.addr.as_str()) {
+                p.push(format!("cluster.replicas[{}].addr: {:?} is another replica's address too", r.name, r.addr));
+            }
+        }
         for r in &self.cluster.replicas {
             if r.name == "primary" || r.name == "(none)" {
                 // Pools, stats and SHOW name the primary's backend so.
@@ -185,9 +201,18 @@ impl Config {
         if self.routing.transaction_reads != super::TransactionReads::Primary {
             p.push("routing.transaction_reads: only \"primary\" is supported (BEGIN READ ONLY goes to replicas)".into());
         }
+        // pgfleet logs in to the servers as such a user itself.
+        let can_log_in = |user: &super::User| {
+            user.server_password.is_some()
+                || user.password.as_deref().is_some_and(|pw| crate::wire::auth::Secret::from_config(pw).is_ok_and(|s| s.plaintext().is_some()))
+        };
         if let Some(u) = &self.cluster.health_user {
-            if self.user(u).is_none() {
-                p.push(format!("cluster.health_user: {u:?} is not defined in [[users]]"));
+            match self.user(u) {
+                None => p.push(format!("cluster.health_user: {u:?} is not defined in [[users]]")),
+                Some(user) if !can_log_in(user) => {
+                    p.push(format!("cluster.health_user: {u:?} needs a plaintext password or server_password (the monitor logs in as it)"))
+                }
+                _ => {}
             }
         }
         if let Some(d) = &self.cluster.health_database {
@@ -200,7 +225,7 @@ impl Config {
             (None, Some(_)) => p.push("auth.auth_user: set auth.auth_query too".into()),
             (Some(_), Some(u)) => match self.user(u) {
                 None => p.push(format!("auth.auth_user: {u:?} is not defined in [[users]]")),
-                Some(user) if user.server_password.is_none() && user.password.as_deref().is_none_or(|pw| crate::wire::auth::Secret::from_config(pw).map_or(true, |s| s.plaintext().is_none())) => {
+                Some(user) if !can_log_in(user) => {
                     p.push(format!("auth.auth_user: {u:?} needs a plaintext password or server_password (pgfleet logs in as it)"))
                 }
                 _ => {}
@@ -222,6 +247,13 @@ impl Config {
             }
             if l.max_in_flight.is_none() && l.rate.is_none() {
                 p.push(format!("limits[{i}]: sets neither max_in_flight nor rate"));
+            }
+            // A typo would make the rule silently never apply.
+            if let Some(w) = &l.workload {
+                self.check_workload(p, &format!("limits[{i}].workload"), w);
+            }
+            if let Some(d) = l.database.as_deref().filter(|d| self.database(d).is_none()) {
+                p.push(format!("limits[{i}].database: {d:?} is not defined in [[databases]]"));
             }
         }
     }

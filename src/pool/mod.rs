@@ -574,7 +574,8 @@ impl Pool {
             while i < s.idle.len() {
                 let c = &s.idle[i];
                 let too_old = c.created.elapsed() >= settings.lifetime;
-                let too_idle = c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
+                // server_idle_timeout = 0: never closed for idleness (PgBouncer's meaning).
+                let too_idle = !settings.idle_timeout.is_zero() && c.idle_since.elapsed() >= settings.idle_timeout && s.total > settings.min_size;
                 let too_many = s.total > settings.size;
                 let why = if too_old {
                     Some("server_lifetime reached")
