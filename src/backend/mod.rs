@@ -165,6 +165,14 @@ impl ServerConn {
     async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, BackendError> {
         let tcp = TcpStream::connect(&spec.addr).await?;
         tcp.set_nodelay(true)?;
+        // A server host that vanishes without a reset (power loss, a
+        // partition) is noticed in about a minute, not the kernel's
+        // retransmission timeout.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(30))
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(3);
+        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
         let peer = tcp.peer_addr()?;
         let mut stream = match &spec.tls {
             Some(tls) => Self::start_tls(tcp, tls, &spec.addr).await?,
@@ -197,12 +205,22 @@ impl ServerConn {
             cancel_pending: false,
         };
         let mut scram: Option<ScramClient> = None;
+        // One authentication method per login: a server that asks for a
+        // password (cleartext, md5) after a SCRAM exchange began or ended
+        // gets nothing (a downgrade to learn the password or an md5 hash).
+        let mut method_answered = false;
         loop {
             let msg = conn.read_message(&mut buf).await?;
             let mut r = wire::Reader::new(wire::body(&msg));
             match msg[0] {
                 b'R' => {
                     let code = r.i32().map_err(|e| BackendError::Protocol(e.to_string()))?;
+                    if matches!(code, 3 | 5 | 10) {
+                        if method_answered {
+                            return Err(BackendError::Auth(format!("the server asked for authentication again (request {code}) after a method was answered: refused")));
+                        }
+                        method_answered = true;
+                    }
                     let mut out = BytesMut::new();
                     conn.answer_auth(code, r.rest(), spec, &mut scram, &mut out)?;
                     if !out.is_empty() {
@@ -512,7 +530,52 @@ mod tests {
             s.write_all(&ok).await.unwrap();
             let _ = s.read(&mut buf).await;
         });
-        let spec = ConnectSpec {
+        match ServerConn::connect(&test_spec(addr)).await {
+            Err(BackendError::Auth(why)) => {
+                assert!(why.contains("server signature not verified"), "{why}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a server that never proved the password was accepted"),
+        }
+    }
+
+    /// A scripted server that starts SCRAM, then asks for the password in
+    /// cleartext (a downgrade): pgfleet must not send it.
+    #[tokio::test]
+    async fn a_server_asking_for_the_password_after_scram_began_gets_nothing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let _ = s.read(&mut buf).await; // StartupMessage
+            let mut out = BytesMut::new();
+            out.extend_from_slice(b"R");
+            out.extend_from_slice(&23i32.to_be_bytes());
+            out.extend_from_slice(&10i32.to_be_bytes());
+            out.extend_from_slice(b"SCRAM-SHA-256\0\0");
+            s.write_all(&out).await.unwrap();
+            let _ = s.read(&mut buf).await; // SASLInitialResponse
+            let mut cleartext = BytesMut::new();
+            cleartext.extend_from_slice(b"R");
+            cleartext.extend_from_slice(&8i32.to_be_bytes());
+            cleartext.extend_from_slice(&3i32.to_be_bytes());
+            s.write_all(&cleartext).await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut got)).await;
+            got
+        });
+        match ServerConn::connect(&test_spec(addr)).await {
+            Err(BackendError::Auth(why)) => assert!(why.contains("asked for authentication again"), "{why}"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("connected"),
+        }
+        let sent = server.await.unwrap();
+        assert!(!sent.windows(6).any(|w| w == b"secret"), "the password went out in cleartext");
+    }
+
+    fn test_spec(addr: String) -> ConnectSpec {
+        ConnectSpec {
             addr,
             user: "app".into(),
             database: "app".into(),
@@ -522,13 +585,6 @@ mod tests {
             tls: None,
             pacer: None,
             passthrough: None,
-        };
-        match ServerConn::connect(&spec).await {
-            Err(BackendError::Auth(why)) => {
-                assert!(why.contains("server signature not verified"), "{why}")
-            }
-            Err(e) => panic!("wrong error: {e}"),
-            Ok(_) => panic!("a server that never proved the password was accepted"),
         }
     }
 }

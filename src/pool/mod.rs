@@ -279,6 +279,9 @@ impl Pool {
             return;
         }
         *self.backoff.lock().unwrap() = Backoff::default();
+        // What a new client is told (server_version, defaults) comes from
+        // the new server's first connection.
+        *self.startup_params.lock().unwrap() = None;
         tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server (or database, or TLS mode)");
         self.close_idle_and(why, || {
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -444,7 +447,8 @@ impl Pool {
                     c.register(&self.conns, &self.key);
                     let c = Box::new(c);
                     let mut sp = self.startup_params.lock().unwrap();
-                    if sp.is_none() {
+                    // (Not from a connection to a server the pool has left.)
+                    if sp.is_none() && self.epoch.load(Ordering::Acquire) == epoch {
                         let mut v: Vec<_> = c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                         v.sort();
                         *sp = Some(Arc::new(v));
@@ -467,12 +471,20 @@ impl Pool {
 
     /// Parameters to show clients at login; connects once if none known yet.
     pub async fn startup_params(self: &Arc<Self>) -> Result<Arc<StartupParams>, PoolError> {
-        if let Some(p) = self.startup_params.lock().unwrap().clone() {
-            return Ok(p);
+        // A new connection sets them; the pool moving to another server at
+        // that moment clears them again, hence a few tries.
+        for _ in 0..3 {
+            if let Some(p) = self.startup_params.lock().unwrap().clone() {
+                return Ok(p);
+            }
+            let c = self.checkout().await?;
+            self.checkin(c);
         }
-        let c = self.checkout().await?;
-        self.checkin(c);
-        Ok(self.startup_params.lock().unwrap().clone().expect("set by the first connect"))
+        self.startup_params
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| PoolError::Connect(BackendError::Protocol("the pool's server changed during login".into())))
     }
 
     /// Returns a clean connection (idle, no transaction) to the pool.
