@@ -215,9 +215,20 @@ impl App {
         tokio::spawn(async move {
             let mut next = Some(load);
             while let Some(load) = next {
-                let result = tokio::time::timeout(Duration::from_secs(10), app.read_catalog(&load.database))
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()));
+                // In a task of its own: a panic while reading (a bug, odd
+                // data) must still end the load, or the catalog would stay
+                // "loading" and never be read again.
+                let reader = app.clone();
+                let database = load.database.clone();
+                let mut read = tokio::spawn(async move { reader.read_catalog(&database).await });
+                let result = match tokio::time::timeout(Duration::from_secs(10), &mut read).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => Err(format!("the catalog reader failed: {e}")),
+                    Err(_) => {
+                        read.abort();
+                        Err("timed out".into())
+                    }
+                };
                 next = app.catalogs.finish(load, result, Instant::now());
             }
         });
@@ -231,10 +242,17 @@ impl App {
         let addr = topo.writer_addr().ok_or("no primary")?;
         let client = crate::topology::connect_as(&spec, addr, dbname, "pgfleet-catalog").await?;
         let rows = client.query(VOLATILE_SQL, &[]).await.map_err(|e| e.to_string())?;
-        let volatile = volatile_set(rows.iter().map(|r| r.get::<_, String>(0)), &cfg.routing.read_functions);
+        // Decoded with try_get: a name that is not UTF-8 (an SQL_ASCII
+        // database) fails the load (reads that call functions then go to the
+        // primary, and the load is retried later) instead of panicking the
+        // loader, which left the catalog "loading" for good.
+        let names = rows.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<Vec<_>, _>>().map_err(|e| format!("a function name: {e}"))?;
+        let volatile = volatile_set(names, &cfg.routing.read_functions);
         let mut settings = Vec::new();
         for row in client.query(SETTING_CODE_SQL, &[]).await.map_err(|e| e.to_string())? {
-            custom_settings_in(row.get::<_, Option<&str>>(0).unwrap_or(""), &mut settings);
+            // Code that is not UTF-8 is skipped: only the custom settings it
+            // may set are looked for.
+            custom_settings_in(row.try_get::<_, Option<&str>>(0).ok().flatten().unwrap_or(""), &mut settings);
         }
         Ok(Functions { volatile, settings })
     }
