@@ -411,11 +411,20 @@ impl ServerConn {
                 let msg = self.read_message(&mut buf).await?;
                 match msg[0] {
                     b'E' => error = Some(wire::error_fields(&msg)),
-                    b'S' => {
-                        if let Ok((k, v)) = wire::parse_parameter_status(&msg) {
+                    b'S' => match wire::parse_parameter_status(&msg) {
+                        Ok((k, v)) => {
                             self.params.insert(k.to_string(), v.to_string());
                         }
-                    }
+                        // A value in a client encoding that is not UTF-8:
+                        // unknown from now on (not the previous value).
+                        Err(_) => {
+                            let body = wire::body(&msg);
+                            let name = body.split(|b| *b == 0).next().and_then(|n| std::str::from_utf8(n).ok());
+                            if let Some(name) = name {
+                                self.params.remove(name);
+                            }
+                        }
+                    },
                     b'Z' => {
                         if let Some(e) = error {
                             return Err(BackendError::Server(e));

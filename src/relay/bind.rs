@@ -103,7 +103,15 @@ impl Session {
     /// this server does not load, a bad startup option) fails the client's
     /// unit instead of letting it run with the previous client's settings.
     async fn sync_settings(&mut self, conn: &mut ServerConn) -> Result<(), BackendError> {
-        if let Some(sync) = settings_sql(&self.settings, conn) {
+        let mut sync = settings_sql(&self.settings, conn);
+        if sync.as_ref().is_some_and(|s| !s.sql.is_ascii()) && !conn.params.get("client_encoding").is_some_and(|e| e.eq_ignore_ascii_case("UTF8")) {
+            // pgfleet's SQL is UTF-8: a connection the last client left in
+            // another encoding would read 'café' as something else. Then
+            // the sync sets this client's encoding again if it is not UTF8.
+            conn.run_silently("SET client_encoding TO 'UTF8'", SETTINGS_TIMEOUT).await?;
+            sync = settings_sql(&self.settings, conn);
+        }
+        if let Some(sync) = sync {
             conn.run_silently(&sync.sql, SETTINGS_TIMEOUT).await?;
             for i in sync.set {
                 let (name, value) = &self.settings[i];

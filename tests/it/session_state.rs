@@ -620,3 +620,29 @@ async fn statements_are_read_as_the_server_reads_them_with_standard_conforming_s
     assert_eq!(one(&a, "SELECT pg_advisory_unlock(4344)::text").await, "true");
     wait_unpinned(&p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_reach_the_server_intact_whatever_encoding_the_last_client_used() {
+    // pgfleet's own SQL is UTF-8: a connection the previous client left in
+    // LATIN1 must not read the next client's 'café' as 'cafÃ©'.
+    use tokio::io::AsyncWriteExt;
+    let p = proxy(1).await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::startup::startup_message(&mut out, &[("user", "app"), ("database", "app"), ("client_encoding", "LATIN1")]);
+    let (mut latin, _) = RawClient::login_with(&p, &out, "app").await;
+    let mut q = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut q, "SELECT 1");
+    latin.stream.write_all(&q).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut latin).await.1, Vec::<String>::new());
+    let s = format!("{} application_name=café options='-c myapp.who=José'", conn_str(&p, "app", "app", "app"));
+    let c = connect_with(&s).await.unwrap();
+    for _ in 0..3 {
+        // (PostgreSQL 15 shows each non-ASCII byte of an application_name as
+        // '?': two for é, four if it had been read as LATIN1.)
+        assert_eq!(one(&c, "SHOW application_name").await, "caf??");
+        assert_eq!(one(&c, "SELECT current_setting('myapp.who')").await, "José");
+        // The LATIN1 client takes the connection back in between.
+        latin.stream.write_all(&q).await.unwrap();
+        assert_eq!(crate::protocol::read_cycle(&mut latin).await.1, Vec::<String>::new());
+    }
+}
