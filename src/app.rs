@@ -408,6 +408,12 @@ impl App {
         if new.pool.mode != old.pool.mode {
             notes.push("pool.mode changes apply to new clients only".to_string());
         }
+        if new.admin.metrics_addr != old.admin.metrics_addr {
+            notes.push("admin.metrics_addr changes need a restart; the metrics endpoint stays where it was".to_string());
+        }
+        if new.log.level != old.log.level || new.log.format != old.log.format {
+            notes.push("log.level and log.format changes need a restart".to_string());
+        }
         *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
         match crate::tls::ServerTls::from_config(&new.listen) {
             Ok(t) => *self.tls.write().unwrap() = t,
