@@ -641,5 +641,7 @@ mod tests {
         }
         let a: Vec<_> = (0..20).map(|_| backoff_delay(3)).collect();
         assert!(a.iter().any(|d| *d != a[0]), "jittered");
+        // Grows: 50 ms, 100 ms, 200 ms ... (each ±50 %).
+        assert!(a.iter().all(|d| *d >= Duration::from_millis(100) && *d < Duration::from_millis(300)), "{a:?}");
     }
 }

@@ -67,7 +67,7 @@ async fn cancel_requests_get_through_at_max_client_conn_and_during_a_lockout() {
     let a = connect(&p).await;
     let _b = connect(&p).await;
     assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err()), "53300");
-    cancel_a_long_query(a).await;
+    cancel_a_long_query(a, "cancel-at-max-clients").await;
     drop(_b);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     // A client logged in before its address (127.0.0.1) was locked out by a
@@ -75,15 +75,16 @@ async fn cancel_requests_get_through_at_max_client_conn_and_during_a_lockout() {
     let x = connect(&p).await;
     assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "wrong", "app")).await.unwrap_err()), "28P01");
     assert_eq!(sqlstate(&connect_with(&conn_str(&p, "app", "app", "app")).await.unwrap_err()), "28000");
-    cancel_a_long_query(x).await;
+    cancel_a_long_query(x, "cancel-when-locked-out").await;
 }
 
 /// Starts a long query on `c`, cancels it with the client's cancel key (a
 /// CancelRequest on a new connection) and checks it ended with 57014.
-async fn cancel_a_long_query(c: tokio_postgres::Client) {
+async fn cancel_a_long_query(c: tokio_postgres::Client, marker: &str) {
     let token = c.cancel_token();
-    let sleeping = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await.map(|_| c) });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let sql = format!("SELECT pg_sleep(20) /* {marker} */");
+    let sleeping = tokio::spawn(async move { c.simple_query(&sql).await.map(|_| c) });
+    wait_running(marker).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let e = tokio::time::timeout(std::time::Duration::from_secs(5), sleeping).await.expect("cancelled in time").unwrap().unwrap_err();
     assert_eq!(sqlstate(&e), "57014");
@@ -274,14 +275,16 @@ async fn user_names_cannot_be_probed_through_the_challenge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_auth_query_is_not_a_wrong_password() {
-    // The lookup itself fails (here: a query the server rejects; in life:
-    // the primary restarting, a rotated auth_user password). That is not
-    // the client's fault: 08006, and no lockout of its address.
+    // The lookup itself fails (here: its user does not exist; in life: the
+    // primary restarting, a rotated auth_user password). That is not the
+    // client's fault: 08006, and no lockout of its address.
     let mut cfg = config("size = 2", "[auth]\nmax_failed_logins = 1\nfailed_login_window = \"60s\"");
-    cfg.users.push(pgfleet::config::User { name: "postgres".into(), password: Some("unused".into()), ..Default::default() });
+    // A role the server does not have: the lookup cannot even connect (and
+    // opens no connection the auth_query test next door counts).
+    cfg.users.push(pgfleet::config::User { name: "no_such_auth_role".into(), password: Some("x".into()), ..Default::default() });
     cfg.users.retain(|u| u.name != "md5user");
-    cfg.auth.auth_user = Some("postgres".into());
-    cfg.auth.auth_query = Some("SELECT usename, passwd FROM no_such_table WHERE usename = $1".into());
+    cfg.auth.auth_user = Some("no_such_auth_role".into());
+    cfg.auth.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
     let p = start(cfg).await;
     for _ in 0..3 {
         let e = connect_with(&conn_str(&p, "md5user", "md5pw", "app")).await.unwrap_err();

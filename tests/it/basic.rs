@@ -64,11 +64,11 @@ async fn cancel_stops_only_the_running_query() {
     let other_task = tokio::spawn(async move {
         other.query_one("SELECT count(*) FROM pg_sleep(1.5)", &[]).await.map(|r| r.get::<_, i64>(0))
     });
-    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30) /* cancel-only-running */").await.map(|_| ()) });
+    wait_running("cancel-only-running").await;
     let started = std::time::Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let e = sleeper.await.unwrap().unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeper).await.expect("cancelled in time").unwrap().unwrap_err();
     assert_eq!(sqlstate(&e), "57014");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(other_task.await.unwrap().unwrap(), 1, "the other client's query is untouched");
@@ -78,11 +78,17 @@ async fn cancel_stops_only_the_running_query() {
 async fn bogus_cancel_key_does_nothing() {
     let p = proxy(2).await;
     let c = connect(&p).await;
+    // While a query runs (something a wrong match could cancel).
+    let running = tokio::spawn(async move { c.query_one("SELECT count(*) FROM pg_sleep(1) /* bogus-cancel */", &[]).await.map(|r| r.get::<_, i64>(0)) });
+    wait_running("bogus-cancel").await;
     let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(&pgfleet::wire::startup::cancel_request(12345, 678)).await.unwrap();
-    let r = c.query_one("SELECT count(*) FROM pg_sleep(0.3)", &[]).await.unwrap();
-    assert_eq!(r.get::<_, i64>(0), 1);
+    // pgfleet answers a cancel by closing the connection, as PostgreSQL does.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("cancel connection closed").unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(running.await.unwrap().unwrap(), 1, "a bogus key cancelled a query");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -542,3 +542,19 @@ pub async fn max_server_conns_during<T>(cond: &str, f: impl std::future::Future<
     sampler.join().unwrap();
     (out, max.load(Ordering::Relaxed))
 }
+
+/// Waits (up to 10 s) until the shared cluster runs a statement containing
+/// `marker` (e.g. a comment in it): a cancel sent before that has nothing
+/// to cancel yet.
+pub async fn wait_running(marker: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    );
+    for _ in 0..200 {
+        if tokio::task::block_in_place(|| cluster().psql_admin(&sql)) != "0" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no running statement contains {marker:?}");
+}

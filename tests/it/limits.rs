@@ -94,13 +94,17 @@ async fn rate_limit_allows_the_burst_then_refuses_with_53300() {
     let c = connect(&p).await;
     let mut ok = 0;
     let mut refused = Vec::new();
+    let started = std::time::Instant::now();
     for _ in 0..8 {
         match c.simple_query("SELECT 1").await {
             Ok(_) => ok += 1,
             Err(e) => refused.push(e),
         }
     }
-    assert!((3..=4).contains(&ok), "burst of 3 (+1 refilled at most): {ok}");
+    // The burst, plus what 5/s refilled meanwhile (a loaded machine is slow).
+    let refilled = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!((3..=3 + refilled).contains(&ok), "burst of 3 (+{refilled} refilled at most): {ok}");
+    assert!(ok < 8, "nothing was refused");
     assert!(refused.iter().all(|e| sqlstate(e) == "53300"), "{refused:?}");
     assert!(message(&refused[0]).contains("database=app"), "{:?}", refused[0]);
     // Tokens come back at the configured rate.

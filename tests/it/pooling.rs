@@ -187,6 +187,7 @@ async fn session_mode_resets_with_discard_all() {
     let p = start(config("size = 1\nmode = \"session\"", "")).await;
     let a = connect(&p).await;
     a.batch_execute("SET statement_timeout = '1234ms'; CREATE TEMP TABLE mine (x int)").await.unwrap();
+    let pid_a: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     // In session mode a second client waits for the first to leave.
     drop(a);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -203,6 +204,10 @@ async fn session_mode_resets_with_discard_all() {
     assert_eq!(v, "0");
     let e = b.simple_query("SELECT * FROM mine").await.unwrap_err();
     assert_eq!(sqlstate(&e), "42P01");
+    // Reset, not replaced: the same server connection serves the next client.
+    let pid_b: i32 = b.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(pid_a, pid_b, "the connection was closed instead of reset");
+    assert_eq!(p.app.pools()[0].stats().total, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

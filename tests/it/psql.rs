@@ -51,10 +51,13 @@ async fn clients_connect_over_the_unix_socket() {
     cfg.listen.tls_cert = Some(dir.join("server.crt").display().to_string());
     cfg.listen.tls_key = Some(dir.join("server.key").display().to_string());
     cfg.listen.tls_mode = Some(pgfleet::config::TlsMode::Require);
-    // A stale socket file (a crashed pgfleet's) is replaced.
-    let stale = std::os::unix::net::UnixListener::bind(dir.join(".s.PGSQL.1")).unwrap();
+    // A stale socket file (a crashed pgfleet's, on the port pgfleet will
+    // use) is replaced.
+    let port = free_port();
+    let stale = std::os::unix::net::UnixListener::bind(dir.join(format!(".s.PGSQL.{port}"))).unwrap();
     drop(stale);
-    let p = start(cfg.clone()).await;
+    let listener = pgfleet::app::bind_reuseport(&format!("127.0.0.1:{port}")).unwrap();
+    let p = pgfleet::app::start(cfg.clone(), listener).unwrap();
     let path = p.unix_socket.clone().unwrap();
     assert_eq!(path, dir.join(format!(".s.PGSQL.{}", p.addr.port())));
     use std::os::unix::fs::PermissionsExt;

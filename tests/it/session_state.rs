@@ -198,10 +198,13 @@ async fn advisory_locks_pin_and_are_released() {
     wait_unpinned(&p).await;
     assert_eq!(one(&b, "SELECT pg_try_advisory_lock(4242)").await, "t");
     assert_eq!(one(&b, "SELECT pg_advisory_unlock(4242)").await, "t");
-    // A pinned client that disconnects leaves no lock behind.
+    // A pinned client that disconnects leaves no lock behind (checked
+    // from outside pgfleet: the session holding a lock may take it again).
     one(&a, "SELECT pg_advisory_lock(77)::text").await;
     drop(a);
     wait_unpinned(&p).await;
+    let held = || tokio::task::block_in_place(|| cluster().psql_admin("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 77"));
+    assert_eq!(held(), "0", "the lock outlived its client");
     assert_eq!(one(&b, "SELECT pg_try_advisory_lock(77)").await, "t");
     one(&b, "SELECT pg_advisory_unlock_all()::text").await;
 }
@@ -556,9 +559,9 @@ async fn session_state_created_inside_do_blocks_and_functions_pins_the_client() 
     a.batch_execute("CREATE OR REPLACE FUNCTION take_job_lock(k bigint) RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(k)'").await.unwrap();
     // (The function catalog learns of it.)
     tokio::time::sleep(Duration::from_millis(300)).await;
-    one(&a, "SELECT take_job_lock(4242)::text").await;
+    one(&a, "SELECT take_job_lock(918273)::text").await;
     wait_pinned(&p, "a lock taken by a function pins").await;
-    assert_eq!(one(&a, "SELECT pg_advisory_unlock(4242)::text").await, "true", "the lock is on the client's own connection");
+    assert_eq!(one(&a, "SELECT pg_advisory_unlock(918273)::text").await, "true", "the lock is on the client's own connection");
     wait_unpinned(&p).await;
 }
 

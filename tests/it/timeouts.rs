@@ -25,16 +25,23 @@ async fn idle_in_transaction_timeout_rolls_back_with_25p03() {
     let setup = connect(&p).await;
     setup.batch_execute("DROP TABLE IF EXISTS iit_t; CREATE TABLE iit_t (id int primary key, v int); INSERT INTO iit_t VALUES (1, 0)").await.unwrap();
     drop(setup);
-    let idle = connect(&p).await;
-    idle.batch_execute("BEGIN; UPDATE iit_t SET v = 1 WHERE id = 1").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let e = idle.simple_query("COMMIT").await.unwrap_err();
-    assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("25P03"), "{e}");
-    // The single pooled connection is free again, the row unlocked and unchanged.
+    // A raw client: the 25P03 it is sent when idle is read as is.
+    use tokio::io::AsyncWriteExt;
+    let mut idle = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "BEGIN; UPDATE iit_t SET v = 1 WHERE id = 1");
+    idle.stream.write_all(&out).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut idle).await.1, Vec::<String>::new());
+    let started = Instant::now();
+    assert_eq!(idle.error_code().await.as_deref(), Some("25P03"));
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    // The single pooled connection is free again, the row unlocked, and the
+    // idle transaction's update rolled back.
     let next = connect(&p).await;
-    next.batch_execute("SET lock_timeout = '2s'; UPDATE iit_t SET v = 2 WHERE id = 1").await.unwrap();
+    next.batch_execute("SET lock_timeout = '2s'").await.unwrap();
     let v: i32 = next.query_one("SELECT v FROM iit_t WHERE id = 1", &[]).await.unwrap().get(0);
-    assert_eq!(v, 2);
+    assert_eq!(v, 0, "the idle transaction's update was committed");
+    next.batch_execute("UPDATE iit_t SET v = 2 WHERE id = 1").await.unwrap();
     // Idle counts from the end of the last statement: a statement in a
     // transaction that runs longer than the limit is not idleness.
     let busy = connect(&p).await;
