@@ -182,9 +182,11 @@ impl Topology {
         mem.lag.history = old.lag.history.clone();
         let same = |r: &ReplicaInfo| previous.replicas.iter().position(|o| o.name == r.name && o.addr == r.addr);
         mem.lag.last_replay = vec![None; self.replicas.len()];
+        mem.lag.diverged = vec![None; self.replicas.len()];
         for (i, r) in self.replicas.iter().enumerate() {
             let Some(o) = same(r) else { continue };
             mem.lag.last_replay[i] = old.lag.last_replay.get(o).copied().flatten();
+            mem.lag.diverged[i] = old.lag.diverged.get(o).copied().flatten();
             for (slot, &g) in r.groups.iter().enumerate() {
                 let name = &self.groups[g].name;
                 let was = previous.replicas[o].groups.iter().position(|&og| previous.groups[og].name == *name);
@@ -336,6 +338,10 @@ struct LagState {
     excluded: Vec<Vec<bool>>,
     /// Per replica: its last replay position as a standby, and when seen.
     last_replay: Vec<Option<(u64, Instant)>>,
+    /// Per replica: found ahead of the primary at this replay position
+    /// (WAL the primary never had: a standby left on the old timeline by a
+    /// failover). Kept until its replay position moves.
+    diverged: Vec<Option<u64>>,
 }
 
 /// How long a standby's last replay position keeps the history it needs.

@@ -157,6 +157,7 @@ pub(super) fn build_snapshot(
     let primary_reachable = seen.is_some();
     let primary_lsn = lag.history.back().map(|(l, _)| *l).unwrap_or(0);
     lag.last_replay.resize(topo.replicas.len(), None);
+    lag.diverged.resize(topo.replicas.len(), None);
     let mut states = Vec::with_capacity(replicas.len());
     for (i, result) in replicas.iter().enumerate() {
         let info = &topo.replicas[i];
@@ -178,7 +179,28 @@ pub(super) fn build_snapshot(
             Ok(Check { lsn, .. }) => {
                 st.reachable = true;
                 st.replay_lsn = lsn.unwrap_or(0);
+                // A standby cannot have replayed WAL its primary had not yet
+                // written when checked later: if it has, it is on another
+                // timeline (left behind by a failover, ahead of the new
+                // primary) and its rows are not the primary's.
+                if let (Some(p), Some((before, when))) = (seen, lag.last_replay[i]) {
+                    if before > p && primary_at > when {
+                        lag.diverged[i] = Some(before);
+                    }
+                }
+                if lag.diverged[i].is_some_and(|d| d != st.replay_lsn) {
+                    lag.diverged[i] = None; // replaying again (re-cloned, rewound)
+                }
                 lag.last_replay[i] = Some((st.replay_lsn, now));
+                if let Some(d) = lag.diverged[i] {
+                    st.excluded_because = Some(format!(
+                        "diverged: replayed up to {} that the primary never had (left on the old timeline by a failover?); used again once it replays anew",
+                        crate::topology::format_lsn(d)
+                    ));
+                    st.groups = info.groups.iter().map(|g| (*g, false)).collect();
+                    states.push(st);
+                    continue;
+                }
                 st.lag_bytes = primary_lsn.saturating_sub(st.replay_lsn);
                 let lag_time = lag.lag_time(st.replay_lsn, now);
                 st.lag = lag_time.unwrap_or_else(|at_least| at_least);
@@ -324,6 +346,33 @@ mod tests {
         // a position that no longer exists.
         let s = build_snapshot(&t, &mut lag, (&at(false, 4000), t0 + Duration::from_secs(20)), &[at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
         assert_eq!(s.primary_lsn, 4000);
+        assert_eq!(usable(&s), [true, true]);
+    }
+
+    #[test]
+    fn a_standby_ahead_of_its_primary_is_diverged_until_it_replays_anew() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
+        let t0 = Instant::now();
+        let round = |k: u64| t0 + Duration::from_millis(100 * k);
+        // Checked after the primary, a standby may be a little ahead of the
+        // position the primary reported in the same round: not diverged.
+        let s = build_snapshot(&t, &mut lag, (&at(false, 5000), round(1)), &[at(true, 5100), at(true, 5000)], round(1));
+        assert_eq!(usable(&s), [true, true]);
+        let s = build_snapshot(&t, &mut lag, (&at(false, 5200), round(2)), &[at(true, 5200), at(true, 5200)], round(2));
+        assert_eq!(usable(&s), [true, true]);
+        // Failover to a server that had only reached 4000; r0 had replayed
+        // 5200 of the old primary's WAL: ahead of the new primary's later
+        // position, so its rows are not the primary's. r1 follows the new
+        // timeline (its replay moves on below the new primary).
+        let s = build_snapshot(&t, &mut lag, (&at(false, 4100), round(3)), &[at(true, 5200), at(true, 4100)], round(3));
+        assert_eq!(usable(&s), [false, true]);
+        assert!(s.replicas[0].excluded_because.as_deref().is_some_and(|w| w.starts_with("diverged")), "{:?}", s.replicas[0]);
+        // The new primary passes it: still diverged (it did not move).
+        let s = build_snapshot(&t, &mut lag, (&at(false, 9000), round(4)), &[at(true, 5200), at(true, 9000)], round(4));
+        assert_eq!(usable(&s), [false, true]);
+        // Re-cloned from the new primary: replaying again, used again.
+        let s = build_snapshot(&t, &mut lag, (&at(false, 9100), round(5)), &[at(true, 9050), at(true, 9100)], round(5));
         assert_eq!(usable(&s), [true, true]);
     }
 
