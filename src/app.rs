@@ -104,6 +104,8 @@ pub struct App {
     pub cancels: Arc<CancelRegistry>,
     pub stmts: Registry,
     clients: AtomicUsize,
+    /// Connections past their startup packet (held to max_client_conn).
+    logins: AtomicUsize,
     /// Clients pinned to a server connection by session-only state.
     pub pinned_clients: AtomicUsize,
     shutdown: watch::Sender<bool>,
@@ -133,11 +135,33 @@ pub struct App {
 }
 
 /// Counts a connected client while alive.
-pub struct ClientGuard(Arc<App>);
+/// A connection counted against `max_client_conn` (with the startup
+/// reserve), and once its startup packet was read, a login slot.
+pub struct ClientGuard(Arc<App>, std::sync::atomic::AtomicBool);
+
+impl ClientGuard {
+    /// Takes one of the `max_client_conn` login slots (once); false when
+    /// all are taken.
+    pub fn claim_login(&self) -> bool {
+        if self.1.load(Ordering::Acquire) {
+            return true;
+        }
+        let max = self.0.config().listen.max_client_conn;
+        if self.0.logins.fetch_add(1, Ordering::AcqRel) >= max {
+            self.0.logins.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        self.1.store(true, Ordering::Release);
+        true
+    }
+}
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        if *self.1.get_mut() {
+            self.0.logins.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -179,6 +203,7 @@ impl App {
             cancels: Arc::new(CancelRegistry::default()),
             stmts: Registry::default(),
             clients: AtomicUsize::new(0),
+            logins: AtomicUsize::new(0),
             pinned_clients: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
             mock_secret: rand::random(),
@@ -516,18 +541,13 @@ impl App {
     /// `max_client_conn` plus a reserve is reached. The reserve lets a
     /// CancelRequest in when every client slot is taken (its packet is only
     /// read after accepting); a login is held to `max_client_conn` itself
-    /// once its startup packet is read (`over_client_limit`), as PostgreSQL
-    /// checks for "too many clients" after the cancel requests.
+    /// once its startup packet is read (`ClientGuard::claim_login`), as
+    /// PostgreSQL checks for "too many clients" after the cancel requests.
     pub fn admit_client(self: &Arc<Self>) -> Option<ClientGuard> {
         let max = self.config().listen.max_client_conn;
         let prev = self.clients.fetch_add(1, Ordering::AcqRel);
-        let guard = ClientGuard(self.clone());
+        let guard = ClientGuard(self.clone(), std::sync::atomic::AtomicBool::new(false));
         (prev < max + (max / 10).max(16)).then_some(guard)
-    }
-
-    /// More connections than `max_client_conn` (this one included).
-    pub fn over_client_limit(&self) -> bool {
-        self.client_count() > self.config().listen.max_client_conn
     }
 
     /// The pool for (database, user, backend), created on first use.

@@ -130,7 +130,7 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     };
     // Boxed: the startup state machine is large and only lives during login;
     // inline, it would stay part of every idle client's task.
-    let handshake = startup::handshake(&app, &mut stream, &mut buf, end_point.as_deref(), peer.ip());
+    let handshake = startup::handshake(&app, &_guard, &mut stream, &mut buf, end_point.as_deref(), peer.ip());
     let login = match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
         Err(_) => {
             fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;

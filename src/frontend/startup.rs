@@ -87,6 +87,7 @@ pub async fn negotiate(tcp: &mut Stream, buf: &mut BytesMut, tls_available: bool
 /// `channel_binding`: tls-server-end-point data when the client uses TLS.
 pub async fn handshake(
     app: &App,
+    slot: &crate::app::ClientGuard,
     stream: &mut Stream,
     buf: &mut BytesMut,
     channel_binding: Option<&[u8]>,
@@ -134,7 +135,7 @@ pub async fn handshake(
             }
         }
     };
-    if app.over_client_limit() {
+    if !slot.claim_login() {
         return Err(StartupError::Fatal { code: sqlstate::TOO_MANY_CONNECTIONS, message: TOO_MANY_CLIENTS.into() });
     }
     if let Some(secs) = app.login_blocked(peer) {

@@ -24,10 +24,9 @@ impl Session {
         // restarted under an idle connection) is replaced: two more tries.
         let mut attempts = 0;
         let (conn, target, pool, waited) = loop {
-            // The session's topology: the one `target` was chosen with
+            // Under the session's topology, the one `target` was chosen with
             // (checkout_routed moves both on when a reload happens meanwhile).
-            let topo = self.topo.clone();
-            let pool = self.pool_for(target, &topo);
+            let pool = self.pool_for(target);
             let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
                 Some(conn) => (Ok((conn, target, pool)), false),
                 // Boxed slow path (wait, connect, re-route): see checkout_routed.
@@ -48,7 +47,10 @@ impl Session {
             match Box::pin(self.sync_settings(&mut conn)).await {
                 Ok(()) => break (conn, target, pool, true),
                 Err(BackendError::Server(fields)) => {
-                    // The connection is as it was (the query failed whole).
+                    // The settings query failed whole; but a client_encoding
+                    // set before it (see sync_settings) stays: the next
+                    // client compares parameter by parameter.
+                    conn.settings_fp = 0;
                     pool.checkin(conn);
                     self.admission = None;
                     self.info.state.store(CLIENT_IDLE, Ordering::Relaxed);

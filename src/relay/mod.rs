@@ -146,6 +146,9 @@ pub struct Session {
     /// `standard_conforming_strings` is off for this client: SQL text is
     /// lexed with backslash escapes in '' strings.
     backslash_strings: bool,
+    /// process_client stopped taking requests because output to the client
+    /// was backed up (taken up again once a flush makes room).
+    output_backed_up: bool,
     /// The state probe failed this many times in a row.
     probe_failures: u8,
     /// The pin is of a kind the held-state check cannot see: kept until
@@ -309,6 +312,7 @@ impl Session {
             resets: Vec::new(),
             pin_sticky: false,
             probe_failures: 0,
+            output_backed_up: false,
             backslash_strings: off,
             may_release: false,
             resync_prepared: false,
@@ -372,6 +376,13 @@ impl Session {
                 // ReadyForQuery (e.g. CopyData a failed COPY still sent):
                 // the transaction may be over with nothing more to come.
                 self.maybe_release();
+            }
+            // Requests held back while output to the client was backed up:
+            // the flush made room, so take them now (nothing else would
+            // wake this session for them).
+            if self.output_backed_up && self.cout.len() < COUT_HIGH {
+                self.output_backed_up = false;
+                continue;
             }
             if shutting_down && self.drain_idle() && self.now.saturating_duration_since(self.last_client_activity) >= DRAIN_QUIET {
                 return Err(SessionError::Shutdown);
@@ -614,6 +625,7 @@ impl Session {
             }
             self.forward(h.tag, &msg, None)?;
         }
+        self.output_backed_up = self.cout.len() >= COUT_HIGH;
         Ok(())
     }
 

@@ -231,14 +231,15 @@ impl Session {
 
     /// The pool for `target`; the last one is cached (no key building and
     /// map lookup per transaction) until a reload or a change of primary.
-    pub(super) fn pool_for(&mut self, target: Target, topo: &Topology) -> Arc<Pool> {
-        let writer = topo.writer();
+    /// `target` was chosen with the session's topology (`self.topo`).
+    pub(super) fn pool_for(&mut self, target: Target) -> Arc<Pool> {
+        let writer = self.topo.writer();
         if let Some((t, generation, w, pool)) = &self.pool_cache {
             if *t == target && *generation == self.generation && *w == writer {
                 return pool.clone();
             }
         }
-        let pool = self.app.pool(&self.database, &self.user, target, topo);
+        let pool = self.app.pool(&self.database, &self.user, target, &self.topo);
         self.pool_cache = Some((target, self.generation, writer, pool.clone()));
         pool
     }
@@ -294,7 +295,7 @@ impl Session {
                 }
                 continue;
             }
-            let pool = self.pool_for(target, topo);
+            let pool = self.pool_for(target);
             if let Some(conn) = pool.try_checkout_idle(std::time::Instant::now()) {
                 return Ok((conn, target, pool));
             }

@@ -32,6 +32,8 @@ pub(super) struct Probe {
     /// `names[guesses..]` are custom settings the code may have set: adopted
     /// only when set to something.
     guesses: usize,
+    /// The startup settings it puts back after a RESET (`Session::resets`).
+    resets: Vec<String>,
 }
 
 /// Session state still held by the server connection, as one count.
@@ -226,7 +228,7 @@ impl Session {
             cols.push(SESSION_NAMES_SQL.into());
         }
         let resync_prepared = self.resync_prepared.then(|| self.server.as_ref().map_or(0, |s| s.tick));
-        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared, check_state, lsn, session_names, guesses });
+        self.probe = Some(Probe { names: std::mem::take(&mut self.dirty), resync_prepared, check_state, lsn, session_names, guesses, resets });
         self.resync_prepared = false;
         self.may_release = false;
         Some(format!("SELECT {}", cols.join(", ")))
@@ -244,9 +246,22 @@ impl Session {
             self.discard_conn = true;
             return;
         }
-        for n in probe.names.into_iter().take(probe.guesses) {
+        let mut names = probe.names;
+        // Custom settings opaque code may have set (pg_settings does not
+        // list them: they are named again for the next try).
+        for n in names.split_off(probe.guesses.min(names.len())) {
+            if !self.opaque_names.contains(&n) {
+                self.opaque_names.push(n);
+            }
+        }
+        for n in names {
             if !self.dirty.contains(&n) {
                 self.dirty.push(n);
+            }
+        }
+        for n in probe.resets {
+            if !self.resets.contains(&n) {
+                self.resets.push(n);
             }
         }
         self.resync_prepared |= probe.resync_prepared.is_some();

@@ -848,3 +848,44 @@ async fn a_client_that_writes_and_never_reads_is_not_buffered_without_bound() {
     // Other clients are served meanwhile.
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_client_that_reads_is_served_without_stalls() {
+    // More answers than pgfleet holds for a client at once (256 kB), to
+    // requests that all arrived already, and a client that reads all the
+    // time: once its answers are read, the requests held back are taken up
+    // at once, not when some timer next wakes the session.
+    use tokio::io::AsyncReadExt;
+    let p = proxy(1).await;
+    let raw = RawClient::login(&p, "app", "app").await;
+    let (mut rd, mut wr) = raw.stream.into_split();
+    let n = 60_000usize; // 300 kB of Syncs in, 360 kB of ReadyForQuery out
+    let rounds = 6;
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0usize;
+        let mut done = Vec::new();
+        let started = std::time::Instant::now();
+        while got < rounds * n * 6 {
+            let k = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf)).await.expect("answers keep coming").unwrap();
+            assert!(k > 0, "connection closed after {got} bytes");
+            got += k;
+            if got >= (done.len() + 1) * n * 6 {
+                done.push(started.elapsed());
+            }
+        }
+        done
+    });
+    let batch = msg(b'S', b"").repeat(n);
+    for _ in 0..rounds {
+        wr.write_all(&batch).await.unwrap();
+        // Nothing more from the client until the round is answered.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let done = reader.await.unwrap();
+    // Each round is answered before the next is sent (300 ms later), not
+    // after a stall of a second.
+    for (i, t) in done.iter().enumerate() {
+        assert!(*t < Duration::from_millis(300 * (i as u64 + 1) + 250), "round {i} answered at {t:?}: {done:?}");
+    }
+}
