@@ -585,25 +585,26 @@ impl Session {
                     }
                 };
                 if !self.cfg.limits.is_empty() {
-                    // Boxed: only configurations with limits pay for this future.
-                    // The client's input is set aside while the (shared)
-                    // session is borrowed by the wait.
-                    let mut cin = std::mem::take(&mut self.cin);
-                    let admitted = Box::pin(wait::watching(&self.client, &self.info.signal, &mut cin, self.admit(&a, target))).await;
-                    self.cin = cin;
-                    match admitted? {
-                        Ok(adm) => self.admission = Some(adm),
-                        Err((code, message)) => {
-                            self.refuse_unit(h.tag, code, &message);
-                            continue;
-                        }
+                    if let Err((code, message)) = self.admit_unit(&a, target).await? {
+                        self.refuse_unit(h.tag, code, &message);
+                        continue;
                     }
                     if self.refresh_config() {
-                        // Reloaded while it waited: routed again (the
-                        // admission stands).
+                        // Reloaded while it waited: routed again. Admitted
+                        // for a replica and now bound for the primary (or
+                        // the other way), it is admitted again: the rules
+                        // that count only writes did not count it.
                         let topo = self.topo.clone();
                         match self.choose_target(&a, &topo) {
-                            Ok((t, _)) => target = t,
+                            Ok((t, _)) if (t == Target::Primary) == (target == Target::Primary) => target = t,
+                            Ok((t, _)) => {
+                                target = t;
+                                self.admission = None;
+                                if let Err((code, message)) = self.admit_unit(&a, target).await? {
+                                    self.refuse_unit(h.tag, code, &message);
+                                    continue;
+                                }
+                            }
                             Err((code, message)) => {
                                 self.admission = None;
                                 self.refuse_unit(h.tag, code, &message);
@@ -627,6 +628,18 @@ impl Session {
         }
         self.output_backed_up = self.cout.len() >= COUT_HIGH;
         Ok(())
+    }
+
+    /// Admission under `[[limits]]`, waited for while the client can still
+    /// leave or be killed; the permit is kept in `self.admission`.
+    async fn admit_unit(&mut self, a: &Analysis, target: Target) -> Result<Result<(), crate::limits::Refusal>, SessionError> {
+        // Boxed: only configurations with limits pay for this future. The
+        // client's input is set aside while the (shared) session is
+        // borrowed by the wait.
+        let mut cin = std::mem::take(&mut self.cin);
+        let admitted = Box::pin(wait::watching(&self.client, &self.info.signal, &mut cin, self.admit(a, target))).await;
+        self.cin = cin;
+        Ok(admitted?.map(|adm| self.admission = Some(adm)))
     }
 
     /// `known`: this message's analysis when already computed.
