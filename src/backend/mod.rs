@@ -174,9 +174,11 @@ impl ServerConn {
             .with_retries(3);
         socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
         let peer = tcp.peer_addr()?;
-        let mut stream = match &spec.tls {
+        // Over TLS: the server certificate's tls-server-end-point hash, for
+        // SCRAM channel binding (as libpq's default channel_binding=prefer).
+        let (mut stream, end_point) = match &spec.tls {
             Some(tls) => Self::start_tls(tcp, tls, &spec.addr).await?,
-            None => Stream::Tcp(tcp),
+            None => (Stream::Tcp(tcp), None),
         };
         let mut buf = BytesMut::with_capacity(512);
         startup::startup_message(
@@ -222,7 +224,7 @@ impl ServerConn {
                         method_answered = true;
                     }
                     let mut out = BytesMut::new();
-                    conn.answer_auth(code, r.rest(), spec, &mut scram, &mut out)?;
+                    conn.answer_auth(code, r.rest(), spec, end_point.as_deref(), &mut scram, &mut out)?;
                     if !out.is_empty() {
                         conn.stream.write_all(&out).await?;
                     }
@@ -259,6 +261,7 @@ impl ServerConn {
         code: i32,
         data: &[u8],
         spec: &ConnectSpec,
+        end_point: Option<&[u8]>,
         scram: &mut Option<ScramClient>,
         out: &mut BytesMut,
     ) -> Result<(), BackendError> {
@@ -296,21 +299,35 @@ impl ServerConn {
                 frontend::password_message(hash.as_bytes(), out).map_err(proto)?;
             }
             10 => {
-                let offers_scram = data.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
-                if !offers_scram {
+                let offers = |m: &[u8]| data.split(|b| *b == 0).any(|o| o == m);
+                if !offers(b"SCRAM-SHA-256") && !offers(b"SCRAM-SHA-256-PLUS") {
                     return Err(BackendError::Auth("server offers no supported SASL mechanism".into()));
                 }
-                let s = match (&known_password, pass.scram) {
+                // Bound to the TLS channel when the server offers it: a
+                // relay in the middle (possible under server_tls_mode =
+                // require, which does not check the certificate) cannot
+                // complete the exchange.
+                let bind = end_point.filter(|_| offers(b"SCRAM-SHA-256-PLUS"));
+                let (s, mechanism) = match (&known_password, pass.scram) {
                     (None, Some((client_key, server_key))) => {
-                        ScramClient::Keys(wire::auth::ScramKeyClient::new(client_key, server_key))
+                        (ScramClient::Keys(wire::auth::ScramKeyClient::new(client_key, server_key)), "SCRAM-SHA-256")
                     }
-                    _ => ScramClient::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported())),
+                    _ => match bind {
+                        Some(hash) => (
+                            ScramClient::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::tls_server_end_point(hash.to_vec()))),
+                            "SCRAM-SHA-256-PLUS",
+                        ),
+                        None => (ScramClient::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported())), "SCRAM-SHA-256"),
+                    },
                 };
+                if mechanism == "SCRAM-SHA-256" && !offers(b"SCRAM-SHA-256") {
+                    return Err(BackendError::Auth("server offers only SCRAM-SHA-256-PLUS, which needs a password pgfleet knows".into()));
+                }
                 let first = match &s {
                     ScramClient::Password(p) => p.message(),
                     ScramClient::Keys(k) => k.message(),
                 };
-                frontend::sasl_initial_response("SCRAM-SHA-256", first, out).map_err(proto)?;
+                frontend::sasl_initial_response(mechanism, first, out).map_err(proto)?;
                 *scram = Some(s);
             }
             11 => {
@@ -343,7 +360,7 @@ impl ServerConn {
     }
 
     /// SSLRequest, then TLS if the server agrees (required unless "prefer").
-    async fn start_tls(mut tcp: TcpStream, tls: &crate::tls::ClientTls, addr: &str) -> Result<Stream, BackendError> {
+    async fn start_tls(mut tcp: TcpStream, tls: &crate::tls::ClientTls, addr: &str) -> Result<(Stream, Option<Vec<u8>>), BackendError> {
         use crate::config::ServerTlsMode;
         tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
         let mut answer = [0u8; 1];
@@ -357,9 +374,10 @@ impl ServerConn {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| BackendError::Auth(format!("TLS handshake with the server failed: {e}")))?;
-                Ok(Stream::tunnel(session, local)?)
+                let end_point = session.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::tls::end_point_hash(c.as_ref()));
+                Ok((Stream::tunnel(session, local)?, end_point))
             }
-            b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Tcp(tcp)),
+            b'N' if tls.mode == ServerTlsMode::Prefer => Ok((Stream::Tcp(tcp), None)),
             b'N' => Err(BackendError::Auth("the server does not accept TLS (cluster.server_tls_mode)".into())),
             _ => Err(BackendError::Protocol("unexpected answer to SSLRequest".into())),
         }

@@ -173,6 +173,9 @@ async fn server_tls_verify_full_require_and_a_wrong_ca() {
     let mut cfg = config("size = 2", "");
     cfg.cluster.server_tls_mode = pgfleet::config::ServerTlsMode::Require;
     let p = start(cfg).await;
+    // Over TLS pgfleet logs in with SCRAM-SHA-256-PLUS (channel binding to
+    // the server's certificate): the server checks the binding, so a wrong
+    // one would fail this login.
     assert_eq!(server_ssl(&p).await, "true");
 
     let p = start(config("size = 2", "")).await;
