@@ -537,25 +537,11 @@ mod tests {
     /// the password). pgfleet must refuse it, as libpq does.
     #[tokio::test]
     async fn a_server_skipping_the_scram_signature_is_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = listen().await;
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 1024];
-            let _ = s.read(&mut buf).await; // StartupMessage
-            let mut out = BytesMut::new();
-            out.extend_from_slice(b"R");
-            out.extend_from_slice(&23i32.to_be_bytes());
-            out.extend_from_slice(&10i32.to_be_bytes());
-            out.extend_from_slice(b"SCRAM-SHA-256\0\0");
-            s.write_all(&out).await.unwrap();
-            let _ = s.read(&mut buf).await; // SASLInitialResponse
-            let mut ok = BytesMut::new();
-            ok.extend_from_slice(b"R");
-            ok.extend_from_slice(&8i32.to_be_bytes());
-            ok.extend_from_slice(&0i32.to_be_bytes());
-            s.write_all(&ok).await.unwrap();
-            let _ = s.read(&mut buf).await;
+            let mut s = start_scram(&listener).await;
+            s.write_all(&auth_request(0)).await.unwrap(); // "ok"
+            let _ = s.read(&mut [0u8; 1024]).await;
         });
         match ServerConn::connect(&test_spec(addr)).await {
             Err(BackendError::Auth(why)) => {
@@ -570,24 +556,10 @@ mod tests {
     /// cleartext (a downgrade): pgfleet must not send it.
     #[tokio::test]
     async fn a_server_asking_for_the_password_after_scram_began_gets_nothing() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = listen().await;
         let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 1024];
-            let _ = s.read(&mut buf).await; // StartupMessage
-            let mut out = BytesMut::new();
-            out.extend_from_slice(b"R");
-            out.extend_from_slice(&23i32.to_be_bytes());
-            out.extend_from_slice(&10i32.to_be_bytes());
-            out.extend_from_slice(b"SCRAM-SHA-256\0\0");
-            s.write_all(&out).await.unwrap();
-            let _ = s.read(&mut buf).await; // SASLInitialResponse
-            let mut cleartext = BytesMut::new();
-            cleartext.extend_from_slice(b"R");
-            cleartext.extend_from_slice(&8i32.to_be_bytes());
-            cleartext.extend_from_slice(&3i32.to_be_bytes());
-            s.write_all(&cleartext).await.unwrap();
+            let mut s = start_scram(&listener).await;
+            s.write_all(&auth_request(3)).await.unwrap(); // cleartext password
             let mut got = Vec::new();
             let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut got)).await;
             got
@@ -599,6 +571,33 @@ mod tests {
         }
         let sent = server.await.unwrap();
         assert!(!sent.windows(6).any(|w| w == b"secret"), "the password went out in cleartext");
+    }
+
+    async fn listen() -> (tokio::net::TcpListener, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        (listener, addr)
+    }
+
+    /// A scripted server: accepts pgfleet, reads its StartupMessage, offers
+    /// SCRAM-SHA-256 and reads the SASLInitialResponse.
+    async fn start_scram(listener: &tokio::net::TcpListener) -> tokio::net::TcpStream {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let _ = s.read(&mut buf).await; // StartupMessage
+        let mut out = BytesMut::new();
+        out.extend_from_slice(b"R");
+        out.extend_from_slice(&23i32.to_be_bytes());
+        out.extend_from_slice(&10i32.to_be_bytes());
+        out.extend_from_slice(b"SCRAM-SHA-256\0\0");
+        s.write_all(&out).await.unwrap();
+        let _ = s.read(&mut buf).await; // SASLInitialResponse
+        s
+    }
+
+    /// An Authentication message with no data (0 ok, 3 cleartext, 5 md5...).
+    fn auth_request(code: i32) -> Vec<u8> {
+        [b"R".as_slice(), &8i32.to_be_bytes(), &code.to_be_bytes()].concat()
     }
 
     fn test_spec(addr: String) -> ConnectSpec {
