@@ -467,6 +467,7 @@ impl App {
             self.restart_monitor();
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.create_prewarmed_pools();
         let topo = self.topology();
         for pool in self.pools() {
             let addr = if pool.key.backend == PRIMARY {
@@ -680,6 +681,28 @@ impl App {
         self.pools.lock().unwrap().values().cloned().collect()
     }
 
+    /// With `pool.min_size`, the pools to keep warm exist from the start (and
+    /// after a reload): the primary's and each replica's, for every database
+    /// and every user pgfleet can log in as (not admin-only users, not
+    /// verifier-only users without a server_password).
+    fn create_prewarmed_pools(&self) {
+        let cfg = self.config();
+        if cfg.pool.min_size == 0 {
+            return;
+        }
+        let topo = self.topology();
+        let secrets = self.secrets.read().unwrap().clone();
+        let can_log_in = |u: &crate::config::User| u.server_password.is_some() || secrets.get(&u.name).is_some_and(|s| s.plaintext().is_some());
+        for db in &cfg.databases {
+            for user in cfg.users.iter().filter(|u| !cfg.admin.users.contains(&u.name) && can_log_in(u)) {
+                self.pool(&db.name, &user.name, Target::Primary, &topo);
+                for i in 0..topo.replicas.len() {
+                    self.pool(&db.name, &user.name, Target::Replica(i), &topo);
+                }
+            }
+        }
+    }
+
     /// Pool upkeep: idle/lifetime expiry and `min_size` pre-warming.
     async fn maintain(self: Arc<Self>) {
         let mut shutdown = self.shutdown_signal();
@@ -726,15 +749,7 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
     let addr = listener.local_addr()?;
     let app = App::new(config);
     let cfg = app.config();
-    if cfg.pool.min_size > 0 {
-        for db in &cfg.databases {
-            for user in &cfg.users {
-                if !cfg.admin.users.contains(&user.name) {
-                    app.pool(&db.name, &user.name, Target::Primary, &app.topology());
-                }
-            }
-        }
-    }
+    app.create_prewarmed_pools();
     tokio::spawn(app.clone().maintain());
     app.restart_monitor();
     app.preload_catalogs();

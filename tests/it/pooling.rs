@@ -212,14 +212,18 @@ async fn session_mode_resets_with_discard_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_size_prewarms_connections() {
-    let p = start(config("size = 4\nmin_size = 3", "")).await;
-    for _ in 0..50 {
-        if p.app.pools().iter().any(|pl| pl.stats().idle >= 3) {
+    // The primary's and each replica's pools, before any client.
+    // (min_size 2: 3 databases × 3 users × 3 servers of pools on the
+    // cluster the other tests share.)
+    let p = start(config("size = 4\nmin_size = 2", &routing_extra("10s", "off"))).await;
+    let warm = |backend: &str| p.app.pools().iter().any(|pl| pl.key.backend == backend && pl.key.user == "app" && pl.key.database == "app" && pl.stats().idle >= 2);
+    for _ in 0..100 {
+        if ["primary", "r1", "r2"].iter().all(|b| warm(b)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("pool was not pre-warmed: {:?}", p.app.pools().iter().map(|p| p.stats()).collect::<Vec<_>>());
+    panic!("pools were not pre-warmed: {:?}", p.app.pools().iter().map(|p| (p.key.backend.clone(), p.stats())).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
