@@ -255,38 +255,16 @@ impl App {
     }
 
     /// auth_query: the secret of a user not in [[users]], looked up on the
-    /// primary as `auth.auth_user`. None when not configured, not found, or
-    /// the lookup failed (logged); the login then fails like a wrong password.
-    /// `Ok(None)`: no such user (or no auth_query to ask); `Err`: the lookup
+    /// primary as `auth.auth_user`. `Ok(None)`: no such user (or no
+    /// auth_query to ask, or not a configured database); `Err`: the lookup
     /// itself failed (server down, bad query, timeout), which must not look
     /// like a wrong password.
     pub async fn auth_query_secret(&self, user: &str, database: &str) -> Result<Option<Secret>, String> {
-        let Some(lookup) = self.auth_query_lookup(user, database) else { return Ok(None) };
-        lookup.await
-    }
-
-    fn auth_query_lookup<'a>(&'a self, user: &'a str, database: &str) -> Option<impl std::future::Future<Output = Result<Option<Secret>, String>> + 'a> {
-        let cfg = self.config();
-        let (query, auth_user) = (cfg.auth.auth_query.clone()?, cfg.user(cfg.auth.auth_user.as_deref()?)?.clone());
-        let secrets = self.secrets.read().unwrap().clone();
-        let password = auth_user.server_password.clone().or_else(|| secrets.get(&auth_user.name)?.plaintext().map(str::to_string));
-        // Only in a configured database: a client must not choose where
-        // pgfleet logs in before it has authenticated.
-        let dbname = cfg.database(database)?.server_name().to_string();
-        let topo = self.topology();
-        let addr = topo.writer_addr().unwrap_or(&topo.primary).to_string();
-        let (host, port) = addr.rsplit_once(':')?;
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(host).port(port.parse().ok()?).user(&auth_user.name).dbname(&dbname).application_name("pgfleet-auth");
-        pg.connect_timeout(cfg.pool.connect_timeout.0);
-        if let Some(p) = &password {
-            pg.password(p);
-        }
+        let Some((query, pg, key)) = self.auth_query_target(database) else { return Ok(None) };
         let server_tls = self.server_tls.read().unwrap().clone();
-        let key = format!("{addr}/{dbname}/{}/{}", auth_user.name, self.generation());
         // One connection for all lookups, one lookup at a time: logins of
         // unknown names cannot make pgfleet open server connections.
-        let lookup = async move {
+        let lookup = async {
             let mut cached = self.auth_lookup.lock().await;
             if !cached.as_ref().is_some_and(|(k, c)| *k == key && !c.is_closed()) {
                 *cached = None;
@@ -302,21 +280,39 @@ impl App {
             };
             Ok::<_, String>(row.and_then(|r| r.try_get::<_, Option<String>>(r.len().saturating_sub(1)).ok().flatten()))
         };
-        let limit = cfg.pool.connect_timeout.0 * 2;
-        Some(async move {
-            match tokio::time::timeout(limit, lookup).await {
-                Ok(Ok(Some(secret))) => Ok(Secret::from_config(&secret).ok()),
-                Ok(Ok(None)) => Ok(None),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "auth_query failed");
-                    Err(e)
-                }
-                Err(_) => {
-                    tracing::warn!("auth_query timed out");
-                    Err("the lookup timed out".to_string())
-                }
+        match tokio::time::timeout(self.config().pool.connect_timeout.0 * 2, lookup).await {
+            Ok(Ok(Some(secret))) => Ok(Secret::from_config(&secret).ok()),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "auth_query failed");
+                Err(e)
             }
-        })
+            Err(_) => {
+                tracing::warn!("auth_query timed out");
+                Err("the lookup timed out".to_string())
+            }
+        }
+    }
+
+    /// What auth_query runs, where, and the key of its cached connection;
+    /// None when it is not configured, or `database` is not a configured
+    /// one (a client must not choose where pgfleet logs in before it has
+    /// authenticated).
+    fn auth_query_target(&self, database: &str) -> Option<(String, tokio_postgres::Config, String)> {
+        let cfg = self.config();
+        let (query, auth_user) = (cfg.auth.auth_query.clone()?, cfg.user(cfg.auth.auth_user.as_deref()?)?);
+        let dbname = cfg.database(database)?.server_name().to_string();
+        let topo = self.topology();
+        let addr = topo.writer_addr().unwrap_or(&topo.primary).to_string();
+        let (host, port) = addr.rsplit_once(':')?;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(host).port(port.parse().ok()?).user(&auth_user.name).dbname(&dbname).application_name("pgfleet-auth");
+        pg.connect_timeout(cfg.pool.connect_timeout.0);
+        if let Some(p) = auth_user.server_login_password() {
+            pg.password(p);
+        }
+        let key = format!("{addr}/{dbname}/{}/{}", auth_user.name, self.generation());
+        Some((query, pg, key))
     }
 
     /// Records what an auth_query user's login proved, for its pools.
@@ -579,12 +575,11 @@ impl App {
     /// Who the lag monitor connects as.
     pub(crate) fn monitor_spec(&self) -> Option<MonitorSpec> {
         let cfg = self.config();
-        let secrets = self.secrets.read().unwrap().clone();
         let user = match &cfg.cluster.health_user {
             Some(u) => cfg.user(u)?,
-            None => cfg.users.iter().find(|u| u.server_password.is_some() || secrets.get(&u.name).is_some_and(|s| s.plaintext().is_some()))?,
+            None => cfg.users.iter().find(|u| u.server_login_password().is_some())?,
         };
-        let password = user.server_password.clone().or_else(|| secrets.get(&user.name)?.plaintext().map(str::to_string));
+        let password = user.server_login_password().map(str::to_string);
         let db = match &cfg.cluster.health_database {
             Some(d) => cfg.database(d)?,
             None => cfg.databases.first()?,
@@ -601,9 +596,8 @@ impl App {
     /// Connection spec and settings of a pool under the current config.
     fn pool_params(&self, key: &PoolKey, addr: &str) -> (ConnectSpec, PoolSettings) {
         let cfg = self.config();
-        let secrets = self.secrets.read().unwrap().clone();
         let user = cfg.user(&key.user);
-        let password = user.and_then(|u| u.server_password.clone().or_else(|| secrets.get(&u.name)?.plaintext().map(str::to_string)));
+        let password = user.and_then(|u| u.server_login_password().map(str::to_string));
         let dbname = cfg.database(&key.database).map(|d| d.server_name().to_string()).unwrap_or_else(|| key.database.clone());
         let spec = ConnectSpec {
             addr: addr.to_string(),
@@ -691,10 +685,8 @@ impl App {
             return;
         }
         let topo = self.topology();
-        let secrets = self.secrets.read().unwrap().clone();
-        let can_log_in = |u: &crate::config::User| u.server_password.is_some() || secrets.get(&u.name).is_some_and(|s| s.plaintext().is_some());
         for db in &cfg.databases {
-            for user in cfg.users.iter().filter(|u| !cfg.admin.users.contains(&u.name) && can_log_in(u)) {
+            for user in cfg.users.iter().filter(|u| !cfg.admin.users.contains(&u.name) && u.server_login_password().is_some()) {
                 self.pool(&db.name, &user.name, Target::Primary, &topo);
                 for i in 0..topo.replicas.len() {
                     self.pool(&db.name, &user.name, Target::Replica(i), &topo);

@@ -299,29 +299,22 @@ impl ServerConn {
                 frontend::password_message(hash.as_bytes(), out).map_err(proto)?;
             }
             10 => {
-                let offers = |m: &[u8]| data.split(|b| *b == 0).any(|o| o == m);
-                if !offers(b"SCRAM-SHA-256") && !offers(b"SCRAM-SHA-256-PLUS") {
-                    return Err(BackendError::Auth("server offers no supported SASL mechanism".into()));
-                }
+                let offers = |m: &str| data.split(|b| *b == 0).any(|o| o == m.as_bytes());
                 // Bound to the TLS channel when the server offers it: a
                 // relay in the middle (possible under server_tls_mode =
                 // require, which does not check the certificate) cannot
-                // complete the exchange.
-                let bind = end_point.filter(|_| offers(b"SCRAM-SHA-256-PLUS"));
-                let (s, mechanism) = match (&known_password, pass.scram) {
-                    (None, Some((client_key, server_key))) => {
-                        (ScramClient::Keys(wire::auth::ScramKeyClient::new(client_key, server_key)), "SCRAM-SHA-256")
+                // complete the exchange. (Pass-through logins stay unbound.)
+                let channel = end_point.filter(|_| offers("SCRAM-SHA-256-PLUS"));
+                let (s, bound) = match (&known_password, pass.scram) {
+                    (None, Some((client_key, server_key))) => (ScramClient::Keys(wire::auth::ScramKeyClient::new(client_key, server_key)), false),
+                    _ => {
+                        let binding = channel.map_or_else(ChannelBinding::unsupported, |h| ChannelBinding::tls_server_end_point(h.to_vec()));
+                        (ScramClient::Password(ScramSha256::new(password()?.as_bytes(), binding)), channel.is_some())
                     }
-                    _ => match bind {
-                        Some(hash) => (
-                            ScramClient::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::tls_server_end_point(hash.to_vec()))),
-                            "SCRAM-SHA-256-PLUS",
-                        ),
-                        None => (ScramClient::Password(ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported())), "SCRAM-SHA-256"),
-                    },
                 };
-                if mechanism == "SCRAM-SHA-256" && !offers(b"SCRAM-SHA-256") {
-                    return Err(BackendError::Auth("server offers only SCRAM-SHA-256-PLUS, which needs a password pgfleet knows".into()));
+                let mechanism = if bound { "SCRAM-SHA-256-PLUS" } else { "SCRAM-SHA-256" };
+                if !offers(mechanism) {
+                    return Err(BackendError::Auth("server offers no supported SASL mechanism".into()));
                 }
                 let first = match &s {
                     ScramClient::Password(p) => p.message(),

@@ -244,6 +244,14 @@ pub struct User {
     pub workload: Option<String>,
 }
 
+impl User {
+    /// The password pgfleet logs in to the servers with: `server_password`,
+    /// else `password` when it is plain text (not a verifier or hash).
+    pub fn server_login_password(&self) -> Option<&str> {
+        self.server_password.as_deref().or_else(|| self.password.as_deref().filter(|p| !crate::wire::auth::Secret::is_stored(p)))
+    }
+}
+
 impl std::fmt::Debug for User {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Passwords never reach logs, not even through Debug.

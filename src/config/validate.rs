@@ -201,15 +201,11 @@ impl Config {
         if self.routing.transaction_reads != super::TransactionReads::Primary {
             p.push("routing.transaction_reads: only \"primary\" is supported (BEGIN READ ONLY goes to replicas)".into());
         }
-        // pgfleet logs in to the servers as such a user itself.
-        let can_log_in = |user: &super::User| {
-            user.server_password.is_some()
-                || user.password.as_deref().is_some_and(|pw| crate::wire::auth::Secret::from_config(pw).is_ok_and(|s| s.plaintext().is_some()))
-        };
         if let Some(u) = &self.cluster.health_user {
             match self.user(u) {
                 None => p.push(format!("cluster.health_user: {u:?} is not defined in [[users]]")),
-                Some(user) if !can_log_in(user) => {
+                // pgfleet logs in to the servers as this user itself.
+                Some(user) if user.server_login_password().is_none() => {
                     p.push(format!("cluster.health_user: {u:?} needs a plaintext password or server_password (the monitor logs in as it)"))
                 }
                 _ => {}
@@ -225,7 +221,7 @@ impl Config {
             (None, Some(_)) => p.push("auth.auth_user: set auth.auth_query too".into()),
             (Some(_), Some(u)) => match self.user(u) {
                 None => p.push(format!("auth.auth_user: {u:?} is not defined in [[users]]")),
-                Some(user) if !can_log_in(user) => {
+                Some(user) if user.server_login_password().is_none() => {
                     p.push(format!("auth.auth_user: {u:?} needs a plaintext password or server_password (pgfleet logs in as it)"))
                 }
                 _ => {}

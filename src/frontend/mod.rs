@@ -89,7 +89,7 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     // startup packet is read (`startup::handshake`): a CancelRequest is
     // exempt from both, as on PostgreSQL. This only bounds how many
     // connections may be in their startup phase beyond the limit.
-    let Some(_guard) = app.admit_client() else {
+    let Some(guard) = app.admit_client() else {
         fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, startup::TOO_MANY_CLIENTS).await;
         return;
     };
@@ -130,7 +130,7 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     };
     // Boxed: the startup state machine is large and only lives during login;
     // inline, it would stay part of every idle client's task.
-    let handshake = startup::handshake(&app, &_guard, &mut stream, &mut buf, end_point.as_deref(), peer.ip());
+    let handshake = startup::handshake(&app, &guard, &mut stream, &mut buf, end_point.as_deref(), peer.ip());
     let login = match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
         Err(_) => {
             fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;
@@ -153,7 +153,7 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     // The session runs in a task of its own, sized for the relay only: this
     // task's login state (TLS, SCRAM, ...) is freed instead of being carried
     // by every idle client.
-    if let Some(session) = Box::pin(prepare(app, stream, buf, login, peer, _guard)).await {
+    if let Some(session) = Box::pin(prepare(app, stream, buf, login, peer, guard)).await {
         // Not instrumented: the session carries the span (see Session::span).
         tokio::spawn(session);
     }

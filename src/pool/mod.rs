@@ -262,10 +262,11 @@ impl Pool {
 
     /// Installs a new connect spec. When the address, the database name on
     /// the server or the TLS mode changed, the existing connections are
-    /// retired (a client must not alternate between two databases): the epoch is bumped and the idle ones
-    /// closed under the state lock (so a concurrent check-in either is among
-    /// them or sees the new epoch), checked-out ones close when they come
-    /// back, and a connect still under way is redone.
+    /// retired (a client must not alternate between two databases): the
+    /// epoch is bumped and the idle ones closed under the state lock (so a
+    /// concurrent check-in either is among them or sees the new epoch),
+    /// checked-out ones close when they come back, and a connect still
+    /// under way is redone.
     fn set_spec(&self, new: ConnectSpec, why: &'static str) {
         let addr = new.addr.clone();
         let moved = {

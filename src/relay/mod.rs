@@ -502,8 +502,6 @@ impl Session {
         Ok(())
     }
 
-    /// Moves every complete client message into the server buffer, binding a
-    /// server connection first when none is bound.
     /// Picks up a reload: the config and topology in force now. True when
     /// they changed (a target chosen before must be chosen again: replica
     /// indexes and the writer are the old topology's).
@@ -518,6 +516,8 @@ impl Session {
         true
     }
 
+    /// Moves every complete client message into the server buffer, binding a
+    /// server connection first when none is bound.
     async fn process_client(&mut self) -> Result<(), SessionError> {
         self.refresh_config();
         // Output to the client backed up: no new requests until it reads

@@ -145,11 +145,7 @@ impl Session {
             }
         }
         // Custom settings a DO block sets: pg_settings does not list those.
-        for n in &a.opaque_settings {
-            if !self.opaque_names.contains(n) {
-                self.opaque_names.push(n.clone());
-            }
-        }
+        super::state::add_names(&mut self.opaque_names, a.opaque_settings.iter().cloned());
     }
 
     fn may_change_settings(&self, a: &Analysis) -> bool {

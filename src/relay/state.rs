@@ -52,6 +52,15 @@ const SESSION_NAMES_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ',
 const OUR_STATEMENTS_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ','), '') \
      FROM pg_catalog.pg_prepared_statements WHERE name LIKE '\\_pgf\\_%')";
 
+/// Appends the names `list` does not have yet.
+pub(super) fn add_names(list: &mut Vec<String>, names: impl IntoIterator<Item = String>) {
+    for n in names {
+        if !list.contains(&n) {
+            list.push(n);
+        }
+    }
+}
+
 fn is_reported(name: &str) -> bool {
     REPORTED_SETTABLE.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
@@ -162,11 +171,7 @@ impl Session {
     /// The swallowed query to run before releasing, if one is needed.
     pub(super) fn probe_sql(&mut self) -> Option<String> {
         let resets = std::mem::take(&mut self.resets);
-        for n in &resets {
-            if !self.dirty.contains(n) {
-                self.dirty.push(n.clone());
-            }
-        }
+        add_names(&mut self.dirty, resets.iter().cloned());
         // Whether session state is held: to unpin a client whose state may
         // be gone, and to pin one after code pgfleet cannot see into (DO,
         // CALL, the application's functions) that may have created some.
@@ -191,11 +196,7 @@ impl Session {
                 Some(names) => candidates.extend(names.iter().cloned()),
                 None => self.discard_conn = true,
             }
-            for n in candidates {
-                if !self.dirty.contains(&n) {
-                    self.dirty.push(n);
-                }
-            }
+            add_names(&mut self.dirty, candidates);
         }
         if self.dirty.is_empty() && !self.resync_prepared && !check_state && !lsn && !session_names {
             return None;
@@ -249,21 +250,9 @@ impl Session {
         let mut names = probe.names;
         // Custom settings opaque code may have set (pg_settings does not
         // list them: they are named again for the next try).
-        for n in names.split_off(probe.guesses.min(names.len())) {
-            if !self.opaque_names.contains(&n) {
-                self.opaque_names.push(n);
-            }
-        }
-        for n in names {
-            if !self.dirty.contains(&n) {
-                self.dirty.push(n);
-            }
-        }
-        for n in probe.resets {
-            if !self.resets.contains(&n) {
-                self.resets.push(n);
-            }
-        }
+        add_names(&mut self.opaque_names, names.split_off(probe.guesses.min(names.len())));
+        add_names(&mut self.dirty, names);
+        add_names(&mut self.resets, probe.resets);
         self.resync_prepared |= probe.resync_prepared.is_some();
         self.wrote |= probe.lsn;
         self.opaque_settings |= probe.session_names;

@@ -117,22 +117,19 @@ impl<'a> Lexer<'a> {
     /// (PostgreSQL's `quotecontinue`).
     fn continued_at(&self, mut i: usize) -> Option<usize> {
         let b = self.b;
-        while matches!(b.get(i), Some(b' ' | b'\t' | b'\x0c')) {
-            i += 1;
-        }
-        // A `--` comment may come before the newline too (scan.l's
-        // whitespace_with_newline).
-        if b.get(i) == Some(&b'-') && b.get(i + 1) == Some(&b'-') {
-            i += b[i..].iter().position(|c| matches!(c, b'\n' | b'\r'))?;
-        }
-        if !matches!(b.get(i), Some(b'\n' | b'\r')) {
-            return None;
-        }
+        let mut newline = false;
         loop {
             match b.get(i)? {
-                b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' | b'\x0b' => i += 1,
+                b'\n' | b'\r' => {
+                    newline = true;
+                    i += 1;
+                }
+                // (A vertical tab only after the newline, as scan.l.)
+                b' ' | b'\t' | b'\x0c' => i += 1,
+                b'\x0b' if newline => i += 1,
+                // A `--` comment runs to the newline, before it or after it.
                 b'-' if b.get(i + 1) == Some(&b'-') => i += b[i..].iter().position(|c| matches!(c, b'\n' | b'\r'))?,
-                b'\'' => return Some(i),
+                b'\'' if newline => return Some(i),
                 _ => return None,
             }
         }

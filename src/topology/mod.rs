@@ -164,13 +164,7 @@ impl Topology {
 
     /// No monitor will check the replicas: none is used.
     pub fn unmonitored(&self, why: &str) {
-        let mut s = (*self.snapshot()).clone();
-        for r in &mut s.replicas {
-            r.reachable = false;
-            r.groups.iter_mut().for_each(|g| g.1 = false);
-            r.excluded_because = Some(why.to_string());
-        }
-        self.publish(s);
+        self.exclude(|_| true, why);
     }
 
     /// Takes over what `previous` (same primary) learned: the primary's
@@ -249,14 +243,19 @@ impl Topology {
     /// A connection to this replica failed: stop sending it reads now; the
     /// monitor re-admits it once it answers again.
     pub fn mark_down(&self, replica: usize, why: &str) {
-        // Under the write lock: a snapshot the monitor publishes meanwhile
-        // is not overwritten with an older one.
+        self.exclude(|i| i == replica, &format!("connection failed: {why}"));
+    }
+
+    /// Takes the replicas `which` selects out of every group, unreachable,
+    /// saying why; under the write lock, so a snapshot the monitor publishes
+    /// meanwhile is not overwritten with an older one.
+    fn exclude(&self, which: impl Fn(usize) -> bool, why: &str) {
         let mut current = self.snapshot.write().unwrap();
         let mut s = (**current).clone();
-        if let Some(r) = s.replicas.get_mut(replica) {
+        for (_, r) in s.replicas.iter_mut().enumerate().filter(|(i, _)| which(*i)) {
             r.reachable = false;
             r.groups.iter_mut().for_each(|g| g.1 = false);
-            r.excluded_because = Some(format!("connection failed: {why}"));
+            r.excluded_because = Some(why.to_string());
         }
         *current = Arc::new(s);
     }

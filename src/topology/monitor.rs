@@ -161,11 +161,11 @@ pub(super) fn build_snapshot(
     let mut states = Vec::with_capacity(replicas.len());
     for (i, result) in replicas.iter().enumerate() {
         let info = &topo.replicas[i];
-        let mut st = ReplicaState { name: info.name.clone(), ..Default::default() };
+        // In no group unless its lag is judged below.
+        let mut st = ReplicaState { name: info.name.clone(), groups: info.groups.iter().map(|g| (*g, false)).collect(), ..Default::default() };
         match result {
             Err(e) => {
                 st.excluded_because = Some(if e == NOT_CHECKED { e.clone() } else { format!("unreachable: {e}") });
-                st.groups = info.groups.iter().map(|g| (*g, false)).collect();
             }
             Ok(Check { in_recovery: false, .. }) => {
                 st.reachable = true;
@@ -174,7 +174,6 @@ pub(super) fn build_snapshot(
                 } else {
                     "not in recovery (promoted?): never used for reads".into()
                 });
-                st.groups = info.groups.iter().map(|g| (*g, false)).collect();
             }
             Ok(Check { lsn, .. }) => {
                 st.reachable = true;
@@ -197,7 +196,6 @@ pub(super) fn build_snapshot(
                         "diverged: replayed up to {} that the primary never had (left on the old timeline by a failover?); used again once it replays anew",
                         crate::topology::format_lsn(d)
                     ));
-                    st.groups = info.groups.iter().map(|g| (*g, false)).collect();
                     states.push(st);
                     continue;
                 }

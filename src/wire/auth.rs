@@ -38,15 +38,18 @@ impl Secret {
                 .map(Secret::Scram)
                 .ok_or_else(|| "malformed SCRAM-SHA-256 verifier".to_string());
         }
-        if value.len() == 35
-            && value.starts_with("md5")
-            && value[3..].bytes().all(|b| b.is_ascii_hexdigit())
-        {
+        if is_md5_hash(value) {
             return Ok(Secret::Md5(value.to_ascii_lowercase()));
         }
         let verifier = postgres_protocol::password::scram_sha_256(value.as_bytes());
         let scram = ScramVerifier::parse(&verifier).ok_or("could not derive a SCRAM verifier")?;
         Ok(Secret::Plain { password: value.to_string(), scram })
+    }
+
+    /// Whether a configured password is stored as a verifier or hash (a
+    /// SCRAM-SHA-256 verifier, an md5 hash) rather than in plain text.
+    pub fn is_stored(value: &str) -> bool {
+        value.starts_with("SCRAM-SHA-256$") || is_md5_hash(value)
     }
 
     pub fn plaintext(&self) -> Option<&str> {
@@ -55,6 +58,11 @@ impl Secret {
             _ => None,
         }
     }
+}
+
+/// `md5` and 32 hex digits: PostgreSQL's stored md5 password.
+fn is_md5_hash(value: &str) -> bool {
+    value.len() == 35 && value.starts_with("md5") && value[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[derive(Clone, PartialEq, Eq)]
