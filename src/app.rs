@@ -24,54 +24,7 @@ pub use crate::net::bind_reuseport;
 
 pub const PRIMARY: &str = "primary";
 
-/// Failed logins of one client address within its window, and the proofs
-/// being checked right now.
-struct LoginFailures {
-    count: u32,
-    since: std::time::Instant,
-    verifying: u32,
-}
-
-/// One password check in flight (see App::login_attempt).
-pub struct LoginAttempt<'a> {
-    app: &'a App,
-    ip: std::net::IpAddr,
-    failed: bool,
-}
-
-/// Failed logins are counted per source: an IPv4 address, or an IPv6 /64
-/// (one host usually owns a whole /64, so counting per address would let
-/// it try a fresh address for every password).
-fn login_source(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => std::net::IpAddr::V4(v4),
-            None => std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-        v4 => v4,
-    }
-}
-
-impl LoginAttempt<'_> {
-    pub fn succeeded(mut self) {
-        self.failed = false;
-    }
-}
-
-impl Drop for LoginAttempt<'_> {
-    fn drop(&mut self) {
-        let window = self.app.config().auth.failed_login_window.0;
-        let mut map = self.app.failed_logins.lock().unwrap();
-        let Some(f) = map.get_mut(&self.ip) else { return };
-        f.verifying = f.verifying.saturating_sub(1);
-        if self.failed {
-            if f.since.elapsed() >= window {
-                (f.count, f.since) = (0, std::time::Instant::now());
-            }
-            f.count += 1;
-        }
-    }
-}
+pub use crate::frontend::lockout::LoginAttempt;
 
 pub struct App {
     /// The configuration in force; replaced whole by a reload.
@@ -91,8 +44,7 @@ pub struct App {
     /// Per database: which of its functions are VOLATILE (routing).
     pub catalogs: crate::catalog::Catalogs,
     /// Failed logins per client address (see login_attempt).
-    failed_logins: Mutex<HashMap<std::net::IpAddr, LoginFailures>>,
-    failed_logins_swept: Mutex<std::time::Instant>,
+    failed_logins: crate::frontend::lockout::FailedLogins,
     /// `[[limits]]` of `config` with their live state; replaced with it.
     limits: RwLock<Arc<crate::limits::Limits>>,
     /// Replicas, groups and the lag snapshot; replaced when a reload changes them.
@@ -191,8 +143,7 @@ impl App {
                     None
                 }),
             ),
-            failed_logins: Mutex::new(HashMap::new()),
-            failed_logins_swept: Mutex::new(std::time::Instant::now()),
+            failed_logins: Default::default(),
             catalogs: Default::default(),
             pacers: Mutex::new(HashMap::new()),
             passthrough: Mutex::new(HashMap::new()),
@@ -356,47 +307,18 @@ impl App {
 
     /// Seconds until `ip` may try to log in again, if it failed too often.
     pub fn login_blocked(&self, ip: std::net::IpAddr) -> Option<u64> {
-        self.login_wait(&self.failed_logins.lock().unwrap(), login_source(ip), false)
+        self.failed_logins.blocked(ip, self.login_limit())
     }
 
-    fn login_wait(&self, map: &HashMap<std::net::IpAddr, LoginFailures>, ip: std::net::IpAddr, in_flight: bool) -> Option<u64> {
-        if ip.is_unspecified() {
-            return None; // a Unix-socket client: no address to hold back
-        }
-        let cfg = self.config();
-        let (max, window) = (cfg.auth.max_failed_logins, cfg.auth.failed_login_window.0);
-        let f = map.get(&ip).filter(|_| max > 0)?;
-        let age = f.since.elapsed();
-        // Failures of a window that has passed no longer count.
-        let (count, left) = if age < window { (f.count, window - age) } else { (0, window) };
-        let pending = if in_flight { f.verifying } else { 0 };
-        (count + pending >= max).then(|| left.as_secs().max(1))
-    }
-
-    /// Called right before a password or SCRAM proof is checked: Err(seconds
-    /// to wait) when `ip` has used up its failed logins, counting the checks
-    /// other connections from `ip` are making at this moment. The check at
-    /// accept alone let parallel connections, all past it before any had
-    /// failed, try any number of passwords. The attempt counts as failed
-    /// unless `succeeded` is called.
+    /// Right before a password or SCRAM proof is checked (see
+    /// `FailedLogins::attempt`).
     pub fn login_attempt(&self, ip: std::net::IpAddr) -> Result<LoginAttempt<'_>, u64> {
-        let ip = login_source(ip);
-        let mut map = self.failed_logins.lock().unwrap();
-        if let Some(secs) = self.login_wait(&map, ip, true) {
-            return Err(secs);
-        }
-        if map.len() > 100_000 {
-            // Swept at most once a second: a table kept full of addresses
-            // still in their window must not cost a full scan per login.
-            let mut swept = self.failed_logins_swept.lock().unwrap();
-            if swept.elapsed() >= std::time::Duration::from_secs(1) {
-                *swept = std::time::Instant::now();
-                let window = self.config().auth.failed_login_window.0;
-                map.retain(|_, f| f.verifying > 0 || f.since.elapsed() < window);
-            }
-        }
-        map.entry(ip).or_insert(LoginFailures { count: 0, since: std::time::Instant::now(), verifying: 0 }).verifying += 1;
-        Ok(LoginAttempt { app: self, ip, failed: true })
+        self.failed_logins.attempt(ip, self.login_limit())
+    }
+
+    fn login_limit(&self) -> crate::frontend::lockout::Limit {
+        let cfg = self.config();
+        crate::frontend::lockout::Limit { max: cfg.auth.max_failed_logins, window: cfg.auth.failed_login_window.0 }
     }
 
     pub fn limits(&self) -> Arc<crate::limits::Limits> {
@@ -778,18 +700,5 @@ async fn serve_unix(app: Arc<App>, listener: frontend::Listener, path: std::path
     frontend::accept_loop(app, listener).await;
     if ours.is_some() && identity() == ours {
         let _ = std::fs::remove_file(&path);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn failed_logins_count_per_ipv4_address_and_per_ipv6_64() {
-        let src = |s: &str| super::login_source(s.parse().unwrap());
-        assert_eq!(src("2001:db8:1:2:aaaa::1"), src("2001:db8:1:2:ffff::9"));
-        assert_ne!(src("2001:db8:1:2::1"), src("2001:db8:1:3::1"));
-        assert_eq!(src("::ffff:10.0.0.7"), src("10.0.0.7"));
-        assert_ne!(src("10.0.0.7"), src("10.0.0.8"));
-        assert!(src("0.0.0.0").is_unspecified() && src("::").is_unspecified());
     }
 }

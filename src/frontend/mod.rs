@@ -2,6 +2,7 @@
 //! startup timeout), startup/authentication, and the hand-off to the relay.
 
 pub mod cancel;
+pub mod lockout;
 pub mod startup;
 
 use crate::app::App;

@@ -1,0 +1,129 @@
+//! Failed logins per client source: after `auth.max_failed_logins` within
+//! `auth.failed_login_window`, the source is refused (28000) before any
+//! exchange until the window passes. Proofs being verified count too, so
+//! parallel connections cannot try more passwords than the limit.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The limit in force: failures allowed per window (0: no limit).
+#[derive(Clone, Copy)]
+pub struct Limit {
+    pub max: u32,
+    pub window: Duration,
+}
+
+/// Failed logins of one source within its window, and the proofs being
+/// checked right now.
+struct Failures {
+    count: u32,
+    since: Instant,
+    verifying: u32,
+}
+
+#[derive(Default)]
+pub struct FailedLogins {
+    map: Mutex<HashMap<IpAddr, Failures>>,
+    /// When a full table was last swept of expired entries.
+    swept: Mutex<Option<Instant>>,
+}
+
+/// One password check in flight (see `FailedLogins::attempt`).
+pub struct LoginAttempt<'a> {
+    logins: &'a FailedLogins,
+    window: Duration,
+    ip: IpAddr,
+    failed: bool,
+}
+
+/// Failed logins are counted per source: an IPv4 address, or an IPv6 /64
+/// (one host usually owns a whole /64, so counting per address would let
+/// it try a fresh address for every password).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
+impl FailedLogins {
+    /// Seconds until `ip` may try to log in again, if it failed too often.
+    pub fn blocked(&self, ip: IpAddr, limit: Limit) -> Option<u64> {
+        wait(&self.map.lock().unwrap(), source(ip), limit, false)
+    }
+
+    /// Called right before a password or SCRAM proof is checked: Err(seconds
+    /// to wait) when `ip` has used up its failed logins, counting the checks
+    /// other connections from `ip` are making at this moment. The check at
+    /// accept alone let parallel connections, all past it before any had
+    /// failed, try any number of passwords. The attempt counts as failed
+    /// unless `succeeded` is called.
+    pub fn attempt(&self, ip: IpAddr, limit: Limit) -> Result<LoginAttempt<'_>, u64> {
+        let ip = source(ip);
+        let mut map = self.map.lock().unwrap();
+        if let Some(secs) = wait(&map, ip, limit, true) {
+            return Err(secs);
+        }
+        if map.len() > 100_000 {
+            // Swept at most once a second: a table kept full of addresses
+            // still in their window must not cost a full scan per login.
+            let mut swept = self.swept.lock().unwrap();
+            if swept.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                *swept = Some(Instant::now());
+                map.retain(|_, f| f.verifying > 0 || f.since.elapsed() < limit.window);
+            }
+        }
+        map.entry(ip).or_insert(Failures { count: 0, since: Instant::now(), verifying: 0 }).verifying += 1;
+        Ok(LoginAttempt { logins: self, window: limit.window, ip, failed: true })
+    }
+}
+
+fn wait(map: &HashMap<IpAddr, Failures>, ip: IpAddr, limit: Limit, in_flight: bool) -> Option<u64> {
+    if ip.is_unspecified() {
+        return None; // a Unix-socket client: no address to hold back
+    }
+    let f = map.get(&ip).filter(|_| limit.max > 0)?;
+    let age = f.since.elapsed();
+    // Failures of a window that has passed no longer count.
+    let (count, left) = if age < limit.window { (f.count, limit.window - age) } else { (0, limit.window) };
+    let pending = if in_flight { f.verifying } else { 0 };
+    (count + pending >= limit.max).then(|| left.as_secs().max(1))
+}
+
+impl LoginAttempt<'_> {
+    pub fn succeeded(mut self) {
+        self.failed = false;
+    }
+}
+
+impl Drop for LoginAttempt<'_> {
+    fn drop(&mut self) {
+        let mut map = self.logins.map.lock().unwrap();
+        let Some(f) = map.get_mut(&self.ip) else { return };
+        f.verifying = f.verifying.saturating_sub(1);
+        if self.failed {
+            if f.since.elapsed() >= self.window {
+                (f.count, f.since) = (0, Instant::now());
+            }
+            f.count += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failed_logins_count_per_ipv4_address_and_per_ipv6_64() {
+        let src = |s: &str| super::source(s.parse().unwrap());
+        assert_eq!(src("2001:db8:1:2:aaaa::1"), src("2001:db8:1:2:ffff::9"));
+        assert_ne!(src("2001:db8:1:2::1"), src("2001:db8:1:3::1"));
+        assert_eq!(src("::ffff:10.0.0.7"), src("10.0.0.7"));
+        assert_ne!(src("10.0.0.7"), src("10.0.0.8"));
+        assert!(src("0.0.0.0").is_unspecified() && src("::").is_unspecified());
+    }
+}
