@@ -13,7 +13,8 @@
 //! the primary (not sure: primary).
 
 use crate::app::App;
-use crate::router::classify::{custom_settings_in, name_hash};
+use crate::router::classify::name_hash;
+use crate::router::settings::custom_settings_in;
 use crate::router::route::Calls;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -4,6 +4,7 @@
 //! state)? Anything not certainly a read is a write.
 
 use super::lex::{Lexer, Tok};
+use super::settings::{custom_settings_in, proxy_name, reset_statement, set_config_call, set_statement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Class {
@@ -112,7 +113,7 @@ const PIN_FUNCTIONS: &[&str] =
 
 const RELEASE_FUNCTIONS: &[&str] = &["pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all"];
 
-fn is_word(t: Option<&Tok>, w: &str) -> bool {
+pub(super) fn is_word(t: Option<&Tok>, w: &str) -> bool {
     matches!(t, Some(Tok::Word(x)) if x.eq_ignore_ascii_case(w))
 }
 
@@ -443,43 +444,6 @@ fn grammar_word(w: &str) -> bool {
     )
 }
 
-/// `set_config('name', value, is_local)`: session-level when is_local is false.
-fn set_config_call(args: &[Tok], a: &mut Analysis) {
-    let mut depth = 0;
-    let mut commas = 0;
-    let mut last = None;
-    for (j, x) in args.iter().enumerate() {
-        match x {
-            Tok::Punct(b'(') => depth += 1,
-            Tok::Punct(b')') if depth == 0 => {
-                last = Some(j);
-                break;
-            }
-            Tok::Punct(b')') => depth -= 1,
-            Tok::Punct(b',') if depth == 0 => commas += 1,
-            _ => {}
-        }
-    }
-    let Some(end) = last else { return };
-    let is_local = args[..end].last();
-    let local = matches!(is_local, Some(Tok::Word(w)) if w.eq_ignore_ascii_case("true"))
-        || matches!(is_local, Some(Tok::Str(s)) if matches!(s.to_ascii_lowercase().as_str(), "t" | "true" | "on" | "yes" | "1"));
-    let session = matches!(is_local, Some(Tok::Word(w)) if w.eq_ignore_ascii_case("false"))
-        || matches!(is_local, Some(Tok::Str(s)) if matches!(s.to_ascii_lowercase().as_str(), "f" | "false" | "off" | "no" | "0"));
-    if local || commas != 2 {
-        return;
-    }
-    match (args.first(), session) {
-        (Some(Tok::Str(name)), true) if args.get(1) == Some(&Tok::Punct(b',')) => {
-            a.set_names.push(name.to_ascii_lowercase())
-        }
-        _ => {
-            a.pin = a.pin.or(Some("set_config with a computed name or scope"));
-            a.sticky_pin = true;
-        }
-    }
-}
-
 /// Locking clauses (FOR UPDATE/SHARE/NO KEY UPDATE/KEY SHARE), SELECT INTO,
 /// and data-modifying statements nested anywhere (CTEs).
 fn has_write_marker(t: &[Tok]) -> bool {
@@ -543,175 +507,6 @@ fn creates_temp(t: &[Tok]) -> bool {
     })
 }
 
-/// A `pgfleet.<name>` setting name at position `i`.
-fn proxy_name(t: &[Tok], i: usize) -> Option<String> {
-    if is_word(t.get(i), "pgfleet") && t.get(i + 1) == Some(&Tok::Punct(b'.')) {
-        if let Some(Tok::Word(n)) = t.get(i + 2) {
-            return Some(n.to_ascii_lowercase());
-        }
-    }
-    if let Some(Tok::Ident(n)) = t.get(i) {
-        if let Some(rest) = n.to_ascii_lowercase().strip_prefix("pgfleet.") {
-            return Some(rest.to_string());
-        }
-    }
-    None
-}
-
-/// SET ...; returns whether it can run on a replica (SET is harmless there).
-fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
-    let mut i = 1;
-    // `local.x`, `session.x`, `transaction.x` are custom settings, not modifiers.
-    let modifier = t.get(2) != Some(&Tok::Punct(b'.'));
-    if modifier && (is_word(t.get(i), "LOCAL") || is_word(t.get(i), "TRANSACTION")) {
-        return true; // transaction-local: nothing to track
-    }
-    if modifier && is_word(t.get(i), "SESSION") {
-        i += 1;
-        if is_word(t.get(i), "CHARACTERISTICS") {
-            for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
-                a.set_names.push(n.into());
-            }
-            return true;
-        }
-        if is_word(t.get(i), "AUTHORIZATION") {
-            a.set_names.push("session_authorization".into());
-            return true;
-        }
-    }
-    if let Some(name) = proxy_name(t, i) {
-        // `pgfleet . name` is three tokens, `"pgfleet.name"` one; then = or TO.
-        let v = if matches!(t.get(i), Some(Tok::Ident(_))) { i + 2 } else { i + 4 };
-        let value = match t.get(v) {
-            _ if is_word(t.get(v), "DEFAULT") => None,
-            Some(Tok::Str(s)) | Some(Tok::Word(s)) | Some(Tok::Ident(s)) => Some(s.to_string()),
-            _ => None,
-        };
-        a.proxy_set = Some((name, value));
-        return true;
-    }
-    let name = if is_word(t.get(i), "TIME") && is_word(t.get(i + 1), "ZONE") {
-        "timezone".to_string()
-    } else if is_word(t.get(i), "SCHEMA") {
-        "search_path".to_string()
-    } else if is_word(t.get(i), "NAMES") {
-        "client_encoding".to_string()
-    } else if is_word(t.get(i), "ROLE") {
-        "role".to_string()
-    } else if is_word(t.get(i), "XML") && is_word(t.get(i + 1), "OPTION") {
-        "xmloption".to_string()
-    } else {
-        dotted_name(t, i)
-    };
-    if !name.is_empty() {
-        // `SET x TO DEFAULT` / `SET x = DEFAULT` / `SET TIME ZONE DEFAULT | LOCAL`.
-        let (last, before) = (t.last(), t.len().checked_sub(2).and_then(|k| t.get(k)));
-        let assigned_default = is_word(last, "DEFAULT") && (is_word(before, "TO") || before == Some(&Tok::Punct(b'=')));
-        let zone = is_word(t.get(i), "TIME") && t.len() == i + 3 && (is_word(last, "DEFAULT") || is_word(last, "LOCAL"));
-        if assigned_default || zone {
-            a.reset_names.push(name.clone());
-        }
-        a.set_names.push(name);
-    }
-    true
-}
-
-fn dotted_name(t: &[Tok], mut i: usize) -> String {
-    let mut name = String::new();
-    loop {
-        match t.get(i) {
-            Some(Tok::Word(w)) => name.push_str(&w.to_ascii_lowercase()),
-            Some(Tok::Ident(w)) => name.push_str(w),
-            _ => break,
-        }
-        if t.get(i + 1) == Some(&Tok::Punct(b'.')) {
-            name.push('.');
-            i += 2;
-        } else {
-            break;
-        }
-    }
-    name
-}
-
-fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
-    if is_word(t.get(1), "ALL") {
-        a.reset_all = true;
-    } else if let Some(name) = proxy_name(t, 1) {
-        a.proxy_set = Some((name, None));
-    } else if is_word(t.get(1), "SESSION") && is_word(t.get(2), "AUTHORIZATION") {
-        a.set_names.push("session_authorization".into());
-    } else if is_word(t.get(1), "TIME") {
-        a.set_names.push("timezone".into());
-        a.reset_names.push("timezone".into());
-    } else {
-        let n = dotted_name(t, 1);
-        if !n.is_empty() {
-            a.set_names.push(n.clone());
-            a.reset_names.push(n);
-        }
-    }
-    true
-}
-
 #[cfg(test)]
 #[path = "classify_tests.rs"]
 mod tests;
-
-/// Adds the custom settings (`a.b`, lower-cased) that this code sets for the
-/// session to `out`: `set_config('a.b', ...)` and `SET [SESSION] a.b`, the
-/// ways functions and DO blocks set a tenant id. A name computed at run time
-/// is not seen. (Built-in settings need no search: `pg_settings` lists the
-/// ones a session changed; it does not list custom ones.)
-pub fn custom_settings_in(code: &str, out: &mut Vec<String>) {
-    let lower = code.to_ascii_lowercase();
-    let b = lower.as_bytes();
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
-    let blanks = |mut i: usize| {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        i
-    };
-    // A dotted name at `i` (each part starting with a letter or `_`).
-    let name_at = |i: usize| {
-        let mut j = i;
-        while j < b.len() && (ident(b[j]) || b[j] == b'.') {
-            j += 1;
-        }
-        let name = &lower[i..j];
-        let ok = name.contains('.')
-            && name.split('.').all(|p| p.bytes().next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_'));
-        ok.then(|| name.to_string())
-    };
-    let mut found = |name: Option<String>| {
-        if let Some(n) = name {
-            if !out.contains(&n) {
-                out.push(n);
-            }
-        }
-    };
-    let mut i = 0;
-    while i < b.len() {
-        let word_start = i == 0 || !ident(b[i - 1]);
-        if word_start && b[i..].starts_with(b"set_config") {
-            let mut j = blanks(i + 10);
-            if b.get(j) == Some(&b'(') {
-                j = blanks(j + 1);
-                if b.get(j) == Some(&b'\'') {
-                    found(name_at(j + 1).filter(|n| b.get(j + 1 + n.len()) == Some(&b'\'')));
-                }
-            }
-            i += 10;
-        } else if word_start && b[i..].starts_with(b"set") && b.get(i + 3).is_some_and(|c| c.is_ascii_whitespace()) {
-            let mut j = blanks(i + 3);
-            if b[j..].starts_with(b"session") && b.get(j + 7).is_some_and(|c| c.is_ascii_whitespace()) {
-                j = blanks(j + 7);
-            }
-            found(name_at(j));
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-}

@@ -4,5 +4,6 @@
 pub mod classify;
 pub mod lex;
 pub mod route;
+pub mod settings;
 
 pub use classify::{classify, classify_as, Analysis, Class, RouteHint, TxControl};
