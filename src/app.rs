@@ -479,6 +479,7 @@ impl App {
             checkout_timeout: cfg.pool.checkout_timeout.0,
             idle_timeout: cfg.pool.server_idle_timeout.0,
             lifetime: cfg.pool.server_lifetime.0,
+            login_retry: cfg.pool.server_login_retry.0,
         };
         (spec, settings)
     }

@@ -154,10 +154,21 @@ impl TokenBucket {
     /// sleeping (its client left), it gives the token back: abandoned
     /// waits must not push everyone after them further back.
     pub async fn take(&self) {
-        if let Some(wait) = self.reserve(Duration::MAX).filter(|w| !w.is_zero()) {
-            let taken = Taken(vec![self]);
-            tokio::time::sleep(wait).await;
-            std::mem::forget(taken);
+        self.take_within(Duration::MAX).await;
+    }
+
+    /// `take`, unless the token is due later than `max_wait` from now
+    /// (false: nothing taken).
+    pub async fn take_within(&self, max_wait: Duration) -> bool {
+        match self.reserve(max_wait) {
+            None => false,
+            Some(wait) if wait.is_zero() => true,
+            Some(wait) => {
+                let taken = Taken(vec![self]);
+                tokio::time::sleep(wait).await;
+                std::mem::forget(taken);
+                true
+            }
         }
     }
 }

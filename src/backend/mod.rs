@@ -74,6 +74,18 @@ impl BackendError {
         }
     }
 
+    /// A login the server refused (wrong password, no such database or
+    /// role, no permission, an authentication method pgfleet cannot do):
+    /// the same login would be refused again, so the pool remembers it
+    /// for `pool.server_login_retry` (a copy to answer clients with).
+    pub fn login_refusal(&self) -> Option<BackendError> {
+        match self {
+            BackendError::Server(fields) if !self.is_transient() => Some(BackendError::Server(fields.clone())),
+            BackendError::Auth(why) => Some(BackendError::Auth(why.clone())),
+            _ => None,
+        }
+    }
+
     /// The server is down, starting, stopping, busy or not (yet) a
     /// primary: worth waiting for, unlike a refused login.
     pub fn is_transient(&self) -> bool {

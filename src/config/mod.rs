@@ -122,6 +122,10 @@ pub struct PoolCfg {
     /// New server connections per second per server (all pools together);
     /// 0 = unlimited. Protects a server from connection storms.
     pub max_connects_per_second: u32,
+    /// After a server refused pgfleet's login (28P01, 3D000, ...), new
+    /// connections of that pool fail with the same error, without asking
+    /// the server, for this long (PgBouncer's `server_login_retry`).
+    pub server_login_retry: Dur,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -145,6 +149,7 @@ impl Default for PoolCfg {
             prepared_statements_cache: 500,
             session_state: SessionStateMode::Pin,
             max_connects_per_second: 100,
+            server_login_retry: Dur::secs(15),
         }
     }
 }

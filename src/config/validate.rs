@@ -100,6 +100,9 @@ impl Config {
         if self.pool.size == 0 {
             p.push("pool.size: must be at least 1".into());
         }
+        if self.pool.min_size > 0 && self.pool.server_lifetime.0.is_zero() {
+            p.push("pool.min_size: pre-warmed connections need pool.server_lifetime above 0s (0s closes each after one transaction)".into());
+        }
         if self.pool.min_size > self.pool.size {
             p.push(format!(
                 "pool.min_size: {} is larger than pool.size {}",
@@ -237,6 +240,9 @@ impl Config {
             }
             if l.max_in_flight == Some(0) {
                 p.push(format!("limits[{i}].max_in_flight: must be at least 1"));
+            }
+            if l.max_in_flight.is_some_and(|n| n > 1_000_000_000) {
+                p.push(format!("limits[{i}].max_in_flight: at most 1000000000"));
             }
             if l.burst == Some(0) {
                 p.push(format!("limits[{i}].burst: must be at least 1"));

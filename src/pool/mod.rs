@@ -61,6 +61,8 @@ pub struct PoolSettings {
     pub checkout_timeout: Duration,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
+    /// `pool.server_login_retry`: how long a refused login is remembered.
+    pub login_retry: Duration,
 }
 
 /// What a waiter is handed: a ready connection, the right to open one (a
@@ -152,6 +154,10 @@ pub struct Pool {
     epoch: AtomicU64,
     /// After failed connects: no new attempt before this (exponential, jittered).
     backoff: Mutex<Backoff>,
+    /// The server refused the pool's login (and when): until
+    /// `login_retry` has passed, connects fail at once with that error
+    /// instead of asking the server again for every waiting client.
+    login_refused: Mutex<Option<(BackendError, Instant)>>,
     /// Wakes the expiry task: an earlier deadline was queued, or the pool
     /// is being dropped.
     expiry: Arc<tokio::sync::Notify>,
@@ -239,6 +245,7 @@ impl Pool {
             startup_params: Mutex::new(None),
             epoch: AtomicU64::new(0),
             backoff: Mutex::new(Backoff::default()),
+            login_refused: Mutex::new(None),
             expiry: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -303,6 +310,8 @@ impl Pool {
     /// retires the connections to the old one (see `set_spec`).
     pub fn reconfigure(&self, spec: ConnectSpec, settings: PoolSettings) {
         *self.settings.write().unwrap() = settings;
+        // The reload may have fixed what the server refused (a password).
+        *self.login_refused.lock().unwrap() = None;
         self.set_spec(spec, "the server's address, database name or TLS mode changed (reload)");
         let mut s = self.state.lock().unwrap();
         while s.total < settings.size {
@@ -333,11 +342,35 @@ impl Pool {
         s.waiters.iter().filter(|w| !w.tx.is_closed()).map(|w| w.since.elapsed()).max().unwrap_or_default()
     }
 
-    /// Gets a connection, waiting at most `checkout_timeout`.
+    /// Gets a connection, waiting at most `checkout_timeout`. A connect
+    /// that fails while the pool has other connections (the server is at
+    /// its `max_connections`, say) puts the caller back in the queue for
+    /// one of them, as long as its deadline allows.
     pub async fn checkout(self: &Arc<Self>) -> Result<Conn, PoolError> {
         let started = Instant::now();
         let settings = self.settings();
         let deadline = started + settings.checkout_timeout;
+        let mut first = true;
+        let result = loop {
+            match self.checkout_once(started, deadline, first).await {
+                Err(PoolError::Connect(e)) if e.is_transient() && self.stats().total > 0 && Instant::now() < deadline => {
+                    tracing::info!(pool = %self.key, error = %e, "opening another server connection failed; waiting for one of the pool's");
+                    first = false;
+                }
+                r => break r,
+            }
+        };
+        let elapsed = started.elapsed();
+        self.wait_seconds.observe(elapsed.as_secs_f64());
+        PoolCounters::add(&self.counters.wait_us, elapsed.as_micros() as u64);
+        if result.is_ok() {
+            PoolCounters::add(&self.counters.server_assignments, 1);
+        }
+        result
+    }
+
+    async fn checkout_once(self: &Arc<Self>, started: Instant, deadline: Instant, first: bool) -> Result<Conn, PoolError> {
+        let settings = self.settings();
         let mut wake_expiry = false;
         let next = {
             let mut s = self.state.lock().unwrap();
@@ -365,33 +398,35 @@ impl Pool {
         if wake_expiry {
             self.expiry.notify_one();
         }
-        let waited = matches!(next, Next::Wait(_));
-        if waited {
+        if first && matches!(next, Next::Wait(_)) {
             self.wait_count.inc();
             PoolCounters::add(&self.counters.waits, 1);
         }
-        let result = self.checkout_inner(next, started).await;
-        let elapsed = started.elapsed();
-        self.wait_seconds.observe(elapsed.as_secs_f64());
-        PoolCounters::add(&self.counters.wait_us, elapsed.as_micros() as u64);
-        if result.is_ok() {
-            PoolCounters::add(&self.counters.server_assignments, 1);
-        }
-        result
-    }
-
-    async fn checkout_inner(&self, next: Next, started: Instant) -> Result<Conn, PoolError> {
+        let timeout = || PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() };
         match next {
             Next::Ready(c) => Ok(c),
-            Next::Open => self.open_in_slot().await,
+            Next::Open => self.open_in_slot(Some(deadline)).await.map_err(|e| e.unwrap_or_else(timeout)),
             // Exactly one grant per waiter: it leaves the queue under the
             // state lock, with a connection, a slot or its expiry.
             Next::Wait(rx) => match (Queued { pool: self, rx }).await {
                 Ok(Grant::Conn(c)) => Ok(c),
-                Ok(Grant::Slot) => self.open_in_slot().await,
-                Ok(Grant::Expired) | Err(_) => Err(PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() }),
+                Ok(Grant::Slot) => self.open_in_slot(Some(deadline)).await.map_err(|e| e.unwrap_or_else(timeout)),
+                Ok(Grant::Expired) | Err(_) => Err(timeout()),
             },
         }
+    }
+
+    /// The login refusal the pool remembers, while `login_retry` lasts.
+    fn refused_login(&self, now: Instant) -> Option<BackendError> {
+        let retry = self.settings.read().unwrap().login_retry;
+        let refused = self.login_refused.lock().unwrap();
+        refused.as_ref().filter(|(_, at)| now.saturating_duration_since(*at) < retry).and_then(|(e, _)| e.login_refusal())
+    }
+
+    /// A connect to the pool's server failed for a reason that may pass
+    /// (the pool is in backoff): the server is down or refusing for now.
+    pub fn connect_failing(&self) -> bool {
+        self.backoff.lock().unwrap().failures > 0
     }
 
     /// Hands `Expired` to every waiter whose deadline is past; returns the
@@ -415,13 +450,21 @@ impl Pool {
         next
     }
 
-    /// Opens a connection in a slot already counted in `total`.
-    async fn open_in_slot(&self) -> Result<Conn, PoolError> {
+    /// Opens a connection in a slot already counted in `total`. `Err(None)`:
+    /// `deadline` came first (the backoff or the connect pacer would have
+    /// waited past it).
+    async fn open_in_slot(&self, deadline: Option<Instant>) -> Result<Conn, Option<PoolError>> {
         // Given back if this ends without a connection, dropped included.
         let slot = Slot(self);
         let until = self.backoff.lock().unwrap().until;
-        if let Some(wait) = until.map(|u| u.saturating_duration_since(Instant::now())).filter(|w| !w.is_zero()) {
-            tokio::time::sleep(wait).await;
+        if let Some(until) = until.filter(|u| *u > Instant::now()) {
+            if deadline.is_some_and(|d| d < until) {
+                return Err(None);
+            }
+            tokio::time::sleep_until(until.into()).await;
+        }
+        if let Some(e) = self.refused_login(Instant::now()) {
+            return Err(Some(PoolError::Connect(e)));
         }
         // Repeated only when the pool moved to another server while this
         // connect was under way: the new connection must reach the new one.
@@ -429,7 +472,10 @@ impl Pool {
             let epoch = self.epoch.load(Ordering::Acquire);
             let spec = self.spec.read().unwrap().clone();
             if let Some(p) = &spec.pacer {
-                p.take().await;
+                let max_wait = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+                if !p.take_within(max_wait).await {
+                    return Err(None);
+                }
             }
             let span = tracing::info_span!("server", pool = %self.key, addr = %spec.addr, id = tracing::field::Empty, backend_pid = tracing::field::Empty);
             // Boxed: connecting is rare and its future is large.
@@ -442,6 +488,7 @@ impl Pool {
                         continue;
                     }
                     *self.backoff.lock().unwrap() = Backoff::default();
+                    *self.login_refused.lock().unwrap() = None;
                     std::mem::forget(slot);
                     c.epoch = epoch;
                     tracing::info!(parent: &c.span, "server connection opened");
@@ -458,13 +505,22 @@ impl Pool {
                 }
                 Err(e) => {
                     tracing::warn!(parent: &span, error = %e, "server connection failed");
+                    let now = Instant::now();
                     if e.is_transient() {
                         let mut b = self.backoff.lock().unwrap();
-                        b.failures = b.failures.saturating_add(1);
-                        b.until = Some(Instant::now() + backoff_delay(b.failures));
+                        // Once per round: connects that ran together and
+                        // failed together do not push the wait to its cap.
+                        if b.until.is_none_or(|u| u <= now) {
+                            b.failures = b.failures.saturating_add(1);
+                            b.until = Some(now + backoff_delay(b.failures));
+                        }
+                    } else if let Some(refusal) = e.login_refusal() {
+                        if !self.settings.read().unwrap().login_retry.is_zero() {
+                            *self.login_refused.lock().unwrap() = Some((refusal, now));
+                        }
                     }
                     drop(slot);
-                    return Err(PoolError::Connect(e));
+                    return Err(Some(PoolError::Connect(e)));
                 }
             }
         }
@@ -608,7 +664,9 @@ impl Pool {
                     i += 1;
                 }
             }
-            let missing = settings.min_size.min(settings.size).saturating_sub(s.total);
+            // Not while the server refuses the pool's login.
+            let refused = self.refused_login(Instant::now()).is_some();
+            let missing = if refused { 0 } else { settings.min_size.min(settings.size).saturating_sub(s.total) };
             s.total += missing;
             missing
         };
@@ -620,9 +678,10 @@ impl Pool {
 
     /// Opens one pre-warmed connection in a slot reserved by `maintain`.
     pub async fn prewarm_one(&self) {
-        match self.open_in_slot().await {
+        match self.open_in_slot(None).await {
             Ok(c) => self.checkin(c),
-            Err(e) => tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed"),
+            Err(Some(e)) => tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed"),
+            Err(None) => {}
         }
     }
 }

@@ -300,7 +300,9 @@ impl Session {
             match self.watch(pool.checkout()).await? {
                 Ok(conn) => return Ok((conn, target, pool)),
                 Err(PoolError::Connect(e)) => match target {
-                    Target::Replica(i) if !rerouted => {
+                    // Unreachable (a refused login is the server's answer
+                    // for this user only, and goes to the client as is).
+                    Target::Replica(i) if !rerouted && e.is_transient() => {
                         tracing::warn!(parent: &self.span, replica = %topo.replicas[i].name, error = %e, "replica unreachable; re-routing");
                         topo.mark_down(i, &e.to_string());
                         rerouted = true;
@@ -315,6 +317,11 @@ impl Session {
                     }
                     _ => return Err(SessionError::Pool(PoolError::Connect(e))),
                 },
+                // Queued behind clients whose connects failed while the
+                // primary is down or restarting: the failover wait goes on.
+                Err(PoolError::Timeout { .. }) if target == Target::Primary && pool.connect_failing() && tokio::time::Instant::now() < deadline => {
+                    self.watch(wait_for_writer_change(topo, deadline)).await?;
+                }
                 Err(e) => return Err(SessionError::Pool(e)),
             }
         }

@@ -329,7 +329,7 @@ pub use monitor::{connect_as, run_monitor};
 const NOT_CHECKED: &str = "not checked yet";
 
 /// The lag state machine of one monitor, kept between checks.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct LagState {
     /// (primary LSN, when first seen), increasing.
     history: VecDeque<(u64, Instant)>,
@@ -339,8 +339,12 @@ struct LagState {
     last_replay: Vec<Option<(u64, Instant)>>,
     /// Per replica: found ahead of the primary at this replay position
     /// (WAL the primary never had: a standby left on the old timeline by a
-    /// failover). Kept until its replay position moves.
-    diverged: Vec<Option<u64>>,
+    /// failover), and whether it has been out of sight since (restarted:
+    /// re-cloned or rewound). Kept while it replays on past that position
+    /// (the rest of the old timeline's WAL), until its replay position
+    /// falls below it, or it comes back from a restart no further than the
+    /// primary.
+    diverged: Vec<Option<(u64, bool)>>,
 }
 
 /// How long a standby's last replay position keeps the history it needs.

@@ -74,8 +74,15 @@ const CHECK_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_ca
 fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[Result<Check, String>]) -> Writer {
     let is_primary = |r: &Result<Check, String>| matches!(r, Ok(Check { in_recovery: false, .. }));
     if let Writer::Replica(i) = current {
-        if replicas.get(i).is_some_and(is_primary) {
-            return current;
+        match replicas.get(i) {
+            Some(r) if is_primary(r) => return current,
+            // Another replica promoted since: the cluster failed over again.
+            _ if replicas.iter().any(is_primary) => return Writer::Replica(replicas.iter().position(is_primary).expect("some")),
+            // Out of sight for a round (busy, restarting): still the
+            // writer. The old primary answering as a primary meanwhile is
+            // the stale one (it lacks the writes made since).
+            Some(Err(_)) => return current,
+            _ => {}
         }
     }
     if is_primary(primary) {
@@ -165,6 +172,9 @@ pub(super) fn build_snapshot(
         let mut st = ReplicaState { name: info.name.clone(), groups: info.groups.iter().map(|g| (*g, false)).collect(), ..Default::default() };
         match result {
             Err(e) => {
+                if let Some((_, restarted)) = lag.diverged.get_mut(i).and_then(|d| d.as_mut()) {
+                    *restarted = e != NOT_CHECKED;
+                }
                 st.excluded_because = Some(if e == NOT_CHECKED { e.clone() } else { format!("unreachable: {e}") });
             }
             Ok(Check { in_recovery: false, .. }) => {
@@ -182,16 +192,24 @@ pub(super) fn build_snapshot(
                 // written when checked later: if it has, it is on another
                 // timeline (left behind by a failover, ahead of the new
                 // primary) and its rows are not the primary's.
+                // Replaying on past that point is the rest of the old
+                // timeline's WAL: still diverged.
                 if let (Some(p), Some((before, when))) = (seen, lag.last_replay[i]) {
                     if before > p && primary_at > when {
-                        lag.diverged[i] = Some(before);
+                        let (d, restarted) = lag.diverged[i].unwrap_or((0, false));
+                        lag.diverged[i] = Some((d.max(before), restarted));
                     }
                 }
-                if lag.diverged[i].is_some_and(|d| d != st.replay_lsn) {
-                    lag.diverged[i] = None; // replaying again (re-cloned, rewound)
+                match lag.diverged[i] {
+                    // Rewound, or re-cloned: replaying anew.
+                    Some((d, restarted)) if st.replay_lsn < d || (restarted && seen.is_some_and(|p| st.replay_lsn <= p)) => {
+                        lag.diverged[i] = None
+                    }
+                    Some((d, _)) => lag.diverged[i] = Some((d.max(st.replay_lsn), false)),
+                    None => {}
                 }
                 lag.last_replay[i] = Some((st.replay_lsn, now));
-                if let Some(d) = lag.diverged[i] {
+                if let Some((d, _)) = lag.diverged[i] {
                     st.excluded_because = Some(format!(
                         "diverged: replayed up to {} that the primary never had (left on the old timeline by a failover?); used again once it replays anew",
                         crate::topology::format_lsn(d)
@@ -366,11 +384,25 @@ mod tests {
         let s = build_snapshot(&t, &mut lag, (&at(false, 4100), round(3)), &[at(true, 5200), at(true, 4100)], round(3));
         assert_eq!(usable(&s), [false, true]);
         assert!(s.replicas[0].excluded_because.as_deref().is_some_and(|w| w.starts_with("diverged")), "{:?}", s.replicas[0]);
-        // The new primary passes it: still diverged (it did not move).
-        let s = build_snapshot(&t, &mut lag, (&at(false, 9000), round(4)), &[at(true, 5200), at(true, 9000)], round(4));
+        // It replays on the rest of the old timeline's WAL it received:
+        // still diverged, though its position moves.
+        let s = build_snapshot(&t, &mut lag, (&at(false, 4200), round(4)), &[at(true, 5300), at(true, 4200)], round(4));
         assert_eq!(usable(&s), [false, true]);
-        // Re-cloned from the new primary: replaying again, used again.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 9100), round(5)), &[at(true, 9050), at(true, 9100)], round(5));
+        // The new primary passes it: still diverged, moving or not.
+        let s = build_snapshot(&t, &mut lag, (&at(false, 9000), round(5)), &[at(true, 5350), at(true, 9000)], round(5));
+        assert_eq!(usable(&s), [false, true]);
+        let s = build_snapshot(&t, &mut lag, (&at(false, 9000), round(6)), &[at(true, 5350), at(true, 9000)], round(6));
+        assert_eq!(usable(&s), [false, true]);
+        let diverged = lag.clone();
+        // Re-cloned from the new primary (down meanwhile): replaying again
+        // no further than the primary, used again.
+        let s = build_snapshot(&t, &mut lag, (&at(false, 9050), round(7)), &[down(), at(true, 9050)], round(7));
+        assert_eq!(usable(&s), [false, true]);
+        let s = build_snapshot(&t, &mut lag, (&at(false, 9100), round(8)), &[at(true, 9050), at(true, 9100)], round(8));
+        assert_eq!(usable(&s), [true, true]);
+        // Rewound instead: below where it diverged, used again.
+        let mut lag = diverged;
+        let s = build_snapshot(&t, &mut lag, (&at(false, 9050), round(7)), &[at(true, 4500), at(true, 9050)], round(7));
         assert_eq!(usable(&s), [true, true]);
     }
 
@@ -386,8 +418,18 @@ mod tests {
         assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), primary()]), Replica(1));
         // The configured primary demoted and nobody promoted: no writer.
         assert_eq!(choose_writer(Configured, &standby(), &[standby(), standby()]), None);
-        // The promoted replica died and the old primary is down too.
-        assert_eq!(choose_writer(Replica(1), &down(), &[standby(), down()]), None);
+        // The promoted replica is out of sight (one failed check, or
+        // down): writes keep waiting for it, whether the old primary is
+        // down or answers as a primary (it lacks the writes made since).
+        assert_eq!(choose_writer(Replica(1), &down(), &[standby(), down()]), Replica(1));
+        assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), down()]), Replica(1));
+        // ...unless another replica was promoted since: follow that one.
+        assert_eq!(choose_writer(Replica(1), &primary(), &[primary(), down()]), Replica(0));
+        // The promoted replica is a standby again (demoted, re-cloned from
+        // the old primary): the configured primary takes writes again.
+        assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), standby()]), Configured);
+        // The configured primary down and the promoted one a standby again.
+        assert_eq!(choose_writer(Replica(1), &down(), &[standby(), standby()]), None);
         // ...and the old primary returned as primary.
         assert_eq!(choose_writer(None, &primary(), &[standby(), down()]), Configured);
     }

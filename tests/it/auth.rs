@@ -293,3 +293,69 @@ async fn a_failing_auth_query_is_not_a_wrong_password() {
     // Configured users are unaffected, and the address is not locked out.
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
 }
+
+/// A TCP forwarder to `port` that counts the connections it carried (the
+/// logins pgfleet attempted through it).
+async fn counting_forwarder(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fwd = l.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    (fwd, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_the_server_refused_is_remembered_instead_of_retried_per_client() {
+    // pgfleet's server password for `app` is wrong: PostgreSQL refuses
+    // it. Clients must get the server's 28P01 at once, and the server must
+    // not see one failed login per client (PgBouncer's server_login_retry).
+    let c = cluster();
+    let (fwd, attempts) = counting_forwarder(c.primary).await;
+    let mut cfg = config("size = 20\nserver_login_retry = \"1500ms\"", "health_user = \"bench\"");
+    cfg.cluster.primary = format!("127.0.0.1:{fwd}");
+    cfg.users.iter_mut().find(|u| u.name == "app").unwrap().server_password = Some("wrong".into());
+    let p = start(cfg.clone()).await;
+    let s = conn_str(&p, "app", "app", "app");
+    let count = || attempts.load(std::sync::atomic::Ordering::SeqCst);
+
+    let e = connect_with(&s).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01", "{e:?}");
+    let before = count();
+    let t0 = std::time::Instant::now();
+    let tasks: Vec<_> = (0..20).map(|_| tokio::spawn(connect_with_owned(s.clone()))).collect();
+    for t in tasks {
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(sqlstate(&e), "28P01", "{e:?}");
+        assert!(e.as_db_error().unwrap().message().contains("password authentication failed"), "{e:?}");
+    }
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1), "answered from memory: {:?}", t0.elapsed());
+    // (The monitor and the catalog loader log in as `bench` meanwhile.)
+    assert!(count() - before <= 2, "{} logins for 20 clients", count() - before);
+
+    // After server_login_retry, the server is asked again.
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let before = count();
+    assert_eq!(sqlstate(&connect_with(&s).await.unwrap_err()), "28P01");
+    assert!(count() > before, "asked the server again after server_login_retry");
+
+    // A reload that fixes the password is not held back by the memory.
+    assert_eq!(sqlstate(&connect_with(&s).await.unwrap_err()), "28P01");
+    cfg.users.iter_mut().find(|u| u.name == "app").unwrap().server_password = Some("app".into());
+    p.app.apply(cfg);
+    let client = connect_with(&s).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+}
+
+async fn connect_with_owned(s: String) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect_with(&s).await
+}
