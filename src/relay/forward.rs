@@ -83,6 +83,11 @@ impl Session {
 
     /// Writes the synthetic answers that are now at the head of the queue.
     pub(super) fn emit_synth(&mut self) {
+        // Not inside a server message still streaming to the client: the
+        // server-side scan emits them once it is whole.
+        if self.skip > 0 {
+            return;
+        }
         while let Some((s, payload)) = self.expect.pop_synth() {
             self.answered();
             match s {

@@ -129,6 +129,11 @@ impl Session {
             if let Some((parse, a)) = self.unnamed.take() {
                 self.note_write(a.class, a.catalog_ddl);
                 self.note_opaque(&a);
+                // Its session effects too (a lock, a setting): they happen
+                // at every Execute, not only in the Parse's transaction.
+                if a.has_session_effects() {
+                    self.note_effects(&a);
+                }
                 self.unnamed = Some((parse, a));
             }
             return None;
@@ -157,11 +162,19 @@ impl Session {
         if self.unnamed_here || !self.tracks_state() {
             return;
         }
-        if let Some((parse, _)) = &self.unnamed {
-            self.sout.extend_from_slice(parse);
-            self.expect.push(Pending::Swallow(Kind::Parse(None)));
-            self.unnamed_here = true;
+        match &self.unnamed {
+            Some((parse, _)) => {
+                self.sout.extend_from_slice(parse);
+                self.expect.push(Pending::Swallow(Kind::Parse(None)));
+            }
+            // The client has none: neither may the connection (the server
+            // then answers 26000, as it would the client alone).
+            None => {
+                build::target(&mut self.sout, b'C', b'S', b"");
+                self.expect.push(Pending::Swallow(Kind::Close(None)));
+            }
         }
+        self.unnamed_here = true;
     }
 
     pub(super) fn on_bind(&mut self, msg: &[u8]) -> Result<(), SessionError> {

@@ -616,6 +616,42 @@ async fn the_unnamed_statement_outlives_a_sync_whatever_the_connection() {
     read_cycle(&mut a).await;
     a.stream.write_all(&bind_exec("w")).await.unwrap();
     assert_eq!(read_cycle(&mut a).await.1, vec!["26000".to_string()]);
+    // Also when another client's unnamed statement is on the connection
+    // (one with a's settings, so no settings query runs in between): a
+    // has none, so its Bind must not run c's.
+    let mut c = RawClient::login(&p, "app", "app").await;
+    c.stream.write_all(&prepare("SELECT 'c-' || $1::text")).await.unwrap();
+    assert_eq!(read_cycle(&mut c).await, (vec![], vec![]));
+    a.stream.write_all(&bind_exec("v")).await.unwrap();
+    assert_eq!(read_cycle(&mut a).await, (vec![], vec!["26000".to_string()]), "not c's statement");
+    c.stream.write_all(&bind_exec("u")).await.unwrap();
+    assert_eq!(read_cycle(&mut c).await, (vec!["c-u".to_string()], vec![]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_statement_executed_in_a_later_transaction_keeps_its_session_state() {
+    // lib/pq's way: Parse/Describe/Sync, then Bind/Execute/Sync. The lock
+    // is taken by the second transaction: the client must stay on that
+    // connection (pinned), or its unlock runs elsewhere and the lock stays
+    // on a pooled connection.
+    let p = start(config("size = 2", "")).await;
+    let key = 7_400_031i64;
+    let mut a = RawClient::login(&p, "app", "app").await;
+    let sql = format!("SELECT pg_advisory_lock({key})");
+    let parse = [msg(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat()), msg(b'D', b"S\0"), msg(b'S', b"")].concat();
+    a.stream.write_all(&parse).await.unwrap();
+    assert_eq!(read_cycle(&mut a).await, (vec![], vec![]));
+    let bind_exec = [msg(b'B', b"\0\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+    a.stream.write_all(&bind_exec).await.unwrap();
+    assert_eq!(read_cycle(&mut a).await.1, Vec::<String>::new());
+    // Another client takes the most recently used idle connection.
+    let b = connect(&p).await;
+    b.batch_execute("BEGIN").await.unwrap();
+    a.stream.write_all(&msg(b'Q', format!("SELECT pg_advisory_unlock({key})::text\0").as_bytes())).await.unwrap();
+    let (rows, errors) = read_cycle(&mut a).await;
+    assert_eq!(errors, Vec::<String>::new());
+    assert_eq!(rows, vec!["true".to_string()], "unlocked on the connection that holds the lock");
+    b.batch_execute("COMMIT").await.unwrap();
 }
 
 /// The same with read/write routing: the Parse may run on a replica and the
