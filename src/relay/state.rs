@@ -135,8 +135,9 @@ impl Session {
         // DISCARD ALL in a transaction block (25001).
         let fails = a.statements == 1
             && (self.in_failed_transaction() || (self.status == b'T' && self.expect.is_empty() && a.reset_all));
-        if a.dealloc_all {
-            // Whatever happens, re-read what the connection still has.
+        // Whatever happens, re-read what the connection still has (a
+        // DEALLOCATE of one of pgfleet's own statements by name, too).
+        if a.dealloc_all || a.deallocate.as_deref().is_some_and(|n| n.as_bytes().starts_with(super::stmts::PREFIX)) {
             self.resync_prepared = true;
         }
         if a.dealloc_all && !fails {

@@ -177,9 +177,24 @@ impl Session {
         self.unnamed_here = true;
     }
 
+    /// A name in pgfleet's own namespace that the client did not prepare:
+    /// the shared proxy statements are not the client's to run, describe
+    /// or close. Answered 26000, as PostgreSQL answers an unknown name.
+    fn refuse_proxy_name(&mut self, name: &[u8]) -> bool {
+        if !self.tracks_state() || !name.starts_with(stmts::PREFIX) || self.stmts.contains_key(name) || self.virtuals.contains_key(name) {
+            return false;
+        }
+        let message = format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name));
+        self.fail_locally(sqlstate::UNDEFINED_PREPARED_STATEMENT, &message);
+        true
+    }
+
     pub(super) fn on_bind(&mut self, msg: &[u8]) -> Result<(), SessionError> {
         let (portal, name, tail_at) = wire::parse_bind(msg)?;
         self.in_batch = true;
+        if self.refuse_proxy_name(name) {
+            return Ok(());
+        }
         match self.ensure_prepared(name) {
             Some(stmt) => {
                 self.count_request(msg);
@@ -194,6 +209,9 @@ impl Session {
     pub(super) fn on_describe(&mut self, msg: &[u8]) -> Result<(), SessionError> {
         let (kind, name) = wire::parse_target(msg)?;
         self.in_batch = true;
+        if kind == b'S' && self.refuse_proxy_name(name) {
+            return Ok(());
+        }
         let stmt = if kind == b'S' { self.ensure_prepared(name) } else { None };
         match stmt {
             Some(stmt) => {

@@ -23,6 +23,9 @@ pub struct Stmt {
     pub analysis: Analysis,
 }
 
+/// How the names of pgfleet's shared statements begin on the servers.
+pub const PREFIX: &[u8] = b"_pgf_";
+
 pub fn server_name(id: u64) -> Bytes {
     Bytes::from(format!("_pgf_{id}"))
 }

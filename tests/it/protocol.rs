@@ -925,3 +925,34 @@ async fn a_pipelining_client_that_reads_is_served_without_stalls() {
         assert!(*t < Duration::from_millis(300 * (i as u64 + 1) + 250), "round {i} answered at {t:?}: {done:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgfleets_own_statements_are_not_the_clients_to_use_or_drop() {
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let parse = msg(b'P', b"s1\0SELECT 40 + 2\0\0\0");
+    raw.stream.write_all(&[parse, msg(b'S', b"")].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    let run_s1 = [msg(b'B', b"\0s1\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+    raw.stream.write_all(&run_s1).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["42".to_string()], vec![]));
+    // The shared statement behind s1 is one of _pgf_0.._pgf_9 on the
+    // connection: none of them is the client's to describe or run.
+    for id in 0..10 {
+        let name = format!("_pgf_{id}\0");
+        let describe = [msg(b'D', &[b"S", name.as_bytes()].concat()), msg(b'S', b"")].concat();
+        raw.stream.write_all(&describe).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["26000".to_string()]), "Describe {name}");
+        let bind = [msg(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0"].concat()), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+        raw.stream.write_all(&bind).await.unwrap();
+        assert_eq!(read_cycle(&mut raw).await, (vec![], vec!["26000".to_string()]), "Bind {name}");
+    }
+    // A DEALLOCATE by name reaches the server; pgfleet then re-reads what
+    // the connection has, so s1 still runs (prepared again).
+    for id in 0..10 {
+        raw.stream.write_all(&msg(b'Q', format!("DEALLOCATE _pgf_{id}\0").as_bytes())).await.unwrap();
+        read_cycle(&mut raw).await;
+    }
+    raw.stream.write_all(&run_s1).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["42".to_string()], vec![]));
+}
