@@ -35,11 +35,16 @@ impl Session {
 
     /// The transaction unit starting with `first` and continuing in the
     /// buffered input up to its Sync: a simple Query alone, or the
-    /// extended-protocol batch (a write anywhere makes the batch a write).
+    /// extended-protocol batch (a write anywhere makes the batch a write,
+    /// and so does transaction control after its first message). A batch
+    /// whose Sync is not in yet (a pipeline larger than one read, a Flush
+    /// the client waits on) is a write: what follows may write, and it goes
+    /// to the same connection unchecked.
     pub(super) fn unit_analysis(&self, first: &[u8], rest: &[u8]) -> Analysis {
         let mut merged: Option<Analysis> = None;
         let mut pos = 0;
         let mut msg = first;
+        let mut whole = first.first() == Some(&b'Q');
         loop {
             let mut stop = false;
             let a = match msg.first() {
@@ -53,7 +58,12 @@ impl Session {
                     Ok((b'S', n)) => self.statement_analysis(n),
                     _ => None,
                 },
-                Some(b'S') | None => {
+                Some(b'S') => {
+                    stop = true;
+                    whole = true;
+                    None
+                }
+                None => {
                     stop = true;
                     None
                 }
@@ -63,7 +73,7 @@ impl Session {
                 merged = Some(match merged {
                     None => a,
                     Some(mut m) => {
-                        if a.class == Class::Write {
+                        if a.class == Class::Write || a.tx != crate::router::TxControl::None {
                             m.class = Class::Write;
                         }
                         for h in a.calls {
@@ -84,7 +94,11 @@ impl Session {
                 _ => break,
             }
         }
-        merged.unwrap_or_default()
+        let mut a = merged.unwrap_or_default();
+        if !whole {
+            a.class = Class::Write;
+        }
+        a
     }
 
     /// Where a transaction unit with this analysis goes.

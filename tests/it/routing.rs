@@ -82,6 +82,51 @@ async fn pipelined_write_after_read_waits_for_the_primary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_batch_that_arrives_in_pieces_is_routed_as_a_whole() {
+    // A pipeline larger than one read: a read first, then (in a later
+    // write, as libpq flushes every 8 kB) a write and transaction control,
+    // then Sync. Routed on its first piece, it went to a replica, where
+    // the write fails (25006).
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    connect(&p).await.batch_execute("CREATE TABLE IF NOT EXISTS rt_pieces (port int)").await.unwrap();
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let step = |sql: &str| {
+        let mut out = bytes::BytesMut::new();
+        pgfleet::wire::build::parse(&mut out, b"", &[sql.as_bytes(), b"\0\0\0"].concat());
+        out.extend_from_slice(&crate::protocol::msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        out.extend_from_slice(&crate::protocol::msg(b'E', b"\0\0\0\0\0"));
+        out.to_vec()
+    };
+    // (In one write too: a BEGIN after the first message opens a
+    // transaction that must be on the primary.)
+    let insert = "INSERT INTO rt_pieces VALUES (inet_server_port()) RETURNING port::text";
+    for (second, pieces) in [(insert, true), ("BEGIN", true), ("BEGIN", false)] {
+        raw.stream.write_all(&step("SELECT inet_server_port()::text")).await.unwrap();
+        if pieces {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        raw.stream.write_all(&[step(second), crate::protocol::msg(b'S', b"")].concat()).await.unwrap();
+        let mut ports = Vec::new();
+        loop {
+            let (tag, m) = raw.next().await.unwrap();
+            match tag {
+                b'D' => ports.push(String::from_utf8_lossy(&m[11..]).parse::<u16>().unwrap()),
+                b'E' => panic!("{second}: {:?}", pgfleet::wire::error_fields(&m)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        assert_eq!(ports[0], c.primary, "{second}: {ports:?}");
+        if second == "BEGIN" {
+            raw.stream.write_all(&crate::protocol::msg(b'Q', b"COMMIT\0")).await.unwrap();
+            crate::protocol::read_cycle(&mut raw).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_only_reach_their_group() {
     let _shared = REPLICAS.read().await;
     let c = cluster();
