@@ -126,6 +126,10 @@ impl Session {
                 .settings
                 .iter()
                 .any(|(n, v)| n == "default_transaction_read_only" && matches!(v.as_str(), "on" | "true" | "1" | "yes")),
+            serializable: self
+                .settings
+                .iter()
+                .any(|(n, v)| n == "default_transaction_isolation" && v.eq_ignore_ascii_case("serializable")),
             calls: self.function_calls(a),
         };
         route(a, &s, &topo.snapshot(), &mut |c| topo.pick(c)).map_err(|NoReplica { group, why }| {

@@ -258,14 +258,16 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
             read = !(analyze && (runs_write() || !explains_a_query(t)));
         }
         b"BEGIN" | b"START" => {
+            // A hot standby refuses serializable transactions (0A000).
+            let serializable = t.iter().any(|x| is_word(Some(x), "SERIALIZABLE"));
             if a.statements == 1 {
                 a.tx = TxControl::Begin { read_only: has_read_only(t) };
-                read = true;
+                read = !serializable;
             } else {
                 // Not the string's first statement (`SET ...; BEGIN`): the
                 // transaction it opens decides where the rest runs, so only a
                 // read-only one may go to a replica.
-                read = has_read_only(t) == Some(true);
+                read = has_read_only(t) == Some(true) && !serializable;
             }
         }
         b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT" => {

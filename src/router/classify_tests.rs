@@ -79,6 +79,12 @@ const TABLE: &[(&str, Class)] = &[
     ("BEGIN", R),
     ("BEGIN READ ONLY", R),
     ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ", R),
+    // A hot standby refuses serializable transactions.
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", W),
+    ("START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE", W),
+    ("SET search_path TO x; BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", W),
+    ("SET default_transaction_isolation = 'serializable'", W),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", W),
     ("COMMIT", R),
     ("ROLLBACK", R),
     ("END", R),

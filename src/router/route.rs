@@ -75,10 +75,12 @@ pub enum Reason {
     VolatileFunction,
     /// A read that calls functions while the catalog is not loaded.
     CatalogPending,
+    /// The client's transactions are serializable (a standby refuses them).
+    Serializable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::SplitDisabled,
         Reason::HintPrimary,
         Reason::Write,
@@ -90,6 +92,7 @@ impl Reason {
         Reason::Fallback,
         Reason::VolatileFunction,
         Reason::CatalogPending,
+        Reason::Serializable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,6 +108,7 @@ impl Reason {
             Reason::Fallback => "fallback",
             Reason::VolatileFunction => "volatile_function",
             Reason::CatalogPending => "catalog_pending",
+            Reason::Serializable => "serializable",
         }
     }
 }
@@ -128,6 +132,9 @@ pub struct SessionRoute<'a> {
     pub floor: Option<u64>,
     /// `default_transaction_read_only` is on for this client.
     pub default_read_only: bool,
+    /// `default_transaction_isolation` is serializable for this client: a
+    /// hot standby refuses every transaction of it (0A000).
+    pub serializable: bool,
     /// What the function catalog says of the functions the statement calls.
     pub calls: Calls,
 }
@@ -159,6 +166,9 @@ pub fn route(
         Some(RouteHint::Primary) => return Ok((Target::Primary, Reason::HintPrimary)),
         Some(RouteHint::Replica) => return replica(s, snap, s.group, Reason::HintReplica, pick),
         _ => {}
+    }
+    if s.serializable {
+        return Ok((Target::Primary, Reason::Serializable));
     }
     if let TxControl::Begin { read_only } = a.tx {
         // A write later in the same string (`BEGIN READ ONLY; ...; DELETE`)

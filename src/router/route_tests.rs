@@ -29,7 +29,7 @@ fn snap(r0: bool, r1: bool) -> Snapshot {
 
 fn decide(sql: &str, group: usize, snapshot: &Snapshot, floor: Option<u64>, route_: Option<RouteHint>) -> Result<(Target, Reason), NoReplica> {
     let g = groups();
-    let s = SessionRoute { split: true, route: route_, group, groups: &g, floor, default_read_only: false, calls: Calls::Safe };
+    let s = SessionRoute { split: true, route: route_, group, groups: &g, floor, default_read_only: false, serializable: false, calls: Calls::Safe };
     let a = classify(sql, &[]);
     route(&a, &s, snapshot, &mut |c| c[0])
 }
@@ -82,7 +82,7 @@ fn fallbacks() {
 #[test]
 fn split_disabled_sends_everything_to_primary() {
     let g = groups();
-    let s = SessionRoute { split: false, route: None, group: 0, groups: &g, floor: None, default_read_only: false, calls: Calls::Safe };
+    let s = SessionRoute { split: false, route: None, group: 0, groups: &g, floor: None, default_read_only: false, serializable: false, calls: Calls::Safe };
     let a = classify("SELECT 1", &[]);
     assert_eq!(route(&a, &s, &snap(true, true), &mut |c| c[0]), Ok((Target::Primary, Reason::SplitDisabled)));
 }
@@ -90,12 +90,26 @@ fn split_disabled_sends_everything_to_primary() {
 #[test]
 fn default_read_only_yields_to_an_explicit_mode() {
     let g = groups();
-    let s = SessionRoute { split: true, route: None, group: 0, groups: &g, floor: None, default_read_only: true, calls: Calls::Safe };
+    let s = SessionRoute { split: true, route: None, group: 0, groups: &g, floor: None, default_read_only: true, serializable: false, calls: Calls::Safe };
     let up = snap(true, true);
     let go = |sql: &str| route(&classify(sql, &[]), &s, &up, &mut |c| c[0]).unwrap().0;
     assert_eq!(go("BEGIN"), Target::Replica(0));
     assert_eq!(go("BEGIN READ WRITE"), Target::Primary);
     assert_eq!(go("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE"), Target::Primary);
+    // A hot standby refuses serializable transactions, read-only or not.
+    assert_eq!(go("BEGIN ISOLATION LEVEL SERIALIZABLE"), Target::Primary);
+}
+
+#[test]
+fn a_serializable_session_reads_on_the_primary() {
+    let g = groups();
+    let s = SessionRoute { split: true, route: None, group: 0, groups: &g, floor: None, default_read_only: false, serializable: true, calls: Calls::Safe };
+    let up = snap(true, true);
+    let go = |sql: &str| route(&classify(sql, &[]), &s, &up, &mut |c| c[0]).unwrap();
+    assert_eq!(go("SELECT 1"), (Target::Primary, Reason::Serializable));
+    assert_eq!(go("BEGIN READ ONLY"), (Target::Primary, Reason::Serializable));
+    // The application's own word still wins.
+    assert_eq!(go("/* pgfleet: route=replica */ SELECT 1").0, Target::Replica(0));
 }
 
 #[test]
@@ -103,7 +117,7 @@ fn reads_calling_volatile_functions_go_to_the_primary() {
     let g = groups();
     let up = snap(true, true);
     let go = |sql: &str, calls: Calls| {
-        let s = SessionRoute { split: true, route: None, group: 0, groups: &g, floor: None, default_read_only: false, calls };
+        let s = SessionRoute { split: true, route: None, group: 0, groups: &g, floor: None, default_read_only: false, serializable: false, calls };
         route(&classify(sql, &[]), &s, &up, &mut |c| c[0]).unwrap()
     };
     assert_eq!(go("SELECT create_order(42)", Calls::Safe), (Target::Replica(0), Reason::Read));

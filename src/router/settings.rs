@@ -71,7 +71,8 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
             for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
                 a.set_names.push(n.into());
             }
-            return true;
+            // May make the session serializable: see below.
+            return false;
         }
         if is_word(t.get(i), "AUTHORIZATION") {
             a.set_names.push("session_authorization".into());
@@ -110,7 +111,12 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
         if assigned_default || zone {
             a.reset_names.push(name.clone());
         }
+        // A session made serializable reads on the primary (a standby
+        // refuses it): set there, its value is known before the next
+        // statement is routed (a replica's connection would take it first).
+        let isolation = name == "default_transaction_isolation";
         a.set_names.push(name);
+        return !isolation;
     }
     true
 }

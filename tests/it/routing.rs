@@ -555,3 +555,27 @@ async fn reads_calling_the_applications_volatile_functions_go_to_the_primary() {
     c.psql_on(c.primary, "app", "ALTER FUNCTION fn_port_volatile() VOLATILE");
     wait_port_of(&reader, "SELECT fn_port_volatile()", c.primary, Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_transactions_are_not_sent_where_a_standby_refuses_them() {
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    let client = connect(&p).await;
+    assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.replicas[0]);
+    // Explicitly serializable, even READ ONLY: the primary.
+    client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY").await.unwrap();
+    assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.primary);
+    client.batch_execute("COMMIT").await.unwrap();
+    // Serializable by default for this session: every read on the primary.
+    client.batch_execute("SET default_transaction_isolation = 'serializable'").await.unwrap();
+    assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.primary);
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.primary);
+    client.batch_execute("COMMIT").await.unwrap();
+    client.batch_execute("RESET default_transaction_isolation").await.unwrap();
+    // (The first read may still run on the primary connection the RESET
+    // ran on, bound until pgfleet's own check after it ends.)
+    port_of(&client, "SELECT inet_server_port()::text").await;
+    assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.replicas[0]);
+}
