@@ -11,7 +11,11 @@ impl Session {
         self.record(msg);
         match tag {
             b'Q' => self.on_query(msg, known)?,
-            b'F' => self.send(msg, Some(Kind::FnCall)),
+            b'F' => {
+                // A function call by OID (large objects, ...): may write.
+                self.note_write(Class::Write, false);
+                self.send(msg, Some(Kind::FnCall))
+            }
             b'S' if self.copy_in_ext => self.send(msg, None),
             b'S' => {
                 self.in_batch = false;

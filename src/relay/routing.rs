@@ -58,6 +58,8 @@ impl Session {
                     Ok((b'S', n)) => self.statement_analysis(n),
                     _ => None,
                 },
+                // A function call by OID (large objects, ...): may write.
+                Some(b'F') => Some(Analysis::default()),
                 Some(b'S') => {
                     stop = true;
                     whole = true;

@@ -579,3 +579,31 @@ async fn serializable_transactions_are_not_sent_where_a_standby_refuses_them() {
     port_of(&client, "SELECT inet_server_port()::text").await;
     assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.replicas[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_call_message_counts_as_a_write_for_read_your_writes() {
+    // libpq's large-object calls are FunctionCall messages: what they
+    // write must raise the client's read-your-writes floor like any write.
+    let _shared = REPLICAS.read().await;
+    let p = routing_proxy("size = 3", "10s", "lsn").await;
+    let oid: u32 = connect(&p).await.query_one("SELECT 'lo_creat'::regproc::oid", &[]).await.unwrap().get(0);
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend(0u16.to_be_bytes()); // argument formats: text
+    body.extend(1u16.to_be_bytes());
+    body.extend(1u32.to_be_bytes());
+    body.push(b'0');
+    body.extend(0u16.to_be_bytes()); // result format
+    raw.stream.write_all(&crate::protocol::msg(b'F', &body)).await.unwrap();
+    loop {
+        let (tag, m) = raw.next().await.unwrap();
+        assert_ne!(tag, b'E', "{:?}", pgfleet::wire::error_fields(&m));
+        if tag == b'Z' {
+            break;
+        }
+    }
+    raw.stream.write_all(&crate::protocol::msg(b'Q', b"SHOW pgfleet.lsn\0")).await.unwrap();
+    let (rows, errors) = crate::protocol::read_cycle(&mut raw).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_ne!(rows, vec!["0/0".to_string()], "the call's LSN is the floor");
+}
