@@ -178,6 +178,10 @@ pub struct Session {
     route_override: Option<RouteHint>,
     /// Read-your-writes floor: primary LSN at the client's last write.
     floor: Option<u64>,
+    /// The LSN of a write could not be read (the check after it failed
+    /// twice): reads go to the primary until a primary position read after
+    /// this instant is known, which then becomes the floor.
+    floor_unknown_since: Option<Instant>,
     /// The current primary transaction wrote (learn the LSN before release).
     wrote: bool,
     /// The current transaction changes functions: the function catalog is
@@ -325,6 +329,7 @@ impl Session {
             workload: id.workload,
             route_override: None,
             floor: None,
+            floor_unknown_since: None,
             wrote: false,
             opaque_settings: false,
             opaque_names: Vec::new(),
@@ -570,6 +575,9 @@ impl Session {
                     // unit under the new config.
                     Box::pin(self.wait_while_paused()).await?;
                     self.refresh_config();
+                }
+                if self.floor_unknown_since.is_some() {
+                    self.settle_floor();
                 }
                 let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
                 let first_only = matches!(h.tag, b'Q' | b'P');

@@ -103,6 +103,18 @@ impl Session {
         a
     }
 
+    /// A write whose LSN could not be read: once the monitor has read the
+    /// primary's position well after it (a second more, for the WAL writer
+    /// of an asynchronous commit), that position is the floor.
+    pub(super) fn settle_floor(&mut self) {
+        let snap = self.topo.snapshot();
+        let (Some(since), Some(seen)) = (self.floor_unknown_since, snap.primary_seen_at) else { return };
+        if seen > since + std::time::Duration::from_secs(1) {
+            self.floor = Some(self.floor.unwrap_or(0).max(snap.primary_lsn));
+            self.floor_unknown_since = None;
+        }
+    }
+
     /// Where a transaction unit with this analysis goes.
     pub(super) fn choose_target(&self, a: &Analysis, topo: &Topology) -> Result<(Target, Reason), (&'static str, String)> {
         if self.mode != PoolMode::Transaction || topo.groups.is_empty() {
@@ -123,7 +135,11 @@ impl Session {
             route: self.route_override,
             group,
             groups: &topo.groups,
-            floor: self.floor.filter(|_| cfg.routing.read_your_writes == ReadYourWrites::Lsn),
+            floor: match self.floor_unknown_since {
+                Some(_) => Some(u64::MAX), // no replica has it: the primary
+                None => self.floor,
+            }
+            .filter(|_| cfg.routing.read_your_writes == ReadYourWrites::Lsn),
             default_read_only: self
                 .settings
                 .iter()

@@ -246,6 +246,9 @@ impl Session {
             tracing::warn!(parent: &self.span, "the state check failed twice: the server connection is closed, not reused");
             self.probe_failures = 0;
             self.discard_conn = true;
+            if probe.lsn {
+                self.floor_unknown_since = Some(std::time::Instant::now());
+            }
             return;
         }
         let mut names = probe.names;

@@ -224,7 +224,10 @@ impl Session {
                 })?;
                 self.floor = Some(self.floor.unwrap_or(0).max(lsn));
             }
-            ("min_lsn", None) => self.floor = None,
+            ("min_lsn", None) => {
+                self.floor = None;
+                self.floor_unknown_since = None;
+            }
             (other, _) => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
         }
         Ok(())

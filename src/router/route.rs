@@ -50,6 +50,9 @@ pub struct Snapshot {
     pub checked_at_us: u64,
     pub primary_lsn: u64,
     pub primary_reachable: bool,
+    /// When `primary_lsn` was read from the primary itself (None: the
+    /// primary was out of sight this round).
+    pub primary_seen_at: Option<std::time::Instant>,
     pub replicas: Vec<ReplicaState>,
 }
 

@@ -23,6 +23,7 @@ fn snap(r0: bool, r1: bool) -> Snapshot {
         checked_at_us: 1,
         primary_lsn: 100,
         primary_reachable: true,
+        primary_seen_at: None,
         replicas: vec![st("r0", vec![(0, r0), (1, r0)], 90), st("r1", vec![(2, r1)], 100)],
     }
 }

@@ -123,6 +123,7 @@ impl Topology {
             checked_at_us: 0,
             primary_lsn: 0,
             primary_reachable: false,
+            primary_seen_at: None,
             replicas: replicas
                 .iter()
                 .map(|r| ReplicaState {

@@ -258,7 +258,8 @@ pub(super) fn build_snapshot(
     if let Some(min) = recent.map(|(l, _)| *l).min() {
         lag.forget_before(min);
     }
-    Snapshot { checked_at_us: crate::stats::now_us(), primary_lsn, primary_reachable, replicas: states }
+    let primary_seen_at = seen.map(|_| primary_at);
+    Snapshot { checked_at_us: crate::stats::now_us(), primary_lsn, primary_reachable, primary_seen_at, replicas: states }
 }
 
 #[cfg(test)]
