@@ -163,6 +163,17 @@ impl Session {
         if a.calls.is_empty() || a.class == Class::Write || !self.cfg.routing.read_write_split {
             return Calls::Safe;
         }
+        // `routing.write_functions` as of now: a statement classified (and
+        // shared) before a reload added one is still sent to the primary.
+        let listed = |h: &u32| {
+            self.cfg.routing.write_functions.iter().any(|f| {
+                let n = f.rsplit('.').next().unwrap_or(f).as_bytes();
+                crate::router::name_hash(n, true) == *h || crate::router::name_hash(n, false) == *h
+            })
+        };
+        if !self.cfg.routing.write_functions.is_empty() && a.calls.iter().any(listed) {
+            return Calls::Volatile;
+        }
         self.app.function_verdict(&self.database, &a.calls, self.cfg.routing.function_catalog_refresh.0, self.now)
     }
 

@@ -6,4 +6,4 @@ pub mod lex;
 pub mod route;
 pub mod settings;
 
-pub use classify::{classify, classify_as, Analysis, Class, RouteHint, TxControl};
+pub use classify::{classify, classify_as, name_hash, Analysis, Class, RouteHint, TxControl};

@@ -607,3 +607,30 @@ async fn a_function_call_message_counts_as_a_write_for_read_your_writes() {
     assert!(errors.is_empty(), "{errors:?}");
     assert_ne!(rows, vec!["0/0".to_string()], "the call's LSN is the floor");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_write_functions_reroutes_statements_prepared_before() {
+    // routing.write_functions names functions that write though declared
+    // STABLE. A statement prepared before the reload that adds one must
+    // go to the primary from then on, not only statements parsed after it.
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    let writer = connect(&p).await;
+    writer
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION fn_stable_port() RETURNS text LANGUAGE sql STABLE AS 'SELECT inet_server_port()::text'",
+        )
+        .await
+        .unwrap();
+    wait_function_everywhere(&p, "fn_stable_port").await;
+    let client = connect(&p).await;
+    let stmt = client.prepare("SELECT fn_stable_port()").await.unwrap();
+    let port = |r: tokio_postgres::Row| r.get::<_, String>(0).parse::<u16>().unwrap();
+    assert_eq!(port(client.query_one(&stmt, &[]).await.unwrap()), c.replicas[0]);
+    let mut cfg = (*p.app.config()).clone();
+    cfg.routing.write_functions = vec!["public.fn_stable_port".into()];
+    p.app.apply(cfg);
+    assert_eq!(port(client.query_one(&stmt, &[]).await.unwrap()), c.primary, "the prepared statement");
+    assert_eq!(port_of(&client, "SELECT fn_stable_port()").await, c.primary);
+}
