@@ -339,6 +339,22 @@ impl App {
                 pool.reconfigure(spec, settings);
             }
         }
+        // Pools of a server, database or user the config no longer has
+        // (auth_query users are not listed: theirs stay while it is on).
+        let cfg = self.config();
+        let mut retired = Vec::new();
+        self.pools.lock().unwrap().retain(|key, pool| {
+            let keep = (key.backend == PRIMARY || topo.replicas.iter().any(|r| r.name == key.backend))
+                && cfg.database(&key.database).is_some()
+                && (cfg.user(&key.user).is_some() || cfg.auth.auth_query.is_some());
+            if !keep {
+                retired.push(pool.clone());
+            }
+            keep
+        });
+        for pool in retired {
+            pool.retire();
+        }
         notes
     }
 

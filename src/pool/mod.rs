@@ -592,6 +592,17 @@ impl Pool {
         s.idle.push(conn);
     }
 
+    /// The pool's server, database or user left the config (reload): its
+    /// idle connections close now, checked-out ones when they come back.
+    /// (The caller has removed it from the pool map, so nothing keeps it
+    /// warm.)
+    pub fn retire(&self) {
+        tracing::info!(pool = %self.key, "pool removed by a reload");
+        self.close_idle_and("its server, database or user was removed (reload)", || {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        });
+    }
+
     /// Closes every idle connection (KILL).
     pub fn close_idle(&self, why: &'static str) {
         self.close_idle_and(why, || {});

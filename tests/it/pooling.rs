@@ -217,13 +217,29 @@ async fn min_size_prewarms_connections() {
     // cluster the other tests share.)
     let p = start(config("size = 4\nmin_size = 2", &routing_extra("10s", "off"))).await;
     let warm = |backend: &str| p.app.pools().iter().any(|pl| pl.key.backend == backend && pl.key.user == "app" && pl.key.database == "app" && pl.stats().idle >= 2);
+    let mut ready = false;
     for _ in 0..100 {
         if ["primary", "r1", "r2"].iter().all(|b| warm(b)) {
-            return;
+            ready = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("pools were not pre-warmed: {:?}", p.app.pools().iter().map(|p| (p.key.backend.clone(), p.stats())).collect::<Vec<_>>());
+    assert!(ready, "pools were not pre-warmed: {:?}", p.app.pools().iter().map(|p| (p.key.backend.clone(), p.stats())).collect::<Vec<_>>());
+    // A reload that removes r2: its pools close their connections and are
+    // no longer kept warm.
+    let r2: Vec<_> = p.app.pools().into_iter().filter(|pl| pl.key.backend == "r2").collect();
+    let mut cfg = (*p.app.config()).clone();
+    cfg.cluster.replicas.retain(|r| r.name != "r2");
+    for g in cfg.cluster.groups.iter_mut().filter(|g| g.name == "analytics") {
+        g.fallback = vec![];
+    }
+    p.app.apply(cfg);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(p.app.pools().iter().all(|pl| pl.key.backend != "r2"));
+    for pl in r2 {
+        assert_eq!(pl.stats().total, 0, "{} still has connections", pl.key);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
