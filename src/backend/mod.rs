@@ -86,6 +86,12 @@ impl BackendError {
         }
     }
 
+    /// The server answered that it has no room for another connection
+    /// (`max_connections` reached).
+    pub fn is_server_full(&self) -> bool {
+        matches!(self, BackendError::Server(fields) if fields.iter().any(|(c, v)| *c == b'C' && v == "53300"))
+    }
+
     /// The server is down, starting, stopping, busy or not (yet) a
     /// primary: worth waiting for, unlike a refused login.
     pub fn is_transient(&self) -> bool {

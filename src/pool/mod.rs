@@ -343,9 +343,10 @@ impl Pool {
     }
 
     /// Gets a connection, waiting at most `checkout_timeout`. A connect
-    /// that fails while the pool has other connections (the server is at
-    /// its `max_connections`, say) puts the caller back in the queue for
-    /// one of them, as long as its deadline allows.
+    /// the server refused for being at its `max_connections` (53300) while
+    /// the pool has other connections puts the caller back in the queue
+    /// for one of them, as long as its deadline allows. (A server that does
+    /// not answer is another matter: the caller hears of it at once.)
     pub async fn checkout(self: &Arc<Self>) -> Result<Conn, PoolError> {
         let started = Instant::now();
         let settings = self.settings();
@@ -353,7 +354,7 @@ impl Pool {
         let mut first = true;
         let result = loop {
             match self.checkout_once(started, deadline, first).await {
-                Err(PoolError::Connect(e)) if e.is_transient() && self.stats().total > 0 && Instant::now() < deadline => {
+                Err(PoolError::Connect(e)) if e.is_server_full() && self.stats().total > 0 && Instant::now() < deadline => {
                     tracing::info!(pool = %self.key, error = %e, "opening another server connection failed; waiting for one of the pool's");
                     first = false;
                 }

@@ -164,6 +164,8 @@ impl Session {
                 return;
             }
             if self.pinned.is_some() {
+                // Idle between transactions: not in flight (`[[limits]]`).
+                self.admission = None;
                 return;
             }
             let (conn, pool) = self.unbind().expect("checked");

@@ -565,6 +565,24 @@ impl Session {
             if self.try_virtual(h.tag, &msg)? {
                 continue;
             }
+            // A pinned client keeps its connection between transactions but
+            // not its admission: each transaction is admitted again.
+            if self.server.is_some()
+                && self.pinned.is_some()
+                && self.admission.is_none()
+                && !self.cfg.limits.is_empty()
+                && self.mode == PoolMode::Transaction
+                && self.status == b'I'
+                && !self.in_batch
+                && matches!(h.tag, b'Q' | b'P' | b'B' | b'F')
+            {
+                let a = self.unit_analysis(&msg, &self.cin);
+                let target = self.bound_target.unwrap_or(Target::Primary);
+                if let Err((code, message)) = self.admit_unit(&a, target).await? {
+                    self.refuse_unit(h.tag, code, &message);
+                    continue;
+                }
+            }
             if self.server.is_none() {
                 if self.answer_locally(h.tag, &msg)? {
                     continue;

@@ -135,3 +135,26 @@ async fn write_budget_limits_primary_transactions_only() {
     writer.batch_execute("COMMIT").await.unwrap();
     other.simple_query("INSERT INTO limits_w VALUES (3)").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_between_transactions_holds_no_admission() {
+    // A LISTEN worker keeps its server connection, but idle it is no
+    // transaction in flight: it must not hold max_in_flight forever, and
+    // its own next transactions are admitted (and counted) again.
+    let p = start(config(
+        "size = 5",
+        "[[limits]]\nname = \"one-at-a-time\"\nuser = \"app\"\nmax_in_flight = 1\nmax_wait = \"300ms\"",
+    ))
+    .await;
+    let (listener, other) = (connect(&p).await, connect(&p).await);
+    listener.batch_execute("LISTEN pgfleet_pinned_admission").await.unwrap();
+    other.simple_query("SELECT 1").await.expect("the idle pinned client holds no permit");
+    // The pinned client's own transaction takes the permit again...
+    listener.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let e = other.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "53300", "{e:?}");
+    // ...and gives it back when it ends.
+    listener.batch_execute("COMMIT").await.unwrap();
+    other.simple_query("SELECT 1").await.unwrap();
+    listener.simple_query("SELECT 1").await.unwrap();
+}

@@ -634,3 +634,67 @@ async fn a_reload_that_adds_write_functions_reroutes_statements_prepared_before(
     assert_eq!(port(client.query_one(&stmt, &[]).await.unwrap()), c.primary, "the prepared statement");
     assert_eq!(port_of(&client, "SELECT fn_stable_port()").await, c.primary);
 }
+
+/// A forwarder to `port` that lets `allowed` connections of `user` through
+/// and answers that user's later ones as a full server does (FATAL 53300);
+/// other users' connections always pass. Returns the port and how many it
+/// refused.
+async fn full_server_forwarder(port: u16, user: &'static str, allowed: usize) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fwd = l.local_addr().unwrap().port();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (n, passed) = (refused.clone(), std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            let (n, passed) = (n.clone(), passed.clone());
+            tokio::spawn(async move {
+                let mut len = [0u8; 4];
+                if a.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut packet = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                if a.read_exact(&mut packet).await.is_err() {
+                    return;
+                }
+                let marker = format!("user\0{user}\0");
+                let is_user = packet.windows(marker.len()).any(|w| w == marker.as_bytes());
+                if is_user && passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= allowed {
+                    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = b"SFATAL\0VFATAL\0C53300\0Msorry, too many clients already\0\0";
+                    let _ = a.write_all(&crate::protocol::msg(b'E', body)).await;
+                    return;
+                }
+                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = b.write_all(&[&len[..], &packet].concat()).await;
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    (fwd, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_at_max_connections_serves_reads_on_the_connections_it_has() {
+    // The replica lets pgfleet's pool have one connection and refuses
+    // more (53300). A second read at the same time waits for that one
+    // connection instead of marking the replica down (which sent the
+    // group's reads to the primary).
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let (fwd, refused) = full_server_forwarder(c.replicas[0], "app", 1).await;
+    let extra = format!("health_user = \"bench\"\n{}", routing_extra("10s", "off"))
+        .replace(&format!("127.0.0.1:{}", c.replicas[0]), &format!("127.0.0.1:{fwd}"));
+    let p = start(config("size = 3", &extra)).await;
+    wait_replicas_usable(&p).await;
+    let (a, b) = (connect(&p).await, connect(&p).await);
+    // (The replica's port as the replica sees it: the forwarder's target.)
+    assert_eq!(port_of(&a, "SELECT inet_server_port()::text").await, c.replicas[0]);
+    let slow = tokio::spawn(async move { port_of(&a, "SELECT inet_server_port()::text FROM pg_sleep(0.5)").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(port_of(&b, "SELECT inet_server_port()::text").await, c.replicas[0], "waited for the replica's connection");
+    assert_eq!(slow.await.unwrap(), c.replicas[0]);
+    assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the second connect was refused");
+    assert!(p.app.topology().snapshot().replicas[0].usable_in(0), "not marked down");
+}
