@@ -11,9 +11,10 @@ const ABORTED: &str = "current transaction is aborted, commands ignored until en
 
 impl Session {
     pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
-        let extra = self.cfg.routing.write_functions.clone();
+        let extra = &self.cfg.routing.write_functions;
         let off = self.backslash_strings;
-        self.app.stmts.intern(content, off, |c| crate::router::classify_as(&state::sql_text(c), &extra, off))
+        let search_path = self.settings.iter().find(|(n, _)| n == "search_path").map_or("", |(_, v)| v.as_str());
+        self.app.stmts.intern(&self.database, search_path, content, off, |c| crate::router::classify_as(&state::sql_text(c), extra, off))
     }
 
     pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {

@@ -370,3 +370,30 @@ async fn session_mode_applies_startup_options_again_after_discard_all() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_with_their_own_search_path_do_not_share_prepared_statements() {
+    // Schema per tenant, same SQL text: on one server connection, a shared
+    // statement would be re-planned for the other schema's table and fail
+    // ("cached plan must not change result type").
+    let p = proxy(1).await;
+    let setup = connect(&p).await;
+    setup
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS tenant_a; CREATE SCHEMA IF NOT EXISTS tenant_b; \
+             DROP TABLE IF EXISTS tenant_a.items, tenant_b.items; \
+             CREATE TABLE tenant_a.items (id int, name text); INSERT INTO tenant_a.items VALUES (1, 'a'); \
+             CREATE TABLE tenant_b.items (id int, name text, price numeric); INSERT INTO tenant_b.items VALUES (2, 'b', 9.5)",
+        )
+        .await
+        .unwrap();
+    let a = connect_with(&format!("{} options='-c search_path=tenant_a'", conn_str(&p, "app", "app", "app"))).await.unwrap();
+    let b = connect(&p).await;
+    b.batch_execute("SET search_path = tenant_b").await.unwrap();
+    for _ in 0..3 {
+        let rows = a.query("SELECT * FROM items", &[]).await.unwrap();
+        assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (2, 1));
+        let rows = b.query("SELECT * FROM items", &[]).await.unwrap();
+        assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (3, 2));
+    }
+}
