@@ -263,8 +263,19 @@ impl Session {
             let a = s.unit_analysis(next, &s.cin[next.len()..]);
             matches!(s.choose_target(&a, &s.topo), Ok((Target::Replica(_), _)))
         };
+        // The bound replica itself may have dropped out since (lag,
+        // divergence, promotion, or behind the client's floor): a client
+        // that keeps pipelining must not stay on it.
+        let still_good = |i: usize| {
+            let snap = self.topo.snapshot();
+            snap.replicas.get(i).is_some_and(|r| {
+                r.groups.iter().any(|(_, ok)| *ok)
+                    && self.floor_unknown_since.is_none()
+                    && self.floor.is_none_or(|f| r.replay_lsn >= f || self.cfg.routing.read_your_writes != ReadYourWrites::Lsn)
+            })
+        };
         match self.bound_target {
-            Some(Target::Replica(_)) => !to_replica(self),
+            Some(Target::Replica(i)) => !to_replica(self) || !still_good(i),
             // A read pipelined behind a write (or a function that may
             // write) stays on the primary: it sees that write.
             Some(Target::Primary) => self.pinned.is_none() && !self.wrote && !self.opaque_settings && to_replica(self),
