@@ -211,33 +211,21 @@ impl Limits {
     }
 
     /// Admits a transaction under every matching rule, waiting (bounded)
-    /// where a rule is at its limit.
+    /// where a rule is at its limit. Rates first, so a transaction waiting
+    /// for a token holds no slot. Concurrency slots are taken all at once:
+    /// a transaction that has to wait for one rule's slot holds none of the
+    /// others meanwhile (ten waiting `analytics` transactions must not hold
+    /// the whole database's budget while their own rule is full).
     pub async fn admit(&self, r: &Request<'_>) -> Result<Admission, Refusal> {
-        let mut adm = Admission::default();
+        let matching: Vec<&Arc<Limiter>> = self.rules.iter().filter(|l| l.matches(r)).collect();
         let mut taken = Taken(Vec::new());
-        for l in self.rules.iter().filter(|l| l.matches(r)) {
-            // Counted as waiting (and held to `max_queue`) only once it has
-            // to wait: with `max_queue = 0` nothing ever queues, but what
-            // fits at once is admitted.
-            let mut waiting: Option<Waiting> = None;
-            let mut queue = || -> Result<(), Refusal> {
-                if waiting.is_none() {
-                    let queued = l.waiting.fetch_add(1, Ordering::Relaxed);
-                    waiting = Some(Waiting(&l.waiting));
-                    if queued >= l.max_queue {
-                        return Err(l.refuse(sqlstate::TOO_MANY_CONNECTIONS, format!("{} transactions already waiting", l.max_queue)));
-                    }
-                }
-                Ok(())
-            };
-            let started = Instant::now();
-            let deadline = started + l.max_wait;
-            // Rate first, so a transaction waiting for a token holds no slot.
-            match l.bucket.as_ref().map_or(Some(Duration::ZERO), |b| b.reserve(l.max_wait)) {
+        for l in &matching {
+            let Some(bucket) = &l.bucket else { continue };
+            match bucket.reserve(l.max_wait) {
                 Some(wait) => {
-                    taken.0.extend(l.bucket.as_ref());
+                    taken.0.push(bucket);
                     if !wait.is_zero() {
-                        queue()?;
+                        let _waiting = l.queue()?;
                         tokio::time::sleep(wait).await
                     }
                 }
@@ -249,32 +237,53 @@ impl Limits {
                     ));
                 }
             }
-            if let Some(slots) = &l.slots {
-                let permit = match slots.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        queue()?;
-                        match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
-                            Ok(Ok(p)) => p,
-                            _ => {
-                                return Err(l.refuse(
-                                    sqlstate::TOO_MANY_CONNECTIONS,
-                                    format!(
-                                        "{} transactions in flight (max_in_flight), waited {} ms",
-                                        l.max_in_flight.unwrap_or(0),
-                                        started.elapsed().as_millis()
-                                    ),
-                                ))
-                            }
-                        }
-                    },
-                };
-                adm._permits.push(permit);
+        }
+        let slotted: Vec<&Arc<Limiter>> = matching.iter().copied().filter(|l| l.slots.is_some()).collect();
+        let started = Instant::now();
+        let mut held: Vec<Option<OwnedSemaphorePermit>> = slotted.iter().map(|_| None).collect();
+        loop {
+            let blocked = (0..slotted.len()).find(|&k| {
+                if held[k].is_none() {
+                    held[k] = slotted[k].slots.as_ref().expect("slotted").clone().try_acquire_owned().ok();
+                }
+                held[k].is_none()
+            });
+            let Some(k) = blocked else { break };
+            // Wait for that one holding nothing else, then try the rest again.
+            held.iter_mut().for_each(|h| *h = None);
+            let l = slotted[k];
+            let _waiting = l.queue()?;
+            let slots = l.slots.as_ref().expect("slotted").clone();
+            match tokio::time::timeout_at(started + l.max_wait, slots.acquire_owned()).await {
+                Ok(Ok(p)) => held[k] = Some(p),
+                _ => {
+                    return Err(l.refuse(
+                        sqlstate::TOO_MANY_CONNECTIONS,
+                        format!("{} transactions in flight (max_in_flight), waited {} ms", l.max_in_flight.unwrap_or(0), started.elapsed().as_millis()),
+                    ))
+                }
             }
+        }
+        for l in &matching {
             l.admitted.fetch_add(1, Ordering::Relaxed);
         }
         taken.0.clear();
-        Ok(adm)
+        Ok(Admission { _permits: held.into_iter().flatten().collect() })
+    }
+}
+
+impl Limiter {
+    /// Counts a transaction as waiting under this rule while the guard
+    /// lives; refused when `max_queue` transactions already wait (with
+    /// `max_queue = 0` nothing ever queues, but what fits at once is
+    /// admitted).
+    fn queue(&self) -> Result<Waiting<'_>, Refusal> {
+        let queued = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let w = Waiting(&self.waiting);
+        if queued >= self.max_queue {
+            return Err(self.refuse(sqlstate::TOO_MANY_CONNECTIONS, format!("{} transactions already waiting", self.max_queue)));
+        }
+        Ok(w)
     }
 }
 
@@ -322,6 +331,39 @@ mod tests {
         drop(first);
         assert!(waiter.await.unwrap());
         assert_eq!(l2.rules[0].rejected.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_waiting_for_one_rule_holds_no_slot_of_another() {
+        // database d: 2 in flight; workload "analytics" (within d): 1.
+        let limits = Arc::new(Limits::new(
+            &[
+                rule(|l| {
+                    l.workload = None;
+                    l.database = Some("d".into());
+                    l.max_in_flight = Some(2);
+                }),
+                rule(|l| {
+                    l.workload = Some("analytics".into());
+                    l.max_in_flight = Some(1);
+                }),
+            ],
+            Duration::from_secs(5),
+        ));
+        let analytics = Request { workload: "analytics", ..req(false) };
+        let first = limits.admit(&analytics).await.unwrap();
+        let l = limits.clone();
+        let second = tokio::spawn(async move { l.admit(&Request { workload: "analytics", ..req(false) }).await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The waiting analytics transaction does not hold d's second slot.
+        let t0 = Instant::now();
+        let other = limits.admit(&req(false)).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::ZERO, "admitted at once");
+        assert_eq!(limits.rules[1].waiting.load(Ordering::Relaxed), 1);
+        drop(other);
+        drop(first);
+        assert!(second.await.unwrap(), "the waiter gets both slots once they are free");
+        assert_eq!(limits.rules[0].in_flight(), 0);
     }
 
     #[tokio::test(start_paused = true)]
