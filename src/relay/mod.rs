@@ -252,6 +252,18 @@ pub const REPORTED_SETTABLE: &[&str] = &[
     "standard_conforming_strings",
 ];
 
+/// A session that ends without `finish` (its task panicked, or was
+/// dropped mid-await): the server connection it held is closed and its pool
+/// slot given back, and a pin is uncounted, instead of both leaking.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some((conn, pool)) = self.unbind() {
+            pool.discard(conn, "its client session ended abnormally");
+        }
+        self.unpin();
+    }
+}
+
 impl Session {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
