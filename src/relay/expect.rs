@@ -17,6 +17,9 @@ pub struct Skipped {
     /// The client's named Parse messages among them (forwarded or answered
     /// by pgfleet): those names were never created.
     pub client_parses: usize,
+    /// Close messages pgfleet answered itself among them: those names
+    /// were never closed.
+    pub client_closes: usize,
 }
 
 /// A client or proxy message that is waiting for its response.
@@ -166,6 +169,7 @@ impl Expect {
             Pending::Swallow(Kind::Parse(Some(id))) => skipped.not_prepared.push(id),
             Pending::Swallow(Kind::Close(Some(id))) => skipped.not_closed.push(id),
             Pending::Synth(Synth::ParseComplete) => skipped.client_parses += 1,
+            Pending::Synth(Synth::CloseComplete) => skipped.client_closes += 1,
             Pending::Synth(Synth::Payload) => {
                 self.payloads.pop_front();
             }
@@ -193,6 +197,7 @@ mod tests {
         e.push(Pending::Fwd(Kind::Parse(Some(7))));
         e.push(Pending::Synth(Synth::ParseComplete));
         e.push(Pending::Swallow(Kind::Close(Some(3))));
+        e.push(Pending::Synth(Synth::CloseComplete));
         e.push(Pending::Fwd(Kind::Bind));
         e.push(Pending::Fwd(Kind::Execute));
         e.push(Pending::Fwd(Kind::Sync));
@@ -203,6 +208,7 @@ mod tests {
                 not_prepared: vec![7],
                 not_closed: vec![3],
                 client_parses: 2,
+                client_closes: 1,
             }
         );
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Sync)));

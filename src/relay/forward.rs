@@ -99,7 +99,10 @@ impl Session {
                     self.parsing.pop_front();
                     build::parse_complete(&mut self.cout)
                 }
-                Synth::CloseComplete => build::close_complete(&mut self.cout),
+                Synth::CloseComplete => {
+                    self.closing.pop_front();
+                    build::close_complete(&mut self.cout)
+                }
                 Synth::Payload => self.cout.extend_from_slice(&payload.unwrap_or_default()),
                 Synth::Ready => build::ready_for_query(&mut self.cout, self.status),
             }

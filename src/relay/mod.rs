@@ -127,6 +127,10 @@ pub struct Session {
     /// ParseComplete reaches the client; a Parse that fails or is skipped
     /// after an error leaves no name behind, as on PostgreSQL.
     parsing: std::collections::VecDeque<(Bytes, Option<u64>)>,
+    /// Close messages pgfleet answers itself, oldest first, with what each
+    /// removed: put back if the server skips it (an error earlier in the
+    /// batch), as PostgreSQL would not have run it.
+    closing: std::collections::VecDeque<(Bytes, Closed)>,
     /// The client's unnamed statement (transaction mode): the Parse as sent
     /// and its analysis. It outlives a Sync on PostgreSQL (Go's lib/pq
     /// sends Parse/Describe/Sync, then Bind/Execute/Sync), but the
@@ -252,6 +256,13 @@ pub const REPORTED_SETTABLE: &[&str] = &[
     "standard_conforming_strings",
 ];
 
+/// What a Close pgfleet answered itself removed.
+pub(super) enum Closed {
+    Statement(Arc<Stmt>),
+    Virtual(virt::Virtual),
+    Nothing,
+}
+
 /// A session that ends without `finish` (its task panicked, or was
 /// dropped mid-await): the server connection it held is closed and its pool
 /// slot given back, and a pin is uncounted, instead of both leaking.
@@ -319,6 +330,7 @@ impl Session {
             settings,
             stmts: HashMap::new(),
             parsing: Default::default(),
+            closing: Default::default(),
             unnamed: None,
             unnamed_here: false,
             cancel,

@@ -98,9 +98,12 @@ impl Session {
         }
         self.app.metrics.errors.with_label_values(&["retried"]).inc();
         self.expect = Expect::default();
-        // The names its Parses create again.
+        // The names its Parses create again, and its Closes close again.
         while !self.parsing.is_empty() {
             self.forget_parsed();
+        }
+        while let Some(closed) = self.closing.pop_back() {
+            self.unclose(closed);
         }
         self.in_batch = false;
         self.skip = 0;

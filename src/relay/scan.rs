@@ -253,6 +253,25 @@ impl Session {
         for _ in 0..skipped.client_parses {
             self.forget_parsed();
         }
+        for _ in 0..skipped.client_closes {
+            if let Some(closed) = self.closing.pop_front() {
+                self.unclose(closed);
+            }
+        }
+    }
+
+    /// A Close pgfleet answered did not happen after all: the name is back
+    /// (unless a later Parse took it).
+    pub(super) fn unclose(&mut self, (name, closed): (bytes::Bytes, super::Closed)) {
+        match closed {
+            super::Closed::Statement(s) => {
+                self.stmts.entry(name).or_insert(s);
+            }
+            super::Closed::Virtual(v) => {
+                self.virtuals.entry(name).or_insert(v);
+            }
+            super::Closed::Nothing => {}
+        }
     }
 
     /// The oldest unanswered named Parse of the client failed or was

@@ -232,7 +232,8 @@ impl Session {
         }
         if kind == b'S' && !name.is_empty() && self.tracks_state() {
             // The proxy statement stays cached on servers for other clients.
-            self.stmts.remove(name);
+            let removed = self.stmts.remove(name).map_or(Closed::Nothing, Closed::Statement);
+            self.closing.push_back((Bytes::copy_from_slice(name), removed));
             self.expect.push(Pending::Synth(Synth::CloseComplete));
         } else {
             self.send(msg, Some(Kind::Close(None)));

@@ -129,10 +129,13 @@ impl Session {
             b'C' => {
                 let (kind, name) = wire::parse_target(msg)?;
                 let removed = if kind == b'S' { self.virtuals.remove(name) } else { self.virtual_portals.remove(name) };
-                if removed.is_some() {
+                let handled = removed.is_some();
+                if let Some(v) = removed {
+                    let closed = if kind == b'S' { super::Closed::Virtual(v) } else { super::Closed::Nothing };
+                    self.closing.push_back((Bytes::copy_from_slice(name), closed));
                     self.expect.push(Pending::Synth(Synth::CloseComplete));
                 }
-                removed.is_some()
+                handled
             }
             _ => false,
         };

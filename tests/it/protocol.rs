@@ -956,3 +956,33 @@ async fn pgfleets_own_statements_are_not_the_clients_to_use_or_drop() {
     raw.stream.write_all(&run_s1).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await, (vec!["42".to_string()], vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_skipped_after_an_error_leaves_the_statement() {
+    // PostgreSQL skips everything after an error up to Sync: a Close there
+    // never runs, and the statement is still there afterwards.
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    raw.stream.write_all(&[msg(b'P', b"s1\0SELECT 7\0\0\0"), msg(b'S', b"")].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    let failing = [
+        msg(b'P', b"\0SELECT 1/0\0\0\0"),
+        msg(b'B', b"\0\0\0\0\0\0\0\0"),
+        msg(b'E', b"\0\0\0\0\0"),
+        msg(b'C', b"Ss1\0"),
+        msg(b'S', b""),
+    ]
+    .concat();
+    raw.stream.write_all(&failing).await.unwrap();
+    let (tags, codes, _) = read_until_ready(&mut raw).await;
+    assert_eq!(codes, vec!["22012".to_string()]);
+    assert!(!tags.contains(&b'3'), "no CloseComplete for a skipped Close: {:?}", String::from_utf8_lossy(&tags));
+    let run_s1 = [msg(b'B', b"\0s1\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+    raw.stream.write_all(&run_s1).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["7".to_string()], vec![]));
+    // A Close that runs does close it.
+    raw.stream.write_all(&[msg(b'C', b"Ss1\0"), msg(b'S', b"")].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec![], vec![]));
+    raw.stream.write_all(&run_s1).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await.1, vec!["26000".to_string()]);
+}
