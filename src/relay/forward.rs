@@ -19,6 +19,7 @@ impl Session {
             b'S' if self.copy_in_ext => self.send(msg, None),
             b'S' => {
                 self.in_batch = false;
+                self.syncs_sent = self.syncs_sent.wrapping_add(1);
                 self.send(msg, Some(Kind::Sync));
             }
             b'H' | b'd' => self.send(msg, None),

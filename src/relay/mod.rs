@@ -126,7 +126,10 @@ pub struct Session {
     /// their proxy statement (None: a virtual one). A name exists once its
     /// ParseComplete reaches the client; a Parse that fails or is skipped
     /// after an error leaves no name behind, as on PostgreSQL.
-    parsing: std::collections::VecDeque<(Bytes, Option<u64>)>,
+    /// With the number of Syncs sent before it (its batch).
+    parsing: std::collections::VecDeque<(Bytes, Option<u64>, u32)>,
+    /// Syncs forwarded so far (wrapping): which batch a Parse is in.
+    syncs_sent: u32,
     /// Close messages pgfleet answers itself, oldest first, with what each
     /// removed: put back if the server skips it (an error earlier in the
     /// batch), as PostgreSQL would not have run it.
@@ -330,6 +333,7 @@ impl Session {
             settings,
             stmts: HashMap::new(),
             parsing: Default::default(),
+            syncs_sent: 0,
             closing: Default::default(),
             unnamed: None,
             unnamed_here: false,

@@ -277,7 +277,7 @@ impl Session {
     /// The oldest unanswered named Parse of the client failed or was
     /// skipped: its name does not exist (unless a later Parse took it).
     pub(super) fn forget_parsed(&mut self) {
-        let Some((name, id)) = self.parsing.pop_front() else { return };
+        let Some((name, id, _)) = self.parsing.pop_front() else { return };
         match id {
             Some(id) => {
                 if self.stmts.get(&name).is_some_and(|s| s.id == id) {

@@ -61,7 +61,7 @@ impl Session {
         }
         let name = Bytes::copy_from_slice(name);
         self.stmts.insert(name.clone(), stmt.clone());
-        self.parsing.push_back((name, Some(stmt.id)));
+        self.parsing.push_back((name, Some(stmt.id), self.syncs_sent));
         if here {
             self.expect.push(Pending::Synth(Synth::ParseComplete));
         } else {
@@ -70,12 +70,14 @@ impl Session {
         Ok(())
     }
 
-    /// Whether a named Parse must fail with 42P05: the client has the name
-    /// (a Parse of it still unanswered may yet fail: not counted).
+    /// Whether a named Parse must fail with 42P05: the client has the name.
+    /// A Parse of it still unanswered from an earlier batch may yet fail:
+    /// not counted. One in this batch is: if it fails, the server skips
+    /// this one anyway (and the 42P05 with it).
     pub(super) fn statement_exists(&self, name: &[u8]) -> bool {
         !name.is_empty()
             && (self.stmts.contains_key(name) || self.virtuals.contains_key(name))
-            && !self.parsing.iter().any(|(n, _)| n == name)
+            && !self.parsing.iter().any(|(n, _, batch)| n == name && *batch != self.syncs_sent)
     }
 
     pub(super) fn duplicate_statement(&mut self, name: &[u8]) {

@@ -65,7 +65,7 @@ impl Session {
                     wire::parse_parse(msg)?; // answered here: validate it whole
                     let name = Bytes::copy_from_slice(name);
                     self.virtuals.insert(name.clone(), v);
-                    self.parsing.push_back((name, None));
+                    self.parsing.push_back((name, None, self.syncs_sent));
                     self.expect.push(Pending::Synth(Synth::ParseComplete));
                     true
                 } else {

@@ -986,3 +986,26 @@ async fn a_close_skipped_after_an_error_leaves_the_statement() {
     raw.stream.write_all(&run_s1).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await.1, vec!["26000".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_parsed_twice_in_one_batch_is_a_duplicate() {
+    // As on PostgreSQL: the second Parse of s1 fails with 42P05, the rest
+    // of the batch is skipped, and s1 is the first statement.
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let batch = [
+        msg(b'P', b"s1\0SELECT 1\0\0\0"),
+        msg(b'P', b"s1\0SELECT 2\0\0\0"),
+        msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+        msg(b'E', b"\0\0\0\0\0"),
+        msg(b'S', b""),
+    ]
+    .concat();
+    raw.stream.write_all(&batch).await.unwrap();
+    let (tags, codes, _) = read_until_ready(&mut raw).await;
+    assert_eq!(codes, vec!["42P05".to_string()]);
+    assert_eq!(tags, b"1EZ".to_vec(), "{:?}", String::from_utf8_lossy(&tags));
+    let run_s1 = [msg(b'B', b"\0s1\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+    raw.stream.write_all(&run_s1).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await, (vec!["1".to_string()], vec![]));
+}
