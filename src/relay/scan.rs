@@ -239,6 +239,13 @@ impl Session {
 
     /// Messages the server skipped: what they would have created does not exist.
     fn skipped(&mut self, skipped: super::expect::Skipped) {
+        // The same statement evicted and prepared among the skipped ones
+        // (a small cache): whether it is there depends on which of them ran
+        // before. Not guessed: re-read from the server at the end of the
+        // transaction.
+        if skipped.not_prepared.iter().any(|id| skipped.not_closed.contains(id)) {
+            self.resync_prepared = true;
+        }
         if let Some(server) = self.server.as_mut() {
             for id in skipped.not_prepared {
                 server.prepared.remove(&id);

@@ -1009,3 +1009,25 @@ async fn a_name_parsed_twice_in_one_batch_is_a_duplicate() {
     raw.stream.write_all(&run_s1).await.unwrap();
     assert_eq!(read_cycle(&mut raw).await, (vec!["1".to_string()], vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_evicted_and_failed_in_one_batch_is_not_taken_for_prepared() {
+    // With a one-statement cache, s2's Parse evicts the shared statement
+    // whose Parse (s1's) just failed; both are skipped after the error.
+    // The statement must not be counted as prepared on the connection:
+    // the same SQL later (the table now exists) has to be parsed for real.
+    let p = start(config("size = 1\nprepared_statements_cache = 1", "")).await;
+    let table = format!("evicted_{}", std::process::id());
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let sql = format!("SELECT count(*)::text FROM {table}");
+    let parse = |name: &str, sql: &str| msg(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    raw.stream.write_all(&[parse("s1", &sql), parse("s2", "SELECT 2"), msg(b'S', b"")].concat()).await.unwrap();
+    assert_eq!(read_cycle(&mut raw).await.1, vec!["42P01".to_string()]);
+    let c = cluster();
+    c.psql_on(c.primary, "app", &format!("CREATE TABLE {table} (x int); GRANT SELECT ON {table} TO app"));
+    let run = [parse("s3", &sql), msg(b'B', b"\0s3\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+    raw.stream.write_all(&run).await.unwrap();
+    let result = read_cycle(&mut raw).await;
+    c.psql_on(c.primary, "app", &format!("DROP TABLE {table}"));
+    assert_eq!(result, (vec!["0".to_string()], vec![]));
+}
