@@ -340,12 +340,8 @@ struct LagState {
     last_replay: Vec<Option<(u64, Instant)>>,
     /// Per replica: found ahead of the primary at this replay position
     /// (WAL the primary never had: a standby left on the old timeline by a
-    /// failover), and whether it has been out of sight since (restarted:
-    /// re-cloned or rewound). Kept while it replays on past that position
-    /// (the rest of the old timeline's WAL), until its replay position
-    /// falls below it, or it comes back from a restart no further than the
-    /// primary.
-    diverged: Vec<Option<(u64, bool)>>,
+    /// failover). Kept until it streams on the primary's timeline.
+    diverged: Vec<Option<u64>>,
 }
 
 /// How long a standby's last replay position keeps the history it needs.

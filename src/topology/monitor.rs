@@ -12,6 +12,10 @@ use tokio::sync::watch;
 pub(super) struct Check {
     in_recovery: bool,
     lsn: Option<u64>,
+    /// A primary's timeline; a standby's while it streams (None: not
+    /// streaming, or the monitor's user may not see it: superuser or
+    /// `pg_read_all_stats` can).
+    tli: Option<i32>,
 }
 
 /// A lazily (re)connected monitoring connection.
@@ -31,7 +35,7 @@ impl Probe {
         match result {
             Ok(Ok(row)) => {
                 let lsn: Option<String> = row.get(1);
-                Ok(Check { in_recovery: row.get(0), lsn: lsn.as_deref().and_then(parse_lsn) })
+                Ok(Check { in_recovery: row.get(0), lsn: lsn.as_deref().and_then(parse_lsn), tli: row.get(2) })
             }
             Ok(Err(e)) => {
                 self.client = None;
@@ -67,8 +71,13 @@ pub async fn connect_as(spec: &MonitorSpec, addr: &str, dbname: &str, app: &str)
 
 /// Role and position of any server: replay position on a standby, write
 /// position on a primary (so a promoted replica reports like a primary).
+/// And the timeline: a primary's from its current WAL file name, a
+/// standby's from its WAL receiver while streaming.
 const CHECK_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_catalog.pg_is_in_recovery() \
-     THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END)::text";
+     THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END)::text, \
+     CASE WHEN pg_catalog.pg_is_in_recovery() \
+     THEN (SELECT received_tli FROM pg_catalog.pg_stat_wal_receiver WHERE status = 'streaming') \
+     ELSE ('x' || pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
 
 /// Which server takes writes after this round of checks.
 fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[Result<Check, String>]) -> Writer {
@@ -143,7 +152,11 @@ pub(super) fn build_snapshot(
     now: Instant,
 ) -> Snapshot {
     let seen = match primary {
-        Ok(Check { in_recovery: false, lsn: Some(l) }) => Some(*l),
+        Ok(Check { in_recovery: false, lsn: Some(l), .. }) => Some(*l),
+        _ => None,
+    };
+    let primary_tli = match primary {
+        Ok(Check { in_recovery: false, tli, .. }) => *tli,
         _ => None,
     };
     match seen {
@@ -153,7 +166,7 @@ pub(super) fn build_snapshot(
         // against that, not frozen at the last position seen.
         None => {
             let furthest = replicas.iter().filter_map(|r| match r {
-                Ok(Check { in_recovery: true, lsn: Some(l) }) => Some(*l),
+                Ok(Check { in_recovery: true, lsn: Some(l), .. }) => Some(*l),
                 _ => None,
             });
             if let Some(f) = furthest.max() {
@@ -172,9 +185,6 @@ pub(super) fn build_snapshot(
         let mut st = ReplicaState { name: info.name.clone(), groups: info.groups.iter().map(|g| (*g, false)).collect(), ..Default::default() };
         match result {
             Err(e) => {
-                if let Some((_, restarted)) = lag.diverged.get_mut(i).and_then(|d| d.as_mut()) {
-                    *restarted = e != NOT_CHECKED;
-                }
                 st.excluded_because = Some(if e == NOT_CHECKED { e.clone() } else { format!("unreachable: {e}") });
             }
             Ok(Check { in_recovery: false, .. }) => {
@@ -185,33 +195,30 @@ pub(super) fn build_snapshot(
                     "not in recovery (promoted?): never used for reads".into()
                 });
             }
-            Ok(Check { lsn, .. }) => {
+            Ok(Check { lsn, tli, .. }) => {
                 st.reachable = true;
                 st.replay_lsn = lsn.unwrap_or(0);
                 // A standby cannot have replayed WAL its primary had not yet
                 // written when checked later: if it has, it is on another
                 // timeline (left behind by a failover, ahead of the new
                 // primary) and its rows are not the primary's.
-                // Replaying on past that point is the rest of the old
-                // timeline's WAL: still diverged.
+                // Neither its position moving on (the rest of the old
+                // timeline's WAL), nor falling back (a restart replays from
+                // its last restartpoint), nor a failed check tells that it
+                // was rewound or re-cloned: streaming on the primary's
+                // timeline does.
                 if let (Some(p), Some((before, when))) = (seen, lag.last_replay[i]) {
                     if before > p && primary_at > when {
-                        let (d, restarted) = lag.diverged[i].unwrap_or((0, false));
-                        lag.diverged[i] = Some((d.max(before), restarted));
+                        lag.diverged[i] = Some(lag.diverged[i].unwrap_or(0).max(before));
                     }
                 }
-                match lag.diverged[i] {
-                    // Rewound, or re-cloned: replaying anew.
-                    Some((d, restarted)) if st.replay_lsn < d || (restarted && seen.is_some_and(|p| st.replay_lsn <= p)) => {
-                        lag.diverged[i] = None
-                    }
-                    Some((d, _)) => lag.diverged[i] = Some((d.max(st.replay_lsn), false)),
-                    None => {}
+                if lag.diverged[i].is_some() && tli.is_some() && *tli == primary_tli {
+                    lag.diverged[i] = None;
                 }
                 lag.last_replay[i] = Some((st.replay_lsn, now));
-                if let Some((d, _)) = lag.diverged[i] {
+                if let Some(d) = lag.diverged[i] {
                     st.excluded_because = Some(format!(
-                        "diverged: replayed up to {} that the primary never had (left on the old timeline by a failover?); used again once it replays anew",
+                        "diverged: replayed up to {} that the primary never had (left on the old timeline by a failover?); used again once it streams on the primary's timeline (rewound or re-cloned; seeing that takes a health_user with pg_read_all_stats)",
                         crate::topology::format_lsn(d)
                     ));
                     states.push(st);
@@ -267,17 +274,21 @@ mod tests {
     use super::*;
 
     fn primary() -> Result<Check, String> {
-        Ok(Check { in_recovery: false, lsn: Some(1) })
+        Ok(Check { in_recovery: false, lsn: Some(1), tli: Some(1) })
     }
     fn standby() -> Result<Check, String> {
-        Ok(Check { in_recovery: true, lsn: Some(1) })
+        Ok(Check { in_recovery: true, lsn: Some(1), tli: Some(1) })
     }
     fn down() -> Result<Check, String> {
         Err("connection refused".into())
     }
 
     fn at(in_recovery: bool, lsn: u64) -> Result<Check, String> {
-        Ok(Check { in_recovery, lsn: Some(lsn) })
+        Ok(Check { in_recovery, lsn: Some(lsn), tli: Some(1) })
+    }
+
+    fn on(tli: i32, in_recovery: bool, lsn: u64) -> Result<Check, String> {
+        Ok(Check { in_recovery, lsn: Some(lsn), tli: Some(tli) })
     }
 
     /// Two replicas in one group with a 10 s time budget and no byte budget.
@@ -367,43 +378,42 @@ mod tests {
     }
 
     #[test]
-    fn a_standby_ahead_of_its_primary_is_diverged_until_it_replays_anew() {
+    fn a_standby_ahead_of_its_primary_is_diverged_until_it_streams_on_its_timeline() {
         let t = topo();
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
         let round = |k: u64| t0 + Duration::from_millis(100 * k);
         // Checked after the primary, a standby may be a little ahead of the
         // position the primary reported in the same round: not diverged.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 5000), round(1)), &[at(true, 5100), at(true, 5000)], round(1));
+        let s = build_snapshot(&t, &mut lag, (&on(1, false, 5000), round(1)), &[on(1, true, 5100), on(1, true, 5000)], round(1));
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, (&at(false, 5200), round(2)), &[at(true, 5200), at(true, 5200)], round(2));
+        let s = build_snapshot(&t, &mut lag, (&on(1, false, 5200), round(2)), &[on(1, true, 5200), on(1, true, 5200)], round(2));
         assert_eq!(usable(&s), [true, true]);
-        // Failover to a server that had only reached 4000; r0 had replayed
-        // 5200 of the old primary's WAL: ahead of the new primary's later
-        // position, so its rows are not the primary's. r1 follows the new
-        // timeline (its replay moves on below the new primary).
-        let s = build_snapshot(&t, &mut lag, (&at(false, 4100), round(3)), &[at(true, 5200), at(true, 4100)], round(3));
+        // Failover to a server that had only reached 4000 (now timeline 2);
+        // r0 had replayed 5200 of the old primary's WAL: ahead of the new
+        // primary's later position, so its rows are not the primary's. r1
+        // follows the new timeline.
+        let s = build_snapshot(&t, &mut lag, (&on(2, false, 4100), round(3)), &[on(1, true, 5200), on(2, true, 4100)], round(3));
         assert_eq!(usable(&s), [false, true]);
         assert!(s.replicas[0].excluded_because.as_deref().is_some_and(|w| w.starts_with("diverged")), "{:?}", s.replicas[0]);
-        // It replays on the rest of the old timeline's WAL it received:
-        // still diverged, though its position moves.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 4200), round(4)), &[at(true, 5300), at(true, 4200)], round(4));
-        assert_eq!(usable(&s), [false, true]);
-        // The new primary passes it: still diverged, moving or not.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 9000), round(5)), &[at(true, 5350), at(true, 9000)], round(5));
-        assert_eq!(usable(&s), [false, true]);
-        let s = build_snapshot(&t, &mut lag, (&at(false, 9000), round(6)), &[at(true, 5350), at(true, 9000)], round(6));
-        assert_eq!(usable(&s), [false, true]);
-        let diverged = lag.clone();
-        // Re-cloned from the new primary (down meanwhile): replaying again
-        // no further than the primary, used again.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 9050), round(7)), &[down(), at(true, 9050)], round(7));
-        assert_eq!(usable(&s), [false, true]);
-        let s = build_snapshot(&t, &mut lag, (&at(false, 9100), round(8)), &[at(true, 9050), at(true, 9100)], round(8));
-        assert_eq!(usable(&s), [true, true]);
-        // Rewound instead: below where it diverged, used again.
-        let mut lag = diverged;
-        let s = build_snapshot(&t, &mut lag, (&at(false, 9050), round(7)), &[at(true, 4500), at(true, 9050)], round(7));
+        // It replays on the rest of the old timeline's WAL it received,
+        // the new primary passes it, one check fails, it restarts and
+        // replays from its last restartpoint (below where it diverged),
+        // it is not streaming: still diverged through all of it.
+        let rounds: [Result<Check, String>; 5] = [
+            on(1, true, 5300),
+            on(1, true, 5350),
+            down(),
+            Ok(Check { in_recovery: true, lsn: Some(4500), tli: None }),
+            Ok(Check { in_recovery: true, lsn: Some(5350), tli: None }),
+        ];
+        for (k, r0) in rounds.into_iter().enumerate() {
+            let p = if k == 0 { 4200 } else { 9000 };
+            let s = build_snapshot(&t, &mut lag, (&on(2, false, p), round(4 + k as u64)), &[r0, on(2, true, p)], round(4 + k as u64));
+            assert_eq!(usable(&s), [false, true], "round {k}");
+        }
+        // Rewound or re-cloned: it streams on the primary's timeline.
+        let s = build_snapshot(&t, &mut lag, (&on(2, false, 9100), round(10)), &[on(2, true, 9050), on(2, true, 9100)], round(10));
         assert_eq!(usable(&s), [true, true]);
     }
 
