@@ -209,9 +209,15 @@ impl App {
 
     /// Records what an auth_query user's login proved, for its pools.
     pub fn remember_login(&self, user: &str, proof: crate::backend::Passthrough) {
-        let mut m = self.passthrough.lock().unwrap();
-        let slot = m.entry(user.to_string()).or_default();
-        *slot.write().unwrap() = proof;
+        {
+            let mut m = self.passthrough.lock().unwrap();
+            let slot = m.entry(user.to_string()).or_default();
+            *slot.write().unwrap() = proof;
+        }
+        // A refusal of the user's old credentials does not stand for these.
+        for pool in self.pools().iter().filter(|p| p.key.user == user) {
+            pool.forget_login_refusal();
+        }
     }
 
     /// The connect pacer of one server (all pools to it share it).

@@ -47,7 +47,7 @@ pub struct Request<'a> {
 /// Permits held by an admitted transaction (released on drop).
 #[derive(Default)]
 pub struct Admission {
-    _permits: Vec<OwnedSemaphorePermit>,
+    _permits: Vec<Option<OwnedSemaphorePermit>>,
 }
 
 /// Why a transaction was refused: (SQLSTATE, message).
@@ -217,9 +217,10 @@ impl Limits {
     /// others meanwhile (ten waiting `analytics` transactions must not hold
     /// the whole database's budget while their own rule is full).
     pub async fn admit(&self, r: &Request<'_>) -> Result<Admission, Refusal> {
-        let matching: Vec<&Arc<Limiter>> = self.rules.iter().filter(|l| l.matches(r)).collect();
+        // One deadline per rule for its rate and its slot together.
+        let started = Instant::now();
         let mut taken = Taken(Vec::new());
-        for l in &matching {
+        for l in self.rules.iter().filter(|l| l.matches(r)) {
             let Some(bucket) = &l.bucket else { continue };
             match bucket.reserve(l.max_wait) {
                 Some(wait) => {
@@ -238,22 +239,13 @@ impl Limits {
                 }
             }
         }
-        let slotted: Vec<&Arc<Limiter>> = matching.iter().copied().filter(|l| l.slots.is_some()).collect();
-        let started = Instant::now();
-        let mut held: Vec<Option<OwnedSemaphorePermit>> = slotted.iter().map(|_| None).collect();
-        loop {
-            let blocked = (0..slotted.len()).find(|&k| {
-                if held[k].is_none() {
-                    held[k] = slotted[k].slots.as_ref().expect("slotted").clone().try_acquire_owned().ok();
-                }
-                held[k].is_none()
-            });
-            let Some(k) = blocked else { break };
+        let mut held: Vec<Option<OwnedSemaphorePermit>> = self.rules.iter().map(|_| None).collect();
+        while let Some(k) = self.take_free_slots(r, &mut held) {
             // Wait for that one holding nothing else, then try the rest again.
             held.iter_mut().for_each(|h| *h = None);
-            let l = slotted[k];
+            let l = &self.rules[k];
             let _waiting = l.queue()?;
-            let slots = l.slots.as_ref().expect("slotted").clone();
+            let slots = l.slots.as_ref().expect("has slots").clone();
             match tokio::time::timeout_at(started + l.max_wait, slots.acquire_owned()).await {
                 Ok(Ok(p)) => held[k] = Some(p),
                 _ => {
@@ -264,11 +256,40 @@ impl Limits {
                 }
             }
         }
-        for l in &matching {
+        self.count_admitted(r);
+        taken.0.clear();
+        Ok(Admission { _permits: held })
+    }
+
+    /// Admission without waiting and without rates, or none: for a pinned
+    /// client's transaction (its connection may hold what others wait for,
+    /// a lock it is about to release: it must not wait behind them).
+    pub fn try_admit(&self, r: &Request<'_>) -> Option<Admission> {
+        let mut held: Vec<Option<OwnedSemaphorePermit>> = self.rules.iter().map(|_| None).collect();
+        if self.take_free_slots(r, &mut held).is_some() {
+            return None;
+        }
+        self.count_admitted(r);
+        Some(Admission { _permits: held })
+    }
+
+    /// Takes the free slots of the matching rules into `held` (by rule
+    /// index); the first rule with none free, if any.
+    fn take_free_slots(&self, r: &Request<'_>, held: &mut [Option<OwnedSemaphorePermit>]) -> Option<usize> {
+        (0..self.rules.len()).find(|&k| {
+            let l = &self.rules[k];
+            let Some(slots) = l.slots.as_ref().filter(|_| l.matches(r)) else { return false };
+            if held[k].is_none() {
+                held[k] = slots.clone().try_acquire_owned().ok();
+            }
+            held[k].is_none()
+        })
+    }
+
+    fn count_admitted(&self, r: &Request<'_>) {
+        for l in self.rules.iter().filter(|l| l.matches(r)) {
             l.admitted.fetch_add(1, Ordering::Relaxed);
         }
-        taken.0.clear();
-        Ok(Admission { _permits: held.into_iter().flatten().collect() })
     }
 }
 

@@ -79,8 +79,11 @@ impl BackendError {
     /// the same login would be refused again, so the pool remembers it
     /// for `pool.server_login_retry` (a copy to answer clients with).
     pub fn login_refusal(&self) -> Option<BackendError> {
+        let refused = |fields: &[(u8, String)]| {
+            fields.iter().any(|(c, v)| *c == b'C' && (v.starts_with("28") || matches!(v.as_str(), "3D000" | "42501")))
+        };
         match self {
-            BackendError::Server(fields) if !self.is_transient() => Some(BackendError::Server(fields.clone())),
+            BackendError::Server(fields) if refused(fields) => Some(BackendError::Server(fields.clone())),
             BackendError::Auth(why) => Some(BackendError::Auth(why.clone())),
             _ => None,
         }

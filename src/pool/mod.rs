@@ -287,6 +287,7 @@ impl Pool {
             return;
         }
         *self.backoff.lock().unwrap() = Backoff::default();
+        *self.login_refused.lock().unwrap() = None;
         // What a new client is told (server_version, defaults) comes from
         // the new server's first connection.
         *self.startup_params.lock().unwrap() = None;
@@ -354,7 +355,10 @@ impl Pool {
         let mut first = true;
         let result = loop {
             match self.checkout_once(started, deadline, first).await {
-                Err(PoolError::Connect(e)) if e.is_server_full() && self.stats().total > 0 && Instant::now() < deadline => {
+                Err(PoolError::Connect(e)) if e.is_server_full() && self.stats().total > 0 => {
+                    if Instant::now() >= deadline {
+                        break Err(PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() });
+                    }
                     tracing::info!(pool = %self.key, error = %e, "opening another server connection failed; waiting for one of the pool's");
                     first = false;
                 }
@@ -377,7 +381,9 @@ impl Pool {
             let mut s = self.state.lock().unwrap();
             match pop_idle(&mut s, settings.lifetime, started) {
                 Some(c) => Next::Ready(c),
-                None if s.total < settings.size => {
+                // After the server refused a new connection: in the queue,
+                // for one that comes back (or a slot one leaves).
+                None if s.total < settings.size && first => {
                     s.total += 1;
                     Next::Open
                 }
@@ -591,6 +597,12 @@ impl Pool {
             }
         }
         s.idle.push(conn);
+    }
+
+    /// What a client's login proved changed (auth_query users): a refusal
+    /// remembered for the old proof no longer holds.
+    pub fn forget_login_refusal(&self) {
+        *self.login_refused.lock().unwrap() = None;
     }
 
     /// The pool's server, database or user left the config (reload): its

@@ -594,7 +594,7 @@ impl Session {
                 continue;
             }
             // A pinned client keeps its connection between transactions but
-            // not its admission: each transaction is admitted again.
+            // not its admission: each transaction is counted again.
             if self.server.is_some()
                 && self.pinned.is_some()
                 && self.admission.is_none()
@@ -605,11 +605,7 @@ impl Session {
                 && matches!(h.tag, b'Q' | b'P' | b'B' | b'F')
             {
                 let a = self.unit_analysis(&msg, &self.cin);
-                let target = self.bound_target.unwrap_or(Target::Primary);
-                if let Err((code, message)) = self.admit_unit(&a, target).await? {
-                    self.refuse_unit(h.tag, code, &message);
-                    continue;
-                }
+                self.admit_pinned(&a);
             }
             if self.server.is_none() {
                 if self.answer_locally(h.tag, &msg)? {

@@ -206,23 +206,30 @@ impl Session {
 
     /// Admission under the `[[limits]]` rules matching this transaction.
     pub(super) async fn admit(&self, a: &Analysis, target: Target) -> Result<crate::limits::Admission, crate::limits::Refusal> {
+        let limits = self.app.limits();
+        let result = limits.admit(&self.limit_request(a, target)).await;
+        if let Err((_, msg)) = &result {
+            tracing::info!(parent: &self.span, error = %msg, "transaction refused by a limit");
+        }
+        result
+    }
+
+    fn limit_request<'a>(&'a self, a: &'a Analysis, target: Target) -> crate::limits::Request<'a> {
         let workload = a
             .workload_hint
             .as_deref()
             .or(self.workload.as_deref())
             .unwrap_or(self.cfg.routing.default_workload.as_str());
-        let req = crate::limits::Request {
-            workload,
-            user: &self.user,
-            database: &self.database,
-            to_primary: target == Target::Primary,
-        };
-        let limits = self.app.limits();
-        let result = limits.admit(&req).await;
-        if let Err((_, msg)) = &result {
-            tracing::info!(parent: &self.span, error = %msg, "transaction refused by a limit");
-        }
-        result
+        crate::limits::Request { workload, user: &self.user, database: &self.database, to_primary: target == Target::Primary }
+    }
+
+    /// A pinned client's transaction on the connection it keeps: counted
+    /// in flight when the rules have room, never made to wait or refused
+    /// (its connection may hold a lock the transactions filling the budget
+    /// wait for, and this one may be what releases it).
+    pub(super) fn admit_pinned(&mut self, a: &Analysis) {
+        let target = self.bound_target.unwrap_or(Target::Primary);
+        self.admission = self.app.limits().try_admit(&self.limit_request(a, target));
     }
 
     /// Counts a routing decision (Prometheus and SHOW WORKLOADS).
@@ -268,8 +275,13 @@ impl Session {
         // that keeps pipelining must not stay on it.
         let still_good = |i: usize| {
             let snap = self.topo.snapshot();
+            // In the client's group (a replica may still be fine for a
+            // group with a larger lag budget); one reached by a fallback,
+            // in any of its groups.
+            let mine = self.workload.as_deref().and_then(|w| self.topo.group(w));
             snap.replicas.get(i).is_some_and(|r| {
-                r.groups.iter().any(|(_, ok)| *ok)
+                let member = mine.filter(|m| r.groups.iter().any(|(g, _)| g == m));
+                r.groups.iter().any(|(g, ok)| *ok && member.is_none_or(|m| *g == m))
                     && self.floor_unknown_since.is_none()
                     && self.floor.is_none_or(|f| r.replay_lsn >= f || self.cfg.routing.read_your_writes != ReadYourWrites::Lsn)
             })

@@ -157,4 +157,11 @@ async fn a_pinned_client_between_transactions_holds_no_admission() {
     listener.batch_execute("COMMIT").await.unwrap();
     other.simple_query("SELECT 1").await.unwrap();
     listener.simple_query("SELECT 1").await.unwrap();
+    // With the budget full, the pinned client is not made to wait (its
+    // connection may hold the lock the others wait for).
+    other.batch_execute("BEGIN").await.unwrap();
+    let t0 = std::time::Instant::now();
+    listener.simple_query("SELECT 1").await.expect("never refused");
+    assert!(t0.elapsed() < Duration::from_millis(250), "did not wait: {:?}", t0.elapsed());
+    other.batch_execute("COMMIT").await.unwrap();
 }
