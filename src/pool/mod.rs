@@ -158,6 +158,8 @@ pub struct Pool {
     /// `login_retry` has passed, connects fail at once with that error
     /// instead of asking the server again for every waiting client.
     login_refused: Mutex<Option<(BackendError, Instant)>>,
+    /// Removed by a reload: no new connections; those that come back close.
+    retired: std::sync::atomic::AtomicBool,
     /// Wakes the expiry task: an earlier deadline was queued, or the pool
     /// is being dropped.
     expiry: Arc<tokio::sync::Notify>,
@@ -246,6 +248,7 @@ impl Pool {
             epoch: AtomicU64::new(0),
             backoff: Mutex::new(Backoff::default()),
             login_refused: Mutex::new(None),
+            retired: Default::default(),
             expiry: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -473,9 +476,16 @@ impl Pool {
         if let Some(e) = self.refused_login(Instant::now()) {
             return Err(Some(PoolError::Connect(e)));
         }
+        let removed = || {
+            let e = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the server was removed from the configuration");
+            Err(Some(PoolError::Connect(BackendError::Io(e))))
+        };
         // Repeated only when the pool moved to another server while this
         // connect was under way: the new connection must reach the new one.
         loop {
+            if self.retired.load(Ordering::Acquire) {
+                return removed();
+            }
             let epoch = self.epoch.load(Ordering::Acquire);
             let spec = self.spec.read().unwrap().clone();
             if let Some(p) = &spec.pacer {
@@ -574,7 +584,9 @@ impl Pool {
         // The epoch is read under the state lock: `set_spec` bumps it under
         // the same lock, so a connection to a server the pool left is never
         // parked (or handed on) after the idle ones were closed.
-        let why = if conn.epoch != self.epoch.load(Ordering::Acquire) {
+        let why = if self.retired.load(Ordering::Acquire) {
+            Some("its server, database or user was removed (reload)")
+        } else if conn.epoch != self.epoch.load(Ordering::Acquire) {
             Some("the pool's server moved")
         } else if s.total > settings.size {
             // Shrunk by a reload: excess connections close as they come
@@ -611,6 +623,7 @@ impl Pool {
     /// warm.)
     pub fn retire(&self) {
         tracing::info!(pool = %self.key, "pool removed by a reload");
+        self.retired.store(true, Ordering::Release);
         self.close_idle_and("its server, database or user was removed (reload)", || {
             self.epoch.fetch_add(1, Ordering::AcqRel);
         });

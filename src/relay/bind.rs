@@ -157,12 +157,15 @@ impl Session {
         }
         if self.status == b'I' && self.is_clean() && self.sin.is_empty() {
             if let Some(sql) = self.probe_sql() {
+                // (search_path, if it changed, is among what it reads.)
                 build::query(&mut self.sout, &sql);
                 self.expect.push(Pending::Swallow(Kind::Query));
                 // A simple query ends the connection's unnamed statement.
                 self.unnamed_here = false;
                 return;
             }
+            // The transaction is over and what it set has been read back.
+            self.search_path_unsettled = false;
             if self.pinned.is_some() {
                 // Idle between transactions: not in flight (`[[limits]]`).
                 self.admission = None;

@@ -130,6 +130,11 @@ pub struct Session {
     parsing: std::collections::VecDeque<(Bytes, Option<u64>, u32)>,
     /// Syncs forwarded so far (wrapping): which batch a Parse is in.
     syncs_sent: u32,
+    /// This transaction changed search_path (SET, SET LOCAL, RESET): until
+    /// it ends (and the state check reads the value back), `settings` may
+    /// not hold the value the server uses, so statements prepared meanwhile
+    /// are not shared with other clients.
+    search_path_unsettled: bool,
     /// Close messages pgfleet answers itself, oldest first, with what each
     /// removed: put back if the server skips it (an error earlier in the
     /// batch), as PostgreSQL would not have run it.
@@ -334,6 +339,7 @@ impl Session {
             stmts: HashMap::new(),
             parsing: Default::default(),
             syncs_sent: 0,
+            search_path_unsettled: false,
             closing: Default::default(),
             unnamed: None,
             unnamed_here: false,

@@ -99,6 +99,9 @@ impl Session {
     /// Records what a statement does to session state. Returns the SQL to
     /// send instead when the statement is rejected.
     pub(super) fn note_effects(&mut self, a: &Analysis) -> Option<String> {
+        if a.local_search_path || a.reset_all || a.set_names.iter().any(|n| n == "search_path") {
+            self.search_path_unsettled = true;
+        }
         if let Some(reason) = a.pin {
             if self.cfg.pool.session_state == SessionStateMode::Reject {
                 return Some(rejection_sql(reason));

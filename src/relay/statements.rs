@@ -13,7 +13,14 @@ impl Session {
     pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
         let extra = &self.cfg.routing.write_functions;
         let off = self.backslash_strings;
-        let search_path = self.settings.iter().find(|(n, _)| n == "search_path").map_or("", |(_, v)| v.as_str());
+        let private;
+        let search_path = if self.search_path_unsettled {
+            // Changed in this transaction: this session's own statement.
+            private = format!("\0session {}", self.info.id);
+            private.as_str()
+        } else {
+            self.settings.iter().find(|(n, _)| n == "search_path").map_or("", |(_, v)| v.as_str())
+        };
         self.app.stmts.intern(&self.database, search_path, content, off, |c| crate::router::classify_as(&state::sql_text(c), extra, off))
     }
 

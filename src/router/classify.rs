@@ -68,6 +68,9 @@ pub struct Analysis {
     /// Creates, changes or drops functions (or extensions): the function
     /// catalog is stale once its transaction ends.
     pub catalog_ddl: bool,
+    /// `SET LOCAL search_path` / `SET LOCAL SCHEMA`: statements prepared
+    /// in the rest of the transaction name other tables.
+    pub local_search_path: bool,
     /// DO or CALL: code pgfleet cannot see into, which may change session
     /// settings (`set_config(..., false)`, `SET` in PL/pgSQL).
     pub opaque: bool,

@@ -63,7 +63,10 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
     // `local.x`, `session.x`, `transaction.x` are custom settings, not modifiers.
     let modifier = t.get(2) != Some(&Tok::Punct(b'.'));
     if modifier && (is_word(t.get(i), "LOCAL") || is_word(t.get(i), "TRANSACTION")) {
-        return true; // transaction-local: nothing to track
+        // Transaction-local: nothing to track, but search_path matters to
+        // the statements prepared in the transaction.
+        a.local_search_path = is_word(t.get(i + 1), "SCHEMA") || dotted_name(t, i + 1) == "search_path";
+        return true;
     }
     if modifier && is_word(t.get(i), "SESSION") {
         i += 1;

@@ -396,4 +396,13 @@ async fn tenants_with_their_own_search_path_do_not_share_prepared_statements() {
         let rows = b.query("SELECT * FROM items", &[]).await.unwrap();
         assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (3, 2));
     }
+    // The usual pattern under transaction pooling: SET LOCAL per
+    // transaction, from a session that started with tenant_a's path.
+    let c = connect_with(&format!("{} options='-c search_path=tenant_a'", conn_str(&p, "app", "app", "app"))).await.unwrap();
+    c.batch_execute("BEGIN; SET LOCAL search_path = tenant_b").await.unwrap();
+    let rows = c.query("SELECT * FROM items", &[]).await.unwrap();
+    assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (3, 2));
+    c.batch_execute("COMMIT").await.unwrap();
+    let rows = c.query("SELECT * FROM items", &[]).await.unwrap();
+    assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (2, 1));
 }
