@@ -117,6 +117,12 @@ impl Expect {
         self.q.is_empty()
     }
 
+    /// Only pgfleet's own messages are unanswered (the state check after
+    /// a transaction): the client has had every answer it waits for.
+    pub fn only_hidden(&self) -> bool {
+        !self.q.is_empty() && self.q.iter().all(|p| matches!(p, Pending::Swallow(_)))
+    }
+
     /// Pops the synthetic answer now at the head (with its payload).
     pub fn pop_synth(&mut self) -> Option<(Synth, Option<bytes::Bytes>)> {
         match self.q.front() {

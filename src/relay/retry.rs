@@ -72,6 +72,38 @@ impl Session {
         }
         WhileRecording::Forward
     }
+    /// The connection was lost while only pgfleet's own check after a
+    /// write was under way (terminated, restarted, a network failure): the
+    /// client has all its answers and sent nothing since, so its session
+    /// goes on with another connection next time. Not when the check was
+    /// to read back the client's settings or held state (those died with
+    /// the connection, and the client must hear of it), nor for a pinned
+    /// client.
+    fn lost_during_own_check(&mut self, why: &str) -> bool {
+        let own_only = self.probe.as_ref().is_some_and(|p| p.about_the_connection_only());
+        if !own_only || self.pinned.is_some() || self.status != b'I' || self.in_batch || !self.expect.only_hidden() || !self.sout.is_empty() {
+            return false;
+        }
+        tracing::warn!(parent: &self.span, error = %why, "server connection lost during pgfleet's check after a transaction; the client carries on");
+        let probe = self.probe.take();
+        if let Some((conn, pool)) = self.unbind() {
+            pool.discard(conn, "lost during pgfleet's check after a transaction");
+        }
+        // What the check was to learn: a write's LSN is not known (reads
+        // stay on the primary until it is); settings the next connection
+        // gets from the client's list.
+        if probe.as_ref().is_some_and(|p| p.lsn) || self.wrote {
+            self.floor_unknown_since = Some(std::time::Instant::now());
+        }
+        self.wrote = false;
+        self.expect = Expect::default();
+        self.skip = 0;
+        self.sin.clear();
+        self.probe_failures = 0;
+        self.discard_conn = false;
+        true
+    }
+
     /// Something from the current unit reached (or is about to reach) the
     /// client: it can no longer be retried transparently.
     pub(super) fn answered(&mut self) {
@@ -85,6 +117,9 @@ impl Session {
     /// is marked down at once); anything else ends the session as before.
     pub(super) fn retry_or(&mut self, e: SessionError) -> Result<(), SessionError> {
         let SessionError::ServerLost(why) = &e else { return Err(e) };
+        if self.lost_during_own_check(why) {
+            return Ok(());
+        }
         if !self.recording() {
             return Err(e);
         }

@@ -26,7 +26,7 @@ pub(super) struct Probe {
     resync_prepared: Option<u64>,
     check_state: bool,
     /// Read-your-writes: the primary's WAL position after the write.
-    lsn: bool,
+    pub(super) lsn: bool,
     /// The names of the connection's session settings (`opaque_settings`).
     session_names: bool,
     /// `names[guesses..]` are custom settings the code may have set: adopted
@@ -34,6 +34,14 @@ pub(super) struct Probe {
     guesses: usize,
     /// The startup settings it puts back after a RESET (`Session::resets`).
     resets: Vec<String>,
+}
+
+impl Probe {
+    /// It reads back nothing of the client's session (settings, held
+    /// state): only a write's position, or the connection's statements.
+    pub(super) fn about_the_connection_only(&self) -> bool {
+        self.names.is_empty() && !self.check_state && !self.session_names && self.resets.is_empty()
+    }
 }
 
 /// Session state still held by the server connection, as one count.

@@ -698,3 +698,67 @@ async fn a_replica_at_max_connections_serves_reads_on_the_connections_it_has() {
     assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the second connect was refused");
     assert!(p.app.topology().snapshot().replicas[0].usable_in(0), "not marked down");
 }
+
+/// A forwarder to `port` that, the first time pgfleet sends a message
+/// containing `needle`, closes that connection (as a server that dies at
+/// that moment).
+async fn cutting_forwarder(port: u16, needle: &'static [u8]) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fwd = l.local_addr().unwrap().port();
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((a, _)) = l.accept().await {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let Ok(b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+                let (mut ar, mut aw) = a.into_split();
+                let (mut br, mut bw) = b.into_split();
+                let back = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut br, &mut aw).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match ar.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let hit = buf[..n].windows(needle.len()).any(|w| w == needle);
+                    if hit && !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        break; // the "server" dies as the message arrives
+                    }
+                    if bw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                back.abort();
+            });
+        }
+    });
+    (fwd, cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_lost_during_the_check_after_a_write_does_not_end_the_client_session() {
+    // After a write, pgfleet asks the primary for its WAL position
+    // (read-your-writes). The connection dies at that moment: the client
+    // has its answer and must carry on, its reads kept on the primary
+    // until the position is known again.
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let (fwd, cut) = cutting_forwarder(c.primary, b"pg_current_wal_insert_lsn").await;
+    let mut cfg = config("size = 3", &routing_extra("10s", "lsn"));
+    cfg.cluster.primary = format!("127.0.0.1:{fwd}");
+    let p = start(cfg).await;
+    wait_replicas_usable(&p).await;
+    let client = connect(&p).await;
+    client.batch_execute("CREATE TABLE IF NOT EXISTS rt_lost_check (n int)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(cut.load(std::sync::atomic::Ordering::SeqCst), "the check was cut");
+    let rows = client.query("SELECT count(*) FROM rt_lost_check", &[]).await.expect("the session goes on");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.primary, "the write's position is not known yet");
+    // Once the monitor has read the primary's position after it: replicas.
+    wait_port(&client, c.replicas[0], Duration::from_secs(5)).await;
+}
