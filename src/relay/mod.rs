@@ -135,6 +135,10 @@ pub struct Session {
     /// not hold the value the server uses, so statements prepared meanwhile
     /// are not shared with other clients.
     search_path_unsettled: bool,
+    /// Notices and ParameterStatus of a replica read not answered yet:
+    /// they go out with its first answer, and a retry drops them (the
+    /// retry brings its own).
+    held: BytesMut,
     /// Close messages pgfleet answers itself, oldest first, with what each
     /// removed: put back if the server skips it (an error earlier in the
     /// batch), as PostgreSQL would not have run it.
@@ -340,6 +344,7 @@ impl Session {
             parsing: Default::default(),
             syncs_sent: 0,
             search_path_unsettled: false,
+            held: BytesMut::new(),
             closing: Default::default(),
             unnamed: None,
             unnamed_here: false,
@@ -447,7 +452,7 @@ impl Session {
                 }
                 Event::Writable | Event::Tick => {}
                 Event::Idle => {
-                    for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout, &mut self.replay] {
+                    for b in [&mut self.cin, &mut self.sin, &mut self.cout, &mut self.sout, &mut self.replay, &mut self.held] {
                         if b.is_empty() {
                             *b = BytesMut::new();
                         }

@@ -45,6 +45,8 @@ impl Session {
         if self.recording() {
             if self.replay.len() + msg.len() > REPLAY_MAX {
                 self.replay_state = Replay::Off;
+                self.cout.extend_from_slice(&self.held);
+                self.held.clear();
             } else {
                 self.replay.extend_from_slice(msg);
             }
@@ -110,6 +112,10 @@ impl Session {
         if self.recording() {
             self.replay_state = Replay::Off;
         }
+        if !self.held.is_empty() {
+            self.cout.extend_from_slice(&self.held);
+            self.held.clear();
+        }
     }
 
     /// A server connection failed. A replica read of which the client has
@@ -148,6 +154,7 @@ impl Session {
         self.probe = None;
         self.sin.clear();
         self.sout.clear();
+        self.held.clear();
         let mut cin = std::mem::take(&mut self.replay);
         cin.extend_from_slice(&self.cin);
         self.cin = cin;

@@ -77,6 +77,9 @@ impl Session {
             }
             if !forward {
                 consume(&mut self.sin, h.total);
+            } else if self.recording() && matches!(h.tag, b'S' | b'N') && self.sin.len() >= h.total {
+                self.held.extend_from_slice(&self.sin[..h.total]);
+                consume(&mut self.sin, h.total);
             } else if whole || self.sin.len() >= h.total {
                 // All here: copied now (only a partial message is streamed).
                 self.cout.extend_from_slice(&self.sin[..h.total]);
