@@ -41,6 +41,9 @@ pub struct Topology {
     /// What the monitor keeps between rounds, carried into a reloaded
     /// topology so a reload neither forgets lag nor idles the replicas.
     memory: Mutex<Memory>,
+    /// Per replica: when a client's connection to it last failed. A
+    /// monitor round whose checks began before that does not put it back.
+    marked_down: Mutex<Vec<Option<Instant>>>,
 }
 
 #[derive(Default)]
@@ -148,6 +151,7 @@ impl Topology {
             })
             .unwrap_or(Writer::Configured);
         let excluded = replicas.iter().map(|r| vec![false; r.groups.len()]).collect();
+        let replica_count = replicas.len();
         let topo = Topology {
             primary: cfg.cluster.primary.clone(),
             replicas,
@@ -156,6 +160,7 @@ impl Topology {
             writer: AtomicUsize::new(writer_code(writer)),
             writer_changed: tokio::sync::Notify::new(),
             memory: Mutex::new(Memory { lag: LagState { excluded, ..Default::default() }, last: None }),
+            marked_down: Mutex::new(vec![None; replica_count]),
         };
         if let Some(p) = previous.filter(|p| p.primary == topo.primary) {
             topo.remember(p);
@@ -191,7 +196,7 @@ impl Topology {
         let Some((primary, checks, at)) = &old.last else { return };
         let checks: Vec<_> =
             self.replicas.iter().map(|r| same(r).map_or_else(|| Err(NOT_CHECKED.to_string()), |o| checks[o].clone())).collect();
-        self.publish(monitor::build_snapshot(self, &mut mem.lag, (primary, *at), &checks, *at));
+        self.publish(monitor::build_snapshot(self, &mut mem.lag, (primary, *at), &checks, *at), *at);
         mem.last = Some((primary.clone(), checks, *at));
     }
 
@@ -233,8 +238,22 @@ impl Topology {
         self.snapshot.read().unwrap().clone()
     }
 
-    fn publish(&self, s: Snapshot) {
-        *self.snapshot.write().unwrap() = Arc::new(s);
+    /// Installs a snapshot made from checks that began at `checked_from`;
+    /// a replica marked down since stays down in it (its check may have
+    /// succeeded just before the client's connection failed).
+    fn publish(&self, mut s: Snapshot, checked_from: Instant) {
+        let mut current = self.snapshot.write().unwrap();
+        let down = self.marked_down.lock().unwrap();
+        for (i, r) in s.replicas.iter_mut().enumerate() {
+            if down.get(i).copied().flatten().is_some_and(|at| at > checked_from) {
+                if let Some(was) = current.replicas.get(i) {
+                    r.reachable = false;
+                    r.groups.iter_mut().for_each(|g| g.1 = false);
+                    r.excluded_because = was.excluded_because.clone();
+                }
+            }
+        }
+        *current = Arc::new(s);
     }
 
     pub fn group(&self, name: &str) -> Option<usize> {
@@ -244,6 +263,10 @@ impl Topology {
     /// A connection to this replica failed: stop sending it reads now; the
     /// monitor re-admits it once it answers again.
     pub fn mark_down(&self, replica: usize, why: &str) {
+        // First, so a round publishing meanwhile already sees it.
+        if let Some(at) = self.marked_down.lock().unwrap().get_mut(replica) {
+            *at = Some(Instant::now());
+        }
         self.exclude(|i| i == replica, &format!("connection failed: {why}"));
     }
 

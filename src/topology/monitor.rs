@@ -121,6 +121,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
+        let round_start = Instant::now();
         // The primary first, so replica positions are compared with a
         // primary position no newer than theirs.
         let p = primary.check(&spec, CHECK_SQL).await;
@@ -139,7 +140,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             Writer::None => (Err("no primary".into()), now),
         };
         let mut mem = topo.memory.lock().unwrap();
-        topo.publish(build_snapshot(&topo, &mut mem.lag, (&writer_check, writer_at), &results, now));
+        topo.publish(build_snapshot(&topo, &mut mem.lag, (&writer_check, writer_at), &results, now), round_start);
         mem.last = Some((writer_check, results, now));
     }
 }
@@ -415,6 +416,29 @@ mod tests {
         // Rewound or re-cloned: it streams on the primary's timeline.
         let s = build_snapshot(&t, &mut lag, (&on(2, false, 9100), round(10)), &[on(2, true, 9050), on(2, true, 9100)], round(10));
         assert_eq!(usable(&s), [true, true]);
+    }
+
+    #[test]
+    fn a_round_that_began_before_a_replica_was_marked_down_does_not_restore_it() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
+        let t0 = Instant::now();
+        let s = build_snapshot(&t, &mut lag, (&at(false, 5000), t0), &[at(true, 5000), at(true, 5000)], t0);
+        t.publish(s, t0);
+        assert_eq!(usable(&t.snapshot()), [true, true]);
+        let round_start = Instant::now();
+        t.mark_down(0, "connection refused");
+        assert_eq!(usable(&t.snapshot()), [false, true]);
+        // Checks of that round succeeded before the client's connect failed.
+        let s = build_snapshot(&t, &mut lag, (&at(false, 5100), round_start), &[at(true, 5100), at(true, 5100)], round_start);
+        t.publish(s, round_start);
+        assert_eq!(usable(&t.snapshot()), [false, true]);
+        assert!(t.snapshot().replicas[0].excluded_because.as_deref().is_some_and(|w| w.contains("connection failed")));
+        // The next round's checks began after it: back.
+        let later = Instant::now();
+        let s = build_snapshot(&t, &mut lag, (&at(false, 5200), later), &[at(true, 5200), at(true, 5200)], later);
+        t.publish(s, later);
+        assert_eq!(usable(&t.snapshot()), [true, true]);
     }
 
     #[test]
