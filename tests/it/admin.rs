@@ -253,26 +253,6 @@ async fn metrics_match_the_traffic_sent() {
     assert_eq!(http_get(addr, "/nope").await.0, 404);
 }
 
-/// A TCP forwarder to `port`: another address for the same server. Counts
-/// the connections it carried.
-async fn forwarder(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fwd = l.local_addr().unwrap().port();
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let n = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut a, _)) = l.accept().await {
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tokio::spawn(async move {
-                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                }
-            });
-        }
-    });
-    (fwd, count)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_reload_resume_moves_waiting_transactions_to_the_new_primary() {
     // PgBouncer's switchover: PAUSE, point the config at the new primary,

@@ -294,33 +294,13 @@ async fn a_failing_auth_query_is_not_a_wrong_password() {
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
 }
 
-/// A TCP forwarder to `port` that counts the connections it carried (the
-/// logins pgfleet attempted through it).
-async fn counting_forwarder(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fwd = l.local_addr().unwrap().port();
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let n = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut a, _)) = l.accept().await {
-            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                }
-            });
-        }
-    });
-    (fwd, count)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_the_server_refused_is_remembered_instead_of_retried_per_client() {
     // pgfleet's server password for `app` is wrong: PostgreSQL refuses
     // it. Clients must get the server's 28P01 at once, and the server must
     // not see one failed login per client (PgBouncer's server_login_retry).
     let c = cluster();
-    let (fwd, attempts) = counting_forwarder(c.primary).await;
+    let (fwd, attempts) = forwarder(c.primary).await;
     let mut cfg = config("size = 20\nserver_login_retry = \"1500ms\"", "health_user = \"bench\"");
     cfg.cluster.primary = format!("127.0.0.1:{fwd}");
     cfg.users.iter_mut().find(|u| u.name == "app").unwrap().server_password = Some("wrong".into());
