@@ -318,8 +318,10 @@ impl App {
         }
         let mut cluster_changed = new.cluster != old.cluster;
         if new.limits != old.limits || new.pool.checkout_timeout != old.pool.checkout_timeout {
-            // Fresh budgets; transactions holding the old permits finish under them.
-            *self.limits.write().unwrap() = Arc::new(crate::limits::Limits::new(&new.limits, new.pool.checkout_timeout.0));
+            // Unchanged rules keep their state; new and changed ones start
+            // fresh (transactions holding their old permits finish under them).
+            let limits = crate::limits::Limits::reloaded(&new.limits, new.pool.checkout_timeout.0, &self.limits());
+            *self.limits.write().unwrap() = Arc::new(limits);
         }
         *self.config.write().unwrap() = Arc::new(new);
         // Who the monitor logs in as (a rotated password, another

@@ -19,6 +19,9 @@ use tokio::time::Instant;
 
 /// One `[[limits]]` rule and its live state.
 pub struct Limiter {
+    /// The rule as configured, and the wait it got when it sets none (a
+    /// reload keeps the live state of a rule that did not change).
+    source: (Limit, Duration),
     pub name: String,
     workload: Option<String>,
     user: Option<String>,
@@ -73,6 +76,7 @@ impl Limiter {
         });
         let burst = rule.burst.map(f64::from).unwrap_or_else(|| rule.rate.unwrap_or(1.0).max(1.0));
         Limiter {
+            source: (rule.clone(), default_wait),
             name,
             workload: rule.workload.clone(),
             user: rule.user.clone(),
@@ -204,6 +208,20 @@ pub struct Limits {
 impl Limits {
     pub fn new(rules: &[Limit], default_wait: Duration) -> Limits {
         Limits { rules: rules.iter().map(|r| Arc::new(Limiter::new(r, default_wait))).collect() }
+    }
+
+    /// The rules of a reloaded configuration: a rule that did not change
+    /// keeps its live state (transactions in flight, waiters, tokens,
+    /// counters); a new or changed one starts fresh.
+    pub fn reloaded(rules: &[Limit], default_wait: Duration, previous: &Limits) -> Limits {
+        let rules = rules
+            .iter()
+            .map(|r| {
+                let same = previous.rules.iter().find(|old| old.source.0 == *r && old.source.1 == default_wait);
+                same.cloned().unwrap_or_else(|| Arc::new(Limiter::new(r, default_wait)))
+            })
+            .collect();
+        Limits { rules }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -385,6 +403,25 @@ mod tests {
         drop(first);
         assert!(second.await.unwrap(), "the waiter gets both slots once they are free");
         assert_eq!(limits.rules[0].in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_the_state_of_the_rules_it_did_not_change() {
+        let kept = rule(|l| l.max_in_flight = Some(1));
+        let changed = rule(|l| {
+            l.workload = Some("other".into());
+            l.max_in_flight = Some(1);
+        });
+        let old = Limits::new(&[kept.clone(), changed.clone()], Duration::from_secs(5));
+        let held = old.admit(&req(false)).await.unwrap();
+        let new = Limits::reloaded(&[kept, rule(|l| l.max_in_flight = Some(2))], Duration::from_secs(5), &old);
+        // The unchanged rule still counts the transaction admitted before.
+        assert!(Arc::ptr_eq(&new.rules[0], &old.rules[0]));
+        assert_eq!(new.rules[0].in_flight(), 1);
+        assert!(new.try_admit(&req(false)).is_none(), "still full");
+        assert!(!Arc::ptr_eq(&new.rules[1], &old.rules[1]));
+        drop(held);
+        assert!(new.try_admit(&req(false)).is_some());
     }
 
     #[tokio::test(start_paused = true)]
