@@ -2,12 +2,10 @@
 //! the statement registry, client admission and shutdown. No process-global
 //! state: tests run several proxies in one process.
 
-use crate::backend::ConnectSpec;
 use crate::config::Config;
 use crate::frontend::{self, cancel::CancelRegistry};
-use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::pool::{Pool, PoolKey};
 use crate::relay::stmts::Registry;
-use crate::router::route::Target;
 use crate::stats::{Connections, Metrics, WorkloadCounters};
 use crate::topology::{run_monitor, MonitorSpec, Topology};
 use crate::wire::auth::{ScramVerifier, Secret};
@@ -23,6 +21,7 @@ use tokio::sync::watch;
 pub use crate::net::bind_reuseport;
 
 mod auth_query;
+mod pools;
 
 pub const PRIMARY: &str = "primary";
 
@@ -220,19 +219,6 @@ impl App {
         }
     }
 
-    /// The connect pacer of one server (all pools to it share it).
-    fn pacer(&self, addr: &str, rate: u32) -> Arc<crate::limits::TokenBucket> {
-        let mut m = self.pacers.lock().unwrap();
-        match m.get(addr) {
-            Some((r, p)) if *r == rate => p.clone(),
-            _ => {
-                let p = Arc::new(crate::limits::TokenBucket::new(f64::from(rate), f64::from(rate)));
-                m.insert(addr.to_string(), (rate, p.clone()));
-                p
-            }
-        }
-    }
-
     /// One shared copy of each distinct settings list in use (clients copy
     /// on write when they change theirs): an idle client then costs a
     /// pointer, not a dozen small strings.
@@ -347,22 +333,7 @@ impl App {
                 pool.reconfigure(spec, settings);
             }
         }
-        // Pools of a server, database or user the config no longer has
-        // (auth_query users are not listed: theirs stay while it is on).
-        let cfg = self.config();
-        let mut retired = Vec::new();
-        self.pools.lock().unwrap().retain(|key, pool| {
-            let keep = (key.backend == PRIMARY || topo.replicas.iter().any(|r| r.name == key.backend))
-                && cfg.database(&key.database).is_some()
-                && (cfg.user(&key.user).is_some() || cfg.auth.auth_query.is_some());
-            if !keep {
-                retired.push(pool.clone());
-            }
-            keep
-        });
-        for pool in retired {
-            pool.retire();
-        }
+        self.retire_removed_pools(&topo);
         notes
     }
 
@@ -434,31 +405,6 @@ impl App {
         (prev < max + (max / 10).max(16)).then_some(guard)
     }
 
-    /// The pool for (database, user, backend), created on first use.
-    /// `topo` must be the topology the target was chosen with.
-    pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Arc<Pool> {
-        let (backend, addr) = match target {
-            // After a failover the primary pool follows the promoted server.
-            Target::Primary => (PRIMARY.to_string(), topo.writer_addr().unwrap_or(&topo.primary).to_string()),
-            Target::Replica(i) => (topo.replicas[i].name.clone(), topo.replicas[i].addr.clone()),
-        };
-        let key = PoolKey { database: database.into(), user: user.into(), backend };
-        let mut pools = self.pools.lock().unwrap();
-        if let Some(p) = pools.get(&key) {
-            // Only under the current topology: a session still holding the
-            // one from before a reload would point the pool back at the
-            // old primary.
-            if target == Target::Primary && !p.addr_is(&addr) && std::ptr::eq(topo, &*self.topology()) {
-                p.retarget(self.pool_params(&key, &addr).0);
-            }
-            return p.clone();
-        }
-        let (spec, settings) = self.pool_params(&key, &addr);
-        let pool = Pool::new(key.clone(), spec, settings, self.conns.clone(), &self.metrics);
-        pools.insert(key, pool.clone());
-        pool
-    }
-
     /// Who the lag monitor connects as.
     pub(crate) fn monitor_spec(&self) -> Option<MonitorSpec> {
         let cfg = self.config();
@@ -478,34 +424,6 @@ impl App {
             interval: cfg.cluster.lag_check_interval.0,
             tls: self.server_tls.read().unwrap().clone(),
         })
-    }
-
-    /// Connection spec and settings of a pool under the current config.
-    fn pool_params(&self, key: &PoolKey, addr: &str) -> (ConnectSpec, PoolSettings) {
-        let cfg = self.config();
-        let user = cfg.user(&key.user);
-        let password = user.and_then(|u| u.server_login_password().map(str::to_string));
-        let dbname = cfg.database(&key.database).map(|d| d.server_name().to_string()).unwrap_or_else(|| key.database.clone());
-        let spec = ConnectSpec {
-            addr: addr.to_string(),
-            user: key.user.clone(),
-            database: dbname,
-            password,
-            connect_timeout: cfg.pool.connect_timeout.0,
-            require_primary: key.backend == PRIMARY,
-            tls: self.server_tls.read().unwrap().clone(),
-            pacer: (cfg.pool.max_connects_per_second > 0).then(|| self.pacer(addr, cfg.pool.max_connects_per_second)),
-            passthrough: if user.is_none() { self.passthrough.lock().unwrap().get(&key.user).cloned() } else { None },
-        };
-        let settings = PoolSettings {
-            size: cfg.pool_size_for(&key.user),
-            min_size: cfg.pool.min_size,
-            checkout_timeout: cfg.pool.checkout_timeout.0,
-            idle_timeout: cfg.pool.server_idle_timeout.0,
-            lifetime: cfg.pool.server_lifetime.0,
-            login_retry: cfg.pool.server_login_retry.0,
-        };
-        (spec, settings)
     }
 
     pub fn workload_counters(&self, workload: &str) -> Arc<WorkloadCounters> {
@@ -559,47 +477,6 @@ impl App {
         Ok(())
     }
 
-    pub fn pools(&self) -> Vec<Arc<Pool>> {
-        self.pools.lock().unwrap().values().cloned().collect()
-    }
-
-    /// With `pool.min_size`, the pools to keep warm exist from the start (and
-    /// after a reload): the primary's and each replica's, for every database
-    /// and every user pgfleet can log in as (not admin-only users, not
-    /// verifier-only users without a server_password).
-    fn create_prewarmed_pools(&self) {
-        let cfg = self.config();
-        if cfg.pool.min_size == 0 {
-            return;
-        }
-        let topo = self.topology();
-        for db in &cfg.databases {
-            for user in cfg.users.iter().filter(|u| !cfg.admin.users.contains(&u.name) && u.server_login_password().is_some()) {
-                self.pool(&db.name, &user.name, Target::Primary, &topo);
-                for i in 0..topo.replicas.len() {
-                    self.pool(&db.name, &user.name, Target::Replica(i), &topo);
-                }
-            }
-        }
-    }
-
-    /// Pool upkeep: idle/lifetime expiry and `min_size` pre-warming.
-    async fn maintain(self: Arc<Self>) {
-        let mut shutdown = self.shutdown_signal();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            for pool in self.pools() {
-                for _ in 0..pool.maintain() {
-                    let pool = pool.clone();
-                    tokio::spawn(async move { pool.prewarm_one().await });
-                }
-            }
-        }
-    }
 }
 
 /// A running pgfleet: its address, and the handle to stop it.

@@ -1,0 +1,140 @@
+//! The pools: created on first use (or pre-warmed), configured from the
+//! current config, kept up by the upkeep task, retired by a reload.
+
+use super::{App, PRIMARY};
+use crate::backend::ConnectSpec;
+use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::router::route::Target;
+use crate::topology::Topology;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl App {
+    /// The connect pacer of one server (all pools to it share it).
+    pub(super) fn pacer(&self, addr: &str, rate: u32) -> Arc<crate::limits::TokenBucket> {
+        let mut m = self.pacers.lock().unwrap();
+        match m.get(addr) {
+            Some((r, p)) if *r == rate => p.clone(),
+            _ => {
+                let p = Arc::new(crate::limits::TokenBucket::new(f64::from(rate), f64::from(rate)));
+                m.insert(addr.to_string(), (rate, p.clone()));
+                p
+            }
+        }
+    }
+
+    /// The pool for (database, user, backend), created on first use.
+    /// `topo` must be the topology the target was chosen with.
+    pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Arc<Pool> {
+        let (backend, addr) = match target {
+            // After a failover the primary pool follows the promoted server.
+            Target::Primary => (PRIMARY.to_string(), topo.writer_addr().unwrap_or(&topo.primary).to_string()),
+            Target::Replica(i) => (topo.replicas[i].name.clone(), topo.replicas[i].addr.clone()),
+        };
+        let key = PoolKey { database: database.into(), user: user.into(), backend };
+        let mut pools = self.pools.lock().unwrap();
+        if let Some(p) = pools.get(&key) {
+            // Only under the current topology: a session still holding the
+            // one from before a reload would point the pool back at the
+            // old primary.
+            if target == Target::Primary && !p.addr_is(&addr) && std::ptr::eq(topo, &*self.topology()) {
+                p.retarget(self.pool_params(&key, &addr).0);
+            }
+            return p.clone();
+        }
+        let (spec, settings) = self.pool_params(&key, &addr);
+        let pool = Pool::new(key.clone(), spec, settings, self.conns.clone(), &self.metrics);
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    /// Connection spec and settings of a pool under the current config.
+    pub(super) fn pool_params(&self, key: &PoolKey, addr: &str) -> (ConnectSpec, PoolSettings) {
+        let cfg = self.config();
+        let user = cfg.user(&key.user);
+        let password = user.and_then(|u| u.server_login_password().map(str::to_string));
+        let dbname = cfg.database(&key.database).map(|d| d.server_name().to_string()).unwrap_or_else(|| key.database.clone());
+        let spec = ConnectSpec {
+            addr: addr.to_string(),
+            user: key.user.clone(),
+            database: dbname,
+            password,
+            connect_timeout: cfg.pool.connect_timeout.0,
+            require_primary: key.backend == PRIMARY,
+            tls: self.server_tls.read().unwrap().clone(),
+            pacer: (cfg.pool.max_connects_per_second > 0).then(|| self.pacer(addr, cfg.pool.max_connects_per_second)),
+            passthrough: if user.is_none() { self.passthrough.lock().unwrap().get(&key.user).cloned() } else { None },
+        };
+        let settings = PoolSettings {
+            size: cfg.pool_size_for(&key.user),
+            min_size: cfg.pool.min_size,
+            checkout_timeout: cfg.pool.checkout_timeout.0,
+            idle_timeout: cfg.pool.server_idle_timeout.0,
+            lifetime: cfg.pool.server_lifetime.0,
+            login_retry: cfg.pool.server_login_retry.0,
+        };
+        (spec, settings)
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.lock().unwrap().values().cloned().collect()
+    }
+
+    /// With `pool.min_size`, the pools to keep warm exist from the start (and
+    /// after a reload): the primary's and each replica's, for every database
+    /// and every user pgfleet can log in as (not admin-only users, not
+    /// verifier-only users without a server_password).
+    pub(super) fn create_prewarmed_pools(&self) {
+        let cfg = self.config();
+        if cfg.pool.min_size == 0 {
+            return;
+        }
+        let topo = self.topology();
+        for db in &cfg.databases {
+            for user in cfg.users.iter().filter(|u| !cfg.admin.users.contains(&u.name) && u.server_login_password().is_some()) {
+                self.pool(&db.name, &user.name, Target::Primary, &topo);
+                for i in 0..topo.replicas.len() {
+                    self.pool(&db.name, &user.name, Target::Replica(i), &topo);
+                }
+            }
+        }
+    }
+
+    /// Pool upkeep: idle/lifetime expiry and `min_size` pre-warming.
+    pub(super) async fn maintain(self: Arc<Self>) {
+        let mut shutdown = self.shutdown_signal();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            for pool in self.pools() {
+                for _ in 0..pool.maintain() {
+                    let pool = pool.clone();
+                    tokio::spawn(async move { pool.prewarm_one().await });
+                }
+            }
+        }
+    }
+
+    /// Retires the pools of a server, database or user the config no
+    /// longer has (auth_query users are not listed: theirs stay while it
+    /// is on).
+    pub(super) fn retire_removed_pools(&self, topo: &Topology) {
+        let cfg = self.config();
+        let mut retired = Vec::new();
+        self.pools.lock().unwrap().retain(|key, pool| {
+            let keep = (key.backend == PRIMARY || topo.replicas.iter().any(|r| r.name == key.backend))
+                && cfg.database(&key.database).is_some()
+                && (cfg.user(&key.user).is_some() || cfg.auth.auth_query.is_some());
+            if !keep {
+                retired.push(pool.clone());
+            }
+            keep
+        });
+        for pool in retired {
+            pool.retire();
+        }
+    }
+}
