@@ -90,21 +90,18 @@ pub struct App {
 /// Counts a connected client while alive.
 /// A connection counted against `max_client_conn` (with the startup
 /// reserve), and once its startup packet was read, a login slot.
-pub struct ClientGuard(Arc<App>, std::sync::atomic::AtomicBool);
+pub struct ClientGuard(Arc<App>, bool);
 
 impl ClientGuard {
-    /// Takes one of the `max_client_conn` login slots (once); false when
-    /// all are taken.
-    pub fn claim_login(&self) -> bool {
-        if self.1.load(Ordering::Acquire) {
-            return true;
-        }
+    /// Takes one of the `max_client_conn` login slots; false when all are
+    /// taken.
+    pub fn claim_login(&mut self) -> bool {
         let max = self.0.config().listen.max_client_conn;
         if self.0.logins.fetch_add(1, Ordering::AcqRel) >= max {
             self.0.logins.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        self.1.store(true, Ordering::Release);
+        self.1 = true;
         true
     }
 }
@@ -112,7 +109,7 @@ impl ClientGuard {
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
-        if *self.1.get_mut() {
+        if self.1 {
             self.0.logins.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -214,7 +211,7 @@ impl App {
             *slot.write().unwrap() = proof;
         }
         // A refusal of the user's old credentials does not stand for these.
-        for pool in self.pools().iter().filter(|p| p.key.user == user) {
+        for pool in self.pools.lock().unwrap().values().filter(|p| p.key.user == user) {
             pool.forget_login_refusal();
         }
     }
@@ -401,7 +398,7 @@ impl App {
     pub fn admit_client(self: &Arc<Self>) -> Option<ClientGuard> {
         let max = self.config().listen.max_client_conn;
         let prev = self.clients.fetch_add(1, Ordering::AcqRel);
-        let guard = ClientGuard(self.clone(), std::sync::atomic::AtomicBool::new(false));
+        let guard = ClientGuard(self.clone(), false);
         (prev < max + (max / 10).max(16)).then_some(guard)
     }
 

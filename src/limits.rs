@@ -19,13 +19,10 @@ use tokio::time::Instant;
 
 /// One `[[limits]]` rule and its live state.
 pub struct Limiter {
-    /// The rule as configured, and the wait it got when it sets none (a
-    /// reload keeps the live state of a rule that did not change).
-    source: (Limit, Duration),
+    /// The rule as configured (what it matches; a reload keeps the live
+    /// state of a rule that did not change).
+    rule: Limit,
     pub name: String,
-    workload: Option<String>,
-    user: Option<String>,
-    database: Option<String>,
     pub writes_only: bool,
     pub max_in_flight: Option<usize>,
     pub rate: Option<f64>,
@@ -76,11 +73,8 @@ impl Limiter {
         });
         let burst = rule.burst.map(f64::from).unwrap_or_else(|| rule.rate.unwrap_or(1.0).max(1.0));
         Limiter {
-            source: (rule.clone(), default_wait),
+            rule: rule.clone(),
             name,
-            workload: rule.workload.clone(),
-            user: rule.user.clone(),
-            database: rule.database.clone(),
             writes_only: rule.writes_only,
             max_in_flight: rule.max_in_flight,
             rate: rule.rate,
@@ -98,9 +92,9 @@ impl Limiter {
     /// Every field the rule sets must match.
     pub fn matches(&self, r: &Request) -> bool {
         (!self.writes_only || r.to_primary)
-            && self.workload.as_deref().is_none_or(|w| w == r.workload)
-            && self.user.as_deref().is_none_or(|u| u == r.user)
-            && self.database.as_deref().is_none_or(|d| d == r.database)
+            && self.rule.workload.as_deref().is_none_or(|w| w == r.workload)
+            && self.rule.user.as_deref().is_none_or(|u| u == r.user)
+            && self.rule.database.as_deref().is_none_or(|d| d == r.database)
     }
 
     /// Transactions admitted and not yet finished.
@@ -217,7 +211,8 @@ impl Limits {
         let rules = rules
             .iter()
             .map(|r| {
-                let same = previous.rules.iter().find(|old| old.source.0 == *r && old.source.1 == default_wait);
+                let wait = r.max_wait.map_or(default_wait, |d| d.0);
+                let same = previous.rules.iter().find(|old| old.rule == *r && old.max_wait == wait);
                 same.cloned().unwrap_or_else(|| Arc::new(Limiter::new(r, default_wait)))
             })
             .collect();
@@ -257,7 +252,7 @@ impl Limits {
                 }
             }
         }
-        let mut held: Vec<Option<OwnedSemaphorePermit>> = self.rules.iter().map(|_| None).collect();
+        let mut held = self.slot_holder(r);
         while let Some(k) = self.take_free_slots(r, &mut held) {
             // Wait for that one holding nothing else, then try the rest again.
             held.iter_mut().for_each(|h| *h = None);
@@ -283,7 +278,7 @@ impl Limits {
     /// client's transaction (its connection may hold what others wait for,
     /// a lock it is about to release: it must not wait behind them).
     pub fn try_admit(&self, r: &Request<'_>) -> Option<Admission> {
-        let mut held: Vec<Option<OwnedSemaphorePermit>> = self.rules.iter().map(|_| None).collect();
+        let mut held = self.slot_holder(r);
         if self.take_free_slots(r, &mut held).is_some() {
             return None;
         }
@@ -291,10 +286,21 @@ impl Limits {
         Some(Admission { _permits: held })
     }
 
+    /// Where the permits of the matching rules go, by rule index (nothing
+    /// allocated when no rule with slots matches).
+    fn slot_holder(&self, r: &Request<'_>) -> Vec<Option<OwnedSemaphorePermit>> {
+        if self.rules.iter().any(|l| l.slots.is_some() && l.matches(r)) {
+            self.rules.iter().map(|_| None).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Takes the free slots of the matching rules into `held` (by rule
     /// index); the first rule with none free, if any.
     fn take_free_slots(&self, r: &Request<'_>, held: &mut [Option<OwnedSemaphorePermit>]) -> Option<usize> {
-        (0..self.rules.len()).find(|&k| {
+        // (Empty: no rule with slots matches.)
+        (0..held.len()).find(|&k| {
             let l = &self.rules[k];
             let Some(slots) = l.slots.as_ref().filter(|_| l.matches(r)) else { return false };
             if held[k].is_none() {

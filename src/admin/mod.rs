@@ -146,7 +146,12 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
     let words: Vec<&str> = cmd.split_whitespace().collect();
     let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
     let arg = words.get(1).map(|s| s.trim_matches('"'));
-    match upper.first().map(String::as_str) {
+    let command = upper.first().map(String::as_str);
+    // A database named must be one pgfleet has (3D000, as PgBouncer).
+    if let (Some("PAUSE" | "RESUME" | "KILL"), Some(db)) = (command, arg) {
+        known_database(app, db)?;
+    }
+    match command {
         Some("SHOW") => {
             let what = upper.get(1).map(String::as_str).unwrap_or("");
             let table = show::table(app, what).ok_or((sqlstate::SYNTAX_ERROR, format!("unknown SHOW item: {}", words.get(1).unwrap_or(&""))))?;
@@ -160,9 +165,6 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
             build::command_complete(out, "RELOAD");
         }
         Some("PAUSE") => {
-            if let Some(db) = arg {
-                known_database(app, db)?;
-            }
             app.pause(arg);
             let busy = wait_idle(app, arg).await;
             if busy > 0 {
@@ -175,15 +177,11 @@ async fn run(app: &Arc<App>, cmd: &str, out: &mut BytesMut) -> CmdResult {
             build::command_complete(out, "PAUSE");
         }
         Some("RESUME") => {
-            if let Some(db) = arg {
-                known_database(app, db)?;
-            }
             app.resume(arg).map_err(|e| (sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, e))?;
             build::command_complete(out, "RESUME");
         }
         Some("KILL") => {
             let db = arg.ok_or((sqlstate::SYNTAX_ERROR, "KILL needs a database name".to_string()))?;
-            known_database(app, db)?;
             kill(app, db);
             build::command_complete(out, "KILL");
         }

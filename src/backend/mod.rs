@@ -61,14 +61,18 @@ impl From<std::io::Error> for BackendError {
 }
 
 impl BackendError {
+    /// The SQLSTATE the server answered with.
+    fn server_code(&self) -> Option<&str> {
+        match self {
+            BackendError::Server(fields) => fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+
     /// SQLSTATE to show a client for this failure.
     pub fn sqlstate(&self) -> String {
         match self {
-            BackendError::Server(fields) => fields
-                .iter()
-                .find(|(c, _)| *c == b'C')
-                .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| wire::sqlstate::CONNECTION_FAILURE.into()),
+            BackendError::Server(_) => self.server_code().unwrap_or(wire::sqlstate::CONNECTION_FAILURE).into(),
             BackendError::Standby | BackendError::NoPrimary(_) => wire::sqlstate::CANNOT_CONNECT_NOW.into(),
             _ => wire::sqlstate::CONNECTION_FAILURE.into(),
         }
@@ -79,11 +83,9 @@ impl BackendError {
     /// the same login would be refused again, so the pool remembers it
     /// for `pool.server_login_retry` (a copy to answer clients with).
     pub fn login_refusal(&self) -> Option<BackendError> {
-        let refused = |fields: &[(u8, String)]| {
-            fields.iter().any(|(c, v)| *c == b'C' && (v.starts_with("28") || matches!(v.as_str(), "3D000" | "42501")))
-        };
+        let refused = self.server_code().is_some_and(|c| c.starts_with("28") || matches!(c, "3D000" | "42501"));
         match self {
-            BackendError::Server(fields) if refused(fields) => Some(BackendError::Server(fields.clone())),
+            BackendError::Server(fields) if refused => Some(BackendError::Server(fields.clone())),
             BackendError::Auth(why) => Some(BackendError::Auth(why.clone())),
             _ => None,
         }
@@ -92,7 +94,7 @@ impl BackendError {
     /// The server answered that it has no room for another connection
     /// (`max_connections` reached).
     pub fn is_server_full(&self) -> bool {
-        matches!(self, BackendError::Server(fields) if fields.iter().any(|(c, v)| *c == b'C' && v == "53300"))
+        self.server_code() == Some("53300")
     }
 
     /// The server is down, starting, stopping, busy or not (yet) a
@@ -100,9 +102,7 @@ impl BackendError {
     pub fn is_transient(&self) -> bool {
         match self {
             BackendError::Io(_) | BackendError::Timeout | BackendError::Standby | BackendError::NoPrimary(_) => true,
-            BackendError::Server(fields) => fields
-                .iter()
-                .any(|(c, v)| *c == b'C' && matches!(v.as_str(), "57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001")),
+            BackendError::Server(_) => matches!(self.server_code(), Some("57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001")),
             BackendError::Auth(_) | BackendError::Protocol(_) => false,
         }
     }

@@ -25,9 +25,14 @@ struct Failures {
 
 #[derive(Default)]
 pub struct FailedLogins {
-    map: Mutex<HashMap<IpAddr, Failures>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    map: HashMap<IpAddr, Failures>,
     /// When a full table was last swept of expired entries.
-    swept: Mutex<Option<Instant>>,
+    swept: Option<Instant>,
 }
 
 /// One password check in flight (see `FailedLogins::attempt`).
@@ -54,7 +59,7 @@ fn source(ip: IpAddr) -> IpAddr {
 impl FailedLogins {
     /// Seconds until `ip` may try to log in again, if it failed too often.
     pub fn blocked(&self, ip: IpAddr, limit: Limit) -> Option<u64> {
-        wait(&self.map.lock().unwrap(), source(ip), limit, false)
+        wait(&self.table.lock().unwrap().map, source(ip), limit, false)
     }
 
     /// Called right before a password or SCRAM proof is checked: Err(seconds
@@ -65,20 +70,17 @@ impl FailedLogins {
     /// unless `succeeded` is called.
     pub fn attempt(&self, ip: IpAddr, limit: Limit) -> Result<LoginAttempt<'_>, u64> {
         let ip = source(ip);
-        let mut map = self.map.lock().unwrap();
-        if let Some(secs) = wait(&map, ip, limit, true) {
+        let mut table = self.table.lock().unwrap();
+        if let Some(secs) = wait(&table.map, ip, limit, true) {
             return Err(secs);
         }
-        if map.len() > 100_000 {
-            // Swept at most once a second: a table kept full of addresses
-            // still in their window must not cost a full scan per login.
-            let mut swept = self.swept.lock().unwrap();
-            if swept.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                *swept = Some(Instant::now());
-                map.retain(|_, f| f.verifying > 0 || f.since.elapsed() < limit.window);
-            }
+        // Swept at most once a second: a table kept full of addresses still
+        // in their window must not cost a full scan per login.
+        if table.map.len() > 100_000 && table.swept.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            table.swept = Some(Instant::now());
+            table.map.retain(|_, f| f.verifying > 0 || f.since.elapsed() < limit.window);
         }
-        map.entry(ip).or_insert(Failures { count: 0, since: Instant::now(), verifying: 0 }).verifying += 1;
+        table.map.entry(ip).or_insert(Failures { count: 0, since: Instant::now(), verifying: 0 }).verifying += 1;
         Ok(LoginAttempt { logins: self, window: limit.window, ip, failed: true })
     }
 }
@@ -103,8 +105,8 @@ impl LoginAttempt<'_> {
 
 impl Drop for LoginAttempt<'_> {
     fn drop(&mut self) {
-        let mut map = self.logins.map.lock().unwrap();
-        let Some(f) = map.get_mut(&self.ip) else { return };
+        let mut table = self.logins.table.lock().unwrap();
+        let Some(f) = table.map.get_mut(&self.ip) else { return };
         f.verifying = f.verifying.saturating_sub(1);
         if self.failed {
             if f.since.elapsed() >= self.window {

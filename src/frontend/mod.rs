@@ -90,7 +90,7 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     // startup packet is read (`startup::handshake`): a CancelRequest is
     // exempt from both, as on PostgreSQL. This only bounds how many
     // connections may be in their startup phase beyond the limit.
-    let Some(guard) = app.admit_client() else {
+    let Some(mut guard) = app.admit_client() else {
         fatal(&mut stream, sqlstate::TOO_MANY_CONNECTIONS, startup::TOO_MANY_CLIENTS).await;
         return;
     };
@@ -131,7 +131,7 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     };
     // Boxed: the startup state machine is large and only lives during login;
     // inline, it would stay part of every idle client's task.
-    let handshake = startup::handshake(&app, &guard, &mut stream, &mut buf, end_point.as_deref(), peer.ip());
+    let handshake = startup::handshake(&app, &mut guard, &mut stream, &mut buf, end_point.as_deref(), peer.ip());
     let login = match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
         Err(_) => {
             fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "startup did not complete in time (timeouts.startup)").await;

@@ -87,7 +87,7 @@ pub async fn negotiate(tcp: &mut Stream, buf: &mut BytesMut, tls_available: bool
 /// `channel_binding`: tls-server-end-point data when the client uses TLS.
 pub async fn handshake(
     app: &App,
-    slot: &crate::app::ClientGuard,
+    slot: &mut crate::app::ClientGuard,
     stream: &mut Stream,
     buf: &mut BytesMut,
     channel_binding: Option<&[u8]>,
@@ -95,16 +95,16 @@ pub async fn handshake(
 ) -> Result<Option<Login>, StartupError> {
     let params = loop {
         match read_startup(stream, buf).await? {
-            // Already answered by `negotiate` (or sent inside TLS): as
-            // PostgreSQL, which takes each once, before the startup packet.
-            p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
-                let code = if matches!(p, StartupPacket::SslRequest) { 5679 } else { 5680 };
-                return Err(StartupError::Fatal {
-                    code: sqlstate::FEATURE_NOT_SUPPORTED,
-                    message: format!("unsupported frontend protocol 1234.{code}: server supports 3.0 to 3.0"),
-                });
-            }
-            StartupPacket::Unsupported(code) => {
+            // SSL/GSS requests were already answered by `negotiate` (or came
+            // inside TLS): as PostgreSQL, which takes each once, before the
+            // startup packet. Other codes are protocols it does not speak.
+            p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest | StartupPacket::Unsupported(_)) => {
+                let code = match p {
+                    StartupPacket::SslRequest => crate::wire::startup::SSL_REQUEST,
+                    StartupPacket::GssEncRequest => crate::wire::startup::GSSENC_REQUEST,
+                    StartupPacket::Unsupported(code) => code,
+                    _ => unreachable!("matched above"),
+                };
                 return Err(StartupError::Fatal {
                     code: sqlstate::FEATURE_NOT_SUPPORTED,
                     message: format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", code >> 16, code & 0xffff),

@@ -267,7 +267,7 @@ impl Pool {
         let deadline = started + settings.checkout_timeout;
         let mut first = true;
         let result = loop {
-            match self.checkout_once(started, deadline, first).await {
+            match self.checkout_once(settings, started, deadline, first).await {
                 Err(PoolError::Connect(e)) if e.is_server_full() && self.stats().total > 0 => {
                     if Instant::now() >= deadline {
                         break Err(PoolError::Timeout { pool: self.key.to_string(), waited: started.elapsed() });
@@ -287,8 +287,7 @@ impl Pool {
         result
     }
 
-    async fn checkout_once(self: &Arc<Self>, started: Instant, deadline: Instant, first: bool) -> Result<Conn, PoolError> {
-        let settings = self.settings();
+    async fn checkout_once(self: &Arc<Self>, settings: PoolSettings, started: Instant, deadline: Instant, first: bool) -> Result<Conn, PoolError> {
         let mut wake_expiry = false;
         let next = {
             let mut s = self.state.lock().unwrap();
@@ -337,10 +336,14 @@ impl Pool {
     }
 
     /// The login refusal the pool remembers, while `login_retry` lasts.
-    fn refused_login(&self, now: Instant) -> Option<BackendError> {
-        let retry = self.settings.read().unwrap().login_retry;
+    fn refused_login(&self, retry: Duration, now: Instant) -> Option<BackendError> {
         let refused = self.login_refused.lock().unwrap();
         refused.as_ref().filter(|(_, at)| now.saturating_duration_since(*at) < retry).and_then(|(e, _)| e.login_refusal())
+    }
+
+    /// `refused_login` without the copy of the error.
+    fn login_refused_recently(&self, retry: Duration, now: Instant) -> bool {
+        self.login_refused.lock().unwrap().as_ref().is_some_and(|(_, at)| now.saturating_duration_since(*at) < retry)
     }
 
     /// A connect to the pool's server failed for a reason that may pass
@@ -383,7 +386,7 @@ impl Pool {
             }
             tokio::time::sleep_until(until.into()).await;
         }
-        if let Some(e) = self.refused_login(Instant::now()) {
+        if let Some(e) = self.refused_login(self.settings().login_retry, Instant::now()) {
             return Err(Some(PoolError::Connect(e)));
         }
         let removed = || {
@@ -612,7 +615,7 @@ impl Pool {
                 }
             }
             // Not while the server refuses the pool's login.
-            let refused = self.refused_login(Instant::now()).is_some();
+            let refused = self.login_refused_recently(settings.login_retry, Instant::now());
             let missing = if refused { 0 } else { settings.min_size.min(settings.size).saturating_sub(s.total) };
             s.total += missing;
             missing

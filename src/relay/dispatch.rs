@@ -49,19 +49,8 @@ impl Session {
             if self.try_virtual(h.tag, &msg)? {
                 continue;
             }
-            // A pinned client keeps its connection between transactions but
-            // not its admission: each transaction is counted again.
-            if self.server.is_some()
-                && self.pinned.is_some()
-                && self.admission.is_none()
-                && !self.cfg.limits.is_empty()
-                && self.mode == PoolMode::Transaction
-                && self.status == b'I'
-                && !self.in_batch
-                && matches!(h.tag, b'Q' | b'P' | b'B' | b'F')
-            {
-                let a = self.unit_analysis(&msg, &self.cin);
-                self.admit_pinned(&a);
+            if !self.cfg.limits.is_empty() {
+                self.admit_pinned(h.tag, &msg);
             }
             if self.server.is_none() {
                 if self.answer_locally(h.tag, &msg)? {
@@ -74,9 +63,7 @@ impl Session {
                     Box::pin(self.wait_while_paused()).await?;
                     self.refresh_config();
                 }
-                if self.floor_unknown_since.is_some() {
-                    self.settle_floor();
-                }
+                self.settle_floor();
                 let a = if self.routes() { self.unit_analysis(&msg, &self.cin) } else { Analysis::default() };
                 let first_only = matches!(h.tag, b'Q' | b'P');
                 let topo = self.topo.clone();

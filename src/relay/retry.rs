@@ -87,23 +87,28 @@ impl Session {
             return false;
         }
         tracing::warn!(parent: &self.span, error = %why, "server connection lost during pgfleet's check after a transaction; the client carries on");
-        let probe = self.probe.take();
-        if let Some((conn, pool)) = self.unbind() {
-            pool.discard(conn, "lost during pgfleet's check after a transaction");
-        }
         // What the check was to learn: a write's LSN is not known (reads
-        // stay on the primary until it is); settings the next connection
-        // gets from the client's list.
-        if probe.as_ref().is_some_and(|p| p.lsn) || self.wrote {
+        // stay on the primary until it is).
+        if self.probe.as_ref().is_some_and(|p| p.lsn) || std::mem::take(&mut self.wrote) {
             self.floor_unknown_since = Some(std::time::Instant::now());
         }
-        self.wrote = false;
-        self.expect = Expect::default();
-        self.skip = 0;
-        self.sin.clear();
+        self.drop_lost_connection("lost during pgfleet's check after a transaction");
         self.probe_failures = 0;
         self.discard_conn = false;
         true
+    }
+
+    /// Closes a connection that failed and forgets what was pending on it.
+    fn drop_lost_connection(&mut self, why: &'static str) {
+        if let Some((conn, pool)) = self.unbind() {
+            pool.discard(conn, why);
+        }
+        self.expect = Expect::default();
+        self.probe = None;
+        self.skip = 0;
+        self.sin.clear();
+        self.sout.clear();
+        self.held.clear();
     }
 
     /// Something from the current unit reached (or is about to reach) the
@@ -131,14 +136,11 @@ impl Session {
         }
         let target = self.bound_target;
         tracing::warn!(parent: &self.span, error = %why, "replica connection failed before answering; retrying the read elsewhere");
-        if let Some((conn, pool)) = self.unbind() {
-            pool.discard(conn, "server connection failed (read retried elsewhere)");
-        }
         if let Some(Target::Replica(i)) = target {
             self.topo.mark_down(i, why);
         }
+        self.drop_lost_connection("server connection failed (read retried elsewhere)");
         self.app.metrics.errors.with_label_values(&["retried"]).inc();
-        self.expect = Expect::default();
         // The names its Parses create again, and its Closes close again.
         while !self.parsing.is_empty() {
             self.forget_parsed();
@@ -147,14 +149,9 @@ impl Session {
             self.unclose(closed);
         }
         self.in_batch = false;
-        self.skip = 0;
         self.copy_in_ext = false;
         self.copy_in = false;
         self.status = b'I';
-        self.probe = None;
-        self.sin.clear();
-        self.sout.clear();
-        self.held.clear();
         let mut cin = std::mem::take(&mut self.replay);
         cin.extend_from_slice(&self.cin);
         self.cin = cin;

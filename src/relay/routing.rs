@@ -107,8 +107,9 @@ impl Session {
     /// primary's position well after it (a second more, for the WAL writer
     /// of an asynchronous commit), that position is the floor.
     pub(super) fn settle_floor(&mut self) {
+        let Some(since) = self.floor_unknown_since else { return };
         let snap = self.topo.snapshot();
-        let (Some(since), Some(seen)) = (self.floor_unknown_since, snap.primary_seen_at) else { return };
+        let Some(seen) = snap.primary_seen_at else { return };
         if seen > since + std::time::Duration::from_secs(1) {
             self.floor = Some(self.floor.unwrap_or(0).max(snap.primary_lsn));
             self.floor_unknown_since = None;
@@ -130,6 +131,15 @@ impl Session {
             (None, None) => return Ok((Target::Primary, Reason::SplitDisabled)),
         };
         let cfg = &self.cfg;
+        // The client's transaction defaults, in one pass over its settings.
+        let (mut default_read_only, mut serializable) = (false, false);
+        for (n, v) in self.settings.iter() {
+            match n.as_str() {
+                "default_transaction_read_only" => default_read_only = matches!(v.as_str(), "on" | "true" | "1" | "yes"),
+                "default_transaction_isolation" => serializable = v.eq_ignore_ascii_case("serializable"),
+                _ => {}
+            }
+        }
         let s = SessionRoute {
             split: cfg.routing.read_write_split,
             route: self.route_override,
@@ -140,14 +150,8 @@ impl Session {
                 None => self.floor,
             }
             .filter(|_| cfg.routing.read_your_writes == ReadYourWrites::Lsn),
-            default_read_only: self
-                .settings
-                .iter()
-                .any(|(n, v)| n == "default_transaction_read_only" && matches!(v.as_str(), "on" | "true" | "1" | "yes")),
-            serializable: self
-                .settings
-                .iter()
-                .any(|(n, v)| n == "default_transaction_isolation" && v.eq_ignore_ascii_case("serializable")),
+            default_read_only,
+            serializable,
             calls: self.function_calls(a),
         };
         route(a, &s, &topo.snapshot(), &mut |c| topo.pick(c)).map_err(|NoReplica { group, why }| {
@@ -223,13 +227,25 @@ impl Session {
         crate::limits::Request { workload, user: &self.user, database: &self.database, to_primary: target == Target::Primary }
     }
 
-    /// A pinned client's transaction on the connection it keeps: counted
-    /// in flight when the rules have room, never made to wait or refused
-    /// (its connection may hold a lock the transactions filling the budget
-    /// wait for, and this one may be what releases it).
-    pub(super) fn admit_pinned(&mut self, a: &Analysis) {
+    /// A pinned client keeps its connection between transactions but not
+    /// its admission: a transaction starting with this message (`tag`) is
+    /// counted in flight when the rules have room, never made to wait or
+    /// refused (its connection may hold a lock the transactions filling
+    /// the budget wait for, and this one may be what releases it).
+    pub(super) fn admit_pinned(&mut self, tag: u8, msg: &[u8]) {
+        let starts = self.server.is_some()
+            && self.pinned.is_some()
+            && self.admission.is_none()
+            && self.mode == PoolMode::Transaction
+            && self.status == b'I'
+            && !self.in_batch
+            && matches!(tag, b'Q' | b'P' | b'B' | b'F');
+        if !starts {
+            return;
+        }
+        let a = self.unit_analysis(msg, &self.cin);
         let target = self.bound_target.unwrap_or(Target::Primary);
-        self.admission = self.app.limits().try_admit(&self.limit_request(a, target));
+        self.admission = self.app.limits().try_admit(&self.limit_request(&a, target));
     }
 
     /// Counts a routing decision (Prometheus and SHOW WORKLOADS).

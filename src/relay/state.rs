@@ -135,11 +135,8 @@ impl Session {
         // A RESET of a setting the client started with goes back to its
         // start value on PostgreSQL, not to the server connection's.
         if !self.startup.is_empty() && (a.reset_all || !a.reset_names.is_empty()) {
-            for (n, _) in self.startup.iter() {
-                if (a.reset_all || a.reset_names.iter().any(|r| r.eq_ignore_ascii_case(n))) && !self.resets.contains(n) {
-                    self.resets.push(n.clone());
-                }
-            }
+            let reset = self.startup.iter().filter(|(n, _)| a.reset_all || a.reset_names.iter().any(|r| r.eq_ignore_ascii_case(n)));
+            add_names(&mut self.resets, reset.map(|(n, _)| n.clone()));
         }
         self.may_release |= a.may_release;
         // Unless it is going to fail: in a failed transaction (25P02), or

@@ -41,6 +41,13 @@ impl ReplicaState {
     pub fn usable_in(&self, group: usize) -> bool {
         self.groups.iter().any(|(g, ok)| *g == group && *ok)
     }
+
+    /// Unreachable: in no group, for this reason.
+    pub fn take_out(&mut self, why: String) {
+        self.reachable = false;
+        self.groups.iter_mut().for_each(|g| g.1 = false);
+        self.excluded_because = Some(why);
+    }
 }
 
 /// Immutable view of the cluster, published by the monitor.

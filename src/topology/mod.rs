@@ -247,9 +247,7 @@ impl Topology {
         for (i, r) in s.replicas.iter_mut().enumerate() {
             if down.get(i).copied().flatten().is_some_and(|at| at > checked_from) {
                 if let Some(was) = current.replicas.get(i) {
-                    r.reachable = false;
-                    r.groups.iter_mut().for_each(|g| g.1 = false);
-                    r.excluded_because = was.excluded_because.clone();
+                    r.take_out(was.excluded_because.clone().unwrap_or_default());
                 }
             }
         }
@@ -277,9 +275,7 @@ impl Topology {
         let mut current = self.snapshot.write().unwrap();
         let mut s = (**current).clone();
         for (_, r) in s.replicas.iter_mut().enumerate().filter(|(i, _)| which(*i)) {
-            r.reachable = false;
-            r.groups.iter_mut().for_each(|g| g.1 = false);
-            r.excluded_because = Some(why.to_string());
+            r.take_out(why.to_string());
         }
         *current = Arc::new(s);
     }
@@ -353,7 +349,7 @@ pub use monitor::{connect_as, run_monitor};
 const NOT_CHECKED: &str = "not checked yet";
 
 /// The lag state machine of one monitor, kept between checks.
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct LagState {
     /// (primary LSN, when first seen), increasing.
     history: VecDeque<(u64, Instant)>,
