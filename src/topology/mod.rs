@@ -49,8 +49,8 @@ pub struct Topology {
 #[derive(Default)]
 struct Memory {
     lag: LagState,
-    /// The last round: the writer's check, each replica's, and when.
-    last: Option<(Result<Check, String>, Vec<Result<Check, String>>, Instant)>,
+    /// The last round: the writer's check and each replica's.
+    last: Option<(Sample, Vec<Sample>)>,
 }
 
 const NO_WRITER: usize = usize::MAX;
@@ -193,11 +193,13 @@ impl Topology {
                 mem.lag.excluded[i][slot] = was.is_some_and(|os| old.lag.excluded[o][os]);
             }
         }
-        let Some((primary, checks, at)) = &old.last else { return };
+        let Some((primary, checks)) = &old.last else { return };
         let checks: Vec<_> =
-            self.replicas.iter().map(|r| same(r).map_or_else(|| Err(NOT_CHECKED.to_string()), |o| checks[o].clone())).collect();
-        self.publish(monitor::build_snapshot(self, &mut mem.lag, (primary, *at), &checks, *at), *at);
-        mem.last = Some((primary.clone(), checks, *at));
+            self.replicas.iter().map(|r| same(r).map_or_else(|| Sample::unchecked(primary.at), |o| checks[o].clone())).collect();
+        let started: Vec<Instant> = checks.iter().map(|c| c.started).collect();
+        let now = checks.iter().map(|c| c.at).fold(primary.at, Instant::max);
+        self.publish(monitor::build_snapshot(self, &mut mem.lag, primary, &checks, now), &started);
+        mem.last = Some((primary.clone(), checks));
     }
 
     pub fn writer(&self) -> Writer {
@@ -238,14 +240,14 @@ impl Topology {
         self.snapshot.read().unwrap().clone()
     }
 
-    /// Installs a snapshot made from checks that began at `checked_from`;
-    /// a replica marked down since stays down in it (its check may have
-    /// succeeded just before the client's connection failed).
-    fn publish(&self, mut s: Snapshot, checked_from: Instant) {
+    /// Installs a snapshot made from checks of each replica that began at
+    /// `checked_from[i]`; a replica marked down since stays down in it (its
+    /// check may have succeeded just before the client's connection failed).
+    fn publish(&self, mut s: Snapshot, checked_from: &[Instant]) {
         let mut current = self.snapshot.write().unwrap();
         let down = self.marked_down.lock().unwrap();
         for (i, r) in s.replicas.iter_mut().enumerate() {
-            if down.get(i).copied().flatten().is_some_and(|at| at > checked_from) {
+            if down.get(i).copied().flatten().zip(checked_from.get(i)).is_some_and(|(at, from)| at > *from) {
                 if let Some(was) = current.replicas.get(i) {
                     r.take_out(was.excluded_because.clone().unwrap_or_default());
                 }
@@ -342,7 +344,7 @@ pub struct MonitorSpec {
 }
 
 mod monitor;
-use monitor::Check;
+use monitor::Sample;
 pub use monitor::{connect_as, run_monitor};
 
 /// The check result of a replica the monitor has not checked yet.

@@ -80,13 +80,13 @@ const CHECK_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_ca
      ELSE ('x' || pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
 
 /// Which server takes writes after this round of checks.
-fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[Result<Check, String>]) -> Writer {
+fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[&Result<Check, String>]) -> Writer {
     let is_primary = |r: &Result<Check, String>| matches!(r, Ok(Check { in_recovery: false, .. }));
     if let Writer::Replica(i) = current {
         match replicas.get(i) {
             Some(r) if is_primary(r) => return current,
             // Another replica promoted since: the cluster failed over again.
-            _ if replicas.iter().any(is_primary) => return Writer::Replica(replicas.iter().position(is_primary).expect("some")),
+            _ if replicas.iter().any(|r| is_primary(r)) => return Writer::Replica(replicas.iter().position(|r| is_primary(r)).expect("some")),
             // Out of sight for a round (busy, restarting): still the
             // writer. The old primary answering as a primary meanwhile is
             // the stale one (it lacks the writes made since).
@@ -97,7 +97,7 @@ fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[R
     if is_primary(primary) {
         return Writer::Configured;
     }
-    if let Some(i) = replicas.iter().position(is_primary) {
+    if let Some(i) = replicas.iter().position(|r| is_primary(r)) {
         return Writer::Replica(i);
     }
     match primary {
@@ -110,48 +110,100 @@ fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[R
     }
 }
 
+/// One server's last finished check: what it found, and when the check
+/// began and ended (the reading was taken in between).
+#[derive(Debug, Clone)]
+pub(super) struct Sample {
+    pub(super) result: Result<Check, String>,
+    pub(super) started: Instant,
+    pub(super) at: Instant,
+}
+
+impl Sample {
+    pub(super) fn unchecked(at: Instant) -> Sample {
+        Sample { result: Err(NOT_CHECKED.into()), started: at, at }
+    }
+}
+
 /// Polls the cluster until shutdown, publishing a snapshot after each round.
+///
+/// Every server is checked in a task of its own. A round waits for the
+/// checks it started for at most one interval (the first round: for all of
+/// them); a server whose check is still out (blackholed, overloaded: up to
+/// its timeout) counts with its last finished check, read as of its time,
+/// so it delays no other server's check and its own lag keeps growing.
 pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: watch::Receiver<bool>) {
-    let mut primary = Probe { addr: topo.primary.clone(), client: None };
-    let mut replicas: Vec<Probe> = topo.replicas.iter().map(|r| Probe { addr: r.addr.clone(), client: None }).collect();
+    let spec = Arc::new(spec);
+    let addrs: Vec<String> = std::iter::once(topo.primary.clone()).chain(topo.replicas.iter().map(|r| r.addr.clone())).collect();
+    // Index 0 is the primary. A probe is out (None) while its check runs,
+    // in `checks` (which aborts the checks still out when the monitor stops).
+    let mut probes: Vec<Option<Probe>> = addrs.iter().map(|addr| Some(Probe { addr: addr.clone(), client: None })).collect();
+    let mut last: Vec<Option<Sample>> = vec![None; probes.len()];
+    let mut checks = tokio::task::JoinSet::new();
+    let mut out: Vec<Option<(tokio::task::Id, Instant)>> = vec![None; probes.len()];
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
         let round_start = Instant::now();
-        // The primary first, so replica positions are compared with a
-        // primary position no newer than theirs.
-        let p = primary.check(&spec, CHECK_SQL).await;
-        // When the primary was at that position: a slow replica check must
-        // not make it look newer (lag would read low).
-        let primary_at = Instant::now();
-        // Replicas all at once: one slow or unreachable replica must not
-        // delay the others' checks (nor make their positions older).
-        let results = futures_util::future::join_all(replicas.iter_mut().map(|r| r.check(&spec, CHECK_SQL))).await;
-        let writer = choose_writer(topo.writer(), &p, &results);
+        for (i, slot) in probes.iter_mut().enumerate() {
+            let Some(mut probe) = slot.take() else { continue };
+            let spec = spec.clone();
+            let task = checks.spawn(async move {
+                let started = Instant::now();
+                let result = probe.check(&spec, CHECK_SQL).await;
+                (i, probe, Sample { result, started, at: Instant::now() })
+            });
+            out[i] = Some((task.id(), round_start));
+        }
+        let deadline = tokio::time::Instant::from_std(round_start + spec.interval);
+        while !checks.is_empty() {
+            let next = if first { Ok(checks.join_next_with_id().await) } else { tokio::time::timeout_at(deadline, checks.join_next_with_id()).await };
+            let (i, probe, sample) = match next {
+                Ok(Some(Ok((_, done)))) => done,
+                // A check that panicked: a new connection next round.
+                Ok(Some(Err(e))) => {
+                    let Some(i) = out.iter().position(|o| o.is_some_and(|(id, _)| id == e.id())) else { continue };
+                    let started = out[i].map_or(round_start, |(_, at)| at);
+                    let failed = Sample { result: Err("health check failed (panicked)".into()), started, at: Instant::now() };
+                    (i, Probe { addr: addrs[i].clone(), client: None }, failed)
+                }
+                _ => break,
+            };
+            (probes[i], last[i], out[i]) = (Some(probe), Some(sample), None);
+        }
+        first = false;
+        let sample = |i: usize| last[i].clone().unwrap_or_else(|| Sample::unchecked(round_start));
+        let p = sample(0);
+        let replicas: Vec<Sample> = (1..last.len()).map(sample).collect();
+        let results: Vec<&Result<Check, String>> = replicas.iter().map(|r| &r.result).collect();
+        let writer = choose_writer(topo.writer(), &p.result, &results);
         topo.set_writer(writer);
-        let now = Instant::now();
-        let (writer_check, writer_at) = match writer {
-            Writer::Configured => (p, primary_at),
-            Writer::Replica(i) => (results[i].clone(), now),
-            Writer::None => (Err("no primary".into()), now),
+        let writer_check = match writer {
+            Writer::Configured => p,
+            Writer::Replica(i) => replicas[i].clone(),
+            Writer::None => Sample { result: Err("no primary".into()), ..p },
         };
+        let now = Instant::now();
         let mut mem = topo.memory.lock().unwrap();
-        topo.publish(build_snapshot(&topo, &mut mem.lag, (&writer_check, writer_at), &results, now), round_start);
-        mem.last = Some((writer_check, results, now));
+        let started: Vec<Instant> = replicas.iter().map(|r| r.started).collect();
+        topo.publish(build_snapshot(&topo, &mut mem.lag, &writer_check, &replicas, now), &started);
+        mem.last = Some((writer_check, replicas));
     }
 }
 
 pub(super) fn build_snapshot(
     topo: &Topology,
     lag: &mut LagState,
-    (primary, primary_at): (&Result<Check, String>, Instant),
-    replicas: &[Result<Check, String>],
+    primary_sample: &Sample,
+    replicas: &[Sample],
     now: Instant,
 ) -> Snapshot {
+    let (primary, primary_at) = (&primary_sample.result, primary_sample.at);
     let seen = match primary {
         Ok(Check { in_recovery: false, lsn: Some(l), .. }) => Some(*l),
         _ => None,
@@ -166,8 +218,8 @@ pub(super) fn build_snapshot(
         // as far as the furthest standby has replayed, so lag is measured
         // against that, not frozen at the last position seen.
         None => {
-            let furthest = replicas.iter().filter_map(|r| match r {
-                Ok(Check { in_recovery: true, lsn: Some(l), .. }) => Some(*l),
+            let furthest = replicas.iter().filter_map(|r| match r.result {
+                Ok(Check { in_recovery: true, lsn: Some(l), .. }) => Some(l),
                 _ => None,
             });
             if let Some(f) = furthest.max() {
@@ -180,7 +232,7 @@ pub(super) fn build_snapshot(
     lag.last_replay.resize(topo.replicas.len(), None);
     lag.diverged.resize(topo.replicas.len(), None);
     let mut states = Vec::with_capacity(replicas.len());
-    for (i, result) in replicas.iter().enumerate() {
+    for (i, Sample { result, at: checked_at, .. }) in replicas.iter().enumerate() {
         let info = &topo.replicas[i];
         // In no group unless its lag is judged below.
         let mut st = ReplicaState { name: info.name.clone(), groups: info.groups.iter().map(|g| (*g, false)).collect(), ..Default::default() };
@@ -209,14 +261,14 @@ pub(super) fn build_snapshot(
                 // was rewound or re-cloned: streaming on the primary's
                 // timeline does.
                 if let (Some(p), Some((before, when))) = (seen, lag.last_replay[i]) {
-                    if before > p && primary_at > when {
+                    if before > p && primary_sample.started > when {
                         lag.diverged[i] = Some(lag.diverged[i].unwrap_or(0).max(before));
                     }
                 }
                 if lag.diverged[i].is_some() && tli.is_some() && *tli == primary_tli {
                     lag.diverged[i] = None;
                 }
-                lag.last_replay[i] = Some((st.replay_lsn, now));
+                lag.last_replay[i] = Some((st.replay_lsn, *checked_at));
                 if let Some(d) = lag.diverged[i] {
                     st.excluded_because = Some(format!(
                         "diverged: replayed up to {} that the primary never had (left on the old timeline by a failover?); used again once it streams on the primary's timeline (rewound or re-cloned; seeing that takes a health_user with pg_read_all_stats)",
@@ -302,6 +354,13 @@ mod tests {
         Topology::from_config(&crate::config::Config::parse(&text, "t").unwrap(), None)
     }
 
+    /// A round whose checks all ran at `now`, the primary's from `primary_at`.
+    fn snap(t: &Topology, lag: &mut LagState, (p, primary_at): (&Result<Check, String>, Instant), rs: &[Result<Check, String>], now: Instant) -> Snapshot {
+        let sample = |result: &Result<Check, String>, at: Instant| Sample { result: result.clone(), started: at, at };
+        let replicas: Vec<Sample> = rs.iter().map(|r| sample(r, now)).collect();
+        build_snapshot(t, lag, &sample(p, primary_at), &replicas, now)
+    }
+
     fn usable(s: &Snapshot) -> Vec<bool> {
         s.replicas.iter().map(|r| r.groups.iter().all(|(_, ok)| *ok)).collect()
     }
@@ -313,12 +372,12 @@ mod tests {
         let t0 = Instant::now();
         // Replication of r1 stalled long ago, the primary idle since: the
         // first check cannot tell how old its missing WAL is.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 1000), t0), &[at(true, 1000), at(true, 400)], t0);
+        let s = snap(&t, &mut lag, (&at(false, 1000), t0), &[at(true, 1000), at(true, 400)], t0);
         assert_eq!(usable(&s), [true, false]);
         assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("lag unknown"), "{:?}", s.replicas[1]);
         assert_eq!(s.replicas[1].lag_bytes, 600);
         // It catches up: measurable, and back.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 1000), t0 + Duration::from_millis(100)), &[at(true, 1000), at(true, 1000)], t0 + Duration::from_millis(100));
+        let s = snap(&t, &mut lag, (&at(false, 1000), t0 + Duration::from_millis(100)), &[at(true, 1000), at(true, 1000)], t0 + Duration::from_millis(100));
         assert_eq!(usable(&s), [true, true]);
     }
 
@@ -328,18 +387,18 @@ mod tests {
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
         // Down from the start: the furthest standby is as fresh as anything known.
-        let s = build_snapshot(&t, &mut lag, (&down(), t0), &[at(true, 800), at(true, 300)], t0);
+        let s = snap(&t, &mut lag, (&down(), t0), &[at(true, 800), at(true, 300)], t0);
         assert!(!s.primary_reachable);
         assert_eq!(s.primary_lsn, 800);
         assert_eq!(usable(&s), [true, false]);
         // Seen, then gone: positions keep advancing through the standbys,
         // and a standby left behind ages out of the budget.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 900), t0 + Duration::from_secs(1)), &[at(true, 900), at(true, 900)], t0 + Duration::from_secs(1));
+        let s = snap(&t, &mut lag, (&at(false, 900), t0 + Duration::from_secs(1)), &[at(true, 900), at(true, 900)], t0 + Duration::from_secs(1));
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, (&down(), t0 + Duration::from_secs(2)), &[at(true, 1500), at(true, 900)], t0 + Duration::from_secs(2));
+        let s = snap(&t, &mut lag, (&down(), t0 + Duration::from_secs(2)), &[at(true, 1500), at(true, 900)], t0 + Duration::from_secs(2));
         assert_eq!(s.primary_lsn, 1500);
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, (&down(), t0 + Duration::from_secs(13)), &[at(true, 1500), at(true, 900)], t0 + Duration::from_secs(13));
+        let s = snap(&t, &mut lag, (&down(), t0 + Duration::from_secs(13)), &[at(true, 1500), at(true, 900)], t0 + Duration::from_secs(13));
         assert_eq!(usable(&s), [true, false]);
         assert!(s.replicas[1].excluded_because.as_deref().unwrap().contains("over the budget"), "{:?}", s.replicas[1]);
     }
@@ -351,15 +410,15 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         // r1 runs a second behind r0, well within its 10 s budget.
-        build_snapshot(&t, &mut lag, (&at(false, 1000), ms(0)), &[at(true, 1000), at(true, 1000)], ms(0));
+        snap(&t, &mut lag, (&at(false, 1000), ms(0)), &[at(true, 1000), at(true, 1000)], ms(0));
         for (i, p) in [2000u64, 3000, 4000].into_iter().enumerate() {
-            let s = build_snapshot(&t, &mut lag, (&at(false, p), ms(1000 * (i as u64 + 1))), &[at(true, p), at(true, p - 1000)], ms(1000 * (i as u64 + 1)));
+            let s = snap(&t, &mut lag, (&at(false, p), ms(1000 * (i as u64 + 1))), &[at(true, p), at(true, p - 1000)], ms(1000 * (i as u64 + 1)));
             assert_eq!(usable(&s), [true, true]);
         }
         // Its check fails once, while the others pass where it was; the
         // next finds it a bit further, still behind them.
-        build_snapshot(&t, &mut lag, (&at(false, 5000), ms(4000)), &[at(true, 5000), down()], ms(4000));
-        let s = build_snapshot(&t, &mut lag, (&at(false, 6000), ms(5000)), &[at(true, 6000), at(true, 4500)], ms(5000));
+        snap(&t, &mut lag, (&at(false, 5000), ms(4000)), &[at(true, 5000), down()], ms(4000));
+        let s = snap(&t, &mut lag, (&at(false, 6000), ms(5000)), &[at(true, 6000), at(true, 4500)], ms(5000));
         assert_eq!(usable(&s), [true, true], "{:?}", s.replicas[1]);
         assert_eq!(s.replicas[1].lag, Duration::from_secs(1));
     }
@@ -369,11 +428,11 @@ mod tests {
         let t = topo();
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
-        build_snapshot(&t, &mut lag, (&at(false, 5000), t0), &[at(true, 5000), at(true, 5000)], t0);
+        snap(&t, &mut lag, (&at(false, 5000), t0), &[at(true, 5000), at(true, 5000)], t0);
         // Failover to a primary that had not received the last WAL: its
         // position is lower; standbys that follow it are not lagging behind
         // a position that no longer exists.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 4000), t0 + Duration::from_secs(20)), &[at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
+        let s = snap(&t, &mut lag, (&at(false, 4000), t0 + Duration::from_secs(20)), &[at(true, 4000), at(true, 4000)], t0 + Duration::from_secs(20));
         assert_eq!(s.primary_lsn, 4000);
         assert_eq!(usable(&s), [true, true]);
     }
@@ -386,15 +445,15 @@ mod tests {
         let round = |k: u64| t0 + Duration::from_millis(100 * k);
         // Checked after the primary, a standby may be a little ahead of the
         // position the primary reported in the same round: not diverged.
-        let s = build_snapshot(&t, &mut lag, (&on(1, false, 5000), round(1)), &[on(1, true, 5100), on(1, true, 5000)], round(1));
+        let s = snap(&t, &mut lag, (&on(1, false, 5000), round(1)), &[on(1, true, 5100), on(1, true, 5000)], round(1));
         assert_eq!(usable(&s), [true, true]);
-        let s = build_snapshot(&t, &mut lag, (&on(1, false, 5200), round(2)), &[on(1, true, 5200), on(1, true, 5200)], round(2));
+        let s = snap(&t, &mut lag, (&on(1, false, 5200), round(2)), &[on(1, true, 5200), on(1, true, 5200)], round(2));
         assert_eq!(usable(&s), [true, true]);
         // Failover to a server that had only reached 4000 (now timeline 2);
         // r0 had replayed 5200 of the old primary's WAL: ahead of the new
         // primary's later position, so its rows are not the primary's. r1
         // follows the new timeline.
-        let s = build_snapshot(&t, &mut lag, (&on(2, false, 4100), round(3)), &[on(1, true, 5200), on(2, true, 4100)], round(3));
+        let s = snap(&t, &mut lag, (&on(2, false, 4100), round(3)), &[on(1, true, 5200), on(2, true, 4100)], round(3));
         assert_eq!(usable(&s), [false, true]);
         assert!(s.replicas[0].excluded_because.as_deref().is_some_and(|w| w.starts_with("diverged")), "{:?}", s.replicas[0]);
         // It replays on the rest of the old timeline's WAL it received,
@@ -410,11 +469,11 @@ mod tests {
         ];
         for (k, r0) in rounds.into_iter().enumerate() {
             let p = if k == 0 { 4200 } else { 9000 };
-            let s = build_snapshot(&t, &mut lag, (&on(2, false, p), round(4 + k as u64)), &[r0, on(2, true, p)], round(4 + k as u64));
+            let s = snap(&t, &mut lag, (&on(2, false, p), round(4 + k as u64)), &[r0, on(2, true, p)], round(4 + k as u64));
             assert_eq!(usable(&s), [false, true], "round {k}");
         }
         // Rewound or re-cloned: it streams on the primary's timeline.
-        let s = build_snapshot(&t, &mut lag, (&on(2, false, 9100), round(10)), &[on(2, true, 9050), on(2, true, 9100)], round(10));
+        let s = snap(&t, &mut lag, (&on(2, false, 9100), round(10)), &[on(2, true, 9050), on(2, true, 9100)], round(10));
         assert_eq!(usable(&s), [true, true]);
     }
 
@@ -423,49 +482,49 @@ mod tests {
         let t = topo();
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
         let t0 = Instant::now();
-        let s = build_snapshot(&t, &mut lag, (&at(false, 5000), t0), &[at(true, 5000), at(true, 5000)], t0);
-        t.publish(s, t0);
+        let s = snap(&t, &mut lag, (&at(false, 5000), t0), &[at(true, 5000), at(true, 5000)], t0);
+        t.publish(s, &[t0, t0]);
         assert_eq!(usable(&t.snapshot()), [true, true]);
         let round_start = Instant::now();
         t.mark_down(0, "connection refused");
         assert_eq!(usable(&t.snapshot()), [false, true]);
         // Checks of that round succeeded before the client's connect failed.
-        let s = build_snapshot(&t, &mut lag, (&at(false, 5100), round_start), &[at(true, 5100), at(true, 5100)], round_start);
-        t.publish(s, round_start);
+        let s = snap(&t, &mut lag, (&at(false, 5100), round_start), &[at(true, 5100), at(true, 5100)], round_start);
+        t.publish(s, &[round_start, round_start]);
         assert_eq!(usable(&t.snapshot()), [false, true]);
         assert!(t.snapshot().replicas[0].excluded_because.as_deref().is_some_and(|w| w.contains("connection failed")));
         // The next round's checks began after it: back.
         let later = Instant::now();
-        let s = build_snapshot(&t, &mut lag, (&at(false, 5200), later), &[at(true, 5200), at(true, 5200)], later);
-        t.publish(s, later);
+        let s = snap(&t, &mut lag, (&at(false, 5200), later), &[at(true, 5200), at(true, 5200)], later);
+        t.publish(s, &[later, later]);
         assert_eq!(usable(&t.snapshot()), [true, true]);
     }
 
     #[test]
     fn writer_follows_promotion_and_sticks() {
         use Writer::*;
-        assert_eq!(choose_writer(Configured, &primary(), &[standby(), standby()]), Configured);
+        assert_eq!(choose_writer(Configured, &primary(), &[&standby(), &standby()]), Configured);
         // Primary down, nobody promoted yet: keep trying the primary.
-        assert_eq!(choose_writer(Configured, &down(), &[standby(), standby()]), Configured);
+        assert_eq!(choose_writer(Configured, &down(), &[&standby(), &standby()]), Configured);
         // r2 promoted.
-        assert_eq!(choose_writer(Configured, &down(), &[standby(), primary()]), Replica(1));
+        assert_eq!(choose_writer(Configured, &down(), &[&standby(), &primary()]), Replica(1));
         // The old primary comes back as a primary: stay on r2 (no split brain).
-        assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), primary()]), Replica(1));
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &primary()]), Replica(1));
         // The configured primary demoted and nobody promoted: no writer.
-        assert_eq!(choose_writer(Configured, &standby(), &[standby(), standby()]), None);
+        assert_eq!(choose_writer(Configured, &standby(), &[&standby(), &standby()]), None);
         // The promoted replica is out of sight (one failed check, or
         // down): writes keep waiting for it, whether the old primary is
         // down or answers as a primary (it lacks the writes made since).
-        assert_eq!(choose_writer(Replica(1), &down(), &[standby(), down()]), Replica(1));
-        assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), down()]), Replica(1));
+        assert_eq!(choose_writer(Replica(1), &down(), &[&standby(), &down()]), Replica(1));
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &down()]), Replica(1));
         // ...unless another replica was promoted since: follow that one.
-        assert_eq!(choose_writer(Replica(1), &primary(), &[primary(), down()]), Replica(0));
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&primary(), &down()]), Replica(0));
         // The promoted replica is a standby again (demoted, re-cloned from
         // the old primary): the configured primary takes writes again.
-        assert_eq!(choose_writer(Replica(1), &primary(), &[standby(), standby()]), Configured);
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &standby()]), Configured);
         // The configured primary down and the promoted one a standby again.
-        assert_eq!(choose_writer(Replica(1), &down(), &[standby(), standby()]), None);
+        assert_eq!(choose_writer(Replica(1), &down(), &[&standby(), &standby()]), None);
         // ...and the old primary returned as primary.
-        assert_eq!(choose_writer(None, &primary(), &[standby(), down()]), Configured);
+        assert_eq!(choose_writer(None, &primary(), &[&standby(), &down()]), Configured);
     }
 }

@@ -578,3 +578,45 @@ pub async fn forwarder(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::Ato
     });
     (fwd, count)
 }
+
+/// A TCP forwarder to `port` that passes no byte, either way, while the
+/// flag is set: a blackholed server (connections open, nothing answers).
+/// Bytes held while frozen pass once it is cleared.
+#[allow(dead_code)]
+pub async fn freezing_forwarder(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fwd = l.local_addr().unwrap().port();
+    let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((a, _)) = l.accept().await {
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let Ok(b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+                let ((ar, aw), (br, bw)) = (a.into_split(), b.into_split());
+                tokio::join!(pump(ar, bw, &flag), pump(br, aw, &flag));
+            });
+        }
+    });
+    (fwd, frozen)
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: &std::sync::atomic::AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

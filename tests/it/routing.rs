@@ -699,6 +699,46 @@ async fn a_replica_at_max_connections_serves_reads_on_the_connections_it_has() {
     assert!(p.app.topology().snapshot().replicas[0].usable_in(0), "not marked down");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_replica_delays_no_other_servers_check() {
+    // r1 stops answering without closing anything (a frozen VM, a
+    // partition): each of its checks waits out the timeout (5 intervals).
+    // The primary and r2 are still checked every interval, so their lag is
+    // current; r1 leaves its groups once its check times out, and returns
+    // when it answers again.
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let (fwd, frozen) = freezing_forwarder(c.replicas[0]).await;
+    let extra = routing_extra("10s", "off")
+        .replace("lag_check_interval = \"100ms\"", "lag_check_interval = \"400ms\"")
+        .replace(&format!("127.0.0.1:{}", c.replicas[0]), &format!("127.0.0.1:{fwd}"));
+    let p = start(config("size = 3", &extra)).await;
+    wait_replicas_usable(&p).await;
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let topo = p.app.topology();
+    let started = std::time::Instant::now();
+    let (mut rounds, mut seen, mut r1_out) = (0, topo.snapshot().checked_at_us, None);
+    while started.elapsed() < Duration::from_millis(4000) {
+        let s = topo.snapshot();
+        if s.checked_at_us != seen {
+            (rounds, seen) = (rounds + 1, s.checked_at_us);
+            assert!(s.replicas[1].usable_in(2), "r2 stays in analytics: {:?}", s.replicas[1]);
+        }
+        if r1_out.is_none() && !s.replicas[0].usable_in(0) {
+            r1_out = Some((started.elapsed(), s.replicas[0].excluded_because.clone().unwrap_or_default()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One round per interval (the checks of a round that waited for r1
+    // took 2 s each: 2 rounds).
+    assert!(rounds >= 7, "{rounds} rounds in 4 s at a 400 ms interval");
+    let (when, why) = r1_out.expect("r1 left its groups");
+    assert!(why.contains("timed out"), "{why}");
+    assert!(when < Duration::from_millis(3200), "r1 out after {when:?} (timeout 2 s)");
+    frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_replicas_usable(&p).await;
+}
+
 /// A forwarder to `port` that, the first time pgfleet sends a message
 /// containing `needle`, closes that connection (as a server that dies at
 /// that moment).
