@@ -33,6 +33,9 @@ pub enum BackendError {
     Standby,
     /// No server is known to accept writes (failover in progress).
     NoPrimary(String),
+    /// The client's database or user left the config (reload): the
+    /// SQLSTATE and why.
+    Removed(&'static str, String),
 }
 
 impl std::fmt::Display for BackendError {
@@ -48,6 +51,7 @@ impl std::fmt::Display for BackendError {
             BackendError::Protocol(e) => write!(f, "server protocol error: {e}"),
             BackendError::Standby => write!(f, "the server is in recovery (a standby), not a primary"),
             BackendError::NoPrimary(why) => write!(f, "no primary server available: {why}"),
+            BackendError::Removed(_, why) => f.write_str(why),
         }
     }
 }
@@ -74,6 +78,7 @@ impl BackendError {
         match self {
             BackendError::Server(_) => self.server_code().unwrap_or(wire::sqlstate::CONNECTION_FAILURE).into(),
             BackendError::Standby | BackendError::NoPrimary(_) => wire::sqlstate::CANNOT_CONNECT_NOW.into(),
+            BackendError::Removed(code, _) => (*code).into(),
             _ => wire::sqlstate::CONNECTION_FAILURE.into(),
         }
     }
@@ -103,7 +108,7 @@ impl BackendError {
         match self {
             BackendError::Io(_) | BackendError::Timeout | BackendError::Standby | BackendError::NoPrimary(_) => true,
             BackendError::Server(_) => matches!(self.server_code(), Some("57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001")),
-            BackendError::Auth(_) | BackendError::Protocol(_) => false,
+            BackendError::Auth(_) | BackendError::Protocol(_) | BackendError::Removed(..) => false,
         }
     }
 }

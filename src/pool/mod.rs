@@ -115,6 +115,12 @@ impl Drop for Pool {
     }
 }
 
+/// What a checkout of a pool that a reload retired gets.
+fn removed() -> PoolError {
+    let e = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the server was removed from the configuration");
+    PoolError::Connect(BackendError::Io(e))
+}
+
 /// The most recently used idle connection that is still good (LIFO keeps
 /// warm connections warm); dead or expired ones are dropped on the way.
 fn pop_idle(s: &mut State, lifetime: Duration, now: Instant) -> Option<Conn> {
@@ -205,7 +211,7 @@ impl Pool {
         // the new server's first connection.
         *self.startup_params.lock().unwrap() = None;
         tracing::warn!(pool = %self.key, addr = %addr, "pool now points at a new server (or database, or TLS mode)");
-        self.close_idle_and(why, || {
+        self.close_idle_and(why, |_| {
             self.epoch.fetch_add(1, Ordering::AcqRel);
         });
     }
@@ -291,6 +297,11 @@ impl Pool {
         let mut wake_expiry = false;
         let next = {
             let mut s = self.state.lock().unwrap();
+            // Read under the state lock, which `retire` sets it under: no
+            // checkout joins the queue after it was emptied.
+            if self.retired.load(Ordering::Acquire) {
+                return Err(removed());
+            }
             match pop_idle(&mut s, settings.lifetime, started) {
                 Some(c) => Next::Ready(c),
                 // After the server refused a new connection: in the queue,
@@ -330,6 +341,7 @@ impl Pool {
             Next::Wait(rx) => match (Queued { pool: self, rx }).await {
                 Ok(Grant::Conn(c)) => Ok(c),
                 Ok(Grant::Slot) => self.open_in_slot(Some(deadline)).await.map_err(|e| e.unwrap_or_else(timeout)),
+                Ok(Grant::Retired) => Err(removed()),
                 Ok(Grant::Expired) | Err(_) => Err(timeout()),
             },
         }
@@ -389,15 +401,11 @@ impl Pool {
         if let Some(e) = self.refused_login(self.settings().login_retry, Instant::now()) {
             return Err(Some(PoolError::Connect(e)));
         }
-        let removed = || {
-            let e = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the server was removed from the configuration");
-            Err(Some(PoolError::Connect(BackendError::Io(e))))
-        };
         // Repeated only when the pool moved to another server while this
         // connect was under way: the new connection must reach the new one.
         loop {
             if self.retired.load(Ordering::Acquire) {
-                return removed();
+                return Err(Some(removed()));
             }
             let epoch = self.epoch.load(Ordering::Acquire);
             let spec = self.spec.read().unwrap().clone();
@@ -534,24 +542,30 @@ impl Pool {
     /// idle connections close now, checked-out ones when they come back.
     /// (The caller has removed it from the pool map, so nothing keeps it
     /// warm.)
+    /// Clients waiting for a connection get an error at once.
     pub fn retire(&self) {
         tracing::info!(pool = %self.key, "pool removed by a reload");
-        self.retired.store(true, Ordering::Release);
-        self.close_idle_and("its server, database or user was removed (reload)", || {
+        let mut waiters = Default::default();
+        self.close_idle_and("its server, database or user was removed (reload)", |s| {
+            self.retired.store(true, Ordering::Release);
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            waiters = std::mem::take(&mut s.waiters);
         });
+        for w in waiters {
+            let _ = w.tx.send(Grant::Retired);
+        }
     }
 
     /// Closes every idle connection (KILL).
     pub fn close_idle(&self, why: &'static str) {
-        self.close_idle_and(why, || {});
+        self.close_idle_and(why, |_| {});
     }
 
     /// `close_idle`, running `also` under the same state lock.
-    fn close_idle_and(&self, why: &'static str, also: impl FnOnce()) {
+    fn close_idle_and(&self, why: &'static str, also: impl FnOnce(&mut State)) {
         let idle: Vec<Conn> = {
             let mut s = self.state.lock().unwrap();
-            also();
+            also(&mut s);
             let v: Vec<Conn> = s.idle.drain(..).collect();
             s.total -= v.len();
             v

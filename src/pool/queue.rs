@@ -14,6 +14,8 @@ pub(super) enum Grant {
     Conn(Conn),
     Slot,
     Expired,
+    /// The pool was retired by a reload: it will never serve this checkout.
+    Retired,
 }
 
 /// A checkout waiting for a connection. Deadlines are kept by the pool's
@@ -51,7 +53,7 @@ impl Drop for Queued<'_> {
         match self.rx.try_recv() {
             Ok(Grant::Conn(c)) => self.pool.checkin(c),
             Ok(Grant::Slot) => self.pool.release_slot(),
-            Ok(Grant::Expired) | Err(_) => {}
+            Ok(Grant::Expired | Grant::Retired) | Err(_) => {}
         }
     }
 }

@@ -26,7 +26,7 @@ impl Session {
         let (conn, target, pool, waited) = loop {
             // Under the session's topology, the one `target` was chosen with
             // (checkout_routed moves both on when a reload happens meanwhile).
-            let pool = self.pool_for(target);
+            let pool = self.pool_for(target).map_err(|e| SessionError::Pool(PoolError::Connect(e)))?;
             let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
                 Some(conn) => (Ok((conn, target, pool)), false),
                 // Boxed slow path (wait, connect, re-route): see checkout_routed.

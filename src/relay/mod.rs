@@ -223,6 +223,9 @@ pub struct Session {
     cfg: Arc<crate::config::Config>,
     topo: Arc<Topology>,
     generation: u64,
+    /// The config generation the client's database and user were last
+    /// found in (see `pool_for`).
+    configured_as_of: u64,
     /// Fingerprint of `settings`: a server connection carrying the same one
     /// needs no SET at checkout.
     settings_fp: u64,
@@ -306,6 +309,7 @@ impl Session {
         Session {
             span: tracing::Span::current(),
             generation: app.generation(),
+            configured_as_of: app.generation(),
             topo: app.topology(),
             settings_fp,
             metrics: app.metrics.for_client(&id.database, &id.user, &wl),

@@ -314,16 +314,33 @@ impl Session {
     /// The pool for `target`; the last one is cached (no key building and
     /// map lookup per transaction) until a reload or a change of primary.
     /// `target` was chosen with the session's topology (`self.topo`).
-    pub(super) fn pool_for(&mut self, target: Target) -> Arc<Pool> {
+    /// A reload that removed the client's database or user ends its
+    /// session at its next checkout (a transaction under way finishes).
+    pub(super) fn pool_for(&mut self, target: Target) -> Result<Arc<Pool>, crate::backend::BackendError> {
         let writer = self.topo.writer();
         if let Some((t, generation, w, pool)) = &self.pool_cache {
             if *t == target && *generation == self.generation && *w == writer {
-                return pool.clone();
+                return Ok(pool.clone());
             }
+        }
+        if self.configured_as_of != self.generation {
+            self.still_configured()?;
+            self.configured_as_of = self.generation;
         }
         let pool = self.app.pool(&self.database, &self.user, target, &self.topo);
         self.pool_cache = Some((target, self.generation, writer, pool.clone()));
-        pool
+        Ok(pool)
+    }
+
+    fn still_configured(&self) -> Result<(), crate::backend::BackendError> {
+        use crate::backend::BackendError::Removed;
+        if self.cfg.database(&self.database).is_none() {
+            return Err(Removed(crate::wire::sqlstate::INVALID_CATALOG_NAME, format!("database \"{}\" was removed from pgfleet's configuration", self.database)));
+        }
+        if self.cfg.user(&self.user).is_none() && self.cfg.auth.auth_query.is_none() {
+            return Err(Removed(crate::wire::sqlstate::INVALID_AUTHORIZATION, format!("user \"{}\" was removed from pgfleet's configuration", self.user)));
+        }
+        Ok(())
     }
 
     /// A routing or admission failure for a unit not yet sent anywhere
@@ -377,7 +394,7 @@ impl Session {
                 }
                 continue;
             }
-            let pool = self.pool_for(target);
+            let pool = self.pool_for(target).map_err(|e| SessionError::Pool(PoolError::Connect(e)))?;
             if let Some(conn) = pool.try_checkout_idle(std::time::Instant::now()) {
                 return Ok((conn, target, pool));
             }

@@ -406,3 +406,33 @@ async fn tenants_with_their_own_search_path_do_not_share_prepared_statements() {
     let rows = c.query("SELECT * FROM items", &[]).await.unwrap();
     assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (2, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_on_a_pool_a_reload_removed_gets_an_error_at_once() {
+    // Database "alias" has one server connection, held by a transaction; a
+    // second client waits for it. A reload removes "alias": the waiting
+    // client is told at once (not at the 30 s checkout timeout), and the
+    // transaction under way still commits.
+    let p = start(config("size = 1\ncheckout_timeout = \"30s\"", "")).await;
+    let url = conn_str(&p, "app", "app", "alias");
+    let (holder, waiter) = (connect_with(&url).await.unwrap(), connect_with(&url).await.unwrap());
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 2").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the second client waits for the only connection");
+    let mut cfg = (*p.app.config()).clone();
+    cfg.databases.retain(|d| d.name != "alias");
+    let reloaded = std::time::Instant::now();
+    p.app.apply(cfg);
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("the waiting client was answered").unwrap();
+    let e = answer.expect_err("no connection for a removed database");
+    assert_eq!(sqlstate(&e), "3D000", "{e:?}");
+    assert!(format!("{e:?}").contains("was removed from pgfleet's configuration"), "{e:?}");
+    assert!(reloaded.elapsed() < Duration::from_secs(2), "{:?}", reloaded.elapsed());
+    holder.batch_execute("SELECT 2; COMMIT").await.unwrap();
+    // Its next transaction needs a connection: told the same, without
+    // asking a server.
+    let e = holder.simple_query("SELECT 1").await.expect_err("the database is gone");
+    assert_eq!(sqlstate(&e), "3D000", "{e:?}");
+    assert!(p.app.pools().iter().all(|pl| pl.key.database != "alias"), "no pool for a removed database");
+}
