@@ -332,6 +332,23 @@ async fn new_server_connections_are_paced_per_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_pacer_never_holds_a_client_past_its_checkout_timeout() {
+    // One connect per second; the first client holds the connection it
+    // got. The second needs a new one, which the pacer allows only in
+    // about a second: past its 400 ms checkout timeout, so it is told at
+    // once (53300) instead of waiting for a connection it may not wait for.
+    let p = start(config("size = 5\nmax_connects_per_second = 1\ncheckout_timeout = \"400ms\"", "")).await;
+    let a = connect(&p).await;
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let b = connect(&p).await;
+    let t0 = std::time::Instant::now();
+    let e = b.simple_query("SELECT 2").await.expect_err("no connection within the checkout timeout");
+    assert_eq!(sqlstate(&e), "53300", "{e:?}");
+    assert!(t0.elapsed() < Duration::from_millis(900), "{:?}", t0.elapsed());
+    a.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn growing_the_pool_on_reload_serves_clients_already_waiting() {
     let p = start(config("size = 1\ncheckout_timeout = \"5s\"", "")).await;
     let a = connect(&p).await;
