@@ -620,3 +620,29 @@ async fn pump(
         }
     }
 }
+
+/// A TCP forwarder to `port` that can be switched off (`send(true)`): its
+/// connections are cut and new ones closed at once, as a server that went
+/// down; `send(false)` brings it back.
+#[allow(dead_code)]
+pub async fn switch_forwarder(port: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fwd = l.local_addr().unwrap().port();
+    let (down_tx, down) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            let mut down = down.clone();
+            if *down.borrow_and_update() {
+                continue; // dropped: closed at once
+            }
+            tokio::spawn(async move {
+                let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    _ = down.wait_for(|d| *d) => {}
+                }
+            });
+        }
+    });
+    (fwd, down_tx)
+}

@@ -349,6 +349,32 @@ async fn the_connect_pacer_never_holds_a_client_past_its_checkout_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_queued_behind_failing_connects_wait_out_a_primary_restart() {
+    // The primary goes down for about a second (connections cut, connects
+    // refused). Two clients need the pool's one connection: one connects
+    // and backs off, the other waits in the queue past its 300 ms checkout
+    // timeout. Both wait for the primary (up to failover_timeout) instead
+    // of the queued one getting 53300.
+    let c = cluster();
+    let (fwd, down) = switch_forwarder(c.primary).await;
+    let mut cfg = config("size = 1\ncheckout_timeout = \"300ms\"", "failover_timeout = \"10s\"");
+    cfg.cluster.primary = format!("127.0.0.1:{fwd}");
+    let p = start(cfg).await;
+    let (a, b) = (connect(&p).await, connect(&p).await);
+    a.simple_query("SELECT 1").await.unwrap();
+    down.send(true).unwrap();
+    let t0 = std::time::Instant::now();
+    let run = |c: tokio_postgres::Client, n: i32| tokio::spawn(async move { c.query_one("SELECT $1::int", &[&n]).await.map(|r| r.get::<_, i32>(0)) });
+    let (ta, tb) = (run(a, 1), run(b, 2));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!ta.is_finished() && !tb.is_finished(), "both wait for the primary");
+    down.send(false).unwrap();
+    assert_eq!(ta.await.unwrap().expect("served once the primary is back"), 1);
+    assert_eq!(tb.await.unwrap().expect("served once the primary is back"), 2);
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn growing_the_pool_on_reload_serves_clients_already_waiting() {
     let p = start(config("size = 1\ncheckout_timeout = \"5s\"", "")).await;
     let a = connect(&p).await;
