@@ -331,6 +331,7 @@ impl App {
             }
         }
         self.retire_removed_pools(&topo);
+        self.end_removed_sessions();
         notes
     }
 

@@ -93,6 +93,9 @@ pub struct ClientInfo {
 /// `Signal` bits.
 pub const KILL: u8 = 1;
 pub const SHUTDOWN: u8 = 2;
+/// A reload removed the client's database or user: the session ends once
+/// idle outside a transaction.
+pub const REMOVED: u8 = 4;
 
 /// How the outside reaches a session: KILL from the admin console and the
 /// start of a shutdown drain. The bits are sticky and there is one waker
@@ -121,6 +124,11 @@ impl Signal {
             drop(slot);
             w.wake();
         }
+    }
+
+    /// Lowers `what` (a condition that no longer holds).
+    pub fn clear(&self, what: u8) {
+        self.raised.fetch_and(!what, Ordering::AcqRel);
     }
 
     /// Ready with the raised bits among `mask`.

@@ -2,11 +2,12 @@
 //! current config, kept up by the upkeep task, retired by a reload.
 
 use super::{App, PRIMARY};
-use crate::backend::ConnectSpec;
+use crate::backend::{BackendError, ConnectSpec};
 use crate::pool::{Pool, PoolKey, PoolSettings};
 use crate::router::route::Target;
 use crate::topology::Topology;
 use std::sync::Arc;
+use crate::wire::sqlstate;
 use std::time::Duration;
 
 impl App {
@@ -23,9 +24,11 @@ impl App {
         }
     }
 
-    /// The pool for (database, user, backend), created on first use.
+    /// The pool for (database, user, backend), created on first use, when
+    /// the config has the database and the user (a reload may have removed
+    /// them: it retires their pools under the same lock).
     /// `topo` must be the topology the target was chosen with.
-    pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Arc<Pool> {
+    pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Result<Arc<Pool>, BackendError> {
         let (backend, addr) = match target {
             // After a failover the primary pool follows the promoted server.
             Target::Primary => (PRIMARY.to_string(), topo.writer_addr().unwrap_or(&topo.primary).to_string()),
@@ -40,12 +43,15 @@ impl App {
             if target == Target::Primary && !p.addr_is(&addr) && std::ptr::eq(topo, &*self.topology()) {
                 p.retarget(self.pool_params(&key, &addr).0);
             }
-            return p.clone();
+            return Ok(p.clone());
+        }
+        if let Some(e) = self.removed(database, user) {
+            return Err(e);
         }
         let (spec, settings) = self.pool_params(&key, &addr);
         let pool = Pool::new(key.clone(), spec, settings, self.conns.clone(), &self.metrics);
         pools.insert(key, pool.clone());
-        pool
+        Ok(pool)
     }
 
     /// Connection spec and settings of a pool under the current config.
@@ -92,9 +98,10 @@ impl App {
         let topo = self.topology();
         for db in &cfg.databases {
             for user in cfg.users.iter().filter(|u| !cfg.admin.users.contains(&u.name) && u.server_login_password().is_some()) {
-                self.pool(&db.name, &user.name, Target::Primary, &topo);
+                // (From the config just read: only a later reload removes them.)
+                let _ = self.pool(&db.name, &user.name, Target::Primary, &topo);
                 for i in 0..topo.replicas.len() {
-                    self.pool(&db.name, &user.name, Target::Replica(i), &topo);
+                    let _ = self.pool(&db.name, &user.name, Target::Replica(i), &topo);
                 }
             }
         }
@@ -115,6 +122,29 @@ impl App {
                     tokio::spawn(async move { pool.prewarm_one().await });
                 }
             }
+        }
+    }
+
+    /// Why the current config has no place for this client's database or
+    /// user (a reload removed it), if so.
+    pub fn removed(&self, database: &str, user: &str) -> Option<BackendError> {
+        let cfg = self.config();
+        if cfg.database(database).is_none() {
+            return Some(BackendError::Removed(sqlstate::INVALID_CATALOG_NAME, format!("database \"{database}\" was removed from pgfleet's configuration")));
+        }
+        if cfg.user(user).is_none() && cfg.auth.auth_query.is_none() {
+            return Some(BackendError::Removed(sqlstate::INVALID_AUTHORIZATION, format!("user \"{user}\" was removed from pgfleet's configuration")));
+        }
+        None
+    }
+
+    /// Sessions of a database or user the reload removed end once idle
+    /// outside a transaction (a pinned or session-mode client would
+    /// otherwise never look at the config again).
+    pub(super) fn end_removed_sessions(&self) {
+        let clients: Vec<_> = self.conns.clients.lock().unwrap().values().cloned().collect();
+        for c in clients.iter().filter(|c| self.removed(&c.database, &c.user).is_some()) {
+            c.signal.raise(crate::stats::REMOVED);
         }
     }
 

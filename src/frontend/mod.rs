@@ -177,7 +177,13 @@ async fn prepare(
             return None;
         }
     };
-    let pool = app.pool(&login.database, &login.user, Target::Primary, &app.topology());
+    let pool = match app.pool(&login.database, &login.user, Target::Primary, &app.topology()) {
+        Ok(pool) => pool,
+        Err(e) => {
+            fatal(&mut stream, &e.sqlstate(), &e.to_string()).await;
+            return None;
+        }
+    };
     let server_params = match Box::pin(pool.startup_params()).await {
         Ok(p) => p,
         Err(e) => {

@@ -42,6 +42,9 @@ pub enum PoolError {
     /// No connection became available before the deadline.
     Timeout { pool: String, waited: Duration },
     Connect(BackendError),
+    /// A reload removed the pool's server, database or user: look again
+    /// under the new config.
+    Retired,
 }
 
 impl std::fmt::Display for PoolError {
@@ -53,6 +56,7 @@ impl std::fmt::Display for PoolError {
                 waited.as_millis()
             ),
             PoolError::Connect(e) => write!(f, "cannot connect to server: {e}"),
+            PoolError::Retired => f.write_str("the pool's server, database or user was removed from the configuration (reload)"),
         }
     }
 }
@@ -113,12 +117,6 @@ impl Drop for Pool {
     fn drop(&mut self) {
         self.expiry.notify_one(); // the task finds the pool gone and ends
     }
-}
-
-/// What a checkout of a pool that a reload retired gets.
-fn removed() -> PoolError {
-    let e = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the server was removed from the configuration");
-    PoolError::Connect(BackendError::Io(e))
 }
 
 /// The most recently used idle connection that is still good (LIFO keeps
@@ -300,7 +298,7 @@ impl Pool {
             // Read under the state lock, which `retire` sets it under: no
             // checkout joins the queue after it was emptied.
             if self.retired.load(Ordering::Acquire) {
-                return Err(removed());
+                return Err(PoolError::Retired);
             }
             match pop_idle(&mut s, settings.lifetime, started) {
                 Some(c) => Next::Ready(c),
@@ -341,7 +339,7 @@ impl Pool {
             Next::Wait(rx) => match (Queued { pool: self, rx }).await {
                 Ok(Grant::Conn(c)) => Ok(c),
                 Ok(Grant::Slot) => self.open_in_slot(Some(deadline)).await.map_err(|e| e.unwrap_or_else(timeout)),
-                Ok(Grant::Retired) => Err(removed()),
+                Ok(Grant::Retired) => Err(PoolError::Retired),
                 Ok(Grant::Expired) | Err(_) => Err(timeout()),
             },
         }
@@ -405,7 +403,7 @@ impl Pool {
         // connect was under way: the new connection must reach the new one.
         loop {
             if self.retired.load(Ordering::Acquire) {
-                return Err(Some(removed()));
+                return Err(Some(PoolError::Retired));
             }
             let epoch = self.epoch.load(Ordering::Acquire);
             let spec = self.spec.read().unwrap().clone();

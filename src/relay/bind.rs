@@ -26,7 +26,7 @@ impl Session {
         let (conn, target, pool, waited) = loop {
             // Under the session's topology, the one `target` was chosen with
             // (checkout_routed moves both on when a reload happens meanwhile).
-            let pool = self.pool_for(target).map_err(|e| SessionError::Pool(PoolError::Connect(e)))?;
+            let pool = self.pool_for(target)?;
             let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
                 Some(conn) => (Ok((conn, target, pool)), false),
                 // Boxed slow path (wait, connect, re-route): see checkout_routed.
@@ -244,6 +244,7 @@ impl Session {
             }
             SessionError::Pool(p @ PoolError::Timeout { .. }) => (sqlstate::TOO_MANY_CONNECTIONS.into(), p.to_string()),
             SessionError::Pool(p @ PoolError::Connect(b)) => (b.sqlstate(), p.to_string()),
+            SessionError::Pool(p @ PoolError::Retired) => (sqlstate::CONNECTION_FAILURE.into(), p.to_string()),
             SessionError::Shutdown => (sqlstate::ADMIN_SHUTDOWN.into(), "pgfleet is shutting down".into()),
             SessionError::Killed => (sqlstate::ADMIN_SHUTDOWN.into(), "connection killed by the pgfleet admin console (KILL)".into()),
             SessionError::Timeout(code, msg) => ((*code).into(), (*msg).into()),

@@ -223,9 +223,9 @@ pub struct Session {
     cfg: Arc<crate::config::Config>,
     topo: Arc<Topology>,
     generation: u64,
-    /// The config generation the client's database and user were last
-    /// found in (see `pool_for`).
-    configured_as_of: u64,
+    /// A reload removed the client's database or user: the session ends
+    /// once idle outside a transaction.
+    removing: bool,
     /// Fingerprint of `settings`: a server connection carrying the same one
     /// needs no SET at checkout.
     settings_fp: u64,
@@ -309,7 +309,7 @@ impl Session {
         Session {
             span: tracing::Span::current(),
             generation: app.generation(),
-            configured_as_of: app.generation(),
+            removing: false,
             topo: app.topology(),
             settings_fp,
             metrics: app.metrics.for_client(&id.database, &id.user, &wl),
@@ -434,8 +434,20 @@ impl Session {
                 self.output_backed_up = false;
                 continue;
             }
-            if shutting_down && self.drain_idle() && self.now.saturating_duration_since(self.last_client_activity) >= DRAIN_QUIET {
+            let quiet = self.now.saturating_duration_since(self.last_client_activity) >= DRAIN_QUIET;
+            if shutting_down && self.drain_idle() && quiet {
                 return Err(SessionError::Shutdown);
+            }
+            if self.removing && self.removed_idle() && quiet {
+                // (A pinned connection is closed with the session.)
+                match self.app.removed(&self.database, &self.user) {
+                    Some(e) => return Err(SessionError::Pool(crate::pool::PoolError::Connect(e))),
+                    // Put back by a later reload.
+                    None => {
+                        self.removing = false;
+                        self.info.signal.clear(crate::stats::REMOVED);
+                    }
+                }
             }
             let event = self.wait(shutting_down).await;
             self.now = Instant::now();
@@ -464,6 +476,7 @@ impl Session {
                     }
                 }
                 Event::Shutdown => shutting_down = true,
+                Event::Removed => self.removing = true,
                 Event::Timeout(Timeout::Query) => self.cancel_query(),
                 Event::Timeout(Timeout::IdleInTransaction) => {
                     return Err(SessionError::Timeout(
@@ -484,6 +497,12 @@ impl Session {
     /// Nothing bound or buffered: the client may be closed by a drain.
     fn drain_idle(&self) -> bool {
         self.server.is_none() && self.cin.is_empty() && self.cout.is_empty()
+    }
+
+    /// Nothing under way: no transaction, nothing sent or to send (a
+    /// pinned connection may be held).
+    fn removed_idle(&self) -> bool {
+        self.cin.is_empty() && self.cout.is_empty() && (self.server.is_none() || (self.status == b'I' && self.is_clean() && self.sin.is_empty()))
     }
 
     fn holds_buffers(&self) -> bool {
@@ -592,6 +611,8 @@ enum Timeout {
 
 #[derive(Debug, Clone, Copy)]
 enum Event {
+    /// A reload removed the client's database or user.
+    Removed,
     /// Nothing happened; re-check the state (drain quiet period).
     Tick,
     Timeout(Timeout),

@@ -316,31 +316,17 @@ impl Session {
     /// `target` was chosen with the session's topology (`self.topo`).
     /// A reload that removed the client's database or user ends its
     /// session at its next checkout (a transaction under way finishes).
-    pub(super) fn pool_for(&mut self, target: Target) -> Result<Arc<Pool>, crate::backend::BackendError> {
+    pub(super) fn pool_for(&mut self, target: Target) -> Result<Arc<Pool>, SessionError> {
         let writer = self.topo.writer();
         if let Some((t, generation, w, pool)) = &self.pool_cache {
             if *t == target && *generation == self.generation && *w == writer {
                 return Ok(pool.clone());
             }
         }
-        if self.configured_as_of != self.generation {
-            self.still_configured()?;
-            self.configured_as_of = self.generation;
-        }
         let pool = self.app.pool(&self.database, &self.user, target, &self.topo);
+        let pool = pool.map_err(|e| SessionError::Pool(crate::pool::PoolError::Connect(e)))?;
         self.pool_cache = Some((target, self.generation, writer, pool.clone()));
         Ok(pool)
-    }
-
-    fn still_configured(&self) -> Result<(), crate::backend::BackendError> {
-        use crate::backend::BackendError::Removed;
-        if self.cfg.database(&self.database).is_none() {
-            return Err(Removed(crate::wire::sqlstate::INVALID_CATALOG_NAME, format!("database \"{}\" was removed from pgfleet's configuration", self.database)));
-        }
-        if self.cfg.user(&self.user).is_none() && self.cfg.auth.auth_query.is_none() {
-            return Err(Removed(crate::wire::sqlstate::INVALID_AUTHORIZATION, format!("user \"{}\" was removed from pgfleet's configuration", self.user)));
-        }
-        Ok(())
     }
 
     /// A routing or admission failure for a unit not yet sent anywhere
@@ -394,7 +380,7 @@ impl Session {
                 }
                 continue;
             }
-            let pool = self.pool_for(target).map_err(|e| SessionError::Pool(PoolError::Connect(e)))?;
+            let pool = self.pool_for(target)?;
             if let Some(conn) = pool.try_checkout_idle(std::time::Instant::now()) {
                 return Ok((conn, target, pool));
             }
@@ -425,6 +411,9 @@ impl Session {
                 Err(PoolError::Timeout { .. }) if target == Target::Primary && pool.connect_failing() && tokio::time::Instant::now() < deadline => {
                     self.watch(wait_for_writer_change(topo, deadline)).await?;
                 }
+                // Removed by a reload meanwhile (out of the pool map by
+                // now): under the new config, another pool, or the reason.
+                Err(PoolError::Retired) => self.pool_cache = None,
                 Err(e) => return Err(SessionError::Pool(e)),
             }
         }

@@ -3,7 +3,7 @@
 //! housekeeping.
 
 use super::{Event, Session, SessionError, Timeout, CIN_HIGH, COUT_HIGH, DRAIN_QUIET, SOUT_HIGH};
-use crate::stats::{KILL, SHUTDOWN};
+use crate::stats::{KILL, REMOVED, SHUTDOWN};
 use crate::net::Stream;
 use std::future::Future;
 use std::task::{Context, Poll};
@@ -42,7 +42,7 @@ impl Session {
                 deadline = Some((at, ev));
             }
         };
-        if shutting_down && self.drain_idle() {
+        if (shutting_down && self.drain_idle()) || (self.removing && self.removed_idle()) {
             consider(self.last_client_activity + DRAIN_QUIET, Event::Tick);
         }
         if self.server.is_none() && self.holds_buffers() {
@@ -89,11 +89,19 @@ impl Session {
         let client = &self.client;
         let server = self.server.as_ref().map(|s| &s.stream);
         let signal = &self.info.signal;
-        let mask = if shutting_down { KILL } else { KILL | SHUTDOWN };
+        let mask = match (shutting_down, self.removing) {
+            (true, _) => KILL,
+            (false, true) => KILL | SHUTDOWN,
+            (false, false) => KILL | SHUTDOWN | REMOVED,
+        };
         let mut timer = self.timer.as_mut();
         std::future::poll_fn(move |cx| {
             if let Poll::Ready(raised) = signal.poll_raised(cx, mask) {
-                return Poll::Ready(if raised & KILL != 0 { Err(SessionError::Killed) } else { Ok(Event::Shutdown) });
+                return Poll::Ready(match raised {
+                    r if r & KILL != 0 => Err(SessionError::Killed),
+                    r if r & SHUTDOWN != 0 => Ok(Event::Shutdown),
+                    _ => Ok(Event::Removed),
+                });
             }
             let poll_client = |cx: &mut Context<'_>| {
                 poll_socket(client, cx, client_read, client_write, Event::ClientReadable).map_err(|_| SessionError::ClientGone)

@@ -181,11 +181,15 @@ impl Topology {
         let mut mem = self.memory.lock().unwrap();
         mem.lag.history = old.lag.history.clone();
         let same = |r: &ReplicaInfo| previous.replicas.iter().position(|o| o.name == r.name && o.addr == r.addr);
-        mem.lag.last_replay = vec![None; self.replicas.len()];
+        mem.lag.readings = vec![VecDeque::new(); self.replicas.len()];
         mem.lag.diverged = vec![None; self.replicas.len()];
+        let old_down = previous.marked_down.lock().unwrap();
+        let mut down = self.marked_down.lock().unwrap();
         for (i, r) in self.replicas.iter().enumerate() {
             let Some(o) = same(r) else { continue };
-            mem.lag.last_replay[i] = old.lag.last_replay.get(o).copied().flatten();
+            // Marked down after its last check: still down after the reload.
+            down[i] = old_down.get(o).copied().flatten();
+            mem.lag.readings[i] = old.lag.readings.get(o).cloned().unwrap_or_default();
             mem.lag.diverged[i] = old.lag.diverged.get(o).copied().flatten();
             for (slot, &g) in r.groups.iter().enumerate() {
                 let name = &self.groups[g].name;
@@ -193,6 +197,7 @@ impl Topology {
                 mem.lag.excluded[i][slot] = was.is_some_and(|os| old.lag.excluded[o][os]);
             }
         }
+        drop((down, old_down));
         let Some((primary, checks)) = &old.last else { return };
         let checks: Vec<_> =
             self.replicas.iter().map(|r| same(r).map_or_else(|| Sample::unchecked(primary.at), |o| checks[o].clone())).collect();
@@ -357,13 +362,17 @@ struct LagState {
     history: VecDeque<(u64, Instant)>,
     /// Per replica, per group slot: excluded for lag.
     excluded: Vec<Vec<bool>>,
-    /// Per replica: its last replay position as a standby, and when seen.
-    last_replay: Vec<Option<(u64, Instant)>>,
+    /// Per replica: its last few replay positions as a standby, and when
+    /// each check answered (oldest first).
+    readings: Vec<VecDeque<(u64, Instant)>>,
     /// Per replica: found ahead of the primary at this replay position
     /// (WAL the primary never had: a standby left on the old timeline by a
     /// failover). Kept until it streams on the primary's timeline.
     diverged: Vec<Option<u64>>,
 }
+
+/// How many of a standby's readings are kept (see `LagState::readings`).
+const READINGS_KEPT: usize = 8;
 
 /// How long a standby's last replay position keeps the history it needs.
 const REPLAY_REMEMBERED: Duration = Duration::from_secs(60);

@@ -1,7 +1,7 @@
 //! The monitor task: one tokio-postgres connection per server, polled
 //! concurrently every interval; results become a new snapshot.
 
-use super::{parse_lsn, within_budget, LagState, MonitorSpec, Topology, Writer, NOT_CHECKED};
+use super::{parse_lsn, within_budget, LagState, MonitorSpec, Topology, Writer, NOT_CHECKED, READINGS_KEPT};
 use crate::router::route::{ReplicaState, Snapshot};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -128,8 +128,8 @@ impl Sample {
 /// Polls the cluster until shutdown, publishing a snapshot after each round.
 ///
 /// Every server is checked in a task of its own. A round waits for the
-/// checks it started for at most one interval (the first round: for all of
-/// them); a server whose check is still out (blackholed, overloaded: up to
+/// checks it started, for at most one interval (the first round: until
+/// they end); a server whose check is still out (blackholed, overloaded: up to
 /// its timeout) counts with its last finished check, read as of its time,
 /// so it delays no other server's check and its own lag keeps growing.
 pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: watch::Receiver<bool>) {
@@ -150,8 +150,12 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             _ = shutdown.changed() => return,
         }
         let round_start = Instant::now();
+        // The checks this round started (a server whose check is still out
+        // from an earlier round is not waited for).
+        let mut this_round = vec![false; probes.len()];
         for (i, slot) in probes.iter_mut().enumerate() {
             let Some(mut probe) = slot.take() else { continue };
+            this_round[i] = true;
             let spec = spec.clone();
             let task = checks.spawn(async move {
                 let started = Instant::now();
@@ -161,7 +165,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             out[i] = Some((task.id(), round_start));
         }
         let deadline = tokio::time::Instant::from_std(round_start + spec.interval);
-        while !checks.is_empty() {
+        while this_round.contains(&true) {
             let next = if first { Ok(checks.join_next_with_id().await) } else { tokio::time::timeout_at(deadline, checks.join_next_with_id()).await };
             let (i, probe, sample) = match next {
                 Ok(Some(Ok((_, done)))) => done,
@@ -174,7 +178,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
                 }
                 _ => break,
             };
-            (probes[i], last[i], out[i]) = (Some(probe), Some(sample), None);
+            (probes[i], last[i], out[i], this_round[i]) = (Some(probe), Some(sample), None, false);
         }
         first = false;
         let sample = |i: usize| last[i].clone().unwrap_or_else(|| Sample::unchecked(round_start));
@@ -203,7 +207,10 @@ pub(super) fn build_snapshot(
     replicas: &[Sample],
     now: Instant,
 ) -> Snapshot {
-    let (primary, primary_at) = (&primary_sample.result, primary_sample.at);
+    // The position was read after the check began: the primary had it
+    // then at the latest (lag reads high rather than low, and a
+    // read-your-writes floor taken from it covers every write before).
+    let (primary, primary_at) = (&primary_sample.result, primary_sample.started);
     let seen = match primary {
         Ok(Check { in_recovery: false, lsn: Some(l), .. }) => Some(*l),
         _ => None,
@@ -219,17 +226,18 @@ pub(super) fn build_snapshot(
         // against that, not frozen at the last position seen.
         None => {
             let furthest = replicas.iter().filter_map(|r| match r.result {
-                Ok(Check { in_recovery: true, lsn: Some(l), .. }) => Some(l),
+                Ok(Check { in_recovery: true, lsn: Some(l), .. }) => Some((l, r.at)),
                 _ => None,
             });
-            if let Some(f) = furthest.max() {
-                lag.advance(f, now);
+            // Replayed by the time its check answered.
+            if let Some((f, at)) = furthest.max_by_key(|(l, _)| *l) {
+                lag.advance(f, at);
             }
         }
     }
     let primary_reachable = seen.is_some();
     let primary_lsn = lag.history.back().map(|(l, _)| *l).unwrap_or(0);
-    lag.last_replay.resize(topo.replicas.len(), None);
+    lag.readings.resize(topo.replicas.len(), Default::default());
     lag.diverged.resize(topo.replicas.len(), None);
     let mut states = Vec::with_capacity(replicas.len());
     for (i, Sample { result, at: checked_at, .. }) in replicas.iter().enumerate() {
@@ -260,15 +268,26 @@ pub(super) fn build_snapshot(
                 // its last restartpoint), nor a failed check tells that it
                 // was rewound or re-cloned: streaming on the primary's
                 // timeline does.
-                if let (Some(p), Some((before, when))) = (seen, lag.last_replay[i]) {
-                    if before > p && primary_sample.started > when {
+                // Checks run concurrently: compared are the readings that
+                // ended before the primary's check began.
+                let readings = &mut lag.readings[i];
+                if readings.back().is_none_or(|(_, at)| at != checked_at) {
+                    if readings.len() == READINGS_KEPT {
+                        readings.pop_front();
+                    }
+                    readings.push_back((st.replay_lsn, *checked_at));
+                }
+                let before = readings.iter().filter(|(_, at)| *at < primary_sample.started).map(|(l, _)| *l).max();
+                if let (Some(p), Some(before)) = (seen, before) {
+                    if before > p {
                         lag.diverged[i] = Some(lag.diverged[i].unwrap_or(0).max(before));
                     }
                 }
                 if lag.diverged[i].is_some() && tli.is_some() && *tli == primary_tli {
+                    // Its readings from before the rewind do not count.
                     lag.diverged[i] = None;
+                    readings.drain(..readings.len() - 1);
                 }
-                lag.last_replay[i] = Some((st.replay_lsn, *checked_at));
                 if let Some(d) = lag.diverged[i] {
                     st.excluded_because = Some(format!(
                         "diverged: replayed up to {} that the primary never had (left on the old timeline by a failover?); used again once it streams on the primary's timeline (rewound or re-cloned; seeing that takes a health_user with pg_read_all_stats)",
@@ -314,7 +333,7 @@ pub(super) fn build_snapshot(
     // History is kept back to the slowest standby seen lately, not only
     // this round: one failed check must not make a slow standby's lag
     // unknown (and flap it out of its groups).
-    let recent = lag.last_replay.iter().flatten().filter(|(_, at)| now.saturating_duration_since(*at) < super::REPLAY_REMEMBERED);
+    let recent = lag.readings.iter().filter_map(|r| r.back()).filter(|(_, at)| now.saturating_duration_since(*at) < super::REPLAY_REMEMBERED);
     if let Some(min) = recent.map(|(l, _)| *l).min() {
         lag.forget_before(min);
     }
@@ -478,6 +497,29 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_primary_check_is_compared_with_the_readings_that_ended_before_it_began() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let s = |result: Result<Check, String>, started: u64, at: u64| Sample { result, started: ms(started), at: ms(at) };
+        // Both standbys at 5200 on timeline 1.
+        build_snapshot(&t, &mut lag, &s(on(1, false, 5200), 0, 5), &[s(on(1, true, 5200), 0, 5), s(on(1, true, 5200), 0, 5)], ms(6));
+        // Failover to a server that had 4000: its checks (from 150 ms)
+        // answer slowly; meanwhile r0, left on timeline 1, answers fast.
+        for round in [100, 200] {
+            let r = |c| s(c, round, round + 5);
+            build_snapshot(&t, &mut lag, &s(down(), 150, 150), &[r(on(1, true, 5200)), r(on(2, true, 4000))], ms(round + 6));
+        }
+        // The new primary's first answer: r0 had 5200 before that check
+        // began (its readings up to 105 ms), which the primary never had.
+        let r = |c| s(c, 300, 305);
+        let snap = build_snapshot(&t, &mut lag, &s(on(2, false, 4100), 150, 300), &[r(on(1, true, 5200)), r(on(2, true, 4100))], ms(306));
+        assert_eq!(usable(&snap), [false, true]);
+        assert!(snap.replicas[0].excluded_because.as_deref().is_some_and(|w| w.starts_with("diverged")), "{:?}", snap.replicas[0]);
+    }
+
+    #[test]
     fn a_round_that_began_before_a_replica_was_marked_down_does_not_restore_it() {
         let t = topo();
         let mut lag = LagState { excluded: vec![vec![false]; 2], ..Default::default() };
@@ -498,6 +540,29 @@ mod tests {
         let s = snap(&t, &mut lag, (&at(false, 5200), later), &[at(true, 5200), at(true, 5200)], later);
         t.publish(s, &[later, later]);
         assert_eq!(usable(&t.snapshot()), [true, true]);
+    }
+
+    #[test]
+    fn a_reload_keeps_a_replica_marked_down_after_its_last_check() {
+        let cfg = |text: &str| crate::config::Config::parse(text, "t").unwrap();
+        let text = "[[users]]\nname=\"a\"\npassword=\"a\"\n[[databases]]\nname=\"a\"\n[[cluster.groups]]\nname=\"default\"\n\
+                    [[cluster.replicas]]\nname=\"r0\"\naddr=\"127.0.0.1:6000\"\ngroups=[\"default\"]\n\
+                    [[cluster.replicas]]\nname=\"r1\"\naddr=\"127.0.0.1:6001\"\ngroups=[\"default\"]\n";
+        let t = Topology::from_config(&cfg(text), None);
+        let t0 = Instant::now();
+        let s = |lsn| Sample { result: at(true, lsn), started: t0, at: t0 };
+        let (p, rs) = (Sample { result: at(false, 5000), started: t0, at: t0 }, vec![s(5000), s(5000)]);
+        {
+            let mut mem = t.memory.lock().unwrap();
+            let snap = build_snapshot(&t, &mut mem.lag, &p, &rs, t0);
+            t.publish(snap, &[t0, t0]);
+            mem.last = Some((p, rs));
+        }
+        t.mark_down(0, "connection refused");
+        // A reload (a new group, say) rebuilds the snapshot from the last
+        // checks, which began before r0 failed a client's connect.
+        let reloaded = Topology::from_config(&cfg(&format!("{text}[[cluster.groups]]\nname=\"other\"\n")), Some(&t));
+        assert_eq!(usable(&reloaded.snapshot()), [false, true]);
     }
 
     #[test]

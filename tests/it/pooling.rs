@@ -363,11 +363,16 @@ async fn clients_queued_behind_failing_connects_wait_out_a_primary_restart() {
     let (a, b) = (connect(&p).await, connect(&p).await);
     a.simple_query("SELECT 1").await.unwrap();
     down.send(true).unwrap();
+    // (The pooled connection's cut reaches pgfleet's socket.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = std::time::Instant::now();
     let run = |c: tokio_postgres::Client, n: i32| tokio::spawn(async move { c.query_one("SELECT $1::int", &[&n]).await.map(|r| r.get::<_, i32>(0)) });
     let (ta, tb) = (run(a, 1), run(b, 2));
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(!ta.is_finished() && !tb.is_finished(), "both wait for the primary");
+    if ta.is_finished() || tb.is_finished() {
+        let (a, b) = (ta.is_finished(), tb.is_finished());
+        panic!("both wait for the primary: a {:?}, b {:?}", if a { Some(ta.await.unwrap()) } else { None }, if b { Some(tb.await.unwrap()) } else { None });
+    }
     down.send(false).unwrap();
     assert_eq!(ta.await.unwrap().expect("served once the primary is back"), 1);
     assert_eq!(tb.await.unwrap().expect("served once the primary is back"), 2);
@@ -451,18 +456,20 @@ async fn tenants_with_their_own_search_path_do_not_share_prepared_statements() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_waiting_on_a_pool_a_reload_removed_gets_an_error_at_once() {
-    // Database "alias" has one server connection, held by a transaction; a
-    // second client waits for it. A reload removes "alias": the waiting
-    // client is told at once (not at the 30 s checkout timeout), and the
-    // transaction under way still commits.
-    let p = start(config("size = 1\ncheckout_timeout = \"30s\"", "")).await;
+async fn a_reload_that_removes_a_database_ends_its_sessions_once_idle() {
+    // Database "alias" has two server connections: one held by a
+    // transaction, one by a pinned client (a temp table) inside a
+    // transaction. A third client waits. A reload removes "alias": the
+    // waiting client is told at once (not at the 30 s checkout timeout);
+    // both transactions commit; then both sessions end.
+    let p = start(config("size = 2\ncheckout_timeout = \"30s\"", "")).await;
     let url = conn_str(&p, "app", "app", "alias");
-    let (holder, waiter) = (connect_with(&url).await.unwrap(), connect_with(&url).await.unwrap());
+    let (holder, pinned, waiter) = (connect_with(&url).await.unwrap(), connect_with(&url).await.unwrap(), connect_with(&url).await.unwrap());
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    pinned.batch_execute("CREATE TEMP TABLE removed_t (v int); BEGIN; INSERT INTO removed_t VALUES (1)").await.unwrap();
     let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 2").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "the second client waits for the only connection");
+    assert!(!waiting.is_finished(), "the third client waits for a connection");
     let mut cfg = (*p.app.config()).clone();
     cfg.databases.retain(|d| d.name != "alias");
     let reloaded = std::time::Instant::now();
@@ -472,10 +479,32 @@ async fn a_client_waiting_on_a_pool_a_reload_removed_gets_an_error_at_once() {
     assert_eq!(sqlstate(&e), "3D000", "{e:?}");
     assert!(format!("{e:?}").contains("was removed from pgfleet's configuration"), "{e:?}");
     assert!(reloaded.elapsed() < Duration::from_secs(2), "{:?}", reloaded.elapsed());
+    // The transactions under way finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     holder.batch_execute("SELECT 2; COMMIT").await.unwrap();
-    // Its next transaction needs a connection: told the same, without
-    // asking a server.
-    let e = holder.simple_query("SELECT 1").await.expect_err("the database is gone");
-    assert_eq!(sqlstate(&e), "3D000", "{e:?}");
+    let rows = pinned.simple_query("INSERT INTO removed_t VALUES (2); COMMIT; SELECT count(*) FROM removed_t").await.unwrap();
+    assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2"))));
+    // Then, idle, the sessions end (the pinned one too, which would never
+    // check out again).
+    for (name, c) in [("holder", &holder), ("pinned", &pinned)] {
+        let mut closed = false;
+        for _ in 0..40 {
+            if c.is_closed() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(closed, "the {name} session still runs");
+        assert!(c.simple_query("SELECT 1").await.is_err());
+    }
     assert!(p.app.pools().iter().all(|pl| pl.key.database != "alias"), "no pool for a removed database");
+    let listed = || p.app.conns.clients.lock().unwrap().values().filter(|c| c.database == "alias").count();
+    for _ in 0..40 {
+        if listed() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed(), 0, "sessions of the removed database still listed");
 }
