@@ -263,6 +263,68 @@ impl Drop for ReplayPaused {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_client_leaves_a_replica_that_falls_behind() {
+    // Both replicas serve the client's group. The client always has reads
+    // in flight, so its connection never comes back to the pool between
+    // them; once its replica falls out of the group, its next reads go to
+    // the other replica instead of on along the connection it holds.
+    use futures_util::StreamExt;
+    use std::sync::{atomic::AtomicBool, atomic::Ordering::Relaxed, Arc, Mutex};
+    let _exclusive = REPLICAS.write().await;
+    let c = cluster();
+    let extra = format!(
+        "lag_check_interval = \"100ms\"\n\
+         [[cluster.replicas]]\nname = \"r1\"\naddr = \"127.0.0.1:{}\"\ngroups = [\"default\"]\n\
+         [[cluster.replicas]]\nname = \"r2\"\naddr = \"127.0.0.1:{}\"\ngroups = [\"default\"]\n\
+         [[cluster.groups]]\nname = \"default\"\nmax_lag = \"300ms\"\nfallback = [\"primary\"]\n\
+         [routing]\ndefault_workload = \"default\"\nread_your_writes = \"off\"\n",
+        c.replicas[0], c.replicas[1]
+    );
+    let p = start(config("size = 3", &extra)).await;
+    wait_replicas_usable(&p).await;
+    let client = Arc::new(connect(&p).await);
+    let seen = Arc::new(Mutex::new(Vec::<(std::time::Instant, u16)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut inflight = futures_util::stream::FuturesUnordered::new();
+            while !stop.load(Relaxed) {
+                // (Each read takes 10 ms: the server always has the next
+                // ones queued, the connection never falls idle.)
+                while inflight.len() < 8 {
+                    let c = client.clone();
+                    inflight.push(async move { port_of(&c, "SELECT inet_server_port()::text FROM pg_sleep(0.01)").await });
+                }
+                let port = inflight.next().await.unwrap();
+                seen.lock().unwrap().push((std::time::Instant::now(), port));
+            }
+        })
+    };
+    let last = || seen.lock().unwrap().last().map(|(_, p)| *p);
+    while seen.lock().unwrap().len() < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let bound = last().unwrap();
+    let i = c.replicas.iter().position(|r| *r == bound).expect("reads on a replica");
+    let _paused = ReplayPaused::pause(bound);
+    let _churn = Churn::start().await;
+    let topo = p.app.topology();
+    let started = std::time::Instant::now();
+    while topo.snapshot().replicas[i].usable_in(0) {
+        assert!(started.elapsed() < Duration::from_secs(10), "the paused replica never left its group");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Relaxed);
+    pipeline.await.unwrap();
+    let after: Vec<u16> = seen.lock().unwrap().iter().filter(|(t, _)| *t > out + Duration::from_millis(300)).map(|(_, p)| *p).collect();
+    assert!(after.len() >= 5, "the pipeline kept going: {after:?}");
+    assert!(after.iter().all(|p| *p != bound), "reads stayed on the replica that fell behind: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_at_start_gets_no_reads_until_its_lag_is_known() {
     let _exclusive = REPLICAS.write().await;
     let c = cluster();
