@@ -21,6 +21,7 @@ use tokio::sync::watch;
 pub use crate::net::bind_reuseport;
 
 mod auth_query;
+mod control;
 mod pools;
 
 pub const PRIMARY: &str = "primary";
@@ -52,6 +53,11 @@ pub struct App {
     topology: RwLock<Arc<Topology>>,
     /// Stops the monitor of the current topology.
     monitor_stop: Mutex<Option<watch::Sender<bool>>>,
+    /// The runtime that relays clients (server connections are opened on
+    /// it, so their I/O is driven by its workers).
+    main: tokio::runtime::Handle,
+    /// The control thread's runtime (see `control`).
+    control: tokio::runtime::Handle,
     /// Guards the pool map; held only to look up or insert a pool.
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub cancels: Arc<CancelRegistry>,
@@ -148,6 +154,8 @@ impl App {
             settings: Mutex::new(HashMap::new()),
             limits: RwLock::new(Arc::new(crate::limits::Limits::new(&config.limits, config.pool.checkout_timeout.0))),
             monitor_stop: Mutex::new(None),
+            main: tokio::runtime::Handle::current(),
+            control: control::start(),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
             stmts: Registry::default(),
@@ -360,7 +368,7 @@ impl App {
             Some(spec) => {
                 let (tx, rx) = watch::channel(false);
                 *self.monitor_stop.lock().unwrap() = Some(tx);
-                tokio::spawn(run_monitor(topo, spec, rx));
+                self.control.spawn(run_monitor(topo, spec, rx));
             }
             None => {
                 tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused");
@@ -380,6 +388,11 @@ impl App {
         if let Some(stop) = self.monitor_stop.lock().unwrap().take() {
             let _ = stop.send(true);
         }
+    }
+
+    /// The control thread's runtime (background work; see `control`).
+    pub(crate) fn control(&self) -> &tokio::runtime::Handle {
+        &self.control
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -505,16 +518,22 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
     let app = App::new(config);
     let cfg = app.config();
     app.create_prewarmed_pools();
-    tokio::spawn(app.clone().maintain());
+    app.control.spawn(app.clone().maintain());
     app.restart_monitor();
     app.preload_catalogs();
     let metrics_addr = match &cfg.admin.metrics_addr {
         Some(a) => {
             let std_listener = std::net::TcpListener::bind(a)?;
             std_listener.set_nonblocking(true)?;
-            let l = TcpListener::from_std(std_listener)?;
-            let bound = l.local_addr()?;
-            tokio::spawn(crate::admin::http::serve(app.clone(), l));
+            let bound = std_listener.local_addr()?;
+            // Registered with the control runtime, which serves it.
+            let app2 = app.clone();
+            app.control.spawn(async move {
+                match TcpListener::from_std(std_listener) {
+                    Ok(l) => crate::admin::http::serve(app2, l).await,
+                    Err(e) => tracing::error!(error = %e, "metrics endpoint"),
+                }
+            });
             Some(bound)
         }
         None => None,

@@ -213,7 +213,8 @@ impl App {
     /// monitor's user, from the writer), bounded in time.
     fn load_catalog(self: &Arc<Self>, load: Load) {
         let app = self.clone();
-        tokio::spawn(async move {
+        // On the control thread (see app::control), with its own connections.
+        self.control().spawn(async move {
             let mut next = Some(load);
             while let Some(load) = next {
                 // In a task of its own: a panic while reading (a bug, odd

@@ -119,7 +119,8 @@ impl App {
             for pool in self.pools() {
                 for _ in 0..pool.maintain() {
                     let pool = pool.clone();
-                    tokio::spawn(async move { pool.prewarm_one().await });
+                    // On the workers: the connection is theirs to drive.
+                    self.main.spawn(async move { pool.prewarm_one().await });
                 }
             }
         }
