@@ -508,3 +508,29 @@ async fn a_reload_that_removes_a_database_ends_its_sessions_once_idle() {
     }
     assert_eq!(listed(), 0, "sessions of the removed database still listed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_a_user_ends_its_sessions_and_refuses_its_logins() {
+    let p = start(config("size = 2", "")).await;
+    let url = conn_str(&p, "md5user", "md5pw", "app");
+    let c = connect_with(&url).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    let mut cfg = (*p.app.config()).clone();
+    cfg.users.retain(|u| u.name != "md5user");
+    p.app.apply(cfg);
+    // Idle: the session ends (28000) within the drain's quiet period.
+    let mut closed = false;
+    for _ in 0..40 {
+        if c.is_closed() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the removed user's session still runs");
+    assert!(p.app.pools().iter().all(|pl| pl.key.user != "md5user"), "no pool for a removed user");
+    let e = connect_with(&url).await.expect_err("the user is gone");
+    assert_eq!(sqlstate(&e), "28P01", "{e:?}");
+    // Other users are not touched.
+    connect(&p).await.simple_query("SELECT 1").await.unwrap();
+}
