@@ -19,24 +19,30 @@ use tokio::runtime::Handle;
 /// test's runtime), cancelling what runs on it. If no thread can be
 /// started, the control work runs on the calling runtime.
 pub(super) fn start() -> Handle {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::warn!(error = %e, "no control runtime: background work runs on the workers");
-            return Handle::current();
-        }
-    };
-    let handle = rt.handle().clone();
     let (alive, ended) = tokio::sync::oneshot::channel::<()>();
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    // The runtime is built, run and dropped on the thread itself (a runtime
+    // must not be dropped inside another one).
     let thread = std::thread::Builder::new().name("pgfleet-control".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = handle_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = handle_tx.send(Ok(rt.handle().clone()));
         rt.block_on(async {
             let _ = ended.await;
         });
     });
-    if let Err(e) = thread {
-        tracing::warn!(error = %e, "no control thread: background work runs on the workers");
-        return Handle::current();
-    }
+    let handle = match thread.map_err(|e| e.to_string()).and_then(|_| handle_rx.recv().map_err(|e| e.to_string())?) {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::warn!(error = %e, "no control thread: background work runs on the workers");
+            return Handle::current();
+        }
+    };
     // Held by a task of the calling runtime: dropped, ending the control
     // thread, when that runtime shuts down.
     tokio::spawn(async move {

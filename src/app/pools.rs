@@ -3,7 +3,7 @@
 
 use super::{App, PRIMARY};
 use crate::backend::{BackendError, ConnectSpec};
-use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::pool::{Pool, PoolError, PoolKey, PoolSettings};
 use crate::router::route::Target;
 use crate::topology::Topology;
 use std::sync::Arc;
@@ -28,7 +28,9 @@ impl App {
     /// the config has the database and the user (a reload may have removed
     /// them: it retires their pools under the same lock).
     /// `topo` must be the topology the target was chosen with.
-    pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Result<Arc<Pool>, BackendError> {
+    /// A replica the current topology no longer has gets `Retired` (the
+    /// caller routes again under the new one).
+    pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Result<Arc<Pool>, PoolError> {
         let (backend, addr) = match target {
             // After a failover the primary pool follows the promoted server.
             Target::Primary => (PRIMARY.to_string(), topo.writer_addr().unwrap_or(&topo.primary).to_string()),
@@ -46,7 +48,10 @@ impl App {
             return Ok(p.clone());
         }
         if let Some(e) = self.removed(database, user) {
-            return Err(e);
+            return Err(PoolError::Connect(e));
+        }
+        if matches!(target, Target::Replica(_)) && !self.topology().replicas.iter().any(|r| r.name == key.backend && r.addr == addr) {
+            return Err(PoolError::Retired);
         }
         let (spec, settings) = self.pool_params(&key, &addr);
         let pool = Pool::new(key.clone(), spec, settings, self.conns.clone(), &self.metrics);
@@ -143,6 +148,19 @@ impl App {
     /// outside a transaction (a pinned or session-mode client would
     /// otherwise never look at the config again).
     pub(super) fn end_removed_sessions(&self) {
+        // A removed database's PAUSE goes with it (RESUME could no longer
+        // name it): its waiting clients are told.
+        let cfg = self.config();
+        let mut paused = self.paused.lock().unwrap();
+        let before = paused.len();
+        paused.retain(|d| d == "*" || cfg.database(d).is_some());
+        if paused.len() != before {
+            self.any_paused.store(!paused.is_empty(), std::sync::atomic::Ordering::Release);
+            drop(paused);
+            self.resumed.notify_waiters();
+        } else {
+            drop(paused);
+        }
         let clients: Vec<_> = self.conns.clients.lock().unwrap().values().cloned().collect();
         for c in clients.iter().filter(|c| self.removed(&c.database, &c.user).is_some()) {
             c.signal.raise(crate::stats::REMOVED);

@@ -177,19 +177,23 @@ async fn prepare(
             return None;
         }
     };
-    let pool = match app.pool(&login.database, &login.user, Target::Primary, &app.topology()) {
-        Ok(pool) => pool,
-        Err(e) => {
-            fatal(&mut stream, &e.sqlstate(), &e.to_string()).await;
-            return None;
-        }
+    let params = match app.pool(&login.database, &login.user, Target::Primary, &app.topology()) {
+        Ok(pool) => Box::pin(pool.startup_params()).await,
+        Err(e) => Err(e),
     };
-    let server_params = match Box::pin(pool.startup_params()).await {
+    let server_params = match params {
         Ok(p) => p,
         Err(e) => {
+            use crate::pool::PoolError;
+            // Removed by a reload during this login: say so.
+            let e = match e {
+                PoolError::Retired => app.removed(&login.database, &login.user).map_or(e, PoolError::Connect),
+                e => e,
+            };
             let code = match &e {
-                crate::pool::PoolError::Connect(b) => b.sqlstate(),
-                _ => sqlstate::TOO_MANY_CONNECTIONS.to_string(),
+                PoolError::Connect(b) => b.sqlstate(),
+                PoolError::Retired => sqlstate::CONNECTION_FAILURE.to_string(),
+                PoolError::Timeout { .. } => sqlstate::TOO_MANY_CONNECTIONS.to_string(),
             };
             fatal(&mut stream, &code, &e.to_string()).await;
             return None;

@@ -26,9 +26,14 @@ impl Session {
         let (conn, target, pool, waited) = loop {
             // Under the session's topology, the one `target` was chosen with
             // (checkout_routed moves both on when a reload happens meanwhile).
-            let pool = self.pool_for(target)?;
-            let (checked_out, waited) = match pool.try_checkout_idle(self.now) {
-                Some(conn) => (Ok((conn, target, pool)), false),
+            // (A replica a reload removed: the slow path routes again.)
+            let pool = match self.pool_for(target) {
+                Ok(pool) => Some(pool),
+                Err(SessionError::Pool(PoolError::Retired)) => None,
+                Err(e) => return Err(e),
+            };
+            let (checked_out, waited) = match pool.and_then(|p| p.try_checkout_idle(self.now).map(|c| (c, p))) {
+                Some((conn, pool)) => (Ok((conn, target, pool)), false),
                 // Boxed slow path (wait, connect, re-route): see checkout_routed.
                 None => {
                     // In the client's span: connects opened for it are its children.
@@ -207,6 +212,11 @@ impl Session {
                 .await?;
             if shutting_down {
                 return Err(SessionError::Shutdown);
+            }
+            // Removed by a reload while everything is paused: no RESUME
+            // of it will come.
+            if let Some(e) = app.removed(&self.database, &self.user) {
+                return Err(SessionError::Pool(PoolError::Connect(e)));
             }
         }
         Ok(())

@@ -21,6 +21,14 @@ impl Session {
                 self.terminated = true;
                 return Ok(());
             }
+            // A reload removed the client's database or user: a new unit
+            // with nothing under way ends the session (a busy client never
+            // falls quiet long enough for the idle check).
+            if self.removing && self.status == b'I' && self.is_clean() && self.sin.is_empty() {
+                if let Some(e) = self.app.removed(&self.database, &self.user) {
+                    return Err(SessionError::Pool(crate::pool::PoolError::Connect(e)));
+                }
+            }
             if !matches!(h.tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'F') {
                 return Err(WireError::Malformed("unknown message type").into());
             }

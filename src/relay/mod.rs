@@ -309,7 +309,8 @@ impl Session {
         Session {
             span: tracing::Span::current(),
             generation: app.generation(),
-            removing: false,
+            // Removed by a reload while it logged in (before it was listed).
+            removing: app.removed(&id.database, &id.user).is_some(),
             topo: app.topology(),
             settings_fp,
             metrics: app.metrics.for_client(&id.database, &id.user, &wl),
@@ -439,14 +440,14 @@ impl Session {
                 return Err(SessionError::Shutdown);
             }
             if self.removing && self.removed_idle() && quiet {
+                // Lowered first: a reload removing it again meanwhile
+                // raises it anew.
+                self.info.signal.clear(crate::stats::REMOVED);
                 // (A pinned connection is closed with the session.)
                 match self.app.removed(&self.database, &self.user) {
                     Some(e) => return Err(SessionError::Pool(crate::pool::PoolError::Connect(e))),
                     // Put back by a later reload.
-                    None => {
-                        self.removing = false;
-                        self.info.signal.clear(crate::stats::REMOVED);
-                    }
+                    None => self.removing = false,
                 }
             }
             let event = self.wait(shutting_down).await;

@@ -323,8 +323,7 @@ impl Session {
                 return Ok(pool.clone());
             }
         }
-        let pool = self.app.pool(&self.database, &self.user, target, &self.topo);
-        let pool = pool.map_err(|e| SessionError::Pool(crate::pool::PoolError::Connect(e)))?;
+        let pool = self.app.pool(&self.database, &self.user, target, &self.topo).map_err(SessionError::Pool)?;
         self.pool_cache = Some((target, self.generation, writer, pool.clone()));
         Ok(pool)
     }
@@ -380,7 +379,16 @@ impl Session {
                 }
                 continue;
             }
-            let pool = self.pool_for(target)?;
+            let pool = match self.pool_for(target) {
+                Ok(pool) => pool,
+                // A replica a reload removed meanwhile: routed again.
+                Err(SessionError::Pool(PoolError::Retired)) => {
+                    self.refresh_config();
+                    target = self.choose_target(a, &self.topo.clone()).map_err(|(_, why)| SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why))))?.0;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(conn) = pool.try_checkout_idle(std::time::Instant::now()) {
                 return Ok((conn, target, pool));
             }

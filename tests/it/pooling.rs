@@ -534,3 +534,44 @@ async fn a_reload_that_removes_a_user_ends_its_sessions_and_refuses_its_logins()
     // Other users are not touched.
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_paused_database_answers_its_waiting_clients() {
+    // PAUSE alias, then a reload removes it: RESUME could no longer name
+    // it, so its waiting client is told at once; other databases run.
+    let p = start(config("size = 2", "")).await;
+    let admin = connect_with(&conn_str(&p, "admin", "admin", "pgfleet")).await.unwrap();
+    let c = connect_with(&conn_str(&p, "app", "app", "alias")).await.unwrap();
+    admin.simple_query("PAUSE alias").await.unwrap();
+    let waiting = tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "paused");
+    let mut cfg = (*p.app.config()).clone();
+    cfg.databases.retain(|d| d.name != "alias");
+    p.app.apply(cfg);
+    let answer = tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("the waiting client was answered").unwrap();
+    assert_eq!(sqlstate(&answer.expect_err("its database is gone")), "3D000");
+    connect(&p).await.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_pinned_client_of_a_removed_database_ends_at_its_next_statement() {
+    // Pinned (a temp table) and never quiet for long: it does not wait for
+    // an idle moment that never comes.
+    let p = start(config("size = 2", "")).await;
+    let c = connect_with(&conn_str(&p, "app", "app", "alias")).await.unwrap();
+    c.batch_execute("CREATE TEMP TABLE busy_t (v int)").await.unwrap();
+    let mut cfg = (*p.app.config()).clone();
+    cfg.databases.retain(|d| d.name != "alias");
+    p.app.apply(cfg);
+    let mut ended = None;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = c.simple_query("SELECT 1").await {
+            ended = Some(e);
+            break;
+        }
+    }
+    let e = ended.expect("the session of a removed database kept running");
+    assert_eq!(sqlstate(&e), "3D000", "{e:?}");
+}
