@@ -92,6 +92,15 @@ pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
             None => return,
         };
         out.clear();
+        // A reload may have taken the console away from this user.
+        let cfg = app.config();
+        if tag != b'X' && (!cfg.admin.users.contains(&login.user) || cfg.user(&login.user).is_none()) {
+            let m = format!("user \"{}\" may no longer use the admin console (configuration reloaded)", login.user);
+            build::error_response(&mut out, "FATAL", sqlstate::INVALID_AUTHORIZATION, &m);
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+            return;
+        }
+        drop(cfg);
         match tag {
             b'X' => return,
             b'Q' => {

@@ -104,3 +104,9 @@ rate = 5
         assert!(all.contains(needle), "{needle} not in {all}");
     }
 }
+
+#[test]
+fn an_empty_password_is_refused() {
+    let err = Config::parse("[[users]]\nname = \"app\"\npassword = \"\"\n[[databases]]\nname = \"app\"\n", "x.toml").unwrap_err();
+    assert!(err.to_string().contains("users[app].password: empty password"), "{err}");
+}

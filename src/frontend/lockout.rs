@@ -59,6 +59,9 @@ fn source(ip: IpAddr) -> IpAddr {
 impl FailedLogins {
     /// Seconds until `ip` may try to log in again, if it failed too often.
     pub fn blocked(&self, ip: IpAddr, limit: Limit) -> Option<u64> {
+        if is_unix(ip) {
+            return None;
+        }
         wait(&self.table.lock().unwrap().map, source(ip), limit, false)
     }
 
@@ -69,9 +72,10 @@ impl FailedLogins {
     /// failed, try any number of passwords. The attempt counts as failed
     /// unless `succeeded` is called.
     pub fn attempt(&self, ip: IpAddr, limit: Limit) -> Result<LoginAttempt<'_>, u64> {
+        let unix = is_unix(ip);
         let ip = source(ip);
         let mut table = self.table.lock().unwrap();
-        if let Some(secs) = wait(&table.map, ip, limit, true) {
+        if let Some(secs) = wait(&table.map, ip, limit, true).filter(|_| !unix) {
             return Err(secs);
         }
         // Swept at most once a second: a table kept full of addresses still
@@ -85,10 +89,14 @@ impl FailedLogins {
     }
 }
 
+/// A Unix-socket client (its peer address is 0.0.0.0): no address to
+/// hold back. Decided on the address itself: `::1` and the rest of `::/64`
+/// count as `::` once grouped by /64, and must still be held back.
+fn is_unix(ip: IpAddr) -> bool {
+    ip == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+}
+
 fn wait(map: &HashMap<IpAddr, Failures>, ip: IpAddr, limit: Limit, in_flight: bool) -> Option<u64> {
-    if ip.is_unspecified() {
-        return None; // a Unix-socket client: no address to hold back
-    }
     let f = map.get(&ip).filter(|_| limit.max > 0)?;
     let age = f.since.elapsed();
     // Failures of a window that has passed no longer count.
@@ -127,5 +135,20 @@ mod tests {
         assert_eq!(src("::ffff:10.0.0.7"), src("10.0.0.7"));
         assert_ne!(src("10.0.0.7"), src("10.0.0.8"));
         assert!(src("0.0.0.0").is_unspecified() && src("::").is_unspecified());
+    }
+
+    #[test]
+    fn ipv6_loopback_is_held_back_and_unix_clients_are_not() {
+        let logins = super::FailedLogins::default();
+        let limit = super::Limit { max: 2, window: std::time::Duration::from_secs(60) };
+        for ip in ["::1", "0.0.0.0"] {
+            let ip = ip.parse().unwrap();
+            for _ in 0..2 {
+                drop(logins.attempt(ip, limit).expect("under the limit"));
+            }
+        }
+        assert!(logins.attempt("::1".parse().unwrap(), limit).is_err(), "::1 used up its failed logins");
+        assert!(logins.blocked("::1".parse().unwrap(), limit).is_some());
+        assert!(logins.attempt("0.0.0.0".parse().unwrap(), limit).is_ok(), "a Unix-socket client is never held back");
     }
 }

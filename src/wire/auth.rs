@@ -33,6 +33,11 @@ impl Secret {
     /// Interprets a configured password: a SCRAM verifier, an md5 verifier
     /// (md5 + 32 hex digits), or plaintext.
     pub fn from_config(value: &str) -> Result<Secret, String> {
+        // As PostgreSQL, which refuses an empty password: "" would let in
+        // anyone who knows the name (an unset templated value, say).
+        if value.is_empty() {
+            return Err("empty password (leave it out and use auth.method = \"trust\" if that is meant)".into());
+        }
         if value.starts_with("SCRAM-SHA-256$") {
             return ScramVerifier::parse(value)
                 .map(Secret::Scram)

@@ -365,3 +365,17 @@ async fn shutdown_does_not_wait_for_admin_consoles_or_paused_clients() {
     assert!(e.code().map(|c| c.code()) == Some("57P01") || e.is_closed(), "{e}");
     assert!(other_admin.simple_query("SHOW POOLS").await.is_err(), "the console was closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_open_when_its_user_loses_admin_rights_is_closed() {
+    let p = proxy(2).await;
+    let admin = admin_client(&p, "pgfleet").await;
+    admin.simple_query("SHOW VERSION").await.unwrap();
+    let mut cfg = (*p.app.config()).clone();
+    cfg.admin.users.clear();
+    p.app.apply(cfg);
+    let e = admin.simple_query("SHUTDOWN").await.expect_err("no longer an admin");
+    assert_eq!(sqlstate(&e), "28000", "{e:?}");
+    // The SHUTDOWN did not run.
+    connect(&p).await.simple_query("SELECT 1").await.unwrap();
+}
