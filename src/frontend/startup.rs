@@ -282,7 +282,9 @@ async fn authenticate(
         // Unknown user: run the exchange a configured user would get,
         // against a mock secret, so the answer does not reveal which user
         // names exist.
-        (AuthMethod::Md5, None) => {
+        // (With auth_query, whose users have SCRAM verifiers on PostgreSQL
+        // 14 and later, SCRAM below, as PostgreSQL's own mock.)
+        (AuthMethod::Md5, None) if app.config().auth.auth_query.is_none() => {
             let mock = md5_verifier(user, &format!("{:?}", app.mock_verifier(user).stored_key));
             md5_exchange(app, peer, stream, buf, &mock, user).await?;
             return Err(auth_failed(user));

@@ -204,6 +204,13 @@ async fn auth_query_users_log_in_without_any_password_in_the_config() {
     };
     let ((), most) = max_server_conns_during("application_name = 'pgfleet-auth'", burst).await;
     assert_eq!(most, 1, "auth_query connections on the server at once");
+    // With auth.method = md5, an unknown name gets the SCRAM challenge an
+    // auth_query user with a SCRAM verifier gets (as PostgreSQL's mock).
+    let mut md5_cfg = (*p.app.config()).clone();
+    md5_cfg.auth.method = pgfleet::config::AuthMethod::Md5;
+    let md5_proxy = start(md5_cfg).await;
+    assert_eq!(first_challenge(&md5_proxy, "dyn_user").await.0, 10);
+    assert_eq!(first_challenge(&md5_proxy, "no_such_role").await.0, 10);
 }
 
 /// The server's first answers to a login as `user`: the authentication
@@ -263,6 +270,10 @@ async fn user_names_cannot_be_probed_through_the_challenge() {
     assert_ne!(ghost.0, other_ghost.unwrap().0);
     assert_eq!(real.1, ghost.1, "same iteration count");
     assert_eq!(real.0.len(), ghost.0.len(), "same salt length");
+    // ...and after a restart, or on another pgfleet of the same config
+    // (real users' salts stay: an unknown name's must too).
+    let restarted = proxy(2).await;
+    assert_eq!(first_challenge(&restarted, "ghost_a").await.1, Some(ghost.clone()));
     // With md5, an unknown user gets the md5 challenge a configured one gets.
     let p = start(config("size = 2", "[auth]\nmethod = \"md5\"")).await;
     assert_eq!(first_challenge(&p, "md5user").await.0, 5);
