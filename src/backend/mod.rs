@@ -493,8 +493,10 @@ impl ServerConn {
         let _ = self.stream.try_write(&buf);
     }
 
-    /// Sends a CancelRequest for this connection's backend.
-    pub async fn cancel(peer: SocketAddr, pid: i32, secret: i32) -> std::io::Result<()> {
+    /// Sends a CancelRequest for this connection's backend. Ok(true) once
+    /// the server closed the socket (it has acted on the request), Ok(false)
+    /// when it had not within a few seconds: the cancel may still land.
+    pub async fn cancel(peer: SocketAddr, pid: i32, secret: i32) -> std::io::Result<bool> {
         // Bounded: a server that does not answer (down, unreachable) must
         // not keep the request, and what waits on it, around for minutes.
         let send = async {
@@ -505,10 +507,9 @@ impl ServerConn {
         let mut s = tokio::time::timeout(Duration::from_secs(5), send)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request: no connection in 5 s"))??;
-        // The server closes the socket when done; wait briefly for that.
+        // The server closes the socket when done; wait (bounded) for that.
         let mut sink = [0u8; 16];
-        let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut sink)).await;
-        Ok(())
+        Ok(tokio::time::timeout(Duration::from_secs(5), s.read(&mut sink)).await.is_ok())
     }
 
     pub fn mark_prepared(&mut self, id: u64) {

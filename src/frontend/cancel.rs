@@ -18,9 +18,10 @@ pub struct CancelTarget {
 /// many cancels for it are on their way.
 #[derive(Default)]
 pub struct CancelSlot {
-    /// Guards (current target, cancels in flight); set at bind, cleared at
+    /// Guards (current target, cancels in flight, a cancel of the current
+    /// target that the server never acknowledged); set at bind, cleared at
     /// release.
-    state: Mutex<(Option<CancelTarget>, u32)>,
+    state: Mutex<(Option<CancelTarget>, u32, bool)>,
 }
 
 impl CancelSlot {
@@ -35,7 +36,7 @@ impl CancelSlot {
     pub fn release(&self) -> bool {
         let mut s = self.state.lock().unwrap();
         s.0 = None;
-        s.1 > 0
+        s.1 > 0 || std::mem::take(&mut s.2)
     }
 
     /// The current target, counted as being cancelled until the returned
@@ -50,6 +51,18 @@ impl CancelSlot {
 
 /// A cancel on its way to a server (see `CancelSlot::begin_cancel`).
 pub struct CancelInFlight(Arc<CancelSlot>);
+
+impl CancelInFlight {
+    /// The server did not acknowledge the cancel of `t`: it may still land
+    /// later, so if the client is still on that connection, the connection
+    /// must not serve anyone else after it (see `release`).
+    pub fn unacknowledged(&self, t: CancelTarget) {
+        let mut s = self.0.state.lock().unwrap();
+        if s.0.is_some_and(|c| c.pid == t.pid && c.peer == t.peer) {
+            s.2 = true;
+        }
+    }
+}
 
 impl Drop for CancelInFlight {
     fn drop(&mut self) {
@@ -97,10 +110,12 @@ impl CancelRegistry {
             slots.get(&(pid, secret)).and_then(|s| s.begin_cancel())
         };
         match target {
-            Some((t, _in_flight)) => {
+            Some((t, in_flight)) => {
                 tracing::info!(server = %t.peer, "forwarding cancel request");
-                if let Err(e) = ServerConn::cancel(t.peer, t.pid, t.secret).await {
-                    tracing::warn!(error = %e, "sending cancel request to server failed");
+                match ServerConn::cancel(t.peer, t.pid, t.secret).await {
+                    Ok(true) => {}
+                    Ok(false) => in_flight.unacknowledged(t),
+                    Err(e) => tracing::warn!(error = %e, "sending cancel request to server failed"),
                 }
             }
             None => tracing::debug!("cancel request with unknown key or idle client ignored"),
@@ -140,5 +155,29 @@ mod tests {
             !slot.release(),
             "the cancel was acknowledged before this release"
         );
+    }
+
+    #[test]
+    fn a_cancel_the_server_never_acknowledged_keeps_the_connection_from_others() {
+        let slot = Arc::new(CancelSlot::default());
+        let t = CancelTarget { peer: "127.0.0.1:5432".parse().unwrap(), pid: 7, secret: 9 };
+        slot.set(t);
+        let (_, in_flight) = slot.begin_cancel().unwrap();
+        // No acknowledgement in time; the client is still on the connection
+        // (its query ended anyway) when the wait gives up.
+        in_flight.unacknowledged(t);
+        drop(in_flight);
+        assert!(slot.release(), "the cancel may still land: not reused");
+        slot.set(t);
+        assert!(!slot.release(), "only that once");
+        // Given up after the client had left: its next connection is not
+        // affected.
+        slot.set(t);
+        let (_, in_flight) = slot.begin_cancel().unwrap();
+        assert!(slot.release());
+        in_flight.unacknowledged(t);
+        drop(in_flight);
+        slot.set(CancelTarget { pid: 8, ..t });
+        assert!(!slot.release());
     }
 }

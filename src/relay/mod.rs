@@ -523,8 +523,9 @@ impl Session {
         if let Some((t, in_flight)) = self.cancel.begin_cancel() {
             tracing::info!(parent: &self.span, "query timeout: cancelling the running query");
             tokio::spawn(async move {
-                let _ = ServerConn::cancel(t.peer, t.pid, t.secret).await;
-                drop(in_flight);
+                if let Ok(false) = ServerConn::cancel(t.peer, t.pid, t.secret).await {
+                    in_flight.unacknowledged(t);
+                }
             });
         }
     }
