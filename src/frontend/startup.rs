@@ -249,12 +249,24 @@ async fn authenticate(
         // A failed lookup is not a wrong password: no 28P01, and it does
         // not count towards the address's failed logins.
         // (The reason is in pgfleet's log, not told to an unauthenticated client.)
-        None if !configured && method != AuthMethod::Trust => app.auth_query_secret(user, database).await.map_err(|_| {
-            StartupError::Fatal {
+        None if !configured && method != AuthMethod::Trust => {
+            // A lookup that finds no such user counts as a failed login of
+            // the address (and lookups under way as pending ones): logins
+            // with made-up names, dropped before any proof, would otherwise
+            // run queries on the primary without limit.
+            let lookup = app.login_attempt(peer).map_err(|secs| StartupError::Fatal {
+                code: sqlstate::INVALID_AUTHORIZATION,
+                message: too_many_failures(peer, secs),
+            })?;
+            let found = app.auth_query_secret(user, database).await;
+            if !matches!(found, Ok(None)) {
+                lookup.succeeded();
+            }
+            found.map_err(|_| StartupError::Fatal {
                 code: sqlstate::CONNECTION_FAILURE,
                 message: format!("could not look up user \"{user}\": auth.auth_query failed; try again later"),
-            }
-        })?,
+            })?
+        }
         None => None,
     };
     // auth_query users: keep what the login proves, to log in to servers.

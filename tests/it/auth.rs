@@ -350,3 +350,37 @@ async fn a_login_the_server_refused_is_remembered_instead_of_retried_per_client(
 async fn connect_with_owned(s: String) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     connect_with(&s).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_with_made_up_names_cannot_flood_auth_query() {
+    // Each login names a user nobody configured, gets its challenge (the
+    // lookup ran) and leaves before any proof. Past max_failed_logins the
+    // address is held back before a lookup runs.
+    let mut cfg = config("size = 2", "");
+    cfg.users.push(pgfleet::config::User { name: "postgres".into(), password: Some("unused".into()), ..Default::default() });
+    cfg.auth.auth_user = Some("postgres".into());
+    cfg.auth.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
+    cfg.auth.max_failed_logins = 5;
+    let p = start(cfg).await;
+    for i in 0..5 {
+        assert_eq!(first_challenge_code(&p, &format!("made_up_{i}")).await, Some(10), "login {i} got its challenge");
+    }
+    assert_eq!(first_challenge_code(&p, "made_up_5").await, None, "held back after 5 lookups that found nobody");
+    // As after wrong passwords, the address is held back for every login.
+    let e = connect_with(&conn_str(&p, "app", "app", "app")).await.expect_err("this address is held back");
+    assert_eq!(sqlstate(&e), "28000", "{e:?}");
+}
+
+/// The authentication request code of a login as `user`, or None when the
+/// login is refused before any challenge.
+async fn first_challenge_code(p: &pgfleet::app::Running, user: &str) -> Option<i32> {
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::startup::startup_message(&mut out, &[("user", user), ("database", "app")]);
+    let mut raw = RawClient { stream: tokio::net::TcpStream::connect(p.addr).await.unwrap(), buf: bytes::BytesMut::new() };
+    raw.stream.write_all(&out).await.unwrap();
+    match raw.next().await {
+        Some((b'R', m)) => Some(i32::from_be_bytes(m[5..9].try_into().unwrap())),
+        _ => None,
+    }
+}
