@@ -71,7 +71,9 @@ pub struct App {
     /// auth_query's one connection (keyed by where and as whom it logged
     /// in, and the config generation), shared by every lookup.
     auth_lookup: tokio::sync::Mutex<Option<(String, tokio_postgres::Client)>>,
-    /// The key behind the mock SCRAM salts of unknown users (see `mock_secret`).
+    /// Per-process secret behind the mock SCRAM salts of unknown users. (Not
+    /// derived from the configured secrets: the salt anyone can ask for
+    /// would let a weak password be guessed offline.)
     mock_secret: [u8; 32],
     /// The file `RELOAD` and SIGHUP read, when pgfleet was started from one.
     pub config_path: Mutex<Option<PathBuf>>,
@@ -163,7 +165,7 @@ impl App {
             logins: AtomicUsize::new(0),
             pinned_clients: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
-            mock_secret: mock_secret(&config),
+            mock_secret: rand::random(),
             auth_lookup: tokio::sync::Mutex::new(None),
             config: RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
@@ -252,6 +254,11 @@ impl App {
     /// `FailedLogins::attempt`).
     pub fn login_attempt(&self, ip: std::net::IpAddr) -> Result<LoginAttempt<'_>, u64> {
         self.failed_logins.attempt(ip, self.login_limit())
+    }
+
+    /// Counts a failed login of `ip` that checked no proof.
+    pub fn record_failed_login(&self, ip: std::net::IpAddr) {
+        self.failed_logins.record(ip, self.login_limit().window);
     }
 
     fn login_limit(&self) -> crate::frontend::lockout::Limit {
@@ -488,31 +495,6 @@ impl App {
         Ok(())
     }
 
-}
-
-/// The key of unknown users' mock salts: derived from the configured
-/// secrets, so it is the same after a restart and on every pgfleet of one
-/// config (a salt that changed for unknown names only would tell them
-/// apart from real users, whose salts stay), and unknown to anyone
-/// without those secrets. Random when there are none.
-fn mock_secret(config: &Config) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new().chain_update(b"pgfleet mock salt key\0");
-    let mut any = false;
-    for u in &config.users {
-        for secret in [&u.password, &u.server_password].into_iter().flatten() {
-            h.update(u.name.as_bytes());
-            h.update([0]);
-            h.update(secret.as_bytes());
-            h.update([0]);
-            any = true;
-        }
-    }
-    if any {
-        h.finalize().into()
-    } else {
-        rand::random()
-    }
 }
 
 /// A running pgfleet: its address, and the handle to stop it.

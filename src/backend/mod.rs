@@ -497,6 +497,12 @@ impl ServerConn {
     /// the server closed the socket (it has acted on the request), Ok(false)
     /// when it had not within a few seconds: the cancel may still land.
     pub async fn cancel(peer: SocketAddr, pid: i32, secret: i32) -> std::io::Result<bool> {
+        let s = Self::send_cancel(peer, pid, secret).await?;
+        Ok(Self::cancel_acknowledged(s).await)
+    }
+
+    /// The first half of `cancel`: the request is on its way.
+    pub async fn send_cancel(peer: SocketAddr, pid: i32, secret: i32) -> std::io::Result<TcpStream> {
         // Bounded: a server that does not answer (down, unreachable) must
         // not keep the request, and what waits on it, around for minutes.
         let send = async {
@@ -504,12 +510,16 @@ impl ServerConn {
             s.write_all(&startup::cancel_request(pid, secret)).await?;
             Ok::<_, std::io::Error>(s)
         };
-        let mut s = tokio::time::timeout(Duration::from_secs(5), send)
+        tokio::time::timeout(Duration::from_secs(5), send)
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request: no connection in 5 s"))??;
-        // The server closes the socket when done; wait (bounded) for that.
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request: no connection in 5 s"))?
+    }
+
+    /// The second half of `cancel`: the server closes the socket when it
+    /// has acted on the request; waited for up to 5 s.
+    pub async fn cancel_acknowledged(mut s: TcpStream) -> bool {
         let mut sink = [0u8; 16];
-        Ok(tokio::time::timeout(Duration::from_secs(5), s.read(&mut sink)).await.is_ok())
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut sink)).await.is_ok()
     }
 
     pub fn mark_prepared(&mut self, id: u64) {

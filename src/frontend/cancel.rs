@@ -103,7 +103,9 @@ impl CancelRegistry {
         }
     }
 
-    /// Forwards a cancel to the client's current server, if the key is known.
+    /// Forwards a cancel to the client's current server, if the key is
+    /// known; returns once it is sent (the wait for the server to act on
+    /// it goes on in a task of its own, which keeps it counted in flight).
     pub async fn cancel(&self, pid: i32, secret: i32) {
         let target = {
             let slots = self.slots.lock().unwrap();
@@ -112,9 +114,14 @@ impl CancelRegistry {
         match target {
             Some((t, in_flight)) => {
                 tracing::info!(server = %t.peer, "forwarding cancel request");
-                match ServerConn::cancel(t.peer, t.pid, t.secret).await {
-                    Ok(true) => {}
-                    Ok(false) => in_flight.unacknowledged(t),
+                match ServerConn::send_cancel(t.peer, t.pid, t.secret).await {
+                    Ok(s) => {
+                        tokio::spawn(async move {
+                            if !ServerConn::cancel_acknowledged(s).await {
+                                in_flight.unacknowledged(t);
+                            }
+                        });
+                    }
                     Err(e) => tracing::warn!(error = %e, "sending cancel request to server failed"),
                 }
             }

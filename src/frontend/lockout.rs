@@ -65,6 +65,19 @@ impl FailedLogins {
         wait(&self.table.lock().unwrap().map, source(ip), limit, false)
     }
 
+    /// A failed login of `ip` that checked no proof (see startup's Charge).
+    pub fn record(&self, ip: IpAddr, window: Duration) {
+        if is_unix(ip) {
+            return;
+        }
+        let mut table = self.table.lock().unwrap();
+        let f = table.map.entry(source(ip)).or_insert(Failures { count: 0, since: Instant::now(), verifying: 0 });
+        if f.since.elapsed() >= window {
+            (f.count, f.since) = (0, Instant::now());
+        }
+        f.count += 1;
+    }
+
     /// Called right before a password or SCRAM proof is checked: Err(seconds
     /// to wait) when `ip` has used up its failed logins, counting the checks
     /// other connections from `ip` are making at this moment. The check at

@@ -225,6 +225,30 @@ fn verify<T>(app: &App, peer: IpAddr, check: impl FnOnce() -> Result<T, StartupE
     r
 }
 
+/// A failed login of `peer` counted when dropped armed (see `authenticate`).
+struct Charge<'a> {
+    app: &'a App,
+    peer: IpAddr,
+    armed: bool,
+}
+
+impl Charge<'_> {
+    /// The exchange reached the proof check, which counted the failure.
+    fn proof_checked<T>(&mut self, r: &Result<T, StartupError>) {
+        if matches!(r, Err(StartupError::Fatal { code, .. }) if *code == sqlstate::INVALID_PASSWORD) {
+            self.armed = false;
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.app.record_failed_login(self.peer);
+        }
+    }
+}
+
 fn auth_failed(user: &str) -> StartupError {
     StartupError::Fatal {
         code: sqlstate::INVALID_PASSWORD,
@@ -243,6 +267,11 @@ async fn authenticate(
 ) -> Result<(), StartupError> {
     let method = app.config().auth.method;
     let configured = app.config().user(user).is_some();
+    // An auth_query lookup found no such user: the login counts as failed
+    // even if the client leaves before sending a proof (logins with
+    // made-up names, dropped after the challenge, would otherwise run
+    // lookups on the primary without limit). Once, not again at the proof.
+    let mut charge = Charge { app, peer, armed: false };
     let secret = match app.secret(user) {
         Some(s) => Some(s),
         // Not in [[users]]: auth_query, when configured.
@@ -250,18 +279,8 @@ async fn authenticate(
         // not count towards the address's failed logins.
         // (The reason is in pgfleet's log, not told to an unauthenticated client.)
         None if !configured && method != AuthMethod::Trust => {
-            // A lookup that finds no such user counts as a failed login of
-            // the address (and lookups under way as pending ones): logins
-            // with made-up names, dropped before any proof, would otherwise
-            // run queries on the primary without limit.
-            let lookup = app.login_attempt(peer).map_err(|secs| StartupError::Fatal {
-                code: sqlstate::INVALID_AUTHORIZATION,
-                message: too_many_failures(peer, secs),
-            })?;
             let found = app.auth_query_secret(user, database).await;
-            if !matches!(found, Ok(None)) {
-                lookup.succeeded();
-            }
+            charge.armed = matches!(found, Ok(None)) && app.config().auth.auth_query.is_some();
             found.map_err(|_| StartupError::Fatal {
                 code: sqlstate::CONNECTION_FAILURE,
                 message: format!("could not look up user \"{user}\": auth.auth_query failed; try again later"),
@@ -298,11 +317,15 @@ async fn authenticate(
         // 14 and later, SCRAM below, as PostgreSQL's own mock.)
         (AuthMethod::Md5, None) if app.config().auth.auth_query.is_none() => {
             let mock = md5_verifier(user, &format!("{:?}", app.mock_verifier(user).stored_key));
-            md5_exchange(app, peer, stream, buf, &mock, user).await?;
+            let r = md5_exchange(app, peer, stream, buf, &mock, user).await;
+            charge.proof_checked(&r);
+            r?;
             return Err(auth_failed(user));
         }
         (_, None) => {
-            scram_exchange(app, peer, stream, buf, &app.mock_verifier(user), user, cb).await?;
+            let r = scram_exchange(app, peer, stream, buf, &app.mock_verifier(user), user, cb).await;
+            charge.proof_checked(&r);
+            r?;
             return Err(auth_failed(user));
         }
     }

@@ -359,6 +359,7 @@ impl Session {
         use crate::pool::PoolError;
         let deadline = tokio::time::Instant::now() + self.cfg.cluster.failover_timeout.0;
         let mut rerouted = false;
+        let mut retired = 0;
         loop {
             // A reload while this waited (for the pool, a writer, a
             // failover): route again under the new config, whose monitor is
@@ -381,8 +382,14 @@ impl Session {
             }
             let pool = match self.pool_for(target) {
                 Ok(pool) => pool,
-                // A replica a reload removed meanwhile: routed again.
+                // A replica a reload removed meanwhile: routed again (the
+                // reload may still be installing its config: a pause).
                 Err(SessionError::Pool(PoolError::Retired)) => {
+                    retired += 1;
+                    if retired > 100 {
+                        return Err(SessionError::Pool(PoolError::Retired));
+                    }
+                    tokio::task::yield_now().await;
                     self.refresh_config();
                     target = self.choose_target(a, &self.topo.clone()).map_err(|(_, why)| SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why))))?.0;
                     continue;
@@ -421,7 +428,10 @@ impl Session {
                 }
                 // Removed by a reload meanwhile (out of the pool map by
                 // now): under the new config, another pool, or the reason.
-                Err(PoolError::Retired) => self.pool_cache = None,
+                Err(PoolError::Retired) if retired < 100 => {
+                    retired += 1;
+                    self.pool_cache = None;
+                }
                 Err(e) => return Err(SessionError::Pool(e)),
             }
         }
