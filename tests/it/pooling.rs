@@ -487,26 +487,23 @@ async fn a_reload_that_removes_a_database_ends_its_sessions_once_idle() {
     // Then, idle, the sessions end (the pinned one too, which would never
     // check out again).
     for (name, c) in [("holder", &holder), ("pinned", &pinned)] {
-        let mut closed = false;
-        for _ in 0..40 {
-            if c.is_closed() {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(closed, "the {name} session still runs");
+        assert!(within_2s(|| c.is_closed()).await, "the {name} session still runs");
         assert!(c.simple_query("SELECT 1").await.is_err());
     }
     assert!(p.app.pools().iter().all(|pl| pl.key.database != "alias"), "no pool for a removed database");
     let listed = || p.app.conns.clients.lock().unwrap().values().filter(|c| c.database == "alias").count();
+    assert!(within_2s(|| listed() == 0).await, "sessions of the removed database still listed");
+}
+
+/// Whether `done` holds within 2 s (checked every 50 ms).
+async fn within_2s(done: impl Fn() -> bool) -> bool {
     for _ in 0..40 {
-        if listed() == 0 {
-            break;
+        if done() {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(listed(), 0, "sessions of the removed database still listed");
+    done()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,15 +516,7 @@ async fn a_reload_that_removes_a_user_ends_its_sessions_and_refuses_its_logins()
     cfg.users.retain(|u| u.name != "md5user");
     p.app.apply(cfg);
     // Idle: the session ends (28000) within the drain's quiet period.
-    let mut closed = false;
-    for _ in 0..40 {
-        if c.is_closed() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(closed, "the removed user's session still runs");
+    assert!(within_2s(|| c.is_closed()).await, "the removed user's session still runs");
     assert!(p.app.pools().iter().all(|pl| pl.key.user != "md5user"), "no pool for a removed user");
     let e = connect_with(&url).await.expect_err("the user is gone");
     assert_eq!(sqlstate(&e), "28P01", "{e:?}");
