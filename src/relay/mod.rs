@@ -435,21 +435,7 @@ impl Session {
                 self.output_backed_up = false;
                 continue;
             }
-            let quiet = self.now.saturating_duration_since(self.last_client_activity) >= DRAIN_QUIET;
-            if shutting_down && self.drain_idle() && quiet {
-                return Err(SessionError::Shutdown);
-            }
-            if self.removing && self.removed_idle() && quiet {
-                // Lowered first: a reload removing it again meanwhile
-                // raises it anew.
-                self.info.signal.clear(crate::stats::REMOVED);
-                // (A pinned connection is closed with the session.)
-                match self.app.removed(&self.database, &self.user) {
-                    Some(e) => return Err(SessionError::Pool(crate::pool::PoolError::Connect(e))),
-                    // Put back by a later reload.
-                    None => self.removing = false,
-                }
-            }
+            self.end_if_drained(shutting_down)?;
             let event = self.wait(shutting_down).await;
             self.now = Instant::now();
             let event = match event {
@@ -493,17 +479,6 @@ impl Session {
                 }
             }
         }
-    }
-
-    /// Nothing bound or buffered: the client may be closed by a drain.
-    fn drain_idle(&self) -> bool {
-        self.server.is_none() && self.cin.is_empty() && self.cout.is_empty()
-    }
-
-    /// Nothing under way: no transaction, nothing sent or to send (a
-    /// pinned connection may be held).
-    fn removed_idle(&self) -> bool {
-        self.cin.is_empty() && self.cout.is_empty() && (self.server.is_none() || (self.status == b'I' && self.is_clean() && self.sin.is_empty()))
     }
 
     fn holds_buffers(&self) -> bool {

@@ -13,6 +13,40 @@ use std::time::{Duration, Instant};
 const FREE_BUFFERS_AFTER: Duration = Duration::from_secs(1);
 
 impl Session {
+    /// Nothing bound or buffered: the client may be closed by a drain.
+    pub(super) fn drain_idle(&self) -> bool {
+        self.server.is_none() && self.cin.is_empty() && self.cout.is_empty()
+    }
+
+    /// Nothing under way: no transaction, nothing sent or to send (a
+    /// pinned connection may be held).
+    fn removed_idle(&self) -> bool {
+        self.cin.is_empty() && self.cout.is_empty() && (self.server.is_none() || (self.status == b'I' && self.is_clean() && self.sin.is_empty()))
+    }
+
+    /// Ends the session once it is quiet and idle while pgfleet shuts down
+    /// (57P01) or after a reload removed its database or user.
+    pub(super) fn end_if_drained(&mut self, shutting_down: bool) -> Result<(), SessionError> {
+        if !(shutting_down || self.removing) || self.now.saturating_duration_since(self.last_client_activity) < DRAIN_QUIET {
+            return Ok(());
+        }
+        if shutting_down && self.drain_idle() {
+            return Err(SessionError::Shutdown);
+        }
+        if self.removing && self.removed_idle() {
+            // Lowered first: a reload removing it again meanwhile raises
+            // it anew.
+            self.info.signal.clear(REMOVED);
+            // (A pinned connection is closed with the session.)
+            match self.app.removed(&self.database, &self.user) {
+                Some(e) => return Err(SessionError::Pool(crate::pool::PoolError::Connect(e))),
+                // Put back by a later reload.
+                None => self.removing = false,
+            }
+        }
+        Ok(())
+    }
+
     /// The next proxy-enforced timeout, if one applies in the current state.
     fn next_timeout(&self) -> Option<(Instant, Timeout)> {
         let t = &self.cfg.timeouts;
