@@ -21,11 +21,9 @@ use tokio::time::Instant;
 pub struct Limiter {
     /// The rule as configured (what it matches; a reload keeps the live
     /// state of a rule that did not change).
-    rule: Limit,
+    pub rule: Limit,
     pub name: String,
-    pub writes_only: bool,
-    pub max_in_flight: Option<usize>,
-    pub rate: Option<f64>,
+    /// `rule.burst`, or its default.
     pub burst: f64,
     pub max_wait: Duration,
     pub max_queue: usize,
@@ -75,9 +73,6 @@ impl Limiter {
         Limiter {
             rule: rule.clone(),
             name,
-            writes_only: rule.writes_only,
-            max_in_flight: rule.max_in_flight,
-            rate: rule.rate,
             burst,
             max_wait: rule.max_wait.map(|d| d.0).unwrap_or(default_wait),
             max_queue: rule.max_queue.unwrap_or(usize::MAX),
@@ -91,7 +86,7 @@ impl Limiter {
 
     /// Every field the rule sets must match.
     pub fn matches(&self, r: &Request) -> bool {
-        (!self.writes_only || r.to_primary)
+        (!self.rule.writes_only || r.to_primary)
             && self.rule.workload.as_deref().is_none_or(|w| w == r.workload)
             && self.rule.user.as_deref().is_none_or(|u| u == r.user)
             && self.rule.database.as_deref().is_none_or(|d| d == r.database)
@@ -99,7 +94,7 @@ impl Limiter {
 
     /// Transactions admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        match (&self.slots, self.max_in_flight) {
+        match (&self.slots, self.rule.max_in_flight) {
             (Some(s), Some(n)) => n - s.available_permits(),
             _ => 0,
         }
@@ -148,15 +143,10 @@ impl TokenBucket {
         self.state.lock().unwrap().0 += 1.0;
     }
 
-    /// Reserves the next token and sleeps until it is due. Dropped while
+    /// Reserves the next token and sleeps until it is due, unless it is due
+    /// later than `max_wait` from now (false: nothing taken). Dropped while
     /// sleeping (its client left), it gives the token back: abandoned
     /// waits must not push everyone after them further back.
-    pub async fn take(&self) {
-        self.take_within(Duration::MAX).await;
-    }
-
-    /// `take`, unless the token is due later than `max_wait` from now
-    /// (false: nothing taken).
     pub async fn take_within(&self, max_wait: Duration) -> bool {
         match self.reserve(max_wait) {
             None => false,
@@ -244,7 +234,7 @@ impl Limits {
                     }
                 }
                 None => {
-                    let rate = l.rate.unwrap_or_default();
+                    let rate = l.rule.rate.unwrap_or_default();
                     return Err(l.refuse(
                         sqlstate::TOO_MANY_CONNECTIONS,
                         format!("rate {rate}/s (burst {}) would need a wait over {:?}", l.burst, l.max_wait),
@@ -264,7 +254,7 @@ impl Limits {
                 _ => {
                     return Err(l.refuse(
                         sqlstate::TOO_MANY_CONNECTIONS,
-                        format!("{} transactions in flight (max_in_flight), waited {} ms", l.max_in_flight.unwrap_or(0), started.elapsed().as_millis()),
+                        format!("{} transactions in flight (max_in_flight), waited {} ms", l.rule.max_in_flight.unwrap_or(0), started.elapsed().as_millis()),
                     ))
                 }
             }
@@ -467,7 +457,7 @@ mod tests {
         let tasks: Vec<_> = (0..30)
             .map(|_| {
                 let p = p.clone();
-                tokio::spawn(async move { p.take().await })
+                tokio::spawn(async move { p.take_within(Duration::MAX).await })
             })
             .collect();
         for t in tasks {
@@ -579,17 +569,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pace_abandoned_while_waiting_gives_its_token_back() {
         let p = Arc::new(TokenBucket::new(10.0, 1.0));
-        p.take().await;
+        p.take_within(Duration::MAX).await;
         let t0 = Instant::now();
         // Nine takers give up while waiting for their turn.
         for _ in 0..9 {
             let p = p.clone();
-            let t = tokio::spawn(async move { p.take().await });
+            let t = tokio::spawn(async move { p.take_within(Duration::MAX).await });
             tokio::task::yield_now().await;
             t.abort();
             let _ = t.await;
         }
-        p.take().await;
+        p.take_within(Duration::MAX).await;
         let took = t0.elapsed();
         assert!(took <= Duration::from_millis(101), "the next one waits for one token, not ten: {took:?}");
     }

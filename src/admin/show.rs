@@ -373,11 +373,11 @@ fn limits(app: &App) -> Table {
     for l in &app.limits().rules {
         t.row(vec![
             s(&l.name),
-            opt(l.max_in_flight.map(|n| n.to_string())),
-            opt(l.rate.map(|r| r.to_string())),
+            opt(l.rule.max_in_flight.map(|n| n.to_string())),
+            opt(l.rule.rate.map(|r| r.to_string())),
             s(l.burst),
             s(l.max_wait.as_millis()),
-            s(l.writes_only),
+            s(l.rule.writes_only),
             s(l.in_flight()),
             s(l.waiting.load(Ordering::Relaxed)),
             s(l.admitted.load(Ordering::Relaxed)),

@@ -151,15 +151,15 @@ impl App {
         // A removed database's PAUSE goes with it (RESUME could no longer
         // name it): its waiting clients are told.
         let cfg = self.config();
-        let mut paused = self.paused.lock().unwrap();
-        let before = paused.len();
-        paused.retain(|d| d == "*" || cfg.database(d).is_some());
-        if paused.len() != before {
+        let lifted = {
+            let mut paused = self.paused.lock().unwrap();
+            let before = paused.len();
+            paused.retain(|d| d == "*" || cfg.database(d).is_some());
             self.any_paused.store(!paused.is_empty(), std::sync::atomic::Ordering::Release);
-            drop(paused);
+            paused.len() != before
+        };
+        if lifted {
             self.resumed.notify_waiters();
-        } else {
-            drop(paused);
         }
         let clients: Vec<_> = self.conns.clients.lock().unwrap().values().cloned().collect();
         for c in clients.iter().filter(|c| self.removed(&c.database, &c.user).is_some()) {

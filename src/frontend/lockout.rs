@@ -23,6 +23,16 @@ struct Failures {
     verifying: u32,
 }
 
+impl Failures {
+    /// One more failure, in a new window if the last one has passed.
+    fn add(&mut self, window: Duration) {
+        if self.since.elapsed() >= window {
+            (self.count, self.since) = (0, Instant::now());
+        }
+        self.count += 1;
+    }
+}
+
 #[derive(Default)]
 pub struct FailedLogins {
     table: Mutex<Table>,
@@ -71,11 +81,7 @@ impl FailedLogins {
             return;
         }
         let mut table = self.table.lock().unwrap();
-        let f = table.map.entry(source(ip)).or_insert(Failures { count: 0, since: Instant::now(), verifying: 0 });
-        if f.since.elapsed() >= window {
-            (f.count, f.since) = (0, Instant::now());
-        }
-        f.count += 1;
+        table.map.entry(source(ip)).or_insert(Failures { count: 0, since: Instant::now(), verifying: 0 }).add(window);
     }
 
     /// Called right before a password or SCRAM proof is checked: Err(seconds
@@ -130,10 +136,7 @@ impl Drop for LoginAttempt<'_> {
         let Some(f) = table.map.get_mut(&self.ip) else { return };
         f.verifying = f.verifying.saturating_sub(1);
         if self.failed {
-            if f.since.elapsed() >= self.window {
-                (f.count, f.since) = (0, Instant::now());
-            }
-            f.count += 1;
+            f.add(self.window);
         }
     }
 }

@@ -205,7 +205,7 @@ impl Pool {
             return;
         }
         *self.backoff.lock().unwrap() = Backoff::default();
-        *self.login_refused.lock().unwrap() = None;
+        self.forget_login_refusal();
         // What a new client is told (server_version, defaults) comes from
         // the new server's first connection.
         *self.startup_params.lock().unwrap() = None;
@@ -230,7 +230,7 @@ impl Pool {
     pub fn reconfigure(&self, spec: ConnectSpec, settings: PoolSettings) {
         *self.settings.write().unwrap() = settings;
         // The reload may have fixed what the server refused (a password).
-        *self.login_refused.lock().unwrap() = None;
+        self.forget_login_refusal();
         self.set_spec(spec, "the server's address, database name or TLS mode changed (reload)");
         let mut s = self.state.lock().unwrap();
         while s.total < settings.size {
@@ -425,7 +425,7 @@ impl Pool {
                         continue;
                     }
                     *self.backoff.lock().unwrap() = Backoff::default();
-                    *self.login_refused.lock().unwrap() = None;
+                    self.forget_login_refusal();
                     std::mem::forget(slot);
                     c.epoch = epoch;
                     tracing::info!(parent: &c.span, "server connection opened");

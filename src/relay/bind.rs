@@ -134,7 +134,7 @@ impl Session {
                     Some(canonical) if canonical != value => {
                         build::parameter_status(&mut self.cout, name, canonical);
                         std::sync::Arc::make_mut(&mut self.settings)[i].1 = canonical.clone();
-                        self.settings_fp = fingerprint(&self.settings);
+                        self.settings_changed();
                     }
                     Some(_) => {}
                     None => {
@@ -155,12 +155,18 @@ impl Session {
         self.expect.is_empty() && !self.in_batch && self.sout.is_empty() && self.skip == 0
     }
 
+    /// Outside a transaction with nothing under way or left to send: the
+    /// point where a connection is released (or a session may end).
+    pub(super) fn between_transactions(&self) -> bool {
+        self.status == b'I' && self.is_clean() && self.sin.is_empty()
+    }
+
     /// Transaction mode: return the connection at the end of a transaction.
     pub(super) fn maybe_release(&mut self) {
         if self.mode != PoolMode::Transaction || self.server.is_none() {
             return;
         }
-        if self.status == b'I' && self.is_clean() && self.sin.is_empty() {
+        if self.between_transactions() {
             if let Some(sql) = self.probe_sql() {
                 // (search_path, if it changed, is among what it reads.)
                 build::query(&mut self.sout, &sql);

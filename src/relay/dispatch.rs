@@ -24,7 +24,7 @@ impl Session {
             // A reload removed the client's database or user: a new unit
             // with nothing under way ends the session (a busy client never
             // falls quiet long enough for the idle check).
-            if self.removing && self.status == b'I' && self.is_clean() && self.sin.is_empty() {
+            if self.removing && self.between_transactions() {
                 if let Some(e) = self.app.removed(&self.database, &self.user) {
                     return Err(SessionError::Pool(crate::pool::PoolError::Connect(e)));
                 }
@@ -57,9 +57,8 @@ impl Session {
             if self.try_virtual(h.tag, &msg)? {
                 continue;
             }
-            if !self.cfg.limits.is_empty() {
-                self.admit_pinned(h.tag, &msg);
-            }
+            // (Classified once: the analysis admission made of this message.)
+            let pinned = if self.cfg.limits.is_empty() { None } else { self.admit_pinned(h.tag, &msg) };
             if self.server.is_none() {
                 if self.answer_locally(h.tag, &msg)? {
                     continue;
@@ -126,7 +125,8 @@ impl Session {
                     continue;
                 }
             }
-            self.forward(h.tag, &msg, None)?;
+            let known = pinned.filter(|_| matches!(h.tag, b'Q' | b'P') && self.routes());
+            self.forward(h.tag, &msg, known)?;
         }
         self.output_backed_up = self.cout.len() >= COUT_HIGH;
         Ok(())

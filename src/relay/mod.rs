@@ -91,6 +91,21 @@ fn backslash_strings(settings: &Settings) -> bool {
     settings.iter().any(|(n, v)| n.eq_ignore_ascii_case("standard_conforming_strings") && v.eq_ignore_ascii_case("off"))
 }
 
+/// The transaction defaults routing needs from these settings:
+/// (`default_transaction_read_only` on, `default_transaction_isolation`
+/// serializable).
+fn tx_defaults(settings: &Settings) -> (bool, bool) {
+    let (mut read_only, mut serializable) = (false, false);
+    for (n, v) in settings.iter() {
+        match n.as_str() {
+            "default_transaction_read_only" => read_only = matches!(v.as_str(), "on" | "true" | "1" | "yes"),
+            "default_transaction_isolation" => serializable = v.eq_ignore_ascii_case("serializable"),
+            _ => {}
+        }
+    }
+    (read_only, serializable)
+}
+
 pub struct Session {
     /// The client's span (user, database, address, workload). The task is
     /// not instrumented with it (entering a span on every poll of every
@@ -229,6 +244,9 @@ pub struct Session {
     /// Fingerprint of `settings`: a server connection carrying the same one
     /// needs no SET at checkout.
     settings_fp: u64,
+    /// `tx_defaults(settings)`, kept with `settings_fp` (see
+    /// `settings_changed`) rather than read from the list per unit.
+    tx_defaults: (bool, bool),
     metrics: ClientMetrics,
     workload_stats: Arc<WorkloadCounters>,
     /// When the current request cycle (up to ReadyForQuery) and the current
@@ -305,6 +323,7 @@ impl Session {
         let cfg = app.config();
         let wl = id.workload.clone().unwrap_or_default();
         let settings_fp = fingerprint(&settings);
+        let tx = tx_defaults(&settings);
         let off = backslash_strings(&settings);
         Session {
             span: tracing::Span::current(),
@@ -313,6 +332,7 @@ impl Session {
             removing: app.removed(&id.database, &id.user).is_some(),
             topo: app.topology(),
             settings_fp,
+            tx_defaults: tx,
             metrics: app.metrics.for_client(&id.database, &id.user, &wl),
             workload_stats: app.workload_counters(&wl),
             info: id.info,
@@ -551,6 +571,12 @@ impl Session {
     /// Picks up a reload: the config and topology in force now. True when
     /// they changed (a target chosen before must be chosen again: replica
     /// indexes and the writer are the old topology's).
+    /// After a change to `settings`: what is derived from them.
+    pub(super) fn settings_changed(&mut self) {
+        self.settings_fp = fingerprint(&self.settings);
+        self.tx_defaults = tx_defaults(&self.settings);
+    }
+
     pub(super) fn refresh_config(&mut self) -> bool {
         let generation = self.app.generation();
         if generation == self.generation {

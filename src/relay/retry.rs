@@ -45,8 +45,7 @@ impl Session {
         if self.recording() {
             if self.replay.len() + msg.len() > REPLAY_MAX {
                 self.replay_state = Replay::Off;
-                self.cout.extend_from_slice(&self.held);
-                self.held.clear();
+                self.release_held();
             } else {
                 self.replay.extend_from_slice(msg);
             }
@@ -117,6 +116,12 @@ impl Session {
         if self.recording() {
             self.replay_state = Replay::Off;
         }
+        self.release_held();
+    }
+
+    /// Notices and ParameterStatus held during a replica read go to the
+    /// client (the read can no longer be retried elsewhere).
+    fn release_held(&mut self) {
         if !self.held.is_empty() {
             self.cout.extend_from_slice(&self.held);
             self.held.clear();

@@ -131,25 +131,13 @@ impl Session {
             (None, None) => return Ok((Target::Primary, Reason::SplitDisabled)),
         };
         let cfg = &self.cfg;
-        // The client's transaction defaults, in one pass over its settings.
-        let (mut default_read_only, mut serializable) = (false, false);
-        for (n, v) in self.settings.iter() {
-            match n.as_str() {
-                "default_transaction_read_only" => default_read_only = matches!(v.as_str(), "on" | "true" | "1" | "yes"),
-                "default_transaction_isolation" => serializable = v.eq_ignore_ascii_case("serializable"),
-                _ => {}
-            }
-        }
+        let (default_read_only, serializable) = self.tx_defaults;
         let s = SessionRoute {
             split: cfg.routing.read_write_split,
             route: self.route_override,
             group,
             groups: &topo.groups,
-            floor: match self.floor_unknown_since {
-                Some(_) => Some(u64::MAX), // no replica has it: the primary
-                None => self.floor,
-            }
-            .filter(|_| cfg.routing.read_your_writes == ReadYourWrites::Lsn),
+            floor: self.routing_floor(),
             default_read_only,
             serializable,
             calls: self.function_calls(a),
@@ -160,6 +148,14 @@ impl Session {
                 format!("no usable replica for workload \"{group}\" and its fallback is \"error\" ({why})"),
             )
         })
+    }
+
+    /// The position a replica must have replayed to serve this client's
+    /// reads (read-your-writes); `u64::MAX` while its write's position is
+    /// unknown (no replica has it: the primary).
+    fn routing_floor(&self) -> Option<u64> {
+        let floor = if self.floor_unknown_since.is_some() { Some(u64::MAX) } else { self.floor };
+        floor.filter(|_| self.cfg.routing.read_your_writes == ReadYourWrites::Lsn)
     }
 
     /// Whether a read calls a VOLATILE function of the database's own.
@@ -232,7 +228,9 @@ impl Session {
     /// counted in flight when the rules have room, never made to wait or
     /// refused (its connection may hold a lock the transactions filling
     /// the budget wait for, and this one may be what releases it).
-    pub(super) fn admit_pinned(&mut self, tag: u8, msg: &[u8]) {
+    /// Returns the unit's analysis when it made one (for `forward`: the
+    /// message is not classified twice).
+    pub(super) fn admit_pinned(&mut self, tag: u8, msg: &[u8]) -> Option<Analysis> {
         let starts = self.server.is_some()
             && self.pinned.is_some()
             && self.admission.is_none()
@@ -241,11 +239,12 @@ impl Session {
             && !self.in_batch
             && matches!(tag, b'Q' | b'P' | b'B' | b'F');
         if !starts {
-            return;
+            return None;
         }
         let a = self.unit_analysis(msg, &self.cin);
         let target = self.bound_target.unwrap_or(Target::Primary);
         self.admission = self.app.limits().try_admit(&self.limit_request(&a, target));
+        Some(a)
     }
 
     /// Counts a routing decision (Prometheus and SHOW WORKLOADS).
@@ -296,10 +295,11 @@ impl Session {
             // in any of its groups.
             let mine = self.workload.as_deref().and_then(|w| self.topo.group(w));
             snap.replicas.get(i).is_some_and(|r| {
-                let member = mine.filter(|m| r.groups.iter().any(|(g, _)| g == m));
-                r.groups.iter().any(|(g, ok)| *ok && member.is_none_or(|m| *g == m))
-                    && self.floor_unknown_since.is_none()
-                    && self.floor.is_none_or(|f| r.replay_lsn >= f || self.cfg.routing.read_your_writes != ReadYourWrites::Lsn)
+                let usable = match mine.filter(|m| r.groups.iter().any(|(g, _)| g == m)) {
+                    Some(m) => r.usable_in(m),
+                    None => r.groups.iter().any(|(_, ok)| *ok),
+                };
+                usable && self.routing_floor().is_none_or(|f| r.replay_lsn >= f)
             })
         };
         match self.bound_target {
@@ -382,16 +382,12 @@ impl Session {
             }
             let pool = match self.pool_for(target) {
                 Ok(pool) => pool,
-                // A replica a reload removed meanwhile: routed again (the
-                // reload may still be installing its config: a pause).
-                Err(SessionError::Pool(PoolError::Retired)) => {
+                // A replica a reload removed meanwhile: routed again at the
+                // top of the loop (the reload may still be installing its
+                // config: a pause).
+                Err(SessionError::Pool(PoolError::Retired)) if retired < 100 => {
                     retired += 1;
-                    if retired > 100 {
-                        return Err(SessionError::Pool(PoolError::Retired));
-                    }
                     tokio::task::yield_now().await;
-                    self.refresh_config();
-                    target = self.choose_target(a, &self.topo.clone()).map_err(|(_, why)| SessionError::Pool(PoolError::Connect(BackendError::NoPrimary(why))))?.0;
                     continue;
                 }
                 Err(e) => return Err(e),

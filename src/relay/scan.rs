@@ -191,7 +191,7 @@ impl Session {
             if self.settings[i].1 != value {
                 // Copy on write: the list may be shared with other clients.
                 Arc::make_mut(&mut self.settings)[i].1 = value;
-                self.settings_fp = super::fingerprint(&self.settings);
+                self.settings_changed();
             }
         }
         // The server now carries exactly this client's settings.

@@ -297,7 +297,7 @@ impl Session {
             if let Some(server) = self.server.as_mut() {
                 // Prepared after the probe was sent: the probe could not see them.
                 server.prepared.retain(|_, tick| *tick > since);
-                for id in list.split(',').filter_map(|n| n.strip_prefix("_pgf_")?.parse::<u64>().ok()) {
+                for id in list.split(',').filter_map(super::stmts::server_id) {
                     server.mark_prepared(id);
                 }
             }
@@ -360,7 +360,7 @@ impl Session {
             }
             (None, None) => {}
         }
-        self.settings_fp = super::fingerprint(&self.settings);
+        self.settings_changed();
         if let Some(server) = self.server.as_mut() {
             server.settings_fp = self.settings_fp;
         }

@@ -241,8 +241,10 @@ impl Session {
         }
         if kind == b'S' && !name.is_empty() && self.tracks_state() {
             // The proxy statement stays cached on servers for other clients.
-            let removed = self.stmts.remove(name).map_or(Closed::Nothing, Closed::Statement);
-            self.closing.push_back((Bytes::copy_from_slice(name), removed));
+            // (The map's own key goes to `closing`; no name is needed to
+            // restore nothing.)
+            let closed = self.stmts.remove_entry(name).map_or((Bytes::new(), Closed::Nothing), |(k, s)| (k, Closed::Statement(s)));
+            self.closing.push_back(closed);
             self.expect.push(Pending::Synth(Synth::CloseComplete));
         } else {
             self.send(msg, Some(Kind::Close(None)));

@@ -24,10 +24,16 @@ pub struct Stmt {
 }
 
 /// How the names of pgfleet's shared statements begin on the servers.
-pub const PREFIX: &[u8] = b"_pgf_";
+const PREFIX_STR: &str = "_pgf_";
+pub const PREFIX: &[u8] = PREFIX_STR.as_bytes();
 
 pub fn server_name(id: u64) -> Bytes {
-    Bytes::from(format!("_pgf_{id}"))
+    Bytes::from(format!("{PREFIX_STR}{id}"))
+}
+
+/// The id in a server name `server_name` made.
+pub fn server_id(name: &str) -> Option<u64> {
+    name.strip_prefix(PREFIX_STR)?.parse().ok()
 }
 
 /// Deduplicates statements across all clients of one pgfleet.

@@ -128,11 +128,11 @@ impl Session {
             }
             b'C' => {
                 let (kind, name) = wire::parse_target(msg)?;
-                let removed = if kind == b'S' { self.virtuals.remove(name) } else { self.virtual_portals.remove(name) };
+                let removed = if kind == b'S' { self.virtuals.remove_entry(name) } else { self.virtual_portals.remove_entry(name) };
                 let handled = removed.is_some();
-                if let Some(v) = removed {
-                    let closed = if kind == b'S' { super::Closed::Virtual(v) } else { super::Closed::Nothing };
-                    self.closing.push_back((Bytes::copy_from_slice(name), closed));
+                if let Some((name, v)) = removed {
+                    let closed = if kind == b'S' { (name, super::Closed::Virtual(v)) } else { (Bytes::new(), super::Closed::Nothing) };
+                    self.closing.push_back(closed);
                     self.expect.push(Pending::Synth(Synth::CloseComplete));
                 }
                 handled

@@ -21,7 +21,7 @@ impl Session {
     /// Nothing under way: no transaction, nothing sent or to send (a
     /// pinned connection may be held).
     fn removed_idle(&self) -> bool {
-        self.cin.is_empty() && self.cout.is_empty() && (self.server.is_none() || (self.status == b'I' && self.is_clean() && self.sin.is_empty()))
+        self.cin.is_empty() && self.cout.is_empty() && (self.server.is_none() || self.between_transactions())
     }
 
     /// Ends the session once it is quiet and idle while pgfleet shuts down

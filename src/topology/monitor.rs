@@ -82,22 +82,23 @@ const CHECK_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_ca
 /// Which server takes writes after this round of checks.
 fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[&Result<Check, String>]) -> Writer {
     let is_primary = |r: &Result<Check, String>| matches!(r, Ok(Check { in_recovery: false, .. }));
+    let promoted = replicas.iter().position(|r| is_primary(r));
     if let Writer::Replica(i) = current {
-        match replicas.get(i) {
-            Some(r) if is_primary(r) => return current,
+        match (replicas.get(i), promoted) {
+            (Some(r), _) if is_primary(r) => return current,
             // Another replica promoted since: the cluster failed over again.
-            _ if replicas.iter().any(|r| is_primary(r)) => return Writer::Replica(replicas.iter().position(|r| is_primary(r)).expect("some")),
+            (_, Some(p)) => return Writer::Replica(p),
             // Out of sight for a round (busy, restarting): still the
             // writer. The old primary answering as a primary meanwhile is
             // the stale one (it lacks the writes made since).
-            Some(Err(_)) => return current,
+            (Some(Err(_)), None) => return current,
             _ => {}
         }
     }
     if is_primary(primary) {
         return Writer::Configured;
     }
-    if let Some(i) = replicas.iter().position(|r| is_primary(r)) {
+    if let Some(i) = promoted {
         return Writer::Replica(i);
     }
     match primary {
@@ -136,7 +137,8 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
     let spec = Arc::new(spec);
     let addrs: Vec<String> = std::iter::once(topo.primary.clone()).chain(topo.replicas.iter().map(|r| r.addr.clone())).collect();
     // Index 0 is the primary. A probe is out (None) while its check runs,
-    // in `checks` (which aborts the checks still out when the monitor stops).
+    // in `checks` (which aborts the checks still out when the monitor stops);
+    // `out` then holds the check's task and the round that started it.
     let mut probes: Vec<Option<Probe>> = addrs.iter().map(|addr| Some(Probe { addr: addr.clone(), client: None })).collect();
     let mut last: Vec<Option<Sample>> = vec![None; probes.len()];
     let mut checks = tokio::task::JoinSet::new();
@@ -150,12 +152,8 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             _ = shutdown.changed() => return,
         }
         let round_start = Instant::now();
-        // The checks this round started (a server whose check is still out
-        // from an earlier round is not waited for).
-        let mut this_round = vec![false; probes.len()];
         for (i, slot) in probes.iter_mut().enumerate() {
             let Some(mut probe) = slot.take() else { continue };
-            this_round[i] = true;
             let spec = spec.clone();
             let task = checks.spawn(async move {
                 let started = Instant::now();
@@ -165,7 +163,9 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             out[i] = Some((task.id(), round_start));
         }
         let deadline = tokio::time::Instant::from_std(round_start + spec.interval);
-        while this_round.contains(&true) {
+        // Only for the checks this round started (a server whose check is
+        // still out from an earlier round is not waited for).
+        while out.iter().flatten().any(|(_, round)| *round == round_start) {
             let next = if first { Ok(checks.join_next_with_id().await) } else { tokio::time::timeout_at(deadline, checks.join_next_with_id()).await };
             let (i, probe, sample) = match next {
                 Ok(Some(Ok((_, done)))) => done,
@@ -178,7 +178,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
                 }
                 _ => break,
             };
-            (probes[i], last[i], out[i], this_round[i]) = (Some(probe), Some(sample), None, false);
+            (probes[i], last[i], out[i]) = (Some(probe), Some(sample), None);
         }
         first = false;
         let sample = |i: usize| last[i].clone().unwrap_or_else(|| Sample::unchecked(round_start));
