@@ -470,10 +470,8 @@ async fn a_reload_that_removes_a_database_ends_its_sessions_once_idle() {
     let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 2").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "the third client waits for a connection");
-    let mut cfg = (*p.app.config()).clone();
-    cfg.databases.retain(|d| d.name != "alias");
     let reloaded = std::time::Instant::now();
-    p.app.apply(cfg);
+    remove_alias(&p);
     let answer = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("the waiting client was answered").unwrap();
     let e = answer.expect_err("no connection for a removed database");
     assert_eq!(sqlstate(&e), "3D000", "{e:?}");
@@ -535,9 +533,7 @@ async fn removing_a_paused_database_answers_its_waiting_clients() {
     let waiting = tokio::spawn(async move { c.simple_query("SELECT 1").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "paused");
-    let mut cfg = (*p.app.config()).clone();
-    cfg.databases.retain(|d| d.name != "alias");
-    p.app.apply(cfg);
+    remove_alias(&p);
     let answer = tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("the waiting client was answered").unwrap();
     assert_eq!(sqlstate(&answer.expect_err("its database is gone")), "3D000");
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
@@ -550,9 +546,7 @@ async fn a_busy_pinned_client_of_a_removed_database_ends_at_its_next_statement()
     let p = start(config("size = 2", "")).await;
     let c = connect_with(&conn_str(&p, "app", "app", "alias")).await.unwrap();
     c.batch_execute("CREATE TEMP TABLE busy_t (v int)").await.unwrap();
-    let mut cfg = (*p.app.config()).clone();
-    cfg.databases.retain(|d| d.name != "alias");
-    p.app.apply(cfg);
+    remove_alias(&p);
     let mut ended = None;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -563,4 +557,11 @@ async fn a_busy_pinned_client_of_a_removed_database_ends_at_its_next_statement()
     }
     let e = ended.expect("the session of a removed database kept running");
     assert_eq!(sqlstate(&e), "3D000", "{e:?}");
+}
+
+/// A reload that removes database "alias".
+fn remove_alias(p: &pgfleet::app::Running) {
+    let mut cfg = (*p.app.config()).clone();
+    cfg.databases.retain(|d| d.name != "alias");
+    p.app.apply(cfg);
 }
