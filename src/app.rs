@@ -375,7 +375,8 @@ impl App {
             Some(spec) => {
                 let (tx, rx) = watch::channel(false);
                 *self.monitor_stop.lock().unwrap() = Some(tx);
-                self.control.spawn(run_monitor(topo, spec, rx));
+                let restarts = self.metrics.background_restarts.with_label_values(&["lag_monitor"]);
+                control::supervise(&self.control, "lag monitor", restarts, move || run_monitor(topo.clone(), spec.clone(), rx.clone()));
             }
             None => {
                 tracing::warn!("no user with a known server password for the lag monitor: replicas stay unused");
@@ -525,7 +526,9 @@ pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Running> 
     let app = App::new(config);
     let cfg = app.config();
     app.create_prewarmed_pools();
-    app.control.spawn(app.clone().maintain());
+    let upkeep = app.clone();
+    let restarts = app.metrics.background_restarts.with_label_values(&["pool_upkeep"]);
+    control::supervise(&app.control, "pool upkeep", restarts, move || upkeep.clone().maintain());
     app.restart_monitor();
     app.preload_catalogs();
     let metrics_addr = match &cfg.admin.metrics_addr {

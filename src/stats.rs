@@ -266,6 +266,8 @@ pub struct Metrics {
     pub replica_lag_bytes: IntGaugeVec,
     pub replica_lag_seconds: prometheus::GaugeVec,
     pub replica_usable: IntGaugeVec,
+    /// Background tasks (lag monitor, pool upkeep) restarted after a panic.
+    pub background_restarts: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &prometheus::Registry, c: T) -> T {
@@ -306,6 +308,7 @@ impl Metrics {
             replica_lag_bytes: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_replica_lag_bytes", "Replay distance behind the primary"), &["replica"]).unwrap()),
             replica_lag_seconds: reg(&r, prometheus::GaugeVec::new(Opts::new("pgfleet_replica_lag_seconds", "Replay delay behind the primary"), &["replica"]).unwrap()),
             replica_usable: reg(&r, IntGaugeVec::new(Opts::new("pgfleet_replica_usable", "1 when the replica serves reads for the group"), &["replica", "group"]).unwrap()),
+            background_restarts: reg(&r, IntCounterVec::new(Opts::new("pgfleet_background_restarts_total", "Background tasks restarted after a panic"), &["task"]).unwrap()),
             registry: r,
         }
     }

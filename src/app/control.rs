@@ -51,3 +51,58 @@ pub(super) fn start() -> Handle {
     });
     handle
 }
+
+/// How long a background task that panicked waits before it runs again.
+const RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs the task `make` builds on `rt`, and builds and runs a new one if it
+/// panics, so one bug cannot stop the lag monitor or the pool upkeep for
+/// good (a frozen lag snapshot would keep routing reads by stale lag). A
+/// task that returns, or is cancelled because its runtime shuts down, is
+/// not run again.
+/// `restarts` counts the panics.
+pub(crate) fn supervise<F, Fut>(rt: &Handle, name: &'static str, restarts: prometheus::IntCounter, make: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let inner = rt.clone();
+    rt.spawn(async move {
+        loop {
+            match inner.spawn(make()).await {
+                Err(e) if e.is_panic() => {
+                    restarts.inc();
+                    tracing::error!(task = name, "background task panicked; it runs again in {RESTART_AFTER:?}");
+                    tokio::time::sleep(RESTART_AFTER).await;
+                }
+                _ => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_panics_runs_again_and_one_that_returns_does_not() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        let restarts = prometheus::IntCounter::new("restarts", "test").unwrap();
+        supervise(&Handle::current(), "test", restarts.clone(), move || {
+            let r = r.clone();
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) < 2 {
+                    panic!("a bug in a background task");
+                }
+            }
+        });
+        tokio::time::sleep(RESTART_AFTER * 10).await;
+        // Two panics, then a run that returned: three runs, no fourth.
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        assert_eq!(restarts.get(), 2);
+    }
+}

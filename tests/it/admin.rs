@@ -246,6 +246,9 @@ async fn metrics_match_the_traffic_sent() {
     assert_eq!(metric(&text, "pgfleet_clients", &[("state", "idle")]), Some(2.0));
     assert!(metric(&text, "pgfleet_client_bytes_sent_total", &l).unwrap() > 0.0);
     assert!(metric(&text, "pgfleet_replica_lag_bytes", &[("replica", "r2")]).is_some());
+    // Exported at zero, so an alert on a restart has a series to watch.
+    assert_eq!(metric(&text, "pgfleet_background_restarts_total", &[("task", "lag_monitor")]), Some(0.0));
+    assert_eq!(metric(&text, "pgfleet_background_restarts_total", &[("task", "pool_upkeep")]), Some(0.0));
     // No SQL text or client addresses in labels.
     assert!(!text.contains("SELECT") && !text.contains("127.0.0.1"));
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
