@@ -238,8 +238,11 @@ async fn wait_idle(app: &App, db: Option<&str>) -> usize {
     }
 }
 
-/// KILL: drop every client and idle server connection of a database.
+/// KILL: drop every client and idle server connection of a database, and
+/// pause it, as PgBouncer does: clients that come back wait for RESUME
+/// (the maintenance a KILL makes room for is not raced by reconnects).
 fn kill(app: &App, db: &str) {
+    app.pause(Some(db));
     let clients: Vec<_> = app.conns.clients.lock().unwrap().values().filter(|c| c.database == db).cloned().collect();
     for c in clients {
         c.signal.raise(crate::stats::KILL);

@@ -113,6 +113,18 @@ impl Session {
                             }
                         }
                     }
+                    if self.app.is_paused(&self.database) {
+                        // PAUSEd while it waited for admission: PAUSE
+                        // returned once the servers were idle, so nothing
+                        // may start now (a switchover may be under way).
+                        // The unit goes back and starts over after RESUME.
+                        self.admission = None;
+                        let mut back = BytesMut::with_capacity(msg.len() + self.cin.len());
+                        back.extend_from_slice(&msg);
+                        back.extend_from_slice(&self.cin);
+                        self.cin = back;
+                        continue;
+                    }
                 }
                 if let Err((code, message)) = self.bind_server(&a, target).await? {
                     self.refuse_unit(h.tag, &code, &message);

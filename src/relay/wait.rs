@@ -13,14 +13,10 @@ use std::time::{Duration, Instant};
 const FREE_BUFFERS_AFTER: Duration = Duration::from_secs(1);
 
 impl Session {
-    /// Nothing bound or buffered: the client may be closed by a drain.
-    pub(super) fn drain_idle(&self) -> bool {
-        self.server.is_none() && self.cin.is_empty() && self.cout.is_empty()
-    }
-
     /// Nothing under way: no transaction, nothing sent or to send (a
-    /// pinned connection may be held).
-    fn removed_idle(&self) -> bool {
+    /// pinned or session-mode connection may be held; the session's end
+    /// resets it). A drain or a removal may end such a session.
+    fn quiet(&self) -> bool {
         self.cin.is_empty() && self.cout.is_empty() && (self.server.is_none() || self.between_transactions())
     }
 
@@ -30,10 +26,10 @@ impl Session {
         if !(shutting_down || self.removing) || self.now.saturating_duration_since(self.last_client_activity) < DRAIN_QUIET {
             return Ok(());
         }
-        if shutting_down && self.drain_idle() {
+        if shutting_down && self.quiet() {
             return Err(SessionError::Shutdown);
         }
-        if self.removing && self.removed_idle() {
+        if self.removing && self.quiet() {
             // Lowered first: a reload removing it again meanwhile raises
             // it anew.
             self.info.signal.clear(REMOVED);
@@ -76,7 +72,7 @@ impl Session {
                 deadline = Some((at, ev));
             }
         };
-        if (shutting_down && self.drain_idle()) || (self.removing && self.removed_idle()) {
+        if (shutting_down || self.removing) && self.quiet() {
             consider(self.last_client_activity + DRAIN_QUIET, Event::Tick);
         }
         if self.server.is_none() && self.holds_buffers() {

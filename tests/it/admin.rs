@@ -195,6 +195,37 @@ async fn pause_resume_and_kill() {
     admin.simple_query("KILL app").await.unwrap();
     let e = victim.simple_query("SELECT 1").await.unwrap_err();
     assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"), "{e}");
+    // A killed database stays paused (PgBouncer's KILL): a client that
+    // comes back waits for RESUME.
+    let back = connect(&p).await;
+    let q = tokio::spawn(async move { back.simple_query("SELECT 43").await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!q.is_finished(), "a killed database holds new transactions until RESUME");
+    admin.simple_query("RESUME app").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), q).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_admitted_during_a_pause_waits_for_resume() {
+    // A rate limit holds a write in admission while PAUSE returns (no
+    // server is busy). When its token comes, the write must still wait for
+    // RESUME: the admin may be switching primaries meanwhile.
+    let c0 = cluster();
+    c0.psql_on(c0.primary, "app", "DROP TABLE IF EXISTS pause_adm_t; CREATE TABLE pause_adm_t (x int); GRANT ALL ON pause_adm_t TO app");
+    let p = start(config("size = 2", "[[limits]]\ndatabase = \"app\"\nrate = 1\nburst = 1\nmax_wait = \"10s\"")).await;
+    let admin = admin_client(&p, "pgfleet").await;
+    let c = connect(&p).await;
+    c.simple_query("SELECT 1").await.unwrap(); // the burst's one token
+    let w = tokio::spawn(async move { c.simple_query("INSERT INTO pause_adm_t VALUES (1)").await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    admin.simple_query("PAUSE app").await.unwrap();
+    // Past the next token (1 per second).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(!w.is_finished(), "admitted during the pause, it ran anyway");
+    assert_eq!(c0.psql_on(c0.primary, "app", "SELECT count(*) FROM pause_adm_t"), "0");
+    admin.simple_query("RESUME app").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), w).await.unwrap().unwrap().unwrap();
+    assert_eq!(c0.psql_on(c0.primary, "app", "SELECT count(*) FROM pause_adm_t"), "1");
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

@@ -32,6 +32,25 @@ async fn shutdown_drains_in_flight_transactions() {
     assert_eq!(n, "2");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_idle_clients_that_hold_a_connection() {
+    // A client pinned by LISTEN (a job queue's listener) and a session-mode
+    // client hold their server connection between transactions: idle all
+    // the same, they are told 57P01 instead of keeping the drain waiting
+    // for its whole grace period.
+    for mode in ["transaction", "session"] {
+        let p = start(config(&format!("size = 2\nmode = \"{mode}\""), "")).await;
+        let c = connect(&p).await;
+        c.batch_execute("LISTEN drain_jobs").await.unwrap();
+        let started = std::time::Instant::now();
+        p.shutdown(Duration::from_secs(20)).await;
+        assert_eq!(p.app.client_count(), 0, "{mode}: the drain waited out its grace");
+        assert!(started.elapsed() < Duration::from_secs(10), "{mode}: {:?}", started.elapsed());
+        let e = c.simple_query("SELECT 1").await.unwrap_err();
+        assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("57P01"), "{mode}: {e}");
+    }
+}
+
 fn conn_str_port(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=2")
 }
