@@ -27,8 +27,10 @@ pub struct Skipped {
 pub enum Kind {
     /// Parse; carries the proxy statement id for named statements.
     Parse(Option<u64>),
-    Bind,
-    Describe,
+    /// Bind; carries the proxy statement id when it binds one.
+    Bind(Option<u64>),
+    /// Describe; carries the proxy statement id when it describes one.
+    Describe(Option<u64>),
     Execute,
     /// Close; carries the proxy statement id when pgfleet evicts one.
     Close(Option<u64>),
@@ -42,16 +44,16 @@ pub enum Kind {
 impl Kind {
     /// Extended-protocol messages after which an error skips to the next Sync.
     pub fn is_extended(self) -> bool {
-        matches!(self, Kind::Parse(_) | Kind::Bind | Kind::Describe | Kind::Execute | Kind::Close(_))
+        matches!(self, Kind::Parse(_) | Kind::Bind(_) | Kind::Describe(_) | Kind::Execute | Kind::Close(_))
     }
 
     /// Does a server message with this tag complete this kind?
     pub fn completed_by(self, tag: u8) -> bool {
         match self {
             Kind::Parse(_) => tag == b'1',
-            Kind::Bind => tag == b'2',
+            Kind::Bind(_) => tag == b'2',
             Kind::Close(_) => tag == b'3',
-            Kind::Describe => tag == b'T' || tag == b'n',
+            Kind::Describe(_) => tag == b'T' || tag == b'n',
             Kind::Execute => matches!(tag, b'C' | b's' | b'I'),
             Kind::Sync | Kind::Query | Kind::FnCall => tag == b'Z',
         }
@@ -204,7 +206,7 @@ mod tests {
         e.push(Pending::Synth(Synth::ParseComplete));
         e.push(Pending::Swallow(Kind::Close(Some(3))));
         e.push(Pending::Synth(Synth::CloseComplete));
-        e.push(Pending::Fwd(Kind::Bind));
+        e.push(Pending::Fwd(Kind::Bind(None)));
         e.push(Pending::Fwd(Kind::Execute));
         e.push(Pending::Fwd(Kind::Sync));
         e.push(Pending::Fwd(Kind::Query));
@@ -224,8 +226,8 @@ mod tests {
 
     #[test]
     fn completion_tags() {
-        assert!(Kind::Describe.completed_by(b'n'));
-        assert!(!Kind::Describe.completed_by(b't'));
+        assert!(Kind::Describe(None).completed_by(b'n'));
+        assert!(!Kind::Describe(None).completed_by(b't'));
         assert!(Kind::Execute.completed_by(b's'));
         assert!(!Kind::Query.completed_by(b'C'));
         assert!(Kind::Query.completed_by(b'Z'));
@@ -234,7 +236,7 @@ mod tests {
     #[test]
     fn synth_at_head_only() {
         let mut e = Expect::default();
-        e.push(Pending::Fwd(Kind::Bind));
+        e.push(Pending::Fwd(Kind::Bind(None)));
         e.push(Pending::Synth(Synth::CloseComplete));
         assert_eq!(e.pop_synth(), None);
         e.pop();

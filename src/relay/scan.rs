@@ -220,10 +220,30 @@ impl Session {
                 false
             }
             Some(Pending::Fwd(k) | Pending::Swallow(k)) if k.is_extended() => {
+                if let Kind::Bind(Some(id)) | Kind::Describe(Some(id)) = k {
+                    if stale_plan(&fields) {
+                        self.retire_statement(id);
+                    }
+                }
                 self.skip_to_sync();
                 true
             }
             _ => true,
+        }
+    }
+
+    /// The server's plan of shared statement `id` no longer fits its
+    /// tables: DDL changed its result type, and PostgreSQL answers every
+    /// Bind of it with 0A000 until it is prepared anew. The client's own
+    /// name keeps failing, as on PostgreSQL (its driver may have cached
+    /// the old result description), but the text is forgotten, so a
+    /// client that prepares it again, as drivers do after this error, gets
+    /// a new statement that each connection plans afresh instead of the
+    /// same stale plan.
+    fn retire_statement(&mut self, id: u64) {
+        if let Some(stmt) = self.stmts.values().find(|s| s.id == id) {
+            tracing::info!(parent: &self.span, statement = %String::from_utf8_lossy(&stmt.server_name), "cached plan must not change result type: the statement is prepared anew at its next Parse");
+            self.app.stmts.retire(stmt);
         }
     }
 
@@ -299,4 +319,13 @@ impl Session {
             }
         }
     }
+}
+
+/// PostgreSQL's "cached plan must not change result type" (0A000 from
+/// RevalidateCachedQuery; the routine name is not translated, the message
+/// may be).
+fn stale_plan(fields: &[(u8, String)]) -> bool {
+    let field = |c: u8| fields.iter().find(|(f, _)| *f == c).map(|(_, v)| v.as_str());
+    field(b'C') == Some("0A000")
+        && (field(b'R') == Some("RevalidateCachedQuery") || field(b'M').is_some_and(|m| m.contains("cached plan must not change result type")))
 }

@@ -209,9 +209,9 @@ impl Session {
             Some(stmt) => {
                 self.count_request(msg);
                 build::bind(&mut self.sout, portal, &stmt.server_name, &msg[tail_at..]);
-                self.expect.push(Pending::Fwd(Kind::Bind));
+                self.expect.push(Pending::Fwd(Kind::Bind(Some(stmt.id))));
             }
-            None => self.send(msg, Some(Kind::Bind)),
+            None => self.send(msg, Some(Kind::Bind(None))),
         }
         Ok(())
     }
@@ -226,9 +226,9 @@ impl Session {
         match stmt {
             Some(stmt) => {
                 build::target(&mut self.sout, b'D', b'S', &stmt.server_name);
-                self.expect.push(Pending::Fwd(Kind::Describe));
+                self.expect.push(Pending::Fwd(Kind::Describe(Some(stmt.id))));
             }
-            None => self.send(msg, Some(Kind::Describe)),
+            None => self.send(msg, Some(Kind::Describe(None))),
         }
         Ok(())
     }

@@ -114,6 +114,20 @@ impl Registry {
         stmt
     }
 
+    /// Forgets `stmt`'s text: the same text again becomes a new statement
+    /// (with a new server name). Clients that hold `stmt` keep it.
+    pub fn retire(&self, stmt: &Stmt) {
+        let mut maps = self.maps.lock().unwrap();
+        let mut removed = 0;
+        for m in maps.spaces.values_mut().flat_map(|p| p.values_mut()).flat_map(|m| m.iter_mut()) {
+            if m.get(&stmt.content).is_some_and(|s| s.id == stmt.id) {
+                m.remove(&stmt.content);
+                removed += 1;
+            }
+        }
+        maps.total -= removed;
+    }
+
     pub fn len(&self) -> usize {
         self.maps.lock().unwrap().total
     }
@@ -150,6 +164,22 @@ mod tests {
         let t1 = r.intern("app", "tenant1", b"select 1\0\0\0", false, |_| Analysis::default());
         assert_ne!(t1.id, a.id);
         assert_eq!(r.intern("app", "tenant1", b"select 1\0\0\0", false, |_| Analysis::default()).id, t1.id);
+    }
+
+    #[test]
+    fn a_retired_statement_is_not_shared_again() {
+        let r = Registry::default();
+        let old = intern(&r, b"select * from t\0\0\0", false);
+        let other = intern(&r, b"select 2\0\0\0", false);
+        r.retire(&old);
+        let new = intern(&r, b"select * from t\0\0\0", false);
+        assert_ne!(new.id, old.id);
+        assert_eq!(intern(&r, b"select * from t\0\0\0", false).id, new.id);
+        assert_eq!(intern(&r, b"select 2\0\0\0", false).id, other.id);
+        assert_eq!(r.len(), 2);
+        // Retired again (another client's error on the old one): the new one stays.
+        r.retire(&old);
+        assert_eq!(intern(&r, b"select * from t\0\0\0", false).id, new.id);
     }
 
     #[test]

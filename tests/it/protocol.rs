@@ -1048,3 +1048,34 @@ async fn a_statement_evicted_and_failed_in_one_batch_is_not_taken_for_prepared()
     c.psql_on(c.primary, "app", &format!("DROP TABLE {table}"));
     assert_eq!(result, (vec!["0".to_string()], vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_again_after_ddl_changed_its_result_type_works() {
+    // PostgreSQL answers a statement whose result type DDL changed with
+    // 0A000 "cached plan must not change result type" until it is prepared
+    // anew, and drivers then prepare it again (pgjdbc, asyncpg, Rails).
+    // Through pgfleet the new statement must not be the shared one with
+    // the stale plan, or the retry fails the same way, for every client.
+    let c0 = cluster();
+    c0.psql_on(c0.primary, "app", "DROP TABLE IF EXISTS plan_t; CREATE TABLE plan_t (a int); INSERT INTO plan_t VALUES (1); GRANT ALL ON plan_t TO app");
+    // One connection: every statement meets the plan made before the DDL.
+    let p = proxy(1).await;
+    let c = connect(&p).await;
+    let old = c.prepare("SELECT * FROM plan_t").await.unwrap();
+    assert_eq!(c.query(&old, &[]).await.unwrap()[0].len(), 1);
+    c0.psql_on(c0.primary, "app", "ALTER TABLE plan_t ADD COLUMN b int DEFAULT 2");
+    // The statement the client prepared before fails, as on PostgreSQL
+    // (the client holds the old result description).
+    let e = c.query(&old, &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
+    // Prepared again: the new columns.
+    let again = c.prepare("SELECT * FROM plan_t").await.unwrap();
+    let row = &c.query(&again, &[]).await.unwrap()[0];
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 2));
+    // So for another client preparing the text now.
+    let d = connect(&p).await;
+    let fresh = d.prepare("SELECT * FROM plan_t").await.unwrap();
+    assert_eq!(d.query(&fresh, &[]).await.unwrap()[0].len(), 2);
+    // And the old one still fails, as on PostgreSQL.
+    assert!(c.query(&old, &[]).await.is_err());
+}
