@@ -60,12 +60,6 @@ impl Session {
             };
             self.note_write(a.class, a.catalog_ddl);
             self.note_opaque(&a);
-            // In a failed transaction the server answers it (25P02), and
-            // the statement stays.
-            if !self.in_failed_transaction() && self.deallocates_protocol_statement(&a) {
-                self.answer_deallocate();
-                return Ok(());
-            }
             if let Some(replacement) = self.note_effects(&a) {
                 build::query(&mut self.sout, &replacement);
                 self.expect.push(Pending::Fwd(Kind::Query));

@@ -282,34 +282,8 @@ impl Session {
             },
             b'H' => {}
             b'S' => build::ready_for_query(&mut self.cout, b'I'),
-            b'Q' if self.tracks_state() && starts_with_word(wire::body(msg), b"deallocate") => {
-                let a = self.analyze(&state::sql_text(wire::body(msg)));
-                if !self.deallocates_protocol_statement(&a) {
-                    return Ok(false);
-                }
-                self.answer_deallocate();
-                self.emit_synth();
-            }
             _ => return Ok(false),
         }
         Ok(true)
-    }
-
-    /// `DEALLOCATE name` naming one of the client's protocol-level statements
-    /// (drivers such as psycopg do this): those live only in pgfleet.
-    pub(super) fn deallocates_protocol_statement(&mut self, a: &crate::router::Analysis) -> bool {
-        match &a.deallocate {
-            Some(name) if a.statements == 1 => {
-                self.stmts.remove(name.as_bytes()).is_some() | self.virtuals.remove(name.as_bytes()).is_some()
-            }
-            _ => false,
-        }
-    }
-
-    pub(super) fn answer_deallocate(&mut self) {
-        let mut b = BytesMut::new();
-        build::command_complete(&mut b, "DEALLOCATE");
-        self.expect.push_payload(b.freeze());
-        self.expect.push(Pending::Synth(Synth::Ready));
     }
 }

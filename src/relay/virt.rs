@@ -1,6 +1,7 @@
 //! Virtual statements: `SET pgfleet.<name>`, `RESET pgfleet.<name>` and
 //! `SHOW pgfleet.<name>` are answered by pgfleet in both protocols and never
-//! reach PostgreSQL. Names: `workload`, `route` (primary | replica | auto),
+//! reach PostgreSQL, and so is `DEALLOCATE` of a client's protocol-level
+//! statement (those live only in pgfleet). Names: `workload`, `route` (primary | replica | auto),
 //! `lsn` (show: the client's read-your-writes floor) and `min_lsn` (set: raise
 //! that floor, to carry it across connections).
 
@@ -15,6 +16,8 @@ use bytes::{Bytes, BytesMut};
 pub enum Virtual {
     Set(String, Option<String>),
     Show(String),
+    /// `DEALLOCATE [PREPARE] name` of one of the client's statements.
+    Deallocate(String),
 }
 
 fn virtual_of(a: &Analysis) -> Option<Virtual> {
@@ -29,8 +32,9 @@ fn virtual_of(a: &Analysis) -> Option<Virtual> {
 
 /// Could this SQL be a virtual statement? (cheap, before classifying)
 fn maybe_virtual(sql: &[u8]) -> bool {
-    (starts_with_word(sql, b"set") || starts_with_word(sql, b"reset") || starts_with_word(sql, b"show"))
-        && sql.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgfleet."))
+    ((starts_with_word(sql, b"set") || starts_with_word(sql, b"reset") || starts_with_word(sql, b"show"))
+        && sql.windows(8).any(|w| w.eq_ignore_ascii_case(b"pgfleet.")))
+        || starts_with_word(sql, b"deallocate")
 }
 
 impl Session {
@@ -39,7 +43,18 @@ impl Session {
         if !maybe_virtual(sql) {
             return None;
         }
-        virtual_of(&self.analyze(&state::sql_text(sql)))
+        let a = self.analyze(&state::sql_text(sql));
+        if let Some(name) = a.deallocate.as_ref().filter(|_| a.statements == 1) {
+            // One of the client's protocol-level statements (drivers such as
+            // psycopg deallocate them with SQL, in a pipeline with the
+            // extended protocol): the server has it under another name.
+            // Others (SQL-level PREPARE, unknown names) go to the server, as
+            // everything does in session mode; in a failed transaction the
+            // server answers it (25P02), and the statement stays.
+            let ours = self.stmts.contains_key(name.as_bytes()) || self.virtuals.contains_key(name.as_bytes());
+            return (ours && self.tracks_state() && !self.in_failed_transaction()).then(|| Virtual::Deallocate(name.clone()));
+        }
+        virtual_of(&a)
     }
 
     /// Answers the message if it is (or refers to) a virtual statement.
@@ -185,6 +200,16 @@ impl Session {
                 build::data_row(&mut b, &[Some(&value)]);
                 build::command_complete(&mut b, "SHOW");
             }),
+            Virtual::Deallocate(name) => {
+                let gone = self.stmts.remove(name.as_bytes()).is_some() | self.virtuals.remove(name.as_bytes()).is_some();
+                if gone {
+                    build::command_complete(&mut b, "DEALLOCATE");
+                    Ok(())
+                } else {
+                    // Gone since its Parse (a second Execute of the portal).
+                    Err((sqlstate::UNDEFINED_PREPARED_STATEMENT, format!("prepared statement \"{name}\" does not exist")))
+                }
+            }
         };
         match result {
             Ok(()) => (b.freeze(), true),
@@ -254,6 +279,6 @@ impl Session {
 fn describe(b: &mut BytesMut, v: &Virtual) {
     match v {
         Virtual::Show(name) => build::row_description(b, &[&format!("pgfleet.{name}")]),
-        Virtual::Set(..) => build::no_data(b),
+        Virtual::Set(..) | Virtual::Deallocate(_) => build::no_data(b),
     }
 }

@@ -1079,3 +1079,55 @@ async fn a_statement_prepared_again_after_ddl_changed_its_result_type_works() {
     // And the old one still fails, as on PostgreSQL.
     assert!(c.query(&old, &[]).await.is_err());
 }
+
+/// Reads to the next ReadyForQuery: the tags on the way (errors by SQLSTATE,
+/// CommandComplete by tag, DataRow by first value).
+async fn tags_to_ready(raw: &mut RawClient) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let (tag, m) = raw.next().await.expect("an answer");
+        seen.push(match tag {
+            b'E' => format!("E {}", pgfleet::wire::error_fields(&m).iter().find(|(c, _)| *c == b'C').map_or("", |(_, v)| v.as_str())),
+            b'C' => format!("C {}", String::from_utf8_lossy(&m[5..m.len() - 1])),
+            b'D' => format!("D {}", String::from_utf8_lossy(&m[11..])),
+            t => (t as char).to_string(),
+        });
+        if tag == b'Z' {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_of_a_protocol_statement_in_the_extended_protocol() {
+    // psycopg 3 in pipeline mode with libpq < 17 evicts its prepared
+    // statements with `DEALLOCATE name` sent as Parse/Bind/Execute. The
+    // server has the statement under pgfleet's name, so pgfleet answers it.
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"_pg3_0\0SELECT 1\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "Z"]);
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"\0DEALLOCATE _pg3_0\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'D', b"P\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    // The name is free again in the same pipeline.
+    out.extend_from_slice(&msg(b'P', b"_pg3_0\0SELECT 2\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0_pg3_0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "2", "n", "C DEALLOCATE", "1", "2", "D 2", "C SELECT 1", "Z"]);
+    // A name the client never prepared goes to the server: 26000.
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"\0DEALLOCATE nope\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "2", "E 26000", "Z"]);
+}
