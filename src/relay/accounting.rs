@@ -13,6 +13,7 @@ impl Session {
         if !matches!(msg[0], b'd' | b'c' | b'f' | b'H') {
             self.cycle_start.get_or_insert(now);
             self.txn_start.get_or_insert(now);
+            self.query_clock.get_or_insert(now);
         }
         let len = msg.len() as u64;
         self.metrics.received.inc_by(len);
@@ -34,7 +35,7 @@ impl Session {
 
     /// ReadyForQuery ended a request cycle (and maybe a transaction).
     pub(super) fn count_cycle_end(&mut self, status: u8) {
-        self.cancel_sent = false;
+        self.statement_done();
         let Some(pool) = &self.bound_pool else { return };
         let now = self.now;
         if let Some(t) = self.cycle_start.take() {
@@ -55,6 +56,16 @@ impl Session {
                 self.metrics.transactions.inc();
             }
         }
+    }
+
+    /// A statement ended (an Execute's or a simple Query's CommandComplete,
+    /// or ReadyForQuery): `timeouts.query` times the next one from now, as
+    /// PostgreSQL's statement_timeout restarts per statement, or nothing
+    /// while nothing is pending (a pipeline that flushed and waits for the
+    /// client's next message is not running a query).
+    pub(super) fn statement_done(&mut self) {
+        self.query_clock = (!self.expect.is_empty()).then_some(self.now);
+        self.cancel_sent = false;
     }
 
     /// Counts bytes that went to the client.

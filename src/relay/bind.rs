@@ -233,6 +233,7 @@ impl Session {
         let mut conn = self.server.take()?;
         // Nothing of this client's is pending: no clock runs on.
         self.cycle_start = None;
+        self.query_clock = None;
         if self.cancel.release() {
             conn.cancel_pending = true;
         }

@@ -253,6 +253,9 @@ pub struct Session {
     /// transaction started.
     cycle_start: Option<Instant>,
     txn_start: Option<Instant>,
+    /// When the statement now running on the server started, for
+    /// `timeouts.query` (see `statement_done`).
+    query_clock: Option<Instant>,
     /// Last time the client sent anything (idle timeouts).
     last_client_activity: Instant,
     /// When the event being handled happened: the clock is read once per
@@ -337,6 +340,7 @@ impl Session {
             workload_stats: app.workload_counters(&wl),
             info: id.info,
             cycle_start: None,
+            query_clock: None,
             txn_start: None,
             last_client_activity: Instant::now(),
             now: Instant::now(),

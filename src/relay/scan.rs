@@ -156,9 +156,15 @@ impl Session {
                     Some(Pending::Swallow(_)) => tag == b'A' || (tag == b'N' && !hidden_query),
                     _ => true,
                 };
+                if tag == b'C' && head == Some(Pending::Fwd(Kind::Query)) {
+                    self.statement_done(); // one of a Query's statements
+                }
                 if let Some(Pending::Fwd(k) | Pending::Swallow(k)) = head {
                     if k.completed_by(tag) {
                         self.expect.pop();
+                        if k == Kind::Execute {
+                            self.statement_done();
+                        }
                         if let Kind::Parse(Some(id)) = k {
                             self.mark_validated(id);
                             if matches!(head, Some(Pending::Fwd(_))) {

@@ -50,7 +50,7 @@ impl Session {
             Some(_) if !self.expect.is_empty() => {
                 let limit = t.query.enabled()?;
                 (!self.cancel_sent).then_some(())?;
-                Some((self.cycle_start? + limit, Timeout::Query))
+                Some((self.query_clock? + limit, Timeout::Query))
             }
             // In a transaction, or in an extended-protocol batch not yet
             // ended by Sync (its implicit transaction is open).

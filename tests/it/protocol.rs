@@ -1082,7 +1082,7 @@ async fn a_statement_prepared_again_after_ddl_changed_its_result_type_works() {
 
 /// Reads to the next ReadyForQuery: the tags on the way (errors by SQLSTATE,
 /// CommandComplete by tag, DataRow by first value).
-async fn tags_to_ready(raw: &mut RawClient) -> Vec<String> {
+pub async fn tags_to_ready(raw: &mut RawClient) -> Vec<String> {
     let mut seen = Vec::new();
     loop {
         let (tag, m) = raw.next().await.expect("an answer");

@@ -84,6 +84,34 @@ async fn query_timeout_covers_each_pipelined_query() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_restarts_per_statement_in_a_pipeline() {
+    // A pipeline (psycopg 3, pgx) sends a statement and a Flush, reads the
+    // result, works for a while and sends the next one before its Sync. The
+    // time between is not a query running: the next statement has the
+    // whole limit, as with PostgreSQL's statement_timeout.
+    use crate::protocol::{msg, tags_to_ready};
+    use tokio::io::AsyncWriteExt;
+    let p = start(config("size = 1", "[timeouts]\nquery = \"700ms\"")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"\0SELECT 1\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'H', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    while raw.next().await.unwrap().0 != b'C' {}
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Shorter than the limit: must run to its end.
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"\0SELECT pg_sleep(0.3)::text || 'done'\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "2", "D done", "C SELECT 1", "Z"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_data_after_a_failed_copy_does_not_start_the_query_clock() {
     // Session mode keeps the connection bound: CopyData the client still
     // sends after the server failed its COPY goes to the server (which
