@@ -52,6 +52,14 @@ pub struct Listen {
     pub unix_socket_dir: Option<String>,
     /// Permissions of the socket file, octal (PgBouncer's `unix_socket_mode`).
     pub unix_socket_mode: String,
+    /// TCP keepalive on client sockets: idle time before the first probe
+    /// ("0s": off). A client host that vanishes without a reset (a crash,
+    /// a partition) is noticed after `tcp_keepalive` + `tcp_keepalive_count`
+    /// x `tcp_keepalive_interval`, and its session, with any transaction
+    /// it held open, ends.
+    pub tcp_keepalive: Dur,
+    pub tcp_keepalive_interval: Dur,
+    pub tcp_keepalive_count: u32,
 }
 
 impl Listen {
@@ -76,6 +84,9 @@ impl Default for Listen {
             max_message_size: Size(64 << 20),
             unix_socket_dir: None,
             unix_socket_mode: "0777".into(),
+            tcp_keepalive: Dur::secs(60),
+            tcp_keepalive_interval: Dur::secs(10),
+            tcp_keepalive_count: 5,
         }
     }
 }

@@ -60,6 +60,9 @@ impl Config {
         if self.listen.unix_socket_dir.as_deref() == Some("") {
             p.push("listen.unix_socket_dir: empty (leave it out for TCP only)".into());
         }
+        if self.listen.tcp_keepalive.enabled().is_some() && (self.listen.tcp_keepalive_interval.enabled().is_none() || self.listen.tcp_keepalive_count == 0) {
+            p.push("listen.tcp_keepalive_interval and listen.tcp_keepalive_count: must be above 0 while listen.tcp_keepalive is on".into());
+        }
         if self.listen.max_message_size.0 < 1024 {
             p.push("listen.max_message_size: must be at least 1kB".into());
         }

@@ -85,6 +85,14 @@ async fn fatal(stream: &mut (impl tokio::io::AsyncWrite + Unpin), code: &str, me
 async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: SocketAddr) {
     if let crate::net::Stream::Tcp(tcp) = &stream {
         let _ = tcp.set_nodelay(true);
+        let l = &app.config().listen;
+        if let Some(idle) = l.tcp_keepalive.enabled() {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(l.tcp_keepalive_interval.0)
+                .with_retries(l.tcp_keepalive_count);
+            let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+        }
     }
     // max_client_conn and the failed-login lockout are checked once the
     // startup packet is read (`startup::handshake`): a CancelRequest is

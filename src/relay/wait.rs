@@ -48,9 +48,14 @@ impl Session {
         let t = &self.cfg.timeouts;
         match &self.server {
             Some(_) if !self.expect.is_empty() => {
-                let limit = t.query.enabled()?;
-                (!self.cancel_sent).then_some(())?;
-                Some((self.query_clock? + limit, Timeout::Query))
+                let query = t.query.enabled().filter(|_| !self.cancel_sent).and_then(|limit| Some((self.query_clock? + limit, Timeout::Query)));
+                // The server waits for the client's COPY data: a client that
+                // sends none holds its transaction open, idle all the same.
+                let copy_idle = t.idle_in_transaction.enabled().filter(|_| self.copy_in).map(|limit| (self.last_client_activity + limit, Timeout::IdleInTransaction));
+                match (query, copy_idle) {
+                    (Some(q), Some(c)) => Some(if c.0 < q.0 { c } else { q }),
+                    (q, c) => q.or(c),
+                }
             }
             // In a transaction, or in an extended-protocol batch not yet
             // ended by Sync (its implicit transaction is open).

@@ -51,6 +51,36 @@ async fn shutdown_ends_idle_clients_that_hold_a_connection() {
     }
 }
 
+/// The kernel's timer of pgfleet's end of the connection from `client`
+/// (`/proc/net/tcp`'s `tr`: "02" is the keepalive timer, "00" none).
+fn tcp_timer(pgfleet: std::net::SocketAddr, client: std::net::SocketAddr) -> String {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let (local, remote) = (format!(":{:04X}", pgfleet.port()), format!(":{:04X}", client.port()));
+    let line = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[1].ends_with(&local) && f[2].ends_with(&remote))
+        .expect("pgfleet's socket of the connection");
+    line[5].split(':').next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sockets_use_tcp_keepalive() {
+    // A client host that vanishes without a reset must not hold its
+    // session (and a transaction it left open) until pgfleet restarts.
+    // The default (on), and listen.tcp_keepalive = "0s" (off).
+    for (keepalive, timer) in [(None, "02"), (Some(Duration::ZERO), "00")] {
+        let mut cfg = config("size = 1", "");
+        if let Some(d) = keepalive {
+            cfg.listen.tcp_keepalive = pgfleet::config::Dur(d);
+        }
+        let p = start(cfg).await;
+        let c = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(tcp_timer(p.addr, c.local_addr().unwrap()), timer, "{keepalive:?}");
+    }
+}
+
 fn conn_str_port(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=2")
 }

@@ -50,6 +50,31 @@ async fn idle_in_transaction_timeout_rolls_back_with_25p03() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_mid_copy_is_idle_in_transaction() {
+    // The server waits for the client's COPY data and the client sends
+    // none: its transaction (and the table's lock) is held open by a client
+    // doing nothing, which idle_in_transaction ends, as between statements.
+    use crate::protocol::msg;
+    use tokio::io::AsyncWriteExt;
+    let p = start(config("size = 1", "[timeouts]\nidle_in_transaction = \"400ms\"")).await;
+    connect(&p).await.batch_execute("DROP TABLE IF EXISTS copy_idle; CREATE TABLE copy_idle (v int)").await.unwrap();
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "COPY copy_idle FROM STDIN");
+    raw.stream.write_all(&out).await.unwrap();
+    while raw.next().await.unwrap().0 != b'G' {}
+    raw.stream.write_all(&msg(b'd', b"1\n")).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(raw.error_code().await.as_deref(), Some("25P03"));
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+    assert!(raw.next().await.is_none(), "connection closed");
+    // Nothing was copied, and the one pooled connection serves again.
+    let c = connect(&p).await;
+    let n: i64 = c.query_one("SELECT count(*) FROM copy_idle", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_idle_timeout_disconnects_with_57p05() {
     let p = start(config("size = 1", "[timeouts]\nclient_idle = \"300ms\"")).await;
     let mut raw = RawClient::login(&p, "app", "app").await;
