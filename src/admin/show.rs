@@ -93,10 +93,16 @@ fn pools(app: &App) -> Table {
         r.sv_login += st.total.saturating_sub(st.idle + active);
         r.longest_wait = r.longest_wait.max(p.longest_wait());
     }
+    let now = crate::stats::now_us();
     for c in app.conns.clients.lock().unwrap().values() {
         let r = rows.entry((c.database.clone(), c.user.clone())).or_default();
         match c.state.load(Ordering::Relaxed) {
-            CLIENT_WAITING => r.cl_waiting += 1,
+            CLIENT_WAITING => {
+                r.cl_waiting += 1;
+                // Also a wait for RESUME or for admission, outside any pool's queue.
+                let waited = now.saturating_sub(c.wait_since_us.load(Ordering::Relaxed));
+                r.longest_wait = r.longest_wait.max(std::time::Duration::from_micros(waited));
+            }
             // PgBouncer's cl_active: linked to a server connection, or idle
             // with no query waiting.
             _ => r.cl_active += 1,

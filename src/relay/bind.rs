@@ -197,6 +197,7 @@ impl Session {
     /// RESUME that will not come.
     pub(super) async fn wait_while_paused(&mut self) -> Result<(), SessionError> {
         let app = self.app.clone();
+        let was = self.mark_waiting();
         while app.is_paused(&self.database) {
             let resumed = app.resumed.notified();
             tokio::pin!(resumed);
@@ -225,7 +226,19 @@ impl Session {
                 return Err(SessionError::Pool(PoolError::Connect(e)));
             }
         }
+        self.info.state.store(was, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Shows the client as waiting (SHOW POOLS `cl_waiting` and `maxwait`,
+    /// SHOW CLIENTS) while it waits for something other than a connection:
+    /// a PAUSE, admission under `[[limits]]`. Returns the state to restore.
+    pub(super) fn mark_waiting(&self) -> u8 {
+        let was = self.info.state.swap(CLIENT_WAITING, Ordering::Relaxed);
+        if was != CLIENT_WAITING {
+            self.info.wait_since_us.store(crate::stats::unix_us_at(self.now), Ordering::Relaxed);
+        }
+        was
     }
 
     /// Takes the bound connection and the pool it belongs to.

@@ -150,9 +150,11 @@ impl Session {
         // Boxed: only configurations with limits pay for this future. The
         // client's input is set aside while the (shared) session is
         // borrowed by the wait.
+        let was = self.mark_waiting();
         let mut cin = std::mem::take(&mut self.cin);
         let admitted = Box::pin(wait::watching(&self.client, &self.info.signal, &mut cin, self.admit(a, target))).await;
         self.cin = cin;
+        self.info.state.store(was, Ordering::Relaxed);
         Ok(admitted?.map(|adm| self.admission = Some(adm)))
     }
 }

@@ -188,6 +188,13 @@ async fn pause_resume_and_kill() {
     let q = tokio::spawn(async move { c.simple_query("SELECT 42").await.map(|_| ()) });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!q.is_finished(), "a paused database holds new transactions");
+    // Shown as waiting, for as long as it has (what a switchover's
+    // dashboards watch).
+    let (_, rows) = show(&admin, "POOLS").await;
+    let r = rows.iter().find(|r| r["database"] == "app" && r["user"] == "app").expect("app pool row");
+    assert_eq!(r["cl_waiting"], "1", "{r:?}");
+    let waited = r["maxwait"].parse::<u64>().unwrap() * 1_000_000 + r["maxwait_us"].parse::<u64>().unwrap();
+    assert!(waited >= 250_000, "{r:?}");
     admin.simple_query("RESUME app").await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(5), q).await.unwrap().unwrap().unwrap();
     let victim = connect(&p).await;
