@@ -247,6 +247,7 @@ impl Session {
         // Nothing of this client's is pending: no clock runs on.
         self.cycle_start = None;
         self.query_clock = None;
+        self.unsettled.clear();
         if self.cancel.release() {
             conn.cancel_pending = true;
         }

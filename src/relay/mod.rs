@@ -144,6 +144,11 @@ pub struct Session {
     /// after an error leaves no name behind, as on PostgreSQL.
     /// With the number of Syncs sent before it (its batch).
     parsing: std::collections::VecDeque<(Bytes, Option<u64>, u32)>,
+    /// Shared statements whose Parse or Close pgfleet sent on the bound
+    /// connection on its own, unanswered yet, with their batch (`syncs_sent`):
+    /// an error earlier in that batch makes the server skip them, so a later
+    /// batch, already sent, cannot count on them (see `settled`).
+    unsettled: Vec<(u64, u32)>,
     /// Syncs forwarded so far (wrapping): which batch a Parse is in.
     syncs_sent: u32,
     /// This transaction changed search_path (SET, SET LOCAL, RESET): until
@@ -372,6 +377,7 @@ impl Session {
             settings,
             stmts: HashMap::new(),
             parsing: Default::default(),
+            unsettled: Vec::new(),
             syncs_sent: 0,
             search_path_unsettled: false,
             held: BytesMut::new(),

@@ -165,6 +165,9 @@ impl Session {
                         if k == Kind::Execute {
                             self.statement_done();
                         }
+                        if let (Some(Pending::Swallow(_)), Kind::Parse(Some(id)) | Kind::Close(Some(id))) = (head, k) {
+                            self.settle(id);
+                        }
                         if let Kind::Parse(Some(id)) = k {
                             self.mark_validated(id);
                             if matches!(head, Some(Pending::Fwd(_))) {
@@ -274,6 +277,9 @@ impl Session {
         // transaction.
         if skipped.not_prepared.iter().any(|id| skipped.not_closed.contains(id)) {
             self.resync_prepared = true;
+        }
+        for id in skipped.not_prepared.iter().chain(&skipped.not_closed) {
+            self.settle(*id);
         }
         if let Some(server) = self.server.as_mut() {
             for id in skipped.not_prepared {

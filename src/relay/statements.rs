@@ -59,7 +59,7 @@ impl Session {
             return Ok(());
         }
         let stmt = self.intern(rewritten.as_deref().unwrap_or(content));
-        let here = self.server.as_mut().expect("bound").touch_prepared(stmt.id);
+        let here = self.server.as_mut().expect("bound").touch_prepared(stmt.id) && self.settled(stmt.id);
         if here && self.in_failed_transaction() && a.tx != TxControl::End {
             // Answered here it would succeed, where PostgreSQL refuses it in
             // a failed transaction and creates no name.
@@ -109,15 +109,47 @@ impl Session {
         }
     }
 
+    /// Whether this batch can count on what the bound connection has of
+    /// statement `id`: not while pgfleet's own Parse or Close of it in an
+    /// earlier batch is unanswered (an error there made the server skip it,
+    /// or not).
+    fn settled(&self, id: u64) -> bool {
+        !self.unsettled.iter().any(|(i, batch)| *i == id && *batch != self.syncs_sent)
+    }
+
+    /// pgfleet's own Parse or Close of `id` was answered or skipped.
+    pub(super) fn settle(&mut self, id: u64) {
+        if let Some(i) = self.unsettled.iter().position(|(x, _)| *x == id) {
+            self.unsettled.remove(i);
+        }
+    }
+
     /// Sends Parse for a proxy statement, evicting the LRU one if full.
     pub(super) fn prepare_on_server(&mut self, stmt: &Stmt, swallow: bool) {
         let limit = self.cfg.pool.prepared_statements_cache;
+        let settled = self.settled(stmt.id);
+        let batch = self.syncs_sent;
         let server = self.server.as_mut().expect("bound");
+        if !settled {
+            server.prepared.remove(&stmt.id);
+        }
         if let Some(victim) = server.lru_victim(limit) {
             server.prepared.remove(&victim);
             build::target(&mut self.sout, b'C', b'S', &stmts::server_name(victim));
             self.expect
                 .push(Pending::Swallow(Kind::Close(Some(victim))));
+            self.unsettled.push((victim, batch));
+        }
+        if !settled {
+            // Whether an earlier batch left it there or not: closed first
+            // (closing a statement that does not exist is no error), so the
+            // Parse cannot fail with 42P05 either way.
+            build::target(&mut self.sout, b'C', b'S', &stmt.server_name);
+            self.expect.push(Pending::Swallow(Kind::Close(Some(stmt.id))));
+            self.unsettled.push((stmt.id, batch));
+        }
+        if swallow {
+            self.unsettled.push((stmt.id, batch));
         }
         server.mark_prepared(stmt.id);
         if let Some(pool) = &self.bound_pool {
@@ -156,7 +188,7 @@ impl Session {
                 self.note_effects(&stmt.analysis);
             }
         }
-        if !self.server.as_mut().expect("bound").touch_prepared(stmt.id) {
+        if !self.server.as_mut().expect("bound").touch_prepared(stmt.id) || !self.settled(stmt.id) {
             self.prepare_on_server(&stmt, true);
         }
         Some(stmt)

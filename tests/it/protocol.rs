@@ -1131,3 +1131,48 @@ async fn deallocate_of_a_protocol_statement_in_the_extended_protocol() {
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(tags_to_ready(&mut raw).await, ["1", "2", "E 26000", "Z"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_in_a_failed_batch_works_in_the_next_pipelined_one() {
+    // pgfleet prepares a client's statement on a connection lazily, with a
+    // Parse of its own in front of the Bind. When an error earlier in that
+    // batch makes the server skip it, a batch the client pipelined behind
+    // it (libpq pipelines, pgx batches) must not count on it being there.
+    let p = start(config("size = 1\nprepared_statements_cache = 1", "")).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    // s1 and s2 prepared; the cache of one keeps only s2 on the connection.
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"s1\0SELECT 1\0\0\0"));
+    out.extend_from_slice(&msg(b'P', b"s2\0SELECT 2\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "1", "Z"]);
+    let mut out = BytesMut::new();
+    // Batch 1: an error, then s1 (prepared again, skipped with the rest).
+    out.extend_from_slice(&msg(b'P', b"\0SELECT 1/0\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    // Batch 2, sent before batch 1's answers came: s1 again, and s2,
+    // whose eviction batch 1 also skipped.
+    out.extend_from_slice(&msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0s2\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    // (1/0 is folded when planned: the Bind fails.)
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "E 22012", "Z"]);
+    assert_eq!(tags_to_ready(&mut raw).await, ["2", "D 1", "C SELECT 1", "2", "D 2", "C SELECT 1", "Z"]);
+    // And after.
+    let mut out = BytesMut::new();
+    for name in [b"s1", b"s2"] {
+        out.extend_from_slice(&msg(b'B', &[b"\0".as_slice(), name, b"\0\0\0\0\0\0\0"].concat()));
+        out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    }
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["2", "D 1", "C SELECT 1", "2", "D 2", "C SELECT 1", "Z"]);
+}
