@@ -142,8 +142,9 @@ pub struct Session {
     /// their proxy statement (None: a virtual one). A name exists once its
     /// ParseComplete reaches the client; a Parse that fails or is skipped
     /// after an error leaves no name behind, as on PostgreSQL.
-    /// With the number of Syncs sent before it (its batch).
-    parsing: std::collections::VecDeque<(Bytes, Option<u64>, u32)>,
+    /// With the number of Syncs sent before it (its batch), and its place
+    /// among the client's Parses and Closes (`name_seq`).
+    parsing: std::collections::VecDeque<(Bytes, Option<u64>, u32, u64)>,
     /// Shared statements whose Parse or Close pgfleet sent on the bound
     /// connection on its own, unanswered yet, with their batch (`syncs_sent`):
     /// an error earlier in that batch makes the server skip them, so a later
@@ -163,7 +164,10 @@ pub struct Session {
     /// Close messages pgfleet answers itself, oldest first, with what each
     /// removed: put back if the server skips it (an error earlier in the
     /// batch), as PostgreSQL would not have run it.
-    closing: std::collections::VecDeque<(Bytes, Closed)>,
+    /// With its place among the client's Parses and Closes.
+    closing: std::collections::VecDeque<(Bytes, Closed, u64)>,
+    /// Counts the client's named Parses and Closes (see `undo_names`).
+    name_seq: u64,
     /// The client's unnamed statement (transaction mode): the Parse as sent
     /// and its analysis. It outlives a Sync on PostgreSQL (Go's lib/pq
     /// sends Parse/Describe/Sync, then Bind/Execute/Sync), but the
@@ -382,6 +386,7 @@ impl Session {
             search_path_unsettled: false,
             held: BytesMut::new(),
             closing: Default::default(),
+            name_seq: 0,
             unnamed: None,
             unnamed_here: false,
             cancel,

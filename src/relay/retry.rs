@@ -147,12 +147,7 @@ impl Session {
         self.drop_lost_connection("server connection failed (read retried elsewhere)");
         self.app.metrics.errors.with_label_values(&["retried"]).inc();
         // The names its Parses create again, and its Closes close again.
-        while !self.parsing.is_empty() {
-            self.forget_parsed();
-        }
-        while let Some(closed) = self.closing.pop_back() {
-            self.unclose(closed);
-        }
+        self.undo_names(self.parsing.len(), self.closing.len());
         self.in_batch = false;
         self.copy_in_ext = false;
         self.copy_in = false;

@@ -292,42 +292,47 @@ impl Session {
                 server.prepared.insert(id, 0);
             }
         }
-        for _ in 0..skipped.client_parses {
-            self.forget_parsed();
-        }
-        for _ in 0..skipped.client_closes {
-            if let Some(closed) = self.closing.pop_front() {
-                self.unclose(closed);
-            }
-        }
+        self.undo_names(skipped.client_parses, skipped.client_closes);
     }
 
-    /// A Close pgfleet answered did not happen after all: the name is back
-    /// (unless a later Parse took it).
-    pub(super) fn unclose(&mut self, (name, closed): (bytes::Bytes, super::Closed)) {
-        match closed {
-            super::Closed::Statement(s) => {
-                self.stmts.entry(name).or_insert(s);
-            }
-            super::Closed::Virtual(v) => {
-                self.virtuals.entry(name).or_insert(v);
-            }
-            super::Closed::Nothing => {}
+    /// The client's oldest `parses` unanswered named Parses and `closes`
+    /// Closes did not happen after all (the server skipped them after an
+    /// error, or a read retry sends them again). Undone newest first, so a
+    /// name parsed then closed among them is gone, and one closed then
+    /// parsed again is back as it was, as on PostgreSQL; a name a later
+    /// Parse took keeps that one.
+    pub(super) fn undo_names(&mut self, parses: usize, closes: usize) {
+        enum Undo {
+            Parse(bytes::Bytes, Option<u64>),
+            Close(bytes::Bytes, super::Closed),
         }
-    }
-
-    /// The oldest unanswered named Parse of the client failed or was
-    /// skipped: its name does not exist (unless a later Parse took it).
-    pub(super) fn forget_parsed(&mut self) {
-        let Some((name, id, _)) = self.parsing.pop_front() else { return };
-        match id {
-            Some(id) => {
-                if self.stmts.get(&name).is_some_and(|s| s.id == id) {
-                    self.stmts.remove(&name);
+        let mut undo = Vec::with_capacity(parses + closes);
+        for (name, id, _, seq) in self.parsing.drain(..parses.min(self.parsing.len())) {
+            undo.push((seq, Undo::Parse(name, id)));
+        }
+        for (name, closed, seq) in self.closing.drain(..closes.min(self.closing.len())) {
+            undo.push((seq, Undo::Close(name, closed)));
+        }
+        undo.sort_unstable_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        for (_, u) in undo {
+            match u {
+                // The name does not exist (unless a later Parse took it).
+                Undo::Parse(name, Some(id)) => {
+                    if self.stmts.get(&name).is_some_and(|s| s.id == id) {
+                        self.stmts.remove(&name);
+                    }
                 }
-            }
-            None => {
-                self.virtuals.remove(&name);
+                Undo::Parse(name, None) => {
+                    self.virtuals.remove(&name);
+                }
+                // The name is back (unless a later Parse took it).
+                Undo::Close(name, super::Closed::Statement(s)) => {
+                    self.stmts.entry(name).or_insert(s);
+                }
+                Undo::Close(name, super::Closed::Virtual(v)) => {
+                    self.virtuals.entry(name).or_insert(v);
+                }
+                Undo::Close(_, super::Closed::Nothing) => {}
             }
         }
     }

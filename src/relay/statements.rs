@@ -68,7 +68,8 @@ impl Session {
         }
         let name = Bytes::copy_from_slice(name);
         self.stmts.insert(name.clone(), stmt.clone());
-        self.parsing.push_back((name, Some(stmt.id), self.syncs_sent));
+        self.name_seq += 1;
+        self.parsing.push_back((name, Some(stmt.id), self.syncs_sent, self.name_seq));
         if here {
             self.expect.push(Pending::Synth(Synth::ParseComplete));
         } else {
@@ -84,7 +85,7 @@ impl Session {
     pub(super) fn statement_exists(&self, name: &[u8]) -> bool {
         !name.is_empty()
             && (self.stmts.contains_key(name) || self.virtuals.contains_key(name))
-            && !self.parsing.iter().any(|(n, _, batch)| n == name && *batch != self.syncs_sent)
+            && !self.parsing.iter().any(|(n, _, batch, _)| n == name && *batch != self.syncs_sent)
     }
 
     pub(super) fn duplicate_statement(&mut self, name: &[u8]) {
@@ -275,8 +276,9 @@ impl Session {
             // The proxy statement stays cached on servers for other clients.
             // (The map's own key goes to `closing`; no name is needed to
             // restore nothing.)
-            let closed = self.stmts.remove_entry(name).map_or((Bytes::new(), Closed::Nothing), |(k, s)| (k, Closed::Statement(s)));
-            self.closing.push_back(closed);
+            let (name, closed) = self.stmts.remove_entry(name).map_or((Bytes::new(), Closed::Nothing), |(k, s)| (k, Closed::Statement(s)));
+            self.name_seq += 1;
+            self.closing.push_back((name, closed, self.name_seq));
             self.expect.push(Pending::Synth(Synth::CloseComplete));
         } else {
             self.send(msg, Some(Kind::Close(None)));

@@ -80,7 +80,8 @@ impl Session {
                     wire::parse_parse(msg)?; // answered here: validate it whole
                     let name = Bytes::copy_from_slice(name);
                     self.virtuals.insert(name.clone(), v);
-                    self.parsing.push_back((name, None, self.syncs_sent));
+                    self.name_seq += 1;
+                    self.parsing.push_back((name, None, self.syncs_sent, self.name_seq));
                     self.expect.push(Pending::Synth(Synth::ParseComplete));
                     true
                 } else {
@@ -146,8 +147,9 @@ impl Session {
                 let removed = if kind == b'S' { self.virtuals.remove_entry(name) } else { self.virtual_portals.remove_entry(name) };
                 let handled = removed.is_some();
                 if let Some((name, v)) = removed {
-                    let closed = if kind == b'S' { (name, super::Closed::Virtual(v)) } else { (Bytes::new(), super::Closed::Nothing) };
-                    self.closing.push_back(closed);
+                    let (name, closed) = if kind == b'S' { (name, super::Closed::Virtual(v)) } else { (Bytes::new(), super::Closed::Nothing) };
+                    self.name_seq += 1;
+                    self.closing.push_back((name, closed, self.name_seq));
                     self.expect.push(Pending::Synth(Synth::CloseComplete));
                 }
                 handled

@@ -1176,3 +1176,41 @@ async fn a_statement_prepared_in_a_failed_batch_works_in_the_next_pipelined_one(
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(tags_to_ready(&mut raw).await, ["2", "D 1", "C SELECT 1", "2", "D 2", "C SELECT 1", "Z"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_parsed_and_closed_in_a_failed_batch_end_as_on_postgres() {
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    // A Parse that fails, and a Close of the same name in its batch (skipped):
+    // the name was never created, so it is free.
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"s1\0SELEC 1\0\0\0"));
+    out.extend_from_slice(&msg(b'C', b"Ss1\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["E 42601", "Z"]);
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"s1\0SELECT 1\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "2", "D 1", "C SELECT 1", "Z"]);
+    // A Close of it and a Parse of the name again, both skipped after an
+    // error: it is the statement it was.
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"\0SELEC\0\0\0"));
+    out.extend_from_slice(&msg(b'C', b"Ss1\0"));
+    out.extend_from_slice(&msg(b'P', b"s1\0SELECT 2\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["E 42601", "Z"]);
+    // (Read first: a batch pipelined behind the failing one names the
+    // statements as if it had succeeded; see the README.)
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["2", "D 1", "C SELECT 1", "Z"]);
+}
