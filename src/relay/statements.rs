@@ -106,8 +106,11 @@ impl Session {
             self.fail_server_transaction(false);
         } else {
             self.cout.extend_from_slice(&e);
-            self.discard_to_sync = true;
         }
+        // The rest of the batch is not looked at either: nothing in it may
+        // be answered by pgfleet or take effect (a virtual SET) where the
+        // server would skip it.
+        self.discard_to_sync = true;
     }
 
     /// Whether this batch can count on what the bound connection has of

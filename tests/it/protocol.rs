@@ -1214,3 +1214,32 @@ async fn names_parsed_and_closed_in_a_failed_batch_end_as_on_postgres() {
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(tags_to_ready(&mut raw).await, ["2", "D 1", "C SELECT 1", "Z"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_after_pgfleets_own_error_in_a_batch_takes_effect() {
+    // pgfleet's own error in a batch (here 42P05, a name the client has)
+    // ends the batch as a server error would: a virtual SET after it is
+    // neither answered nor applied.
+    let p = proxy(1).await;
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"s1\0SELECT 1\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "Z"]);
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&msg(b'P', b"\0SELECT 1\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'P', b"s1\0SELECT 1\0\0\0"));
+    out.extend_from_slice(&msg(b'P', b"\0SET pgfleet.route = 'primary'\0\0\0"));
+    out.extend_from_slice(&msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'E', b"\0\0\0\0\0"));
+    out.extend_from_slice(&msg(b'S', b""));
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["1", "2", "D 1", "C SELECT 1", "E 42P05", "Z"]);
+    let mut out = BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SHOW pgfleet.route");
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(tags_to_ready(&mut raw).await, ["T", "D auto", "C SHOW", "Z"]);
+}
