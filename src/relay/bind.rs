@@ -322,8 +322,14 @@ impl Session {
             // are undone: the connection no longer carries its settings.
             conn.settings_fp = 0;
         }
-        // Code that may have set settings out of sight ran, unchecked.
-        let unknown_settings = self.opaque_settings || self.discard_conn;
+        // Code that may have set settings out of sight ran, or settings the
+        // client changed were not read back yet (it left, or was ended,
+        // before its state check): unchecked.
+        let unknown_settings = self.opaque_settings
+            || self.discard_conn
+            || !self.dirty.is_empty()
+            || !self.resets.is_empty()
+            || !self.opaque_names.is_empty();
         if ok && (self.mode == PoolMode::Session || was_pinned || unknown_settings) {
             ok = conn.run_silently("DISCARD ALL", limit).await.is_ok();
             conn.prepared.clear();

@@ -45,20 +45,24 @@ impl Probe {
 }
 
 /// Session state still held by the server connection, as one count.
-const HELD_STATE_SQL: &str = "((SELECT count(*) FROM pg_catalog.pg_listening_channels()) \
-     + (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
-     + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
-     + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
-     + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
-     + (SELECT count(*) FROM pg_catalog.pg_proc WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
-     + (SELECT count(*) FROM pg_catalog.pg_type WHERE typnamespace = pg_catalog.pg_my_temp_schema()))::text";
+/// Every name qualified: a client's `search_path` may put its own schema
+/// before pg_catalog, and a `count` or `+` of its own must not make held
+/// state look gone (the client would be unpinned with a lock held).
+const HELD_STATE_SQL: &str = "((SELECT pg_catalog.count(*) FROM pg_catalog.pg_listening_channels()) \
+     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks \
+         WHERE locktype OPERATOR(pg_catalog.=) 'advisory' AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()) \
+     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
+     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+     OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()))::pg_catalog.text";
 
 /// The settings the session itself set (SET, set_config), by name.
 const SESSION_NAMES_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ','), '') \
-     FROM pg_catalog.pg_settings WHERE source = 'session')";
+     FROM pg_catalog.pg_settings WHERE source OPERATOR(pg_catalog.=) 'session')";
 
 const OUR_STATEMENTS_SQL: &str = "(SELECT coalesce(pg_catalog.string_agg(name, ','), '') \
-     FROM pg_catalog.pg_prepared_statements WHERE name LIKE '\\_pgf\\_%')";
+     FROM pg_catalog.pg_prepared_statements WHERE name OPERATOR(pg_catalog.~~) '\\_pgf\\_%')";
 
 /// Appends the names `list` does not have yet.
 pub(super) fn add_names(list: &mut Vec<String>, names: impl IntoIterator<Item = String>) {
@@ -201,6 +205,10 @@ impl Session {
             }
             guesses = self.dirty.len();
             let mut candidates = std::mem::take(&mut self.opaque_names);
+            // pg_settings does not list these two (GUC_NO_SHOW_ALL): a
+            // SET ROLE in a DO block or a function would stay on the
+            // connection for the next client, with this one's privileges.
+            candidates.extend(["role".to_string(), "session_authorization".to_string()]);
             match self.app.catalogs.setting_names(&self.database) {
                 Some(names) => candidates.extend(names.iter().cloned()),
                 None => self.discard_conn = true,
@@ -281,6 +289,14 @@ impl Session {
         for (i, name) in probe.names.into_iter().enumerate() {
             let value = it.next().flatten();
             let unset = value.as_deref().map_or(true, str::is_empty);
+            let default = match name.as_str() {
+                "role" => value.as_deref() == Some("none"),
+                "session_authorization" => value.as_deref() == Some(self.user.as_str()),
+                _ => false,
+            };
+            if i >= probe.guesses && default && !self.settings.iter().any(|(n, _)| *n == name) {
+                continue; // the login's own: nothing to carry or reset
+            }
             if i >= probe.guesses && unset && !self.settings.iter().any(|(n, _)| *n == name) {
                 // Not set (or set empty) by the code: nothing to carry.
                 // The connection's value is reset for the next client.

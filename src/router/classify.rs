@@ -62,8 +62,9 @@ pub struct Analysis {
     /// `SHOW pgfleet.<name>`.
     pub proxy_show: Option<String>,
     pub statements: usize,
-    /// Reads only: `name_hash` of each function name called (the routing
-    /// asks the function catalog whether one may write). Empty for writes.
+    /// `name_hash` of each function name called: for a read, the routing
+    /// asks the function catalog whether one may write; for any statement,
+    /// whether one may change session state (settings, locks) out of sight.
     pub calls: Vec<u32>,
     /// Creates, changes or drops functions (or extensions): the function
     /// catalog is stale once its transaction ends.
@@ -184,9 +185,6 @@ pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: boo
     }
     if a.statements == 0 {
         a.class = Class::Write;
-    }
-    if a.class == Class::Write {
-        a.calls = Vec::new();
     }
     a
 }
@@ -394,16 +392,15 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
                 continue;
             }
             Tok::Ident(name) if !name.bytes().any(|c| c.is_ascii_uppercase() || c == b'"') => name,
+            Tok::Ident(_) if names_a_table(t, i) => continue,
             Tok::Ident(name) => {
-                if *read {
-                    // `"a""b"` names the function a"b.
-                    let h = if name.contains('"') {
-                        name_hash(name.replace("\"\"", "\"").as_bytes(), false)
-                    } else {
-                        name_hash(name.as_bytes(), false)
-                    };
-                    a.add_call(h);
-                }
+                // `"a""b"` names the function a"b.
+                let h = if name.contains('"') {
+                    name_hash(name.replace("\"\"", "\"").as_bytes(), false)
+                } else {
+                    name_hash(name.as_bytes(), false)
+                };
+                a.add_call(h);
                 continue;
             }
             _ => continue,
@@ -411,7 +408,7 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
         if word_is_write_function(name, extra) {
             *read = false;
         }
-        if *read && !(matches!(t[i], Tok::Word(_)) && grammar_word(name)) {
+        if !(matches!(t[i], Tok::Word(_)) && (grammar_word(name) || names_a_table(t, i))) {
             a.add_call(name_hash(name.as_bytes(), matches!(t[i], Tok::Word(_))));
         }
         if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
@@ -431,6 +428,17 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
     }
 }
 
+/// Whether the name at `i`, before a parenthesis, is a table's (with its
+/// column list): `INSERT INTO [s.]t (a, b)`, `CREATE TABLE t (`, ...
+fn names_a_table(t: &[Tok], i: usize) -> bool {
+    let before = match i.checked_sub(1).map(|j| &t[j]) {
+        Some(Tok::Punct(b'.')) => i.checked_sub(3).map(|j| &t[j]),
+        other => other,
+    };
+    let mut buf = [0u8; 12];
+    matches!(before, Some(Tok::Word(w)) if matches!(keyword(w, &mut buf), b"INTO" | b"TABLE" | b"ONLY" | b"REFERENCES" | b"UPDATE" | b"EXISTS"))
+}
+
 /// Words the grammar puts before a parenthesis that are not calls of the
 /// application's functions (`IN (`, `EXISTS (`, `numeric(10, 2)`, ...).
 fn grammar_word(w: &str) -> bool {
@@ -446,6 +454,7 @@ fn grammar_word(w: &str) -> bool {
             | b"VARCHAR" | b"CHAR" | b"CHARACTER" | b"VARYING" | b"TIMESTAMP" | b"TIME" | b"INTERVAL"
             | b"BIT" | b"FLOAT" | b"POSITION" | b"SUBSTRING" | b"TRIM" | b"OVERLAY" | b"EXTRACT"
             | b"XMLELEMENT" | b"XMLFOREST" | b"XMLPARSE" | b"XMLSERIALIZE" | b"NORMALIZE" | b"TREAT"
+            | b"SET" | b"CONFLICT" | b"KEY" | b"UNIQUE" | b"CHECK" | b"RETURNING" | b"DEFAULT"
     )
 }
 

@@ -404,9 +404,16 @@ fn reads_name_the_functions_they_call() {
     let grammar = "SELECT CAST(x AS numeric(10, 2)), coalesce(a, b) FROM (SELECT 1) s \
                    WHERE a IN (1, 2) AND EXISTS (SELECT 1) AND b = ANY($1) OR c IN (VALUES (1))";
     assert!(classify(grammar, &[]).calls.is_empty());
-    // Writes go to the primary anyway: nothing to look up.
-    assert!(classify("SELECT f(1); DELETE FROM t", &[]).calls.is_empty());
-    assert!(classify("SELECT nextval('s'), f(1)", &[]).calls.is_empty());
+    // Writes name them too: a function may change session state (a
+    // setting, a lock) whatever the statement calling it does.
+    assert_eq!(classify("SELECT f(1); DELETE FROM t", &[]).calls, vec![h("f")]);
+    assert_eq!(classify("SELECT nextval('s'), f(1)", &[]).calls, vec![h("nextval"), h("f")]);
+    let w = classify("INSERT INTO orders (a, b) VALUES (app.set_tenant('42'), 1) ON CONFLICT (a) DO UPDATE SET (b) = (g(2))", &[]);
+    assert_eq!((w.class, w.calls), (Class::Write, vec![h("set_tenant"), h("g")]));
+    // A table's column list is not a call.
+    for sql in ["INSERT INTO s.t (a) VALUES (1)", "INSERT INTO \"T\" (a) VALUES (1)", "UPDATE ONLY t SET (a, b) = (1, 2)", "CREATE TABLE IF NOT EXISTS t (a int UNIQUE, CHECK (a > 0))"] {
+        assert!(classify(sql, &[]).calls.is_empty(), "{sql}: {:?}", classify(sql, &[]).calls);
+    }
 }
 
 #[test]

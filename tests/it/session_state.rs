@@ -649,3 +649,62 @@ async fn settings_reach_the_server_intact_whatever_encoding_the_last_client_used
         assert_eq!(crate::protocol::read_cycle(&mut latin).await.1, Vec::<String>::new());
     }
 }
+
+/// Waits until the function catalog of `app` is loaded.
+async fn catalog_loaded(p: &pgfleet::app::Running) {
+    for _ in 0..100 {
+        if p.app.catalogs.is_loaded("app") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the function catalog did not load");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changed_out_of_sight_by_writes_and_do_blocks_stays_with_its_client() {
+    let c = cluster();
+    tokio::task::block_in_place(|| {
+        c.psql_on(
+            c.primary,
+            "app",
+            "CREATE OR REPLACE FUNCTION set_tenant_w(t text) RETURNS text LANGUAGE sql AS $$ SELECT pg_catalog.set_config('tenant_w.id', t, false) $$; \
+             DROP TABLE IF EXISTS tenant_w_log; CREATE TABLE tenant_w_log (t text); GRANT ALL ON tenant_w_log TO app; \
+             DO $$BEGIN CREATE ROLE pgf_tenant_role; EXCEPTION WHEN duplicate_object THEN NULL; END$$; GRANT pgf_tenant_role TO app",
+        )
+    });
+    // One connection: every client lands on the same server session.
+    let p = proxy(1).await;
+    catalog_loaded(&p).await;
+    let a = connect(&p).await;
+    let b = connect(&p).await;
+    // A function called by a write sets a setting for the session (a
+    // tenant id that row-level security reads).
+    let tenant = "SELECT coalesce(current_setting('tenant_w.id', true), '')";
+    a.batch_execute("INSERT INTO tenant_w_log SELECT set_tenant_w('42')").await.unwrap();
+    assert_eq!(one(&b, tenant).await, "", "another client must not see the setting");
+    assert_eq!(one(&a, tenant).await, "42", "the setting stays with its client");
+    // SET ROLE in a DO block: the next client must not run with its
+    // privileges.
+    a.batch_execute("DO $$BEGIN SET ROLE pgf_tenant_role; END$$").await.unwrap();
+    assert_eq!(one(&b, "SELECT current_user").await, "app");
+    assert_eq!(one(&a, "SELECT current_user").await, "pgf_tenant_role");
+    a.batch_execute("RESET ROLE").await.unwrap();
+    assert_eq!(one(&a, "SELECT current_user").await, "app");
+    // A client that leaves before its SET was read back (pipelined behind
+    // it: a transaction it leaves open): the next one does not get it.
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SET tenant_w.id = 'left'");
+    pgfleet::wire::build::query(&mut out, "BEGIN; SELECT 1");
+    raw.stream.write_all(&out).await.unwrap();
+    let mut readies = 0;
+    while readies < 2 {
+        if raw.next().await.unwrap().0 == b'Z' {
+            readies += 1;
+        }
+    }
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(one(&b, tenant).await, "");
+}
