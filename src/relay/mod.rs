@@ -219,6 +219,9 @@ pub struct Session {
     route_override: Option<RouteHint>,
     /// Read-your-writes floor: primary LSN at the client's last write.
     floor: Option<u64>,
+    /// The floor the client raised itself (`SET pgfleet.min_lsn`, to carry
+    /// another connection's writes); RESET forgets it, not its own writes.
+    min_lsn: Option<u64>,
     /// The LSN of a write could not be read (the check after it failed
     /// twice): reads go to the primary until a primary position read after
     /// this instant is known, which then becomes the floor.
@@ -409,6 +412,7 @@ impl Session {
             workload: id.workload,
             route_override: None,
             floor: None,
+            min_lsn: None,
             floor_unknown_since: None,
             wrote: false,
             opaque_settings: false,

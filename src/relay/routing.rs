@@ -154,8 +154,36 @@ impl Session {
     /// reads (read-your-writes); `u64::MAX` while its write's position is
     /// unknown (no replica has it: the primary).
     fn routing_floor(&self) -> Option<u64> {
-        let floor = if self.floor_unknown_since.is_some() { Some(u64::MAX) } else { self.floor };
+        let floor = if self.floor_unknown_since.is_some() { Some(u64::MAX) } else { self.known_floor() };
         floor.filter(|_| self.cfg.routing.read_your_writes == ReadYourWrites::Lsn)
+    }
+
+    /// The client's own writes' floor and the one it raised, whichever is
+    /// higher (the own one may be unknown: see `floor_unknown_since`).
+    pub(super) fn known_floor(&self) -> Option<u64> {
+        match (self.floor, self.min_lsn) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// `SHOW pgfleet.lsn` must wait: a write of the client's (or code that
+    /// may write) has not ended, or its position is being read. Its answer
+    /// is what another connection of the client's passes to
+    /// `SET pgfleet.min_lsn`, so it must cover that write.
+    pub(super) fn lsn_pending(&self, next: &[u8]) -> bool {
+        if !(self.wrote || self.probe.as_ref().is_some_and(|p| p.lsn)) {
+            return false;
+        }
+        let sql = match next[0] {
+            b'Q' => wire::body(next),
+            b'P' => match wire::parse_parse_name(next) {
+                Ok((_, content)) => content,
+                Err(_) => return false,
+            },
+            _ => return false,
+        };
+        matches!(self.classify_virtual(sql), Some(super::virt::Virtual::Show(n)) if n == "lsn" || n == "min_lsn")
     }
 
     /// Whether a read calls a VOLATILE function of the database's own.
@@ -280,6 +308,9 @@ impl Session {
         // instead of waiting for a release that never comes.
         if self.status != b'I' || self.in_batch || (self.pinned.is_some() && self.is_clean()) {
             return false;
+        }
+        if self.lsn_pending(next) {
+            return true;
         }
         let to_replica = |s: &Self| {
             let a = s.unit_analysis(next, &s.cin[next.len()..]);

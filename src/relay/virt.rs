@@ -39,7 +39,7 @@ fn maybe_virtual(sql: &[u8]) -> bool {
 
 impl Session {
     /// `sql`: raw text up to NUL; only decoded when it can be virtual.
-    fn classify_virtual(&self, sql: &[u8]) -> Option<Virtual> {
+    pub(super) fn classify_virtual(&self, sql: &[u8]) -> Option<Virtual> {
         if !maybe_virtual(sql) {
             return None;
         }
@@ -250,14 +250,12 @@ impl Session {
             }
             ("min_lsn", Some(l)) => {
                 let lsn = parse_lsn(l).ok_or_else(|| {
-                    (sqlstate::INVALID_PARAMETER_VALUE, format!("invalid value for pgfleet.min_lsn: \"{l}\" (use an LSN like 0/16B3748)"))
+                    (sqlstate::INVALID_PARAMETER_VALUE, format!("invalid value for pgfleet.min_lsn: \"{l}\" (use a quoted LSN like '0/16B3748')"))
                 })?;
-                self.floor = Some(self.floor.unwrap_or(0).max(lsn));
+                self.min_lsn = Some(self.min_lsn.unwrap_or(0).max(lsn));
             }
-            ("min_lsn", None) => {
-                self.floor = None;
-                self.floor_unknown_since = None;
-            }
+            // The floor of the client's own writes stays.
+            ("min_lsn", None) => self.min_lsn = None,
             (other, _) => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
         }
         Ok(())
@@ -272,7 +270,25 @@ impl Session {
                 _ => "auto",
             }
             .to_string(),
-            "lsn" | "min_lsn" => format_lsn(self.floor.unwrap_or(0)),
+            "lsn" | "min_lsn" => {
+                if let Some(since) = self.floor_unknown_since {
+                    // The last write's position could not be read: the
+                    // primary's, read after it, covers it (as `settle_floor`).
+                    let snap = self.topo.snapshot();
+                    match snap.primary_seen_at {
+                        Some(seen) if seen > since + std::time::Duration::from_secs(1) => {
+                            return Ok(format_lsn(self.known_floor().unwrap_or(0).max(snap.primary_lsn)));
+                        }
+                        _ => {
+                            return Err((
+                                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                                "the position of this session's last write is not known yet (reading it failed); ask again in a few seconds".into(),
+                            ))
+                        }
+                    }
+                }
+                format_lsn(self.known_floor().unwrap_or(0))
+            }
             other => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
         })
     }

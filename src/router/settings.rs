@@ -88,7 +88,9 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
         let value = match t.get(v) {
             _ if is_word(t.get(v), "DEFAULT") => None,
             Some(Tok::Str(s)) | Some(Tok::Word(s)) | Some(Tok::Ident(s)) => Some(s.to_string()),
-            _ => None,
+            // Not a value pgfleet takes (an unquoted LSN is a number, a
+            // slash, ...): refused as invalid, never taken for a RESET.
+            _ => Some(String::new()),
         };
         a.proxy_set = Some((name, value));
         return true;

@@ -864,3 +864,40 @@ async fn a_server_lost_during_the_check_after_a_write_does_not_end_the_client_se
     // Once the monitor has read the primary's position after it: replicas.
     wait_port(&client, c.replicas[0], Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_lsn_covers_a_write_pipelined_before_it_and_min_lsn_keeps_the_own_floor() {
+    // SHOW pgfleet.lsn is what an application hands to another connection
+    // (SET pgfleet.min_lsn) to read its own write there: sent right behind
+    // the write, before the write's position was read, it must still
+    // cover it.
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let p = routing_proxy("size = 3", "10s", "lsn").await;
+    connect(&p).await.batch_execute("CREATE TABLE IF NOT EXISTS lsn_pipe (v int)").await.unwrap();
+    let before = tokio::task::block_in_place(|| c.psql_on(c.primary, "app", "SELECT pg_current_wal_insert_lsn()"));
+    let mut raw = RawClient::login(&p, "app", "app").await;
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "INSERT INTO lsn_pipe VALUES (1)");
+    pgfleet::wire::build::query(&mut out, "SHOW pgfleet.lsn");
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![], vec![]));
+    let (rows, errors) = crate::protocol::read_cycle(&mut raw).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let shown = pgfleet::topology::parse_lsn(&rows[0]).unwrap();
+    assert!(shown > pgfleet::topology::parse_lsn(&before).unwrap(), "{} does not cover the write after {before}", rows[0]);
+    // An unquoted LSN is refused, not taken for a RESET; a RESET forgets
+    // the floor the client raised, not its own write's.
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SET pgfleet.min_lsn = 0/1");
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await.1, vec!["22023".to_string()]);
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "SET pgfleet.min_lsn = 'FFFF/0'");
+    pgfleet::wire::build::query(&mut out, "RESET pgfleet.min_lsn");
+    pgfleet::wire::build::query(&mut out, "SHOW pgfleet.lsn");
+    raw.stream.write_all(&out).await.unwrap();
+    crate::protocol::read_cycle(&mut raw).await;
+    crate::protocol::read_cycle(&mut raw).await;
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![rows[0].clone()], vec![]));
+}
