@@ -116,12 +116,9 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
         if assigned_default || zone {
             a.reset_names.push(name.clone());
         }
-        // A session made serializable reads on the primary (a standby
-        // refuses it): set there, its value is known before the next
-        // statement is routed (a replica's connection would take it first).
-        let isolation = name == "default_transaction_isolation";
+        let routing = routes_by(&name);
         a.set_names.push(name);
-        return !isolation;
+        return !routing;
     }
     true
 }
@@ -157,11 +154,23 @@ pub(super) fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
     } else {
         let n = dotted_name(t, 1);
         if !n.is_empty() {
+            let routing = routes_by(&n);
             a.set_names.push(n.clone());
             a.reset_names.push(n);
+            return !routing;
         }
     }
     true
+}
+
+/// Settings that decide where the session's transactions go: a session
+/// made serializable reads on the primary (a standby refuses it), one made
+/// read-only sends its transactions to replicas. Set (or reset) on the
+/// primary, their value is known before the next statement is routed: set
+/// on a replica, a BEGIN pipelined behind would be routed, and bound to that
+/// replica, by the old value.
+fn routes_by(name: &str) -> bool {
+    matches!(name, "default_transaction_isolation" | "default_transaction_read_only")
 }
 
 /// Adds the custom settings (`a.b`, lower-cased) that this code sets for the

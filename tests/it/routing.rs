@@ -901,3 +901,29 @@ async fn show_lsn_covers_a_write_pipelined_before_it_and_min_lsn_keeps_the_own_f
     crate::protocol::read_cycle(&mut raw).await;
     assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![rows[0].clone()], vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_pipelined_behind_a_read_only_default_change_is_routed_by_the_new_value() {
+    // A session that starts read-only by default turns that off and,
+    // without waiting, writes in a transaction (libpq pipeline mode). The
+    // BEGIN must be routed by the new default, not bound to a replica by
+    // the old one.
+    let _shared = REPLICAS.read().await;
+    let p = routing_proxy("size = 3", "10s", "off").await;
+    connect(&p).await.batch_execute("CREATE TABLE IF NOT EXISTS ro_default (v int)").await.unwrap();
+    let mut startup = bytes::BytesMut::new();
+    pgfleet::wire::startup::startup_message(
+        &mut startup,
+        &[("user", "app"), ("database", "app"), ("options", "-c default_transaction_read_only=on")],
+    );
+    let (mut raw, _) = RawClient::login_with(&p, &startup, "app").await;
+    let mut out = bytes::BytesMut::new();
+    for sql in ["SET default_transaction_read_only = off", "BEGIN", "INSERT INTO ro_default VALUES (1)", "COMMIT"] {
+        pgfleet::wire::build::query(&mut out, sql);
+    }
+    raw.stream.write_all(&out).await.unwrap();
+    for _ in 0..4 {
+        let (_, errors) = crate::protocol::read_cycle(&mut raw).await;
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+}
