@@ -369,6 +369,9 @@ struct LagState {
     /// (WAL the primary never had: a standby left on the old timeline by a
     /// failover). Kept until it streams on the primary's timeline.
     diverged: Vec<Option<u64>>,
+    /// How old the primary's last reading may be before it is overdue
+    /// (set by the monitor: three check intervals). None: never.
+    fresh_for: Option<Duration>,
 }
 
 /// How many of a standby's readings are kept (see `LagState::readings`).

@@ -143,6 +143,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
     let mut last: Vec<Option<Sample>> = vec![None; probes.len()];
     let mut checks = tokio::task::JoinSet::new();
     let mut out: Vec<Option<(tokio::task::Id, Instant)>> = vec![None; probes.len()];
+    topo.memory.lock().unwrap().lag.fresh_for = Some(spec.interval * 3);
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
@@ -236,6 +237,10 @@ pub(super) fn build_snapshot(
         }
     }
     let primary_reachable = seen.is_some();
+    let overdue = match lag.fresh_for {
+        Some(fresh) if seen.is_some() => now.saturating_duration_since(primary_at).saturating_sub(fresh),
+        _ => Duration::ZERO,
+    };
     let primary_lsn = lag.history.back().map(|(l, _)| *l).unwrap_or(0);
     lag.readings.resize(topo.replicas.len(), Default::default());
     lag.diverged.resize(topo.replicas.len(), None);
@@ -297,7 +302,14 @@ pub(super) fn build_snapshot(
                     continue;
                 }
                 st.lag_bytes = primary_lsn.saturating_sub(st.replay_lsn);
-                let lag_time = lag.lag_time(st.replay_lsn, now);
+                let lag_time = match lag.lag_time(st.replay_lsn, now) {
+                    // The primary's check is overdue (a slow or hung
+                    // primary, often one that is busy, when replicas fall
+                    // behind): what it wrote since its last reading is not
+                    // known, so no replica counts as fresher than that.
+                    Ok(t) => Ok(t.max(overdue)),
+                    unknown => unknown,
+                };
                 st.lag = lag_time.unwrap_or_else(|at_least| at_least);
                 let mut why = Vec::new();
                 st.groups = info
@@ -517,6 +529,23 @@ mod tests {
         let snap = build_snapshot(&t, &mut lag, &s(on(2, false, 4100), 150, 300), &[r(on(1, true, 5200)), r(on(2, true, 4100))], ms(306));
         assert_eq!(usable(&snap), [false, true]);
         assert!(snap.replicas[0].excluded_because.as_deref().is_some_and(|w| w.starts_with("diverged")), "{:?}", snap.replicas[0]);
+    }
+
+    #[test]
+    fn replicas_count_as_lagging_while_the_primarys_check_is_overdue() {
+        let t = topo();
+        let mut lag = LagState { excluded: vec![vec![false]; 2], fresh_for: Some(Duration::from_millis(200)), ..Default::default() };
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Fresh readings: no lag.
+        let s = snap(&t, &mut lag, (&at(false, 5000), ms(0)), &[at(true, 5000), at(true, 5000)], ms(50));
+        assert_eq!(s.replicas[0].lag, Duration::ZERO);
+        // The primary's next check hangs: 12 s later its last reading is
+        // all there is. A replica at that position may lack 12 s of writes
+        // (over the group's 10 s budget).
+        let s = snap(&t, &mut lag, (&at(false, 5000), ms(0)), &[at(true, 5000), at(true, 5000)], ms(12_000));
+        assert_eq!(s.replicas[0].lag, Duration::from_millis(11_800));
+        assert_eq!(usable(&s), [false, false]);
     }
 
     #[test]
