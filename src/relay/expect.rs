@@ -119,6 +119,17 @@ impl Expect {
         self.q.is_empty()
     }
 
+    /// Something sent to the server since the last message that ends a
+    /// cycle (Sync, Query) is still unanswered: an error in it would make
+    /// the server skip what follows in the batch.
+    pub fn batch_pending(&self) -> bool {
+        self.q
+            .iter()
+            .rev()
+            .take_while(|p| !matches!(p, Pending::Fwd(k) | Pending::Swallow(k) if k.ends_cycle()))
+            .any(|p| !matches!(p, Pending::Synth(_)))
+    }
+
     /// Only pgfleet's own messages are unanswered (the state check after
     /// a transaction): the client has had every answer it waits for.
     pub fn only_hidden(&self) -> bool {
@@ -222,6 +233,21 @@ mod tests {
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Sync)));
         assert_eq!(e.complete_cycle(), (Some(Pending::Fwd(Kind::Sync)), Skipped::default()));
         assert_eq!(e.front(), Some(Pending::Fwd(Kind::Query)));
+    }
+
+    #[test]
+    fn a_batch_is_pending_while_something_sent_in_it_is_unanswered() {
+        let mut e = Expect::default();
+        assert!(!e.batch_pending());
+        e.push(Pending::Fwd(Kind::Bind(None)));
+        assert!(e.batch_pending());
+        e.push(Pending::Fwd(Kind::Sync));
+        // The next batch has sent nothing yet.
+        assert!(!e.batch_pending());
+        e.push(Pending::Synth(Synth::ParseComplete));
+        assert!(!e.batch_pending());
+        e.push(Pending::Abort);
+        assert!(e.batch_pending());
     }
 
     #[test]

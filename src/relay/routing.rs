@@ -225,11 +225,24 @@ impl Session {
 
     fn may_change_settings(&self, a: &Analysis) -> bool {
         let refresh = self.cfg.routing.function_catalog_refresh.0;
-        self.tracks_state()
-            && (a.opaque
-                || (!a.calls.is_empty()
-                    && !refresh.is_zero()
-                    && self.app.function_verdict(&self.database, &a.calls, refresh, self.now) != Calls::Safe))
+        if !self.tracks_state() {
+            return false;
+        }
+        if a.opaque {
+            return true;
+        }
+        if a.calls.is_empty() || refresh.is_zero() {
+            return false;
+        }
+        match self.app.function_verdict(&self.database, &a.calls, refresh, self.now) {
+            Calls::Safe => false,
+            Calls::Volatile => true,
+            // Catalog not loaded: a read is checked (it went to the primary
+            // for the same reason); a write only once the catalog tells
+            // (every write calling now() or nextval() would otherwise close
+            // its connection after it: see `probe_sql`).
+            Calls::Unknown => a.class == Class::Read,
+        }
     }
 
     /// Admission under the `[[limits]]` rules matching this transaction.
@@ -306,11 +319,16 @@ impl Session {
         // on that connection): once no check that could unpin it is under
         // way, its write runs there and gets the server's read-only error
         // instead of waiting for a release that never comes.
+        // SHOW pgfleet.lsn behind a write still being answered (a COMMIT
+        // pipelined before it, in a transaction) or checked: it waits for
+        // the answers, which need nothing more from the client (not in an
+        // extended batch whose Sync it has not sent: that could wait for
+        // ever). In a transaction with nothing pending, the floor as it is.
+        if !self.in_batch && !self.expect.is_empty() && self.lsn_pending(next) {
+            return true;
+        }
         if self.status != b'I' || self.in_batch || (self.pinned.is_some() && self.is_clean()) {
             return false;
-        }
-        if self.lsn_pending(next) {
-            return true;
         }
         let to_replica = |s: &Self| {
             let a = s.unit_analysis(next, &s.cin[next.len()..]);

@@ -133,6 +133,11 @@ impl Session {
         let limit = self.cfg.pool.prepared_statements_cache;
         let settled = self.settled(stmt.id);
         let batch = self.syncs_sent;
+        // Only what may be skipped is unsettled: with nothing of its batch
+        // before it still unanswered, no error can make the server skip it
+        // (and a pipeline that keeps batches in flight does not prepare
+        // again in each one).
+        let risky = self.expect.batch_pending();
         let server = self.server.as_mut().expect("bound");
         if !settled {
             server.prepared.remove(&stmt.id);
@@ -142,7 +147,9 @@ impl Session {
             build::target(&mut self.sout, b'C', b'S', &stmts::server_name(victim));
             self.expect
                 .push(Pending::Swallow(Kind::Close(Some(victim))));
-            self.unsettled.push((victim, batch));
+            if risky {
+                self.unsettled.push((victim, batch));
+            }
         }
         if !settled {
             // Whether an earlier batch left it there or not: closed first
@@ -150,9 +157,11 @@ impl Session {
             // Parse cannot fail with 42P05 either way.
             build::target(&mut self.sout, b'C', b'S', &stmt.server_name);
             self.expect.push(Pending::Swallow(Kind::Close(Some(stmt.id))));
-            self.unsettled.push((stmt.id, batch));
+            if risky {
+                self.unsettled.push((stmt.id, batch));
+            }
         }
-        if swallow {
+        if swallow && risky {
             self.unsettled.push((stmt.id, batch));
         }
         server.mark_prepared(stmt.id);

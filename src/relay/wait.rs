@@ -51,7 +51,10 @@ impl Session {
                 let query = t.query.enabled().filter(|_| !self.cancel_sent).and_then(|limit| Some((self.query_clock? + limit, Timeout::Query)));
                 // The server waits for the client's COPY data: a client that
                 // sends none holds its transaction open, idle all the same.
-                let copy_idle = t.idle_in_transaction.enabled().filter(|_| self.copy_in).map(|limit| (self.last_client_activity + limit, Timeout::IdleInTransaction));
+                // (Not while what it sent is still on its way to a server
+                // that does not read it: then the server is the slow one,
+                // and pgfleet may have stopped reading the client.)
+                let copy_idle = t.idle_in_transaction.enabled().filter(|_| self.copy_in && self.sout.is_empty()).map(|limit| (self.last_client_activity + limit, Timeout::IdleInTransaction));
                 match (query, copy_idle) {
                     (Some(q), Some(c)) => Some(if c.0 < q.0 { c } else { q }),
                     (q, c) => q.or(c),

@@ -378,7 +378,7 @@ fn explains_a_query(t: &[Tok]) -> bool {
 /// Looks at every function call: writers, session pins, releases, set_config.
 fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
     for i in 0..t.len().saturating_sub(1) {
-        if t[i + 1] != Tok::Punct(b'(') {
+        if t[i + 1] != Tok::Punct(b'(') || names_a_table(t, i) {
             continue;
         }
         let name = match t[i] {
@@ -392,7 +392,6 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
                 continue;
             }
             Tok::Ident(name) if !name.bytes().any(|c| c.is_ascii_uppercase() || c == b'"') => name,
-            Tok::Ident(_) if names_a_table(t, i) => continue,
             Tok::Ident(name) => {
                 // `"a""b"` names the function a"b.
                 let h = if name.contains('"') {
@@ -408,7 +407,7 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
         if word_is_write_function(name, extra) {
             *read = false;
         }
-        if !(matches!(t[i], Tok::Word(_)) && (grammar_word(name) || names_a_table(t, i))) {
+        if !(matches!(t[i], Tok::Word(_)) && grammar_word(name)) {
             a.add_call(name_hash(name.as_bytes(), matches!(t[i], Tok::Word(_))));
         }
         if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {

@@ -83,10 +83,11 @@ const TABLE: &[(&str, Class)] = &[
     ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", W),
     ("START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE", W),
     ("SET search_path TO x; BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", W),
-    ("SET default_transaction_isolation = 'serializable'", W),
-    ("SET default_transaction_read_only = off", W),
-    ("RESET default_transaction_read_only", W),
-    ("RESET default_transaction_isolation", W),
+    // Sent to the primary as reads (see the routing_defaults test).
+    ("SET default_transaction_isolation = 'serializable'", R),
+    ("SET default_transaction_read_only = off", R),
+    ("RESET default_transaction_read_only", R),
+    ("RESET default_transaction_isolation", R),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", W),
     ("COMMIT", R),
     ("ROLLBACK", R),
@@ -414,7 +415,7 @@ fn reads_name_the_functions_they_call() {
     let w = classify("INSERT INTO orders (a, b) VALUES (app.set_tenant('42'), 1) ON CONFLICT (a) DO UPDATE SET (b) = (g(2))", &[]);
     assert_eq!((w.class, w.calls), (Class::Write, vec![h("set_tenant"), h("g")]));
     // A table's column list is not a call.
-    for sql in ["INSERT INTO s.t (a) VALUES (1)", "INSERT INTO \"T\" (a) VALUES (1)", "UPDATE ONLY t SET (a, b) = (1, 2)", "CREATE TABLE IF NOT EXISTS t (a int UNIQUE, CHECK (a > 0))"] {
+    for sql in ["INSERT INTO s.t (a) VALUES (1)", "INSERT INTO \"T\" (a) VALUES (1)", "INSERT INTO \"polls_question\" (\"a\") VALUES ($1)", "UPDATE ONLY t SET (a, b) = (1, 2)", "CREATE TABLE IF NOT EXISTS t (a int UNIQUE, CHECK (a > 0))"] {
         assert!(classify(sql, &[]).calls.is_empty(), "{sql}: {:?}", classify(sql, &[]).calls);
     }
 }
@@ -450,4 +451,17 @@ fn standard_conforming_strings_off() {
     // With it on (the default), a backslash is an ordinary character.
     assert_eq!(classify_as("SELECT 'a\\', 1", &[], false).class, R);
     assert_eq!(classify("SELECT 'x\\'; SELECT pg_advisory_lock(1) --'", &[]).pin, Some("a session-level advisory lock (pg_advisory_lock)"));
+}
+
+#[test]
+fn settings_that_route_transactions_are_set_on_the_primary() {
+    for sql in [
+        "SET default_transaction_isolation = 'serializable'",
+        "SET default_transaction_read_only = off",
+        "RESET default_transaction_read_only",
+        "RESET default_transaction_isolation",
+    ] {
+        assert_eq!(classify(sql, &[]).route_hint, Some(RouteHint::Primary), "{sql}");
+    }
+    assert_eq!(classify("SET search_path = a", &[]).route_hint, None);
 }

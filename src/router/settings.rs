@@ -2,7 +2,7 @@
 //! `pgfleet.*` virtual settings), `set_config(...)` calls, and the custom
 //! settings a block of code (a DO block, a function body) sets.
 
-use super::classify::{is_word, Analysis};
+use super::classify::{is_word, Analysis, RouteHint};
 use super::lex::Tok;
 
 /// `set_config('name', value, is_local)`: session-level when is_local is false.
@@ -116,9 +116,11 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
         if assigned_default || zone {
             a.reset_names.push(name.clone());
         }
-        let routing = routes_by(&name);
+        if routes_by(&name) {
+            a.route_hint = Some(RouteHint::Primary);
+        }
         a.set_names.push(name);
-        return !routing;
+        return true;
     }
     true
 }
@@ -154,10 +156,11 @@ pub(super) fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
     } else {
         let n = dotted_name(t, 1);
         if !n.is_empty() {
-            let routing = routes_by(&n);
+            if routes_by(&n) {
+                a.route_hint = Some(RouteHint::Primary);
+            }
             a.set_names.push(n.clone());
             a.reset_names.push(n);
-            return !routing;
         }
     }
     true
@@ -168,7 +171,9 @@ pub(super) fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
 /// read-only sends its transactions to replicas. Set (or reset) on the
 /// primary, their value is known before the next statement is routed: set
 /// on a replica, a BEGIN pipelined behind would be routed, and bound to that
-/// replica, by the old value.
+/// replica, by the old value. (Sent there as a read, with a hint, not as
+/// a write: a write would make the client's next reads wait for its
+/// position on the replicas.)
 fn routes_by(name: &str) -> bool {
     matches!(name, "default_transaction_isolation" | "default_transaction_read_only")
 }

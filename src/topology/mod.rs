@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::router::route::{Fallback, GroupInfo, ReplicaState, Snapshot};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 pub struct ReplicaInfo {
@@ -177,14 +177,14 @@ impl Topology {
     /// position history, each unchanged replica's last check and lag
     /// exclusions, and a snapshot made from them for the new groups.
     fn remember(&self, previous: &Topology) {
-        let old = previous.memory.lock().unwrap();
-        let mut mem = self.memory.lock().unwrap();
+        let old = previous.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut mem = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         mem.lag.history = old.lag.history.clone();
         let same = |r: &ReplicaInfo| previous.replicas.iter().position(|o| o.name == r.name && o.addr == r.addr);
         mem.lag.readings = vec![VecDeque::new(); self.replicas.len()];
         mem.lag.diverged = vec![None; self.replicas.len()];
-        let old_down = previous.marked_down.lock().unwrap();
-        let mut down = self.marked_down.lock().unwrap();
+        let old_down = previous.marked_down.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut down = self.marked_down.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, r) in self.replicas.iter().enumerate() {
             let Some(o) = same(r) else { continue };
             // Marked down after its last check: still down after the reload.
@@ -241,16 +241,19 @@ impl Topology {
         }
     }
 
+    /// (The topology's locks are taken poisoned or not: a panic of the
+    /// monitor while it held one must not panic every session that routes,
+    /// nor the monitor its supervisor restarts.)
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().unwrap().clone()
+        self.snapshot.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Installs a snapshot made from checks of each replica that began at
     /// `checked_from[i]`; a replica marked down since stays down in it (its
     /// check may have succeeded just before the client's connection failed).
     fn publish(&self, mut s: Snapshot, checked_from: &[Instant]) {
-        let mut current = self.snapshot.write().unwrap();
-        let down = self.marked_down.lock().unwrap();
+        let mut current = self.snapshot.write().unwrap_or_else(PoisonError::into_inner);
+        let down = self.marked_down.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, r) in s.replicas.iter_mut().enumerate() {
             if down.get(i).copied().flatten().zip(checked_from.get(i)).is_some_and(|(at, from)| at > *from) {
                 if let Some(was) = current.replicas.get(i) {
@@ -269,7 +272,7 @@ impl Topology {
     /// monitor re-admits it once it answers again.
     pub fn mark_down(&self, replica: usize, why: &str) {
         // First, so a round publishing meanwhile already sees it.
-        if let Some(at) = self.marked_down.lock().unwrap().get_mut(replica) {
+        if let Some(at) = self.marked_down.lock().unwrap_or_else(PoisonError::into_inner).get_mut(replica) {
             *at = Some(Instant::now());
         }
         self.exclude(|i| i == replica, &format!("connection failed: {why}"));
@@ -279,7 +282,7 @@ impl Topology {
     /// saying why; under the write lock, so a snapshot the monitor publishes
     /// meanwhile is not overwritten with an older one.
     fn exclude(&self, which: impl Fn(usize) -> bool, why: &str) {
-        let mut current = self.snapshot.write().unwrap();
+        let mut current = self.snapshot.write().unwrap_or_else(PoisonError::into_inner);
         let mut s = (**current).clone();
         for (_, r) in s.replicas.iter_mut().enumerate().filter(|(i, _)| which(*i)) {
             r.take_out(why.to_string());
@@ -504,6 +507,25 @@ mod pick_tests {
             text.push_str(&format!("[[cluster.replicas]]\nname=\"r{i}\"\naddr=\"127.0.0.1:{}\"\ngroups=[\"default\"]\nweight={w}\n", 6000 + i));
         }
         Topology::from_config(&Config::parse(&text, "t").unwrap(), None)
+    }
+
+    #[test]
+    fn a_panic_while_the_monitor_held_the_topology_locks_stops_nothing() {
+        let t = topo(&[1, 1]);
+        let poisoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _memory = t.memory.lock().unwrap();
+            let _snapshot = t.snapshot.write().unwrap();
+            let _down = t.marked_down.lock().unwrap();
+            panic!("a bug in the monitor");
+        }));
+        assert!(poisoned.is_err() && t.snapshot.is_poisoned());
+        // Sessions still route, the restarted monitor still publishes, a
+        // reload still inherits what the monitor learned.
+        let _ = t.snapshot();
+        t.mark_down(0, "test");
+        let now = Instant::now();
+        t.publish(t.snapshot().as_ref().clone(), &[now, now]);
+        let _ = Topology::from_config(&Config::parse("[[users]]\nname=\"a\"\npassword=\"a\"\n[[databases]]\nname=\"a\"\n", "t").unwrap(), Some(&t));
     }
 
     #[test]

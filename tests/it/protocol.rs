@@ -1243,3 +1243,28 @@ async fn nothing_after_pgfleets_own_error_in_a_batch_takes_effect() {
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(tags_to_ready(&mut raw).await, ["T", "D auto", "C SHOW", "Z"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_client_prepares_a_statement_once_on_a_connection() {
+    // tokio-postgres pipelines concurrent queries (Bind/Execute/Sync
+    // batches in flight together). A statement the connection lacks is
+    // prepared in front of the first of them, not again in every batch
+    // sent before that Parse was answered.
+    let p = start(config("size = 1\nprepared_statements_cache = 1", "")).await;
+    let c = std::sync::Arc::new(connect(&p).await);
+    let s1 = c.prepare("SELECT $1::int + 1").await.unwrap();
+    // Evicts s1 from the one connection.
+    c.prepare("SELECT $1::int + 2").await.unwrap();
+    let parses = || p.app.pools().iter().map(|pool| pool.counters.server_parses.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
+    let before = parses();
+    let tasks: Vec<_> = (0..40i32)
+        .map(|i| {
+            let (c, s1) = (c.clone(), s1.clone());
+            tokio::spawn(async move { c.query_one(&s1, &[&i]).await.map(|r| r.get::<_, i32>(0)) })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap(), i as i32 + 1);
+    }
+    assert!(parses() - before <= 2, "{} Parses for one statement", parses() - before);
+}

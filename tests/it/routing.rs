@@ -886,6 +886,21 @@ async fn show_lsn_covers_a_write_pipelined_before_it_and_min_lsn_keeps_the_own_f
     assert!(errors.is_empty(), "{errors:?}");
     let shown = pgfleet::topology::parse_lsn(&rows[0]).unwrap();
     assert!(shown > pgfleet::topology::parse_lsn(&before).unwrap(), "{} does not cover the write after {before}", rows[0]);
+    // Behind a COMMIT pipelined in a transaction whose write was answered.
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "BEGIN; INSERT INTO lsn_pipe VALUES (2)");
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![], vec![]));
+    let before = tokio::task::block_in_place(|| c.psql_on(c.primary, "app", "SELECT pg_current_wal_insert_lsn()"));
+    let mut out = bytes::BytesMut::new();
+    pgfleet::wire::build::query(&mut out, "COMMIT");
+    pgfleet::wire::build::query(&mut out, "SHOW pgfleet.lsn");
+    raw.stream.write_all(&out).await.unwrap();
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![], vec![]));
+    let (rows, errors) = crate::protocol::read_cycle(&mut raw).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let shown = pgfleet::topology::parse_lsn(&rows[0]).unwrap();
+    assert!(shown > pgfleet::topology::parse_lsn(&before).unwrap(), "{} does not cover the commit after {before}", rows[0]);
     // An unquoted LSN is refused, not taken for a RESET; a RESET forgets
     // the floor the client raised, not its own write's.
     let mut out = bytes::BytesMut::new();
