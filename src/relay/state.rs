@@ -221,7 +221,10 @@ impl Session {
         let mut cols: Vec<String> = self
             .dirty
             .iter()
-            .map(|n| match resets.contains(n).then(|| self.startup.iter().find(|(s, _)| s == n)).flatten() {
+            // A start value comes back where a RESET may have run: one of
+            // the client's, or one in code pgfleet cannot see into (a DO
+            // block, a function), as on PostgreSQL.
+            .map(|n| match (resets.contains(n) || (session_names && !is_reported(n))).then(|| self.startup.iter().find(|(s, _)| s == n)).flatten() {
                 Some((_, start)) => reset_to_start(n, start),
                 None => format!("pg_catalog.current_setting({}, true)", build::quote_literal(n)),
             })

@@ -527,6 +527,11 @@ async fn reset_returns_to_the_value_the_client_started_with() {
     c.batch_execute("BEGIN; RESET ALL; ROLLBACK").await.unwrap();
     assert_eq!(one(&c, "SHOW statement_timeout").await, "5s");
     assert_eq!(one(&c, "SHOW TimeZone").await, "UTC");
+    // A RESET in a DO block: the start value too.
+    c.batch_execute(set).await.unwrap();
+    c.batch_execute("DO $$BEGIN RESET statement_timeout; RESET myapp.tag; END$$").await.unwrap();
+    assert_eq!(one(&c, "SHOW statement_timeout").await, "1234ms");
+    assert_eq!(one(&c, "SELECT current_setting('myapp.tag')").await, "start");
     // Extended protocol too; and the other client never sees any of it.
     c.execute("RESET ALL", &[]).await.unwrap();
     check(&c).await;
