@@ -218,9 +218,6 @@ async fn prepare(
     }
     build::backend_key_data(&mut out, key.pid, key.secret);
     build::ready_for_query(&mut out, b'I');
-    if stream.write_all(&out).await.is_err() {
-        return None;
-    }
     tracing::Span::current().record("workload", workload.as_deref().unwrap_or(""));
     let info = Arc::new(ClientInfo {
         id: app.conns.next_client_id(),
@@ -237,7 +234,12 @@ async fn prepare(
         remote_pid: AtomicI32::new(0),
         signal: Default::default(),
     });
+    // Listed before the client hears it is logged in: SHOW CLIENTS and
+    // SHOW POOLS right after its connect completes count it.
     let listed = Listed::client(&app.conns, info.clone());
+    if stream.write_all(&out).await.is_err() {
+        return None;
+    }
     let id = ClientId { user: login.user, database: login.database, workload, info };
     // What the client asked for at startup: where RESET takes a setting back to.
     let startup = app.intern_settings(client_settings(&[], &login.params));

@@ -372,31 +372,30 @@ const SETTINGS_TIMEOUT: Duration = Duration::from_secs(10);
 /// does). One simple query: one implicit transaction, so a refused value
 /// leaves every setting of the connection as it was.
 fn settings_sql(settings: &Settings, conn: &ServerConn) -> Option<SettingsSync> {
-    let mut sql = String::new();
+    sync_sql(settings, &conn.params, &conn.custom)
+}
+
+fn sync_sql(settings: &Settings, params: &std::collections::HashMap<String, String>, custom: &std::collections::HashSet<String>) -> Option<SettingsSync> {
+    let stale: Vec<String> = custom.iter().filter(|c| !settings.iter().any(|(n, _)| n == *c)).cloned().collect();
+    // The earlier clients' settings are reset first, then this client's
+    // set, in the order it set them: changing the session authorization
+    // resets the role, so a role set after it is set again after it.
+    let mut sql: String = stale.iter().map(|name| format!("RESET {};", build::quote_ident(name))).collect();
+    let mut role_reset = stale.iter().any(|n| n == "session_authorization");
+    let mut select = String::new();
     let mut set = Vec::new();
     for (i, (name, value)) in settings.iter().enumerate() {
-        if conn.params.get(name) == Some(value) {
+        if params.get(name) == Some(value) && !(role_reset && name == "role") {
             continue;
         }
-        sql.push_str(if sql.is_empty() { "SELECT " } else { ", " });
-        sql.push_str(&format!(
-            "pg_catalog.set_config({}, {}, false)",
-            build::quote_literal(name),
-            build::quote_literal(value)
-        ));
+        role_reset |= name == "session_authorization";
+        select.push_str(if select.is_empty() { "SELECT " } else { ", " });
+        select.push_str(&format!("pg_catalog.set_config({}, {}, false)", build::quote_literal(name), build::quote_literal(value)));
         set.push(i);
     }
-    let stale: Vec<String> = conn
-        .custom
-        .iter()
-        .filter(|c| !settings.iter().any(|(n, _)| n == *c))
-        .cloned()
-        .collect();
-    if !sql.is_empty() {
+    if !select.is_empty() {
+        sql.push_str(&select);
         sql.push(';');
-    }
-    for name in &stale {
-        sql.push_str(&format!("RESET {};", build::quote_ident(name)));
     }
     (!sql.is_empty()).then_some(SettingsSync { sql, set, stale })
 }
@@ -410,4 +409,30 @@ fn settings_refused(fields: &[(u8, String)]) -> (String, String) {
         field(b'M').unwrap_or("the server refused them")
     );
     (code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::collections::{HashMap, HashSet};
+
+    fn settings(list: &[(&str, &str)]) -> Settings {
+        list.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_role_is_set_after_what_resets_it() {
+        let params: HashMap<String, String> = [("role".to_string(), "r1".to_string()), ("session_authorization".to_string(), "bob".to_string())].into();
+        let custom: HashSet<String> = ["session_authorization".to_string(), "role".to_string()].into();
+        // The last client was bob acting as r1; this one is the login
+        // acting as r1: the RESET of bob resets the role, set again after.
+        let sync = sync_sql(&settings(&[("role", "r1")]), &params, &custom).unwrap();
+        assert_eq!(sync.sql, "RESET \"session_authorization\";SELECT pg_catalog.set_config('role', 'r1', false);");
+        // This client set the authorization, then a role: both, in that order.
+        let sync = sync_sql(&settings(&[("session_authorization", "alice"), ("role", "r1")]), &params, &custom).unwrap();
+        assert_eq!(sync.sql, "SELECT pg_catalog.set_config('session_authorization', 'alice', false), pg_catalog.set_config('role', 'r1', false);");
+        // Nothing differs: nothing to run.
+        assert!(sync_sql(&settings(&[("session_authorization", "bob"), ("role", "r1")]), &params, &custom).is_none());
+    }
 }

@@ -371,7 +371,13 @@ impl Session {
         }
         let slot = self.settings.iter().position(|(n, _)| *n == name);
         match (slot, value) {
-            (Some(i), Some(v)) if self.settings[i].1 != v => std::sync::Arc::make_mut(&mut self.settings)[i].1 = v,
+            // Moved last: settings are replayed in the order the client
+            // last set them (a role after the authorization that resets it).
+            (Some(i), Some(v)) if self.settings[i].1 != v => {
+                let list = std::sync::Arc::make_mut(&mut self.settings);
+                let (name, _) = list.remove(i);
+                list.push((name, v));
+            }
             (Some(_), Some(_)) => {}
             (None, Some(v)) => std::sync::Arc::make_mut(&mut self.settings).push((name, v)),
             (Some(i), None) => {

@@ -465,3 +465,10 @@ fn settings_that_route_transactions_are_set_on_the_primary() {
     }
     assert_eq!(classify("SET search_path = a", &[]).route_hint, None);
 }
+
+#[test]
+fn a_session_authorization_change_reads_the_role_back_too() {
+    for sql in ["SET SESSION AUTHORIZATION bob", "RESET SESSION AUTHORIZATION"] {
+        assert_eq!(classify(sql, &[]).set_names, vec!["session_authorization".to_string(), "role".to_string()], "{sql}");
+    }
+}

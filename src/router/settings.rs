@@ -78,7 +78,9 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
             return false;
         }
         if is_word(t.get(i), "AUTHORIZATION") {
+            // It resets the role too: both are read back.
             a.set_names.push("session_authorization".into());
+            a.set_names.push("role".into());
             return true;
         }
     }
@@ -150,6 +152,7 @@ pub(super) fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
         a.proxy_set = Some((name, None));
     } else if is_word(t.get(1), "SESSION") && is_word(t.get(2), "AUTHORIZATION") {
         a.set_names.push("session_authorization".into());
+        a.set_names.push("role".into());
     } else if is_word(t.get(1), "TIME") {
         a.set_names.push("timezone".into());
         a.reset_names.push("timezone".into());
