@@ -248,6 +248,6 @@ fn kill(app: &App, db: &str) {
         c.signal.raise(crate::stats::KILL);
     }
     for p in app.pools().iter().filter(|p| p.key.database == db) {
-        p.close_idle("KILL from the admin console");
+        p.close_all("KILL from the admin console");
     }
 }

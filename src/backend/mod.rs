@@ -20,6 +20,9 @@ use tokio::net::TcpStream;
 /// Largest message accepted from a server during startup.
 const MAX_SERVER_STARTUP_MSG: usize = 1 << 20;
 
+
+/// How long data sent to a server may stay unacknowledged (TCP_USER_TIMEOUT).
+const SERVER_TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 #[derive(Debug)]
 pub enum BackendError {
     Io(std::io::Error),
@@ -198,7 +201,13 @@ impl ServerConn {
             .with_time(std::time::Duration::from_secs(30))
             .with_interval(std::time::Duration::from_secs(10))
             .with_retries(3);
-        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+        let sock = socket2::SockRef::from(&tcp);
+        sock.set_tcp_keepalive(&keepalive)?;
+        // Keepalive probes stop while sent data is unacknowledged: a query
+        // sent to a host that is gone would wait out the kernel's
+        // retransmissions (about 15 minutes). Unacknowledged for this long,
+        // the connection is given up.
+        sock.set_tcp_user_timeout(Some(SERVER_TCP_USER_TIMEOUT))?;
         let peer = tcp.peer_addr()?;
         // Over TLS: the server certificate's tls-server-end-point hash, for
         // SCRAM channel binding (as libpq's default channel_binding=prefer).
@@ -392,7 +401,14 @@ impl ServerConn {
                     .connector
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| BackendError::Auth(format!("TLS handshake with the server failed: {e}")))?;
+                    .map_err(|e| match e.kind() {
+                        // A certificate or protocol failure (rustls's errors
+                        // come as InvalidData): refused, like a login.
+                        std::io::ErrorKind::InvalidData => BackendError::Auth(format!("TLS handshake with the server failed: {e}")),
+                        // The connection broke (a server restarting): worth
+                        // waiting for, like any connect that breaks.
+                        _ => BackendError::Io(e),
+                    })?;
                 let end_point = session.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::tls::end_point_hash(c.as_ref()));
                 Ok((Stream::tunnel(session, local)?, end_point))
             }

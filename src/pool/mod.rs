@@ -555,9 +555,13 @@ impl Pool {
         }
     }
 
-    /// Closes every idle connection (KILL).
-    pub fn close_idle(&self, why: &'static str) {
-        self.close_idle_and(why, |_| {});
+    /// Closes every connection (KILL): the idle ones now, the checked-out
+    /// ones (the killed clients') when they come back instead of reusing
+    /// them, as PgBouncer's KILL drops the database's server connections.
+    pub fn close_all(&self, why: &'static str) {
+        self.close_idle_and(why, |_| {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        });
     }
 
     /// `close_idle`, running `also` under the same state lock.

@@ -51,8 +51,12 @@ impl Pool {
     }
 
     /// Opens one pre-warmed connection in a slot reserved by `maintain`.
+    /// Only with a connect token free now, and no backoff under way: the
+    /// pre-warming of many pools must not run the connect pacer into debt
+    /// that clients' connects then wait out (or fail on at once). The next
+    /// upkeep tick tries again.
     pub async fn prewarm_one(&self) {
-        match self.open_in_slot(None).await {
+        match self.open_in_slot(Some(std::time::Instant::now())).await {
             Ok(c) => self.checkin(c),
             Err(Some(e)) => tracing::warn!(pool = %self.key, error = %e, "pre-warming a server connection failed"),
             Err(None) => {}

@@ -235,6 +235,33 @@ async fn a_write_admitted_during_a_pause_waits_for_resume() {
     assert_eq!(c0.psql_on(c0.primary, "app", "SELECT count(*) FROM pause_adm_t"), "1");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_closes_the_killed_clients_server_connections() {
+    // Session mode: every server connection belongs to a client. KILL must
+    // close them (the maintenance it makes room for, DROP DATABASE, needs
+    // them gone), not reset them and keep them in the pool.
+    let p = start(config("size = 1\nmode = \"session\"", "")).await;
+    let admin = admin_client(&p, "pgfleet").await;
+    let victim = connect(&p).await;
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    admin.simple_query("KILL app").await.unwrap();
+    assert!(victim.simple_query("SELECT 1").await.is_err());
+    admin.simple_query("RESUME app").await.unwrap();
+    let next = connect(&p).await;
+    let next_pid: i32 = next.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(next_pid, pid, "the killed client's server connection was reused");
+    // (A backend takes a moment to exit once its connection is closed.)
+    let mut alive = 1;
+    for _ in 0..40 {
+        alive = next.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).await.unwrap().get::<_, i64>(0);
+        if alive == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(alive, 0, "the killed client's server connection is still open");
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
