@@ -215,6 +215,12 @@ impl Pool {
         });
     }
 
+    /// Whether `conn` is to the server (and database) the pool points at
+    /// now: not after a failover or a reload moved the pool.
+    pub fn is_current(&self, conn: &ServerConn) -> bool {
+        conn.epoch == self.epoch.load(Ordering::Acquire)
+    }
+
     pub fn addr_is(&self, addr: &str) -> bool {
         self.spec.read().unwrap().addr == addr
     }

@@ -29,6 +29,15 @@ impl Session {
                     return Err(SessionError::Pool(crate::pool::PoolError::Connect(e)));
                 }
             }
+            // A connection kept between transactions (session mode, a
+            // pinned client) to a server its pool no longer points at (a
+            // failover, a reload that moved it): nothing more runs there,
+            // where writes would go to a primary that is not one any more.
+            if let (Some(conn), Some(pool)) = (&self.server, &self.bound_pool) {
+                if !pool.is_current(conn) && self.between_transactions() {
+                    return Err(SessionError::ServerLost("the server changed (failover or reload): this session's connection was to the old one; reconnect".into()));
+                }
+            }
             if !matches!(h.tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'F') {
                 return Err(WireError::Malformed("unknown message type").into());
             }

@@ -242,3 +242,25 @@ async fn replica_killed_under_pgbench_loses_no_transaction() {
     assert!(!snap.replicas[0].reachable, "{snap:?}");
     assert!(snap.replicas[1].groups.iter().all(|(_, ok)| *ok), "{snap:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_kept_on_the_old_primary_runs_nothing_more_there() {
+    // Session mode (or a pinned client) keeps its server connection
+    // between transactions. When its pool moves to another server (a
+    // failover, a reload pointing cluster.primary elsewhere), that
+    // connection is to the old primary: the session must end rather than
+    // go on writing there.
+    let c = cluster();
+    let (fwd, carried) = forwarder(c.primary).await;
+    let p = start(config("size = 2\nmode = \"session\"", "")).await;
+    let old = connect(&p).await;
+    old.simple_query("SELECT 1").await.unwrap();
+    let mut cfg = config("size = 2\nmode = \"session\"", "");
+    cfg.cluster.primary = format!("127.0.0.1:{fwd}");
+    p.app.apply(cfg);
+    let e = old.simple_query("SELECT 1").await.unwrap_err();
+    assert!(e.is_closed() || e.code().map(|c| c.code()) == Some("08006"), "{e}");
+    let new = connect(&p).await;
+    new.simple_query("SELECT 1").await.unwrap();
+    assert!(carried.load(std::sync::atomic::Ordering::Relaxed) > 0, "the new session is on the new server");
+}
