@@ -875,32 +875,30 @@ async fn show_lsn_covers_a_write_pipelined_before_it_and_min_lsn_keeps_the_own_f
     let c = cluster();
     let p = routing_proxy("size = 3", "10s", "lsn").await;
     connect(&p).await.batch_execute("CREATE TABLE IF NOT EXISTS lsn_pipe (v int)").await.unwrap();
-    let before = tokio::task::block_in_place(|| c.psql_on(c.primary, "app", "SELECT pg_current_wal_insert_lsn()"));
+    let insert_lsn = || pgfleet::topology::parse_lsn(&tokio::task::block_in_place(|| c.psql_on(c.primary, "app", "SELECT pg_current_wal_insert_lsn()"))).unwrap();
+    // Sends `first` and SHOW pgfleet.lsn at once: the LSN shown.
+    async fn pipelined_show_lsn(raw: &mut RawClient, first: &str) -> String {
+        let mut out = bytes::BytesMut::new();
+        pgfleet::wire::build::query(&mut out, first);
+        pgfleet::wire::build::query(&mut out, "SHOW pgfleet.lsn");
+        raw.stream.write_all(&out).await.unwrap();
+        assert_eq!(crate::protocol::read_cycle(raw).await, (vec![], vec![]));
+        let (rows, errors) = crate::protocol::read_cycle(raw).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        rows[0].clone()
+    }
+    let before = insert_lsn();
     let mut raw = RawClient::login(&p, "app", "app").await;
-    let mut out = bytes::BytesMut::new();
-    pgfleet::wire::build::query(&mut out, "INSERT INTO lsn_pipe VALUES (1)");
-    pgfleet::wire::build::query(&mut out, "SHOW pgfleet.lsn");
-    raw.stream.write_all(&out).await.unwrap();
-    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![], vec![]));
-    let (rows, errors) = crate::protocol::read_cycle(&mut raw).await;
-    assert!(errors.is_empty(), "{errors:?}");
-    let shown = pgfleet::topology::parse_lsn(&rows[0]).unwrap();
-    assert!(shown > pgfleet::topology::parse_lsn(&before).unwrap(), "{} does not cover the write after {before}", rows[0]);
+    let shown = pipelined_show_lsn(&mut raw, "INSERT INTO lsn_pipe VALUES (1)").await;
+    assert!(pgfleet::topology::parse_lsn(&shown).unwrap() > before, "{shown} does not cover the write");
     // Behind a COMMIT pipelined in a transaction whose write was answered.
     let mut out = bytes::BytesMut::new();
     pgfleet::wire::build::query(&mut out, "BEGIN; INSERT INTO lsn_pipe VALUES (2)");
     raw.stream.write_all(&out).await.unwrap();
     assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![], vec![]));
-    let before = tokio::task::block_in_place(|| c.psql_on(c.primary, "app", "SELECT pg_current_wal_insert_lsn()"));
-    let mut out = bytes::BytesMut::new();
-    pgfleet::wire::build::query(&mut out, "COMMIT");
-    pgfleet::wire::build::query(&mut out, "SHOW pgfleet.lsn");
-    raw.stream.write_all(&out).await.unwrap();
-    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![], vec![]));
-    let (rows, errors) = crate::protocol::read_cycle(&mut raw).await;
-    assert!(errors.is_empty(), "{errors:?}");
-    let shown = pgfleet::topology::parse_lsn(&rows[0]).unwrap();
-    assert!(shown > pgfleet::topology::parse_lsn(&before).unwrap(), "{} does not cover the commit after {before}", rows[0]);
+    let before = insert_lsn();
+    let shown = pipelined_show_lsn(&mut raw, "COMMIT").await;
+    assert!(pgfleet::topology::parse_lsn(&shown).unwrap() > before, "{shown} does not cover the commit");
     // An unquoted LSN is refused, not taken for a RESET; a RESET forgets
     // the floor the client raised, not its own write's.
     let mut out = bytes::BytesMut::new();
@@ -914,7 +912,7 @@ async fn show_lsn_covers_a_write_pipelined_before_it_and_min_lsn_keeps_the_own_f
     raw.stream.write_all(&out).await.unwrap();
     crate::protocol::read_cycle(&mut raw).await;
     crate::protocol::read_cycle(&mut raw).await;
-    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![rows[0].clone()], vec![]));
+    assert_eq!(crate::protocol::read_cycle(&mut raw).await, (vec![shown], vec![]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
