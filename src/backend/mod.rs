@@ -71,7 +71,7 @@ impl BackendError {
     /// The SQLSTATE the server answered with.
     fn server_code(&self) -> Option<&str> {
         match self {
-            BackendError::Server(fields) => fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| v.as_str()),
+            BackendError::Server(fields) => wire::error_field(fields, b'C'),
             _ => None,
         }
     }

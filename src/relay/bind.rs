@@ -402,7 +402,7 @@ fn sync_sql(settings: &Settings, params: &std::collections::HashMap<String, Stri
 
 /// The client's error when the server refused its session settings.
 fn settings_refused(fields: &[(u8, String)]) -> (String, String) {
-    let field = |c: u8| fields.iter().find(|(f, _)| *f == c).map(|(_, v)| v.as_str());
+    let field = |c: u8| wire::error_field(fields, c);
     let code = field(b'C').unwrap_or(sqlstate::INVALID_PARAMETER_VALUE).to_string();
     let message = format!(
         "pgfleet could not restore this session's settings on a server connection: {}",

@@ -108,12 +108,19 @@ impl Session {
     /// of an asynchronous commit), that position is the floor.
     pub(super) fn settle_floor(&mut self) {
         let Some(since) = self.floor_unknown_since else { return };
-        let snap = self.topo.snapshot();
-        let Some(seen) = snap.primary_seen_at else { return };
-        if seen > since + std::time::Duration::from_secs(1) {
-            self.floor = Some(self.floor.unwrap_or(0).max(snap.primary_lsn));
+        if let Some(floor) = self.resolved_floor(since) {
+            self.floor = Some(floor);
             self.floor_unknown_since = None;
         }
+    }
+
+    /// The own writes' floor once the monitor has read a primary position
+    /// after `since` (when the write's own position could not be read):
+    /// that position covers the write. None while there is none.
+    pub(super) fn resolved_floor(&self, since: std::time::Instant) -> Option<u64> {
+        let snap = self.topo.snapshot();
+        let seen = snap.primary_seen_at?;
+        (seen > since + std::time::Duration::from_secs(1)).then(|| self.floor.unwrap_or(0).max(snap.primary_lsn))
     }
 
     /// Where a transaction unit with this analysis goes.
@@ -315,10 +322,6 @@ impl Session {
     /// ReadyForQuery arrived, or while pgfleet's own check after the
     /// transaction runs: settings, LSN).
     pub(super) fn must_hold(&self, next: &[u8]) -> bool {
-        // A client pinned to a replica stays there (its session state is
-        // on that connection): once no check that could unpin it is under
-        // way, its write runs there and gets the server's read-only error
-        // instead of waiting for a release that never comes.
         // SHOW pgfleet.lsn behind a write still being answered (a COMMIT
         // pipelined before it, in a transaction) or checked: it waits for
         // the answers, which need nothing more from the client (not in an
@@ -327,6 +330,10 @@ impl Session {
         if !self.in_batch && !self.expect.is_empty() && self.lsn_pending(next) {
             return true;
         }
+        // A client pinned to a replica stays there (its session state is
+        // on that connection): once no check that could unpin it is under
+        // way, its write runs there and gets the server's read-only error
+        // instead of waiting for a release that never comes.
         if self.status != b'I' || self.in_batch || (self.pinned.is_some() && self.is_clean()) {
             return false;
         }

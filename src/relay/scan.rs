@@ -210,7 +210,7 @@ impl Session {
     }
 
     fn on_error(&mut self, head: Option<Pending>, fields: Vec<(u8, String)>) -> bool {
-        if let Some((_, code)) = fields.iter().find(|(c, _)| *c == b'C') {
+        if let Some(code) = wire::error_field(&fields, b'C') {
             if !matches!(head, Some(Pending::Swallow(Kind::Query) | Pending::Abort)) {
                 self.app.metrics.errors.with_label_values(&[code]).inc();
             }
@@ -342,7 +342,7 @@ impl Session {
 /// RevalidateCachedQuery; the routine name is not translated, the message
 /// may be).
 fn stale_plan(fields: &[(u8, String)]) -> bool {
-    let field = |c: u8| fields.iter().find(|(f, _)| *f == c).map(|(_, v)| v.as_str());
+    let field = |c: u8| wire::error_field(fields, c);
     field(b'C') == Some("0A000")
         && (field(b'R') == Some("RevalidateCachedQuery") || field(b'M').is_some_and(|m| m.contains("cached plan must not change result type")))
 }

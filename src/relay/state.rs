@@ -291,23 +291,24 @@ impl Session {
         let mut it = values.into_iter();
         for (i, name) in probe.names.into_iter().enumerate() {
             let value = it.next().flatten();
-            let unset = value.as_deref().map_or(true, str::is_empty);
-            let default = match name.as_str() {
-                "role" => value.as_deref() == Some("none"),
-                "session_authorization" => value.as_deref() == Some(self.user.as_str()),
-                _ => false,
-            };
-            if i >= probe.guesses && default && !self.settings.iter().any(|(n, _)| *n == name) {
-                continue; // the login's own: nothing to carry or reset
-            }
-            if i >= probe.guesses && unset && !self.settings.iter().any(|(n, _)| *n == name) {
-                // Not set (or set empty) by the code: nothing to carry.
-                // The connection's value is reset for the next client.
-                if let (Some(server), Some(v)) = (self.server.as_mut(), value) {
-                    server.params.insert(name.clone(), v);
-                    server.custom.insert(name);
+            if i >= probe.guesses && !self.settings.iter().any(|(n, _)| *n == name) {
+                let login_own = match name.as_str() {
+                    "role" => value.as_deref() == Some("none"),
+                    "session_authorization" => value.as_deref() == Some(self.user.as_str()),
+                    _ => false,
+                };
+                if login_own {
+                    continue; // nothing to carry or reset
                 }
-                continue;
+                if value.as_deref().map_or(true, str::is_empty) {
+                    // Not set (or set empty) by the code: nothing to carry.
+                    // The connection's value is reset for the next client.
+                    if let (Some(server), Some(v)) = (self.server.as_mut(), value) {
+                        server.params.insert(name.clone(), v);
+                        server.custom.insert(name);
+                    }
+                    continue;
+                }
             }
             self.adopt_setting(name, value);
         }

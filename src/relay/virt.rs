@@ -271,23 +271,15 @@ impl Session {
             }
             .to_string(),
             "lsn" | "min_lsn" => {
-                if let Some(since) = self.floor_unknown_since {
-                    // The last write's position could not be read: the
-                    // primary's, read after it, covers it (as `settle_floor`).
-                    let snap = self.topo.snapshot();
-                    match snap.primary_seen_at {
-                        Some(seen) if seen > since + std::time::Duration::from_secs(1) => {
-                            return Ok(format_lsn(self.known_floor().unwrap_or(0).max(snap.primary_lsn)));
-                        }
-                        _ => {
-                            return Err((
-                                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                                "the position of this session's last write is not known yet (reading it failed); ask again in a few seconds".into(),
-                            ))
-                        }
-                    }
-                }
-                format_lsn(self.known_floor().unwrap_or(0))
+                let floor = match self.floor_unknown_since {
+                    // The last write's position could not be read.
+                    Some(since) => self.resolved_floor(since).ok_or((
+                        sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        "the position of this session's last write is not known yet (reading it failed); ask again in a few seconds".to_string(),
+                    ))?,
+                    None => self.floor.unwrap_or(0),
+                };
+                format_lsn(floor.max(self.min_lsn.unwrap_or(0)))
             }
             other => return Err((sqlstate::UNDEFINED_OBJECT, format!("unrecognized pgfleet setting \"pgfleet.{other}\""))),
         })

@@ -55,10 +55,7 @@ impl Session {
                 // that does not read it: then the server is the slow one,
                 // and pgfleet may have stopped reading the client.)
                 let copy_idle = t.idle_in_transaction.enabled().filter(|_| self.copy_in && self.sout.is_empty()).map(|limit| (self.last_client_activity + limit, Timeout::IdleInTransaction));
-                match (query, copy_idle) {
-                    (Some(q), Some(c)) => Some(if c.0 < q.0 { c } else { q }),
-                    (q, c) => q.or(c),
-                }
+                [query, copy_idle].into_iter().flatten().min_by_key(|(at, _)| *at)
             }
             // In a transaction, or in an extended-protocol batch not yet
             // ended by Sync (its implicit transaction is open).

@@ -177,14 +177,14 @@ impl Topology {
     /// position history, each unchanged replica's last check and lag
     /// exclusions, and a snapshot made from them for the new groups.
     fn remember(&self, previous: &Topology) {
-        let old = previous.memory.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut mem = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = lock(&previous.memory);
+        let mut mem = lock(&self.memory);
         mem.lag.history = old.lag.history.clone();
         let same = |r: &ReplicaInfo| previous.replicas.iter().position(|o| o.name == r.name && o.addr == r.addr);
         mem.lag.readings = vec![VecDeque::new(); self.replicas.len()];
         mem.lag.diverged = vec![None; self.replicas.len()];
-        let old_down = previous.marked_down.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut down = self.marked_down.lock().unwrap_or_else(PoisonError::into_inner);
+        let old_down = lock(&previous.marked_down);
+        let mut down = lock(&self.marked_down);
         for (i, r) in self.replicas.iter().enumerate() {
             let Some(o) = same(r) else { continue };
             // Marked down after its last check: still down after the reload.
@@ -241,9 +241,7 @@ impl Topology {
         }
     }
 
-    /// (The topology's locks are taken poisoned or not: a panic of the
-    /// monitor while it held one must not panic every session that routes,
-    /// nor the monitor its supervisor restarts.)
+    /// (The topology's locks are taken poisoned or not, see `lock`.)
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -253,7 +251,7 @@ impl Topology {
     /// check may have succeeded just before the client's connection failed).
     fn publish(&self, mut s: Snapshot, checked_from: &[Instant]) {
         let mut current = self.snapshot.write().unwrap_or_else(PoisonError::into_inner);
-        let down = self.marked_down.lock().unwrap_or_else(PoisonError::into_inner);
+        let down = lock(&self.marked_down);
         for (i, r) in s.replicas.iter_mut().enumerate() {
             if down.get(i).copied().flatten().zip(checked_from.get(i)).is_some_and(|(at, from)| at > *from) {
                 if let Some(was) = current.replicas.get(i) {
@@ -272,7 +270,7 @@ impl Topology {
     /// monitor re-admits it once it answers again.
     pub fn mark_down(&self, replica: usize, why: &str) {
         // First, so a round publishing meanwhile already sees it.
-        if let Some(at) = self.marked_down.lock().unwrap_or_else(PoisonError::into_inner).get_mut(replica) {
+        if let Some(at) = lock(&self.marked_down).get_mut(replica) {
             *at = Some(Instant::now());
         }
         self.exclude(|i| i == replica, &format!("connection failed: {why}"));
@@ -375,6 +373,13 @@ struct LagState {
     /// How old the primary's last reading may be before it is overdue
     /// (set by the monitor: three check intervals). None: never.
     fresh_for: Option<Duration>,
+}
+
+/// Takes a topology lock poisoned or not: a panic of the monitor while it
+/// held one must not panic every session that routes, nor the monitor its
+/// supervisor restarts.
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How many of a standby's readings are kept (see `LagState::readings`).

@@ -143,7 +143,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
     let mut last: Vec<Option<Sample>> = vec![None; probes.len()];
     let mut checks = tokio::task::JoinSet::new();
     let mut out: Vec<Option<(tokio::task::Id, Instant)>> = vec![None; probes.len()];
-    topo.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner).lag.fresh_for = Some(spec.interval * 3);
+    super::lock(&topo.memory).lag.fresh_for = Some(spec.interval * 3);
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
@@ -194,7 +194,7 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
             Writer::None => Sample { result: Err("no primary".into()), ..p },
         };
         let now = Instant::now();
-        let mut mem = topo.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut mem = super::lock(&topo.memory);
         let started: Vec<Instant> = replicas.iter().map(|r| r.started).collect();
         topo.publish(build_snapshot(&topo, &mut mem.lag, &writer_check, &replicas, now), &started);
         mem.last = Some((writer_check, replicas));

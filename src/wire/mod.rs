@@ -237,6 +237,12 @@ pub fn error_fields(msg: &[u8]) -> Vec<(u8, String)> {
     out
 }
 
+/// The value of field `code` (b'C' SQLSTATE, b'M' message, ...) among
+/// `error_fields`.
+pub fn error_field(fields: &[(u8, String)], code: u8) -> Option<&str> {
+    fields.iter().find(|(c, _)| *c == code).map(|(_, v)| v.as_str())
+}
+
 /// ParameterStatus ('S') body: name and value.
 pub fn parse_parameter_status(msg: &[u8]) -> Result<(&str, &str), WireError> {
     let mut r = Reader::new(body(msg));
