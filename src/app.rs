@@ -123,13 +123,17 @@ impl Drop for ClientGuard {
     }
 }
 
-fn derive_secrets(config: &Config) -> HashMap<String, Secret> {
+/// Each user's secret. A plaintext password unchanged since `previous`
+/// keeps its derived SCRAM verifier: a fresh random salt at every reload
+/// would tell configured names from unknown ones, whose mock salt stays.
+fn derive_secrets(config: &Config, previous: Option<&HashMap<String, Secret>>) -> HashMap<String, Secret> {
     config
         .users
         .iter()
         .filter_map(|u| {
             let pw = u.password.as_deref()?;
-            Secret::from_config(pw).ok().map(|s| (u.name.clone(), s))
+            let kept = previous.and_then(|p| p.get(&u.name)).filter(|s| s.plaintext() == Some(pw));
+            kept.cloned().or_else(|| Secret::from_config(pw).ok()).map(|s| (u.name.clone(), s))
         })
         .collect()
 }
@@ -137,7 +141,7 @@ fn derive_secrets(config: &Config) -> HashMap<String, Secret> {
 impl App {
     pub fn new(config: Config) -> Arc<App> {
         Arc::new(App {
-            secrets: RwLock::new(Arc::new(derive_secrets(&config))),
+            secrets: RwLock::new(Arc::new(derive_secrets(&config, None))),
             topology: RwLock::new(Arc::new(Topology::from_config(&config, None))),
             tls: RwLock::new(crate::tls::ServerTls::from_config(&config.listen).unwrap_or_else(|e| {
                 tracing::error!("{e}");
@@ -302,7 +306,14 @@ impl App {
         if new.log.level != old.log.level || new.log.format != old.log.format {
             notes.push("log.level and log.format changes need a restart".to_string());
         }
-        *self.secrets.write().unwrap() = Arc::new(derive_secrets(&new));
+        if new.listen.unix_socket_dir != old.listen.unix_socket_dir || new.listen.unix_socket_mode != old.listen.unix_socket_mode {
+            notes.push("listen.unix_socket_dir and unix_socket_mode changes need a restart".to_string());
+        }
+        if new.runtime.workers != old.runtime.workers {
+            notes.push("runtime.workers changes need a restart".to_string());
+        }
+        let secrets = derive_secrets(&new, Some(&self.secrets.read().unwrap()));
+        *self.secrets.write().unwrap() = Arc::new(secrets);
         match crate::tls::ServerTls::from_config(&new.listen) {
             Ok(t) => *self.tls.write().unwrap() = t,
             Err(e) => notes.push(format!("TLS not reloaded, the previous certificate stays in use: {e}")),
@@ -429,7 +440,8 @@ impl App {
         let cfg = self.config();
         let user = match &cfg.cluster.health_user {
             Some(u) => cfg.user(u)?,
-            None => cfg.users.iter().find(|u| u.server_login_password().is_some())?,
+            // A user with a password first; else one without any (trust).
+            None => cfg.users.iter().find(|u| u.server_login_password().is_some()).or_else(|| cfg.users.iter().find(|u| u.logs_in_by_itself()))?,
         };
         let password = user.server_login_password().map(str::to_string);
         let db = match &cfg.cluster.health_database {

@@ -25,10 +25,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// VOLATILE functions of the database's own schemas (built-ins, which the
 /// classifier already knows, and trigger functions, which a query cannot
-/// call, are left out).
+/// call, are left out), and those of any volatility whose code calls
+/// `set_config` or takes advisory locks: PostgreSQL lets a STABLE function
+/// do both (only data changes are refused), and either would stay on the
+/// server connection.
 pub const VOLATILE_SQL: &str = "SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p \
      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-     WHERE p.provolatile = 'v' AND p.prokind <> 'p' \
+     WHERE (p.provolatile = 'v' OR p.prosrc ~* 'set_config|advisory') AND p.prokind <> 'p' \
      AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
      AND p.prorettype NOT IN ('pg_catalog.trigger'::pg_catalog.regtype, 'pg_catalog.event_trigger'::pg_catalog.regtype)";
 

@@ -25,7 +25,9 @@ pub struct Limiter {
     pub name: String,
     /// `rule.burst`, or its default.
     pub burst: f64,
-    pub max_wait: Duration,
+    /// `rule.max_wait` or the pool's checkout timeout, in µs (a reload that
+    /// changes only the latter updates it in place).
+    max_wait_us: AtomicU64,
     pub max_queue: usize,
     slots: Option<Arc<Semaphore>>,
     bucket: Option<TokenBucket>,
@@ -74,7 +76,7 @@ impl Limiter {
             rule: rule.clone(),
             name,
             burst,
-            max_wait: rule.max_wait.map(|d| d.0).unwrap_or(default_wait),
+            max_wait_us: AtomicU64::new(Self::wait_us(rule, default_wait)),
             max_queue: rule.max_queue.unwrap_or(usize::MAX),
             slots: rule.max_in_flight.map(|n| Arc::new(Semaphore::new(n))),
             bucket: rule.rate.map(|r| TokenBucket::new(r, burst)),
@@ -82,6 +84,15 @@ impl Limiter {
             admitted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
         }
+    }
+
+    fn wait_us(rule: &Limit, default_wait: Duration) -> u64 {
+        rule.max_wait.map_or(default_wait, |d| d.0).as_micros().try_into().unwrap_or(u64::MAX)
+    }
+
+    /// How long a transaction may wait for this rule.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_micros(self.max_wait_us.load(Ordering::Relaxed))
     }
 
     /// Every field the rule sets must match.
@@ -197,13 +208,22 @@ impl Limits {
     /// The rules of a reloaded configuration: a rule that did not change
     /// keeps its live state (transactions in flight, waiters, tokens,
     /// counters); a new or changed one starts fresh.
+    /// Each old rule is kept at most once: two identical rules stay two
+    /// (sharing one would make a transaction take two of its slots). A
+    /// changed `pool.checkout_timeout` reaches the rules without a
+    /// `max_wait` of their own in place.
     pub fn reloaded(rules: &[Limit], default_wait: Duration, previous: &Limits) -> Limits {
+        let mut kept = vec![false; previous.rules.len()];
         let rules = rules
             .iter()
-            .map(|r| {
-                let wait = r.max_wait.map_or(default_wait, |d| d.0);
-                let same = previous.rules.iter().find(|old| old.rule == *r && old.max_wait == wait);
-                same.cloned().unwrap_or_else(|| Arc::new(Limiter::new(r, default_wait)))
+            .map(|r| match (0..previous.rules.len()).find(|&i| !kept[i] && previous.rules[i].rule == *r) {
+                Some(i) => {
+                    kept[i] = true;
+                    let old = &previous.rules[i];
+                    old.max_wait_us.store(Limiter::wait_us(r, default_wait), Ordering::Relaxed);
+                    old.clone()
+                }
+                None => Arc::new(Limiter::new(r, default_wait)),
             })
             .collect();
         Limits { rules }
@@ -225,7 +245,7 @@ impl Limits {
         let mut taken = Taken(Vec::new());
         for l in self.rules.iter().filter(|l| l.matches(r)) {
             let Some(bucket) = &l.bucket else { continue };
-            match bucket.reserve(l.max_wait) {
+            match bucket.reserve(l.max_wait()) {
                 Some(wait) => {
                     taken.0.push(bucket);
                     if !wait.is_zero() {
@@ -237,7 +257,7 @@ impl Limits {
                     let rate = l.rule.rate.unwrap_or_default();
                     return Err(l.refuse(
                         sqlstate::TOO_MANY_CONNECTIONS,
-                        format!("rate {rate}/s (burst {}) would need a wait over {:?}", l.burst, l.max_wait),
+                        format!("rate {rate}/s (burst {}) would need a wait over {:?}", l.burst, l.max_wait()),
                     ));
                 }
             }
@@ -249,7 +269,7 @@ impl Limits {
             let l = &self.rules[k];
             let _waiting = l.queue()?;
             let slots = l.slots.as_ref().expect("has slots").clone();
-            match tokio::time::timeout_at(started + l.max_wait, slots.acquire_owned()).await {
+            match tokio::time::timeout_at(started + l.max_wait(), slots.acquire_owned()).await {
                 Ok(Ok(p)) => held[k] = Some(p),
                 _ => {
                     return Err(l.refuse(
@@ -418,6 +438,25 @@ mod tests {
         assert!(!Arc::ptr_eq(&new.rules[1], &old.rules[1]));
         drop(held);
         assert!(new.try_admit(&req(false)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_two_identical_rules_apart_and_updates_the_default_wait_in_place() {
+        let one = rule(|l| l.max_in_flight = Some(1));
+        let old = Limits::new(&[one.clone(), one.clone()], Duration::from_secs(5));
+        let held = old.admit(&req(false)).await.unwrap();
+        // Only pool.checkout_timeout changed: the same rules, state kept.
+        let new = Limits::reloaded(&[one.clone(), one], Duration::from_secs(1), &old);
+        assert!(Arc::ptr_eq(&new.rules[0], &old.rules[0]) && Arc::ptr_eq(&new.rules[1], &old.rules[1]));
+        assert_eq!(new.rules[0].max_wait(), Duration::from_secs(1));
+        assert_eq!(new.rules[0].in_flight(), 1, "the transaction admitted before still counts");
+        drop(held);
+        // Two rules of one slot each: a transaction takes one of each and
+        // is admitted at once (sharing one limiter, it would need two
+        // slots of one and wait out max_wait for 53300).
+        let t0 = Instant::now();
+        let admitted = new.admit(&req(false)).await;
+        assert!(admitted.is_ok() && t0.elapsed() == Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -103,7 +103,9 @@ fn run(cfg: Config, path: PathBuf) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let grace = cfg.timeouts.shutdown_grace.0;
+        // Before start: a SIGHUP right after launch (`systemctl reload`)
+        // must not meet the default action, which ends the process.
+        let signals = Signals::install();
         let listener = match pgfleet::app::bind_reuseport(&cfg.listen.addr) {
             Ok(l) => l,
             Err(e) => {
@@ -120,12 +122,14 @@ fn run(cfg: Config, path: PathBuf) -> ExitCode {
         };
         *running.app.config_path.lock().unwrap() = Some(path);
         tracing::info!(addr = %running.addr, metrics = ?running.metrics_addr, "pgfleet listening");
-        match wait_for_stop(&running).await {
+        match wait_for_stop(&running, signals).await {
             Stop::Fast => {
                 tracing::info!("SIGINT: stopping now");
                 running.app.begin_shutdown();
             }
             Stop::Drain => {
+                // As configured now: a reload may have changed it.
+                let grace = running.app.config().timeouts.shutdown_grace.0;
                 tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining clients");
                 tokio::select! {
                     _ = running.shutdown(grace) => {}
@@ -154,11 +158,26 @@ async fn signal(kind: tokio::signal::unix::SignalKind) {
     }
 }
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let on = |kind, name| tokio::signal::unix::signal(kind).unwrap_or_else(|e| panic!("install {name} handler: {e}"));
+        Signals {
+            term: on(SignalKind::terminate(), "SIGTERM"),
+            int: on(SignalKind::interrupt(), "SIGINT"),
+            hup: on(SignalKind::hangup(), "SIGHUP"),
+        }
+    }
+}
+
 /// Waits for SIGTERM / SIGINT / admin SHUTDOWN; SIGHUP reloads meanwhile.
-async fn wait_for_stop(running: &pgfleet::app::Running) -> Stop {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("install SIGHUP handler");
+async fn wait_for_stop(running: &pgfleet::app::Running, signals: Signals) -> Stop {
+    let Signals { mut term, mut int, mut hup } = signals;
     let mut shutdown = running.app.shutdown_signal();
     loop {
         tokio::select! {

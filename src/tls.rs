@@ -217,8 +217,13 @@ where
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for MonitorStream<S> {
+    /// The server certificate's hash, so the monitor's and auth_query's
+    /// SCRAM logins are bound to the channel as the pools' are.
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        tokio_postgres::tls::ChannelBinding::none()
+        match self.0.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+            Some(cert) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(end_point_hash(cert.as_ref())),
+            None => tokio_postgres::tls::ChannelBinding::none(),
+        }
     }
 }
 

@@ -14,28 +14,45 @@ use tokio::net::{TcpListener, TcpStream};
 /// Serves until shutdown.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
     let mut shutdown = app.shutdown_signal();
+    // This endpoint shares the control thread with the lag monitor: a
+    // flood of connections is turned away rather than served slowly.
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN));
     loop {
         tokio::select! {
-            r = listener.accept() => if let Ok((stream, _)) = r {
-                let app = app.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), handle(app, stream)).await;
-                });
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let Ok(permit) = open.clone().try_acquire_owned() else { continue };
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), handle(app, stream)).await;
+                        drop(permit);
+                    });
+                }
+                // Out of descriptors and the like: no hot loop.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             },
             _ = shutdown.changed() => return,
         }
     }
 }
 
+/// Connections served at once; more are closed at accept.
+const MAX_OPEN: usize = 64;
+
 async fn handle(app: Arc<App>, mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+    loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             break;
         }
+        // Only the new bytes (and the three before them) can end the head.
+        let from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
+        if buf[from..].windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= 16 * 1024 {
+            break;
+        }
     }
     let request = String::from_utf8_lossy(&buf);
     let path = request.split_whitespace().nth(1).unwrap_or("/");
@@ -43,8 +60,10 @@ async fn handle(app: Arc<App>, mut stream: TcpStream) -> std::io::Result<()> {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&app)),
         "/healthz" => ("200 OK", "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
-            let snap = app.topology().snapshot();
-            let ready = snap.primary_reachable || (app.topology().replicas.is_empty() && primary_answers(&app).await);
+            // The monitor's view when one runs (there are replicas);
+            // else a connect to the primary.
+            let monitored = !app.topology().replicas.is_empty() && app.monitor_spec().is_some();
+            let ready = if monitored { app.topology().snapshot().primary_reachable } else { primary_answers(&app).await };
             if ready {
                 ("200 OK", "text/plain", b"ready\n".to_vec())
             } else {
@@ -59,10 +78,21 @@ async fn handle(app: Arc<App>, mut stream: TcpStream) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
-/// Without replicas there is no monitor: try a TCP connect to the primary.
+/// Without a monitor: a TCP connect to the primary, at most one a second
+/// (each one makes the postmaster fork a backend), the answer reused in
+/// between.
 async fn primary_answers(app: &App) -> bool {
+    type Probe = Option<(String, std::time::Instant, bool)>;
+    static LAST: std::sync::Mutex<Probe> = std::sync::Mutex::new(None);
     let addr = app.config().cluster.primary.clone();
-    matches!(tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await, Ok(Ok(_)))
+    if let Some((a, at, ok)) = &*LAST.lock().unwrap_or_else(|e| e.into_inner()) {
+        if *a == addr && at.elapsed() < Duration::from_secs(1) {
+            return *ok;
+        }
+    }
+    let ok = matches!(tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr)).await, Ok(Ok(_)));
+    *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, std::time::Instant::now(), ok));
+    ok
 }
 
 /// Refreshes the state gauges, then encodes every metric.

@@ -52,7 +52,8 @@ impl Table {
 }
 
 /// Serves one admin console session until the client leaves.
-pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
+/// `buf` holds what the client sent after its login (pipelined commands).
+pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login, mut buf: BytesMut) {
     let mut out = BytesMut::new();
     for (k, v) in [
         ("server_version", "15.0"),
@@ -72,7 +73,6 @@ pub async fn serve(app: Arc<App>, mut stream: Stream, login: Login) {
         return;
     }
     tracing::info!(user = %login.user, "admin console session");
-    let mut buf = BytesMut::new();
     let mut shutdown = app.shutdown_signal();
     loop {
         // A console open during shutdown (or the one that sent SHUTDOWN)

@@ -382,7 +382,7 @@ fn limits(app: &App) -> Table {
             opt(l.rule.max_in_flight.map(|n| n.to_string())),
             opt(l.rule.rate.map(|r| r.to_string())),
             s(l.burst),
-            s(l.max_wait.as_millis()),
+            s(l.max_wait().as_millis()),
             s(l.rule.writes_only),
             s(l.in_flight()),
             s(l.waiting.load(Ordering::Relaxed)),

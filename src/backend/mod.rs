@@ -338,13 +338,16 @@ impl ServerConn {
                 // Bound to the TLS channel when the server offers it: a
                 // relay in the middle (possible under server_tls_mode =
                 // require, which does not check the certificate) cannot
-                // complete the exchange. (Pass-through logins stay unbound.)
-                let channel = end_point.filter(|_| offers("SCRAM-SHA-256-PLUS"));
+                // complete the exchange. Over TLS without the offer, "y"
+                // (could bind, was not offered) as libpq sends: a server
+                // that did offer it, its offer stripped by such a relay,
+                // then refuses the login. (Pass-through logins stay unbound.)
+                let plus = offers("SCRAM-SHA-256-PLUS");
                 let (s, bound) = match (&known_password, pass.scram) {
                     (None, Some((client_key, server_key))) => (ScramClient::Keys(wire::auth::ScramKeyClient::new(client_key, server_key)), false),
                     _ => {
-                        let binding = channel.map_or_else(ChannelBinding::unsupported, |h| ChannelBinding::tls_server_end_point(h.to_vec()));
-                        (ScramClient::Password(ScramSha256::new(password()?.as_bytes(), binding)), channel.is_some())
+                        let (binding, bound) = channel_binding(end_point, plus);
+                        (ScramClient::Password(ScramSha256::new(password()?.as_bytes(), binding)), bound)
                     }
                 };
                 let mechanism = if bound { "SCRAM-SHA-256-PLUS" } else { "SCRAM-SHA-256" };
@@ -573,10 +576,35 @@ pub fn consume(buf: &mut BytesMut, n: usize) {
     }
 }
 
+/// How pgfleet's own SCRAM login binds to the channel, and whether it
+/// uses SCRAM-SHA-256-PLUS: bound over TLS when the server offers it; over
+/// TLS without the offer "y" (could bind, was not offered), as libpq.
+fn channel_binding(end_point: Option<&[u8]>, plus_offered: bool) -> (ChannelBinding, bool) {
+    match end_point {
+        Some(h) if plus_offered => (ChannelBinding::tls_server_end_point(h.to_vec()), true),
+        Some(_) => (ChannelBinding::unrequested(), false),
+        None => (ChannelBinding::unsupported(), false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn over_tls_a_missing_plus_offer_is_answered_with_y() {
+        let gs2 = |end_point: Option<&[u8]>, plus| {
+            let (binding, bound) = channel_binding(end_point, plus);
+            let first = ScramSha256::new(b"pw", binding).message().to_vec();
+            (String::from_utf8_lossy(&first[..3]).to_string(), bound)
+        };
+        assert_eq!(gs2(Some(b"hash"), true), ("p=t".to_string(), true));
+        // A relay that strips the -PLUS offer: "y", which the real server
+        // (that offered it) refuses.
+        assert_eq!(gs2(Some(b"hash"), false), ("y,,".to_string(), false));
+        assert_eq!(gs2(None, true), ("n,,".to_string(), false));
+    }
 
     /// A scripted server: after the client's first SASL message it says
     /// "ok" without the SCRAM final message (a server that does not know

@@ -266,6 +266,14 @@ impl User {
     pub fn server_login_password(&self) -> Option<&str> {
         self.server_password.as_deref().or_else(|| self.password.as_deref().filter(|p| !crate::wire::auth::Secret::is_stored(p)))
     }
+
+    /// Whether pgfleet can log in to the servers as this user on its own,
+    /// without a client's proof: with a plaintext password or
+    /// `server_password`, or with no password at all (`auth.method =
+    /// "trust"`, servers that trust pgfleet).
+    pub fn logs_in_by_itself(&self) -> bool {
+        self.server_login_password().is_some() || (self.password.is_none() && self.server_password.is_none())
+    }
 }
 
 impl std::fmt::Debug for User {
@@ -450,6 +458,24 @@ impl Default for Log {
     }
 }
 
+/// A TOML error as "line L, column C: message", without the source line
+/// toml's own text quotes, and without the message either when that line
+/// holds a password (`invalid type: integer `123456``, a bad escape):
+/// config errors go to the log and to the admin console.
+fn parse_problem(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else { return e.message().trim().replace('\n', " ") };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let line_text = text[before.rfind('\n').map_or(0, |i| i + 1)..].lines().next().unwrap_or("");
+    let message = if line_text.to_ascii_lowercase().contains("password") {
+        "invalid value for a password (not shown)".to_string()
+    } else {
+        e.message().trim().replace('\n', " ")
+    };
+    format!("TOML parse error at line {line}, column {column}: {message}")
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -462,10 +488,7 @@ impl Config {
 
     /// Parses and validates TOML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
-            file: file.to_string(),
-            problems: vec![e.to_string().trim().replace('\n', " ")],
-        })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError { file: file.to_string(), problems: vec![parse_problem(text, &e)] })?;
         let problems = cfg.validate();
         if problems.is_empty() {
             Ok(cfg)

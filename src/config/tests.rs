@@ -110,3 +110,31 @@ fn an_empty_password_is_refused() {
     let err = Config::parse("[[users]]\nname = \"app\"\npassword = \"\"\n[[databases]]\nname = \"app\"\n", "x.toml").unwrap_err();
     assert!(err.to_string().contains("users[app].password: empty password"), "{err}");
 }
+
+#[test]
+fn keepalive_values_linux_would_refuse_are_errors_and_a_startup_of_0s_is_off() {
+    let base = "[[users]]\nname = \"app\"\npassword = \"app\"\n[[databases]]\nname = \"app\"\n";
+    for bad in ["tcp_keepalive = \"500ms\"", "tcp_keepalive_interval = \"1500ms\"", "tcp_keepalive_count = 200", "tcp_keepalive = \"40000s\""] {
+        let err = Config::parse(&format!("[listen]\n{bad}\n{base}"), "x.toml").unwrap_err();
+        assert!(err.to_string().contains("listen.tcp_keepalive"), "{bad}: {err}");
+    }
+    let off = Config::parse(&format!("[listen]\ntcp_keepalive = \"0s\"\ntcp_keepalive_count = 0\n{base}"), "x.toml").unwrap();
+    assert!(off.listen.tcp_keepalive.enabled().is_none());
+    let cfg = Config::parse(&format!("[timeouts]\nstartup = \"0s\"\n{base}"), "x.toml").unwrap();
+    assert!(cfg.timeouts.startup.enabled().is_none());
+}
+
+#[test]
+fn a_password_never_appears_in_a_parse_error() {
+    for bad in ["password = 123456", "password = \"p\\w0rd-secret\"", "server_password = [\"hunter2secret\"]"] {
+        let text = format!("[[users]]\nname = \"app\"\n{bad}\n[[databases]]\nname = \"app\"\n");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        for secret in ["123456", "w0rd-secret", "hunter2secret"] {
+            assert!(!err.contains(secret), "{bad}: {err}");
+        }
+    }
+    // Other errors keep their message.
+    let err = Config::parse("[pool]\nsize = \"big\"\n", "x.toml").unwrap_err().to_string();
+    assert!(err.contains("line 2") && err.contains("big"), "{err}");
+}

@@ -24,16 +24,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"5s\", \"10m\""))?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" | "min" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         "" if n == 0 => 0,
         other => return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m, h, d)")),
     };
-    Ok(Duration::from_millis(ms))
+    // At most a year: far beyond any timeout, and far from where a deadline
+    // (now + the duration) could overflow.
+    match n.checked_mul(unit_ms) {
+        Some(ms) if ms <= 365 * 86_400_000 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("{s:?} is too long (at most 365d)")),
+    }
 }
 
 impl<'de> Deserialize<'de> for Dur {
@@ -88,6 +93,9 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("18446744073709552s").is_err(), "overflow is refused, not wrapped");
+        assert!(parse_duration("366d").is_err());
+        assert_eq!(parse_duration("365d").unwrap(), Duration::from_secs(365 * 86_400));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5").is_err());
     }

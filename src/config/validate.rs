@@ -1,7 +1,7 @@
 //! Semantic checks that serde cannot express. Every problem is collected so a
 //! user fixes a bad config in one round.
 
-use super::Config;
+use super::{Config, Dur};
 use crate::wire::auth::Secret;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -60,8 +60,14 @@ impl Config {
         if self.listen.unix_socket_dir.as_deref() == Some("") {
             p.push("listen.unix_socket_dir: empty (leave it out for TCP only)".into());
         }
-        if self.listen.tcp_keepalive.enabled().is_some() && (self.listen.tcp_keepalive_interval.enabled().is_none() || self.listen.tcp_keepalive_count == 0) {
-            p.push("listen.tcp_keepalive_interval and listen.tcp_keepalive_count: must be above 0 while listen.tcp_keepalive is on".into());
+        // Linux takes whole seconds up to 32767 and at most 127 probes; a
+        // value it refuses would silently leave its 2-hour default in place.
+        let l = &self.listen;
+        let whole_secs = |d: &Dur| d.0.subsec_nanos() == 0 && (1..=32767).contains(&d.0.as_secs());
+        if l.tcp_keepalive.enabled().is_some()
+            && (!whole_secs(&l.tcp_keepalive) || !whole_secs(&l.tcp_keepalive_interval) || !(1..=127).contains(&l.tcp_keepalive_count))
+        {
+            p.push("listen.tcp_keepalive and tcp_keepalive_interval: whole seconds from 1s to 32767s, tcp_keepalive_count: 1 to 127 (or tcp_keepalive = \"0s\" for off)".into());
         }
         if self.listen.max_message_size.0 < 1024 {
             p.push("listen.max_message_size: must be at least 1kB".into());
@@ -117,9 +123,6 @@ impl Config {
         }
         if self.pool.connect_timeout.0.is_zero() {
             p.push("pool.connect_timeout: must be greater than 0".into());
-        }
-        if self.timeouts.startup.0.is_zero() {
-            p.push("timeouts.startup: must be greater than 0".into());
         }
     }
 
@@ -207,11 +210,14 @@ impl Config {
         if self.routing.transaction_reads != super::TransactionReads::Primary {
             p.push("routing.transaction_reads: only \"primary\" is supported (BEGIN READ ONLY goes to replicas)".into());
         }
+        if self.cluster.health_user.is_none() && !self.cluster.replicas.is_empty() && !self.users.iter().any(|u| u.logs_in_by_itself()) {
+            p.push("cluster.health_user: the lag monitor needs a user to log in as, and every user has a stored verifier only: name one with a plaintext password or server_password (without a monitor no replica would ever be used)".into());
+        }
         if let Some(u) = &self.cluster.health_user {
             match self.user(u) {
                 None => p.push(format!("cluster.health_user: {u:?} is not defined in [[users]]")),
                 // pgfleet logs in to the servers as this user itself.
-                Some(user) if user.server_login_password().is_none() => {
+                Some(user) if !user.logs_in_by_itself() => {
                     p.push(format!("cluster.health_user: {u:?} needs a plaintext password or server_password (the monitor logs in as it)"))
                 }
                 _ => {}
@@ -227,7 +233,7 @@ impl Config {
             (None, Some(_)) => p.push("auth.auth_user: set auth.auth_query too".into()),
             (Some(_), Some(u)) => match self.user(u) {
                 None => p.push(format!("auth.auth_user: {u:?} is not defined in [[users]]")),
-                Some(user) if user.server_login_password().is_none() => {
+                Some(user) if !user.logs_in_by_itself() => {
                     p.push(format!("auth.auth_user: {u:?} needs a plaintext password or server_password (pgfleet logs in as it)"))
                 }
                 _ => {}

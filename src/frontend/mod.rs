@@ -104,7 +104,8 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     };
     // Startup, password and SASL messages are small: one allocation.
     let mut buf = BytesMut::with_capacity(256);
-    let limit = app.config().timeouts.startup.0;
+    // "0s" is off, as for every timeout (durations are capped at a year).
+    let limit = app.config().timeouts.startup.enabled().unwrap_or(std::time::Duration::from_secs(365 * 86_400));
     let deadline = tokio::time::Instant::now() + limit;
     // TLS over TCP only (libpq never asks for it on a Unix socket).
     let tls = app.tls().filter(|_| !stream.is_unix());
@@ -156,7 +157,7 @@ async fn handle_client(app: Arc<App>, mut stream: crate::net::Stream, peer: Sock
     tracing::Span::current().record("user", login.user.as_str()).record("database", login.database.as_str());
     tracing::info!("client logged in");
     if crate::admin::is_admin_database(&login.database) {
-        Box::pin(crate::admin::serve(app, stream, login)).await;
+        Box::pin(crate::admin::serve(app, stream, login, buf)).await;
         return;
     }
     // The session runs in a task of its own, sized for the relay only: this
@@ -226,7 +227,7 @@ async fn prepare(
         addr: peer,
         local: stream.local_addr().unwrap_or(peer),
         connect_time_us: crate::stats::now_us(),
-        application_name: login.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
+        application_name: login.params.iter().rev().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
         state: AtomicU8::new(crate::stats::CLIENT_IDLE),
         request_time_us: AtomicU64::new(0),
         wait_since_us: AtomicU64::new(0),
@@ -274,7 +275,7 @@ fn resolve_workload(app: &App, login: &Login) -> Result<Option<String>, String> 
             from_startup = Some(v.clone());
         }
     }
-    let app_name = login.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.as_str()).unwrap_or("");
+    let app_name = login.params.iter().rev().find(|(k, _)| k == "application_name").map(|(_, v)| v.as_str()).unwrap_or("");
     let by_rule = cfg.routing.rules.iter().find(|r| {
         r.application_name.as_deref().is_none_or(|g| glob_match(g, app_name))
             && r.user.as_deref().is_none_or(|u| u == login.user)

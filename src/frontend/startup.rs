@@ -149,7 +149,8 @@ pub async fn handshake(
             message: "pgfleet requires TLS (listen.tls_mode = \"require\"): connect with sslmode=require".into(),
         });
     }
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    // The last of a repeated parameter counts, as on PostgreSQL.
+    let get = |k: &str| params.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let user = get("user").filter(|u| !u.is_empty()).ok_or(StartupError::Fatal {
         code: sqlstate::INVALID_AUTHORIZATION,
         message: "no PostgreSQL user name specified in startup packet".into(),

@@ -56,7 +56,7 @@ impl Session {
         if self.tracks_state() {
             let a = match known {
                 Some(a) => a,
-                None => self.analyze(&state::sql_text(wire::body(msg))),
+                None => self.analyze(wire::body(msg)),
             };
             self.note_write(a.class, a.catalog_ddl);
             self.note_opaque(&a);

@@ -618,8 +618,9 @@ impl Session {
         self.mode == PoolMode::Transaction
     }
 
-    fn analyze(&self, sql: &str) -> crate::router::Analysis {
-        crate::router::classify_as(sql, &self.cfg.routing.write_functions, self.backslash_strings)
+    /// Classifies SQL text as sent (up to its NUL; see `state::classify_text`).
+    fn analyze(&self, sql: &[u8]) -> crate::router::Analysis {
+        state::classify_text(sql, &self.cfg.routing.write_functions, self.backslash_strings)
     }
 
 }

@@ -2,7 +2,6 @@
 //! transaction unit looks like, where it goes, and when a client bound to a
 //! replica must wait for its connection to be released before a write.
 
-use super::state::sql_text;
 use super::{Session, SessionError};
 use crate::config::{PoolMode, ReadYourWrites};
 use crate::pool::Pool;
@@ -50,9 +49,9 @@ impl Session {
             let a = match msg.first() {
                 Some(b'Q') => {
                     stop = true;
-                    merged.is_none().then(|| self.analyze(&sql_text(wire::body(msg))))
+                    merged.is_none().then(|| self.analyze(wire::body(msg)))
                 }
-                Some(b'P') => wire::parse_parse_name(msg).ok().map(|(_, c)| self.analyze(&sql_text(c))),
+                Some(b'P') => wire::parse_parse_name(msg).ok().map(|(_, c)| self.analyze(c)),
                 Some(b'B') => wire::parse_bind(msg).ok().and_then(|(_, s, _)| self.statement_analysis(s)),
                 Some(b'D') => match wire::parse_target(msg) {
                     Ok((b'S', n)) => self.statement_analysis(n),

@@ -429,6 +429,28 @@ pub(super) fn sql_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Classifies SQL text as the client sent it (`sql_text`). Text that is
+/// not UTF-8 and holds a non-ASCII byte right before a backslash may be in
+/// an encoding whose two-byte characters end in 0x5C (SJIS, BIG5, GBK,
+/// GB18030, JOHAB): PostgreSQL, which converts before it reads the SQL,
+/// sees a character there, pgfleet a backslash that may escape a quote
+/// (`E'...'`, `standard_conforming_strings = off`) and hide what follows.
+/// Such text runs on the primary and keeps the client on its connection.
+pub(super) fn classify_text(bytes: &[u8], write_functions: &[String], backslash_strings: bool) -> crate::router::Analysis {
+    let text = sql_text(bytes);
+    let mut a = crate::router::classify_as(&text, write_functions, backslash_strings);
+    if matches!(text, std::borrow::Cow::Owned(_)) {
+        let raw = &bytes[..wire::memchr0(bytes).unwrap_or(bytes.len())];
+        if raw.windows(2).any(|w| w[0] >= 0x80 && w[1] == b'\\') {
+            a.class = crate::router::Class::Write;
+            a.opaque = true;
+            a.pin = a.pin.or(Some("text in an encoding whose characters may end in a backslash"));
+            a.sticky_pin = true;
+        }
+    }
+    a
+}
+
 /// Parse content with the query text replaced, parameter types kept.
 pub(super) fn replace_sql(content: &[u8], sql: &str) -> Bytes {
     let end = wire::memchr0(content).unwrap_or(content.len());
@@ -450,5 +472,20 @@ mod tests {
         assert_eq!(sql_text(b"SELECT '\xc3\xa9'\0"), "SELECT 'é'");
         // Invalid UTF-8 is replaced, not trusted.
         assert_eq!(sql_text(b"SELECT '\xff'\0"), "SELECT '\u{fffd}'");
+    }
+
+    #[test]
+    fn a_two_byte_character_ending_in_a_backslash_is_not_trusted() {
+        use crate::router::Class;
+        // SJIS "ソ" is 83 5C: PostgreSQL reads one character and then the
+        // closing quote, so this is a SELECT and a DELETE.
+        let sjis = b"SELECT E'\x83\x5c' AS a; DELETE FROM t WHERE x = 'b'\0";
+        let a = super::classify_text(sjis, &[], false);
+        assert_eq!(a.class, Class::Write);
+        assert!(a.sticky_pin && a.opaque);
+        // UTF-8, or no backslash after a non-ASCII byte: as before.
+        assert_eq!(super::classify_text("SELECT 'ソ\\'\0".as_bytes(), &[], false).class, Class::Read);
+        let latin1 = super::classify_text(b"SELECT 'caf\xe9'\0", &[], false);
+        assert_eq!((latin1.class, latin1.sticky_pin), (Class::Read, false));
     }
 }

@@ -21,7 +21,7 @@ impl Session {
         } else {
             self.settings.iter().find(|(n, _)| n == "search_path").map_or("", |(_, v)| v.as_str())
         };
-        self.app.stmts.intern(&self.database, search_path, content, off, |c| crate::router::classify_as(&state::sql_text(c), extra, off))
+        self.app.stmts.intern(&self.database, search_path, content, off, |c| state::classify_text(c, extra, off))
     }
 
     pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {
@@ -34,7 +34,7 @@ impl Session {
             self.send(msg, Some(Kind::Parse(None)));
             return Ok(());
         }
-        let a = known.unwrap_or_else(|| self.analyze(&state::sql_text(content)));
+        let a = known.unwrap_or_else(|| self.analyze(content));
         self.note_write(a.class, a.catalog_ddl);
         // Rewritten when pgfleet rejects what it does (session_state = "reject").
         let rewritten = self.note_effects(&a).map(|sql| state::replace_sql(content, &sql));

@@ -6,7 +6,7 @@
 //! that floor, to carry it across connections).
 
 use super::expect::{Kind, Pending, Synth};
-use super::{starts_with_word, state, Session};
+use super::{starts_with_word, Session};
 use crate::router::{Analysis, RouteHint};
 use crate::topology::{format_lsn, parse_lsn};
 use crate::wire::{self, build, sqlstate};
@@ -43,7 +43,7 @@ impl Session {
         if !maybe_virtual(sql) {
             return None;
         }
-        let a = self.analyze(&state::sql_text(sql));
+        let a = self.analyze(sql);
         if let Some(name) = a.deallocate.as_ref().filter(|_| a.statements == 1) {
             // One of the client's protocol-level statements (drivers such as
             // psycopg deallocate them with SQL, in a pipeline with the

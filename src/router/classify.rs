@@ -83,15 +83,32 @@ impl Analysis {
     /// Whether running this statement changes what a session carries.
     /// Records a called function's name hash (once).
     pub fn add_call(&mut self, h: u32) {
-        if !self.calls.contains(&h) {
-            self.calls.push(h);
+        if self.calls.contains(&h) {
+            return;
         }
+        if self.calls.len() == MAX_CALLS {
+            // Not worth looking each one up (and a linear `contains` over
+            // thousands would cost quadratic time): code pgfleet does not
+            // see into, as a DO block.
+            self.class = Class::Write;
+            self.opaque = true;
+            return;
+        }
+        self.calls.push(h);
     }
 
     pub fn has_session_effects(&self) -> bool {
         self.pin.is_some() || !self.set_names.is_empty() || self.reset_all || self.may_release || self.dealloc_all
     }
 }
+
+/// Distinct functions recorded per query string (see `add_call`).
+const MAX_CALLS: usize = 64;
+
+/// Tokens of one statement looked at together. A longer statement (a bulk
+/// INSERT, or a hostile run of parentheses) is looked at in slices of this
+/// many, so memory stays bounded whatever the message size.
+const MAX_TOKENS: usize = 1 << 14;
 
 /// Functions that write, take locks or need the primary's session.
 const WRITE_FUNCTIONS: &[&str] = &[
@@ -110,6 +127,7 @@ const WRITE_FUNCTIONS: &[&str] = &[
     "setseed", "gin_clean_pending_list",
     // Run a query given as text: pgfleet cannot see what it does.
     "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema", "ts_stat",
+    "ts_rewrite",
 ];
 
 const PIN_FUNCTIONS: &[&str] =
@@ -156,6 +174,9 @@ pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: boo
         let mut n = 0;
         heap.clear();
         let mut end = true;
+        // Whether this statement outgrew MAX_TOKENS: its first slice was
+        // looked at as a statement, the rest as `statement_slice`s.
+        let mut sliced = false;
         for t in lx.by_ref() {
             if t == Tok::Semi {
                 end = false;
@@ -167,11 +188,23 @@ pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: boo
                 if n == STACK_TOKENS {
                     heap.extend_from_slice(&stack);
                 }
+                if heap.len() == MAX_TOKENS {
+                    if sliced {
+                        statement_slice(&heap, write_functions, &mut a);
+                    } else {
+                        a.statements += 1;
+                        statement(&heap, write_functions, &mut a);
+                        sliced = true;
+                    }
+                    heap.drain(..MAX_TOKENS - SLICE_OVERLAP);
+                }
                 heap.push(t);
             }
             n += 1;
         }
-        if n > 0 {
+        if sliced {
+            statement_slice(&heap, write_functions, &mut a);
+        } else if n > 0 {
             a.statements += 1;
             let toks = if n <= STACK_TOKENS { &stack[..n] } else { &heap[..] };
             statement(toks, write_functions, &mut a);
@@ -187,6 +220,22 @@ pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: boo
         a.class = Class::Write;
     }
     a
+}
+
+/// Tokens a slice repeats from the one before it, so that a call (a name
+/// and its parenthesis, `s.f(`) is whole in one of them.
+const SLICE_OVERLAP: usize = 4;
+
+/// A slice of an over-long statement (`MAX_TOKENS`), after its start: the
+/// statement counts as a write, and the calls in the slice count as in any
+/// statement (writers, pins, `set_config`).
+fn statement_slice(t: &[Tok], extra: &[String], a: &mut Analysis) {
+    a.class = Class::Write;
+    let mut read = false;
+    functions(t, extra, a, &mut read);
+    if creates_temp(t) {
+        a.pin = a.pin.or(Some("a temporary object (CREATE TEMP, INTO TEMP or pg_temp)"));
+    }
 }
 
 /// The hash a function name is looked up by (FNV-1a). Unquoted names are
@@ -311,6 +360,8 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
             for x in t {
                 if let Tok::Str(code) = x {
                     custom_settings_in(code, &mut a.opaque_settings);
+                    // `DO $$ BEGIN CREATE FUNCTION ...`: the catalog too.
+                    a.catalog_ddl |= creates_functions(code);
                 }
             }
         }
@@ -339,9 +390,24 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         a.pin = a.pin.or(Some("a temporary object (CREATE TEMP, INTO TEMP or pg_temp)"));
     }
     functions(t, extra, a, &mut read);
+    if t.iter().any(|x| matches!(x, Tok::UIdent(_))) {
+        // A U&"..." name: its escapes (and a UESCAPE clause that changes
+        // them) are not decoded, so what it names, a function such as
+        // `set_config` or a setting, is not known: the client keeps its
+        // connection, and the statement runs on the primary.
+        read = false;
+        a.pin = a.pin.or(Some("a name with Unicode escapes (U&\"...\")"));
+        a.sticky_pin = true;
+    }
     if !read {
         a.class = Class::Write;
     }
+}
+
+/// Whether code (a DO block's) creates or replaces functions.
+fn creates_functions(code: &str) -> bool {
+    let lower = code.to_ascii_lowercase();
+    lower.contains("create") && ["function", "procedure", "aggregate", "extension"].iter().any(|w| lower.contains(w))
 }
 
 /// Whether the statement an EXPLAIN explains (after its options) is a
@@ -385,12 +451,6 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
             Tok::Word(name) => name,
             // A quoted name ("nextval", jOOQ's "public"."f") is exact: only
             // an all-lower-case one names a built-in (compared as a word).
-            // A U&"..." name with escapes (U&"pg\005fadvisory\005flock"):
-            // not decoded here, so not known safe.
-            Tok::Ident(name) if name.contains('\\') => {
-                *read = false;
-                continue;
-            }
             Tok::Ident(name) if !name.bytes().any(|c| c.is_ascii_uppercase() || c == b'"') => name,
             Tok::Ident(name) => {
                 // `"a""b"` names the function a"b.
@@ -407,7 +467,9 @@ fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
         if word_is_write_function(name, extra) {
             *read = false;
         }
-        if !(matches!(t[i], Tok::Word(_)) && grammar_word(name)) {
+        // (`cache.set(`, `jobs.check(`: a schema's function, whatever its name.)
+        let qualified = i > 0 && t[i - 1] == Tok::Punct(b'.');
+        if qualified || !(matches!(t[i], Tok::Word(_)) && grammar_word(name)) {
             a.add_call(name_hash(name.as_bytes(), matches!(t[i], Tok::Word(_))));
         }
         if PIN_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(name)) {

@@ -460,6 +460,8 @@ fn settings_that_route_transactions_are_set_on_the_primary() {
         "SET default_transaction_read_only = off",
         "RESET default_transaction_read_only",
         "RESET default_transaction_isolation",
+        "RESET ALL",
+        "SET \"DEFAULT_TRANSACTION_READ_ONLY\" = on",
     ] {
         assert_eq!(classify(sql, &[]).route_hint, Some(RouteHint::Primary), "{sql}");
     }
@@ -471,4 +473,95 @@ fn a_session_authorization_change_reads_the_role_back_too() {
     for sql in ["SET SESSION AUTHORIZATION bob", "RESET SESSION AUTHORIZATION"] {
         assert_eq!(classify(sql, &[]).set_names, vec!["session_authorization".to_string(), "role".to_string()], "{sql}");
     }
+}
+
+#[test]
+fn unicode_escaped_names_are_not_trusted() {
+    // PostgreSQL merges U&"..." UESCAPE '!' into one name: set_config here.
+    for sql in [
+        "SELECT U&\"set_config\" UESCAPE '!'('search_path', 'evil', false)",
+        "SELECT U&\"pg\\005fadvisory\\005flock\"(1)",
+        "SET U&\"search\\005fpath\" TO evil",
+    ] {
+        let a = classify(sql, &[]);
+        assert_eq!(a.class, W, "{sql}");
+        assert!(a.sticky_pin && a.pin.is_some(), "{sql}");
+    }
+    // A plain quoted name with a backslash is that name, exactly.
+    let a = classify("SELECT \"a\\b\"(1)", &[]);
+    assert_eq!((a.class, a.calls.len(), a.sticky_pin), (R, 1, false));
+}
+
+#[test]
+fn set_config_is_taken_at_its_word_only_when_plain() {
+    for sql in [
+        "SELECT set_config('search_path', 'evil', NOT true)",
+        "SELECT set_config('search_path', 'evil', false = true)",
+        "SELECT set_config(E'search\\_path', 'evil', false)",
+        "SELECT set_config('search'\n'_path', 'evil', false)",
+        "SELECT set_config('search_path', 'evil'",
+    ] {
+        let a = classify(sql, &[]);
+        assert!(a.sticky_pin, "{sql}: {a:?}");
+    }
+    assert_eq!(classify("SELECT set_config('Search_Path', 'a', false)", &[]).set_names, vec!["search_path".to_string()]);
+    let local = classify("SELECT set_config('search_path', 'a', true)", &[]);
+    assert!(local.set_names.is_empty() && !local.sticky_pin);
+    assert_eq!(classify("SET \"Search_Path\" TO b", &[]).set_names, vec!["search_path".to_string()]);
+}
+
+#[test]
+fn calls_qualified_by_a_schema_are_looked_up_whatever_their_name() {
+    for sql in ["SELECT cache.set('k', 'v')", "SELECT jobs.check(1)", "SELECT app.key(1)"] {
+        assert_eq!(classify(sql, &[]).calls.len(), 1, "{sql}");
+    }
+    assert!(classify("SELECT x FROM t WHERE a IN (1)", &[]).calls.is_empty());
+    assert_eq!(classify("SELECT ts_rewrite('a'::tsquery, 'SELECT 1')", &[]).class, W);
+}
+
+#[test]
+fn a_number_ends_at_a_letter_as_on_postgresql_14() {
+    assert_eq!(classify("SELECT * FROM t LIMIT 1FOR SHARE", &[]).class, W);
+    assert_eq!(classify("SELECT 1INTO t2", &[]).class, W);
+    for sql in ["SELECT 1e5, 1.5E-3, .5, 0x1F, 1_000 FROM t", "SELECT 1.5, 2e+3"] {
+        assert_eq!(classify(sql, &[]).class, R, "{sql}");
+    }
+}
+
+#[test]
+fn a_do_block_that_creates_a_function_reloads_the_catalog() {
+    assert!(classify("DO $$BEGIN CREATE FUNCTION mk() RETURNS int AS 'SELECT 1' LANGUAGE sql; END$$", &[]).catalog_ddl);
+    assert!(!classify("DO $$BEGIN PERFORM 1; END$$", &[]).catalog_ddl);
+}
+
+#[test]
+fn huge_statements_stay_bounded_and_are_still_seen_whole() {
+    // A bulk INSERT far over MAX_TOKENS: a write, classified in linear time.
+    let mut sql = String::from("INSERT INTO t VALUES ");
+    for i in 0..20_000 {
+        sql.push_str(&format!("({i}, 'x'),"));
+    }
+    sql.push_str("(0, 'y')");
+    let a = classify(&sql, &[]);
+    assert_eq!((a.class, a.statements, a.pin), (W, 1, None));
+    // A call deep inside a long SELECT is still seen (a slice after the
+    // first), and so is the statement after it.
+    let mut sql = String::from("SELECT 1");
+    for _ in 0..40_000 {
+        sql.push_str(", 1");
+    }
+    sql.push_str(", pg_advisory_lock(7); SELECT 2");
+    let a = classify(&sql, &[]);
+    assert_eq!((a.class, a.statements), (W, 2));
+    assert!(a.pin.is_some());
+    // Nested set_config and thousands of distinct calls: bounded work, and
+    // the conservative verdicts.
+    let nested = "SELECT set_config(".repeat(5_000);
+    assert!(classify(&nested, &[]).sticky_pin);
+    let many: String = (0..5_000).map(|i| format!("f{i}(), ")).collect();
+    let a = classify(&format!("SELECT {many} 1"), &[]);
+    assert!(a.opaque && a.class == W && a.calls.len() <= 64);
+    // Hint comments are bounded too.
+    let hints = "/* pgfleet: route=replica */".repeat(10_000) + " SELECT 1";
+    assert_eq!(classify(&hints, &[]).route_hint, Some(RouteHint::Replica));
 }

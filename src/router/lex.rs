@@ -8,6 +8,9 @@ pub enum Tok<'a> {
     Word(&'a str),
     /// "Quoted identifier" (contents, quotes doubled inside).
     Ident(&'a str),
+    /// U&"identifier" (contents, escapes not decoded; a UESCAPE clause
+    /// after it may change the escape character).
+    UIdent(&'a str),
     /// Any string literal (raw text between the quotes).
     Str(&'a str),
     Num,
@@ -67,7 +70,9 @@ impl<'a> Lexer<'a> {
                 }
                 let end = if depth == 0 { self.pos - 2 } else { self.pos };
                 let body = self.src[start..end].trim();
-                if let Some(h) = body.strip_prefix("pgfleet:") {
+                // (A bounded number: a hostile run of hint comments must
+                // not grow memory with the message.)
+                if let Some(h) = body.strip_prefix("pgfleet:").filter(|_| self.hints.len() < 16) {
                     self.hints.push(h.trim());
                 }
             } else {
@@ -162,7 +167,6 @@ impl<'a> Lexer<'a> {
 const SPACE: u8 = 1;
 const IDENT_START: u8 = 2;
 const IDENT: u8 = 4;
-const NUMBER: u8 = 8;
 
 static CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
@@ -181,14 +185,38 @@ static CLASS: [u8; 256] = {
         if c.is_ascii_digit() || c == b'$' {
             k |= IDENT;
         }
-        if c.is_ascii_alphanumeric() || c == b'.' || c == b'_' {
-            k |= NUMBER;
-        }
         t[i] = k;
         i += 1;
     }
     t
 };
+
+/// Length of the number at the start of `b`: digits (with `_`, PostgreSQL
+/// 16), a fraction, an exponent, or a `0x`/`0o`/`0b` literal. It ends at
+/// the first letter that cannot continue it, as PostgreSQL 14 and older
+/// read `LIMIT 1FOR UPDATE` (`1` then `FOR`; 15 and later refuse it).
+fn number_len(b: &[u8]) -> usize {
+    let digits = |mut i: usize, hex: bool| {
+        while b.get(i).is_some_and(|c| c.is_ascii_digit() || *c == b'_' || (hex && c.is_ascii_hexdigit())) {
+            i += 1;
+        }
+        i
+    };
+    if b.len() > 2 && b[0] == b'0' && matches!(b[1], b'x' | b'X' | b'o' | b'O' | b'b' | b'B') && b[2].is_ascii_hexdigit() {
+        return digits(2, true);
+    }
+    let mut i = digits(0, false);
+    if b.get(i) == Some(&b'.') && b.get(i + 1) != Some(&b'.') {
+        i = digits(i + 1, false);
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+        if b.get(i + 1 + sign).is_some_and(u8::is_ascii_digit) {
+            i = digits(i + 1 + sign, false);
+        }
+    }
+    i.max(1)
+}
 
 /// Length of the leading run of bytes of class `k`.
 fn run(b: &[u8], k: u8) -> usize {
@@ -219,7 +247,7 @@ impl<'a> Iterator for Lexer<'a> {
                 if q == b'\'' {
                     Tok::Str(self.quoted(q, false))
                 } else {
-                    Tok::Ident(self.quoted(q, false))
+                    Tok::UIdent(self.quoted(q, false))
                 }
             }
             b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if next == Some(b'\'') => {
@@ -250,7 +278,7 @@ impl<'a> Iterator for Lexer<'a> {
                 Tok::Word(&self.src[start..self.pos])
             }
             c if c.is_ascii_digit() || (c == b'.' && next.is_some_and(|d| d.is_ascii_digit())) => {
-                self.pos += run(&self.b[self.pos..], NUMBER);
+                self.pos += number_len(&self.b[self.pos..]);
                 Tok::Num
             }
             c => {

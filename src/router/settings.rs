@@ -6,11 +6,17 @@ use super::classify::{is_word, Analysis, RouteHint};
 use super::lex::Tok;
 
 /// `set_config('name', value, is_local)`: session-level when is_local is false.
+/// Only a plain literal name and a lone literal `is_local` are taken at
+/// their word; anything else (`NOT true`, `E'search\_path'`, a name built
+/// at run time, a call not closed within `SCAN` tokens) pins the client.
 pub(super) fn set_config_call(args: &[Tok], a: &mut Analysis) {
+    /// Tokens looked at for the closing parenthesis (a bound: nested
+    /// `set_config(set_config(...` would otherwise cost quadratic time).
+    const SCAN: usize = 256;
     let mut depth = 0;
-    let mut commas = 0;
+    let mut commas = Vec::new();
     let mut last = None;
-    for (j, x) in args.iter().enumerate() {
+    for (j, x) in args.iter().enumerate().take(SCAN) {
         match x {
             Tok::Punct(b'(') => depth += 1,
             Tok::Punct(b')') if depth == 0 => {
@@ -18,27 +24,32 @@ pub(super) fn set_config_call(args: &[Tok], a: &mut Analysis) {
                 break;
             }
             Tok::Punct(b')') => depth -= 1,
-            Tok::Punct(b',') if depth == 0 => commas += 1,
+            Tok::Punct(b',') if depth == 0 => commas.push(j),
             _ => {}
         }
     }
-    let Some(end) = last else { return };
-    let is_local = args[..end].last();
+    let computed = |a: &mut Analysis| {
+        a.pin = a.pin.or(Some("set_config with a computed name or scope"));
+        a.sticky_pin = true;
+    };
+    let (Some(end), &[_, second]) = (last, commas.as_slice()) else { return computed(a) };
+    // The third argument, when it is one token.
+    let is_local = args[second + 1..end].first().filter(|_| end == second + 2);
     let local = matches!(is_local, Some(Tok::Word(w)) if w.eq_ignore_ascii_case("true"))
         || matches!(is_local, Some(Tok::Str(s)) if matches!(s.to_ascii_lowercase().as_str(), "t" | "true" | "on" | "yes" | "1"));
     let session = matches!(is_local, Some(Tok::Word(w)) if w.eq_ignore_ascii_case("false"))
         || matches!(is_local, Some(Tok::Str(s)) if matches!(s.to_ascii_lowercase().as_str(), "f" | "false" | "off" | "no" | "0"));
-    if local || commas != 2 {
+    if local {
         return;
     }
+    // A name read as written: not an E'' escape, a doubled quote or a
+    // string continued over lines.
+    let plain = |n: &str| !n.is_empty() && !n.contains(['\\', '\'', '\n', '\r']);
     match (args.first(), session) {
-        (Some(Tok::Str(name)), true) if args.get(1) == Some(&Tok::Punct(b',')) => {
+        (Some(Tok::Str(name)), true) if args.get(1) == Some(&Tok::Punct(b',')) && plain(name) => {
             a.set_names.push(name.to_ascii_lowercase())
         }
-        _ => {
-            a.pin = a.pin.or(Some("set_config with a computed name or scope"));
-            a.sticky_pin = true;
-        }
+        _ => computed(a),
     }
 }
 
@@ -132,7 +143,8 @@ fn dotted_name(t: &[Tok], mut i: usize) -> String {
     loop {
         match t.get(i) {
             Some(Tok::Word(w)) => name.push_str(&w.to_ascii_lowercase()),
-            Some(Tok::Ident(w)) => name.push_str(w),
+            // Setting names are case-insensitive, quoted or not.
+            Some(Tok::Ident(w)) => name.push_str(&w.to_ascii_lowercase()),
             _ => break,
         }
         if t.get(i + 1) == Some(&Tok::Punct(b'.')) {
@@ -148,6 +160,8 @@ fn dotted_name(t: &[Tok], mut i: usize) -> String {
 pub(super) fn reset_statement(t: &[Tok], a: &mut Analysis) -> bool {
     if is_word(t.get(1), "ALL") {
         a.reset_all = true;
+        // default_transaction_read_only and _isolation among them.
+        a.route_hint = Some(RouteHint::Primary);
     } else if let Some(name) = proxy_name(t, 1) {
         a.proxy_set = Some((name, None));
     } else if is_word(t.get(1), "SESSION") && is_word(t.get(2), "AUTHORIZATION") {

@@ -447,3 +447,24 @@ async fn a_console_open_when_its_user_loses_admin_rights_is_closed() {
     // The SHUTDOWN did not run.
     connect(&p).await.simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_pipelined_behind_the_consoles_login_is_answered() {
+    let p = proxy(2).await;
+    let mut startup = bytes::BytesMut::new();
+    pgfleet::wire::startup::startup_message(&mut startup, &[("user", "admin"), ("database", "pgbouncer")]);
+    let mut query = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SHOW VERSION", &mut query).unwrap();
+    let (mut admin, _) = RawClient::login_pipelining(&p, &startup, "admin", &query).await;
+    let mut tags = Vec::new();
+    while let Some((tag, msg)) = admin.next().await {
+        tags.push(tag);
+        if tag == b'D' {
+            assert!(String::from_utf8_lossy(&msg).contains("pgfleet"), "{msg:?}");
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(tags, b"TDCZ", "the pipelined SHOW was answered");
+}

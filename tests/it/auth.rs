@@ -270,6 +270,11 @@ async fn user_names_cannot_be_probed_through_the_challenge() {
     assert_ne!(ghost.0, other_ghost.unwrap().0);
     assert_eq!(real.1, ghost.1, "same iteration count");
     assert_eq!(real.0.len(), ghost.0.len(), "same salt length");
+    // A reload keeps a plaintext password's salt, as it keeps the mock one:
+    // a salt that changed across a reload would mark a configured name.
+    p.app.apply((*p.app.config()).clone());
+    assert_eq!(first_challenge(&p, "app").await.1, Some(real.clone()), "same salt after a reload");
+    assert_eq!(first_challenge(&p, "ghost_a").await.1, Some(ghost.clone()));
     // With md5, an unknown user gets the md5 challenge a configured one gets.
     let p = start(config("size = 2", "[auth]\nmethod = \"md5\"")).await;
     assert_eq!(first_challenge(&p, "md5user").await.0, 5);

@@ -370,6 +370,17 @@ impl RawClient {
         startup: &[u8],
         password: &str,
     ) -> (RawClient, Vec<(u8, bytes::Bytes)>) {
+        Self::login_pipelining(p, startup, password, &[]).await
+    }
+
+    /// `login_with`, sending `after` in one write with the final SCRAM
+    /// message, as a client pipelining its first statements.
+    pub async fn login_pipelining(
+        p: &Running,
+        startup: &[u8],
+        password: &str,
+        after: &[u8],
+    ) -> (RawClient, Vec<(u8, bytes::Bytes)>) {
         use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
         use postgres_protocol::message::frontend;
         let mut stream = TcpStream::connect(p.addr).await.unwrap();
@@ -395,6 +406,7 @@ impl RawClient {
                             let s = scram.as_mut().unwrap();
                             s.update(data).unwrap();
                             frontend::sasl_response(s.message(), &mut out).unwrap();
+                            out.extend_from_slice(after);
                         }
                         _ => {}
                     }

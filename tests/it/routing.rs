@@ -940,3 +940,22 @@ async fn a_transaction_pipelined_behind_a_read_only_default_change_is_routed_by_
         assert!(errors.is_empty(), "{errors:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_trust_and_no_passwords_the_monitor_runs_and_reads_use_replicas() {
+    // No user has a password (auth.method = "trust", servers that trust
+    // pgfleet: here the cluster trusts `postgres` over TCP). The monitor
+    // used to need a password, so it never started and no read ever left
+    // the primary.
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\n[auth]\nmethod = \"trust\"\n[[users]]\nname = \"postgres\"\n[[databases]]\nname = \"app\"\n[cluster]\nprimary = \"127.0.0.1:{}\"\n{}",
+        c.primary,
+        routing_extra("10s", "off")
+    );
+    let p = start(pgfleet::config::Config::parse(&text, "trust.toml").unwrap()).await;
+    wait_replicas_usable(&p).await;
+    let client = connect_with(&format!("host=127.0.0.1 port={} user=postgres dbname=app", p.addr.port())).await.unwrap();
+    assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.replicas[0]);
+}
