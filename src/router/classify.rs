@@ -103,7 +103,7 @@ impl Analysis {
 }
 
 /// Distinct functions recorded per query string (see `add_call`).
-const MAX_CALLS: usize = 64;
+const MAX_CALLS: usize = 256;
 
 /// Tokens of one statement looked at together. A longer statement (a bulk
 /// INSERT, or a hostile run of parentheses) is looked at in slices of this

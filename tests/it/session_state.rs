@@ -713,3 +713,32 @@ async fn state_changed_out_of_sight_by_writes_and_do_blocks_stays_with_its_clien
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(one(&b, tenant).await, "");
 }
+
+/// PostgreSQL lets a STABLE function call set_config (only data changes
+/// are refused there): such a function counts as VOLATILE, so what it sets
+/// is read back and stays with its client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stable_function_that_sets_a_setting_does_not_leak_it() {
+    let c = cluster();
+    tokio::task::block_in_place(|| {
+        c.psql_on(
+            c.primary,
+            "app",
+            "CREATE OR REPLACE FUNCTION set_tenant_stable(t text) RETURNS text LANGUAGE sql STABLE AS $$ SELECT pg_catalog.set_config('tenant_stable.id', t, false) $$",
+        )
+    });
+    let p = proxy(1).await;
+    for _ in 0..100 {
+        if p.app.catalogs.is_loaded("app") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(p.app.catalogs.is_loaded("app"));
+    let a = connect(&p).await;
+    let b = connect(&p).await;
+    let tenant = "SELECT coalesce(current_setting('tenant_stable.id', true), '')";
+    assert_eq!(one(&a, "SELECT set_tenant_stable('a')").await, "a");
+    assert_eq!(one(&b, tenant).await, "", "another client must not see the setting");
+    assert_eq!(one(&a, tenant).await, "a", "the setting stays with its client");
+}
