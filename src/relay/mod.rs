@@ -30,7 +30,7 @@ mod virt;
 mod wait;
 
 use crate::app::App;
-use crate::backend::{consume, ServerConn};
+use crate::backend::ServerConn;
 use crate::config::PoolMode;
 use crate::frontend::cancel::{CancelSlot, CancelTarget};
 use crate::pool::{Pool, PoolError};
@@ -520,14 +520,6 @@ impl Session {
         }
     }
 
-    fn holds_buffers(&self) -> bool {
-        self.cin.capacity() + self.sin.capacity() + self.cout.capacity() + self.sout.capacity() > 0
-    }
-
-    fn has_complete_client_message(&self) -> bool {
-        matches!(wire::peek_header(&self.cin, self.max_msg), Ok(Some(h)) if self.cin.len() >= h.total)
-    }
-
     /// timeouts.query: cancel what runs on the server; the client gets the
     /// server's 57014 and the session goes on.
     fn cancel_query(&mut self) {
@@ -544,58 +536,15 @@ impl Session {
         }
     }
 
-    fn read_client(&mut self) -> Result<(), SessionError> {
-        match self.client.read_some(&mut self.cin, READ_CHUNK) {
-            Ok(0) => Err(SessionError::ClientGone),
-            Ok(_) => {
-                self.last_client_activity = self.now;
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-            Err(_) => Err(SessionError::ClientGone),
-        }
-    }
-
-    fn read_server(&mut self) -> Result<(), SessionError> {
-        let server = self.server.as_ref().expect("readable only when bound");
-        match server.stream.read_some(&mut self.sin, READ_CHUNK) {
-            Ok(0) => Err(SessionError::ServerLost("server closed the connection".into())),
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(SessionError::ServerLost(e.to_string())),
-        }
-    }
-
-    /// Writes as much buffered output as the sockets take without blocking.
-    fn flush(&mut self) -> Result<(), SessionError> {
-        while !self.cout.is_empty() {
-            match self.client.try_write(&self.cout) {
-                Ok(n) => consume(&mut self.cout, n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err(SessionError::ClientGone),
-            }
-        }
-        if let Some(server) = &self.server {
-            while !self.sout.is_empty() {
-                match server.stream.try_write(&self.sout) {
-                    Ok(n) => consume(&mut self.sout, n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(SessionError::ServerLost(e.to_string())),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Picks up a reload: the config and topology in force now. True when
-    /// they changed (a target chosen before must be chosen again: replica
-    /// indexes and the writer are the old topology's).
     /// After a change to `settings`: what is derived from them.
     pub(super) fn settings_changed(&mut self) {
         self.settings_fp = fingerprint(&self.settings);
         self.tx_defaults = tx_defaults(&self.settings);
     }
 
+    /// Picks up a reload: the config and topology in force now. True when
+    /// they changed (a target chosen before must be chosen again: replica
+    /// indexes and the writer are the old topology's).
     pub(super) fn refresh_config(&mut self) -> bool {
         let generation = self.app.generation();
         if generation == self.generation {

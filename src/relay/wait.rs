@@ -1,8 +1,10 @@
-//! What the relay waits for: socket readiness, KILL and shutdown (the
+//! The relay's socket I/O, and what it waits for: socket readiness, KILL and shutdown (the
 //! client's `Signal`), and one timer for the proxy-enforced timeouts and
 //! housekeeping.
 
-use super::{Event, Session, SessionError, Timeout, CIN_HIGH, COUT_HIGH, DRAIN_QUIET, SOUT_HIGH};
+use super::{Event, Session, SessionError, Timeout, CIN_HIGH, COUT_HIGH, DRAIN_QUIET, READ_CHUNK, SOUT_HIGH};
+use crate::backend::consume;
+use crate::wire;
 use crate::stats::{KILL, REMOVED, SHUTDOWN};
 use crate::net::Stream;
 use std::future::Future;
@@ -13,6 +15,57 @@ use std::time::{Duration, Instant};
 const FREE_BUFFERS_AFTER: Duration = Duration::from_secs(1);
 
 impl Session {
+    pub(super) fn holds_buffers(&self) -> bool {
+        self.cin.capacity() + self.sin.capacity() + self.cout.capacity() + self.sout.capacity() > 0
+    }
+
+    pub(super) fn has_complete_client_message(&self) -> bool {
+        matches!(wire::peek_header(&self.cin, self.max_msg), Ok(Some(h)) if self.cin.len() >= h.total)
+    }
+
+    pub(super) fn read_client(&mut self) -> Result<(), SessionError> {
+        match self.client.read_some(&mut self.cin, READ_CHUNK) {
+            Ok(0) => Err(SessionError::ClientGone),
+            Ok(_) => {
+                self.last_client_activity = self.now;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(SessionError::ClientGone),
+        }
+    }
+
+    pub(super) fn read_server(&mut self) -> Result<(), SessionError> {
+        let server = self.server.as_ref().expect("readable only when bound");
+        match server.stream.read_some(&mut self.sin, READ_CHUNK) {
+            Ok(0) => Err(SessionError::ServerLost("server closed the connection".into())),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(SessionError::ServerLost(e.to_string())),
+        }
+    }
+
+    /// Writes as much buffered output as the sockets take without blocking.
+    pub(super) fn flush(&mut self) -> Result<(), SessionError> {
+        while !self.cout.is_empty() {
+            match self.client.try_write(&self.cout) {
+                Ok(n) => consume(&mut self.cout, n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(SessionError::ClientGone),
+            }
+        }
+        if let Some(server) = &self.server {
+            while !self.sout.is_empty() {
+                match server.stream.try_write(&self.sout) {
+                    Ok(n) => consume(&mut self.sout, n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(SessionError::ServerLost(e.to_string())),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Nothing under way: no transaction, nothing sent or to send (a
     /// pinned or session-mode connection may be held; the session's end
     /// resets it). A drain or a removal may end such a session.
