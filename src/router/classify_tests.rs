@@ -565,3 +565,16 @@ fn huge_statements_stay_bounded_and_are_still_seen_whole() {
     let hints = "/* pgfleet: route=replica */".repeat(10_000) + " SELECT 1";
     assert_eq!(classify(&hints, &[]).route_hint, Some(RouteHint::Replica));
 }
+
+#[test]
+fn a_transaction_made_serializable_or_read_write_is_not_a_read() {
+    for sql in [
+        "BEGIN READ ONLY; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT 1",
+        "BEGIN READ ONLY; SET TRANSACTION READ WRITE; SELECT 1",
+        "BEGIN READ ONLY; SET LOCAL transaction_isolation = 'serializable'; SELECT 1",
+    ] {
+        assert_eq!(classify(sql, &[]).class, W, "{sql}");
+    }
+    assert_eq!(classify("BEGIN READ ONLY; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT 1", &[]).class, R);
+    assert_eq!(classify("SET LOCAL search_path = a", &[]).class, R);
+}

@@ -77,7 +77,11 @@ pub(super) fn set_statement(t: &[Tok], a: &mut Analysis) -> bool {
         // Transaction-local: nothing to track, but search_path matters to
         // the statements prepared in the transaction.
         a.local_search_path = is_word(t.get(i + 1), "SCHEMA") || dotted_name(t, i + 1) == "search_path";
-        return true;
+        // A standby refuses a serializable or read-write transaction: with
+        // a `BEGIN` in the same string, it goes to the primary.
+        let serializable = t.iter().any(|x| is_word(Some(x), "SERIALIZABLE") || matches!(x, Tok::Str(v) if v.eq_ignore_ascii_case("serializable")));
+        let read_write = t.windows(2).any(|w| is_word(Some(&w[0]), "READ") && is_word(Some(&w[1]), "WRITE"));
+        return !(serializable || read_write);
     }
     if modifier && is_word(t.get(i), "SESSION") {
         i += 1;
