@@ -138,3 +138,11 @@ fn a_password_never_appears_in_a_parse_error() {
     let err = Config::parse("[pool]\nsize = \"big\"\n", "x.toml").unwrap_err().to_string();
     assert!(err.contains("line 2") && err.contains("big"), "{err}");
 }
+
+#[test]
+fn the_docker_compose_config_is_valid() {
+    // docker-compose.yml mounts it; no Docker here to try it, so at least
+    // it must parse and validate.
+    let cfg = Config::parse(include_str!("../../docker/pgfleet.toml"), "docker/pgfleet.toml").unwrap();
+    assert_eq!(cfg.cluster.replicas.len(), 2);
+}
