@@ -345,15 +345,19 @@ impl App {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.create_prewarmed_pools();
         let topo = self.topology();
-        for pool in self.pools() {
-            let addr = if pool.key.backend == PRIMARY {
-                Some(topo.writer_addr().unwrap_or(&topo.primary).to_string())
-            } else {
-                topo.replicas.iter().find(|r| r.name == pool.key.backend).map(|r| r.addr.clone())
-            };
-            if let Some(addr) = addr {
-                let (spec, settings) = self.pool_params(&pool.key, &addr);
-                pool.reconfigure(spec, settings);
+        {
+            // Under the pools' lock, the writer read there (see `pool`).
+            let pools = self.pools.lock().unwrap();
+            for pool in pools.values() {
+                let addr = if pool.key.backend == PRIMARY {
+                    Some(topo.writer_addr().unwrap_or(&topo.primary).to_string())
+                } else {
+                    topo.replicas.iter().find(|r| r.name == pool.key.backend).map(|r| r.addr.clone())
+                };
+                if let Some(addr) = addr {
+                    let (spec, settings) = self.pool_params(&pool.key, &addr);
+                    pool.reconfigure(spec, settings);
+                }
             }
         }
         self.retire_removed_pools(&topo);

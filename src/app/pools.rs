@@ -31,13 +31,16 @@ impl App {
     /// A replica the current topology no longer has gets `Retired` (the
     /// caller routes again under the new one).
     pub fn pool(&self, database: &str, user: &str, target: Target, topo: &Topology) -> Result<Arc<Pool>, PoolError> {
+        // The writer is read under the pools' lock, as by every other
+        // re-pointing: one that read it before a failover and took the lock
+        // after must not point the pool back at the old primary.
+        let mut pools = self.pools.lock().unwrap();
         let (backend, addr) = match target {
             // After a failover the primary pool follows the promoted server.
             Target::Primary => (PRIMARY.to_string(), topo.writer_addr().unwrap_or(&topo.primary).to_string()),
             Target::Replica(i) => (topo.replicas[i].name.clone(), topo.replicas[i].addr.clone()),
         };
         let key = PoolKey { database: database.into(), user: user.into(), backend };
-        let mut pools = self.pools.lock().unwrap();
         if let Some(p) = pools.get(&key) {
             // Only under the current topology: a session still holding the
             // one from before a reload would point the pool back at the

@@ -23,6 +23,7 @@ impl Session {
         // A connection that dies while its settings are applied (a server
         // restarted under an idle connection) is replaced: two more tries.
         let mut attempts = 0;
+        let mut rechecks = 0;
         let (conn, target, pool, waited) = loop {
             // Under the session's topology, the one `target` was chosen with
             // (checkout_routed moves both on when a reload happens meanwhile).
@@ -45,6 +46,26 @@ impl Session {
             let (mut conn, routed, pool) = checked_out?;
             // A retry goes where the unit was (re-)routed.
             target = routed;
+            if let Target::Replica(i) = target {
+                // Chosen before the waits (admission, the pool): taken out
+                // since (lag, divergence, down), the read is routed again
+                // and the clean connection goes back.
+                if !self.replica_still_good(i, a.workload_hint.as_deref()) && rechecks < 2 {
+                    rechecks += 1;
+                    pool.checkin(conn);
+                    let topo = self.topo.clone();
+                    target = match self.choose_target(a, &topo) {
+                        Ok((t, _)) => t,
+                        // No fallback left (`fallback = ["error"]`).
+                        Err((code, message)) => {
+                            self.admission = None;
+                            self.info.state.store(CLIENT_IDLE, Ordering::Relaxed);
+                            return Ok(Err((code.to_string(), message)));
+                        }
+                    };
+                    continue;
+                }
+            }
             if conn.settings_fp == self.settings_fp {
                 break (conn, target, pool, waited);
             }

@@ -340,30 +340,46 @@ impl Session {
             let a = s.unit_analysis(next, &s.cin[next.len()..]);
             matches!(s.choose_target(&a, &s.topo), Ok((Target::Replica(_), _)))
         };
-        // The bound replica itself may have dropped out since (lag,
-        // divergence, promotion, or behind the client's floor): a client
-        // that keeps pipelining must not stay on it.
-        let still_good = |i: usize| {
-            let snap = self.topo.snapshot();
-            // In the client's group (a replica may still be fine for a
-            // group with a larger lag budget); one reached by a fallback,
-            // in any of its groups.
-            let mine = self.workload.as_deref().and_then(|w| self.topo.group(w));
-            snap.replicas.get(i).is_some_and(|r| {
-                let usable = match mine.filter(|m| r.groups.iter().any(|(g, _)| g == m)) {
-                    Some(m) => r.usable_in(m),
-                    None => r.groups.iter().any(|(_, ok)| *ok),
-                };
-                usable && self.routing_floor().is_none_or(|f| r.replay_lsn >= f)
-            })
-        };
         match self.bound_target {
-            Some(Target::Replica(i)) => !to_replica(self) || !still_good(i),
+            // The bound replica itself may have dropped out since: a client
+            // that keeps pipelining must not stay on it.
+            Some(Target::Replica(i)) => !to_replica(self) || !self.replica_still_good(i, None),
             // A read pipelined behind a write (or a function that may
             // write) stays on the primary: it sees that write.
             Some(Target::Primary) => self.pinned.is_none() && !self.wrote && !self.opaque_settings && to_replica(self),
             None => false,
         }
+    }
+
+    /// Whether replica `i` may still serve this client's reads (lag,
+    /// divergence, promotion, down, or behind the client's floor may have
+    /// taken it out since it was chosen): usable in a group routing could
+    /// have taken it from (the client's workload, `hint` if the unit named
+    /// one, or a group of its fallback chain); one reached otherwise (a
+    /// route hint), in any of its groups.
+    pub(super) fn replica_still_good(&self, i: usize, hint: Option<&str>) -> bool {
+        use crate::router::route::Fallback;
+        let snap = self.topo.snapshot();
+        let Some(r) = snap.replicas.get(i) else { return false };
+        if !self.routing_floor().is_none_or(|f| r.replay_lsn >= f) {
+            return false;
+        }
+        let any = || r.groups.iter().any(|(_, ok)| *ok);
+        let Some(g) = hint.or(self.workload.as_deref()).and_then(|w| self.topo.group(w)) else { return any() };
+        let chain = std::iter::once(g).chain(self.topo.groups[g].fallback.iter().filter_map(|f| match f {
+            Fallback::Group(x) => Some(*x),
+            _ => None,
+        }));
+        let mut in_chain = false;
+        for c in chain {
+            if let Some((_, ok)) = r.groups.iter().find(|(m, _)| *m == c) {
+                if *ok {
+                    return true;
+                }
+                in_chain = true;
+            }
+        }
+        !in_chain && any()
     }
 
     /// The pool for `target`; the last one is cached (no key building and
@@ -401,7 +417,8 @@ impl Session {
     }
 
     /// Checks out a connection for `target`. A replica that cannot be
-    /// reached is marked down and the unit re-routed once. A primary that
+    /// reached is marked down and the unit re-routed (each replica at most
+    /// once, then the primary fallback). A primary that
     /// cannot be reached (down, restarting, failing over, or a standby) is
     /// waited for up to `cluster.failover_timeout`, following the monitor
     /// to a promoted replica; the pool's backoff paces the retries.
@@ -413,7 +430,7 @@ impl Session {
         use crate::backend::BackendError;
         use crate::pool::PoolError;
         let deadline = tokio::time::Instant::now() + self.cfg.cluster.failover_timeout.0;
-        let mut rerouted = false;
+        let mut rerouted = 0;
         let mut retired = 0;
         loop {
             // A reload while this waited (for the pool, a writer, a
@@ -457,10 +474,10 @@ impl Session {
                 Err(PoolError::Connect(e)) => match target {
                     // Unreachable (a refused login is the server's answer
                     // for this user only, and goes to the client as is).
-                    Target::Replica(i) if !rerouted && e.is_transient() => {
+                    Target::Replica(i) if rerouted < topo.replicas.len() && e.is_transient() => {
                         tracing::warn!(parent: &self.span, replica = %topo.replicas[i].name, error = %e, "replica unreachable; re-routing");
                         topo.mark_down(i, &e.to_string());
-                        rerouted = true;
+                        rerouted += 1;
                         target = match self.choose_target(a, topo) {
                             Ok((t, _)) => t,
                             Err(_) => return Err(SessionError::Pool(PoolError::Connect(e))),

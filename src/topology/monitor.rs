@@ -79,20 +79,32 @@ const CHECK_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (CASE WHEN pg_ca
      THEN (SELECT received_tli FROM pg_catalog.pg_stat_wal_receiver WHERE status = 'streaming') \
      ELSE ('x' || pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
 
-/// Which server takes writes after this round of checks.
-fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[&Result<Check, String>]) -> Writer {
+/// Which server takes writes after this round of checks. `standby_since[i]`:
+/// replica i answered as a standby at some check since the current writer
+/// was chosen, so if it answers as a primary now, it was promoted since.
+fn choose_writer(current: Writer, primary: &Result<Check, String>, replicas: &[&Result<Check, String>], standby_since: &[bool]) -> Writer {
     let is_primary = |r: &Result<Check, String>| matches!(r, Ok(Check { in_recovery: false, .. }));
-    let promoted = replicas.iter().position(|r| is_primary(r));
+    let since = |i: usize| standby_since.get(i).copied().unwrap_or(false);
+    let promoted_since = replicas.iter().enumerate().position(|(i, r)| is_primary(r) && since(i));
+    // Several answering as primaries: one promoted since first (a fresh
+    // failover), else the first in the config.
+    let promoted = promoted_since.or_else(|| replicas.iter().position(|r| is_primary(r)));
     if let Writer::Replica(i) = current {
-        match (replicas.get(i), promoted) {
-            (Some(r), _) if is_primary(r) => return current,
-            // Another replica promoted since: the cluster failed over again.
-            (_, Some(p)) => return Writer::Replica(p),
-            // Out of sight for a round (busy, restarting): still the
-            // writer. The old primary answering as a primary meanwhile is
-            // the stale one (it lacks the writes made since).
-            (Some(Err(_)), None) => return current,
-            _ => {}
+        match replicas.get(i) {
+            Some(r) if is_primary(r) => return current,
+            // Out of sight for a round (busy, restarting): still the writer,
+            // unless another replica was promoted since (the cluster failed
+            // over again). One that was a primary all along is not that: a
+            // blip must not move writes between two primaries. The old
+            // primary answering as a primary meanwhile is the stale one (it
+            // lacks the writes made since).
+            Some(Err(_)) => return promoted_since.map_or(current, Writer::Replica),
+            // A standby again (demoted, re-cloned): any promoted one.
+            _ => {
+                if let Some(p) = promoted {
+                    return Writer::Replica(p);
+                }
+            }
         }
     }
     if is_primary(primary) {
@@ -147,6 +159,8 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
+    // Per replica: seen as a standby since the writer was chosen.
+    let mut standby_since = vec![false; topo.replicas.len()];
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -186,8 +200,15 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
         let p = sample(0);
         let replicas: Vec<Sample> = (1..last.len()).map(sample).collect();
         let results: Vec<&Result<Check, String>> = replicas.iter().map(|r| &r.result).collect();
-        let writer = choose_writer(topo.writer(), &p.result, &results);
+        let current = topo.writer();
+        let writer = choose_writer(current, &p.result, &results, &standby_since);
         topo.set_writer(writer);
+        if writer != current {
+            standby_since.iter_mut().for_each(|s| *s = false);
+        }
+        for (s, r) in standby_since.iter_mut().zip(&results) {
+            *s |= matches!(r, Ok(Check { in_recovery: true, .. }));
+        }
         let writer_check = match writer {
             Writer::Configured => p,
             Writer::Replica(i) => replicas[i].clone(),
@@ -597,28 +618,37 @@ mod tests {
     #[test]
     fn writer_follows_promotion_and_sticks() {
         use Writer::*;
-        assert_eq!(choose_writer(Configured, &primary(), &[&standby(), &standby()]), Configured);
+        let none = [false, false];
+        assert_eq!(choose_writer(Configured, &primary(), &[&standby(), &standby()], &none), Configured);
         // Primary down, nobody promoted yet: keep trying the primary.
-        assert_eq!(choose_writer(Configured, &down(), &[&standby(), &standby()]), Configured);
+        assert_eq!(choose_writer(Configured, &down(), &[&standby(), &standby()], &none), Configured);
         // r2 promoted.
-        assert_eq!(choose_writer(Configured, &down(), &[&standby(), &primary()]), Replica(1));
+        assert_eq!(choose_writer(Configured, &down(), &[&standby(), &primary()], &[true, true]), Replica(1));
         // The old primary comes back as a primary: stay on r2 (no split brain).
-        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &primary()]), Replica(1));
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &primary()], &[true, false]), Replica(1));
         // The configured primary demoted and nobody promoted: no writer.
-        assert_eq!(choose_writer(Configured, &standby(), &[&standby(), &standby()]), None);
+        assert_eq!(choose_writer(Configured, &standby(), &[&standby(), &standby()], &none), None);
         // The promoted replica is out of sight (one failed check, or
         // down): writes keep waiting for it, whether the old primary is
         // down or answers as a primary (it lacks the writes made since).
-        assert_eq!(choose_writer(Replica(1), &down(), &[&standby(), &down()]), Replica(1));
-        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &down()]), Replica(1));
-        // ...unless another replica was promoted since: follow that one.
-        assert_eq!(choose_writer(Replica(1), &primary(), &[&primary(), &down()]), Replica(0));
+        assert_eq!(choose_writer(Replica(1), &down(), &[&standby(), &down()], &[true, false]), Replica(1));
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &down()], &[true, false]), Replica(1));
+        // ...unless another replica was promoted since (seen as a standby
+        // after r2 took over): follow that one.
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&primary(), &down()], &[true, false]), Replica(0));
+        // One that was a primary all along (two promoted at once) is not
+        // followed on a blip of the writer: writes would split.
+        assert_eq!(choose_writer(Replica(1), &down(), &[&primary(), &down()], &none), Replica(1));
+        // Two promoted at once, the configured primary down: the one
+        // promoted since wins over the first in the config.
+        assert_eq!(choose_writer(Configured, &down(), &[&primary(), &primary()], &[false, true]), Replica(1));
         // The promoted replica is a standby again (demoted, re-cloned from
         // the old primary): the configured primary takes writes again.
-        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &standby()]), Configured);
+        assert_eq!(choose_writer(Replica(1), &primary(), &[&standby(), &standby()], &[true, true]), Configured);
         // The configured primary down and the promoted one a standby again.
-        assert_eq!(choose_writer(Replica(1), &down(), &[&standby(), &standby()]), None);
+        assert_eq!(choose_writer(Replica(1), &down(), &[&standby(), &standby()], &[true, true]), None);
         // ...and the old primary returned as primary.
-        assert_eq!(choose_writer(None, &primary(), &[&standby(), &down()]), Configured);
+        assert_eq!(choose_writer(None, &primary(), &[&standby(), &down()], &[true, false]), Configured);
     }
+
 }

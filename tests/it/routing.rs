@@ -959,3 +959,40 @@ async fn with_trust_and_no_passwords_the_monitor_runs_and_reads_use_replicas() {
     let client = connect_with(&format!("host=127.0.0.1 port={} user=postgres dbname=app", p.addr.port())).await.unwrap();
     assert_eq!(port_of(&client, "SELECT inet_server_port()::text").await, c.replicas[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_waited_for_a_replica_taken_out_meanwhile_is_routed_again() {
+    // r1's pool has one connection, held by a read-only transaction. A
+    // read routed to r1 waits for it; meanwhile r1 is taken out (here:
+    // marked down, as after a failed connect). Once the connection comes
+    // back, the waiting read must not run on r1: routed again, the
+    // default group's fallback is the primary.
+    let _shared = REPLICAS.read().await;
+    let c = cluster();
+    let p = routing_proxy("size = 1", "10s", "off").await;
+    let holder = connect(&p).await;
+    holder.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(port_of(&holder, "SELECT inet_server_port()::text").await, c.replicas[0]);
+    let reader = connect(&p).await;
+    let waiting = tokio::spawn(async move { port_of(&reader, "SELECT inet_server_port()::text").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the read waits for r1's only connection");
+    // Kept down across the monitor's rounds while the test runs.
+    let topo = p.app.topology();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let marker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                topo.mark_down(0, "test: taken out");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let port = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    marker.await.unwrap();
+    assert_eq!(port, c.primary, "routed again after the wait, not run on the replica taken out");
+}
