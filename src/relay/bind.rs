@@ -24,6 +24,8 @@ impl Session {
         // restarted under an idle connection) is replaced: two more tries.
         let mut attempts = 0;
         let mut rechecks = 0;
+        // Whether any pass waited (the clock is read again below).
+        let mut waited_before = false;
         let (conn, target, pool, waited) = loop {
             // Under the session's topology, the one `target` was chosen with
             // (checkout_routed moves both on when a reload happens meanwhile).
@@ -34,7 +36,7 @@ impl Session {
                 Err(e) => return Err(e),
             };
             let (checked_out, waited) = match pool.and_then(|p| p.try_checkout_idle(self.now).map(|c| (c, p))) {
-                Some((conn, pool)) => (Ok((conn, target, pool)), false),
+                Some((conn, pool)) => (Ok((conn, target, pool)), waited_before),
                 // Boxed slow path (wait, connect, re-route): see checkout_routed.
                 None => {
                     // In the client's span: connects opened for it are its children.
@@ -46,13 +48,18 @@ impl Session {
             let (mut conn, routed, pool) = checked_out?;
             // A retry goes where the unit was (re-)routed.
             target = routed;
-            if let Target::Replica(i) = target {
-                // Chosen before the waits (admission, the pool): taken out
-                // since (lag, divergence, down), the read is routed again
-                // and the clean connection goes back.
+            // Chosen before the waits (for the pool, or for admission under
+            // `[[limits]]`): a replica taken out since (lag, divergence,
+            // down) gets no read; it is routed again and the clean
+            // connection goes back. (Not looked at again without a wait:
+            // routing just chose it from the same snapshot.)
+            let may_be_stale = waited || !self.cfg.limits.is_empty();
+            if let (Target::Replica(i), true) = (target, may_be_stale) {
                 if !self.replica_still_good(i, a.workload_hint.as_deref()) && rechecks < 2 {
                     rechecks += 1;
+                    waited_before |= waited;
                     pool.checkin(conn);
+                    self.info.state.store(CLIENT_WAITING, Ordering::Relaxed);
                     let topo = self.topo.clone();
                     target = match self.choose_target(a, &topo) {
                         Ok((t, _)) => t,

@@ -86,6 +86,12 @@ impl From<WireError> for SessionError {
 /// The parameters a client session wants on any server connection serving it.
 pub type Settings = Vec<(String, String)>;
 
+/// Whether these settings name a client encoding whose two-byte
+/// characters may end in the byte of a backslash (see `state::classify_text`).
+fn two_byte_backslash(settings: &Settings) -> bool {
+    settings.iter().any(|(n, v)| n.eq_ignore_ascii_case("client_encoding") && state::backslash_trail_encoding(v))
+}
+
 /// Whether these settings turn `standard_conforming_strings` off.
 fn backslash_strings(settings: &Settings) -> bool {
     settings.iter().any(|(n, v)| n.eq_ignore_ascii_case("standard_conforming_strings") && v.eq_ignore_ascii_case("off"))
@@ -188,6 +194,8 @@ pub struct Session {
     /// `standard_conforming_strings` is off for this client: SQL text is
     /// lexed with backslash escapes in '' strings.
     backslash_strings: bool,
+    /// The client's encoding has two-byte characters that may end in 0x5C.
+    two_byte_backslash: bool,
     /// process_client stopped taking requests because output to the client
     /// was backed up (taken up again once a flush makes room).
     output_backed_up: bool,
@@ -340,6 +348,7 @@ impl Session {
         let settings_fp = fingerprint(&settings);
         let tx = tx_defaults(&settings);
         let off = backslash_strings(&settings);
+        let two_byte = two_byte_backslash(&settings);
         Session {
             span: tracing::Span::current(),
             generation: app.generation(),
@@ -402,6 +411,7 @@ impl Session {
             probe_failures: 0,
             output_backed_up: false,
             backslash_strings: off,
+            two_byte_backslash: two_byte,
             may_release: false,
             resync_prepared: false,
             probe: None,
@@ -569,7 +579,7 @@ impl Session {
 
     /// Classifies SQL text as sent (up to its NUL; see `state::classify_text`).
     fn analyze(&self, sql: &[u8]) -> crate::router::Analysis {
-        state::classify_text(sql, &self.cfg.routing.write_functions, self.backslash_strings)
+        state::classify_text(sql, &self.cfg.routing.write_functions, self.backslash_strings, self.two_byte_backslash)
     }
 
 }

@@ -193,6 +193,9 @@ impl Session {
         if name.eq_ignore_ascii_case("standard_conforming_strings") {
             self.backslash_strings = value.eq_ignore_ascii_case("off");
         }
+        if name.eq_ignore_ascii_case("client_encoding") {
+            self.two_byte_backslash = super::state::backslash_trail_encoding(&value);
+        }
         if let Some(server) = self.server.as_mut() {
             server.params.insert(name.clone(), value.clone());
         }

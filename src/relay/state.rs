@@ -429,24 +429,34 @@ pub(super) fn sql_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Classifies SQL text as the client sent it (`sql_text`). Text that is
-/// not UTF-8 and holds a non-ASCII byte right before a backslash may be in
-/// an encoding whose two-byte characters end in 0x5C (SJIS, BIG5, GBK,
-/// GB18030, JOHAB): PostgreSQL, which converts before it reads the SQL,
-/// sees a character there, pgfleet a backslash that may escape a quote
+/// Client encodings whose two-byte characters may end in 0x5C, the byte
+/// of a backslash (PostgreSQL's names and aliases).
+pub(super) fn backslash_trail_encoding(name: &str) -> bool {
+    ["SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "GB18030", "JOHAB", "WIN932", "WIN936", "WIN950", "MSKANJI", "SHIFTJIS", "CP932", "CP936", "CP950"]
+        .iter()
+        .any(|e| name.trim().eq_ignore_ascii_case(e))
+}
+
+/// A non-ASCII byte right before a backslash, in the text up to its NUL.
+pub(super) fn ambiguous_backslash(bytes: &[u8]) -> bool {
+    let raw = &bytes[..wire::memchr0(bytes).unwrap_or(bytes.len())];
+    raw.windows(2).any(|w| w[0] >= 0x80 && w[1] == b'\\')
+}
+
+/// Classifies SQL text as the client sent it (`sql_text`). In a client
+/// encoding whose two-byte characters may end in 0x5C (SJIS, BIG5, GBK,
+/// GB18030, JOHAB: `two_byte`), a non-ASCII byte right before a backslash
+/// may be such a character: PostgreSQL, which converts before it reads the
+/// SQL, sees a character there, pgfleet a backslash that may escape a quote
 /// (`E'...'`, `standard_conforming_strings = off`) and hide what follows.
 /// Such text runs on the primary and keeps the client on its connection.
-pub(super) fn classify_text(bytes: &[u8], write_functions: &[String], backslash_strings: bool) -> crate::router::Analysis {
-    let text = sql_text(bytes);
-    let mut a = crate::router::classify_as(&text, write_functions, backslash_strings);
-    if matches!(text, std::borrow::Cow::Owned(_)) {
-        let raw = &bytes[..wire::memchr0(bytes).unwrap_or(bytes.len())];
-        if raw.windows(2).any(|w| w[0] >= 0x80 && w[1] == b'\\') {
-            a.class = crate::router::Class::Write;
-            a.opaque = true;
-            a.pin = a.pin.or(Some("text in an encoding whose characters may end in a backslash"));
-            a.sticky_pin = true;
-        }
+pub(super) fn classify_text(bytes: &[u8], write_functions: &[String], backslash_strings: bool, two_byte: bool) -> crate::router::Analysis {
+    let mut a = crate::router::classify_as(&sql_text(bytes), write_functions, backslash_strings);
+    if two_byte && ambiguous_backslash(bytes) {
+        a.class = crate::router::Class::Write;
+        a.opaque = true;
+        a.pin = a.pin.or(Some("text in an encoding whose characters may end in a backslash"));
+        a.sticky_pin = true;
     }
     a
 }
@@ -480,12 +490,19 @@ mod tests {
         // SJIS "ソ" is 83 5C: PostgreSQL reads one character and then the
         // closing quote, so this is a SELECT and a DELETE.
         let sjis = b"SELECT E'\x83\x5c' AS a; DELETE FROM t WHERE x = 'b'\0";
-        let a = super::classify_text(sjis, &[], false);
+        let a = super::classify_text(sjis, &[], false, true);
         assert_eq!(a.class, Class::Write);
         assert!(a.sticky_pin && a.opaque);
-        // UTF-8, or no backslash after a non-ASCII byte: as before.
-        assert_eq!(super::classify_text("SELECT 'ソ\\'\0".as_bytes(), &[], false).class, Class::Read);
-        let latin1 = super::classify_text(b"SELECT 'caf\xe9'\0", &[], false);
+        // SJIS "ﾃソ" (C3 83 5C) is valid UTF-8 too ("Ã\\"): the encoding
+        // decides, not the bytes.
+        let valid_utf8 = b"SELECT E'\xc3\x83\x5c'; SET search_path TO x; SELECT '\0";
+        assert!(std::str::from_utf8(&valid_utf8[..valid_utf8.len() - 1]).is_ok());
+        assert!(super::classify_text(valid_utf8, &[], false, true).sticky_pin);
+        // A single-byte encoding (LATIN1 'C:\\Jos\xe9\\x'): no ambiguity.
+        let latin1 = super::classify_text(b"SELECT 'C:\\Jos\xe9\\x'\0", &[], false, false);
         assert_eq!((latin1.class, latin1.sticky_pin), (Class::Read, false));
+        assert!(super::backslash_trail_encoding("sjis") && super::backslash_trail_encoding("GB18030"));
+        assert!(!super::backslash_trail_encoding("UTF8") && !super::backslash_trail_encoding("LATIN1"));
     }
+
 }

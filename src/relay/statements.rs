@@ -12,16 +12,17 @@ const ABORTED: &str = "current transaction is aborted, commands ignored until en
 impl Session {
     pub(super) fn intern(&self, content: &[u8]) -> Arc<Stmt> {
         let extra = &self.cfg.routing.write_functions;
-        let off = self.backslash_strings;
+        let (off, two_byte) = (self.backslash_strings, self.two_byte_backslash);
         let private;
-        let search_path = if self.search_path_unsettled {
-            // Changed in this transaction: this session's own statement.
+        // Changed in this transaction, or text whose reading depends on the
+        // client's encoding: this session's own statement.
+        let search_path = if self.search_path_unsettled || (two_byte && state::ambiguous_backslash(content)) {
             private = format!("\0session {}", self.info.id);
             private.as_str()
         } else {
             self.settings.iter().find(|(n, _)| n == "search_path").map_or("", |(_, v)| v.as_str())
         };
-        self.app.stmts.intern(&self.database, search_path, content, off, |c| state::classify_text(c, extra, off))
+        self.app.stmts.intern(&self.database, search_path, content, off, |c| state::classify_text(c, extra, off, two_byte))
     }
 
     pub(super) fn on_parse(&mut self, msg: &[u8], known: Option<Analysis>) -> Result<(), SessionError> {

@@ -390,15 +390,6 @@ fn statement(t: &[Tok], extra: &[String], a: &mut Analysis) {
         a.pin = a.pin.or(Some("a temporary object (CREATE TEMP, INTO TEMP or pg_temp)"));
     }
     functions(t, extra, a, &mut read);
-    if t.iter().any(|x| matches!(x, Tok::UIdent(_))) {
-        // A U&"..." name: its escapes (and a UESCAPE clause that changes
-        // them) are not decoded, so what it names, a function such as
-        // `set_config` or a setting, is not known: the client keeps its
-        // connection, and the statement runs on the primary.
-        read = false;
-        a.pin = a.pin.or(Some("a name with Unicode escapes (U&\"...\")"));
-        a.sticky_pin = true;
-    }
     if !read {
         a.class = Class::Write;
     }
@@ -443,6 +434,15 @@ fn explains_a_query(t: &[Tok]) -> bool {
 
 /// Looks at every function call: writers, session pins, releases, set_config.
 fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
+    if t.iter().any(|x| matches!(x, Tok::UIdent(_))) {
+        // A U&"..." name: its escapes (and a UESCAPE clause that changes
+        // them) are not decoded, so what it names, a function such as
+        // `set_config` or a setting, is not known: the client keeps its
+        // connection, and the statement runs on the primary.
+        *read = false;
+        a.pin = a.pin.or(Some("a name with Unicode escapes (U&\"...\")"));
+        a.sticky_pin = true;
+    }
     for i in 0..t.len().saturating_sub(1) {
         if t[i + 1] != Tok::Punct(b'(') || names_a_table(t, i) {
             continue;

@@ -554,6 +554,13 @@ fn huge_statements_stay_bounded_and_are_still_seen_whole() {
     let a = classify(&sql, &[]);
     assert_eq!((a.class, a.statements), (W, 2));
     assert!(a.pin.is_some());
+    // So is a U&"..." name there.
+    let mut sql = String::from("SELECT 1");
+    for _ in 0..40_000 {
+        sql.push_str(", 1");
+    }
+    sql.push_str(", U&\"set_config\"('search_path', 'evil', false)");
+    assert!(classify(&sql, &[]).sticky_pin);
     // Nested set_config and thousands of distinct calls: bounded work, and
     // the conservative verdicts.
     let nested = "SELECT set_config(".repeat(5_000);

@@ -51,6 +51,11 @@ struct Memory {
     lag: LagState,
     /// The last round: the writer's check and each replica's.
     last: Option<(Sample, Vec<Sample>)>,
+    /// Per replica: answered as a standby in a check that began after the
+    /// writer was last chosen (see `monitor::choose_writer`).
+    standby_since: Vec<bool>,
+    /// When the monitor last changed the writer (None: not since start).
+    writer_chosen_at: Option<Instant>,
 }
 
 const NO_WRITER: usize = usize::MAX;
@@ -159,7 +164,12 @@ impl Topology {
             snapshot: RwLock::new(Arc::new(initial)),
             writer: AtomicUsize::new(writer_code(writer)),
             writer_changed: tokio::sync::Notify::new(),
-            memory: Mutex::new(Memory { lag: LagState { excluded, ..Default::default() }, last: None }),
+            memory: Mutex::new(Memory {
+                lag: LagState { excluded, ..Default::default() },
+                last: None,
+                standby_since: vec![false; replica_count],
+                writer_chosen_at: None,
+            }),
             marked_down: Mutex::new(vec![None; replica_count]),
         };
         if let Some(p) = previous.filter(|p| p.primary == topo.primary) {
@@ -182,6 +192,11 @@ impl Topology {
         mem.lag.history = old.lag.history.clone();
         let same = |r: &ReplicaInfo| previous.replicas.iter().position(|o| o.name == r.name && o.addr == r.addr);
         mem.lag.readings = vec![VecDeque::new(); self.replicas.len()];
+        // Which replicas were standbys since the writer was chosen: a
+        // reload (a new monitor) must not forget it, or a promotion seen
+        // by the old monitor's last rounds would not count.
+        mem.writer_chosen_at = old.writer_chosen_at;
+        mem.standby_since = self.replicas.iter().map(|r| same(r).is_some_and(|o| old.standby_since.get(o).copied().unwrap_or(false))).collect();
         mem.lag.diverged = vec![None; self.replicas.len()];
         let old_down = lock(&previous.marked_down);
         let mut down = lock(&self.marked_down);

@@ -159,8 +159,6 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
-    // Per replica: seen as a standby since the writer was chosen.
-    let mut standby_since = vec![false; topo.replicas.len()];
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -201,13 +199,25 @@ pub async fn run_monitor(topo: Arc<Topology>, spec: MonitorSpec, mut shutdown: w
         let replicas: Vec<Sample> = (1..last.len()).map(sample).collect();
         let results: Vec<&Result<Check, String>> = replicas.iter().map(|r| &r.result).collect();
         let current = topo.writer();
+        let standby_since = super::lock(&topo.memory).standby_since.clone();
         let writer = choose_writer(current, &p.result, &results, &standby_since);
         topo.set_writer(writer);
-        if writer != current {
-            standby_since.iter_mut().for_each(|s| *s = false);
-        }
-        for (s, r) in standby_since.iter_mut().zip(&results) {
-            *s |= matches!(r, Ok(Check { in_recovery: true, .. }));
+        {
+            // Standbys seen by checks that began after the writer was
+            // chosen (not a reading carried over from before, while a
+            // check is still out).
+            let mut mem = super::lock(&topo.memory);
+            mem.standby_since.resize(replicas.len(), false);
+            if writer != current {
+                mem.standby_since.fill(false);
+                mem.writer_chosen_at = Some(round_start);
+            }
+            let from = mem.writer_chosen_at;
+            for (i, r) in replicas.iter().enumerate() {
+                if matches!(r.result, Ok(Check { in_recovery: true, .. })) && from.is_none_or(|f| r.started >= f) {
+                    mem.standby_since[i] = true;
+                }
+            }
         }
         let writer_check = match writer {
             Writer::Configured => p,

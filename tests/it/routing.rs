@@ -967,14 +967,17 @@ async fn a_read_that_waited_for_a_replica_taken_out_meanwhile_is_routed_again() 
     // marked down, as after a failed connect). Once the connection comes
     // back, the waiting read must not run on r1: routed again, the
     // default group's fallback is the primary.
+    // (A query timeout shorter than the wait: the read's clock starts when
+    // it gets its connection, not when it began waiting.)
     let _shared = REPLICAS.read().await;
     let c = cluster();
-    let p = routing_proxy("size = 1", "10s", "off").await;
+    let p = start(config("size = 1", &format!("{}\n[timeouts]\nquery = \"250ms\"", routing_extra("10s", "off")))).await;
+    wait_replicas_usable(&p).await;
     let holder = connect(&p).await;
     holder.batch_execute("BEGIN READ ONLY").await.unwrap();
     assert_eq!(port_of(&holder, "SELECT inet_server_port()::text").await, c.replicas[0]);
     let reader = connect(&p).await;
-    let waiting = tokio::spawn(async move { port_of(&reader, "SELECT inet_server_port()::text").await });
+    let waiting = tokio::spawn(async move { port_of(&reader, "SELECT inet_server_port()::text FROM pg_sleep(0.1)").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "the read waits for r1's only connection");
     // Kept down across the monitor's rounds while the test runs.

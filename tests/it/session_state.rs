@@ -724,7 +724,8 @@ async fn a_stable_function_that_sets_a_setting_does_not_leak_it() {
         c.psql_on(
             c.primary,
             "app",
-            "CREATE OR REPLACE FUNCTION set_tenant_stable(t text) RETURNS text LANGUAGE sql STABLE AS $$ SELECT pg_catalog.set_config('tenant_stable.id', t, false) $$",
+            "CREATE OR REPLACE FUNCTION set_tenant_stable(t text) RETURNS text LANGUAGE sql STABLE AS $$ SELECT pg_catalog.set_config('tenant_stable.id', t, false) $$; \
+             CREATE OR REPLACE FUNCTION set_tenant_atomic(t text) RETURNS text LANGUAGE sql STABLE RETURN pg_catalog.set_config('tenant_stable.id', t, false);",
         )
     });
     let p = proxy(1).await;
@@ -741,4 +742,8 @@ async fn a_stable_function_that_sets_a_setting_does_not_leak_it() {
     assert_eq!(one(&a, "SELECT set_tenant_stable('a')").await, "a");
     assert_eq!(one(&b, tenant).await, "", "another client must not see the setting");
     assert_eq!(one(&a, tenant).await, "a", "the setting stays with its client");
+    // A SQL-standard body (no `prosrc`): the same.
+    assert_eq!(one(&b, "SELECT set_tenant_atomic('b')").await, "b");
+    assert_eq!(one(&a, tenant).await, "a");
+    assert_eq!(one(&b, tenant).await, "b");
 }
