@@ -189,14 +189,7 @@ pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: boo
                     heap.extend_from_slice(&stack);
                 }
                 if heap.len() == MAX_TOKENS {
-                    if sliced {
-                        statement_slice(&heap, write_functions, &mut a);
-                    } else {
-                        a.statements += 1;
-                        statement(&heap, write_functions, &mut a);
-                        sliced = true;
-                    }
-                    heap.drain(..MAX_TOKENS - SLICE_OVERLAP);
+                    next_slice(&mut heap, &mut sliced, write_functions, &mut a);
                 }
                 heap.push(t);
             }
@@ -216,6 +209,15 @@ pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: boo
     for h in &lx.hints {
         hint(h, &mut a);
     }
+    if lx.unicode_names {
+        // A U&"..." name: its escapes (and a UESCAPE clause that changes
+        // them) are not decoded, so what it names, a function such as
+        // `set_config` or a setting, is not known: the client keeps its
+        // connection, and the string runs on the primary.
+        a.class = Class::Write;
+        a.pin = a.pin.or(Some("a name with Unicode escapes (U&\"...\")"));
+        a.sticky_pin = true;
+    }
     if a.statements == 0 {
         a.class = Class::Write;
     }
@@ -225,6 +227,22 @@ pub fn classify_as(sql: &str, write_functions: &[String], backslash_strings: boo
 /// Tokens a slice repeats from the one before it, so that a call (a name
 /// and its parenthesis, `s.f(`) is whole in one of them.
 const SLICE_OVERLAP: usize = 4;
+
+/// A statement's tokens filled a slice (`MAX_TOKENS`): the first is
+/// looked at as the statement, later ones as `statement_slice`s; the last
+/// few tokens stay for the next slice. (Out of the token loop: rare.)
+#[cold]
+#[inline(never)]
+fn next_slice<'a>(heap: &mut Vec<Tok<'a>>, sliced: &mut bool, extra: &[String], a: &mut Analysis) {
+    if *sliced {
+        statement_slice(heap, extra, a);
+    } else {
+        a.statements += 1;
+        statement(heap, extra, a);
+        *sliced = true;
+    }
+    heap.drain(..MAX_TOKENS - SLICE_OVERLAP);
+}
 
 /// A slice of an over-long statement (`MAX_TOKENS`), after its start: the
 /// statement counts as a write, and the calls in the slice count as in any
@@ -434,15 +452,6 @@ fn explains_a_query(t: &[Tok]) -> bool {
 
 /// Looks at every function call: writers, session pins, releases, set_config.
 fn functions(t: &[Tok], extra: &[String], a: &mut Analysis, read: &mut bool) {
-    if t.iter().any(|x| matches!(x, Tok::UIdent(_))) {
-        // A U&"..." name: its escapes (and a UESCAPE clause that changes
-        // them) are not decoded, so what it names, a function such as
-        // `set_config` or a setting, is not known: the client keeps its
-        // connection, and the statement runs on the primary.
-        *read = false;
-        a.pin = a.pin.or(Some("a name with Unicode escapes (U&\"...\")"));
-        a.sticky_pin = true;
-    }
     for i in 0..t.len().saturating_sub(1) {
         if t[i + 1] != Tok::Punct(b'(') || names_a_table(t, i) {
             continue;

@@ -8,9 +8,6 @@ pub enum Tok<'a> {
     Word(&'a str),
     /// "Quoted identifier" (contents, quotes doubled inside).
     Ident(&'a str),
-    /// U&"identifier" (contents, escapes not decoded; a UESCAPE clause
-    /// after it may change the escape character).
-    UIdent(&'a str),
     /// Any string literal (raw text between the quotes).
     Str(&'a str),
     Num,
@@ -28,6 +25,8 @@ pub struct Lexer<'a> {
     pos: usize,
     /// pgfleet hint comments seen: `/* pgfleet: ... */` bodies.
     pub hints: Vec<&'a str>,
+    /// A `U&"..."` identifier was read (its escapes are not decoded).
+    pub unicode_names: bool,
     /// `standard_conforming_strings = off`: a backslash escapes the next
     /// character in plain '' strings too.
     backslash_strings: bool,
@@ -41,7 +40,7 @@ impl<'a> Lexer<'a> {
     /// A lexer for a session with `standard_conforming_strings = off`
     /// (`backslash_strings`), where 'O\'Brien' is one string.
     pub fn with_backslash_strings(src: &'a str, backslash_strings: bool) -> Lexer<'a> {
-        Lexer { src, b: src.as_bytes(), pos: 0, hints: Vec::new(), backslash_strings }
+        Lexer { src, b: src.as_bytes(), pos: 0, hints: Vec::new(), unicode_names: false, backslash_strings }
     }
 
     fn skip_space_and_comments(&mut self) {
@@ -195,6 +194,7 @@ static CLASS: [u8; 256] = {
 /// 16), a fraction, an exponent, or a `0x`/`0o`/`0b` literal. It ends at
 /// the first letter that cannot continue it, as PostgreSQL 14 and older
 /// read `LIMIT 1FOR UPDATE` (`1` then `FOR`; 15 and later refuse it).
+#[inline(never)]
 fn number_len(b: &[u8]) -> usize {
     let digits = |mut i: usize, hex: bool| {
         while b.get(i).is_some_and(|c| c.is_ascii_digit() || *c == b'_' || (hex && c.is_ascii_hexdigit())) {
@@ -247,7 +247,10 @@ impl<'a> Iterator for Lexer<'a> {
                 if q == b'\'' {
                     Tok::Str(self.quoted(q, false))
                 } else {
-                    Tok::UIdent(self.quoted(q, false))
+                    // (Escapes not decoded; a UESCAPE clause after it may
+                    // change the escape character: see `unicode_names`.)
+                    self.unicode_names = true;
+                    Tok::Ident(self.quoted(q, false))
                 }
             }
             b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if next == Some(b'\'') => {
