@@ -23,26 +23,39 @@ use std::time::{Duration, Instant};
 /// After a failed load, how long until the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// A function's code: `prosrc`, or for a SQL-standard body (`BEGIN
+/// ATOMIC`, `RETURN`), which leaves it empty, the definition.
+macro_rules! function_code {
+    () => {
+        "(CASE WHEN p.prosrc = '' THEN pg_catalog.pg_get_functiondef(p.oid) ELSE p.prosrc END)"
+    };
+}
+
 /// VOLATILE functions of the database's own schemas (built-ins, which the
 /// classifier already knows, and trigger functions, which a query cannot
 /// call, are left out), and those of any volatility whose code calls
-/// `set_config` or takes advisory locks (the code: `prosrc`, or for a
-/// SQL-standard body, `BEGIN ATOMIC` / `RETURN`, the definition): PostgreSQL lets a STABLE function
+/// `set_config` or takes advisory locks: PostgreSQL lets a STABLE function
 /// do both (only data changes are refused), and either would stay on the
 /// server connection.
-pub const VOLATILE_SQL: &str = "SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p \
+pub const VOLATILE_SQL: &str = concat!(
+    "SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p \
      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-     WHERE (p.provolatile = 'v' OR (CASE WHEN p.prosrc = '' THEN pg_catalog.pg_get_functiondef(p.oid) ELSE p.prosrc END) ~* 'set_config|advisory') \
-     AND p.prokind <> 'p' \
+     WHERE (p.provolatile = 'v' OR ",
+    function_code!(),
+    " ~* 'set_config|advisory') AND p.prokind <> 'p' \
      AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-     AND p.prorettype NOT IN ('pg_catalog.trigger'::pg_catalog.regtype, 'pg_catalog.event_trigger'::pg_catalog.regtype)";
+     AND p.prorettype NOT IN ('pg_catalog.trigger'::pg_catalog.regtype, 'pg_catalog.event_trigger'::pg_catalog.regtype)"
+);
 
 /// The source of the database's own functions that may set a custom
 /// setting for the session (searched by `custom_settings_in`).
-pub const SETTING_CODE_SQL: &str = "SELECT s.src FROM (SELECT CASE WHEN p.prosrc = '' THEN pg_catalog.pg_get_functiondef(p.oid) ELSE p.prosrc END AS src \
-     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+pub const SETTING_CODE_SQL: &str = concat!(
+    "SELECT s.src FROM (SELECT ",
+    function_code!(),
+    " AS src FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')) s \
-     WHERE s.src ~* 'set_config|\\mset\\s+(session\\s+)?[a-z_][a-z0-9_$]*\\.'";
+     WHERE s.src ~* 'set_config|\\mset\\s+(session\\s+)?[a-z_][a-z0-9_$]*\\.'"
+);
 
 /// What a load found.
 #[derive(Debug, Default)]

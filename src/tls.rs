@@ -53,6 +53,12 @@ impl ServerTls {
     }
 }
 
+/// tls-server-end-point data of a client-side TLS connection: the hash of
+/// the server's certificate (none before the handshake).
+pub fn server_end_point(conn: &rustls::ClientConnection) -> Option<Vec<u8>> {
+    conn.peer_certificates().and_then(|c| c.first()).map(|c| end_point_hash(c.as_ref()))
+}
+
 /// RFC 5929 tls-server-end-point: the certificate hashed with its
 /// signature's hash function, SHA-256 for MD5/SHA-1/SHA-256.
 pub fn end_point_hash(der: &[u8]) -> Vec<u8> {
@@ -220,10 +226,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio_postgres::tl
     /// The server certificate's hash, so the monitor's and auth_query's
     /// SCRAM logins are bound to the channel as the pools' are.
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        match self.0.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-            Some(cert) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(end_point_hash(cert.as_ref())),
-            None => tokio_postgres::tls::ChannelBinding::none(),
-        }
+        server_end_point(self.0.get_ref().1).map_or_else(tokio_postgres::tls::ChannelBinding::none, tokio_postgres::tls::ChannelBinding::tls_server_end_point)
     }
 }
 

@@ -20,9 +20,9 @@ use tokio::net::TcpStream;
 /// Largest message accepted from a server during startup.
 const MAX_SERVER_STARTUP_MSG: usize = 1 << 20;
 
-
 /// How long data sent to a server may stay unacknowledged (TCP_USER_TIMEOUT).
 const SERVER_TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug)]
 pub enum BackendError {
     Io(std::io::Error),
@@ -412,7 +412,7 @@ impl ServerConn {
                         // waiting for, like any connect that breaks.
                         _ => BackendError::Io(e),
                     })?;
-                let end_point = session.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::tls::end_point_hash(c.as_ref()));
+                let end_point = crate::tls::server_end_point(session.get_ref().1);
                 Ok((Stream::tunnel(session, local)?, end_point))
             }
             b'N' if tls.mode == ServerTlsMode::Prefer => Ok((Stream::Tcp(tcp), None)),

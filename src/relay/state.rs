@@ -504,5 +504,4 @@ mod tests {
         assert!(super::backslash_trail_encoding("sjis") && super::backslash_trail_encoding("GB18030"));
         assert!(!super::backslash_trail_encoding("UTF8") && !super::backslash_trail_encoding("LATIN1"));
     }
-
 }

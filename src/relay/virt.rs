@@ -1,9 +1,10 @@
 //! Virtual statements: `SET pgfleet.<name>`, `RESET pgfleet.<name>` and
 //! `SHOW pgfleet.<name>` are answered by pgfleet in both protocols and never
 //! reach PostgreSQL, and so is `DEALLOCATE` of a client's protocol-level
-//! statement (those live only in pgfleet). Names: `workload`, `route` (primary | replica | auto),
-//! `lsn` (show: the client's read-your-writes floor) and `min_lsn` (set: raise
-//! that floor, to carry it across connections).
+//! statement (those live only in pgfleet). Names: `workload`, `route`
+//! (primary | replica | auto), `lsn` (show: the client's read-your-writes
+//! floor) and `min_lsn` (set: raise that floor, to carry it across
+//! connections).
 
 use super::expect::{Kind, Pending, Synth};
 use super::{starts_with_word, Session};

@@ -1,6 +1,6 @@
-//! The relay's socket I/O, and what it waits for: socket readiness, KILL and shutdown (the
-//! client's `Signal`), and one timer for the proxy-enforced timeouts and
-//! housekeeping.
+//! The relay's socket I/O, and what it waits for: socket readiness, KILL
+//! and shutdown (the client's `Signal`), and one timer for the
+//! proxy-enforced timeouts and housekeeping.
 
 use super::{Event, Session, SessionError, Timeout, CIN_HIGH, COUT_HIGH, DRAIN_QUIET, READ_CHUNK, SOUT_HIGH};
 use crate::backend::consume;

@@ -194,7 +194,6 @@ static CLASS: [u8; 256] = {
 /// 16), a fraction, an exponent, or a `0x`/`0o`/`0b` literal. It ends at
 /// the first letter that cannot continue it, as PostgreSQL 14 and older
 /// read `LIMIT 1FOR UPDATE` (`1` then `FOR`; 15 and later refuse it).
-#[inline(never)]
 fn number_len(b: &[u8]) -> usize {
     let digits = |mut i: usize, hex: bool| {
         while b.get(i).is_some_and(|c| c.is_ascii_digit() || *c == b'_' || (hex && c.is_ascii_hexdigit())) {
